@@ -1,0 +1,44 @@
+# lmforge: `make demo` and `make test` each build .venv when it is missing (and refresh it when
+# pyproject.toml changes), then run. torch is installed first, pinned, so that nothing pulls
+# another build of it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+export LMFORGE_CACHE ?= $(CURDIR)/.cache/lmforge
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HOME ?= $(CURDIR)/.cache/hf
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: venv demo test test-fast bench lint format clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[deepspeed,dev,data]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m launcher.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+bench: $(STAMP)
+	$(BIN)/lmforge bench --out BENCHMARKS.latest.md
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf runs data/demo .cache .pytest_cache

@@ -1,0 +1,178 @@
+"""`lmforge`: one console script, one subcommand per stage.
+
+    lmforge <command> [CONFIG.yaml ...] [section=PRESET.yaml ...] [dotted.key=value ...] [--flags]
+
+Config files and overrides apply in order, later wins. `--flags` are operational options that are
+not part of the run's config. Errors a user can fix print one line and exit non-zero; `--debug`
+shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+EPILOG = """\
+Config arguments apply in order, later wins:
+  CONFIG.yaml             merge a whole config file
+  section=PRESET.yaml     merge a preset into one section, e.g. model=configs/model/tiny.yaml
+  dotted.key=value        set one key, e.g. train.max_steps=200 optim.lr=1e-3
+See every key with its default and meaning: lmforge print-config {command} --keys
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lmforge",
+        description="Distributed training pipeline for GPT-style language models.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_: str, *, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name, help=help_, description=help_,
+            epilog=EPILOG.format(command=name) if config else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if config:
+            sp.add_argument("config", nargs="*", metavar="ARG",
+                            help="CONFIG.yaml, section=PRESET.yaml or dotted.key=value")
+        sp.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+        return sp
+
+    sp = command("prepare", "Text -> SentencePiece tokenizer -> memmap shards with a manifest.")
+    sp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    sp.add_argument("--verify", metavar="DIR",
+                    help="only check the shards of an already prepared DIR against its manifest")
+
+    sp = command("pretrain", "Pretrain a GPT-style model on prepared data (1..N processes).")
+    sp.add_argument("--nproc", type=int, default=1,
+                    help="local processes (data parallel); default 1")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config, parameter counts and FLOPs, then stop")
+
+    sp = command("print-config", "Print the resolved config of a command.")
+    sp.add_argument("--keys", action="store_true",
+                    help="list every key with its default and meaning instead")
+    sp.add_argument("--for", dest="target", choices=["prepare", "pretrain"], default="pretrain",
+                    help="which command's config (default pretrain)")
+
+    sp = command("bench", "Benchmark the training step against a minimal PyTorch loop (CPU/GPU).",
+                 config=False)
+    sp.add_argument("--models", default="tiny,small",
+                    help="comma-separated presets of configs/model (default tiny,small)")
+    sp.add_argument("--precisions", default="fp32,bf16", help="default fp32,bf16")
+    sp.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
+    sp.add_argument("--out", help="also write the results table (markdown) to this file")
+    return p
+
+
+def _schema(command: str):
+    from pretrain.config import PrepareConfig, PretrainConfig
+
+    return {"prepare": PrepareConfig, "pretrain": PretrainConfig}[command]
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    from pretrain.config import describe_keys, load_config, to_yaml
+    from pretrain.dist import print0
+
+    if args.command == "print-config":
+        schema = _schema(args.target)
+        if args.keys:
+            print(describe_keys(schema))
+        else:
+            print(to_yaml(load_config(schema, args.config)), end="")
+        return 0
+
+    if args.command == "prepare":
+        from pretrain.config import PrepareConfig
+
+        if args.verify:
+            from pretrain.prepare import verify_shards
+
+            verify_shards(args.verify)
+            print(f"{args.verify}: every shard matches its manifest")
+            return 0
+        cfg = load_config(PrepareConfig, args.config)
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        from pretrain.prepare import prepare
+
+        prepare(cfg)
+        return 0
+
+    if args.command == "pretrain":
+        from pretrain.config import PretrainConfig
+
+        cfg = load_config(PretrainConfig, args.config)  # fail fast, before any process starts
+        if args.dry_run:
+            from pretrain.flops import flops_per_token, param_counts
+            from pretrain.prepare import load_manifest
+
+            print(to_yaml(cfg), end="")
+            cfg.model.vocab_size = load_manifest(cfg.data.path)["tokenizer"]["vocab_size"]
+            c = param_counts(cfg.model)
+            print(f"# params: {c['total']:,} total, {c['non_embedding']:,} non-embedding; "
+                  f"{flops_per_token(cfg.model, cfg.train.seq_len):,} training FLOPs/token")
+            return 0
+        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            from launcher.local import launch_local
+
+            worker_argv = [a for a in argv if not a.startswith("--nproc")]
+            if "--nproc" in argv:  # "--nproc N" as two words
+                i = argv.index("--nproc")
+                worker_argv = argv[:i] + argv[i + 2 :]
+            return launch_local(worker_argv, nproc=args.nproc)
+        from pretrain.run import run_pretrain
+
+        run_pretrain(cfg)
+        return 0
+
+    if args.command == "bench":
+        from pretrain.bench import run_bench
+
+        run_bench(models=args.models.split(","), precisions=args.precisions.split(","),
+                  steps=args.steps, out=args.out)
+        return 0
+    print0(f"unknown command {args.command}")
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    from pretrain.errors import LMForgeError
+
+    in_worker = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        code = _run(args, argv)
+    except LMForgeError as exc:
+        if args.debug:
+            raise
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        from launcher.local import record_worker_error
+
+        if not (in_worker and record_worker_error(msg)):
+            from pretrain.dist import eprint
+
+            eprint(msg)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        code = 130
+    if in_worker:
+        # gloo can abort at interpreter exit (DESIGN.md facts): leave without atexit handlers.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Atomic, verified checkpoints.
+
+Layout of ``<run>/checkpoints/``::
+
+    step_00000100/          one complete checkpoint
+        model.safetensors   weights (written by the strategy)
+        optimizer.pt        optimizer (+ grad scaler) state (written by the strategy)
+        rng_rank00000.pt    python / numpy / torch (/ cuda) RNG states of each rank
+        trainer_state.json  counters, data position, scheduler, tokenizer reference
+        config.yaml         the resolved config of the run
+        manifest.json       format version + sha256 and size of every file above (written last)
+    latest                  text file naming the newest good step directory (replaced last)
+
+A save writes into ``.step_XXXXXXXX.tmp``, fsyncs every file and the directory, renames it into
+place, fsyncs the parent, then replaces ``latest`` the same way. A crash at any moment leaves the
+previous ``latest`` pointing at a complete checkpoint; stale temp directories are removed at the next
+save. Loading checks the manifest first, so pickled state (``optimizer.pt``, RNG) is read only from
+lmforge's own checkpoints whose sums match, and then with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import time
+
+import numpy as np
+import torch
+
+from pretrain import dist as pdist
+from pretrain.errors import CheckpointError
+
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def fault_point(name: str) -> None:
+    """Crash here with SIGKILL when ``LMFORGE_FAULT`` names this point (tests of crash safety)."""
+    if os.environ.get("LMFORGE_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it (in chunks: a crash can leave a partial file)."""
+    chunk = 1 << 20
+    with open(path, "wb") as f:
+        for i in range(0, max(len(data), 1), chunk):
+            f.write(data[i : i + chunk])
+            if i == 0 and len(data) > chunk:
+                f.flush()
+                fault_point("save:mid-file")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def replace_durable(path: str, data: bytes) -> None:
+    """Atomically replace a small file: temp file, fsync, rename, fsync the directory."""
+    tmp = f"{path}.tmp"
+    write_durable(tmp, data)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+# --- RNG ---------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --- save --------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    *,
+    root: str,
+    step: int,
+    strategy,
+    model,
+    optimizer,
+    trainer_state: dict,
+    config_yaml: str,
+    keep_last: int,
+) -> str:
+    """Save a complete checkpoint of ``step`` under ``root``; every rank calls this together."""
+    final = os.path.join(root, step_dir_name(step))
+    tmp = os.path.join(root, f".{step_dir_name(step)}.tmp")
+    if strategy.is_main:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of a crashed save
+            if name.startswith(".step_") and name.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(tmp)
+    pdist.barrier()
+
+    def write_file(name: str, data: bytes) -> None:
+        write_durable(os.path.join(tmp, name), data)
+
+    strategy.save_state(tmp, model=model, optimizer=optimizer, write_file=write_file)
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
+    write_file(f"rng_rank{strategy.rank:05d}.pt", buf.getvalue())
+    if strategy.is_main:
+        state = dict(trainer_state, format_version=FORMAT_VERSION, world_size=strategy.world_size)
+        write_file("trainer_state.json", json.dumps(state, indent=1).encode())
+        write_file("config.yaml", config_yaml.encode())
+    pdist.barrier()  # every rank's files are on disk
+
+    if strategy.is_main:
+        files = {
+            name: {"sha256": sha256_file(os.path.join(tmp, name)),
+                   "bytes": os.path.getsize(os.path.join(tmp, name))}
+            for name in sorted(os.listdir(tmp))
+        }
+        manifest = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(),
+                    "files": files}
+        write_file("manifest.json", json.dumps(manifest, indent=1).encode())
+        _fsync_dir(tmp)
+        fault_point("save:before-rename")
+        if os.path.exists(final):  # a previous attempt reached this step but not `latest`
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        fault_point("save:before-latest")
+        replace_durable(os.path.join(root, "latest"), (step_dir_name(step) + "\n").encode())
+        _prune(root, keep_last=keep_last, protect=step_dir_name(step))
+    pdist.barrier()
+    return final
+
+
+def _prune(root: str, *, keep_last: int, protect: str) -> None:
+    steps = sorted(n for n in os.listdir(root) if STEP_DIR.match(n))
+    for name in steps[:-keep_last]:
+        if name != protect:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+# --- find, verify, load ------------------------------------------------------------------------
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The checkpoint ``latest`` names, or None when the run has none yet."""
+    pointer = os.path.join(root, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not STEP_DIR.match(name) or not os.path.isdir(path):
+        raise CheckpointError(
+            f"{pointer} names {name!r}, which is not a checkpoint directory; "
+            f"pass resume=<a step_* directory under {root}>"
+        )
+    return path
+
+
+def verify_checkpoint(path: str) -> dict:
+    """Check the manifest's format version and every file's sha256; return the manifest."""
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isfile(mpath):
+        raise CheckpointError(f"{path} is not a complete lmforge checkpoint (no manifest.json)")
+    with open(mpath) as f:
+        manifest = json.load(f)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {manifest.get('format_version')}, this lmforge reads "
+            f"{FORMAT_VERSION}"
+        )
+    for name, info in manifest["files"].items():
+        fpath = os.path.join(path, name)
+        if not os.path.isfile(fpath):
+            raise CheckpointError(f"checkpoint file {fpath} is missing; resume from another one")
+        digest = sha256_file(fpath)
+        if digest != info["sha256"]:
+            raise CheckpointError(
+                f"checkpoint file {fpath} does not match its manifest (sha256 {digest[:12]}… != "
+                f"{info['sha256'][:12]}…): it is corrupt; resume from an earlier checkpoint"
+            )
+    return manifest
+
+
+def read_trainer_state(path: str) -> dict:
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+def load_checkpoint(path: str, *, strategy, model, optimizer, restore_rng: bool = True) -> dict:
+    """Load a verified checkpoint into model and optimizer; restore this rank's RNG states."""
+    verify_checkpoint(path)
+    state = read_trainer_state(path)
+    strategy.load_state(path, model=model, optimizer=optimizer)
+    rng_file = os.path.join(path, f"rng_rank{strategy.rank:05d}.pt")
+    if restore_rng and state.get("world_size") == strategy.world_size and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=True))
+    elif restore_rng:
+        pdist.print0(
+            f"warning: checkpoint was written by {state.get('world_size')} ranks, this run has "
+            f"{strategy.world_size}: RNG streams (dropout) restart from the seed"
+        )
+    return state

@@ -1,0 +1,522 @@
+"""Structured configs: dataclass defaults -> YAML files -> dotted overrides (omegaconf).
+
+Every field has a docstring (shown by ``lmforge print-config --help-keys``). Cross-field checks live
+in ``__post_init__`` so that ``OmegaConf.to_object`` runs them; their messages name the key and the
+fix. Derived values are properties, never stored fields.
+
+CLI contract (DESIGN.md): ``lmforge <command> [CONFIG.yaml ...] [section=PRESET.yaml ...]
+[dotted.key=value ...]``: applied in order, later wins.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, Literal
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from pretrain.errors import ConfigurationError
+
+# --------------------------------------------------------------------------------------------
+# prepare
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceConfig:
+    """One input of the corpus."""
+
+    path: str | None = None
+    """Local file, directory (read recursively) or glob; `pkg://PACKAGE/sub/dir` points inside an
+    installed Python package (the bundled demo corpus). Exactly one of `path` and `dataset`."""
+    dataset: str | None = None
+    """A `datasets` name (or local dataset script/directory) loaded with `datasets.load_dataset`."""
+    dataset_config: str | None = None
+    """Optional `datasets` configuration name (second argument of `load_dataset`)."""
+    split: str = "train"
+    """Split of a `datasets` source to read."""
+    format: Literal["auto", "text", "jsonl", "csv", "parquet"] = "auto"
+    """File format of `path` sources; `auto` picks by file extension (.txt/.md -> text)."""
+    text_column: str = "text"
+    """Column holding the text in JSONL/CSV/Parquet/`datasets` sources."""
+    text_unit: Literal["document", "paragraph", "line"] = "document"
+    """Text files only: what one document is (a whole file, a blank-line-separated paragraph,
+    or a line)."""
+    weight: float = 1.0
+    """Passes over this source in the mixture: 2.0 repeats it twice, 0.5 takes half its documents."""
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.dataset is None):
+            raise ConfigurationError(
+                "each entry of `sources` needs exactly one of `path` and `dataset` "
+                f"(got path={self.path!r}, dataset={self.dataset!r})"
+            )
+        if not (self.weight > 0 and math.isfinite(self.weight)):
+            raise ConfigurationError(
+                f"`sources[].weight` must be a positive number, got {self.weight} "
+                f"for {self.path or self.dataset!r}"
+            )
+
+    @property
+    def name(self) -> str:
+        return self.path if self.path is not None else f"datasets:{self.dataset}"
+
+
+@dataclass
+class TokenizerConfig:
+    """SentencePiece tokenizer: trained on the corpus, or reused."""
+
+    path: str | None = None
+    """An existing SentencePiece `.model` to reuse; null trains a new one on the corpus."""
+    vocab_size: int = 8000
+    """Vocabulary size of a newly trained tokenizer (special and byte-fallback pieces included)."""
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    """SentencePiece model type."""
+    train_max_bytes: int = 50_000_000
+    """At most this many bytes of text (first in corpus order) are used to train the tokenizer."""
+    add_bos: bool = False
+    """Put BOS before each document (EOS always ends each document)."""
+
+    def __post_init__(self) -> None:
+        if self.path is None and self.vocab_size < 300:
+            raise ConfigurationError(
+                f"`tokenizer.vocab_size`={self.vocab_size} is too small: byte fallback alone needs "
+                "256 pieces plus specials; use at least 300"
+            )
+
+
+@dataclass
+class PrepareConfig:
+    """`lmforge prepare`: text -> tokenizer -> memmap shards with a manifest."""
+
+    out: str = MISSING
+    """Output directory (created; must not already hold a prepared dataset unless `overwrite`)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """Inputs of the corpus (a weighted mixture when several)."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    """Tokenizer to train or reuse."""
+    val_fraction: float = 0.01
+    """Fraction of documents (chosen by a seeded hash) held out for validation."""
+    shard_tokens: int = 100_000_000
+    """Tokens per shard file."""
+    num_proc: int = 0
+    """Processes for tokenization (`datasets.map(num_proc=...)`); 0 = number of CPU cores."""
+    seed: int = 1234
+    """Seed of the train/val split and of sub-sampling sources with weight < 1."""
+    overwrite: bool = False
+    """Replace an existing prepared dataset in `out`."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigurationError(
+                "`sources` is empty: give at least one, e.g. sources='[{path: corpus.txt}]' "
+                "or a YAML list of {path: ...} / {dataset: ...} entries"
+            )
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigurationError(
+                f"`val_fraction` must be in (0, 0.5), got {self.val_fraction}"
+            )
+        if self.shard_tokens < 1024:
+            raise ConfigurationError(f"`shard_tokens` must be >= 1024, got {self.shard_tokens}")
+        if self.num_proc < 0:
+            raise ConfigurationError(f"`num_proc` must be >= 0, got {self.num_proc}")
+
+    @property
+    def resolved_num_proc(self) -> int:
+        return self.num_proc or (os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-style decoder with Llama-style blocks (RMSNorm, RoPE, SwiGLU, no biases)."""
+
+    n_layer: int = 4
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention (query) heads."""
+    n_kv_head: int | None = None
+    """Key/value heads (grouped-query attention); null = `n_head` (multi-head attention)."""
+    d_model: int = 128
+    """Residual stream width; must be divisible by `n_head`."""
+    ffn_hidden: int | None = None
+    """SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of `multiple_of`."""
+    multiple_of: int = 32
+    """Rounding of the derived SwiGLU hidden width."""
+    vocab_size: int | None = None
+    """Vocabulary size; null = taken from the prepared data (a mismatch is an error)."""
+    max_seq_len: int = 2048
+    """Longest sequence the RoPE tables are built for."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding table with the LM head."""
+    dropout: float = 0.0
+    """Dropout on attention probabilities and residual branches (0 for pretraining)."""
+    init_std: float = 0.02
+    """Std of the normal init; output projections use init_std / sqrt(2 * n_layer)."""
+
+    def __post_init__(self) -> None:
+        for name in ("n_layer", "n_head", "d_model", "max_seq_len", "multiple_of"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"`model.{name}` must be >= 1, got {getattr(self, name)}")
+        if self.d_model % self.n_head:
+            raise ConfigurationError(
+                f"`model.d_model`={self.d_model} must be divisible by `model.n_head`={self.n_head}"
+            )
+        if self.head_dim % 2:
+            raise ConfigurationError(
+                f"head dim d_model/n_head = {self.head_dim} must be even for RoPE; "
+                "change `model.d_model` or `model.n_head`"
+            )
+        if self.kv_heads < 1 or self.n_head % self.kv_heads:
+            raise ConfigurationError(
+                f"`model.n_head`={self.n_head} must be a multiple of `model.n_kv_head`="
+                f"{self.n_kv_head}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigurationError(f"`model.dropout` must be in [0, 1), got {self.dropout}")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            raise ConfigurationError(f"`model.vocab_size` must be >= 2, got {self.vocab_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden is not None:
+            return self.ffn_hidden
+        hidden = int(8 * self.d_model / 3)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+
+# --------------------------------------------------------------------------------------------
+# pretrain
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """Prepared data to train on (the output directory of `lmforge prepare`)."""
+
+    path: str = MISSING
+    """Directory holding `manifest.json` and the shards."""
+    shuffle: bool = True
+    """Shuffle training samples (seeded; re-shuffled every epoch)."""
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+
+    seq_len: int = 256
+    """Tokens per training sample (context length)."""
+    micro_batch_size: int = 8
+    """Samples per forward/backward on each rank."""
+    global_batch_tokens: int = 16384
+    """Tokens per optimizer step across all ranks; sets gradient accumulation steps."""
+    max_steps: int | None = None
+    """Optimizer steps to run. Exactly one of `max_steps` and `max_tokens`."""
+    max_tokens: int | None = None
+    """Training tokens to run (rounded up to whole steps)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision: auto = bf16 where supported (CPU with bf16 ops, Ampere+), else fp16 on
+    GPUs, else fp32."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    log_interval: int = 10
+    """Write a metrics row every this many steps (and at checkpoints and the end)."""
+    eval_interval: int = 100
+    """Validate every this many steps (and at the end); 0 = only at the end."""
+    eval_batches: int = 20
+    """Micro-batches per rank in each validation."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; null = table of known GPUs, else a matmul probe."""
+    deterministic: bool = True
+    """Ask torch for deterministic algorithms (needed for bitwise resume on GPUs)."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ConfigurationError(
+                "can't provide both `train.max_steps` and `train.max_tokens`; choose one "
+                f"(got max_steps={self.max_steps}, max_tokens={self.max_tokens})"
+            )
+        for name in ("seq_len", "micro_batch_size", "global_batch_tokens", "log_interval",
+                     "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigurationError(f"`train.max_steps` must be >= 1, got {self.max_steps}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigurationError(f"`train.max_tokens` must be >= 1, got {self.max_tokens}")
+        if self.eval_interval < 0 or self.grad_clip < 0:
+            raise ConfigurationError("`train.eval_interval` and `train.grad_clip` must be >= 0")
+
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        assert self.max_tokens is not None
+        return math.ceil(self.max_tokens / self.global_batch_tokens)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decay/no-decay groups and a learning-rate schedule."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr` (cosine and wsd)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices (not on norms, biases or embeddings)."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    """cosine: warmup then cosine decay; wsd: warmup-stable-decay (linear decay at the end);
+    constant: warmup then flat."""
+    warmup_steps: int = 100
+    """Linear warmup steps (clipped to the run length)."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of the run spent in the final decay."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigurationError(f"`optim.lr` must be > 0, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigurationError(f"`optim.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0:
+            raise ConfigurationError(f"`optim.warmup_steps` must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigurationError(
+                f"`optim.decay_fraction` must be in (0, 1], got {self.decay_fraction}"
+            )
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigurationError(f"`optim.{name}` must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass
+class CheckpointConfig:
+    """When and how many checkpoints to keep."""
+
+    interval: int = 500
+    """Save every this many steps (and always at the end); 0 = only at the end."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints (older ones are deleted after a good save)."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0 or self.keep_last < 1:
+            raise ConfigurationError(
+                f"`checkpoint.interval` must be >= 0 and `checkpoint.keep_last` >= 1 "
+                f"(got {self.interval}, {self.keep_last})"
+            )
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides metrics.jsonl."""
+
+    tensorboard: bool = True
+    """Write TensorBoard event files to `<run>/tb`."""
+    wandb: Literal["off", "offline", "online"] = "off"
+    """Log to Weights & Biases when it is installed."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+    plot: bool = True
+    """Write loss_vs_flops.png at the end."""
+
+
+@dataclass
+class PretrainConfig:
+    """`lmforge pretrain`: train a GPT-style model on prepared data."""
+
+    name: str = MISSING
+    """Run name: the run directory is `<runs_dir>/<name>`."""
+    runs_dir: str = "runs"
+    """Parent directory of run directories."""
+    seed: int = 1337
+    """Seed of initialisation, data order and dropout."""
+    resume: str | None = None
+    """null: start a new run (error if the run exists); `auto`: resume from the latest checkpoint
+    of the run (or start if none); or a checkpoint directory to resume from."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prepared data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape (presets in configs/model/)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metric sinks."""
+
+    def __post_init__(self) -> None:
+        if self.train.max_steps is None and self.train.max_tokens is None:
+            raise ConfigurationError(
+                "set the run length: `train.max_steps=N` or `train.max_tokens=N`"
+            )
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigurationError(
+                f"`name`={self.name!r} must be a plain directory name (no '/')"
+            )
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigurationError(
+                f"`train.seq_len`={self.train.seq_len} exceeds `model.max_seq_len`="
+                f"{self.model.max_seq_len}; raise model.max_seq_len or lower train.seq_len"
+            )
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.runs_dir, self.name)
+
+
+# --------------------------------------------------------------------------------------------
+# loading: files -> presets -> dotted overrides
+# --------------------------------------------------------------------------------------------
+
+
+def _field_names(schema: type, path: list[str]) -> list[str]:
+    """Valid keys at a dotted path of a dataclass schema (for 'did you mean')."""
+    node = OmegaConf.structured(schema)
+    for part in path:
+        node = node.get(part) if isinstance(node, DictConfig) and part in node else None
+        if isinstance(node, list) or OmegaConf.is_list(node):
+            return []
+    return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _one_line(exc: OmegaConfBaseException, schema: type) -> ConfigurationError:
+    """Turn an omegaconf error into one actionable line naming the key."""
+    key = getattr(exc, "full_key", None) or ""
+    msg = str(exc).splitlines()[0]
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        parts = key.split(".") if key else []
+        valid = _field_names(schema, parts[:-1]) if parts else []
+        leaf = parts[-1] if parts else key
+        hint = difflib.get_close_matches(leaf, valid, n=1)
+        did = f"; did you mean `{'.'.join(parts[:-1] + [hint[0]])}`?" if hint else ""
+        where = ".".join(parts[:-1]) or "the top level"
+        return ConfigurationError(
+            f"unknown config key `{key}`{did} (valid keys in {where}: {', '.join(valid)})"
+        )
+    if isinstance(exc, ValidationError):
+        return ConfigurationError(f"config key `{key}`: {msg}; see `lmforge print-config`")
+    return ConfigurationError(f"config error at `{key}`: {msg}")
+
+
+def _load_yaml(path: str) -> DictConfig:
+    if not os.path.isfile(path):
+        raise ConfigurationError(f"config file not found: {path}")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigurationError(f"cannot parse YAML {path}: {first}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigurationError(f"{path} must hold a mapping of config keys, not a list")
+    return loaded
+
+
+def load_config(schema: type, args: list[str]) -> Any:
+    """Build a validated config object of dataclass ``schema`` from CLI-style arguments.
+
+    Each argument is applied in order: ``file.yaml`` merges a whole config; ``a.b=preset.yaml``
+    merges a YAML file into section ``a.b``; ``a.b=value`` sets one key (value parsed as YAML).
+    """
+    cfg = OmegaConf.structured(schema)
+    try:
+        for arg in args:
+            if "=" not in arg:
+                cfg = OmegaConf.merge(cfg, _load_yaml(arg))
+                continue
+            key, value = arg.split("=", 1)
+            if not key:
+                raise ConfigurationError(f"override {arg!r} has no key; write key=value")
+            if value.endswith((".yaml", ".yml")) and os.path.isfile(value):
+                cfg = OmegaConf.merge(cfg, OmegaConf.create({}))
+                section = OmegaConf.select(cfg, key, throw_on_missing=False)
+                preset = _load_yaml(value)
+                if isinstance(section, DictConfig):
+                    OmegaConf.update(cfg, key, preset, merge=True)
+                    continue
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigurationError(
+                f"required config key `{missing[0]}` is not set; add `{missing[0]}=...` "
+                "on the command line or in a config file"
+            )
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise _one_line(exc, schema) from None
+
+
+def to_yaml(obj: Any) -> str:
+    """Resolved config as YAML (what `print-config` shows and runs store)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(obj))
+
+
+def to_container(obj: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(obj), resolve=True)  # type: ignore[return-value]
+
+
+def describe_keys(schema: type) -> str:
+    """Every key with its type, default and docstring, from the dataclass sources."""
+    import ast
+    import inspect
+    import textwrap
+
+    def docs_of(cls: type) -> dict[str, str]:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        out: dict[str, str] = {}
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(
+                getattr(b, "value", None), ast.Constant
+            ):
+                out[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
+        return out
+
+    lines: list[str] = []
+
+    def walk(cls: type, prefix: str) -> None:
+        docs = docs_of(cls)
+        for f in fields(cls):
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            if is_dataclass(default):
+                lines.append(f"{prefix}{f.name}:  {docs.get(f.name, '')}")
+                walk(type(default), prefix + f.name + ".")
+                continue
+            shown = "???" if default is MISSING else repr(default)
+            lines.append(f"{prefix}{f.name} = {shown}  # {docs.get(f.name, '')}")
+
+    walk(schema, "")
+    return "\n".join(lines)

@@ -1,0 +1,267 @@
+"""`lmforge pretrain`: build -> parallelize -> (resume) -> train -> checkpoint, in that order.
+
+Also the run-directory helpers that finetuning reuses: existence checks, provenance, resume lookup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import sys
+import time
+from importlib import metadata
+
+import numpy as np
+import torch
+
+from pretrain import dist as pdist
+from pretrain.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pretrain.config import PretrainConfig, to_container, to_yaml
+from pretrain.data import TokenWindows, TrainBatches, eval_batches
+from pretrain.errors import CheckpointError, ConfigurationError
+from pretrain.flops import flops_per_token, param_counts, peak_flops
+from pretrain.metrics import MetricsWriter, plot_loss_vs_flops, truncate_metrics
+from pretrain.model import GPT
+from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.parallel import build_strategy
+from pretrain.trainer import MetricsCallback, ProgressBar, Trainer
+
+PACKAGES = ("torch", "accelerate", "deepspeed", "datasets", "sentencepiece", "omegaconf",
+            "safetensors", "numpy", "transformers")
+
+
+# --- run directory -----------------------------------------------------------------------------
+
+
+def resolve_resume(*, run_dir: str, resume: str | None) -> str | None:
+    """The checkpoint to resume from (None = fresh start), or an error saying what to do."""
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    has_history = os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or os.path.isdir(ckpt_root)
+    if resume is None:
+        if has_history:
+            raise ConfigurationError(
+                f"run directory {run_dir} already exists; continue it with resume=auto, or start "
+                "a new run with another name=..."
+            )
+        return None
+    if resume == "auto":
+        return latest_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
+    if not os.path.isdir(resume):
+        raise CheckpointError(f"resume={resume}: no such checkpoint directory")
+    return resume
+
+
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(*, world_size: int, resumed_from: str | None) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+        "cwd": os.getcwd(),
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "world_size": world_size,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "packages": versions,
+        "resumed_from": resumed_from,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_vocab(*, model_vocab: int | None, data_vocab: int, data_path: str) -> int:
+    if model_vocab is not None and model_vocab != data_vocab:
+        raise ConfigurationError(
+            f"model.vocab_size={model_vocab} but the tokenizer of {data_path} has {data_vocab} "
+            "pieces; drop model.vocab_size (it comes from the data) or prepare with that vocab"
+        )
+    return data_vocab
+
+
+def check_resume_compatible(*, ckpt: str, cfg_model: dict, tokenizer_sha: str) -> None:
+    """Refuse a checkpoint whose model shape or tokenizer differs from this run's."""
+    from omegaconf import OmegaConf
+
+    with open(os.path.join(ckpt, "trainer_state.json")) as f:
+        saved = json.load(f)
+    if saved.get("tokenizer_sha256") not in (None, tokenizer_sha):
+        raise CheckpointError(
+            f"{ckpt} was trained with another tokenizer (sha256 {saved['tokenizer_sha256'][:12]}…) "
+            f"than data.path's ({tokenizer_sha[:12]}…); use the data it was trained on"
+        )
+    old = OmegaConf.to_container(OmegaConf.load(os.path.join(ckpt, "config.yaml")))["model"]
+    diff = [k for k in cfg_model if old.get(k) != cfg_model[k]]
+    if diff:
+        k = diff[0]
+        raise CheckpointError(
+            f"{ckpt} has model.{k}={old.get(k)} but this run sets model.{k}={cfg_model[k]}; "
+            "resume with the checkpoint's model config"
+        )
+
+
+# --- the command -------------------------------------------------------------------------------
+
+
+def run_pretrain(cfg: PretrainConfig) -> dict:
+    """Train per ``cfg`` (every rank runs this); return the final metrics rows."""
+    strategy = build_strategy(precision=cfg.train.precision)
+    result = _pretrain(cfg, strategy)
+    # Only on success: after an error on one rank a barrier could wait forever.
+    strategy.close()
+    return result
+
+
+def _pretrain(cfg: PretrainConfig, strategy) -> dict:
+    world, rank = strategy.world_size, strategy.rank
+    run_dir = cfg.run_dir
+    tcfg = cfg.train
+
+    # Decide everything that can fail on every rank before any rank writes.
+    train_windows = TokenWindows(data_dir=cfg.data.path, split="train", seq_len=tcfg.seq_len)
+    val_windows = TokenWindows(data_dir=cfg.data.path, split="val", seq_len=tcfg.seq_len)
+    tok = train_windows.manifest["tokenizer"]
+    cfg.model.vocab_size = check_vocab(
+        model_vocab=cfg.model.vocab_size, data_vocab=tok["vocab_size"], data_path=cfg.data.path
+    )
+    per_step = tcfg.seq_len * tcfg.micro_batch_size * world
+    if tcfg.global_batch_tokens % per_step:
+        raise ConfigurationError(
+            f"train.global_batch_tokens={tcfg.global_batch_tokens} is not a multiple of "
+            f"seq_len*micro_batch_size*world_size = {tcfg.seq_len}*{tcfg.micro_batch_size}*"
+            f"{world} = {per_step}; use e.g. {max(1, round(tcfg.global_batch_tokens / per_step)) * per_step}"
+        )
+    grad_accum = tcfg.global_batch_tokens // per_step
+    total_steps = tcfg.total_steps()
+    resume_from = resolve_resume(run_dir=run_dir, resume=cfg.resume)
+    if resume_from is not None:
+        check_resume_compatible(
+            ckpt=resume_from, cfg_model=to_container(cfg.model), tokenizer_sha=tok["sha256"]
+        )
+    pdist.barrier()
+
+    # Build on every rank from the same seed: identical initial weights.
+    seed_everything(cfg.seed)
+    model = GPT(cfg.model)
+    if tcfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    counts = param_counts(cfg.model)
+    fpt = flops_per_token(cfg.model, tcfg.seq_len)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, cfg=cfg.optim)
+    if tcfg.compile:
+        model = torch.compile(model)
+    model, optimizer = strategy.prepare(model, optimizer)
+    # Different dropout streams per rank (weights were drawn from the common seed above).
+    seed_everything(cfg.seed + 1000003 * rank + 1)
+
+    batches = TrainBatches(
+        train_windows, micro_batch=tcfg.micro_batch_size, grad_accum=grad_accum, rank=rank,
+        world_size=world, seed=cfg.seed, shuffle=cfg.data.shuffle,
+    )
+    peak, peak_src = peak_flops(
+        strategy.device, strategy.compute_dtype, override=tcfg.peak_flops
+    )
+
+    def val_batches():
+        return eval_batches(val_windows, micro_batch=tcfg.micro_batch_size,
+                            num_batches=tcfg.eval_batches, rank=rank, world_size=world)
+
+    config_yaml = to_yaml(cfg)
+
+    def save(trainer: Trainer) -> str:
+        state = trainer.state_dict()
+        state["tokenizer_sha256"] = tok["sha256"]
+        state["tokenizer"] = os.path.abspath(os.path.join(cfg.data.path, tok["file"]))
+        return save_checkpoint(
+            root=os.path.join(run_dir, "checkpoints"), step=trainer.state.step,
+            strategy=strategy, model=trainer.model, optimizer=trainer.optimizer,
+            trainer_state=state, config_yaml=config_yaml, keep_last=cfg.checkpoint.keep_last,
+        )
+
+    trainer = Trainer(
+        model=model, optimizer=optimizer, scheduler=scheduler, strategy=strategy,
+        train_batches=batches, val_batches=val_batches, total_steps=total_steps,
+        tokens_per_step=tcfg.global_batch_tokens, flops_per_token=fpt, peak_flops=peak,
+        grad_clip=tcfg.grad_clip, log_interval=tcfg.log_interval,
+        eval_interval=tcfg.eval_interval, checkpoint_interval=cfg.checkpoint.interval,
+        save_fn=save,
+    )
+    if resume_from is not None:
+        trainer.load_state_dict(
+            load_checkpoint(resume_from, strategy=strategy, model=model, optimizer=optimizer)
+        )
+        trainer.last_checkpoint = resume_from
+        if batches.state_dict()["num_windows"] != len(train_windows):
+            raise CheckpointError(f"{resume_from} was trained on other data than {cfg.data.path}")
+
+    if strategy.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(config_yaml)
+        dropped = truncate_metrics(
+            os.path.join(run_dir, "metrics.jsonl"), after_step=trainer.state.step
+        )
+        with open(os.path.join(run_dir, "provenance.jsonl"), "a") as f:
+            f.write(json.dumps(provenance(world_size=world, resumed_from=resume_from)) + "\n")
+        writer = MetricsWriter(
+            run_dir=run_dir, start_step=trainer.state.step, tensorboard=cfg.logging.tensorboard,
+            wandb=cfg.logging.wandb, config=to_container(cfg),
+        )
+        trainer.callbacks.append(MetricsCallback(writer))
+        if cfg.logging.progress:
+            trainer.callbacks.append(ProgressBar())
+        what = f"resuming from {resume_from} (step {trainer.state.step})" if resume_from else "new run"
+        pdist.print0(
+            f"lmforge pretrain: {run_dir} ({what}); {world} rank(s) [{strategy.name}] on "
+            f"{strategy.device.type}, {strategy.precision}; params {counts['total']:,} total, "
+            f"{counts['non_embedding']:,} non-embedding; {fpt:,} FLOPs/token; peak "
+            f"{peak / 1e12:.3g} TFLOP/s ({peak_src}); grad_accum {grad_accum}; "
+            f"{total_steps} steps of {tcfg.global_batch_tokens:,} tokens"
+            + (f"; dropped {dropped} metric rows past the checkpoint" if dropped else "")
+        )
+    pdist.barrier()
+
+    trainer.fit()
+
+    result = {"train": trainer.last_row, "eval": trainer.last_eval,
+              "checkpoint": trainer.last_checkpoint}
+    if strategy.is_main and cfg.logging.plot:
+        plot = plot_loss_vs_flops(
+            metrics_path=os.path.join(run_dir, "metrics.jsonl"),
+            out_path=os.path.join(run_dir, "loss_vs_flops.png"), title=f"{cfg.name}: loss vs compute",
+        )
+        result["plot"] = plot
+    if strategy.is_main:
+        ev = trainer.last_eval
+        pdist.print0(
+            f"done: step {trainer.state.step}, {trainer.state.tokens:,} tokens, "
+            f"{trainer.state.flops:.3e} FLOPs"
+            + (f", val_loss {ev['val_loss']:.4f}" if ev else "")
+            + f"; checkpoint {trainer.last_checkpoint}; metrics {run_dir}/metrics.jsonl"
+        )
+    return result

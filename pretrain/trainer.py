@@ -1,0 +1,282 @@
+"""A small training loop that pretraining and finetuning share.
+
+The loop is fixed: micro-batches -> loss -> backward (gradient all-reduce on the last one) -> clip
+-> optimizer and schedule step. Everything else plugs in:
+
+- ``loss_fn(model, batch) -> scalar loss`` (causal LM by default; finetuning passes its own),
+- callbacks (progress bar, metric sinks, early stopping, signal handling) see every step and row,
+- ``save_fn(trainer) -> path`` writes a checkpoint when the cadence says so,
+- the strategy (pretrain/parallel.py) decides how gradients are reduced and state is sharded.
+
+Host syncs happen only on logging steps: the loss is accumulated on the device in between.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain import dist as pdist
+from pretrain.errors import TrainingError
+
+Batch = dict[str, torch.Tensor]
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Mean next-token cross-entropy; labels of -100 are ignored. Computed in fp32."""
+    logits = model(batch["input_ids"])  # (B, T, V)
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100
+    )
+
+
+class Callback:
+    """Hooks into the loop; override what you need. ``trainer`` gives access to everything."""
+
+    def on_train_start(self, trainer: Trainer) -> None: ...
+
+    def on_step_end(self, trainer: Trainer) -> None: ...
+
+    def on_log(self, trainer: Trainer, row: dict) -> None: ...
+
+    def on_checkpoint(self, trainer: Trainer, path: str) -> None: ...
+
+    def on_train_end(self, trainer: Trainer) -> None: ...
+
+
+@dataclass
+class TrainerState:
+    """Counters that make resume exact (saved in every checkpoint)."""
+
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    train_seconds: float = 0.0
+
+
+class Trainer:
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        strategy,
+        train_batches,
+        val_batches: Callable[[], Iterable[Batch]] | None,
+        total_steps: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        peak_flops: float,
+        grad_clip: float = 1.0,
+        log_interval: int = 10,
+        eval_interval: int = 0,
+        checkpoint_interval: int = 0,
+        save_fn: Callable[[Trainer], str] | None = None,
+        loss_fn: LossFn = causal_lm_loss,
+        callbacks: Iterable[Callback] = (),
+        state: TrainerState | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.strategy = strategy
+        self.train_batches = train_batches
+        self.val_batches = val_batches
+        self.total_steps = total_steps
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops
+        self.grad_clip = grad_clip
+        self.log_interval = log_interval
+        self.eval_interval = eval_interval
+        self.checkpoint_interval = checkpoint_interval
+        self.save_fn = save_fn
+        self.loss_fn = loss_fn
+        self.callbacks = list(callbacks)
+        self.state = state or TrainerState()
+        self.last_checkpoint: str | None = None
+        self.last_row: dict | None = None
+        self.last_eval: dict | None = None
+        self._stop = False
+
+    # --- control -------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Finish the current step, checkpoint and return from `fit` (every rank must call it)."""
+        self._stop = True
+
+    def state_dict(self) -> dict:
+        return {
+            **asdict(self.state),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.train_batches.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = TrainerState(
+            **{k: state[k] for k in ("step", "tokens", "flops", "train_seconds")}
+        )
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_batches.load_state_dict(state["data"])
+
+    def _emit(self, hook: str, *args) -> None:
+        for cb in self.callbacks:
+            getattr(cb, hook)(self, *args)
+
+    # --- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainerState:
+        device = self.strategy.device
+        self._emit("on_train_start")
+        loss_acc = torch.zeros((), device=device)
+        norm_acc = torch.zeros((), device=device)
+        steps_acc = 0
+        t_start = time.perf_counter()
+        while self.state.step < self.total_steps:
+            self.model.train()
+            micro_batches = self.train_batches.next_step()
+            n_micro = len(micro_batches)
+            for i, batch in enumerate(micro_batches):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with self.strategy.no_sync(self.model, sync=i == n_micro - 1):
+                    loss = self.loss_fn(self.model, batch)
+                    self.strategy.backward(loss / n_micro)
+                loss_acc += loss.detach() / n_micro
+            norm_acc += self.strategy.clip_grad_norm(self.model, self.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            steps_acc += 1
+            self.state.step += 1
+            self.state.tokens += self.tokens_per_step
+            self.state.flops += self.flops_per_token * self.tokens_per_step
+            self._emit("on_step_end")
+
+            step, last = self.state.step, self.state.step >= self.total_steps
+            stop = self._stop or last
+            do_eval = self.val_batches is not None and (
+                last or (self.eval_interval and step % self.eval_interval == 0)
+            )
+            do_save = self.save_fn is not None and (
+                stop or (self.checkpoint_interval and step % self.checkpoint_interval == 0)
+            )
+            if step % self.log_interval == 0 or do_eval or do_save or stop:
+                elapsed = time.perf_counter() - t_start
+                self.state.train_seconds += elapsed
+                self._log_train(loss_acc / steps_acc, norm_acc / steps_acc, steps_acc, elapsed)
+                loss_acc.zero_()
+                norm_acc.zero_()
+                steps_acc = 0
+                if do_eval:
+                    self.evaluate()
+                if do_save:
+                    assert self.save_fn is not None
+                    self.last_checkpoint = self.save_fn(self)
+                    self._emit("on_checkpoint", self.last_checkpoint)
+                t_start = time.perf_counter()
+            if stop:
+                break
+        self._emit("on_train_end")
+        return self.state
+
+    def _log_train(
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, steps: int, elapsed: float
+    ) -> None:
+        stats = pdist.all_reduce_mean(torch.stack([loss, grad_norm]).float())
+        loss_v, norm_v = stats.tolist()  # the one host sync of the interval
+        step = self.state.step
+        if not math.isfinite(loss_v):
+            where = self.last_checkpoint or "none (no checkpoint was saved yet)"
+            raise TrainingError(
+                f"loss is {loss_v} at step {step}: stopped without saving; the last good "
+                f"checkpoint is {where}. Lower optim.lr, raise optim.warmup_steps or use "
+                "train.precision=fp32, then rerun with resume=auto"
+            )
+        tps = steps * self.tokens_per_step / max(elapsed, 1e-9)
+        per_device = tps / self.strategy.world_size
+        row = {
+            "kind": "train",
+            "step": step,
+            "tokens": self.state.tokens,
+            "flops": self.state.flops,
+            "loss": loss_v,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": norm_v,
+            "tokens_per_sec": tps,
+            "mfu": per_device * self.flops_per_token / self.peak_flops,
+            "time": self.state.train_seconds,
+        }
+        self.last_row = row
+        self._emit("on_log", row)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean validation loss over the fixed validation batches of every rank."""
+        assert self.val_batches is not None
+        self.model.eval()
+        device = self.strategy.device
+        total = torch.zeros((), device=device)
+        count = 0
+        for batch in self.val_batches():
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            total += self.loss_fn(self.model, batch).detach()
+            count += 1
+        val = pdist.all_reduce_mean(total / max(count, 1)).item()
+        row = {
+            "kind": "eval",
+            "step": self.state.step,
+            "tokens": self.state.tokens,
+            "flops": self.state.flops,
+            "val_loss": val,
+            "val_ppl": math.exp(min(val, 50.0)),
+        }
+        self.last_eval = row
+        self._emit("on_log", row)
+        self.model.train()
+        return row
+
+
+class MetricsCallback(Callback):
+    """Sends every row to a :class:`pretrain.metrics.MetricsWriter` (rank 0)."""
+
+    def __init__(self, writer) -> None:
+        self.writer = writer
+
+    def on_log(self, trainer: Trainer, row: dict) -> None:
+        self.writer.write(row)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.writer.close()
+
+
+class ProgressBar(Callback):
+    """tqdm bar on rank 0: steps, loss, tokens/s, MFU and ETA."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=trainer.total_steps, initial=trainer.state.step, unit="step",
+            dynamic_ncols=True, leave=True,
+        )
+
+    def on_step_end(self, trainer: Trainer) -> None:
+        self.bar.update(1)
+
+    def on_log(self, trainer: Trainer, row: dict) -> None:
+        if row["kind"] == "train":
+            self.bar.set_postfix(
+                loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}",
+                mfu=f"{row['mfu']:.1%}", refresh=False,
+            )
+        else:
+            self.bar.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}")
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.bar.close()
