@@ -144,7 +144,13 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
-    args = parser.parse_intermixed_args(argv)
+    # Config arguments and --flags may be interleaved: collect the positional leftovers.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-")]
+    if unknown or (extra and not hasattr(args, "config")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.config = [*args.config, *extra]
     if not args.command:
         parser.print_help()
         return 2

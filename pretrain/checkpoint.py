@@ -40,9 +40,13 @@ FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
-def fault_point(name: str) -> None:
-    """Crash here with SIGKILL when ``LMFORGE_FAULT`` names this point (tests of crash safety)."""
-    if os.environ.get("LMFORGE_FAULT") == name:
+_FAULT = os.environ.get("LMFORGE_FAULT", "")
+
+
+def fault_point(name: str, *, step: int | None = None) -> None:
+    """Crash here with SIGKILL when ``LMFORGE_FAULT`` names this point, as ``name`` or
+    ``name@step`` (crash-safety tests: a real kill of a real process at a known moment)."""
+    if _FAULT and (_FAULT == name or (step is not None and _FAULT == f"{name}@{step}")):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -54,15 +58,14 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def write_durable(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it (in chunks: a crash can leave a partial file)."""
-    chunk = 1 << 20
+def write_durable(path: str, data: bytes, *, step: int | None = None) -> None:
+    """Write ``data`` to ``path`` and fsync it."""
+    half = len(data) // 2
     with open(path, "wb") as f:
-        for i in range(0, max(len(data), 1), chunk):
-            f.write(data[i : i + chunk])
-            if i == 0 and len(data) > chunk:
-                f.flush()
-                fault_point("save:mid-file")
+        f.write(data[:half])
+        f.flush()
+        fault_point("save:mid-file", step=step)  # a crash here leaves a torn file
+        f.write(data[half:])
         f.flush()
         os.fsync(f.fileno())
 
@@ -138,7 +141,7 @@ def save_checkpoint(
     pdist.barrier()
 
     def write_file(name: str, data: bytes) -> None:
-        write_durable(os.path.join(tmp, name), data)
+        write_durable(os.path.join(tmp, name), data, step=step)
 
     strategy.save_state(tmp, model=model, optimizer=optimizer, write_file=write_file)
     buf = io.BytesIO()
@@ -160,12 +163,12 @@ def save_checkpoint(
                     "files": files}
         write_file("manifest.json", json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
-        fault_point("save:before-rename")
+        fault_point("save:before-rename", step=step)
         if os.path.exists(final):  # a previous attempt reached this step but not `latest`
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(root)
-        fault_point("save:before-latest")
+        fault_point("save:before-latest", step=step)
         replace_durable(os.path.join(root, "latest"), (step_dir_name(step) + "\n").encode())
         _prune(root, keep_last=keep_last, protect=step_dir_name(step))
     pdist.barrier()

@@ -248,8 +248,8 @@ class TrainConfig:
     """Write a metrics row every this many steps (and at checkpoints and the end)."""
     eval_interval: int = 100
     """Validate every this many steps (and at the end); 0 = only at the end."""
-    eval_batches: int = 20
-    """Micro-batches per rank in each validation."""
+    eval_samples: int = 256
+    """Validation samples (the first windows of the val split, split across ranks)."""
     compile: bool = False
     """Compile the model with torch.compile."""
     peak_flops: float | None = None
@@ -264,7 +264,7 @@ class TrainConfig:
                 f"(got max_steps={self.max_steps}, max_tokens={self.max_tokens})"
             )
         for name in ("seq_len", "micro_batch_size", "global_batch_tokens", "log_interval",
-                     "eval_batches"):
+                     "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:

@@ -114,6 +114,7 @@ class TrainBatches:
         self.world_size = world_size
         self.order = SampleOrder(num_samples=len(windows), seed=seed, shuffle=shuffle)
         self.samples_consumed = samples_consumed
+        self.last_indices = np.empty(0, dtype=np.int64)
 
     @property
     def global_batch(self) -> int:
@@ -128,6 +129,7 @@ class TrainBatches:
         per_rank = self.micro_batch * self.grad_accum
         start = self.samples_consumed + self.rank * per_rank
         idx = self.order.take(start, per_rank)
+        self.last_indices = idx  # what this rank read (tests check ranks are disjoint)
         self.samples_consumed += self.global_batch
         return [
             self.windows.batch(idx[m * self.micro_batch : (m + 1) * self.micro_batch])
@@ -142,19 +144,16 @@ class TrainBatches:
 
 
 def eval_batches(
-    windows: TokenWindows, *, micro_batch: int, num_batches: int, rank: int, world_size: int
+    windows: TokenWindows, *, micro_batch: int, num_samples: int, rank: int, world_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """A fixed validation set: the first windows of the split, the same at every evaluation."""
-    per_rank = micro_batch * num_batches
-    total = min(len(windows), per_rank * world_size)
-    per_rank = total // world_size
-    usable = (per_rank // micro_batch) * micro_batch
-    if usable == 0:
+    """A fixed validation set: the first ``num_samples`` windows of the split, the same at every
+    evaluation and for every world size; each rank takes a contiguous part of it."""
+    n = min(len(windows), num_samples)
+    if n < world_size:
         raise DataError(
-            f"the validation split has {len(windows)} samples, fewer than one micro-batch per rank "
-            f"({micro_batch} x {world_size} ranks); lower train.micro_batch_size or raise "
-            "val_fraction in prepare"
+            f"the validation split has {len(windows)} samples, fewer than the {world_size} ranks; "
+            "raise val_fraction in prepare or lower train.seq_len"
         )
-    base = rank * per_rank
-    for b in range(usable // micro_batch):
-        yield windows.batch(np.arange(base + b * micro_batch, base + (b + 1) * micro_batch))
+    mine = np.array_split(np.arange(n), world_size)[rank]
+    for b in range(0, len(mine), micro_batch):
+        yield windows.batch(mine[b : b + micro_batch])

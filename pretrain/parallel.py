@@ -60,15 +60,14 @@ class DDPStrategy:
         use_cuda = torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
         self.precision = resolve_precision(precision, device_type="cuda" if use_cuda else "cpu")
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
-        # Accelerate on CPU is silently single-process unless cpu=True (DESIGN.md facts).
+        # Accelerate on CPU is silently single-process unless cpu=True (DESIGN.md facts); the
+        # backend is named only when there are several processes (else Accelerate wants a group).
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        group = InitProcessGroupKwargs(
+            backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30)
+        )
         self.accelerator = Accelerator(
-            cpu=not use_cuda,
-            mixed_precision=mixed,
-            kwargs_handlers=[
-                InitProcessGroupKwargs(
-                    backend="nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30)
-                )
-            ],
+            cpu=not use_cuda, mixed_precision=mixed, kwargs_handlers=[group] if distributed else []
         )
         if int(os.environ.get("WORLD_SIZE", "1")) != self.world_size:
             raise ConfigurationError(

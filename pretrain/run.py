@@ -127,16 +127,20 @@ def check_resume_compatible(*, ckpt: str, cfg_model: dict, tokenizer_sha: str) -
 # --- the command -------------------------------------------------------------------------------
 
 
-def run_pretrain(cfg: PretrainConfig) -> dict:
-    """Train per ``cfg`` (every rank runs this); return the final metrics rows."""
+def run_pretrain(
+    cfg: PretrainConfig, *, callbacks: list | None = None, loss_fn=None
+) -> dict:
+    """Train per ``cfg`` (every rank runs this); return the final metrics rows.
+
+    ``callbacks`` and ``loss_fn`` plug into the trainer (see pretrain/trainer.py)."""
     strategy = build_strategy(precision=cfg.train.precision)
-    result = _pretrain(cfg, strategy)
+    result = _pretrain(cfg, strategy, callbacks=callbacks or [], loss_fn=loss_fn)
     # Only on success: after an error on one rank a barrier could wait forever.
     strategy.close()
     return result
 
 
-def _pretrain(cfg: PretrainConfig, strategy) -> dict:
+def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dict:
     world, rank = strategy.world_size, strategy.rank
     run_dir = cfg.run_dir
     tcfg = cfg.train
@@ -189,7 +193,7 @@ def _pretrain(cfg: PretrainConfig, strategy) -> dict:
 
     def val_batches():
         return eval_batches(val_windows, micro_batch=tcfg.micro_batch_size,
-                            num_batches=tcfg.eval_batches, rank=rank, world_size=world)
+                            num_samples=tcfg.eval_samples, rank=rank, world_size=world)
 
     config_yaml = to_yaml(cfg)
 
@@ -209,7 +213,7 @@ def _pretrain(cfg: PretrainConfig, strategy) -> dict:
         tokens_per_step=tcfg.global_batch_tokens, flops_per_token=fpt, peak_flops=peak,
         grad_clip=tcfg.grad_clip, log_interval=tcfg.log_interval,
         eval_interval=tcfg.eval_interval, checkpoint_interval=cfg.checkpoint.interval,
-        save_fn=save,
+        save_fn=save, callbacks=callbacks, **({"loss_fn": loss_fn} if loss_fn else {}),
     )
     if resume_from is not None:
         trainer.load_state_dict(
@@ -249,7 +253,7 @@ def _pretrain(cfg: PretrainConfig, strategy) -> dict:
     trainer.fit()
 
     result = {"train": trainer.last_row, "eval": trainer.last_eval,
-              "checkpoint": trainer.last_checkpoint}
+              "checkpoint": trainer.last_checkpoint, "trainer": trainer}
     if strategy.is_main and cfg.logging.plot:
         plot = plot_loss_vs_flops(
             metrics_path=os.path.join(run_dir, "metrics.jsonl"),

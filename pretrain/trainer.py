@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain import dist as pdist
+from pretrain.checkpoint import fault_point
 from pretrain.errors import TrainingError
 
 Batch = dict[str, torch.Tensor]
@@ -157,6 +158,7 @@ class Trainer:
             self.state.tokens += self.tokens_per_step
             self.state.flops += self.flops_per_token * self.tokens_per_step
             self._emit("on_step_end")
+            fault_point("step", step=self.state.step)
 
             step, last = self.state.step, self.state.step >= self.total_steps
             stop = self._stop or last
@@ -221,13 +223,15 @@ class Trainer:
         assert self.val_batches is not None
         self.model.eval()
         device = self.strategy.device
-        total = torch.zeros((), device=device)
-        count = 0
+        # Sample-weighted sums over every rank: the same value whatever the world size.
+        sums = torch.zeros(2, device=device)
         for batch in self.val_batches():
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            total += self.loss_fn(self.model, batch).detach()
-            count += 1
-        val = pdist.all_reduce_mean(total / max(count, 1)).item()
+            n = batch["input_ids"].shape[0]
+            sums[0] += self.loss_fn(self.model, batch).detach().float() * n
+            sums[1] += n
+        total, count = pdist.all_reduce_sum(sums).tolist()
+        val = total / max(count, 1)
         row = {
             "kind": "eval",
             "step": self.state.step,

@@ -1,0 +1,146 @@
+"""`lmforge bench`: tokens/s and MFU of lmforge's training step next to a minimal PyTorch loop.
+
+Both loops train the same model (same init, same batches, same AdamW) in the same process, one
+after the other; the ratio ``lmforge / minimal`` is the pipeline's overhead (Accelerate wrapper,
+trainer bookkeeping, data path). MFU is against the peak of the training dtype: the GPU table, or a
+matmul probe on CPUs (pretrain/flops.py). Results are printed as a markdown table.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig, OptimConfig, load_config
+from pretrain.flops import flops_per_token, param_counts, peak_flops
+from pretrain.model import GPT
+from pretrain.optim import build_optimizer, build_scheduler
+
+SEQ_LEN = 256
+MICRO_BATCH = 8
+VOCAB = 8192
+
+
+class SyntheticBatches:
+    """Random token batches with the interface of :class:`pretrain.data.TrainBatches`."""
+
+    def __init__(self, *, micro_batch: int, seq_len: int, vocab: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.pool = torch.from_numpy(rng.integers(0, vocab, (16, micro_batch, seq_len + 1)))
+        self.i = 0
+        self.last_indices = np.empty(0)
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        t = self.pool[self.i % len(self.pool)]
+        self.i += 1
+        return [{"input_ids": t[:, :-1], "labels": t[:, 1:]}]
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = state["i"]
+
+
+def _model_cfg(preset: str) -> ModelConfig:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "configs", "model", f"{preset}.yaml")
+    return load_config(ModelConfig, [path, f"vocab_size={VOCAB}", f"max_seq_len={SEQ_LEN}"])
+
+
+def minimal_loop(cfg: ModelConfig, precision: str, steps: int, warmup: int) -> float:
+    """The baseline: a hand-written loop (model, AdamW, autocast, backward, clip, step)."""
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = build_optimizer(model, OptimConfig())
+    batches = SyntheticBatches(micro_batch=MICRO_BATCH, seq_len=SEQ_LEN, vocab=VOCAB)
+    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
+           else nullcontext())
+    t0 = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            t0 = time.perf_counter()
+        (batch,) = batches.next_step()
+        with amp:
+            logits = model(batch["input_ids"])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    loss.item()
+    return steps * MICRO_BATCH * SEQ_LEN / (time.perf_counter() - t0)
+
+
+def lmforge_loop(cfg: ModelConfig, precision: str, steps: int, warmup: int) -> float:
+    """lmforge's path: DDP strategy (Accelerate) + Trainer with its metrics bookkeeping."""
+    from accelerate.state import AcceleratorState
+
+    from pretrain.parallel import build_strategy
+    from pretrain.trainer import Callback, Trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new precision per case
+    strategy = build_strategy(precision=precision)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    opt = build_optimizer(model, OptimConfig())
+    sched = build_scheduler(opt, total_steps=warmup + steps, cfg=OptimConfig(warmup_steps=0))
+    model, opt = strategy.prepare(model, opt)
+
+    class Clock(Callback):
+        def on_step_end(self, trainer) -> None:
+            if trainer.state.step == warmup:
+                self.t0 = time.perf_counter()
+
+    clock = Clock()
+    fpt = flops_per_token(cfg, SEQ_LEN)
+    trainer = Trainer(
+        model=model, optimizer=opt, scheduler=sched, strategy=strategy,
+        train_batches=SyntheticBatches(micro_batch=MICRO_BATCH, seq_len=SEQ_LEN, vocab=VOCAB),
+        val_batches=None, total_steps=warmup + steps, tokens_per_step=MICRO_BATCH * SEQ_LEN,
+        flops_per_token=fpt, peak_flops=1.0, log_interval=10, callbacks=[clock],
+    )
+    trainer.fit()
+    return steps * MICRO_BATCH * SEQ_LEN / (time.perf_counter() - clock.t0)
+
+
+def run_bench(*, models: list[str], precisions: list[str], steps: int, out: str | None) -> str:
+    threads = torch.get_num_threads()
+    device = torch.device("cpu")
+    lines = [
+        f"lmforge bench: {platform.processor() or platform.machine()}, {threads} threads, "
+        f"torch {torch.__version__}, seq {SEQ_LEN}, micro-batch {MICRO_BATCH}, vocab {VOCAB}, "
+        f"{steps} timed steps after 3 warm-up, {time.strftime('%Y-%m-%d')}",
+        "",
+        "| model | params (non-emb) | dtype | minimal tok/s | lmforge tok/s | lmforge/minimal "
+        "| minimal MFU | lmforge MFU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for preset in models:
+        cfg = _model_cfg(preset)
+        counts = param_counts(cfg)
+        fpt = flops_per_token(cfg, SEQ_LEN)
+        for precision in precisions:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+            peak, src = peak_flops(device, dtype)
+            base = minimal_loop(cfg, precision, steps, warmup=3)
+            ours = lmforge_loop(cfg, precision, steps, warmup=3)
+            row = (
+                f"| {preset} | {counts['total'] / 1e6:.2f}M ({counts['non_embedding'] / 1e6:.2f}M)"
+                f" | {precision} | {base:,.0f} | {ours:,.0f} | {ours / base:.3f} "
+                f"| {base * fpt / peak:.1%} | {ours * fpt / peak:.1%} |"
+            )
+            lines.append(row)
+            print(row, f"(peak {peak / 1e9:.0f} GFLOP/s, {src})", flush=True)
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text

@@ -1,0 +1,286 @@
+"""A GPT-style decoder with Llama-style blocks, in one readable file (nanoGPT style).
+
+    tokens -> tok_embeddings -> n_layer x [x + attention(attention_norm(x)),
+                                           x + feed_forward(ffn_norm(x))] -> norm -> output
+
+- no position embedding: RoPE (rotate-half form) rotates queries and keys instead;
+- RMSNorm pre-norm, computed in fp32; SwiGLU MLP; no biases anywhere;
+- grouped-query attention when `n_kv_head` < `n_head`; optional tied input/output embeddings.
+
+The parameter names and the RoPE convention are exactly those of Hugging Face's Llama (up to a
+renaming table), so an export to `LlamaForCausalLM` gives identical logits. The config
+(`ModelConfig`) lives in pretrain/config.py with the other configs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+from pretrain.errors import ConfigurationError
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (no mean subtraction, no bias), as in Llama.
+
+    The statistics are computed in fp32 whatever the input dtype, because in bf16 the mean of
+    squares over thousands of channels loses most of its precision; the result is cast back
+    before the weight multiplies it (the same order as HF's LlamaRMSNorm).
+    """
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim), fp32, in HF's rotate-half layout.
+
+    Frequency i (of head_dim/2) is theta^(-2i/head_dim); the tables repeat the frequencies twice
+    (`cat(freqs, freqs)`) so that channel j and j + head_dim/2 rotate together.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    t = torch.arange(max_seq_len, device=device).float()
+    freqs = torch.outer(t, inv_freq)  # (T, hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
+    return emb.cos(), emb.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dim."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, nh, T, hs) by position; cos/sin are (T, hs) and broadcast over B and nh."""
+    # cast the tables, not x: under autocast x is bf16 and HF does the same cast
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, nkv, T, hs) -> (B, nkv * n_rep, T, hs): query head h reads kv head h // n_rep (the
+    order of HF's repeat_kv). A view plus one copy, shapes only: no host-device sync."""
+    B, nkv, T, hs = x.shape
+    return x[:, :, None].expand(B, nkv, n_rep, T, hs).reshape(B, nkv * n_rep, T, hs)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        # heads as -1, not cfg.n_head: under tensor parallelism each rank holds only its local
+        # heads, and this code then runs unchanged
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if k.size(1) != q.size(1):
+            # GQA: repeating kv heads here rather than passing enable_gqa keeps every SDPA
+            # kernel (flash, memory-efficient) eligible
+            k, v = repeat_kv(k, q.size(1) // k.size(1)), repeat_kv(v, q.size(1) // v.size(1))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+        )  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs): heads side by side again
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up projection, w2 the down one."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.w2 = nn.Linear(cfg.hidden_dim, cfg.d_model, bias=False)
+        self.w3 = nn.Linear(cfg.d_model, cfg.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))  # (B, T, d)
+
+
+class Block(nn.Module):
+    """Pre-norm block: only the branch inputs are normalised, never the residual stream, so
+    gradients reach early layers undiminished (why pre-norm trains deep stacks stably)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class GPT(nn.Module):
+    """The language model: `forward(input_ids (B, T)) -> logits (B, T, vocab_size)`.
+
+    Build on the meta device and materialise later (FSDP, big models)::
+
+        with torch.device("meta"):
+            model = GPT(cfg)
+        model.to_empty(device="cpu")
+        model.init_weights()  # parameters and the (non-persistent) RoPE tables
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ConfigurationError(
+                "model.vocab_size is not set; it normally comes from the prepared data "
+                "(or set `model.vocab_size=N`)"
+            )
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # non-persistent: derived from the config, so they stay out of state_dict (and out of
+        # checkpoints and exports); fp32 so long positions keep their precision. Filled by
+        # init_weights, which must run again after materialising a meta-device model.
+        table = (cfg.max_seq_len, cfg.head_dim)
+        self.register_buffer("rope_cos", torch.empty(table), persistent=False)  # (T_max, hs)
+        self.register_buffer("rope_sin", torch.empty(table), persistent=False)  # (T_max, hs)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and the RoPE tables, deterministically under
+        torch's global seed: normal(0, init_std) for embeddings and linears, with the residual
+        output projections (`wo`, `w2`) at init_std / sqrt(2 * n_layer) so that the residual
+        stream's variance does not grow with depth (GPT-2); norms to one."""
+        cfg = self.cfg
+        if cfg.tie_embeddings and not self.tied:
+            # (re)tie here: Module.to_empty replaces the two references separately, untying them
+            self.output.weight = self.tok_embeddings.weight
+        device = self.rope_cos.device
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        self.rope_cos, self.rope_sin = cos, sin
+        std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
+        for layer in self.layers:
+            attn, ffn = layer.attention, layer.feed_forward
+            for linear in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
+                nn.init.normal_(linear.weight, mean=0.0, std=std)
+            for linear in (attn.wo, ffn.w2):
+                nn.init.normal_(linear.weight, mean=0.0, std=resid_std)
+            layer.attention_norm.reset_parameters()
+            layer.ffn_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if not cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, mean=0.0, std=std)
+
+    @property
+    def tied(self) -> bool:
+        return self.output.weight is self.tok_embeddings.weight
+
+    def num_params(self, *, exclude_embedding: bool = False) -> int:
+        """Number of parameters; a tied table counts once.
+
+        `exclude_embedding=True` leaves out the input embedding table when it is NOT tied (it is
+        a lookup, not a matmul); a tied table is also the LM head, so it is kept. The result is
+        then the N of the FLOPs convention: `pretrain.flops.param_counts(cfg)["flops_params"]`.
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields shared ones once
+        if exclude_embedding and not self.tied:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        B, T = input_ids.shape
+        if T > self.cfg.max_seq_len:
+            raise ConfigurationError(
+                f"sequence length {T} exceeds `model.max_seq_len`={self.cfg.max_seq_len}; "
+                "shorten the input or raise model.max_seq_len"
+            )
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs)
+        h = self.tok_embeddings(input_ids)  # (B, T, d)
+        for layer in self.layers:
+            h = layer(h, cos, sin)  # (B, T, d)
+        return self.output(self.norm(h))  # (B, T, vocab)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Append `max_new_tokens` sampled tokens to `input_ids` (B, T); returns (B, T + new).
+
+        temperature 0 is greedy decoding; top_k keeps the k most likely tokens, top_p the
+        smallest set whose probability reaches p (nucleus). No KV cache: the context (cropped to
+        max_seq_len) is re-run each step, which is fine for the small models this is used on.
+        Runs in eval mode (no dropout) and restores the previous mode.
+        """
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ConfigurationError(
+                f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}"
+            )
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ConfigurationError(f"top_p must be in (0, 1], got {top_p}")
+        was_training = self.training
+        self.eval()
+        try:
+            for _ in range(max_new_tokens):
+                context = input_ids[:, -self.cfg.max_seq_len :]  # (B, <= max_seq_len)
+                logits = self(context)[:, -1, :].float()  # (B, vocab)
+                if temperature == 0:
+                    next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+                else:
+                    next_id = self._sample(logits / temperature, top_k, top_p, generator)
+                input_ids = torch.cat((input_ids, next_id), dim=1)
+        finally:
+            self.train(was_training)
+        return input_ids
+
+    @staticmethod
+    def _sample(
+        logits: torch.Tensor,
+        top_k: int | None,
+        top_p: float | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]  # (B, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p is not None and top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, vocab)
+            probs = F.softmax(sorted_logits, dim=-1)
+            # drop a token when the tokens before it already reach top_p (the first always stays)
+            drop = probs.cumsum(dim=-1) - probs >= top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+        probs = F.softmax(logits, dim=-1)  # (B, vocab)
+        return torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
