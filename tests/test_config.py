@@ -1,0 +1,103 @@
+"""Every YAML in configs/ loads; every bad input gives the promised one-line error."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from launcher.cli import main
+from pretrain.config import ModelConfig, PrepareConfig, PretrainConfig, load_config
+from pretrain.errors import ConfigurationError
+from tests.conftest import REPO
+
+SCHEMAS = {"model": ModelConfig, "prepare": PrepareConfig, "pretrain": PretrainConfig}
+
+
+@pytest.mark.parametrize(
+    "path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)),
+    ids=lambda p: os.path.relpath(p, REPO),
+)
+def test_every_yaml_loads(path):
+    section = os.path.basename(os.path.dirname(path))
+    cfg = load_config(SCHEMAS[section], [path])
+    assert cfg is not None
+
+
+def test_section_preset_and_order(tmp_path):
+    args = ["name=x", "data.path=d", "train.max_steps=5",
+            f"model={REPO}/configs/model/small.yaml", "model.n_layer=3"]
+    cfg = load_config(PretrainConfig, args)
+    assert (cfg.model.d_model, cfg.model.n_layer) == (384, 3)  # preset, then the later override
+    cfg = load_config(PretrainConfig, [*args, f"model={REPO}/configs/model/tiny.yaml"])
+    assert (cfg.model.d_model, cfg.model.n_layer) == (128, 4)  # later wins
+
+
+def _error(capsys, *argv: str) -> str:
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, f"exit code {code}"
+    assert len(err) == 1, f"expected one line, got {err}"
+    return err[0]
+
+
+BASE = ("pretrain", "name=x", "data.path=/nonexistent", "train.max_steps=5")
+
+
+@pytest.mark.parametrize(
+    "extra,expected",
+    [
+        (["optim.lrr=1"], "unknown config key `optim.lrr`; did you mean `optim.lr`?"),
+        (["optim.lr=fast"], "config key `optim.lr`"),
+        (["model.d_model=100", "model.n_head=3"], "must be divisible by `model.n_head`=3"),
+        (["train.seq_len=4096"], "exceeds `model.max_seq_len`"),
+        (["train.max_tokens=100"], "can't provide both `train.max_steps` and `train.max_tokens`"),
+        (["train.precision=fp64"], "config key `train.precision`"),
+        (["model.n_kv_head=3"], "must be a multiple of `model.n_kv_head`=3"),
+        (["name=a/b"], "must be a plain directory name"),
+        (["/no/such.yaml"], "config file not found: /no/such.yaml"),
+    ],
+)
+def test_bad_config_one_line(capsys, extra, expected):
+    assert expected in _error(capsys, *BASE, *extra)
+
+
+def test_missing_required_and_run_length(capsys):
+    assert "`data.path` is not set" in _error(capsys, "pretrain", "name=x", "train.max_steps=1")
+    assert "set the run length" in _error(capsys, "pretrain", "name=x", "data.path=d")
+
+
+def test_missing_data(capsys):
+    msg = _error(capsys, *BASE)
+    assert "/nonexistent" in msg and "lmforge prepare" in msg
+
+
+def test_bad_batch_and_vocab(capsys, tiny_data, tmp_path):
+    common = ("pretrain", "name=x", f"data.path={tiny_data}", f"runs_dir={tmp_path}",
+              "train.max_steps=1", "train.seq_len=64", "model.max_seq_len=64")
+    msg = _error(capsys, *common, "train.micro_batch_size=3", "train.global_batch_tokens=1000")
+    assert "train.global_batch_tokens=1000 is not a multiple" in msg and "use e.g." in msg
+    msg = _error(capsys, *common, "model.vocab_size=999")
+    assert "model.vocab_size=999" in msg and "512" in msg
+    assert not os.path.exists(tmp_path / "x"), "a refused run must not leave a run directory"
+
+
+def test_prepare_errors(capsys, tmp_path):
+    assert "`sources` is empty" in _error(capsys, "prepare", f"out={tmp_path}/o")
+    msg = _error(capsys, "prepare", f"out={tmp_path}/o", "sources=[{path: /no/such/file.txt}]")
+    assert "/no/such/file.txt" in msg
+
+
+def test_print_config(capsys):
+    assert main(["print-config", "name=x", "data.path=d", "train.max_steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 3" in out and "d_model: 128" in out
+    assert main(["print-config", "--keys"]) == 0
+    keys = capsys.readouterr().out
+    assert "optim.lr = 0.0003  # Peak learning rate." in keys
+
+
+def test_load_config_raises_configuration_error():
+    with pytest.raises(ConfigurationError):
+        load_config(PretrainConfig, ["nme=x"])

@@ -1,0 +1,133 @@
+"""Exact resume, tested the hard way: real processes killed with SIGKILL, then relaunched.
+
+The runs shuffle their data, accumulate gradients (> 1 micro-batch per step), use dropout (which
+draws random numbers every step), and are killed at a step that is not on the checkpoint cadence.
+The relaunched run must give the uninterrupted run's per-step losses and final parameters bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import lmforge
+
+STEPS = 14
+COMMON = [
+    "model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.max_seq_len=64",
+    "model.dropout=0.1", "train.seq_len=64", "train.micro_batch_size=4",
+    "train.global_batch_tokens=2048", f"train.max_steps={STEPS}", "train.log_interval=1",
+    "train.eval_interval=5", "train.eval_samples=16", "optim.warmup_steps=3", "optim.lr=2e-3",
+    "checkpoint.interval=4", "checkpoint.keep_last=2", "logging.progress=false",
+    "logging.tensorboard=false", "data.shuffle=true",
+]
+VOLATILE = {"time", "tokens_per_sec", "mfu"}  # wall-clock figures differ between runs
+
+
+def _args(data, runs, name, nproc, precision, *extra):
+    out = [f"data.path={data}", f"runs_dir={runs}", f"name={name}", f"train.precision={precision}",
+           *COMMON, *extra]
+    return out + (["--nproc", str(nproc)] if nproc > 1 else [])
+
+
+def _rows(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def _final_weights(run_dir: str, step: int = STEPS) -> dict:
+    return load_file(os.path.join(run_dir, "checkpoints", f"step_{step:08d}", "model.safetensors"))
+
+
+def _latest(run_dir: str) -> str:
+    with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
+        return f.read().strip()
+
+
+def assert_same_run(run_dir: str, ref_dir: str) -> None:
+    got, want = _rows(run_dir), _rows(ref_dir)
+    steps = [r["step"] for r in got if r["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1)), f"train rows not one per step: {steps}"
+    assert got == want, "metrics differ from the uninterrupted run"
+    a, b = _final_weights(run_dir), _final_weights(ref_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].equal(b[k]), f"{k} differs bitwise"
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tiny_data, tmp_path_factory):
+    """Uninterrupted runs, made once per (processes, precision) and shared by the tests below."""
+    runs = str(tmp_path_factory.mktemp("ref"))
+    made: dict[tuple[int, str], str] = {}
+
+    def get(nproc: int, precision: str) -> str:
+        if (nproc, precision) not in made:
+            name = f"ref-{nproc}-{precision}"
+            lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision))
+            made[(nproc, precision)] = os.path.join(runs, name)
+        return made[(nproc, precision)]
+
+    return get
+
+
+@pytest.mark.parametrize("nproc,precision", [(1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16")])
+def test_sigkill_mid_run_resumes_exactly(tiny_data, tmp_path, reference_runs, nproc, precision):
+    ref = reference_runs(nproc, precision)
+    runs, name = str(tmp_path), "crashy"
+    run_dir = os.path.join(runs, name)
+    # Killed by SIGKILL right after step 10 (checkpoints every 4 steps: the last good one is 8).
+    killed = lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision),
+                     env={"LMFORGE_FAULT": "step@10"}, check=False)
+    assert killed.returncode != 0
+    assert _latest(run_dir) == "step_00000008"
+    assert max(r["step"] for r in _rows(run_dir)) == 9  # rows past the checkpoint exist...
+    # Starting the same run again without resume is refused with what to do.
+    again = lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision), check=False)
+    assert again.returncode == 2 and "resume=auto" in again.stderr
+    lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, "resume=auto"))
+    assert_same_run(run_dir, ref)  # ...and are not counted twice after the resume
+    with open(os.path.join(run_dir, "provenance.jsonl")) as f:
+        attempts = [json.loads(line) for line in f]
+    assert [a["resumed_from"] is not None for a in attempts] == [False, True]
+    assert attempts[1]["resumed_from"].endswith("step_00000008")
+
+
+@pytest.mark.parametrize("point", ["save:mid-file", "save:before-rename", "save:before-latest"])
+def test_crash_during_save_keeps_previous_checkpoint(tiny_data, tmp_path, reference_runs, point):
+    ref = reference_runs(1, "fp32")
+    runs, name = str(tmp_path), "torn"
+    run_dir = os.path.join(runs, name)
+    killed = lmforge("pretrain", *_args(tiny_data, runs, name, 1, "fp32"),
+                     env={"LMFORGE_FAULT": f"{point}@8"}, check=False)
+    assert killed.returncode != 0
+    assert _latest(run_dir) == "step_00000004", "latest must still name the previous checkpoint"
+    lmforge("pretrain", *_args(tiny_data, runs, name, 1, "fp32", "resume=auto"))
+    with open(os.path.join(run_dir, "provenance.jsonl")) as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["resumed_from"].endswith("step_00000004")
+    assert_same_run(run_dir, ref)
+    leftovers = [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_corrupt_checkpoint_is_refused(tiny_data, tmp_path, reference_runs):
+    ref = reference_runs(1, "fp32")
+    run_dir = str(tmp_path / "copy")
+    shutil.copytree(ref, run_dir)
+    weights = os.path.join(run_dir, "checkpoints", _latest(run_dir), "model.safetensors")
+    with open(weights, "r+b") as f:
+        f.seek(-5, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-5, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    out = lmforge("pretrain", *_args(tiny_data, str(tmp_path), "copy", 1, "fp32",
+                                     "resume=auto", f"train.max_steps={STEPS + 2}"), check=False)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.safetensors" in lines[0] and "manifest" in lines[0], lines
