@@ -194,8 +194,10 @@ def measure_matmul_flops(
     CPU and 4096 elsewhere (small matmuls would not fill a GPU). Counts 2·n³ FLOPs a matmul."""
     device = torch.device(device)
     n = n or (1024 if device.type == "cpu" else 4096)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    # A private generator: the probe must not move the global RNG (dropout, exact resume).
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=gen).to(dtype)
+    b = torch.randn(n, n, device=device, generator=gen).to(dtype)
     for _ in range(2):  # warm-up: thread pools, kernel selection, clocks
         torch.mm(a, b)
     _synchronize(device)
