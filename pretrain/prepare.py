@@ -701,6 +701,8 @@ def _get_tokenizer(sources: list[_Source], cfg: PrepareConfig, work: Path, log: 
     if cfg.tokenizer.path:
         given = Tokenizer(cfg.tokenizer.path)
         shutil.copyfile(given.path, target)
+        with open(target, "rb") as f:
+            os.fsync(f.fileno())
         tok = Tokenizer(target)
         log(f"tokenizer: reusing {given.path} (vocab {tok.vocab_size:,})")
     else:

@@ -112,7 +112,8 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; control pieces (BOS, EOS) decode to nothing."""
-        return self._sp.DecodeIds([int(i) for i in ids])
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]  # numpy arrays
+        return self._sp.DecodeIds(ids)
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(int(token_id))
