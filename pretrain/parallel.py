@@ -106,7 +106,11 @@ class DDPStrategy:
         return self.accelerator.prepare(model, optimizer)
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        """The plain model under DDP / torch.compile wrappers. (Accelerate's unwrap_model would
+        import deepspeed whenever it is installed: DeepSpeed loads only for its strategies.)"""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        return getattr(model, "_orig_mod", model)
 
     def no_sync(self, model: nn.Module, *, sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""

@@ -260,21 +260,39 @@ class MetricsCallback(Callback):
 
 
 class ProgressBar(Callback):
-    """tqdm bar on rank 0: steps, loss, tokens/s, MFU and ETA."""
+    """tqdm bar on rank 0: steps, loss, tokens/s, MFU and ETA. When stderr is not a terminal
+    (logs, CI, SLURM), one plain line per metrics row instead."""
 
     def on_train_start(self, trainer: Trainer) -> None:
+        import sys
+
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(
-            total=trainer.total_steps, initial=trainer.state.step, unit="step",
-            dynamic_ncols=True, leave=True,
-        )
+        self.bar = None
+        self.t0 = time.perf_counter()
+        self.start_step = trainer.state.step
+        if sys.stderr.isatty():
+            self.bar = tqdm(
+                total=trainer.total_steps, initial=trainer.state.step, unit="step",
+                dynamic_ncols=True, leave=True,
+            )
 
     def on_step_end(self, trainer: Trainer) -> None:
-        self.bar.update(1)
+        if self.bar is not None:
+            self.bar.update(1)
 
     def on_log(self, trainer: Trainer, row: dict) -> None:
-        if row["kind"] == "train":
+        if self.bar is None:
+            done = row["step"] - self.start_step
+            eta = (time.perf_counter() - self.t0) / max(done, 1) * (trainer.total_steps - row["step"])
+            if row["kind"] == "train":
+                print(f"step {row['step']}/{trainer.total_steps} loss {row['loss']:.4f} "
+                      f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} "
+                      f"tok/s {row['tokens_per_sec']:,.0f} mfu {row['mfu']:.1%} eta {eta:.0f}s",
+                      flush=True)
+            else:
+                print(f"step {row['step']}: val_loss {row['val_loss']:.4f}", flush=True)
+        elif row["kind"] == "train":
             self.bar.set_postfix(
                 loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}",
                 mfu=f"{row['mfu']:.1%}", refresh=False,
@@ -283,4 +301,5 @@ class ProgressBar(Callback):
             self.bar.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}")
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
