@@ -31,37 +31,62 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help_: str, *, config: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(
-            name, help=help_, description=help_,
+            name,
+            help=help_,
+            description=help_,
             epilog=EPILOG.format(command=name) if config else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if config:
-            sp.add_argument("config", nargs="*", metavar="ARG",
-                            help="CONFIG.yaml, section=PRESET.yaml or dotted.key=value")
+            sp.add_argument(
+                "config",
+                nargs="*",
+                metavar="ARG",
+                help="CONFIG.yaml, section=PRESET.yaml or dotted.key=value",
+            )
         sp.add_argument("--debug", action="store_true", help="show tracebacks of errors")
         return sp
 
     sp = command("prepare", "Text -> SentencePiece tokenizer -> memmap shards with a manifest.")
     sp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
-    sp.add_argument("--verify", metavar="DIR",
-                    help="only check the shards of an already prepared DIR against its manifest")
+    sp.add_argument(
+        "--verify",
+        metavar="DIR",
+        help="only check the shards of an already prepared DIR against its manifest",
+    )
 
     sp = command("pretrain", "Pretrain a GPT-style model on prepared data (1..N processes).")
-    sp.add_argument("--nproc", type=int, default=1,
-                    help="local processes (data parallel); default 1")
-    sp.add_argument("--dry-run", action="store_true",
-                    help="print the resolved config, parameter counts and FLOPs, then stop")
+    sp.add_argument(
+        "--nproc", type=int, default=1, help="local processes (data parallel); default 1"
+    )
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config, parameter counts and FLOPs, then stop",
+    )
 
     sp = command("print-config", "Print the resolved config of a command.")
-    sp.add_argument("--keys", action="store_true",
-                    help="list every key with its default and meaning instead")
-    sp.add_argument("--for", dest="target", choices=["prepare", "pretrain"], default="pretrain",
-                    help="which command's config (default pretrain)")
+    sp.add_argument(
+        "--keys", action="store_true", help="list every key with its default and meaning instead"
+    )
+    sp.add_argument(
+        "--for",
+        dest="target",
+        choices=["prepare", "pretrain"],
+        default="pretrain",
+        help="which command's config (default pretrain)",
+    )
 
-    sp = command("bench", "Benchmark the training step against a minimal PyTorch loop (CPU/GPU).",
-                 config=False)
-    sp.add_argument("--models", default="tiny,small",
-                    help="comma-separated presets of configs/model (default tiny,small)")
+    sp = command(
+        "bench",
+        "Benchmark the training step against a minimal PyTorch loop (CPU/GPU).",
+        config=False,
+    )
+    sp.add_argument(
+        "--models",
+        default="tiny,small",
+        help="comma-separated presets of configs/model (default tiny,small)",
+    )
     sp.add_argument("--precisions", default="fp32,bf16", help="default fp32,bf16")
     sp.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
     sp.add_argument("--out", help="also write the results table (markdown) to this file")
@@ -115,8 +140,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(to_yaml(cfg), end="")
             cfg.model.vocab_size = load_manifest(cfg.data.path)["tokenizer"]["vocab_size"]
             c = param_counts(cfg.model)
-            print(f"# params: {c['total']:,} total, {c['non_embedding']:,} non-embedding; "
-                  f"{flops_per_token(cfg.model, cfg.train.seq_len):,} training FLOPs/token")
+            print(
+                f"# params: {c['total']:,} total, {c['non_embedding']:,} non-embedding; "
+                f"{flops_per_token(cfg.model, cfg.train.seq_len):,} training FLOPs/token"
+            )
             return 0
         if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
             from launcher.local import launch_local
@@ -134,8 +161,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "bench":
         from pretrain.bench import run_bench
 
-        run_bench(models=args.models.split(","), precisions=args.precisions.split(","),
-                  steps=args.steps, out=args.out)
+        run_bench(
+            models=args.models.split(","),
+            precisions=args.precisions.split(","),
+            steps=args.steps,
+            out=args.out,
+        )
         return 0
     print0(f"unknown command {args.command}")
     return 2

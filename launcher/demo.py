@@ -33,10 +33,20 @@ def main() -> int:
     for path in (DATA, RUN):  # the demo's own outputs only
         shutil.rmtree(path, ignore_errors=True)
     nproc = torch.cuda.device_count() or 2
-    step("1/2 prepare: Shakespeare's plays -> SentencePiece BPE -> memmap shards",
-         "prepare", "configs/prepare/shakespeare.yaml", f"out={DATA}")
-    step(f"2/2 pretrain: tiny Llama-style GPT, {nproc} processes",
-         "pretrain", "configs/pretrain/demo.yaml", f"data.path={DATA}", "--nproc", str(nproc))
+    step(
+        "1/2 prepare: Shakespeare's plays -> SentencePiece BPE -> memmap shards",
+        "prepare",
+        "configs/prepare/shakespeare.yaml",
+        f"out={DATA}",
+    )
+    step(
+        f"2/2 pretrain: tiny Llama-style GPT, {nproc} processes",
+        "pretrain",
+        "configs/pretrain/demo.yaml",
+        f"data.path={DATA}",
+        "--nproc",
+        str(nproc),
+    )
 
     with open(os.path.join(DATA, "manifest.json")) as f:
         entropy = json.load(f)["unigram_entropy_nats"]

@@ -45,9 +45,14 @@ def launch_local(argv: list[str], *, nproc: int) -> int:
     with tempfile.TemporaryDirectory(prefix="lmforge-errors-") as errors:
         os.environ[ERROR_DIR_ENV] = errors
         config = LaunchConfig(
-            min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id="lmforge-local",
-            rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{free_port()}",
-            max_restarts=0, monitor_interval=0.2,
+            min_nodes=1,
+            max_nodes=1,
+            nproc_per_node=nproc,
+            run_id="lmforge-local",
+            rdzv_backend="c10d",
+            rdzv_endpoint=f"127.0.0.1:{free_port()}",
+            max_restarts=0,
+            monitor_interval=0.2,
         )
         try:
             elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.cli", *argv)

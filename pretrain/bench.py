@@ -60,8 +60,7 @@ def minimal_loop(cfg: ModelConfig, precision: str, steps: int, warmup: int) -> f
     model = GPT(cfg)
     opt = build_optimizer(model, OptimConfig())
     batches = SyntheticBatches(micro_batch=MICRO_BATCH, seq_len=SEQ_LEN, vocab=VOCAB)
-    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-           else nullcontext())
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
     t0 = 0.0
     for i in range(warmup + steps):
         if i == warmup:
@@ -101,10 +100,18 @@ def lmforge_loop(cfg: ModelConfig, precision: str, steps: int, warmup: int) -> f
     clock = Clock()
     fpt = flops_per_token(cfg, SEQ_LEN)
     trainer = Trainer(
-        model=model, optimizer=opt, scheduler=sched, strategy=strategy,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        strategy=strategy,
         train_batches=SyntheticBatches(micro_batch=MICRO_BATCH, seq_len=SEQ_LEN, vocab=VOCAB),
-        val_batches=None, total_steps=warmup + steps, tokens_per_step=MICRO_BATCH * SEQ_LEN,
-        flops_per_token=fpt, peak_flops=1.0, log_interval=10, callbacks=[clock],
+        val_batches=None,
+        total_steps=warmup + steps,
+        tokens_per_step=MICRO_BATCH * SEQ_LEN,
+        flops_per_token=fpt,
+        peak_flops=1.0,
+        log_interval=10,
+        callbacks=[clock],
     )
     trainer.fit()
     return steps * MICRO_BATCH * SEQ_LEN / (time.perf_counter() - clock.t0)

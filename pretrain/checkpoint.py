@@ -155,12 +155,18 @@ def save_checkpoint(
 
     if strategy.is_main:
         files = {
-            name: {"sha256": sha256_file(os.path.join(tmp, name)),
-                   "bytes": os.path.getsize(os.path.join(tmp, name))}
+            name: {
+                "sha256": sha256_file(os.path.join(tmp, name)),
+                "bytes": os.path.getsize(os.path.join(tmp, name)),
+            }
             for name in sorted(os.listdir(tmp))
         }
-        manifest = {"format_version": FORMAT_VERSION, "step": step, "created": time.time(),
-                    "files": files}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            "created": time.time(),
+            "files": files,
+        }
         write_file("manifest.json", json.dumps(manifest, indent=1).encode())
         _fsync_dir(tmp)
         fault_point("save:before-rename", step=step)

@@ -122,9 +122,7 @@ class PrepareConfig:
                 "or a YAML list of {path: ...} / {dataset: ...} entries"
             )
         if not 0.0 < self.val_fraction < 0.5:
-            raise ConfigurationError(
-                f"`val_fraction` must be in (0, 0.5), got {self.val_fraction}"
-            )
+            raise ConfigurationError(f"`val_fraction` must be in (0, 0.5), got {self.val_fraction}")
         if self.shard_tokens < 1024:
             raise ConfigurationError(f"`shard_tokens` must be >= 1024, got {self.shard_tokens}")
         if self.num_proc < 0:
@@ -263,8 +261,13 @@ class TrainConfig:
                 "can't provide both `train.max_steps` and `train.max_tokens`; choose one "
                 f"(got max_steps={self.max_steps}, max_tokens={self.max_tokens})"
             )
-        for name in ("seq_len", "micro_batch_size", "global_batch_tokens", "log_interval",
-                     "eval_samples"):
+        for name in (
+            "seq_len",
+            "micro_batch_size",
+            "global_batch_tokens",
+            "log_interval",
+            "eval_samples",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -309,7 +312,9 @@ class OptimConfig:
         if not self.lr > 0:
             raise ConfigurationError(f"`optim.lr` must be > 0, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigurationError(f"`optim.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigurationError(
+                f"`optim.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}"
+            )
         if self.warmup_steps < 0:
             raise ConfigurationError(f"`optim.warmup_steps` must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.decay_fraction <= 1.0:
@@ -318,7 +323,9 @@ class OptimConfig:
             )
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigurationError(f"`optim.{name}` must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigurationError(
+                    f"`optim.{name}` must be in [0, 1), got {getattr(self, name)}"
+                )
 
 
 @dataclass
@@ -498,9 +505,11 @@ def describe_keys(schema: type) -> str:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
         body = tree.body[0].body  # type: ignore[attr-defined]
         out: dict[str, str] = {}
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(
-                getattr(b, "value", None), ast.Constant
+        for a, b in zip(body, body[1:], strict=False):
+            if (
+                isinstance(a, ast.AnnAssign)
+                and isinstance(b, ast.Expr)
+                and isinstance(getattr(b, "value", None), ast.Constant)
             ):
                 out[a.target.id] = " ".join(str(b.value.value).split())  # type: ignore[union-attr]
         return out

@@ -60,8 +60,12 @@ class MetricsWriter:
                 print("warning: logging.wandb is set but wandb is not installed; skipping it")
             else:
                 self._wandb = wb.init(
-                    project="lmforge", name=os.path.basename(run_dir), dir=run_dir,
-                    mode=wandb, config=config, resume="allow",
+                    project="lmforge",
+                    name=os.path.basename(run_dir),
+                    dir=run_dir,
+                    mode=wandb,
+                    config=config,
+                    resume="allow",
                 )
 
     def write(self, row: dict) -> None:
@@ -100,9 +104,9 @@ def plot_loss_vs_flops(*, metrics_path: str, out_path: str, title: str) -> str |
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
+        ax.plot(*zip(*train, strict=False), label="train loss", lw=1.2)
     if val:
-        ax.plot(*zip(*val), "o-", label="val loss", ms=4)
+        ax.plot(*zip(*val, strict=False), "o-", label="val loss", ms=4)
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs (6N + 12·L·d·T per token)")
     ax.set_ylabel("loss (nats/token)")

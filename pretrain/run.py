@@ -30,8 +30,17 @@ from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy
 from pretrain.trainer import MetricsCallback, ProgressBar, Trainer
 
-PACKAGES = ("torch", "accelerate", "deepspeed", "datasets", "sentencepiece", "omegaconf",
-            "safetensors", "numpy", "transformers")
+PACKAGES = (
+    "torch",
+    "accelerate",
+    "deepspeed",
+    "datasets",
+    "sentencepiece",
+    "omegaconf",
+    "safetensors",
+    "numpy",
+    "transformers",
+)
 
 
 # --- run directory -----------------------------------------------------------------------------
@@ -127,9 +136,7 @@ def check_resume_compatible(*, ckpt: str, cfg_model: dict, tokenizer_sha: str) -
 # --- the command -------------------------------------------------------------------------------
 
 
-def run_pretrain(
-    cfg: PretrainConfig, *, callbacks: list | None = None, loss_fn=None
-) -> dict:
+def run_pretrain(cfg: PretrainConfig, *, callbacks: list | None = None, loss_fn=None) -> dict:
     """Train per ``cfg`` (every rank runs this); return the final metrics rows.
 
     ``callbacks`` and ``loss_fn`` plug into the trainer (see pretrain/trainer.py)."""
@@ -184,16 +191,24 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
     seed_everything(cfg.seed + 1000003 * rank + 1)
 
     batches = TrainBatches(
-        train_windows, micro_batch=tcfg.micro_batch_size, grad_accum=grad_accum, rank=rank,
-        world_size=world, seed=cfg.seed, shuffle=cfg.data.shuffle,
+        train_windows,
+        micro_batch=tcfg.micro_batch_size,
+        grad_accum=grad_accum,
+        rank=rank,
+        world_size=world,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
     )
-    peak, peak_src = peak_flops(
-        strategy.device, strategy.compute_dtype, override=tcfg.peak_flops
-    )
+    peak, peak_src = peak_flops(strategy.device, strategy.compute_dtype, override=tcfg.peak_flops)
 
     def val_batches():
-        return eval_batches(val_windows, micro_batch=tcfg.micro_batch_size,
-                            num_samples=tcfg.eval_samples, rank=rank, world_size=world)
+        return eval_batches(
+            val_windows,
+            micro_batch=tcfg.micro_batch_size,
+            num_samples=tcfg.eval_samples,
+            rank=rank,
+            world_size=world,
+        )
 
     config_yaml = to_yaml(cfg)
 
@@ -202,18 +217,34 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
         state["tokenizer_sha256"] = tok["sha256"]
         state["tokenizer"] = os.path.abspath(os.path.join(cfg.data.path, tok["file"]))
         return save_checkpoint(
-            root=os.path.join(run_dir, "checkpoints"), step=trainer.state.step,
-            strategy=strategy, model=trainer.model, optimizer=trainer.optimizer,
-            trainer_state=state, config_yaml=config_yaml, keep_last=cfg.checkpoint.keep_last,
+            root=os.path.join(run_dir, "checkpoints"),
+            step=trainer.state.step,
+            strategy=strategy,
+            model=trainer.model,
+            optimizer=trainer.optimizer,
+            trainer_state=state,
+            config_yaml=config_yaml,
+            keep_last=cfg.checkpoint.keep_last,
         )
 
     trainer = Trainer(
-        model=model, optimizer=optimizer, scheduler=scheduler, strategy=strategy,
-        train_batches=batches, val_batches=val_batches, total_steps=total_steps,
-        tokens_per_step=tcfg.global_batch_tokens, flops_per_token=fpt, peak_flops=peak,
-        grad_clip=tcfg.grad_clip, log_interval=tcfg.log_interval,
-        eval_interval=tcfg.eval_interval, checkpoint_interval=cfg.checkpoint.interval,
-        save_fn=save, callbacks=callbacks, **({"loss_fn": loss_fn} if loss_fn else {}),
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        strategy=strategy,
+        train_batches=batches,
+        val_batches=val_batches,
+        total_steps=total_steps,
+        tokens_per_step=tcfg.global_batch_tokens,
+        flops_per_token=fpt,
+        peak_flops=peak,
+        grad_clip=tcfg.grad_clip,
+        log_interval=tcfg.log_interval,
+        eval_interval=tcfg.eval_interval,
+        checkpoint_interval=cfg.checkpoint.interval,
+        save_fn=save,
+        callbacks=callbacks,
+        **({"loss_fn": loss_fn} if loss_fn else {}),
     )
     if resume_from is not None:
         trainer.load_state_dict(
@@ -233,13 +264,18 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
         with open(os.path.join(run_dir, "provenance.jsonl"), "a") as f:
             f.write(json.dumps(provenance(world_size=world, resumed_from=resume_from)) + "\n")
         writer = MetricsWriter(
-            run_dir=run_dir, start_step=trainer.state.step, tensorboard=cfg.logging.tensorboard,
-            wandb=cfg.logging.wandb, config=to_container(cfg),
+            run_dir=run_dir,
+            start_step=trainer.state.step,
+            tensorboard=cfg.logging.tensorboard,
+            wandb=cfg.logging.wandb,
+            config=to_container(cfg),
         )
         trainer.callbacks.append(MetricsCallback(writer))
         if cfg.logging.progress:
             trainer.callbacks.append(ProgressBar())
-        what = f"resuming from {resume_from} (step {trainer.state.step})" if resume_from else "new run"
+        what = (
+            f"resuming from {resume_from} (step {trainer.state.step})" if resume_from else "new run"
+        )
         pdist.print0(
             f"lmforge pretrain: {run_dir} ({what}); {world} rank(s) [{strategy.name}] on "
             f"{strategy.device.type}, {strategy.precision}; params {counts['total']:,} total, "
@@ -252,12 +288,17 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
 
     trainer.fit()
 
-    result = {"train": trainer.last_row, "eval": trainer.last_eval,
-              "checkpoint": trainer.last_checkpoint, "trainer": trainer}
+    result = {
+        "train": trainer.last_row,
+        "eval": trainer.last_eval,
+        "checkpoint": trainer.last_checkpoint,
+        "trainer": trainer,
+    }
     if strategy.is_main and cfg.logging.plot:
         plot = plot_loss_vs_flops(
             metrics_path=os.path.join(run_dir, "metrics.jsonl"),
-            out_path=os.path.join(run_dir, "loss_vs_flops.png"), title=f"{cfg.name}: loss vs compute",
+            out_path=os.path.join(run_dir, "loss_vs_flops.png"),
+            title=f"{cfg.name}: loss vs compute",
         )
         result["plot"] = plot
     if strategy.is_main:

@@ -273,8 +273,11 @@ class ProgressBar(Callback):
         self.start_step = trainer.state.step
         if sys.stderr.isatty():
             self.bar = tqdm(
-                total=trainer.total_steps, initial=trainer.state.step, unit="step",
-                dynamic_ncols=True, leave=True,
+                total=trainer.total_steps,
+                initial=trainer.state.step,
+                unit="step",
+                dynamic_ncols=True,
+                leave=True,
             )
 
     def on_step_end(self, trainer: Trainer) -> None:
@@ -284,18 +287,24 @@ class ProgressBar(Callback):
     def on_log(self, trainer: Trainer, row: dict) -> None:
         if self.bar is None:
             done = row["step"] - self.start_step
-            eta = (time.perf_counter() - self.t0) / max(done, 1) * (trainer.total_steps - row["step"])
+            eta = (
+                (time.perf_counter() - self.t0) / max(done, 1) * (trainer.total_steps - row["step"])
+            )
             if row["kind"] == "train":
-                print(f"step {row['step']}/{trainer.total_steps} loss {row['loss']:.4f} "
-                      f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} "
-                      f"tok/s {row['tokens_per_sec']:,.0f} mfu {row['mfu']:.1%} eta {eta:.0f}s",
-                      flush=True)
+                print(
+                    f"step {row['step']}/{trainer.total_steps} loss {row['loss']:.4f} "
+                    f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} "
+                    f"tok/s {row['tokens_per_sec']:,.0f} mfu {row['mfu']:.1%} eta {eta:.0f}s",
+                    flush=True,
+                )
             else:
                 print(f"step {row['step']}: val_loss {row['val_loss']:.4f}", flush=True)
         elif row["kind"] == "train":
             self.bar.set_postfix(
-                loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_sec']:.0f}",
-                mfu=f"{row['mfu']:.1%}", refresh=False,
+                loss=f"{row['loss']:.3f}",
+                tok_s=f"{row['tokens_per_sec']:.0f}",
+                mfu=f"{row['mfu']:.1%}",
+                refresh=False,
             )
         else:
             self.bar.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}")

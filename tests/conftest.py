@@ -37,8 +37,13 @@ def tiny_data(tmp_path_factory) -> str:
     )
     cfg = load_config(
         PrepareConfig,
-        [f"out={out}", f"sources=[{sources}]", "tokenizer.vocab_size=512", "val_fraction=0.1",
-         "num_proc=1"],
+        [
+            f"out={out}",
+            f"sources=[{sources}]",
+            "tokenizer.vocab_size=512",
+            "val_fraction=0.1",
+            "num_proc=1",
+        ],
     )
     prepare(cfg)
     return out
@@ -48,8 +53,12 @@ def lmforge(*args: str, env: dict | None = None, timeout: float = 600, check: bo
     """Run the real CLI in a fresh process; returns CompletedProcess with text output."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-m", "launcher.cli", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -16,7 +16,8 @@ SCHEMAS = {"model": ModelConfig, "prepare": PrepareConfig, "pretrain": PretrainC
 
 
 @pytest.mark.parametrize(
-    "path", sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)),
+    "path",
+    sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True)),
     ids=lambda p: os.path.relpath(p, REPO),
 )
 def test_every_yaml_loads(path):
@@ -26,8 +27,13 @@ def test_every_yaml_loads(path):
 
 
 def test_section_preset_and_order(tmp_path):
-    args = ["name=x", "data.path=d", "train.max_steps=5",
-            f"model={REPO}/configs/model/small.yaml", "model.n_layer=3"]
+    args = [
+        "name=x",
+        "data.path=d",
+        "train.max_steps=5",
+        f"model={REPO}/configs/model/small.yaml",
+        "model.n_layer=3",
+    ]
     cfg = load_config(PretrainConfig, args)
     assert (cfg.model.d_model, cfg.model.n_layer) == (384, 3)  # preset, then the later override
     cfg = load_config(PretrainConfig, [*args, f"model={REPO}/configs/model/tiny.yaml"])
@@ -74,8 +80,15 @@ def test_missing_data(capsys):
 
 
 def test_bad_batch_and_vocab(capsys, tiny_data, tmp_path):
-    common = ("pretrain", "name=x", f"data.path={tiny_data}", f"runs_dir={tmp_path}",
-              "train.max_steps=1", "train.seq_len=64", "model.max_seq_len=64")
+    common = (
+        "pretrain",
+        "name=x",
+        f"data.path={tiny_data}",
+        f"runs_dir={tmp_path}",
+        "train.max_steps=1",
+        "train.seq_len=64",
+        "model.max_seq_len=64",
+    )
     msg = _error(capsys, *common, "train.micro_batch_size=3", "train.global_batch_tokens=1000")
     assert "train.global_batch_tokens=1000 is not a multiple" in msg and "use e.g." in msg
     msg = _error(capsys, *common, "model.vocab_size=999")

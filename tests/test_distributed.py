@@ -10,10 +10,21 @@ import torch
 from tests.distributed import run_distributed
 
 SMALL = [
-    "model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.max_seq_len=64",
-    "train.seq_len=64", "train.micro_batch_size=4", "train.global_batch_tokens=1024",
-    "train.max_steps=6", "train.log_interval=1", "train.eval_interval=3", "train.eval_samples=12",
-    "train.precision=fp32", "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.interval=0",
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.d_model=64",
+    "model.max_seq_len=64",
+    "train.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_tokens=1024",
+    "train.max_steps=6",
+    "train.log_interval=1",
+    "train.eval_interval=3",
+    "train.eval_samples=12",
+    "train.precision=fp32",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.interval=0",
     "logging.progress=false",
 ]
 
@@ -37,8 +48,9 @@ def _train(rank: int, world: int, data: str, runs: str, name: str, extra: list[s
             self.indices.append(trainer.train_batches.last_indices.tolist())
 
     rec = Record()
-    cfg = load_config(PretrainConfig, [f"data.path={data}", f"runs_dir={runs}", f"name={name}",
-                                       *SMALL, *extra])
+    cfg = load_config(
+        PretrainConfig, [f"data.path={data}", f"runs_dir={runs}", f"name={name}", *SMALL, *extra]
+    )
     result = run_pretrain(cfg, callbacks=[rec])
     trainer = result["trainer"]
     model = trainer.strategy.unwrap(trainer.model)

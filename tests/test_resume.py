@@ -18,19 +18,38 @@ from tests.conftest import lmforge
 
 STEPS = 14
 COMMON = [
-    "model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.max_seq_len=64",
-    "model.dropout=0.1", "train.seq_len=64", "train.micro_batch_size=4",
-    "train.global_batch_tokens=2048", f"train.max_steps={STEPS}", "train.log_interval=1",
-    "train.eval_interval=5", "train.eval_samples=16", "optim.warmup_steps=3", "optim.lr=2e-3",
-    "checkpoint.interval=4", "checkpoint.keep_last=2", "logging.progress=false",
-    "logging.tensorboard=false", "data.shuffle=true",
+    "model.n_layer=2",
+    "model.n_head=4",
+    "model.d_model=64",
+    "model.max_seq_len=64",
+    "model.dropout=0.1",
+    "train.seq_len=64",
+    "train.micro_batch_size=4",
+    "train.global_batch_tokens=2048",
+    f"train.max_steps={STEPS}",
+    "train.log_interval=1",
+    "train.eval_interval=5",
+    "train.eval_samples=16",
+    "optim.warmup_steps=3",
+    "optim.lr=2e-3",
+    "checkpoint.interval=4",
+    "checkpoint.keep_last=2",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "data.shuffle=true",
 ]
 VOLATILE = {"time", "tokens_per_sec", "mfu"}  # wall-clock figures differ between runs
 
 
 def _args(data, runs, name, nproc, precision, *extra):
-    out = [f"data.path={data}", f"runs_dir={runs}", f"name={name}", f"train.precision={precision}",
-           *COMMON, *extra]
+    out = [
+        f"data.path={data}",
+        f"runs_dir={runs}",
+        f"name={name}",
+        f"train.precision={precision}",
+        *COMMON,
+        *extra,
+    ]
     return out + (["--nproc", str(nproc)] if nproc > 1 else [])
 
 
@@ -82,8 +101,12 @@ def test_sigkill_mid_run_resumes_exactly(tiny_data, tmp_path, reference_runs, np
     runs, name = str(tmp_path), "crashy"
     run_dir = os.path.join(runs, name)
     # Killed by SIGKILL right after step 10 (checkpoints every 4 steps: the last good one is 8).
-    killed = lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision),
-                     env={"LMFORGE_FAULT": "step@10"}, check=False)
+    killed = lmforge(
+        "pretrain",
+        *_args(tiny_data, runs, name, nproc, precision),
+        env={"LMFORGE_FAULT": "step@10"},
+        check=False,
+    )
     assert killed.returncode != 0
     assert _latest(run_dir) == "step_00000008"
     assert max(r["step"] for r in _rows(run_dir)) == 9  # rows past the checkpoint exist...
@@ -103,8 +126,12 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_data, tmp_path, refere
     ref = reference_runs(1, "fp32")
     runs, name = str(tmp_path), "torn"
     run_dir = os.path.join(runs, name)
-    killed = lmforge("pretrain", *_args(tiny_data, runs, name, 1, "fp32"),
-                     env={"LMFORGE_FAULT": f"{point}@8"}, check=False)
+    killed = lmforge(
+        "pretrain",
+        *_args(tiny_data, runs, name, 1, "fp32"),
+        env={"LMFORGE_FAULT": f"{point}@8"},
+        check=False,
+    )
     assert killed.returncode != 0
     assert _latest(run_dir) == "step_00000004", "latest must still name the previous checkpoint"
     lmforge("pretrain", *_args(tiny_data, runs, name, 1, "fp32", "resume=auto"))
@@ -126,8 +153,19 @@ def test_corrupt_checkpoint_is_refused(tiny_data, tmp_path, reference_runs):
         byte = f.read(1)
         f.seek(-5, os.SEEK_END)
         f.write(bytes([byte[0] ^ 0xFF]))
-    out = lmforge("pretrain", *_args(tiny_data, str(tmp_path), "copy", 1, "fp32",
-                                     "resume=auto", f"train.max_steps={STEPS + 2}"), check=False)
+    out = lmforge(
+        "pretrain",
+        *_args(
+            tiny_data,
+            str(tmp_path),
+            "copy",
+            1,
+            "fp32",
+            "resume=auto",
+            f"train.max_steps={STEPS + 2}",
+        ),
+        check=False,
+    )
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.safetensors" in lines[0] and "manifest" in lines[0], lines

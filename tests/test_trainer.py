@@ -14,10 +14,19 @@ from pretrain.optim import lr_factor
 from tests.distributed import run_distributed
 
 TINY = [
-    "model.n_layer=1", "model.n_head=2", "model.d_model=32", "model.max_seq_len=32",
-    "train.seq_len=32", "train.micro_batch_size=2", "train.global_batch_tokens=128",
-    "train.log_interval=1", "train.eval_interval=0", "train.eval_samples=4",
-    "train.precision=fp32", "logging.progress=false", "logging.tensorboard=false",
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.max_seq_len=32",
+    "train.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_tokens=128",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "train.eval_samples=4",
+    "train.precision=fp32",
+    "logging.progress=false",
+    "logging.tensorboard=false",
 ]
 
 
@@ -33,8 +42,9 @@ def _plugged(rank, world, data, runs):
 
     def smoothed_loss(model, batch):
         logits = model(batch["input_ids"])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten(),
-                               label_smoothing=0.2)
+        loss = F.cross_entropy(
+            logits.float().flatten(0, 1), batch["labels"].flatten(), label_smoothing=0.2
+        )
         seen["losses"].append(loss.item())
         return loss
 
@@ -51,8 +61,17 @@ def _plugged(rank, world, data, runs):
         def on_train_end(self, trainer):
             seen["ended"] = True
 
-    cfg = load_config(PretrainConfig, [f"data.path={data}", f"runs_dir={runs}", "name=plug",
-                                       "train.max_steps=4", "checkpoint.interval=2", *TINY])
+    cfg = load_config(
+        PretrainConfig,
+        [
+            f"data.path={data}",
+            f"runs_dir={runs}",
+            "name=plug",
+            "train.max_steps=4",
+            "checkpoint.interval=2",
+            *TINY,
+        ],
+    )
     run_pretrain(cfg, callbacks=[Spy()], loss_fn=smoothed_loss)
     return seen
 
@@ -85,8 +104,17 @@ def _nan_at_step_3(rank, world, data, runs):
         loss = causal_lm_loss(model, batch)
         return loss * torch.tensor(float("nan")) if calls["n"] > 4 else loss  # step 3 on
 
-    cfg = load_config(PretrainConfig, [f"data.path={data}", f"runs_dir={runs}", "name=nan",
-                                       "train.max_steps=6", "checkpoint.interval=2", *TINY])
+    cfg = load_config(
+        PretrainConfig,
+        [
+            f"data.path={data}",
+            f"runs_dir={runs}",
+            "name=nan",
+            "train.max_steps=6",
+            "checkpoint.interval=2",
+            *TINY,
+        ],
+    )
     try:
         run_pretrain(cfg, loss_fn=loss_fn)
     except TrainingError as exc:
