@@ -20,70 +20,23 @@ lmforge's own checkpoints whose sums match, and then with ``weights_only=True``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import random
 import re
 import shutil
-import signal
 import time
 
 import numpy as np
 import torch
 
 from pretrain import dist as pdist
+from pretrain.durable import fault_point, fsync_dir, replace_durable, sha256_file, write_durable
 from pretrain.errors import CheckpointError
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-_FAULT = os.environ.get("LMFORGE_FAULT", "")
-
-
-def fault_point(name: str, *, step: int | None = None) -> None:
-    """Crash here with SIGKILL when ``LMFORGE_FAULT`` names this point, as ``name`` or
-    ``name@step`` (crash-safety tests: a real kill of a real process at a known moment)."""
-    if _FAULT and (_FAULT == name or (step is not None and _FAULT == f"{name}@{step}")):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durable(path: str, data: bytes, *, step: int | None = None) -> None:
-    """Write ``data`` to ``path`` and fsync it."""
-    half = len(data) // 2
-    with open(path, "wb") as f:
-        f.write(data[:half])
-        f.flush()
-        fault_point("save:mid-file", step=step)  # a crash here leaves a torn file
-        f.write(data[half:])
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def replace_durable(path: str, data: bytes) -> None:
-    """Atomically replace a small file: temp file, fsync, rename, fsync the directory."""
-    tmp = f"{path}.tmp"
-    write_durable(tmp, data)
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def step_dir_name(step: int) -> str:
@@ -168,12 +121,12 @@ def save_checkpoint(
             "files": files,
         }
         write_file("manifest.json", json.dumps(manifest, indent=1).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         fault_point("save:before-rename", step=step)
         if os.path.exists(final):  # a previous attempt reached this step but not `latest`
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         fault_point("save:before-latest", step=step)
         replace_durable(os.path.join(root, "latest"), (step_dir_name(step) + "\n").encode())
         _prune(root, keep_last=keep_last, protect=step_dir_name(step))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from pretrain.checkpoint import replace_durable
+from pretrain.durable import replace_durable
 
 
 def read_metrics(path: str) -> list[dict]:

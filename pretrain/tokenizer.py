@@ -15,7 +15,6 @@ decodes as a space: the one character that does not round-trip (Llama's tokenize
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import re
@@ -24,21 +23,13 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from pretrain.durable import sha256_file
 from pretrain.errors import DataError
 
 # SentencePiece drops training sentences longer than `max_sentence_length` bytes; long lines are
 # cut into chunks of this many characters (<= 4 bytes each) to stay under the limit below.
 _TRAIN_CHUNK_CHARS = 4096
 _MAX_SENTENCE_BYTES = 4 * _TRAIN_CHUNK_CHARS
-
-
-def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _optional_id(value: int) -> int | None:
@@ -67,7 +58,7 @@ class Tokenizer:
                 f"{self.path} is not a SentencePiece model ({str(exc).splitlines()[0]}); "
                 "point `tokenizer.path` at a .model file written by SentencePiece"
             ) from None
-        self.sha256 = file_sha256(self.path)
+        self.sha256 = sha256_file(self.path)
 
     def __getstate__(self) -> dict:
         return {"path": str(self.path)}

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pretrain import dist as pdist
-from pretrain.checkpoint import fault_point
+from pretrain.durable import fault_point
 from pretrain.errors import TrainingError
 
 Batch = dict[str, torch.Tensor]

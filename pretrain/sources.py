@@ -1,0 +1,323 @@
+"""Corpus sources for `lmforge prepare`: local files, `datasets` names or saved datasets, and
+`pkg://` directories inside installed packages -> one `text` column, one row per document.
+
+Policies (invalid UTF-8, empty files and documents, skipped extensions) are described in
+pretrain/prepare.py and counted in the manifest's `warnings`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import codecs
+import contextlib
+import glob
+import gzip
+import importlib.util
+import lzma
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrain.config import SourceConfig
+from pretrain.errors import DataError
+
+_EXTENSION_FORMATS = {
+    ".txt": "text",
+    ".md": "text",
+    ".text": "text",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+}
+_OPENERS: dict[str, Callable] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_BUILDERS = {"text": "text", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+# Rows per map/write batch are chosen so that one batch holds about this much text.
+_BATCH_BYTES = 8 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# sources -> one `text` column per source
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedSource:
+    index: int
+    name: str
+    weight: float
+    dataset: object  # datasets.Dataset with one column `text`
+    check_fffd: bool  # some file was not valid UTF-8: count documents holding U+FFFD
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def batch_rows(self) -> int:
+        rows = max(1, len(self.dataset))
+        per_row = max(1, self.dataset.data.nbytes // rows)
+        return int(min(1000, max(1, _BATCH_BYTES // per_row)))
+
+
+def resolve_source_path(path: str) -> Path:
+    """A local path; `pkg://PACKAGE/sub/dir` is a directory inside an installed package."""
+    if not path.startswith("pkg://"):
+        return Path(path).expanduser()
+    package, _, sub = path[len("pkg://") :].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise DataError(
+            f"source {path!r}: Python package {package!r} is not installed; "
+            f"`pip install {package}` or change `sources[].path`"
+        )
+    if spec.submodule_search_locations:
+        base = Path(next(iter(spec.submodule_search_locations)))
+    else:
+        base = Path(spec.origin or "").parent
+    return base / sub
+
+
+def _format_of(path: Path) -> tuple[str | None, str | None]:
+    """(format, compression suffix) from the file name; format None if unknown."""
+    name = path.name.lower()
+    compression = next((c for c in _OPENERS if name.endswith(c)), None)
+    if compression:
+        name = name[: -len(compression)]
+    return _EXTENSION_FORMATS.get(os.path.splitext(name)[1]), compression
+
+
+def _walk(directory: Path, skip: Path) -> Iterator[Path]:
+    """Files under `directory`, sorted, without hidden entries, Python package files
+    (`__pycache__`, `__init__.py`: `pkg://` sources point into packages) and `skip`."""
+    for root, dirs, files in os.walk(directory):
+        dirs[:] = sorted(
+            d
+            for d in dirs
+            if not d.startswith(".") and d != "__pycache__" and Path(root, d).resolve() != skip
+        )
+        for name in sorted(files):
+            if not name.startswith(".") and name != "__init__.py":
+                yield Path(root, name)
+
+
+def _list_files(src: SourceConfig, out: Path, warnings: dict) -> list[tuple[Path, str]]:
+    """(file, format) of a `path` source, in corpus order."""
+    name = src.name
+    path = resolve_source_path(src.path or "")
+    chosen = None if src.format == "auto" else src.format
+    found: list[tuple[Path, bool]] = []  # (file, named explicitly by the user)
+    if any(ch in str(path) for ch in "*?["):
+        matches = sorted(glob.glob(str(path), recursive=True))
+        if not matches:
+            raise DataError(f"source {name!r}: the glob matches no files; check `sources[].path`")
+        for match in map(Path, matches):
+            found += [(f, False) for f in _walk(match, out)] if match.is_dir() else [(match, True)]
+    elif path.is_dir():
+        found = [(f, False) for f in _walk(path, out)]
+    elif path.is_file():
+        found = [(path, True)]
+    else:
+        raise DataError(f"source {name!r}: {path} does not exist; fix `sources[].path`")
+    files: list[tuple[Path, str]] = []
+    skipped = 0
+    for file, explicit in found:
+        by_extension, _ = _format_of(file)
+        if explicit:
+            fmt = chosen or by_extension
+            if fmt is None:
+                raise DataError(
+                    f"source {name!r}: cannot tell the format of {file.name} from its extension; "
+                    "set `format` to text, jsonl, csv or parquet"
+                )
+        elif by_extension is None or (chosen and by_extension != chosen):
+            skipped += 1
+            continue
+        else:
+            fmt = by_extension
+        files.append((file, fmt))
+    warnings["files_skipped_by_extension"] += skipped
+    if not files:
+        extensions = "/".join(k for k, v in _EXTENSION_FORMATS.items() if chosen in (None, v))
+        raise DataError(
+            f"source {name!r}: no {extensions} files in {path}; point `sources[].path` at a "
+            "file, or at a glob such as 'dir/**/*.log' with `format` set"
+        )
+    return files
+
+
+def _scan_text_file(path: Path) -> tuple[int, bool]:
+    """(decompressed bytes, whether they are valid UTF-8), reading in 1 MiB chunks."""
+    _, compression = _format_of(path)
+    opener = _OPENERS.get(compression or "", open)
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    size, valid = 0, True
+    with opener(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            size += len(chunk)
+            if valid:
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError:
+                    valid = False
+        if valid:
+            try:
+                decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                valid = False
+    return size, valid
+
+
+def _read_error(name: str, what: str, exc: Exception) -> DataError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return DataError(f"source {name!r}: cannot read {what} ({type(exc).__name__}: {first})")
+
+
+def _load_files(src: SourceConfig, files: list[tuple[Path, str]], cache_dir: Path, warnings):
+    """One Dataset per (format, delimiter) group of `files`, concatenated; plus check_fffd."""
+    import datasets
+
+    groups: dict[tuple[str, str | None], list[str]] = {}
+    check_fffd = False
+    for file, fmt in files:
+        if fmt == "text":
+            size, valid = _scan_text_file(file)
+            if not valid:
+                warnings["files_with_invalid_utf8"] += 1
+                check_fffd = True
+        else:
+            size = file.stat().st_size
+        if size == 0:
+            warnings["empty_files_skipped"] += 1
+            continue
+        delimiter = "\t" if fmt == "csv" and ".tsv" in file.name.lower() else None
+        # data_files are patterns to `datasets`: escape names such as "scene[1].txt"
+        groups.setdefault((fmt, delimiter), []).append(glob.escape(str(file)))
+    if not groups:
+        raise DataError(
+            f"source {src.name!r}: all {len(files)} file(s) are empty; add text or remove the source"
+        )
+    parts = []
+    for (fmt, delimiter), data_files in groups.items():
+        kwargs: dict = {}
+        if fmt == "text":
+            kwargs = {"sample_by": src.text_unit, "encoding_errors": "replace"}
+        elif fmt == "csv":
+            kwargs = {"keep_default_na": False}  # "NA" or "null" is text, not a missing value
+            if delimiter:
+                kwargs["delimiter"] = delimiter
+        try:
+            ds = datasets.load_dataset(
+                _BUILDERS[fmt],
+                data_files=data_files,
+                split="train",
+                cache_dir=str(cache_dir),
+                **kwargs,
+            )
+        except Exception as exc:  # the builders raise many types; the source name is what matters
+            raise _read_error(src.name, f"its {fmt} files", exc) from exc
+        parts.append(_text_column(ds, src, "text" if fmt == "text" else src.text_column))
+    return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), check_fffd
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and (
+        (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    )
+
+
+def _load_saved_or_named(src: SourceConfig, location: str, cache_dir: Path):
+    """A `save_to_disk` directory, a local directory of data files, or a `datasets` name."""
+    import datasets
+
+    local = Path(location).expanduser()
+    try:
+        if _is_saved_dataset(local):
+            ds = datasets.load_from_disk(str(local))
+            if isinstance(ds, datasets.DatasetDict):
+                if src.split not in ds:
+                    raise DataError(
+                        f"source {src.name!r} has no split {src.split!r} (splits: "
+                        f"{', '.join(ds)}); set `sources[].split`"
+                    )
+                ds = ds[src.split]
+        elif local.exists():
+            ds = datasets.load_dataset(
+                str(local), src.dataset_config, split=src.split, cache_dir=str(cache_dir)
+            )
+        else:
+            # A hub name: use the user's HF cache, so a dataset downloaded once works offline.
+            ds = datasets.load_dataset(location, src.dataset_config, split=src.split)
+    except DataError:
+        raise
+    except Exception as exc:
+        raise _read_error(src.name, "the dataset", exc) from exc
+    return _text_column(ds, src, src.text_column)
+
+
+def _text_column(ds, src: SourceConfig, column: str):
+    """`ds` reduced to one string column named `text`."""
+    if column not in ds.column_names:
+        raise DataError(
+            f"source {src.name!r} has no column {column!r} (columns: "
+            f"{', '.join(ds.column_names)}); set `text_column` to the one holding the text"
+        )
+    ds = ds.select_columns([column])
+    if column != "text":
+        ds = ds.rename_column(column, "text")
+    dtype = getattr(ds.features["text"], "dtype", None)
+    if dtype not in ("string", "large_string"):
+        raise DataError(
+            f"source {src.name!r}: column {column!r} holds {ds.features['text']}, not text; "
+            "set `text_column` to a string column"
+        )
+    return ds
+
+
+def _has_text(ds, batch_rows: int) -> bool:
+    for batch in ds.iter(batch_size=batch_rows):
+        if any(t and not t.isspace() for t in batch["text"]):
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide `datasets`' per-file bars while loading ("Downloading data" for local files)."""
+    import datasets
+
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
+def load_source(
+    index: int, src: SourceConfig, out: Path, cache_dir: Path, warnings
+) -> LoadedSource:
+    with _no_progress_bars():
+        return _load_source_quietly(index, src, out, cache_dir, warnings)
+
+
+def _load_source_quietly(index, src: SourceConfig, out: Path, cache_dir: Path, warnings):
+    check_fffd = False
+    if src.path is not None and not _is_saved_dataset(resolve_source_path(src.path)):
+        files = _list_files(src, out, warnings)
+        ds, check_fffd = _load_files(src, files, cache_dir, warnings)
+        stats = {"files": len(files)}
+    else:
+        location = src.dataset if src.dataset is not None else str(resolve_source_path(src.path))
+        ds = _load_saved_or_named(src, location, cache_dir)
+        stats = {}
+    source = LoadedSource(index, src.name, src.weight, ds, check_fffd, stats)
+    if not _has_text(ds, source.batch_rows):
+        raise DataError(
+            f"source {src.name!r} has no non-empty documents ({len(ds)} rows, all empty or "
+            "whitespace); check the path, `text_column` and `text_unit`"
+        )
+    return source
