@@ -18,7 +18,7 @@ Config arguments apply in order, later wins:
   CONFIG.yaml             merge a whole config file
   section=PRESET.yaml     merge a preset into one section, e.g. model=configs/model/tiny.yaml
   dotted.key=value        set one key, e.g. train.max_steps=200 optim.lr=1e-3
-See every key with its default and meaning: lmforge print-config {command} --keys
+See every key with its default and meaning: lmforge print-config --for {command} --keys
 """
 
 

@@ -54,18 +54,32 @@ def _model_cfg(preset: str) -> ModelConfig:
     return load_config(ModelConfig, [path, f"vocab_size={VOCAB}", f"max_seq_len={SEQ_LEN}"])
 
 
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def minimal_loop(cfg: ModelConfig, precision: str, steps: int, warmup: int) -> float:
     """The baseline: a hand-written loop (model, AdamW, autocast, backward, clip, step)."""
+    device = _device()
     torch.manual_seed(0)
-    model = GPT(cfg)
+    model = GPT(cfg).to(device)
     opt = build_optimizer(model, OptimConfig())
     batches = SyntheticBatches(micro_batch=MICRO_BATCH, seq_len=SEQ_LEN, vocab=VOCAB)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+    )
     t0 = 0.0
     for i in range(warmup + steps):
         if i == warmup:
+            _sync()
             t0 = time.perf_counter()
         (batch,) = batches.next_step()
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with amp:
             logits = model(batch["input_ids"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
@@ -74,6 +88,7 @@ def minimal_loop(cfg: ModelConfig, precision: str, steps: int, warmup: int) -> f
         opt.step()
         opt.zero_grad(set_to_none=True)
     loss.item()
+    _sync()
     return steps * MICRO_BATCH * SEQ_LEN / (time.perf_counter() - t0)
 
 
@@ -95,6 +110,7 @@ def lmforge_loop(cfg: ModelConfig, precision: str, steps: int, warmup: int) -> f
     class Clock(Callback):
         def on_step_end(self, trainer) -> None:
             if trainer.state.step == warmup:
+                _sync()
                 self.t0 = time.perf_counter()
 
     clock = Clock()
@@ -114,14 +130,16 @@ def lmforge_loop(cfg: ModelConfig, precision: str, steps: int, warmup: int) -> f
         callbacks=[clock],
     )
     trainer.fit()
+    _sync()
     return steps * MICRO_BATCH * SEQ_LEN / (time.perf_counter() - clock.t0)
 
 
 def run_bench(*, models: list[str], precisions: list[str], steps: int, out: str | None) -> str:
     threads = torch.get_num_threads()
-    device = torch.device("cpu")
+    device = _device()
     lines = [
-        f"lmforge bench: {platform.processor() or platform.machine()}, {threads} threads, "
+        f"lmforge bench: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
+        f"({platform.machine()}), {threads} threads, "
         f"torch {torch.__version__}, seq {SEQ_LEN}, micro-batch {MICRO_BATCH}, vocab {VOCAB}, "
         f"{steps} timed steps after 3 warm-up, {time.strftime('%Y-%m-%d')}",
         "",
