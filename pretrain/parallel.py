@@ -58,6 +58,8 @@ class DDPStrategy:
         from accelerate.utils import InitProcessGroupKwargs
 
         use_cuda = torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
+        # Deterministic cuBLAS (train.deterministic) needs this before the first CUDA call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.precision = resolve_precision(precision, device_type="cuda" if use_cuda else "cpu")
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
         # Accelerate on CPU is silently single-process unless cpu=True (DESIGN.md facts); the

@@ -124,7 +124,8 @@ def check_resume_compatible(*, ckpt: str, cfg_model: dict, tokenizer_sha: str) -
             f"than data.path's ({tokenizer_sha[:12]}…); use the data it was trained on"
         )
     old = OmegaConf.to_container(OmegaConf.load(os.path.join(ckpt, "config.yaml")))["model"]
-    diff = [k for k in cfg_model if old.get(k) != cfg_model[k]]
+    # Shape and numerics must match; dropout and init may change between attempts.
+    diff = [k for k in cfg_model if k not in ("dropout", "init_std") and old.get(k) != cfg_model[k]]
     if diff:
         k = diff[0]
         raise CheckpointError(
@@ -247,12 +248,15 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
         **({"loss_fn": loss_fn} if loss_fn else {}),
     )
     if resume_from is not None:
-        trainer.load_state_dict(
-            load_checkpoint(resume_from, strategy=strategy, model=model, optimizer=optimizer)
-        )
+        state = load_checkpoint(resume_from, strategy=strategy, model=model, optimizer=optimizer)
+        if state["data"]["num_windows"] != len(train_windows):
+            raise CheckpointError(
+                f"{resume_from} was trained on {state['data']['num_windows']} samples of "
+                f"seq_len {tcfg.seq_len}, {cfg.data.path} has {len(train_windows)}: resume with "
+                "the same data.path and train.seq_len"
+            )
+        trainer.load_state_dict(state)
         trainer.last_checkpoint = resume_from
-        if batches.state_dict()["num_windows"] != len(train_windows):
-            raise CheckpointError(f"{resume_from} was trained on other data than {cfg.data.path}")
 
     if strategy.is_main:
         os.makedirs(run_dir, exist_ok=True)

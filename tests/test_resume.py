@@ -169,3 +169,13 @@ def test_corrupt_checkpoint_is_refused(tiny_data, tmp_path, reference_runs):
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.safetensors" in lines[0] and "manifest" in lines[0], lines
+
+
+def test_resume_with_other_data_or_shape_is_refused(tiny_data, tmp_path, reference_runs):
+    ref = reference_runs(1, "fp32")
+    shutil.copytree(ref, str(tmp_path / "copy"))
+    base = _args(tiny_data, str(tmp_path), "copy", 1, "fp32", "resume=auto")
+    out = lmforge("pretrain", *base, "train.seq_len=32", check=False)
+    assert out.returncode == 2 and "same data.path and train.seq_len" in out.stderr
+    out = lmforge("pretrain", *base, "model.d_model=32", check=False)
+    assert out.returncode == 2 and "model.d_model=64" in out.stderr
