@@ -60,8 +60,6 @@ TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "val")
 
 _SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.bin$")
-# Rows per map/write batch are chosen so that one batch holds about this much text.
-_BATCH_BYTES = 8 << 20
 # Tokenizing runs at ~3 MB/s per core and a worker process costs ~1 s to start: below this much
 # text per process, extra processes do not pay.
 _BYTES_PER_PROC = 8 << 20

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from pretrain import prepare as prepare_module  # noqa: E402
+from pretrain import sources as sources_module  # noqa: E402
 from pretrain.config import PrepareConfig, SourceConfig, TokenizerConfig, load_config  # noqa: E402
 from pretrain.durable import sha256_file as file_sha256  # noqa: E402
 from pretrain.errors import ConfigurationError, DataError  # noqa: E402
@@ -374,7 +375,7 @@ def test_deterministic_and_parallel(tmp_path, paragraphs, monkeypatch):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(paragraphs[:600]), encoding="utf-8")
     source = [{"path": str(path), "text_unit": "paragraph", "weight": 1.5}]
-    monkeypatch.setattr(prepare_module, "_BATCH_BYTES", 20_000)  # several batches
+    monkeypatch.setattr(sources_module, "_BATCH_BYTES", 20_000)  # several batches
     one = run(config(tmp_path / "one", source, shard_tokens=4096))
     # Force two worker processes on this small input: the output must not change.
     monkeypatch.setattr(prepare_module, "_BYTES_PER_PROC", 1000)
