@@ -103,9 +103,8 @@ def lmforge_loop(cfg: ModelConfig, precision: str, steps: int, warmup: int) -> f
     strategy = build_strategy(precision=precision)
     torch.manual_seed(0)
     model = GPT(cfg)
-    opt = build_optimizer(model, OptimConfig())
+    model, opt = strategy.prepare(model, lambda m: build_optimizer(m, OptimConfig()))
     sched = build_scheduler(opt, total_steps=warmup + steps, cfg=OptimConfig(warmup_steps=0))
-    model, opt = strategy.prepare(model, opt)
 
     class Clock(Callback):
         def on_step_end(self, trainer) -> None:

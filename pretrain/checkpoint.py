@@ -112,7 +112,7 @@ def save_checkpoint(
                 "sha256": sha256_file(os.path.join(tmp, name)),
                 "bytes": os.path.getsize(os.path.join(tmp, name)),
             }
-            for name in sorted(os.listdir(tmp))
+            for name in _files_under(tmp)
         }
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -132,6 +132,17 @@ def save_checkpoint(
         _prune(root, keep_last=keep_last, protect=step_dir_name(step))
     pdist.barrier()
     return final
+
+
+def _files_under(root: str) -> list[str]:
+    """Every file below ``root`` as a relative path (sharded state lives in subdirectories),
+    fsyncing each subdirectory on the way: the rename of ``root`` must publish them complete."""
+    out = []
+    for dirpath, _, names in os.walk(root):
+        if dirpath != root:
+            fsync_dir(dirpath)
+        out.extend(os.path.relpath(os.path.join(dirpath, n), root) for n in names)
+    return sorted(out)
 
 
 def _prune(root: str, *, keep_last: int, protect: str) -> None:

@@ -360,6 +360,15 @@ class LoggingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """How the model is distributed over the ranks (presets in configs/parallel/)."""
+
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: replicas, gradients all-reduced (Accelerate); fsdp: FSDP2 `fully_shard`, parameters,
+    gradients and optimizer state sharded over all ranks (per transformer block)."""
+
+
+@dataclass
 class PretrainConfig:
     """`lmforge pretrain`: train a GPT-style model on prepared data."""
 
@@ -380,6 +389,8 @@ class PretrainConfig:
     """Training loop."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel strategy."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -101,11 +101,10 @@ class DDPStrategy:
         ]
 
     # --- wrapping and the step ----------------------------------------------------------------
-    def prepare(
-        self, model: nn.Module, optimizer: torch.optim.Optimizer
-    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def prepare(self, model: nn.Module, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``."""
         # Mixed precision: Accelerate wraps forward in autocast and returns fp32 outputs.
-        return self.accelerator.prepare(model, optimizer)
+        return self.accelerator.prepare(model, make_optimizer(model))
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain model under DDP / torch.compile wrappers. (Accelerate's unwrap_model would
@@ -124,45 +123,178 @@ class DDPStrategy:
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Clip (unscaling fp16 grads first) and return the global norm before clipping."""
+    def step(self, model: nn.Module, optimizer, scheduler, *, grad_clip: float) -> torch.Tensor:
+        """Clip (unscaling fp16 grads first), step optimizer and schedule, zero the grads;
+        return the global gradient norm before clipping."""
         norm = self.accelerator.clip_grad_norm_(
-            model.parameters(), max_norm if max_norm > 0 else float("inf")
+            model.parameters(), grad_clip if grad_clip > 0 else float("inf")
         )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
         return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(norm)
 
     # --- state for checkpoints ----------------------------------------------------------------
     def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
-        """Write model weights (safetensors) and optimizer state. ``write_file(name, bytes)``
-        writes one file of the checkpoint durably; only rank 0 writes (DDP replicas agree)."""
-        from safetensors.torch import save
-
-        if not self.is_main:
-            return
-        state = _dedup_tied(self.unwrap(model).state_dict())
-        write_file("model.safetensors", save(state, metadata={"format": "pt"}))
-        extra = {"optimizer": optimizer.state_dict()}
-        if self.accelerator.scaler is not None:
-            extra["grad_scaler"] = self.accelerator.scaler.state_dict()
-        buf = io.BytesIO()
-        torch.save(extra, buf)
-        write_file("optimizer.pt", buf.getvalue())
+        save_dcp_state(
+            self,
+            directory,
+            model=model,
+            optimizer=optimizer,
+            write_file=write_file,
+            extra=self._extra_state(),
+        )
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
-        load_model_weights(self.unwrap(model), os.path.join(directory, "model.safetensors"))
-        # lmforge's own file, checked against the checkpoint manifest before this call.
-        extra = torch.load(
-            os.path.join(directory, "optimizer.pt"), map_location="cpu", weights_only=True
-        )
-        optimizer.load_state_dict(extra["optimizer"])
+        extra = load_dcp_state(self, directory, model=model, optimizer=optimizer)
         if self.accelerator.scaler is not None and "grad_scaler" in extra:
             self.accelerator.scaler.load_state_dict(extra["grad_scaler"])
 
+    def _extra_state(self) -> dict:
+        scaler = self.accelerator.scaler
+        return {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+
     def close(self) -> None:
-        """Leave the process group cleanly (a barrier first avoids gloo's exit-time abort)."""
-        if dist.is_available() and dist.is_initialized():
-            pdist.barrier()
-            dist.destroy_process_group()
+        close_process_group()
+
+
+class FSDPStrategy:
+    """FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over all ranks.
+
+    Each transformer block is a unit (gathered for its forward/backward, resharded after), then
+    the root (embeddings, final norm, head). Mixed precision keeps fp32 master weights and
+    reduces gradients in fp32; compute runs in bf16/fp16.
+    """
+
+    name = "fsdp"
+
+    def __init__(self, *, precision: str) -> None:
+        use_cuda = torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.precision = resolve_precision(precision, device_type="cuda" if use_cuda else "cpu")
+        if not dist.is_initialized():
+            # fully_shard needs a process group even for one process.
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                from launcher.local import free_port
+
+                os.environ["MASTER_PORT"] = str(free_port())
+            dist.init_process_group(
+                backend="nccl" if use_cuda else "gloo",
+                rank=int(os.environ.get("RANK", "0")),
+                world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                timeout=timedelta(minutes=30),
+            )
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        from torch.distributed.device_mesh import init_device_mesh
+
+        self.mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
+
+    rank = property(lambda self: dist.get_rank())
+    world_size = property(lambda self: dist.get_world_size())
+    is_main = property(lambda self: dist.get_rank() == 0)
+    compute_dtype = DDPStrategy.compute_dtype
+
+    def prepare(self, model: nn.Module, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model.to(self.device)
+        policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
+        for block in model.layers:
+            fully_shard(block, mesh=self.mesh, mp_policy=policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=policy)
+        # The optimizer must see the sharded (DTensor) parameters that fully_shard installed.
+        return model, make_optimizer(model)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "_orig_mod", model)  # fully_shard works in place
+
+    @contextlib.contextmanager
+    def no_sync(self, model: nn.Module, *, sync: bool):
+        """Accumulate unsharded gradients locally; reduce-scatter on the last micro-batch."""
+        self.unwrap(model).set_requires_gradient_sync(sync)
+        yield
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, model: nn.Module, optimizer, scheduler, *, grad_clip: float) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), grad_clip if grad_clip > 0 else float("inf")
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm.detach()
+
+    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
+        save_dcp_state(
+            self, directory, model=model, optimizer=optimizer, write_file=write_file, extra={}
+        )
+
+    def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
+        load_dcp_state(self, directory, model=model, optimizer=optimizer)
+
+    def close(self) -> None:
+        close_process_group()
+
+
+# --- state shared by every strategy -------------------------------------------------------------
+# Model and optimizer go through torch.distributed.checkpoint (DCP) with FQN-keyed state dicts:
+# the same files whatever the strategy, and DCP reshards on load, so a checkpoint written by
+# FSDP on 2 ranks resumes under DDP on 1 and the other way round. A consolidated
+# `model.safetensors` (full weights, rank 0) is written beside it for export and inspection.
+
+
+def save_dcp_state(strategy, directory: str, *, model, optimizer, write_file, extra: dict) -> None:
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+    )
+
+    plain = strategy.unwrap(model)
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's AcceleratedOptimizer
+    model_sd, optim_sd = get_state_dict(plain, inner)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, "dcp"))
+    full = get_model_state_dict(
+        plain, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if strategy.is_main:
+        write_file("model.safetensors", save(_dedup_tied(full), metadata={"format": "pt"}))
+        buf = io.BytesIO()
+        torch.save(extra, buf)
+        write_file("extra.pt", buf.getvalue())
+
+
+def load_dcp_state(strategy, directory: str, *, model, optimizer) -> dict:
+    """Load (and reshard) model and optimizer state; return the strategy's extra state.
+    Called only after the checkpoint's manifest checked out (DCP metadata is pickled)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    plain = strategy.unwrap(model)
+    inner = getattr(optimizer, "optimizer", optimizer)
+    model_sd, optim_sd = get_state_dict(plain, inner)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"))
+    set_state_dict(plain, inner, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return torch.load(os.path.join(directory, "extra.pt"), map_location="cpu", weights_only=True)
+
+
+def close_process_group() -> None:
+    """Leave the process group cleanly (a barrier first avoids gloo's exit-time abort)."""
+    if dist.is_available() and dist.is_initialized():
+        pdist.barrier()
+        dist.destroy_process_group()
 
 
 def _dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,31 +310,9 @@ def _dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_model_weights(model: nn.Module, path: str) -> None:
-    """Load a safetensors file into ``model``; tied weights may appear under one name only."""
-    from safetensors.torch import load_file
-
-    state = load_file(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {n for n in missing if _is_tied(model, n)}
-    missing = [n for n in missing if n not in tied]
-    if missing or unexpected:
-        from pretrain.errors import CheckpointError
-
-        raise CheckpointError(
-            f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}; "
-            "is model.* the same as in the run that wrote it?"
-        )
+STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy}
 
 
-def _is_tied(model: nn.Module, name: str) -> bool:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    if name not in params:
-        return False
-    ptr = params[name].data_ptr()
-    return any(p.data_ptr() == ptr for n, p in params.items() if n != name)
-
-
-def build_strategy(*, precision: str) -> DDPStrategy:
-    """The strategy for a run's config (more strategies join through the `parallel` section)."""
-    return DDPStrategy(precision=precision)
+def build_strategy(*, precision: str, strategy: str = "ddp"):
+    """The strategy named by the run's `parallel.strategy`."""
+    return STRATEGIES[strategy](precision=precision)

@@ -141,7 +141,7 @@ def run_pretrain(cfg: PretrainConfig, *, callbacks: list | None = None, loss_fn=
     """Train per ``cfg`` (every rank runs this); return the final metrics rows.
 
     ``callbacks`` and ``loss_fn`` plug into the trainer (see pretrain/trainer.py)."""
-    strategy = build_strategy(precision=cfg.train.precision)
+    strategy = build_strategy(precision=cfg.train.precision, strategy=cfg.parallel.strategy)
     result = _pretrain(cfg, strategy, callbacks=callbacks or [], loss_fn=loss_fn)
     # Only on success: after an error on one rank a barrier could wait forever.
     strategy.close()
@@ -183,11 +183,10 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
         torch.use_deterministic_algorithms(True, warn_only=True)
     counts = param_counts(cfg.model)
     fpt = flops_per_token(cfg.model, tcfg.seq_len)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, total_steps=total_steps, cfg=cfg.optim)
     if tcfg.compile:
         model = torch.compile(model)
-    model, optimizer = strategy.prepare(model, optimizer)
+    model, optimizer = strategy.prepare(model, lambda m: build_optimizer(m, cfg.optim))
+    scheduler = build_scheduler(optimizer, total_steps=total_steps, cfg=cfg.optim)
     # Different dropout streams per rank (weights were drawn from the common seed above).
     seed_everything(cfg.seed + 1000003 * rank + 1)
 

@@ -149,10 +149,9 @@ class Trainer:
                     loss = self.loss_fn(self.model, batch)
                     self.strategy.backward(loss / n_micro)
                 loss_acc += loss.detach() / n_micro
-            norm_acc += self.strategy.clip_grad_norm(self.model, self.grad_clip)
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            norm_acc += self.strategy.step(
+                self.model, self.optimizer, self.scheduler, grad_clip=self.grad_clip
+            )
             steps_acc += 1
             self.state.step += 1
             self.state.tokens += self.tokens_per_step

@@ -8,11 +8,16 @@ import os
 import pytest
 
 from launcher.cli import main
-from pretrain.config import ModelConfig, PrepareConfig, PretrainConfig, load_config
+from pretrain.config import ModelConfig, ParallelConfig, PrepareConfig, PretrainConfig, load_config
 from pretrain.errors import ConfigurationError
 from tests.conftest import REPO
 
-SCHEMAS = {"model": ModelConfig, "prepare": PrepareConfig, "pretrain": PretrainConfig}
+SCHEMAS = {
+    "model": ModelConfig,
+    "prepare": PrepareConfig,
+    "pretrain": PretrainConfig,
+    "parallel": ParallelConfig,
+}
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
+from safetensors.torch import load_file
 
 from tests.distributed import run_distributed
 
@@ -54,10 +56,14 @@ def _train(rank: int, world: int, data: str, runs: str, name: str, extra: list[s
     result = run_pretrain(cfg, callbacks=[rec])
     trainer = result["trainer"]
     model = trainer.strategy.unwrap(trainer.model)
+    state = model.state_dict()
+    local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in state.items()}
     return {
         "world": rec.world,
         "indices": rec.indices,
-        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "params": {k: v.detach().clone() for k, v in local.items()},
+        "local_shapes": {k: list(v.shape) for k, v in local.items()},
+        "full_shapes": {k: list(v.shape) for k, v in state.items()},
         "grad_accum": len(trainer.train_batches.next_step()),
     }
 
@@ -68,9 +74,21 @@ def _losses(path: str, kind: str, key: str) -> list[float]:
     return [r[key] for r in rows if r["kind"] == kind]
 
 
-def test_two_processes_match_one(tiny_data, tmp_path):
-    runs = str(tmp_path)
+@pytest.fixture(scope="module")
+def one_process(tiny_data, tmp_path_factory):
+    runs = str(tmp_path_factory.mktemp("one"))
     (one,) = run_distributed(_train, tiny_data, runs, "one", [], world_size=1)
+    return one, os.path.join(runs, "one")
+
+
+def _final_weights(run_dir: str) -> dict:
+    path = os.path.join(run_dir, "checkpoints", "step_00000006", "model.safetensors")
+    return load_file(path)
+
+
+def test_two_processes_match_one(tiny_data, tmp_path, one_process):
+    one, one_dir = one_process
+    runs = str(tmp_path)
     two = run_distributed(_train, tiny_data, runs, "two", [], world_size=2)
 
     assert one["world"] == 1 and [r["world"] for r in two] == [2, 2]
@@ -86,11 +104,32 @@ def test_two_processes_match_one(tiny_data, tmp_path):
     for k, v in two[0]["params"].items():
         assert torch.equal(v, two[1]["params"][k]), f"{k} differs across ranks"
         torch.testing.assert_close(v, one["params"][k], rtol=1e-5, atol=1e-6)
+    _assert_same_curve(os.path.join(runs, "two"), one_dir)
 
-    m1, m2 = (os.path.join(runs, n, "metrics.jsonl") for n in ("one", "two"))
+
+def _assert_same_curve(run_dir: str, ref_dir: str, *, rtol: float = 1e-5) -> None:
+    m1, m2 = (os.path.join(d, "metrics.jsonl") for d in (ref_dir, run_dir))
     l1, l2 = _losses(m1, "train", "loss"), _losses(m2, "train", "loss")
     assert len(l1) == len(l2) == 6
-    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=rtol, atol=1e-6)
     v1, v2 = _losses(m1, "eval", "val_loss"), _losses(m2, "eval", "val_loss")
-    torch.testing.assert_close(torch.tensor(v2), torch.tensor(v1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(v2), torch.tensor(v1), rtol=rtol, atol=1e-6)
     assert l1[-1] < l1[0]  # it learns
+    # The consolidated weights of the final checkpoints agree.
+    a, b = _final_weights(run_dir), _final_weights(ref_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-6)
+
+
+def test_fsdp_two_processes_match_one(tiny_data, tmp_path, one_process):
+    """FSDP2 on 2 ranks: sharded parameters, same losses and (gathered) weights as 1 process."""
+    _, one_dir = one_process
+    runs = str(tmp_path)
+    two = run_distributed(_train, tiny_data, runs, "fsdp", ["parallel.strategy=fsdp"], world_size=2)
+    assert [r["world"] for r in two] == [2, 2]
+    # Each rank holds half of every sharded parameter (dim 0 split over 2 ranks).
+    for name, local in two[0]["local_shapes"].items():
+        full = two[0]["full_shapes"][name]
+        assert local[0] == -(-full[0] // 2), f"{name}: local {local} of {full}"
+    _assert_same_curve(os.path.join(runs, "fsdp"), one_dir)

@@ -12,6 +12,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import lmforge
@@ -83,14 +84,15 @@ def assert_same_run(run_dir: str, ref_dir: str) -> None:
 def reference_runs(tiny_data, tmp_path_factory):
     """Uninterrupted runs, made once per (processes, precision) and shared by the tests below."""
     runs = str(tmp_path_factory.mktemp("ref"))
-    made: dict[tuple[int, str], str] = {}
+    made: dict[tuple, str] = {}
 
-    def get(nproc: int, precision: str) -> str:
-        if (nproc, precision) not in made:
-            name = f"ref-{nproc}-{precision}"
-            lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision))
-            made[(nproc, precision)] = os.path.join(runs, name)
-        return made[(nproc, precision)]
+    def get(nproc: int, precision: str, *extra: str) -> str:
+        key = (nproc, precision, *extra)
+        if key not in made:
+            name = f"ref-{len(made)}"
+            lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, *extra))
+            made[key] = os.path.join(runs, name)
+        return made[key]
 
     return get
 
@@ -123,7 +125,7 @@ def test_sigkill_mid_run_resumes_exactly(tiny_data, tmp_path, reference_runs, np
 
 @pytest.mark.parametrize("point", ["save:mid-file", "save:before-rename", "save:before-latest"])
 def test_crash_during_save_keeps_previous_checkpoint(tiny_data, tmp_path, reference_runs, point):
-    ref = reference_runs(1, "fp32")
+    ref = reference_runs(1, "fp32", "parallel.strategy=ddp")
     runs, name = str(tmp_path), "torn"
     run_dir = os.path.join(runs, name)
     killed = lmforge(
@@ -144,7 +146,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_data, tmp_path, refere
 
 
 def test_corrupt_checkpoint_is_refused(tiny_data, tmp_path, reference_runs):
-    ref = reference_runs(1, "fp32")
+    ref = reference_runs(1, "fp32", "parallel.strategy=ddp")
     run_dir = str(tmp_path / "copy")
     shutil.copytree(ref, run_dir)
     weights = os.path.join(run_dir, "checkpoints", _latest(run_dir), "model.safetensors")
@@ -172,10 +174,51 @@ def test_corrupt_checkpoint_is_refused(tiny_data, tmp_path, reference_runs):
 
 
 def test_resume_with_other_data_or_shape_is_refused(tiny_data, tmp_path, reference_runs):
-    ref = reference_runs(1, "fp32")
+    ref = reference_runs(1, "fp32", "parallel.strategy=ddp")
     shutil.copytree(ref, str(tmp_path / "copy"))
     base = _args(tiny_data, str(tmp_path), "copy", 1, "fp32", "resume=auto")
     out = lmforge("pretrain", *base, "train.seq_len=32", check=False)
     assert out.returncode == 2 and "same data.path and train.seq_len" in out.stderr
     out = lmforge("pretrain", *base, "model.d_model=32", check=False)
     assert out.returncode == 2 and "model.d_model=64" in out.stderr
+
+
+@pytest.mark.parametrize(
+    "before,after",
+    [
+        ((2, "parallel.strategy=fsdp"), (1, "parallel.strategy=ddp")),
+        ((1, "parallel.strategy=ddp"), (2, "parallel.strategy=fsdp")),
+    ],
+    ids=["fsdp2-to-ddp1", "ddp1-to-fsdp2"],
+)
+def test_resume_across_strategy_and_world_size(tiny_data, tmp_path, reference_runs, before, after):
+    """Weights and optimizer state are resharded on load (DCP); the data order only depends on
+    the global batch, so the continuation sees the same samples. Dropout is off: RNG streams
+    are per rank and cannot be carried to another world size."""
+    ref = reference_runs(before[0], "fp32", before[1], "model.dropout=0.0")
+    runs, name = str(tmp_path), "moved"
+    lmforge(
+        "pretrain",
+        *_args(tiny_data, runs, name, before[0], "fp32", before[1], "model.dropout=0.0"),
+        env={"LMFORGE_FAULT": "step@10"},
+        check=False,
+    )
+    out = lmforge(
+        "pretrain",
+        *_args(
+            tiny_data, runs, name, after[0], "fp32", after[1], "model.dropout=0.0", "resume=auto"
+        ),
+    )
+    assert "RNG streams" in out.stdout  # the world size changed: said, not hidden
+    got = [r for r in _rows(os.path.join(runs, name)) if r["kind"] == "train"]
+    want = [r for r in _rows(ref) if r["kind"] == "train"]
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in got]),
+        torch.tensor([r["loss"] for r in want]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    a, b = _final_weights(os.path.join(runs, name)), _final_weights(ref)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
