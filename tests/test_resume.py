@@ -97,15 +97,28 @@ def reference_runs(tiny_data, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("nproc,precision", [(1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16")])
-def test_sigkill_mid_run_resumes_exactly(tiny_data, tmp_path, reference_runs, nproc, precision):
-    ref = reference_runs(nproc, precision)
+@pytest.mark.parametrize(
+    "nproc,precision,strategy",
+    [
+        (1, "fp32", "ddp"),
+        (1, "bf16", "ddp"),
+        (2, "fp32", "ddp"),
+        (2, "bf16", "ddp"),
+        (2, "fp32", "fsdp"),
+        (2, "bf16", "fsdp"),
+    ],
+)
+def test_sigkill_mid_run_resumes_exactly(
+    tiny_data, tmp_path, reference_runs, nproc, precision, strategy
+):
+    par = f"parallel.strategy={strategy}"
+    ref = reference_runs(nproc, precision, par)
     runs, name = str(tmp_path), "crashy"
     run_dir = os.path.join(runs, name)
     # Killed by SIGKILL right after step 10 (checkpoints every 4 steps: the last good one is 8).
     killed = lmforge(
         "pretrain",
-        *_args(tiny_data, runs, name, nproc, precision),
+        *_args(tiny_data, runs, name, nproc, precision, par),
         env={"LMFORGE_FAULT": "step@10"},
         check=False,
     )
@@ -113,9 +126,9 @@ def test_sigkill_mid_run_resumes_exactly(tiny_data, tmp_path, reference_runs, np
     assert _latest(run_dir) == "step_00000008"
     assert max(r["step"] for r in _rows(run_dir)) == 9  # rows past the checkpoint exist...
     # Starting the same run again without resume is refused with what to do.
-    again = lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision), check=False)
+    again = lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, par), check=False)
     assert again.returncode == 2 and "resume=auto" in again.stderr
-    lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, "resume=auto"))
+    lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, par, "resume=auto"))
     assert_same_run(run_dir, ref)  # ...and are not counted twice after the resume
     with open(os.path.join(run_dir, "provenance.jsonl")) as f:
         attempts = [json.loads(line) for line in f]
