@@ -366,6 +366,9 @@ class ParallelConfig:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """ddp: replicas, gradients all-reduced (Accelerate); fsdp: FSDP2 `fully_shard`, parameters,
     gradients and optimizer state sharded over all ranks (per transformer block)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in the backward pass instead of keeping
+    them: less memory for about one more forward's compute."""
 
 
 @dataclass

@@ -47,12 +47,28 @@ def resolve_precision(precision: str, *, device_type: str) -> str:
     return precision
 
 
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Make every transformer block recompute its activations in backward (non-reentrant
+    torch.utils.checkpoint; RNG state is replayed, so dropout masks match). The block's forward
+    is wrapped in place: parameter names, and so checkpoints, do not change."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
 class DDPStrategy:
     """Data parallel through Accelerate: one process, or N processes that all-reduce gradients."""
 
     name = "ddp"
 
-    def __init__(self, *, precision: str) -> None:
+    def __init__(self, *, precision: str, activation_checkpointing: bool = False) -> None:
+        self.activation_checkpointing = activation_checkpointing
         # Imported here so `lmforge --help` stays fast.
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
@@ -103,6 +119,8 @@ class DDPStrategy:
     # --- wrapping and the step ----------------------------------------------------------------
     def prepare(self, model: nn.Module, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``."""
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(model)
         # Mixed precision: Accelerate wraps forward in autocast and returns fp32 outputs.
         return self.accelerator.prepare(model, make_optimizer(model))
 
@@ -168,7 +186,8 @@ class FSDPStrategy:
 
     name = "fsdp"
 
-    def __init__(self, *, precision: str) -> None:
+    def __init__(self, *, precision: str, activation_checkpointing: bool = False) -> None:
+        self.activation_checkpointing = activation_checkpointing
         use_cuda = torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.precision = resolve_precision(precision, device_type="cuda" if use_cuda else "cpu")
@@ -204,6 +223,8 @@ class FSDPStrategy:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(self.device)
+        if self.activation_checkpointing:  # before sharding, as torchtitan orders them
+            apply_activation_checkpointing(model)
         policy = MixedPrecisionPolicy(param_dtype=self.compute_dtype, reduce_dtype=torch.float32)
         for block in model.layers:
             fully_shard(block, mesh=self.mesh, mp_policy=policy)
@@ -313,6 +334,11 @@ def _dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy}
 
 
-def build_strategy(*, precision: str, strategy: str = "ddp"):
-    """The strategy named by the run's `parallel.strategy`."""
-    return STRATEGIES[strategy](precision=precision)
+def build_strategy(*, precision: str, parallel=None):
+    """The strategy of a run's `parallel` section (default: DDP)."""
+    from pretrain.config import ParallelConfig
+
+    parallel = parallel or ParallelConfig()
+    return STRATEGIES[parallel.strategy](
+        precision=precision, activation_checkpointing=parallel.activation_checkpointing
+    )

@@ -141,7 +141,7 @@ def run_pretrain(cfg: PretrainConfig, *, callbacks: list | None = None, loss_fn=
     """Train per ``cfg`` (every rank runs this); return the final metrics rows.
 
     ``callbacks`` and ``loss_fn`` plug into the trainer (see pretrain/trainer.py)."""
-    strategy = build_strategy(precision=cfg.train.precision, strategy=cfg.parallel.strategy)
+    strategy = build_strategy(precision=cfg.train.precision, parallel=cfg.parallel)
     result = _pretrain(cfg, strategy, callbacks=callbacks or [], loss_fn=loss_fn)
     # Only on success: after an error on one rank a barrier could wait forever.
     strategy.close()

@@ -45,9 +45,14 @@ def _train(rank: int, world: int, data: str, runs: str, name: str, extra: list[s
 
         def on_train_start(self, trainer) -> None:
             self.world = dist.get_world_size() if dist.is_initialized() else 1
+            self.calls = 0
+            attention = trainer.strategy.unwrap(trainer.model).layers[0].attention
+            attention.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
 
         def on_step_end(self, trainer) -> None:
             self.indices.append(trainer.train_batches.last_indices.tolist())
+            if trainer.state.step == 1:
+                self.first_step_calls = self.calls
 
     rec = Record()
     cfg = load_config(
@@ -57,12 +62,21 @@ def _train(rank: int, world: int, data: str, runs: str, name: str, extra: list[s
     trainer = result["trainer"]
     model = trainer.strategy.unwrap(trainer.model)
     state = model.state_dict()
+    opt_state = trainer.optimizer.state_dict()["state"].values()
+    opt_tensors = [t for st in opt_state for t in st.values() if torch.is_tensor(t) and t.dim()]
     local = {k: v.to_local() if hasattr(v, "to_local") else v for k, v in state.items()}
     return {
         "world": rec.world,
+        "attention_calls_step1": rec.first_step_calls,
         "indices": rec.indices,
         "params": {k: v.detach().clone() for k, v in local.items()},
         "local_shapes": {k: list(v.shape) for k, v in local.items()},
+        # Bytes this rank holds of weights and optimizer state (gradients match the weights').
+        "state_bytes": sum(v.numel() * v.element_size() for v in local.values())
+        + sum(
+            (t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size()
+            for t in opt_tensors
+        ),
         "full_shapes": {k: list(v.shape) for k, v in state.items()},
         "grad_accum": len(trainer.train_batches.next_step()),
     }
@@ -124,12 +138,30 @@ def _assert_same_curve(run_dir: str, ref_dir: str, *, rtol: float = 1e-5) -> Non
 
 def test_fsdp_two_processes_match_one(tiny_data, tmp_path, one_process):
     """FSDP2 on 2 ranks: sharded parameters, same losses and (gathered) weights as 1 process."""
-    _, one_dir = one_process
+    one, one_dir = one_process
     runs = str(tmp_path)
     two = run_distributed(_train, tiny_data, runs, "fsdp", ["parallel.strategy=fsdp"], world_size=2)
     assert [r["world"] for r in two] == [2, 2]
+    # Each rank holds half of the weights and optimizer state that a DDP replica holds.
+    ratio = two[0]["state_bytes"] / one["state_bytes"]
+    print(f"FSDP per-rank / DDP replica bytes of weights + optimizer state: {ratio:.3f}")
+    assert 0.45 < ratio < 0.55
     # Each rank holds half of every sharded parameter (dim 0 split over 2 ranks).
     for name, local in two[0]["local_shapes"].items():
         full = two[0]["full_shapes"][name]
         assert local[0] == -(-full[0] // 2), f"{name}: local {local} of {full}"
     _assert_same_curve(os.path.join(runs, "fsdp"), one_dir)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_activation_checkpointing_changes_nothing_but_memory(
+    tiny_data, tmp_path, one_process, strategy
+):
+    """Recomputing block activations in backward gives the same training run (1 process)."""
+    _, one_dir = one_process
+    extra = [f"parallel.strategy={strategy}", "parallel.activation_checkpointing=true"]
+    (ac,) = run_distributed(_train, tiny_data, str(tmp_path), "ac", extra, world_size=1)
+    one, _ = one_process
+    # 4 micro-batches: the attention runs 4 times without checkpointing, 8 with (recomputed).
+    assert one["attention_calls_step1"] == 4 and ac["attention_calls_step1"] == 8
+    _assert_same_curve(os.path.join(tmp_path, "ac"), one_dir)
