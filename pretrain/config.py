@@ -363,12 +363,57 @@ class LoggingConfig:
 class ParallelConfig:
     """How the model is distributed over the ranks (presets in configs/parallel/)."""
 
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
     """ddp: replicas, gradients all-reduced (Accelerate); fsdp: FSDP2 `fully_shard`, parameters,
-    gradients and optimizer state sharded over all ranks (per transformer block)."""
+    gradients and optimizer state sharded over all ranks (per transformer block); deepspeed:
+    a DeepSpeed engine with ZeRO stage `zero_stage`."""
+    zero_stage: int | None = None
+    """deepspeed only: ZeRO stage 0 (DDP-like), 1 (optimizer state sharded), 2 (+ gradients),
+    3 (+ parameters); null = 2."""
+    offload_optimizer: bool = False
+    """deepspeed only (ZeRO >= 1): keep optimizer state (and its step) in CPU memory."""
+    offload_params: bool = False
+    """deepspeed only (ZeRO 3): keep parameters in CPU memory between uses."""
+    deepspeed_config: str | None = None
+    """deepspeed only: a DeepSpeed JSON to start from; lmforge sets its batch sizes, precision
+    and gradient clipping from this config so that they never disagree."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them: less memory for about one more forward's compute."""
+
+    def __post_init__(self) -> None:
+        ds_only = {
+            "zero_stage": self.zero_stage is not None,
+            "offload_optimizer": self.offload_optimizer,
+            "offload_params": self.offload_params,
+            "deepspeed_config": self.deepspeed_config is not None,
+        }
+        if self.strategy != "deepspeed":
+            for key, used in ds_only.items():
+                if used:
+                    raise ConfigurationError(
+                        f"`parallel.{key}` needs `parallel.strategy=deepspeed` (got "
+                        f"strategy={self.strategy})"
+                    )
+            return
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigurationError(f"`parallel.zero_stage` must be 0-3, got {self.zero_stage}")
+        if self.offload_optimizer and self.stage == 0:
+            raise ConfigurationError(
+                "`parallel.offload_optimizer` needs ZeRO stage >= 1; set parallel.zero_stage"
+            )
+        if self.offload_params and self.stage != 3:
+            raise ConfigurationError(
+                f"`parallel.offload_params` needs parallel.zero_stage=3 (got {self.stage})"
+            )
+        if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
+            raise ConfigurationError(
+                f"`parallel.deepspeed_config`: no such file {self.deepspeed_config}"
+            )
+
+    @property
+    def stage(self) -> int:
+        return 2 if self.zero_stage is None else self.zero_stage
 
 
 @dataclass

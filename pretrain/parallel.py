@@ -117,8 +117,11 @@ class DDPStrategy:
         ]
 
     # --- wrapping and the step ----------------------------------------------------------------
-    def prepare(self, model: nn.Module, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``."""
+    def prepare(
+        self, model: nn.Module, make_optimizer, **batch
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``. ``batch``
+        (micro_batch_size, grad_accum, grad_clip) matters only to DeepSpeed engines."""
         if self.activation_checkpointing:
             apply_activation_checkpointing(model)
         # Mixed precision: Accelerate wraps forward in autocast and returns fp32 outputs.
@@ -219,7 +222,9 @@ class FSDPStrategy:
     is_main = property(lambda self: dist.get_rank() == 0)
     compute_dtype = DDPStrategy.compute_dtype
 
-    def prepare(self, model: nn.Module, make_optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
+    def prepare(
+        self, model: nn.Module, make_optimizer, **batch
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(self.device)
@@ -261,6 +266,138 @@ class FSDPStrategy:
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
         load_dcp_state(self, directory, model=model, optimizer=optimizer)
+
+    def close(self) -> None:
+        close_process_group()
+
+
+class DeepSpeedStrategy:
+    """A DeepSpeed engine with ZeRO stage 0-3 and optional CPU offload (deepspeed is imported
+    only here). The engine owns gradient accumulation, clipping and the optimizer step; lmforge's
+    scheduler drives the learning rate of the client optimizer's parameter groups."""
+
+    name = "deepspeed"
+
+    def __init__(self, *, precision: str, activation_checkpointing: bool = False, parallel) -> None:
+        import deepspeed
+
+        self.activation_checkpointing = activation_checkpointing
+        self.parallel = parallel
+        use_cuda = torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
+        self.precision = resolve_precision(precision, device_type="cuda" if use_cuda else "cpu")
+        for key, default in (
+            ("RANK", "0"),
+            ("LOCAL_RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+        ):
+            os.environ.setdefault(key, default)
+        if "MASTER_PORT" not in os.environ:
+            from launcher.local import free_port
+
+            os.environ["MASTER_PORT"] = str(free_port())
+        # On CPU DeepSpeed picks its CPU accelerator and falls back to gloo without oneCCL.
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        if use_cuda:
+            local = int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        self.engine = None
+
+    rank = FSDPStrategy.rank
+    world_size = FSDPStrategy.world_size
+    is_main = FSDPStrategy.is_main
+    compute_dtype = DDPStrategy.compute_dtype
+
+    def ds_config(self, *, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
+        """The user's DeepSpeed JSON (if any) with lmforge's batch, precision and clipping."""
+        import json
+
+        config: dict = {}
+        if self.parallel.deepspeed_config:
+            with open(self.parallel.deepspeed_config) as f:
+                config = json.load(f)
+        zero = dict(config.get("zero_optimization", {}), stage=self.parallel.stage)
+        if self.parallel.offload_optimizer:
+            zero["offload_optimizer"] = {"device": "cpu"}
+        if self.parallel.offload_params:
+            zero["offload_param"] = {"device": "cpu"}
+        config.update(
+            train_micro_batch_size_per_gpu=micro_batch_size,
+            gradient_accumulation_steps=grad_accum,
+            train_batch_size=micro_batch_size * grad_accum * self.world_size,
+            gradient_clipping=grad_clip,
+            zero_optimization=zero,
+            bf16={"enabled": self.precision == "bf16"},
+            fp16={"enabled": self.precision == "fp16"},
+            zero_allow_untested_optimizer=True,  # torch's AdamW as the client optimizer
+            # With offload, torch's AdamW steps on the CPU copy: the same update as every other
+            # strategy (DeepSpeedCPUAdam would need a JIT build of its own and differs slightly).
+            zero_force_ds_cpu_optimizer=False,
+            steps_per_print=2**31 - 1,
+        )
+        return config
+
+    def prepare(
+        self,
+        model: nn.Module,
+        make_optimizer,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+        grad_clip: float,
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        import deepspeed
+
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        self.grad_accum = grad_accum
+        optimizer = make_optimizer(model)
+        config = self.ds_config(
+            micro_batch_size=micro_batch_size, grad_accum=grad_accum, grad_clip=grad_clip
+        )
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        # The schedule steps the client optimizer's groups, which ZeRO's optimizer uses.
+        return self.engine, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "module", model)
+
+    def no_sync(self, model: nn.Module, *, sync: bool):
+        return contextlib.nullcontext()  # the engine knows the accumulation boundary
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divided
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only counts the micro-step
+
+    def step(self, model: nn.Module, optimizer, scheduler, *, grad_clip: float) -> torch.Tensor:
+        self.engine.step()  # clip, optimizer step, zero grads (at the boundary)
+        scheduler.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else float(norm))
+
+    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
+        from safetensors.torch import save
+
+        self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)
+        pdist.barrier()
+        if self.is_main:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            full = get_fp32_state_dict_from_zero_checkpoint(directory, tag="deepspeed")
+            write_file("model.safetensors", save(_dedup_tied(full), metadata={"format": "pt"}))
+
+    def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
+        # Pickled DeepSpeed state: read only after the checkpoint's manifest checked out.
+        self.engine.load_checkpoint(
+            directory,
+            tag="deepspeed",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
 
     def close(self) -> None:
         close_process_group()
@@ -319,19 +456,21 @@ def close_process_group() -> None:
 
 
 def _dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses shared storage: keep the first name of each tied tensor."""
-    seen: dict[int, str] = {}
+    """Keep the first name of each tied tensor (the same data, shape and strides) and give every
+    tensor its own storage: safetensors refuses shared storage, and views into one flat buffer
+    (DeepSpeed's consolidated state) are not tied weights."""
+    seen: set[tuple] = set()
     out = {}
     for k, v in state.items():
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen and v.numel() > 0:
+        ident = (v.data_ptr(), tuple(v.shape), v.stride())
+        if v.numel() > 0 and ident in seen:
             continue
-        seen[ptr] = k
-        out[k] = v.detach().contiguous().cpu()
+        seen.add(ident)
+        out[k] = v.detach().cpu().clone()
     return out
 
 
-STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy}
+STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
 
 
 def build_strategy(*, precision: str, parallel=None):
@@ -339,6 +478,7 @@ def build_strategy(*, precision: str, parallel=None):
     from pretrain.config import ParallelConfig
 
     parallel = parallel or ParallelConfig()
+    extra = {"parallel": parallel} if parallel.strategy == "deepspeed" else {}
     return STRATEGIES[parallel.strategy](
-        precision=precision, activation_checkpointing=parallel.activation_checkpointing
+        precision=precision, activation_checkpointing=parallel.activation_checkpointing, **extra
     )

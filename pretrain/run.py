@@ -185,7 +185,13 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
     fpt = flops_per_token(cfg.model, tcfg.seq_len)
     if tcfg.compile:
         model = torch.compile(model)
-    model, optimizer = strategy.prepare(model, lambda m: build_optimizer(m, cfg.optim))
+    model, optimizer = strategy.prepare(
+        model,
+        lambda m: build_optimizer(m, cfg.optim),
+        micro_batch_size=tcfg.micro_batch_size,
+        grad_accum=grad_accum,
+        grad_clip=tcfg.grad_clip,
+    )
     scheduler = build_scheduler(optimizer, total_steps=total_steps, cfg=cfg.optim)
     # Different dropout streams per rank (weights were drawn from the common seed above).
     seed_everything(cfg.seed + 1000003 * rank + 1)
