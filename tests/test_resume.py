@@ -106,19 +106,21 @@ def reference_runs(tiny_data, tmp_path_factory):
         (2, "bf16", "ddp"),
         (2, "fp32", "fsdp"),
         (2, "bf16", "fsdp"),
+        (2, "fp32", "deepspeed"),
+        (2, "fp32", "deepspeed parallel.zero_stage=3"),
     ],
 )
 def test_sigkill_mid_run_resumes_exactly(
     tiny_data, tmp_path, reference_runs, nproc, precision, strategy
 ):
-    par = f"parallel.strategy={strategy}"
-    ref = reference_runs(nproc, precision, par)
+    par, *more = f"parallel.strategy={strategy}".split()
+    ref = reference_runs(nproc, precision, par, *more)
     runs, name = str(tmp_path), "crashy"
     run_dir = os.path.join(runs, name)
     # Killed by SIGKILL right after step 10 (checkpoints every 4 steps: the last good one is 8).
     killed = lmforge(
         "pretrain",
-        *_args(tiny_data, runs, name, nproc, precision, par),
+        *_args(tiny_data, runs, name, nproc, precision, par, *more),
         env={"LMFORGE_FAULT": "step@10"},
         check=False,
     )
@@ -126,9 +128,10 @@ def test_sigkill_mid_run_resumes_exactly(
     assert _latest(run_dir) == "step_00000008"
     assert max(r["step"] for r in _rows(run_dir)) == 9  # rows past the checkpoint exist...
     # Starting the same run again without resume is refused with what to do.
-    again = lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, par), check=False)
+    args = _args(tiny_data, runs, name, nproc, precision, par, *more)
+    again = lmforge("pretrain", *args, check=False)
     assert again.returncode == 2 and "resume=auto" in again.stderr
-    lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, par, "resume=auto"))
+    lmforge("pretrain", *args, "resume=auto")
     assert_same_run(run_dir, ref)  # ...and are not counted twice after the resume
     with open(os.path.join(run_dir, "provenance.jsonl")) as f:
         attempts = [json.loads(line) for line in f]
