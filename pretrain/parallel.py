@@ -271,6 +271,72 @@ class FSDPStrategy:
         close_process_group()
 
 
+# Keys of a DeepSpeed JSON that lmforge's config decides (batch, precision, clipping).
+OWNED_DS_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+)
+
+
+def deepspeed_config(
+    parallel,
+    *,
+    precision: str,
+    world_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    grad_clip: float,
+) -> dict:
+    """The user's DeepSpeed JSON (if any) with lmforge's batch sizes, precision, clipping and
+    ZeRO settings filled in, so that the two can never disagree (a differing value is replaced,
+    with a warning)."""
+    import json
+
+    config: dict = {}
+    if parallel.deepspeed_config:
+        with open(parallel.deepspeed_config) as f:
+            config = json.load(f)
+    zero = dict(config.get("zero_optimization", {}), stage=parallel.stage)
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ours = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+        "bf16": {**config.get("bf16", {}), "enabled": precision == "bf16"},
+        "fp16": {**config.get("fp16", {}), "enabled": precision == "fp16"},
+    }
+    for key in OWNED_DS_KEYS:
+        if (
+            key in config
+            and config[key] != ours[key]
+            and not (
+                isinstance(config[key], dict) and config[key].get("enabled") == ours[key]["enabled"]
+            )
+        ):
+            pdist.print0(
+                f"warning: {parallel.deepspeed_config} sets {key}={config[key]}; lmforge uses "
+                f"{ours[key]} from the train section"
+            )
+    config.update(
+        ours,
+        zero_optimization=zero,
+        zero_allow_untested_optimizer=True,  # torch's AdamW as the client optimizer
+        # With offload, torch's AdamW steps on the CPU copy: the same update as every other
+        # strategy (DeepSpeedCPUAdam would need a JIT build of its own and differs slightly).
+        zero_force_ds_cpu_optimizer=False,
+        steps_per_print=2**31 - 1,
+    )
+    return config
+
+
 class DeepSpeedStrategy:
     """A DeepSpeed engine with ZeRO stage 0-3 and optional CPU offload (deepspeed is imported
     only here). The engine owns gradient accumulation, clipping and the optimizer step; lmforge's
@@ -311,35 +377,6 @@ class DeepSpeedStrategy:
     is_main = FSDPStrategy.is_main
     compute_dtype = DDPStrategy.compute_dtype
 
-    def ds_config(self, *, micro_batch_size: int, grad_accum: int, grad_clip: float) -> dict:
-        """The user's DeepSpeed JSON (if any) with lmforge's batch, precision and clipping."""
-        import json
-
-        config: dict = {}
-        if self.parallel.deepspeed_config:
-            with open(self.parallel.deepspeed_config) as f:
-                config = json.load(f)
-        zero = dict(config.get("zero_optimization", {}), stage=self.parallel.stage)
-        if self.parallel.offload_optimizer:
-            zero["offload_optimizer"] = {"device": "cpu"}
-        if self.parallel.offload_params:
-            zero["offload_param"] = {"device": "cpu"}
-        config.update(
-            train_micro_batch_size_per_gpu=micro_batch_size,
-            gradient_accumulation_steps=grad_accum,
-            train_batch_size=micro_batch_size * grad_accum * self.world_size,
-            gradient_clipping=grad_clip,
-            zero_optimization=zero,
-            bf16={"enabled": self.precision == "bf16"},
-            fp16={"enabled": self.precision == "fp16"},
-            zero_allow_untested_optimizer=True,  # torch's AdamW as the client optimizer
-            # With offload, torch's AdamW steps on the CPU copy: the same update as every other
-            # strategy (DeepSpeedCPUAdam would need a JIT build of its own and differs slightly).
-            zero_force_ds_cpu_optimizer=False,
-            steps_per_print=2**31 - 1,
-        )
-        return config
-
     def prepare(
         self,
         model: nn.Module,
@@ -355,8 +392,13 @@ class DeepSpeedStrategy:
             apply_activation_checkpointing(model)
         self.grad_accum = grad_accum
         optimizer = make_optimizer(model)
-        config = self.ds_config(
-            micro_batch_size=micro_batch_size, grad_accum=grad_accum, grad_clip=grad_clip
+        config = deepspeed_config(
+            self.parallel,
+            precision=self.precision,
+            world_size=self.world_size,
+            micro_batch_size=micro_batch_size,
+            grad_accum=grad_accum,
+            grad_clip=grad_clip,
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         # The schedule steps the client optimizer's groups, which ZeRO's optimizer uses.

@@ -68,6 +68,25 @@ BASE = ("pretrain", "name=x", "data.path=/nonexistent", "train.max_steps=5")
         (["model.n_kv_head=3"], "must be a multiple of `model.n_kv_head`=3"),
         (["name=a/b"], "must be a plain directory name"),
         (["/no/such.yaml"], "config file not found: /no/such.yaml"),
+        (["parallel.zero_stage=2"], "`parallel.zero_stage` needs `parallel.strategy=deepspeed`"),
+        (["parallel.strategy=deepspeed", "parallel.zero_stage=4"], "must be 0-3, got 4"),
+        (
+            [
+                "parallel.strategy=deepspeed",
+                "parallel.zero_stage=2",
+                "parallel.offload_params=true",
+            ],
+            "`parallel.offload_params` needs parallel.zero_stage=3",
+        ),
+        (
+            [
+                "parallel.strategy=deepspeed",
+                "parallel.zero_stage=0",
+                "parallel.offload_optimizer=true",
+            ],
+            "needs ZeRO stage >= 1",
+        ),
+        (["parallel.strategy=zero"], "config key `parallel.strategy`"),
     ],
 )
 def test_bad_config_one_line(capsys, extra, expected):
@@ -119,3 +138,38 @@ def test_print_config(capsys):
 def test_load_config_raises_configuration_error():
     with pytest.raises(ConfigurationError):
         load_config(PretrainConfig, ["nme=x"])
+
+
+def test_deepspeed_json_is_completed_not_contradicted(tmp_path, capsys):
+    """A user's DeepSpeed JSON keeps its own settings; batch, precision and clipping are ours."""
+    import json
+
+    from pretrain.parallel import deepspeed_config
+
+    user = tmp_path / "ds.json"
+    user.write_text(
+        json.dumps(
+            {
+                "train_batch_size": 999,
+                "bf16": {"enabled": False, "immediate_grad_update": True},
+                "zero_optimization": {"stage": 1, "overlap_comm": True},
+                "wall_clock_breakdown": True,
+            }
+        )
+    )
+    par = ParallelConfig(
+        strategy="deepspeed", zero_stage=3, offload_optimizer=True, deepspeed_config=str(user)
+    )
+    cfg = deepspeed_config(
+        par, precision="bf16", world_size=4, micro_batch_size=2, grad_accum=8, grad_clip=1.0
+    )
+    assert cfg["train_batch_size"] == 2 * 8 * 4 and cfg["gradient_accumulation_steps"] == 8
+    assert cfg["bf16"] == {"enabled": True, "immediate_grad_update": True}
+    assert cfg["zero_optimization"] == {
+        "stage": 3,
+        "overlap_comm": True,
+        "offload_optimizer": {"device": "cpu"},
+    }
+    assert cfg["wall_clock_breakdown"] is True and cfg["gradient_clipping"] == 1.0
+    out = capsys.readouterr().out
+    assert "train_batch_size=999" in out and "lmforge uses 64" in out
