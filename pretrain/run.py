@@ -112,10 +112,24 @@ def check_vocab(*, model_vocab: int | None, data_vocab: int, data_path: str) -> 
     return data_vocab
 
 
-def check_resume_compatible(*, ckpt: str, cfg_model: dict, tokenizer_sha: str) -> None:
-    """Refuse a checkpoint whose model shape or tokenizer differs from this run's."""
+def check_resume_compatible(
+    *, ckpt: str, cfg_model: dict, tokenizer_sha: str, strategy: str
+) -> None:
+    """Refuse a checkpoint whose model shape, tokenizer or state format differs from this run's."""
     from omegaconf import OmegaConf
 
+    # DDP and FSDP share one reshardable format (DCP); DeepSpeed engines keep their own.
+    by_deepspeed = os.path.isdir(os.path.join(ckpt, "deepspeed"))
+    if by_deepspeed != (strategy == "deepspeed"):
+        raise CheckpointError(
+            f"{ckpt} was written by "
+            + (
+                "a DeepSpeed engine: resume it with parallel.strategy=deepspeed"
+                if by_deepspeed
+                else "DDP/FSDP: resume it with parallel.strategy=ddp or fsdp"
+            )
+            + " (converting between DeepSpeed and DCP checkpoints is not supported yet)"
+        )
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         saved = json.load(f)
     if saved.get("tokenizer_sha256") not in (None, tokenizer_sha):
@@ -172,7 +186,10 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
     resume_from = resolve_resume(run_dir=run_dir, resume=cfg.resume)
     if resume_from is not None:
         check_resume_compatible(
-            ckpt=resume_from, cfg_model=to_container(cfg.model), tokenizer_sha=tok["sha256"]
+            ckpt=resume_from,
+            cfg_model=to_container(cfg.model),
+            tokenizer_sha=tok["sha256"],
+            strategy=cfg.parallel.strategy,
         )
     pdist.barrier()
 

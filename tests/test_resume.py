@@ -197,6 +197,8 @@ def test_resume_with_other_data_or_shape_is_refused(tiny_data, tmp_path, referen
     assert out.returncode == 2 and "same data.path and train.seq_len" in out.stderr
     out = lmforge("pretrain", *base, "model.d_model=32", check=False)
     assert out.returncode == 2 and "model.d_model=64" in out.stderr
+    out = lmforge("pretrain", *base, "parallel.strategy=deepspeed", check=False)
+    assert out.returncode == 2 and "resume it with parallel.strategy=ddp or fsdp" in out.stderr
 
 
 @pytest.mark.parametrize(
