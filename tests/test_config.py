@@ -161,7 +161,13 @@ def test_deepspeed_json_is_completed_not_contradicted(tmp_path, capsys):
         strategy="deepspeed", zero_stage=3, offload_optimizer=True, deepspeed_config=str(user)
     )
     cfg = deepspeed_config(
-        par, precision="bf16", world_size=4, micro_batch_size=2, grad_accum=8, grad_clip=1.0
+        par,
+        precision="bf16",
+        world_size=4,
+        micro_batch_size=2,
+        grad_accum=8,
+        grad_clip=1.0,
+        num_params=5_000_000,
     )
     assert cfg["train_batch_size"] == 2 * 8 * 4 and cfg["gradient_accumulation_steps"] == 8
     assert cfg["bf16"] == {"enabled": True, "immediate_grad_update": True}
@@ -169,6 +175,8 @@ def test_deepspeed_json_is_completed_not_contradicted(tmp_path, capsys):
         "stage": 3,
         "overlap_comm": True,
         "offload_optimizer": {"device": "cpu"},
+        "reduce_bucket_size": 5_000_000,  # sized to the model (the default is 5e8)
+        "allgather_bucket_size": 5_000_000,
     }
     assert cfg["wall_clock_breakdown"] is True and cfg["gradient_clipping"] == 1.0
     out = capsys.readouterr().out
