@@ -90,6 +90,13 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--precisions", default="fp32,bf16", help="default fp32,bf16")
     sp.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
     sp.add_argument("--out", help="also write the results table (markdown) to this file")
+    sp.add_argument(
+        "--strategies",
+        help="instead: tokens/s of these configs/parallel presets (e.g. ddp,fsdp,zero2,zero3), "
+        "each a real multi-process `lmforge pretrain` of the demo model; needs --data",
+    )
+    sp.add_argument("--data", help="prepared data for --strategies (e.g. data/demo/shakespeare)")
+    sp.add_argument("--nproc", type=int, default=2, help="processes for --strategies (default 2)")
     return p
 
 
@@ -158,6 +165,22 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         run_pretrain(cfg)
         return 0
 
+    if args.command == "bench" and args.strategies:
+        from pretrain.bench import run_strategy_bench
+        from pretrain.errors import ConfigurationError
+
+        if not args.data:
+            raise ConfigurationError("--strategies needs --data DIR (run `make demo` for one)")
+        precision = args.precisions.split(",")[0]
+        run_strategy_bench(
+            data=args.data,
+            strategies=args.strategies.split(","),
+            nproc=args.nproc,
+            steps=args.steps,
+            precision=precision,
+            out=args.out,
+        )
+        return 0
     if args.command == "bench":
         from pretrain.bench import run_bench
 

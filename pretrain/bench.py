@@ -168,3 +168,53 @@ def run_bench(*, models: list[str], precisions: list[str], steps: int, out: str 
         with open(out, "w") as f:
             f.write(text)
     return text
+
+
+def run_strategy_bench(
+    *, data: str, strategies: list[str], nproc: int, steps: int, precision: str, out: str | None
+) -> str:
+    """tokens/s of each parallel preset (configs/parallel/<name>.yaml) with ``nproc`` processes,
+    next to DDP, each a real `lmforge pretrain` of the demo model on prepared ``data``."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lines = [
+        f"lmforge bench --strategies: {nproc} processes, {precision}, demo model "
+        f"(configs/pretrain/demo.yaml) on {data}, {steps} steps (the first 5 not timed), "
+        f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
+        "",
+        "| strategy | tokens/s | vs ddp | MFU |",
+        "|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    base = None
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as runs:
+        for name in strategies:
+            cmd = [
+                sys.executable, "-m", "launcher.cli", "pretrain",
+                os.path.join(here, "configs", "pretrain", "demo.yaml"),
+                f"parallel={os.path.join(here, 'configs', 'parallel', name + '.yaml')}",
+                f"data.path={data}", f"runs_dir={runs}", f"name={name}",
+                f"train.max_steps={steps}", f"train.precision={precision}",
+                "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=0",
+                "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
+                "--nproc", str(nproc),
+            ]  # fmt: skip
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            with open(os.path.join(runs, name, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f]
+            timed = [r for r in rows if r["kind"] == "train" and r["step"] > 5]
+            tps = sum(r["tokens_per_sec"] for r in timed) / len(timed)
+            mfu = sum(r["mfu"] for r in timed) / len(timed)
+            base = base or tps
+            row = f"| {name} | {tps:,.0f} | {tps / base:.2f} | {mfu:.1%} |"
+            lines.append(row)
+            print(row, flush=True)
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text

@@ -1,11 +1,15 @@
 """Parallel strategies: the one place that knows how a model is distributed.
 
-A :class:`Strategy` sets up the process group and device, wraps model and optimizer, runs the
-backward pass and gradient clipping, and gives the checkpoint code one interface to save and load
-model/optimizer state (``save_state`` / ``load_state``). The trainer calls these methods and never
-branches on the strategy. deepspeed is imported only inside a DeepSpeed strategy.
+Every strategy has the same small interface: it sets up the process group and device
+(``device``, ``rank``, ``world_size``, ``is_main``), wraps the model and builds its optimizer
+(``prepare``), runs ``no_sync`` / ``backward`` / ``step`` (clip, optimizer, schedule, zero grads),
+and saves and loads model/optimizer state for the checkpoint code (``save_state`` /
+``load_state``). The trainer calls these and never branches on the strategy.
 
-Now: ``DDPStrategy`` on Accelerate (one process, or N processes of DDP; CPU with gloo, GPU with NCCL).
+- ``DDPStrategy``: replicas through Accelerate (gloo on CPU, NCCL on GPUs).
+- ``FSDPStrategy``: FSDP2 ``fully_shard`` per transformer block.
+- ``DeepSpeedStrategy``: a DeepSpeed engine, ZeRO 0-3 with CPU offload (deepspeed is imported
+  only here).
 """
 
 from __future__ import annotations
@@ -47,6 +51,33 @@ def resolve_precision(precision: str, *, device_type: str) -> str:
     return precision
 
 
+def _use_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
+
+
+def _single_process_env() -> None:
+    """Rank variables for a process that was not started by a launcher (world size 1)."""
+    for key, default in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        from launcher.local import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
+def _local_device(use_cuda: bool) -> torch.device:
+    if not use_cuda:
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Make every transformer block recompute its activations in backward (non-reentrant
     torch.utils.checkpoint; RNG state is replayed, so dropout masks match). The block's forward
@@ -73,7 +104,7 @@ class DDPStrategy:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        use_cuda = torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
+        use_cuda = _use_cuda()
         # Deterministic cuBLAS (train.deterministic) needs this before the first CUDA call.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.precision = resolve_precision(precision, device_type="cuda" if use_cuda else "cpu")
@@ -191,28 +222,18 @@ class FSDPStrategy:
 
     def __init__(self, *, precision: str, activation_checkpointing: bool = False) -> None:
         self.activation_checkpointing = activation_checkpointing
-        use_cuda = torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
+        use_cuda = _use_cuda()
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.precision = resolve_precision(precision, device_type="cuda" if use_cuda else "cpu")
         if not dist.is_initialized():
-            # fully_shard needs a process group even for one process.
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            if "MASTER_PORT" not in os.environ:
-                from launcher.local import free_port
-
-                os.environ["MASTER_PORT"] = str(free_port())
+            _single_process_env()  # fully_shard needs a process group even for one process
             dist.init_process_group(
                 backend="nccl" if use_cuda else "gloo",
-                rank=int(os.environ.get("RANK", "0")),
-                world_size=int(os.environ.get("WORLD_SIZE", "1")),
+                rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]),
                 timeout=timedelta(minutes=30),
             )
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            self.device = torch.device("cuda", local)
-        else:
-            self.device = torch.device("cpu")
+        self.device = _local_device(use_cuda)
         from torch.distributed.device_mesh import init_device_mesh
 
         self.mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
@@ -355,27 +376,12 @@ class DeepSpeedStrategy:
 
         self.activation_checkpointing = activation_checkpointing
         self.parallel = parallel
-        use_cuda = torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
+        use_cuda = _use_cuda()
         self.precision = resolve_precision(precision, device_type="cuda" if use_cuda else "cpu")
-        for key, default in (
-            ("RANK", "0"),
-            ("LOCAL_RANK", "0"),
-            ("WORLD_SIZE", "1"),
-            ("MASTER_ADDR", "127.0.0.1"),
-        ):
-            os.environ.setdefault(key, default)
-        if "MASTER_PORT" not in os.environ:
-            from launcher.local import free_port
-
-            os.environ["MASTER_PORT"] = str(free_port())
+        _single_process_env()
         # On CPU DeepSpeed picks its CPU accelerator and falls back to gloo without oneCCL.
         deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
-        if use_cuda:
-            local = int(os.environ["LOCAL_RANK"])
-            torch.cuda.set_device(local)
-            self.device = torch.device("cuda", local)
-        else:
-            self.device = torch.device("cpu")
+        self.device = _local_device(use_cuda)
         self.engine = None
 
     rank = FSDPStrategy.rank
