@@ -525,6 +525,24 @@ def _dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def check_state_format(checkpoint: str, *, strategy: str) -> None:
+    """Refuse a checkpoint whose sharded state this strategy cannot read. DDP and FSDP share one
+    reshardable format (DCP, `dcp/`); DeepSpeed engines keep their own (`deepspeed/`)."""
+    from pretrain.errors import CheckpointError
+
+    by_deepspeed = os.path.isdir(os.path.join(checkpoint, "deepspeed"))
+    if by_deepspeed != (strategy == "deepspeed"):
+        raise CheckpointError(
+            f"{checkpoint} was written by "
+            + (
+                "a DeepSpeed engine: resume it with parallel.strategy=deepspeed"
+                if by_deepspeed
+                else "DDP/FSDP: resume it with parallel.strategy=ddp or fsdp"
+            )
+            + " (converting between DeepSpeed and DCP checkpoints is not supported yet)"
+        )
+
+
 STRATEGIES = {"ddp": DDPStrategy, "fsdp": FSDPStrategy, "deepspeed": DeepSpeedStrategy}
 
 

@@ -27,7 +27,7 @@ from pretrain.flops import flops_per_token, param_counts, peak_flops
 from pretrain.metrics import MetricsWriter, plot_loss_vs_flops, truncate_metrics
 from pretrain.model import GPT
 from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.parallel import build_strategy
+from pretrain.parallel import build_strategy, check_state_format
 from pretrain.trainer import MetricsCallback, ProgressBar, Trainer
 
 PACKAGES = (
@@ -118,18 +118,7 @@ def check_resume_compatible(
     """Refuse a checkpoint whose model shape, tokenizer or state format differs from this run's."""
     from omegaconf import OmegaConf
 
-    # DDP and FSDP share one reshardable format (DCP); DeepSpeed engines keep their own.
-    by_deepspeed = os.path.isdir(os.path.join(ckpt, "deepspeed"))
-    if by_deepspeed != (strategy == "deepspeed"):
-        raise CheckpointError(
-            f"{ckpt} was written by "
-            + (
-                "a DeepSpeed engine: resume it with parallel.strategy=deepspeed"
-                if by_deepspeed
-                else "DDP/FSDP: resume it with parallel.strategy=ddp or fsdp"
-            )
-            + " (converting between DeepSpeed and DCP checkpoints is not supported yet)"
-        )
+    check_state_format(ckpt, strategy=strategy)
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         saved = json.load(f)
     if saved.get("tokenizer_sha256") not in (None, tokenizer_sha):
