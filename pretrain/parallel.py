@@ -402,7 +402,6 @@ class DeepSpeedStrategy:
 
         if self.activation_checkpointing:
             apply_activation_checkpointing(model)
-        self.grad_accum = grad_accum
         optimizer = make_optimizer(model)
         config = deepspeed_config(
             self.parallel,
