@@ -380,6 +380,18 @@ class ParallelConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them: less memory for about one more forward's compute."""
+    tensor_parallel: int = 1
+    """Tensor-parallel degree: each block's attention heads and MLP units are split over this many
+    ranks (DTensor, Megatron-style, with sequence parallel norms). Must divide the heads and KV
+    heads. Combines with ddp (replicas) or fsdp (2-D mesh FSDP x TP)."""
+    pipeline_parallel: int = 1
+    """Pipeline-parallel degree: the blocks are split into this many consecutive stages; one
+    step's gradient-accumulation micro-batches are the pipeline's micro-batches (raise
+    train.global_batch_tokens or lower train.micro_batch_size for more, and a smaller bubble).
+    Combines with ddp-style data parallel."""
+    pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    """Pipeline schedule: 1f1b (one forward, one backward: activations of at most pp
+    micro-batches alive) or gpipe (all forwards, then all backwards)."""
 
     def __post_init__(self) -> None:
         ds_only = {
@@ -388,6 +400,22 @@ class ParallelConfig:
             "offload_params": self.offload_params,
             "deepspeed_config": self.deepspeed_config is not None,
         }
+        for key in ("tensor_parallel", "pipeline_parallel"):
+            if getattr(self, key) < 1:
+                raise ConfigurationError(f"`parallel.{key}` must be >= 1, got {getattr(self, key)}")
+        if self.strategy == "deepspeed" and (
+            self.tensor_parallel > 1 or self.pipeline_parallel > 1
+        ):
+            raise ConfigurationError(
+                "`parallel.tensor_parallel`/`pipeline_parallel` > 1 run under strategy ddp or fsdp "
+                "(DTensor / torch pipelining), not deepspeed; set parallel.strategy=ddp or fsdp"
+            )
+        if self.pipeline_parallel > 1 and (self.strategy != "ddp" or self.tensor_parallel > 1):
+            raise ConfigurationError(
+                f"`parallel.pipeline_parallel={self.pipeline_parallel}` combines with data "
+                f"parallel only (strategy=ddp, tensor_parallel=1); got strategy={self.strategy}, "
+                f"tensor_parallel={self.tensor_parallel}"
+            )
         if self.strategy != "deepspeed":
             for key, used in ds_only.items():
                 if used:

@@ -27,7 +27,7 @@ from pretrain.flops import flops_per_token, param_counts, peak_flops
 from pretrain.metrics import MetricsWriter, plot_loss_vs_flops, truncate_metrics
 from pretrain.model import GPT
 from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.parallel import build_strategy, check_state_format
+from pretrain.parallel import build_strategy, check_layout, check_state_format
 from pretrain.trainer import MetricsCallback, ProgressBar, Trainer
 
 PACKAGES = (
@@ -144,6 +144,7 @@ def run_pretrain(cfg: PretrainConfig, *, callbacks: list | None = None, loss_fn=
     """Train per ``cfg`` (every rank runs this); return the final metrics rows.
 
     ``callbacks`` and ``loss_fn`` plug into the trainer (see pretrain/trainer.py)."""
+    check_layout(cfg.parallel, cfg.model, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     strategy = build_strategy(precision=cfg.train.precision, parallel=cfg.parallel)
     result = _pretrain(cfg, strategy, callbacks=callbacks or [], loss_fn=loss_fn)
     # Only on success: after an error on one rank a barrier could wait forever.
@@ -152,7 +153,10 @@ def run_pretrain(cfg: PretrainConfig, *, callbacks: list | None = None, loss_fn=
 
 
 def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dict:
-    world, rank = strategy.world_size, strategy.rank
+    world = strategy.world_size
+    # Which samples a rank reads: its data-parallel coordinate (tensor- and pipeline-parallel
+    # peers read the same ones).
+    dp_rank, dp_size = strategy.dp_rank, strategy.dp_size
     run_dir = cfg.run_dir
     tcfg = cfg.train
 
@@ -163,12 +167,13 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
     cfg.model.vocab_size = check_vocab(
         model_vocab=cfg.model.vocab_size, data_vocab=tok["vocab_size"], data_path=cfg.data.path
     )
-    per_step = tcfg.seq_len * tcfg.micro_batch_size * world
+    per_step = tcfg.seq_len * tcfg.micro_batch_size * dp_size
     if tcfg.global_batch_tokens % per_step:
         raise ConfigurationError(
             f"train.global_batch_tokens={tcfg.global_batch_tokens} is not a multiple of "
-            f"seq_len*micro_batch_size*world_size = {tcfg.seq_len}*{tcfg.micro_batch_size}*"
-            f"{world} = {per_step}; use e.g. {max(1, round(tcfg.global_batch_tokens / per_step)) * per_step}"
+            f"seq_len*micro_batch_size*data_parallel = {tcfg.seq_len}*{tcfg.micro_batch_size}*"
+            f"{dp_size} = {per_step} (world_size {world}); use e.g. "
+            f"{max(1, round(tcfg.global_batch_tokens / per_step)) * per_step}"
         )
     grad_accum = tcfg.global_batch_tokens // per_step
     total_steps = tcfg.total_steps()
@@ -200,14 +205,14 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
     )
     scheduler = build_scheduler(optimizer, total_steps=total_steps, cfg=cfg.optim)
     # Different dropout streams per rank (weights were drawn from the common seed above).
-    seed_everything(cfg.seed + 1000003 * rank + 1)
+    seed_everything(cfg.seed + 1000003 * strategy.rank + 1)
 
     batches = TrainBatches(
         train_windows,
         micro_batch=tcfg.micro_batch_size,
         grad_accum=grad_accum,
-        rank=rank,
-        world_size=world,
+        rank=dp_rank,
+        world_size=dp_size,
         seed=cfg.seed,
         shuffle=cfg.data.shuffle,
     )
@@ -218,8 +223,8 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
             val_windows,
             micro_batch=tcfg.micro_batch_size,
             num_samples=tcfg.eval_samples,
-            rank=rank,
-            world_size=world,
+            rank=dp_rank,
+            world_size=dp_size,
         )
 
     config_yaml = to_yaml(cfg)
@@ -292,7 +297,8 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
             f"resuming from {resume_from} (step {trainer.state.step})" if resume_from else "new run"
         )
         pdist.print0(
-            f"lmforge pretrain: {run_dir} ({what}); {world} rank(s) [{strategy.name}] on "
+            f"lmforge pretrain: {run_dir} ({what}); {world} rank(s) [{strategy.name}, data "
+            f"parallel {dp_size}] on "
             f"{strategy.device.type}, {strategy.precision}; params {counts['total']:,} total, "
             f"{counts['non_embedding']:,} non-embedding; {fpt:,} FLOPs/token; peak "
             f"{peak / 1e12:.3g} TFLOP/s ({peak_src}); grad_accum {grad_accum}; "

@@ -1,7 +1,7 @@
 """A small training loop that pretraining and finetuning share.
 
-The loop is fixed: micro-batches -> loss -> backward (gradient all-reduce on the last one) -> clip
--> optimizer and schedule step. Everything else plugs in:
+The loop is fixed: one step's micro-batches -> forward/backward (the strategy's: gradient
+reduction on the last micro-batch, or a pipeline schedule) -> clip -> optimizer and schedule step. Everything else plugs in:
 
 - ``loss_fn(model, batch) -> scalar loss`` (causal LM by default; finetuning passes its own),
 - callbacks (progress bar, metric sinks, early stopping, signal handling) see every step and row,
@@ -30,12 +30,19 @@ Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
 
 
+def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of logits (B, T, V) against labels (B, T); labels of -100
+    are ignored. Computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
 def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Mean next-token cross-entropy; labels of -100 are ignored. Computed in fp32."""
-    logits = model(batch["input_ids"])  # (B, T, V)
-    return F.cross_entropy(
-        logits.float().flatten(0, 1), batch["labels"].flatten(), ignore_index=-100
-    )
+    """The pretraining loss: next-token cross-entropy of the model's logits."""
+    return lm_cross_entropy(model(batch["input_ids"]), batch["labels"])
+
+
+# The loss from the model output and labels alone: what a pipeline's last stage computes.
+causal_lm_loss.output_loss = lm_cross_entropy
 
 
 class Callback:
@@ -142,13 +149,7 @@ class Trainer:
         while self.state.step < self.total_steps:
             self.model.train()
             micro_batches = self.train_batches.next_step()
-            n_micro = len(micro_batches)
-            for i, batch in enumerate(micro_batches):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with self.strategy.no_sync(self.model, sync=i == n_micro - 1):
-                    loss = self.loss_fn(self.model, batch)
-                    self.strategy.backward(loss / n_micro)
-                loss_acc += loss.detach() / n_micro
+            loss_acc += self.strategy.forward_backward(self.model, micro_batches, self.loss_fn)
             norm_acc += self.strategy.step(
                 self.model, self.optimizer, self.scheduler, grad_clip=self.grad_clip
             )
@@ -225,9 +226,8 @@ class Trainer:
         # Sample-weighted sums over every rank: the same value whatever the world size.
         sums = torch.zeros(2, device=device)
         for batch in self.val_batches():
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             n = batch["input_ids"].shape[0]
-            sums[0] += self.loss_fn(self.model, batch).detach().float() * n
+            sums[0] += self.strategy.eval_loss(self.model, batch, self.loss_fn) * n
             sums[1] += n
         total, count = pdist.all_reduce_sum(sums).tolist()
         val = total / max(count, 1)

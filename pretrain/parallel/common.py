@@ -1,0 +1,210 @@
+"""What every strategy shares: precision, devices, process groups, and the base class whose
+``forward_backward`` runs one optimizer step's micro-batches (pipeline parallelism overrides it)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pretrain import dist as pdist
+from pretrain.errors import ConfigurationError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_supports_bf16() -> bool:
+    """bf16 autocast on CPU pays only with native bf16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, *, device_type: str) -> str:
+    """auto -> bf16 where it is fast and supported, fp16 on older GPUs, fp32 otherwise."""
+    if precision == "auto":
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    if precision == "fp16" and device_type != "cuda":
+        raise ConfigurationError(
+            "`train.precision=fp16` needs a GPU (loss scaling on CPU is not supported); "
+            "use bf16 or fp32"
+        )
+    return precision
+
+
+def use_cuda() -> bool:
+    return torch.cuda.is_available() and os.environ.get("LMFORGE_FORCE_CPU") != "1"
+
+
+def single_process_env() -> None:
+    """Rank variables for a process that was not started by a launcher (world size 1)."""
+    for key, default in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+    ):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        from launcher.local import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+
+
+def init_process_group(cuda: bool) -> None:
+    """Join the process group described by RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (set by
+    torchrun, `lmforge launch` or SLURM's launcher); a lone process makes a group of one."""
+    if not dist.is_initialized():
+        single_process_env()
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo",
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timedelta(minutes=30),
+        )
+
+
+def local_device(cuda: bool) -> torch.device:
+    if not cuda:
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of a model or of a pipeline stage (a ModuleDict of its blocks)."""
+    layers = model.layers
+    return list(layers.values()) if isinstance(layers, nn.ModuleDict) else list(layers)
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Make every transformer block recompute its activations in backward (non-reentrant
+    torch.utils.checkpoint; RNG state is replayed, so dropout masks match). The block's forward
+    is wrapped in place: parameter names, and so checkpoints, do not change."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks(model):
+        inner = block.forward
+
+        def forward(*args, _inner=inner, **kwargs):
+            return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+
+
+def close_process_group() -> None:
+    """Leave the process group cleanly (a barrier first avoids gloo's exit-time abort)."""
+    if dist.is_available() and dist.is_initialized():
+        pdist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_grads(params, group) -> None:
+    """Average gradients over a data-parallel process group (replicas under tensor or pipeline
+    parallelism), one flat buffer per dtype. DTensor gradients are reduced through their local
+    shards: every replica holds the same placement, so the average of shards is the shard of
+    the average."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [getattr(g, "_local_tensor", g) for g in grads]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in local:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    size = dist.get_world_size(group)
+    for tensors in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=group)
+        flat /= size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+class Strategy:
+    """The interface the trainer and the checkpoint code use (see the package docstring).
+
+    Subclasses set ``device`` and ``precision`` and implement ``prepare``, ``step``,
+    ``save_state`` and ``load_state``; the rest has defaults that suit most of them."""
+
+    name = "base"
+    device: torch.device
+    precision: str
+
+    rank = property(lambda self: dist.get_rank())
+    world_size = property(lambda self: dist.get_world_size())
+    is_main = property(lambda self: dist.get_rank() == 0)
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (which part of a batch it reads)."""
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
+        """The data-parallel degree: how many different micro-batches one step reads at once."""
+        return self.world_size
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return DTYPES[self.precision]
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The plain module under wrappers (torch.compile; DDP and engines in subclasses)."""
+        return getattr(model, "_orig_mod", model)
+
+    def autocast(self):
+        """The context the forward runs in (mixed precision where the wrapper does not cast)."""
+        return contextlib.nullcontext()
+
+    def no_sync(self, model: nn.Module, *, sync: bool):
+        """Skip gradient reduction on all but the last micro-batch of a step."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def forward_backward(
+        self, model: nn.Module, micro_batches: list[dict], loss_fn
+    ) -> torch.Tensor:
+        """Forward and backward over one step's micro-batches (gradients accumulate, reduced on
+        the last); return the mean loss, detached, on the device."""
+        total = torch.zeros((), device=self.device)
+        n = len(micro_batches)
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with self.no_sync(model, sync=i == n - 1):
+                with self.autocast():
+                    loss = loss_fn(model, batch)
+                self.backward(loss / n)
+            total += loss.detach() / n
+        return total
+
+    @torch.no_grad()
+    def eval_loss(self, model: nn.Module, batch: dict, loss_fn) -> torch.Tensor:
+        """The loss of one validation batch (no gradients)."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with self.autocast():
+            return loss_fn(model, batch).detach().float()
+
+    def clip_and_step(self, params, optimizer, scheduler, *, grad_clip: float) -> torch.Tensor:
+        """Clip by the global norm, step optimizer and schedule, zero the grads; return the norm
+        before clipping. DTensor norms (FSDP, TP) are gathered to a plain tensor."""
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return norm.detach()
+
+    def close(self) -> None:
+        close_process_group()

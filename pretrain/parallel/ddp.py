@@ -1,0 +1,101 @@
+"""Data parallel through Accelerate: one process, or N processes that all-reduce gradients."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from datetime import timedelta
+
+import torch
+from torch import nn
+
+from pretrain.errors import ConfigurationError
+from pretrain.parallel.common import Strategy, apply_activation_checkpointing, resolve_precision
+from pretrain.parallel.common import use_cuda as _use_cuda
+from pretrain.parallel.state import load_dcp_state, save_dcp_state
+
+
+class DDPStrategy(Strategy):
+    """Replicas of the whole model; Accelerate handles devices, autocast and gradient scaling."""
+
+    name = "ddp"
+
+    def __init__(self, *, precision: str, activation_checkpointing: bool = False) -> None:
+        self.activation_checkpointing = activation_checkpointing
+        # Imported here so `lmforge --help` stays fast.
+        from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
+
+        cuda = _use_cuda()
+        # Deterministic cuBLAS (train.deterministic) needs this before the first CUDA call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.precision = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
+        # Accelerate on CPU is silently single-process unless cpu=True (DESIGN.md facts); the
+        # backend is named only when there are several processes (else Accelerate wants a group).
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        group = InitProcessGroupKwargs(
+            backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30)
+        )
+        self.accelerator = Accelerator(
+            cpu=not cuda, mixed_precision=mixed, kwargs_handlers=[group] if distributed else []
+        )
+        if int(os.environ.get("WORLD_SIZE", "1")) != self.world_size:
+            raise ConfigurationError(
+                f"WORLD_SIZE={os.environ.get('WORLD_SIZE')} but the process group has "
+                f"{self.world_size} ranks; launch with `lmforge launch` or torchrun"
+            )
+
+    device = property(lambda self: self.accelerator.device)
+    rank = property(lambda self: self.accelerator.process_index)
+    world_size = property(lambda self: self.accelerator.num_processes)
+    is_main = property(lambda self: self.accelerator.is_main_process)
+
+    def prepare(
+        self, model: nn.Module, make_optimizer, **batch
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``. ``batch``
+        (micro_batch_size, grad_accum, grad_clip) matters only to DeepSpeed engines."""
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        # Mixed precision: Accelerate wraps forward in autocast and returns fp32 outputs.
+        return self.accelerator.prepare(model, make_optimizer(model))
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The plain model under DDP / torch.compile wrappers. (Accelerate's unwrap_model would
+        import deepspeed whenever it is installed: DeepSpeed loads only for its strategies.)"""
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        return getattr(model, "_orig_mod", model)
+
+    def no_sync(self, model: nn.Module, *, sync: bool):
+        return contextlib.nullcontext() if sync else self.accelerator.no_sync(model)
+
+    def autocast(self):
+        return self.accelerator.autocast()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)  # scales fp16 losses
+
+    def step(self, model: nn.Module, optimizer, scheduler, *, grad_clip: float) -> torch.Tensor:
+        """Clip (unscaling fp16 grads first), step optimizer and schedule, zero the grads;
+        return the global gradient norm before clipping."""
+        norm = self.accelerator.clip_grad_norm_(
+            model.parameters(), grad_clip if grad_clip > 0 else float("inf")
+        )
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(norm)
+
+    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
+        scaler = self.accelerator.scaler
+        extra = {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+        save_dcp_state(
+            self, directory, model=model, optimizer=optimizer, write_file=write_file, extra=extra
+        )
+
+    def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
+        extra = load_dcp_state(self, directory, model=model, optimizer=optimizer)
+        if self.accelerator.scaler is not None and "grad_scaler" in extra:
+            self.accelerator.scaler.load_state_dict(extra["grad_scaler"])

@@ -1,0 +1,171 @@
+"""DeepSpeed engines: ZeRO stage 0-3 with optional CPU offload. deepspeed is imported only
+here, and only when a run chooses `parallel.strategy=deepspeed`."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain import dist as pdist
+from pretrain.parallel.common import (
+    Strategy,
+    apply_activation_checkpointing,
+    local_device,
+    resolve_precision,
+    single_process_env,
+    use_cuda,
+)
+from pretrain.parallel.state import dedup_tied
+
+# Keys of a DeepSpeed JSON that lmforge's config decides (batch, precision, clipping).
+OWNED_DS_KEYS = (
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "train_batch_size",
+    "gradient_clipping",
+    "bf16",
+    "fp16",
+)
+
+
+def deepspeed_config(
+    parallel,
+    *,
+    precision: str,
+    world_size: int,
+    micro_batch_size: int,
+    grad_accum: int,
+    grad_clip: float,
+    num_params: int,
+) -> dict:
+    """The user's DeepSpeed JSON (if any) with lmforge's batch sizes, precision, clipping and
+    ZeRO settings filled in, so that the two can never disagree (a differing value is replaced,
+    with a warning)."""
+    import json
+
+    config: dict = {}
+    if parallel.deepspeed_config:
+        with open(parallel.deepspeed_config) as f:
+            config = json.load(f)
+    zero = dict(config.get("zero_optimization", {}), stage=parallel.stage)
+    # DeepSpeed's default buckets hold 5e8 elements (2 GB of fp32) whatever the model: ZeRO-1/2
+    # allocate them every micro-step, which cost a 0.2M-parameter model 6 s a step on CPU
+    # (0.07 s with model-sized buckets). Size them to the model unless the user's JSON says.
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        zero.setdefault(key, int(min(5e8, max(num_params, 1e6))))
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    ours = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "gradient_clipping": grad_clip,
+        "bf16": {**config.get("bf16", {}), "enabled": precision == "bf16"},
+        "fp16": {**config.get("fp16", {}), "enabled": precision == "fp16"},
+    }
+    for key in OWNED_DS_KEYS:
+        if (
+            key in config
+            and config[key] != ours[key]
+            and not (
+                isinstance(config[key], dict) and config[key].get("enabled") == ours[key]["enabled"]
+            )
+        ):
+            pdist.print0(
+                f"warning: {parallel.deepspeed_config} sets {key}={config[key]}; lmforge uses "
+                f"{ours[key]} from the train section"
+            )
+    config.update(
+        ours,
+        zero_optimization=zero,
+        zero_allow_untested_optimizer=True,  # torch's AdamW as the client optimizer
+        # With offload, torch's AdamW steps on the CPU copy: the same update as every other
+        # strategy (DeepSpeedCPUAdam would need a JIT build of its own and differs slightly).
+        zero_force_ds_cpu_optimizer=False,
+        steps_per_print=2**31 - 1,
+    )
+    return config
+
+
+class DeepSpeedStrategy(Strategy):
+    """A DeepSpeed engine with ZeRO stage 0-3 and optional CPU offload (deepspeed is imported
+    only here). The engine owns gradient accumulation, clipping and the optimizer step; lmforge's
+    scheduler drives the learning rate of the client optimizer's parameter groups."""
+
+    name = "deepspeed"
+
+    def __init__(self, *, precision: str, activation_checkpointing: bool = False, parallel) -> None:
+        import deepspeed
+
+        self.activation_checkpointing = activation_checkpointing
+        self.parallel = parallel
+        cuda = use_cuda()
+        self.precision = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
+        single_process_env()
+        # On CPU DeepSpeed picks its CPU accelerator and falls back to gloo without oneCCL.
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        self.device = local_device(cuda)
+        self.engine = None
+
+    def prepare(
+        self,
+        model: nn.Module,
+        make_optimizer,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+        grad_clip: float,
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        import deepspeed
+
+        if self.activation_checkpointing:
+            apply_activation_checkpointing(model)
+        optimizer = make_optimizer(model)
+        config = deepspeed_config(
+            self.parallel,
+            precision=self.precision,
+            world_size=self.world_size,
+            micro_batch_size=micro_batch_size,
+            grad_accum=grad_accum,
+            grad_clip=grad_clip,
+            num_params=sum(p.numel() for p in model.parameters()),
+        )
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        # The schedule steps the client optimizer's groups, which ZeRO's optimizer uses.
+        return self.engine, optimizer
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return getattr(model, "module", model)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divided
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # only counts the micro-step
+
+    def step(self, model: nn.Module, optimizer, scheduler, *, grad_clip: float) -> torch.Tensor:
+        self.engine.step()  # clip, optimizer step, zero grads (at the boundary)
+        scheduler.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(0.0 if norm is None else float(norm))
+
+    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
+        from safetensors.torch import save
+
+        self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)
+        pdist.barrier()
+        if self.is_main:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            full = get_fp32_state_dict_from_zero_checkpoint(directory, tag="deepspeed")
+            write_file("model.safetensors", save(dedup_tied(full), metadata={"format": "pt"}))
+
+    def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
+        # Pickled DeepSpeed state: read only after the checkpoint's manifest checked out.
+        self.engine.load_checkpoint(
+            directory,
+            tag="deepspeed",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+        )
