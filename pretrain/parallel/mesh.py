@@ -103,6 +103,9 @@ class MeshStrategy(Strategy):
         self.mesh = init_device_mesh(
             self.device.type, (world // self.tp, self.tp), mesh_dim_names=("dp", "tp")
         )
+        if self.tp > 1 and world > self.tp:
+            # one all-reduce over all ranks for norms of 2-D DTensors (else one per dimension)
+            self.mesh["dp", "tp"]._flatten("dp_tp")
         self.name = ("fsdp" if self.shard else "ddp") + (f"+tp{self.tp}" if self.tp > 1 else "")
 
     dp_rank = property(lambda self: self.mesh["dp"].get_local_rank())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 
 import torch
 
@@ -85,7 +86,9 @@ def consolidated_weights(dcp_dir: str, *, tied: bool) -> dict[str, torch.Tensor]
     }
     if not state:
         raise CheckpointError(f"{dcp_dir} holds no model weights")
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     out = {key.removeprefix("model."): t for key, t in state.items()}
     if tied:
         out.pop("output.weight", None)
