@@ -87,6 +87,26 @@ BASE = ("pretrain", "name=x", "data.path=/nonexistent", "train.max_steps=5")
             "needs ZeRO stage >= 1",
         ),
         (["parallel.strategy=zero"], "config key `parallel.strategy`"),
+        (
+            ["parallel.tensor_parallel=3"],
+            "parallel layout (world_size=1, tensor_parallel=3, pipeline_parallel=1, data_parallel"
+            "=world_size/(tp*pp)=0.333333): world_size must be a multiple of tensor_parallel",
+        ),
+        (["parallel.tensor_parallel=3"], "tensor_parallel=3 must divide model.n_head=4"),
+        (["parallel.pipeline_parallel=9"], "pipeline_parallel=9 exceeds model.n_layer=4"),
+        (
+            ["parallel.tensor_parallel=2", "model.tie_embeddings=true"],
+            "model.tie_embeddings=true cannot be split",
+        ),
+        (["parallel.tensor_parallel=0"], "`parallel.tensor_parallel` must be >= 1, got 0"),
+        (
+            ["parallel.strategy=deepspeed", "parallel.pipeline_parallel=2"],
+            "run under strategy ddp or fsdp",
+        ),
+        (
+            ["parallel.strategy=fsdp", "parallel.pipeline_parallel=2"],
+            "combines with data parallel only",
+        ),
     ],
 )
 def test_bad_config_one_line(capsys, extra, expected):
