@@ -138,6 +138,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.command == "pretrain":
         from pretrain.config import PretrainConfig
+        from pretrain.memory import plan_memory
+        from pretrain.parallel import check_layout
 
         cfg = load_config(PretrainConfig, args.config)  # fail fast, before any process starts
         if args.dry_run:
@@ -151,7 +153,28 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 f"# params: {c['total']:,} total, {c['non_embedding']:,} non-embedding; "
                 f"{flops_per_token(cfg.model, cfg.train.seq_len):,} training FLOPs/token"
             )
+            degrees = check_layout(cfg.parallel, cfg.model, world_size=args.nproc)
+            print(
+                "# layout: "
+                + " x ".join(f"{k} {v}" for k, v in degrees.items() if k != "world")
+                + f" = {args.nproc} rank(s)"
+            )
+            estimate, available, source = plan_memory(
+                cfg, world_size=args.nproc, local_ranks=args.nproc
+            )
+            print(
+                f"# memory per rank (estimate): {estimate.describe()} of "
+                f"{available / 2**30:.1f} GiB ({source})"
+            )
             return 0
+        if "LOCAL_RANK" not in os.environ:  # before any process starts: layout and memory
+            from pretrain.prepare import load_manifest
+
+            check_layout(cfg.parallel, cfg.model, world_size=args.nproc)
+            cfg.model.vocab_size = (
+                cfg.model.vocab_size or load_manifest(cfg.data.path)["tokenizer"]["vocab_size"]
+            )
+            plan_memory(cfg, world_size=args.nproc, local_ranks=args.nproc)
         if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
             from launcher.local import launch_local
 

@@ -392,6 +392,10 @@ class ParallelConfig:
     pipeline_schedule: Literal["1f1b", "gpipe"] = "1f1b"
     """Pipeline schedule: 1f1b (one forward, one backward: activations of at most pp
     micro-batches alive) or gpipe (all forwards, then all backwards)."""
+    check_memory: bool = True
+    """Before training, estimate each rank's memory (parameters, gradients, optimizer state,
+    activations; see pretrain/memory.py) and refuse a layout that exceeds 90% of the device's,
+    suggesting one that fits. false: try anyway."""
 
     def __post_init__(self) -> None:
         ds_only = {

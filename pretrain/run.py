@@ -24,6 +24,7 @@ from pretrain.config import PretrainConfig, to_container, to_yaml
 from pretrain.data import TokenWindows, TrainBatches, eval_batches
 from pretrain.errors import CheckpointError, ConfigurationError
 from pretrain.flops import flops_per_token, param_counts, peak_flops
+from pretrain.memory import plan_memory
 from pretrain.metrics import MetricsWriter, plot_loss_vs_flops, truncate_metrics
 from pretrain.model import GPT
 from pretrain.optim import build_optimizer, build_scheduler
@@ -176,6 +177,8 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
             f"{max(1, round(tcfg.global_batch_tokens / per_step)) * per_step}"
         )
     grad_accum = tcfg.global_batch_tokens // per_step
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    memory, available, mem_source = plan_memory(cfg, world_size=world, local_ranks=local_ranks)
     total_steps = tcfg.total_steps()
     resume_from = resolve_resume(run_dir=run_dir, resume=cfg.resume)
     if resume_from is not None:
@@ -304,6 +307,10 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
             f"{peak / 1e12:.3g} TFLOP/s ({peak_src}); grad_accum {grad_accum}; "
             f"{total_steps} steps of {tcfg.global_batch_tokens:,} tokens"
             + (f"; dropped {dropped} metric rows past the checkpoint" if dropped else "")
+        )
+        pdist.print0(
+            f"memory per rank (estimate): {memory.describe()} of {available / 2**30:.1f} GiB "
+            f"({mem_source})"
         )
     pdist.barrier()
 

@@ -1,0 +1,324 @@
+"""Will it fit? Per-rank memory of a training layout, estimated before anything starts.
+
+    parameters + gradients + optimizer state + activations (+ working copies)
+
+- Parameters are fp32 master weights (4 bytes) split by tensor parallel (projections, embedding
+  and head; norms are replicated), by pipeline stage (the largest stage counts), and by the data
+  parallel degree under FSDP and ZeRO-3. DeepSpeed keeps bf16 parameters (2 bytes) and an fp32
+  master copy in its optimizer state.
+- Gradients have the parameters' size and dtype; FSDP and ZeRO-2/3 shard them.
+- AdamW keeps two fp32 moments (8 bytes per parameter), sharded by FSDP and ZeRO >= 1; CPU
+  offload moves them (and ZeRO-3 parameters) off the device.
+- Activations are what autograd saves for backward, per token of a micro-batch, measured on this
+  model (see tests/test_memory.py): a block saves about 41·d + 16·F bytes in fp32 and 35·d + 8·F
+  under bf16 autocast (d = model width, F = MLP width), the head 4·V + 12·d (V = vocabulary,
+  the fp32 log-probabilities dominate). Activation checkpointing keeps a block's input (4·d) and
+  recomputes one block at a time. Tensor parallel with sequence parallel divides a block's
+  activations by tp except the gathered inputs of the projections; a 1F1B pipeline's first
+  stage holds min(pp, micro-batches) micro-batches in flight, GPipe all of them.
+- Working copies: autocast caches bf16 copies of the weights until backward; FSDP and ZeRO-3
+  gather about two blocks' full weights at a time.
+
+Not counted: allocator fragmentation, communication buffers, the CUDA context (~0.5-1 GiB), and
+temporary buffers of single kernels; hence the 10% margin of the check.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pretrain.errors import ConfigurationError
+
+GiB = 1024**3
+
+
+@dataclass
+class MemoryEstimate:
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    working: float
+    offloaded: float  # bytes kept in host memory instead (CPU offload)
+    recompute: float = 0.0  # part of `activations`: one block recomputed in backward (AC)
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations + self.working
+
+    def need(self, device_type: str) -> float:
+        """Bytes the device must hold (on a CPU, offloaded state stays in the same memory)."""
+        return self.total + (self.offloaded if device_type == "cpu" else 0.0)
+
+    def describe(self) -> str:
+        parts = [
+            f"params {_fmt(self.params)}",
+            f"grads {_fmt(self.grads)}",
+            f"optimizer {_fmt(self.optimizer)}",
+            f"activations {_fmt(self.activations)}",
+        ]
+        if self.working:
+            parts.append(f"working copies {_fmt(self.working)}")
+        text = ", ".join(parts) + f" = {_fmt(self.total)}"
+        if self.offloaded:
+            text += f" (+{_fmt(self.offloaded)} offloaded to host memory)"
+        return text
+
+
+def _fmt(n: float) -> str:
+    for unit, size in (("GiB", GiB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _param_split(model) -> dict[str, int]:
+    """Parameter counts by kind: what tensor parallel splits, what it replicates."""
+    d, F, L, V = model.d_model, model.hidden_dim, model.n_layer, model.vocab_size
+    attn = d * model.n_head * model.head_dim * 2 + d * model.kv_heads * model.head_dim * 2
+    return {
+        "block_split": attn + 3 * d * F,  # projections, per block
+        "block_norms": 2 * d,  # per block
+        "embedding": V * d,
+        "head": 0 if model.tie_embeddings else V * d,
+        "final_norm": d,
+        "layers": L,
+    }
+
+
+def estimate_memory(
+    model,
+    *,
+    parallel,
+    world_size: int,
+    precision: str,
+    micro_batch_size: int,
+    seq_len: int,
+    grad_accum: int,
+) -> MemoryEstimate:
+    """Per-rank bytes of a layout on its busiest rank (``model`` is a ModelConfig with
+    vocab_size set; ``precision`` is resolved: fp32, bf16 or fp16)."""
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    dp = max(1, world_size // (tp * pp))
+    s = _param_split(model)
+    d, F, V = model.d_model, model.hidden_dim, model.vocab_size
+    layers = -(-s["layers"] // pp)  # the largest stage
+    first_stage_extra = s["embedding"] / tp
+    last_stage_extra = (s["head"] / tp + s["final_norm"]) if pp > 1 else 0
+    block = s["block_split"] / tp + s["block_norms"]
+    n_local = (
+        layers * block
+        + first_stage_extra
+        + (last_stage_extra if pp > 1 else s["head"] / tp + s["final_norm"])
+    )
+
+    ds = parallel.strategy == "deepspeed"
+    stage = parallel.stage if ds else 0
+    fsdp = parallel.strategy == "fsdp"
+    half = precision in ("bf16", "fp16")
+    param_bytes = 2 if (ds and half) else 4
+    shard_params = fsdp or stage == 3
+    shard_grads = fsdp or stage >= 2
+    shard_optim = fsdp or stage >= 1
+
+    params = n_local * param_bytes / (dp if shard_params else 1)
+    grads = n_local * param_bytes / (dp if shard_grads else 1)
+    optim_per_param = 8 + (4 if ds else 0)  # + DeepSpeed's fp32 master partition
+    optimizer = n_local * optim_per_param / (dp if shard_optim else 1)
+    offloaded = 0.0
+    if ds and parallel.offload_optimizer:
+        offloaded += optimizer
+        optimizer = 0.0
+    if ds and parallel.offload_params:
+        offloaded += params
+        params = 0.0
+
+    # Activations per token (bytes), measured coefficients (module docstring).
+    tokens = micro_batch_size * seq_len
+    per_block = (35 * d + 8 * F) if half else (41 * d + 16 * F)
+    if tp > 1:  # sequence parallel: all but the gathered projection inputs split by tp
+        gathered = 2 * d * (2 if half else 4)
+        per_block = (per_block - gathered) / tp + gathered
+    kept = 4 * d if parallel.activation_checkpointing else per_block  # per block, until backward
+    recompute = per_block if parallel.activation_checkpointing else 0  # one block at a time
+    head = 4 * V / tp + 12 * d
+    if pp == 1:
+        activations = tokens * (layers * kept + recompute + head)
+    else:  # the first stage holds the most micro-batches, the last one the head
+        gpipe = parallel.pipeline_schedule == "gpipe"
+        first = (grad_accum if gpipe else min(pp, grad_accum)) * layers * kept
+        last = (grad_accum if gpipe else 1) * layers * kept + head
+        activations = tokens * (max(first, last) + recompute)
+
+    working = 0.0
+    if fsdp or stage == 3:  # about two blocks gathered at a time, in the compute dtype
+        working = 2 * block * (2 if half else 4)
+    elif half and not ds:  # autocast's bf16 copies of the matmul weights, held until backward
+        # (checkpointed blocks drop theirs and cast again when recomputed); the head is V*d
+        cached_blocks = 0 if parallel.activation_checkpointing else layers * s["block_split"]
+        working = 2 * (cached_blocks + s["embedding"]) / tp
+    return MemoryEstimate(
+        params, grads, optimizer, activations, working, offloaded, tokens * recompute
+    )
+
+
+def device_memory(device_type: str, *, local_ranks: int) -> tuple[float, str]:
+    """Bytes one rank may use, and where the figure comes from."""
+    if device_type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return float(total), f"{torch.cuda.get_device_name()} memory"
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return float("inf"), "unknown host memory"
+    return total / max(local_ranks, 1), f"host memory / {local_ranks} local rank(s)"
+
+
+def check_fits(
+    estimate: MemoryEstimate, *, available: float, source: str, device_type: str, suggest
+) -> None:
+    """Refuse a layout whose estimate exceeds 90% of what a rank has; ``suggest()`` names a
+    layout that fits (or None)."""
+    if estimate.need(device_type) <= 0.9 * available:
+        return
+    hint = suggest()
+    raise ConfigurationError(
+        f"estimated memory per rank {_fmt(estimate.need(device_type))} ({estimate.describe()}) exceeds 90% of "
+        f"{_fmt(available)} ({source}); "
+        + (f"try {hint}" if hint else "use more ranks, a smaller model or micro-batch")
+        + " (or parallel.check_memory=false to try anyway)"
+    )
+
+
+def suggest_layout(
+    model,
+    *,
+    parallel,
+    world_size: int,
+    precision: str,
+    micro_batch_size: int,
+    seq_len: int,
+    grad_accum: int,
+    available: float,
+    device_type: str,
+) -> str | None:
+    """The first of a few standard remedies whose estimate fits, as overrides to add."""
+    import dataclasses
+
+    ac = {"activation_checkpointing": True}
+    fsdp = {"strategy": "fsdp", "tensor_parallel": parallel.tensor_parallel}
+    offload = {
+        "strategy": "deepspeed",
+        "zero_stage": 3,
+        "offload_optimizer": True,
+        "offload_params": True,
+        **ac,
+    }
+    candidates = [
+        (ac, micro_batch_size),
+        (fsdp, micro_batch_size),
+        ({**fsdp, **ac}, micro_batch_size),
+    ]
+    if world_size > 1 and parallel.tensor_parallel == 1 and device_type == "cuda":
+        candidates.append((offload, micro_batch_size))  # on a CPU, offloading gains nothing
+    mb = micro_batch_size
+    while mb > 1:
+        mb //= 2
+        candidates.append(({**fsdp, **ac}, mb))
+    plain = {
+        "zero_stage": None,
+        "offload_optimizer": False,
+        "offload_params": False,
+        "deepspeed_config": None,
+        "pipeline_parallel": 1,
+    }
+    for changes, micro in candidates:
+        keep = {} if "strategy" not in changes else plain
+        try:
+            candidate = dataclasses.replace(parallel, **{**keep, **changes})
+        except ConfigurationError:
+            continue
+        est = estimate_memory(
+            model,
+            parallel=candidate,
+            world_size=world_size,
+            precision=precision,
+            micro_batch_size=micro,
+            seq_len=seq_len,
+            grad_accum=max(1, grad_accum * micro_batch_size // micro),
+        )
+        if est.need(device_type) <= 0.9 * available:
+            words = [
+                f"parallel.{k}={str(v).lower()}"
+                for k, v in changes.items()
+                if getattr(parallel, k) != v
+            ]
+            if micro != micro_batch_size:
+                words.append(f"train.micro_batch_size={micro}")
+            return " ".join(words) + f" (estimated {_fmt(est.need(device_type))} per rank)"
+    return None
+
+
+def plan_memory(cfg, *, world_size: int, local_ranks: int) -> tuple[MemoryEstimate, float, str]:
+    """The estimate for a PretrainConfig (model.vocab_size set) on ``world_size`` ranks, with
+    what one rank has; raises ConfigurationError when it does not fit (unless
+    parallel.check_memory=false)."""
+    from pretrain.parallel.common import resolve_precision, use_cuda
+
+    device_type = "cuda" if use_cuda() else "cpu"
+    precision = resolve_precision(cfg.train.precision, device_type=device_type)
+    t = cfg.train
+    dp = max(1, world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
+    args = dict(
+        world_size=world_size,
+        precision=precision,
+        micro_batch_size=t.micro_batch_size,
+        seq_len=t.seq_len,
+        grad_accum=max(1, t.global_batch_tokens // (t.seq_len * t.micro_batch_size * dp)),
+    )
+    estimate = estimate_memory(cfg.model, parallel=cfg.parallel, **args)
+    available, source = device_memory(device_type, local_ranks=local_ranks)
+    if cfg.parallel.check_memory:
+        check_fits(
+            estimate,
+            available=available,
+            source=source,
+            device_type=device_type,
+            suggest=lambda: suggest_layout(
+                cfg.model,
+                parallel=cfg.parallel,
+                available=available,
+                device_type=device_type,
+                **args,
+            ),
+        )
+    return estimate, available, source
+
+
+def measured_state_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes this rank really holds of parameters and optimizer state (moments, step counts and
+    DeepSpeed's fp32 master partitions): local shards of DTensors (FSDP, TP), ZeRO-3 partitions
+    (``ds_tensor``). What the estimate's `params` + `optimizer` should match."""
+    import torch
+
+    def local(t):
+        t = getattr(t, "ds_tensor", t)  # ZeRO-3 keeps only this rank's partition
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    def nbytes(t) -> int:
+        return local(t).numel() * t.element_size()
+
+    params = sum(nbytes(p) for p in {id(p): p for p in model.parameters()}.values())
+    inner = getattr(model, "optimizer", None)  # a DeepSpeed engine's ZeRO optimizer
+    client = getattr(inner, "optimizer", None) or getattr(optimizer, "optimizer", optimizer)
+    state = sum(
+        nbytes(t) for st in client.state.values() for t in st.values() if torch.is_tensor(t)
+    )
+    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        # DeepSpeed's fp32 master partitions: the client optimizer steps them, in place of the
+        # (bf16 or fp32) model parameters
+        state += sum(t.numel() * t.element_size() for t in getattr(inner, name, None) or [])
+    return {"params": params, "optimizer": state}

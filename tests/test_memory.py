@@ -1,0 +1,125 @@
+"""Will it fit? pretrain/memory.py's estimate against memory measured on real models, and the
+refusal of a layout that cannot fit. (Per-rank parameter and optimizer bytes of every parallel
+layout are checked against the estimate in tests/test_distributed.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pretrain.config import ModelConfig, ParallelConfig
+from pretrain.memory import estimate_memory
+from pretrain.model import GPT
+from pretrain.parallel import apply_activation_checkpointing
+from pretrain.trainer import causal_lm_loss
+from tests.conftest import lmforge
+
+
+def saved_for_backward(model, batch, dtype) -> int:
+    """Bytes autograd keeps for backward after one forward: every saved tensor's storage once,
+    parameters excluded (bf16 copies of them made by autocast count: they live until backward)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            causal_lm_loss(model, batch)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(n_layer=2, d_model=64, n_head=4, vocab_size=512, batch=4, seq=64),
+        dict(n_layer=3, d_model=128, n_head=4, n_kv_head=2, vocab_size=1024, batch=2, seq=128),
+        dict(n_layer=2, d_model=256, n_head=8, vocab_size=4096, batch=2, seq=96),
+    ],
+    ids=["d64", "d128-gqa", "d256"],
+)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["", "ac"])
+def test_activation_estimate_matches_measured(shape, precision, checkpointing):
+    shape = dict(shape)
+    batch, seq = shape.pop("batch"), shape.pop("seq")
+    cfg = ModelConfig(**shape, max_seq_len=seq)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    measured = saved_for_backward(model, {"input_ids": x[:, :-1], "labels": x[:, 1:]}, dtype)
+    est = estimate_memory(
+        cfg,
+        parallel=ParallelConfig(activation_checkpointing=checkpointing),
+        world_size=1,
+        precision=precision,
+        micro_batch_size=batch,
+        seq_len=seq,
+        grad_accum=1,
+    )
+    # What a forward leaves for backward: the kept activations and autocast's weight copies
+    # (the block recomputed under checkpointing exists only during backward).
+    estimated = est.activations - est.recompute + est.working
+    print(f"{precision} ac={checkpointing}: estimated {estimated:,.0f} measured {measured:,}")
+    assert abs(estimated / measured - 1) < 0.05, (estimated, measured)
+
+
+def test_dry_run_prints_layout_and_memory(tiny_data):
+    out = lmforge(
+        "pretrain",
+        "name=x",
+        f"data.path={tiny_data}",
+        "train.max_steps=1",
+        "parallel=configs/parallel/fsdp-tp2.yaml",
+        "--nproc",
+        "4",
+        "--dry-run",
+    ).stdout
+    assert "# layout: dp 2 x tp 2 x pp 1 = 4 rank(s)" in out
+    assert "# memory per rank (estimate): params" in out and "activations" in out
+
+
+def test_layout_that_cannot_fit_is_refused_with_one_that_does(tiny_data, tmp_path):
+    """A 7B model on this machine: refused before any process starts, naming a layout that fits
+    (here: none of the standard remedies fits a CPU's memory, so it says what else to do)."""
+    proc = lmforge(
+        "pretrain",
+        "name=big",
+        f"data.path={tiny_data}",
+        f"runs_dir={tmp_path}",
+        "train.max_steps=1",
+        "model=configs/model/llama-7b.yaml",
+        "model.vocab_size=null",
+        "--nproc",
+        "2",
+        check=False,
+    )
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1 and "estimated memory per rank" in err[0] and "exceeds 90%" in err[0]
+    assert "parallel.check_memory=false" in err[0]
+    assert not (tmp_path / "big").exists()
+    # A model that fits only with sharding: the suggestion is FSDP (4 ranks split 16 bytes/param).
+    proc = lmforge(
+        "pretrain",
+        "name=mid",
+        f"data.path={tiny_data}",
+        f"runs_dir={tmp_path}",
+        "train.max_steps=1",
+        "model=configs/model/llama-1b.yaml",
+        "train.seq_len=64",
+        "train.micro_batch_size=1",
+        "train.global_batch_tokens=256",
+        "--nproc",
+        "4",
+        "--dry-run",
+        check=False,
+    )
+    assert proc.returncode != 0 and "try parallel.strategy=fsdp" in proc.stderr, proc.stderr
