@@ -210,25 +210,37 @@ def test_resume_with_other_data_or_shape_is_refused(tiny_data, tmp_path, referen
         ((1, "parallel.strategy=ddp"), (2, "parallel.strategy=fsdp")),
         ((2, "parallel.tensor_parallel=2"), (2, "parallel.strategy=ddp")),
         ((2, "parallel.pipeline_parallel=2"), (1, "parallel.strategy=ddp")),
+        ((2, "parallel.strategy=deepspeed", "parallel.zero_stage=3"), (1, "parallel.strategy=ddp")),
+        (
+            (2, "parallel.strategy=deepspeed", "parallel.zero_stage=2"),
+            (2, "parallel.strategy=fsdp"),
+        ),
     ],
-    ids=["fsdp2-to-ddp1", "ddp1-to-fsdp2", "tp2-to-dp2", "pp2-to-ddp1"],
+    ids=[
+        "fsdp2-to-ddp1",
+        "ddp1-to-fsdp2",
+        "tp2-to-dp2",
+        "pp2-to-ddp1",
+        "zero3-to-ddp1",
+        "zero2-to-fsdp2",
+    ],
 )
 def test_resume_across_strategy_and_world_size(tiny_data, tmp_path, reference_runs, before, after):
     """Weights and optimizer state are resharded on load (DCP); the data order only depends on
     the global batch, so the continuation sees the same samples. Dropout is off: RNG streams
     are per rank and cannot be carried to another world size."""
-    ref = reference_runs(before[0], "fp32", before[1], "model.dropout=0.0")
+    ref = reference_runs(before[0], "fp32", *before[1:], "model.dropout=0.0")
     runs, name = str(tmp_path), "moved"
     lmforge(
         "pretrain",
-        *_args(tiny_data, runs, name, before[0], "fp32", before[1], "model.dropout=0.0"),
+        *_args(tiny_data, runs, name, before[0], "fp32", *before[1:], "model.dropout=0.0"),
         env={"LMFORGE_FAULT": "step@10"},
         check=False,
     )
     out = lmforge(
         "pretrain",
         *_args(
-            tiny_data, runs, name, after[0], "fp32", after[1], "model.dropout=0.0", "resume=auto"
+            tiny_data, runs, name, after[0], "fp32", *after[1:], "model.dropout=0.0", "resume=auto"
         ),
     )
     if before[0] != after[0]:

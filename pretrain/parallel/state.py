@@ -53,9 +53,14 @@ def save_dcp_state(strategy, directory: str, *, model, optimizer, write_file, ex
 
 def load_dcp_state(strategy, directory: str, *, model, optimizer) -> dict:
     """Load (and reshard) model and optimizer state; return the strategy's extra state.
-    Called only after the checkpoint's manifest checked out (DCP metadata is pickled)."""
+    Called only after the checkpoint's manifest checked out (DCP metadata is pickled).
+    A checkpoint written by a DeepSpeed engine is converted on the way in."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    if os.path.isdir(os.path.join(directory, "deepspeed")):
+        load_deepspeed_state(strategy, directory, model=model, optimizer=optimizer)
+        return {}
 
     plain, inner, model_sd, optim_sd = _state_dicts(strategy, model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
@@ -68,6 +73,90 @@ def load_dcp_state(strategy, directory: str, *, model, optimizer) -> dict:
         options=_options(),
     )
     return torch.load(os.path.join(directory, "extra.pt"), map_location="cpu", weights_only=True)
+
+
+def load_deepspeed_state(strategy, directory: str, *, model, optimizer) -> None:
+    """Resume a DeepSpeed (ZeRO 0-3) checkpoint under DDP, FSDP, TP or a pipeline: DeepSpeed's
+    own converter (``ds_to_universal``) turns its flat partitions into per-parameter fp32
+    weights and Adam moments, which are then loaded as a full state dict and resharded by
+    ``set_state_dict`` to this layout. Each rank converts into a private temporary directory
+    (the shards are read, never changed; the checkpoint's manifest checked out before)."""
+    import argparse
+    import contextlib
+    import shutil
+    import tempfile
+
+    from deepspeed.checkpoint import ds_to_universal
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
+
+    tmp = tempfile.mkdtemp(prefix="lmforge-universal-")
+    try:
+        args = argparse.Namespace(
+            input_folder=os.path.join(directory, "deepspeed"),
+            output_folder=os.path.join(tmp, "universal"),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=False,
+        )
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal.main(args)
+        params = os.path.join(tmp, "universal", "zero")
+        step, groups = _deepspeed_optimizer_meta(os.path.join(directory, "deepspeed"))
+
+        def tensor(fqn: str, name: str, like: torch.Tensor) -> torch.Tensor:
+            # ZeRO-3's universal tensors are flat: take the parameter's shape
+            t = torch.load(os.path.join(params, fqn, name + ".pt"), weights_only=True)
+            t = t["param"] if isinstance(t, dict) else t  # ZeRO-1/2 files: {"param": ..., ...}
+            return t.reshape(like.shape)
+
+        plain = strategy.unwrap(model)
+        inner = getattr(optimizer, "optimizer", optimizer)
+        # Nested (not flattened) optimizer state: torch 2.13's set_state_dict fails on a full
+        # state dict that is also flattened.
+        options = StateDictOptions(full_state_dict=True)
+        model_sd, optim_sd = get_state_dict(plain, inner, options=options)  # FQN-keyed
+        model_sd = {fqn: tensor(fqn, "fp32", like) for fqn, like in model_sd.items()}
+        for fqn, state in optim_sd["state"].items():
+            for name, like in state.items():
+                state[name] = (
+                    torch.tensor(float(step)) if name == "step" else tensor(fqn, name, like)
+                )
+        if len(groups) != len(optim_sd["param_groups"]):
+            raise CheckpointError(
+                f"{directory}: the DeepSpeed optimizer has {len(groups)} parameter groups, this "
+                f"run's {len(optim_sd['param_groups'])}; resume with the same optim settings"
+            )
+        for ours, theirs in zip(optim_sd["param_groups"], groups, strict=True):
+            ours.update(theirs)  # the learning rate (and decay) where the run stopped
+        set_state_dict(
+            plain, inner, model_state_dict=model_sd, optim_state_dict=optim_sd, options=options
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    pdist.print0(
+        f"converted {directory} from DeepSpeed ZeRO to this layout (weights and Adam state)"
+    )
+
+
+def _deepspeed_optimizer_meta(ds_dir: str) -> tuple[int, list[dict]]:
+    """Adam's step count (every parameter steps together) and the client optimizer's parameter
+    groups (learning rate at the checkpoint, decay, betas) from a DeepSpeed checkpoint."""
+    import glob
+
+    path = sorted(glob.glob(os.path.join(ds_dir, "*optim_states.pt")))[0]
+    # Pickled DeepSpeed state, from a checkpoint whose manifest checked out.
+    state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    # the client optimizer's own state dict: ZeRO-3 and ZeRO-1/2 name it differently
+    inner = state.get("optimizer_state_dict") or state.get("base_optimizer_state") or state
+    steps = [int(v["step"]) for v in inner["state"].values() if "step" in v]
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in inner["param_groups"]]
+    return (max(steps) if steps else 0), groups
 
 
 def consolidated_weights(dcp_dir: str, *, tied: bool) -> dict[str, torch.Tensor]:
@@ -112,16 +201,12 @@ def dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def check_state_format(checkpoint: str, *, strategy: str) -> None:
     """Refuse a checkpoint whose sharded state this strategy cannot read. DDP, FSDP, TP and
-    pipelines share one reshardable format (DCP, `dcp/`); DeepSpeed engines keep their own
-    (`deepspeed/`)."""
+    pipelines share one reshardable format (DCP, `dcp/`) and also read DeepSpeed's
+    (`deepspeed/`, converted on load); DeepSpeed engines read only their own."""
     by_deepspeed = os.path.isdir(os.path.join(checkpoint, "deepspeed"))
-    if by_deepspeed != (strategy == "deepspeed"):
+    if strategy == "deepspeed" and not by_deepspeed:
         raise CheckpointError(
-            f"{checkpoint} was written by "
-            + (
-                "a DeepSpeed engine: resume it with parallel.strategy=deepspeed"
-                if by_deepspeed
-                else "DDP/FSDP: resume it with parallel.strategy=ddp or fsdp"
-            )
-            + " (converting between DeepSpeed and DCP checkpoints is not supported yet)"
+            f"{checkpoint} was written by DDP/FSDP/TP/PP (torch.distributed.checkpoint), which a "
+            "DeepSpeed engine cannot load: resume it with parallel.strategy=ddp or fsdp "
+            "(DeepSpeed checkpoints convert the other way, not this one)"
         )

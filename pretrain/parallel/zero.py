@@ -123,6 +123,19 @@ class DeepSpeedStrategy(Strategy):
         if self.activation_checkpointing:
             apply_activation_checkpointing(model)
         optimizer = make_optimizer(model)
+        # Saved with every checkpoint: lets DeepSpeed's ds_to_universal convert ZeRO-1/2
+        # checkpoints too (lmforge converts them when another strategy resumes one).
+        from deepspeed.checkpoint.constants import (
+            UNIVERSAL_CHECKPOINT_INFO,
+            UNIVERSAL_CHECKPOINT_VERSION_KEY,
+            UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        )
+
+        setattr(
+            model,
+            UNIVERSAL_CHECKPOINT_INFO,
+            {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+        )
         config = deepspeed_config(
             self.parallel,
             precision=self.precision,
