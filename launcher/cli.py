@@ -65,6 +65,22 @@ def _parser() -> argparse.ArgumentParser:
         help="print the resolved config, parameter counts and FLOPs, then stop",
     )
 
+    sp = command(
+        "consolidate",
+        "Checkpoint of any parallel layout -> one model directory (safetensors, config, "
+        "tokenizer).",
+        config=False,
+    )
+    sp.add_argument(
+        "path",
+        metavar="RUN|CHECKPOINT",
+        help="runs/<name> (its latest checkpoint) or a checkpoint directory",
+    )
+    sp.add_argument("--out", required=True, help="new directory to write")
+    sp.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype"
+    )
+
     sp = command("print-config", "Print the resolved config of a command.")
     sp.add_argument(
         "--keys", action="store_true", help="list every key with its default and meaning instead"
@@ -186,6 +202,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from pretrain.run import run_pretrain
 
         run_pretrain(cfg)
+        return 0
+
+    if args.command == "consolidate":
+        from pretrain.consolidate import consolidate
+
+        consolidate(args.path, out=args.out, dtype=args.dtype)
         return 0
 
     if args.command == "bench" and args.strategies:

@@ -103,15 +103,13 @@ def estimate_memory(
     dp = max(1, world_size // (tp * pp))
     s = _param_split(model)
     d, F, V = model.d_model, model.hidden_dim, model.vocab_size
-    layers = -(-s["layers"] // pp)  # the largest stage
-    first_stage_extra = s["embedding"] / tp
-    last_stage_extra = (s["head"] / tp + s["final_norm"]) if pp > 1 else 0
+    layers = -(-s["layers"] // pp)  # blocks of the largest (first) stage
     block = s["block_split"] / tp + s["block_norms"]
-    n_local = (
-        layers * block
-        + first_stage_extra
-        + (last_stage_extra if pp > 1 else s["head"] / tp + s["final_norm"])
-    )
+    embedding, head = s["embedding"] / tp, s["head"] / tp + s["final_norm"]
+    if pp == 1:
+        n_local = layers * block + embedding + head
+    else:  # the first stage holds the embeddings, the last one (fewest blocks) the head
+        n_local = max(layers * block + embedding, (s["layers"] // pp) * block + head)
 
     ds = parallel.strategy == "deepspeed"
     stage = parallel.stage if ds else 0

@@ -146,6 +146,12 @@ def test_prepare_errors(capsys, tmp_path):
     assert "/no/such/file.txt" in msg
 
 
+def test_consolidate_errors(capsys, tmp_path):
+    msg = _error(capsys, "consolidate", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert "neither a checkpoint" in msg and "runs/<name>" in msg
+    assert not (tmp_path / "o").exists()
+
+
 def test_print_config(capsys):
     assert main(["print-config", "name=x", "data.path=d", "train.max_steps=3"]) == 0
     out = capsys.readouterr().out

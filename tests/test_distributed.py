@@ -221,6 +221,7 @@ def test_deepspeed_two_processes_match_one(tiny_data, tmp_path, one_process, zer
     _assert_estimate(two)
     # ZeRO reduces in flat buckets (another summation order): weights agree to 1e-5.
     _assert_same_curve(os.path.join(runs, "ds"), one_dir, weight_atol=1e-5)
+    _assert_consolidates(os.path.join(runs, "ds"), one_dir, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -268,6 +269,31 @@ def test_model_parallel_matches_one(tiny_data, tmp_path, one_process, extra, wor
     _assert_estimate(ranks)
     # Other reduction orders than one process: weights agree to 1e-5.
     _assert_same_curve(os.path.join(runs, "mp"), one_dir, weight_atol=1e-5)
+    _assert_consolidates(os.path.join(runs, "mp"), one_dir, tmp_path)
+
+
+def _assert_consolidates(run_dir: str, ref_dir: str, tmp_path) -> None:
+    """`lmforge consolidate`'s function: the sharded state of any layout -> a model directory
+    whose weights load strictly into a plain GPT and equal the 1-process run's."""
+    from omegaconf import OmegaConf
+
+    from pretrain.config import ModelConfig
+    from pretrain.consolidate import consolidate
+    from pretrain.model import GPT
+
+    out = consolidate(run_dir, out=str(tmp_path / "model"))
+    assert sorted(os.listdir(out)) == [
+        "config.yaml",
+        "consolidated.json",
+        "model.safetensors",
+        "tokenizer.model",
+    ]
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    model_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(out, "config.yaml")).model)
+    GPT(ModelConfig(**model_cfg)).load_state_dict(weights, strict=True)
+    ref = _final_weights(ref_dir)
+    for k, v in ref.items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

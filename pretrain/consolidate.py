@@ -1,0 +1,105 @@
+"""`lmforge consolidate`: one checkpoint of any layout -> a standalone model directory.
+
+    OUT/model.safetensors   full weights (fp32 unless --dtype), names as in pretrain/model.py
+    OUT/config.yaml         the run's resolved config (the `model` section builds the GPT)
+    OUT/tokenizer.model     the SentencePiece model the run was trained with (when found)
+    OUT/consolidated.json   where it came from: checkpoint, step, tokens, FLOPs, sha256 sums
+
+The weights are rebuilt from the sharded state itself (DCP shards of DDP/FSDP/TP/pipelines,
+or DeepSpeed's ZeRO partitions through zero_to_fp32), after the checkpoint's manifest checked
+out, so no process group and no GPU are needed. The directory is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import torch
+
+from pretrain.checkpoint import latest_checkpoint, read_trainer_state, verify_checkpoint
+from pretrain.durable import fsync_dir, sha256_file, write_durable
+from pretrain.errors import CheckpointError, ConfigurationError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    if os.path.isfile(os.path.join(path, "manifest.json")):
+        return path
+    root = os.path.join(path, "checkpoints")
+    found = latest_checkpoint(root) if os.path.isdir(root) else None
+    if found is None:
+        raise CheckpointError(
+            f"{path} is neither a checkpoint (no manifest.json) nor a run directory with "
+            "checkpoints/latest; pass runs/<name> or runs/<name>/checkpoints/step_<N>"
+        )
+    return found
+
+
+def full_weights(checkpoint: str) -> dict[str, torch.Tensor]:
+    """fp32 weights of a verified checkpoint, rebuilt from its sharded state."""
+    from omegaconf import OmegaConf
+
+    if os.path.isdir(os.path.join(checkpoint, "deepspeed")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from pretrain.parallel.state import dedup_tied
+
+        return dedup_tied(get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="deepspeed"))
+    from pretrain.parallel.state import consolidated_weights
+
+    cfg = OmegaConf.load(os.path.join(checkpoint, "config.yaml"))
+    tied = bool(OmegaConf.select(cfg, "model.tie_embeddings", default=False))
+    return consolidated_weights(os.path.join(checkpoint, "dcp"), tied=tied)
+
+
+def consolidate(path: str, *, out: str, dtype: str = "fp32") -> str:
+    """Write the model directory of checkpoint (or run) ``path`` to ``out``; return ``out``."""
+    from safetensors.torch import save
+
+    if dtype not in DTYPES:
+        raise ConfigurationError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if os.path.exists(out) and os.listdir(out):
+        raise ConfigurationError(f"--out {out} exists and is not empty; choose a new directory")
+    checkpoint = resolve_checkpoint(path)
+    verify_checkpoint(checkpoint)  # pickled shard metadata is read only after this
+    state = read_trainer_state(checkpoint)
+    weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in full_weights(checkpoint).items()}
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".consolidate-", dir=parent)
+    try:
+        write_durable(os.path.join(tmp, "model.safetensors"), save(weights, {"format": "pt"}))
+        shutil.copyfile(os.path.join(checkpoint, "config.yaml"), os.path.join(tmp, "config.yaml"))
+        tokenizer = state.get("tokenizer")
+        if tokenizer and os.path.isfile(tokenizer):
+            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+        info = {
+            "checkpoint": os.path.abspath(checkpoint),
+            "step": state.get("step"),
+            "tokens": state.get("tokens"),
+            "flops": state.get("flops"),
+            "dtype": dtype,
+            "parameters": sum(v.numel() for v in weights.values()),
+            "tokenizer_sha256": state.get("tokenizer_sha256"),
+        }
+        info["sha256"] = {n: sha256_file(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
+        write_durable(os.path.join(tmp, "consolidated.json"), json.dumps(info, indent=2).encode())
+        fsync_dir(tmp)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.rename(tmp, out)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(
+        f"consolidated {checkpoint} (step {info['step']}, {info['parameters']:,} parameters, "
+        f"{dtype}) -> {out}"
+    )
+    return out
