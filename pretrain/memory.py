@@ -184,8 +184,8 @@ def check_fits(
         return
     hint = suggest()
     raise ConfigurationError(
-        f"estimated memory per rank {_fmt(estimate.need(device_type))} ({estimate.describe()}) exceeds 90% of "
-        f"{_fmt(available)} ({source}); "
+        f"estimated memory per rank {_fmt(estimate.need(device_type))} "
+        f"({estimate.describe()}) exceeds 90% of {_fmt(available)} ({source}); "
         + (f"try {hint}" if hint else "use more ranks, a smaller model or micro-batch")
         + " (or parallel.check_memory=false to try anyway)"
     )

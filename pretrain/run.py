@@ -114,12 +114,12 @@ def check_vocab(*, model_vocab: int | None, data_vocab: int, data_path: str) -> 
 
 
 def check_resume_compatible(
-    *, ckpt: str, cfg_model: dict, tokenizer_sha: str, strategy: str
+    *, ckpt: str, cfg_model: dict, cfg_parallel: dict, tokenizer_sha: str
 ) -> None:
     """Refuse a checkpoint whose model shape, tokenizer or state format differs from this run's."""
     from omegaconf import OmegaConf
 
-    check_state_format(ckpt, strategy=strategy)
+    check_state_format(ckpt, strategy=cfg_parallel["strategy"])
     with open(os.path.join(ckpt, "trainer_state.json")) as f:
         saved = json.load(f)
     if saved.get("tokenizer_sha256") not in (None, tokenizer_sha):
@@ -127,9 +127,18 @@ def check_resume_compatible(
             f"{ckpt} was trained with another tokenizer (sha256 {saved['tokenizer_sha256'][:12]}…) "
             f"than data.path's ({tokenizer_sha[:12]}…); use the data it was trained on"
         )
-    old = OmegaConf.to_container(OmegaConf.load(os.path.join(ckpt, "config.yaml")))["model"]
+    saved_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(ckpt, "config.yaml")))
+    old = saved_cfg["model"]
     # Shape and numerics must match; dropout and init may change between attempts.
     diff = [k for k in cfg_model if k not in ("dropout", "init_std") and old.get(k) != cfg_model[k]]
+    layout_keys = ("strategy", "zero_stage", "tensor_parallel", "pipeline_parallel")
+    before = {k: saved_cfg.get("parallel", {}).get(k) for k in layout_keys}
+    now = {k: cfg_parallel.get(k) for k in layout_keys}
+    if before != now:
+        pdist.print0(
+            f"note: {ckpt} was written under parallel {before}, this run uses {now}: weights and "
+            "optimizer state are resharded; dropout RNG streams do not carry over between layouts"
+        )
     if diff:
         k = diff[0]
         raise CheckpointError(
@@ -185,8 +194,8 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
         check_resume_compatible(
             ckpt=resume_from,
             cfg_model=to_container(cfg.model),
+            cfg_parallel=to_container(cfg.parallel),
             tokenizer_sha=tok["sha256"],
-            strategy=cfg.parallel.strategy,
         )
     pdist.barrier()
 

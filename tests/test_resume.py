@@ -110,6 +110,8 @@ def reference_runs(tiny_data, tmp_path_factory):
         (2, "fp32", "deepspeed parallel.zero_stage=3"),
         (2, "fp32", "ddp parallel.tensor_parallel=2"),
         (2, "bf16", "ddp parallel.pipeline_parallel=2"),
+        (2, "bf16", "deepspeed parallel.zero_stage=1"),
+        (4, "fp32", "fsdp parallel.tensor_parallel=2"),
     ],
 )
 def test_sigkill_mid_run_resumes_exactly(
@@ -243,8 +245,9 @@ def test_resume_across_strategy_and_world_size(tiny_data, tmp_path, reference_ru
             tiny_data, runs, name, after[0], "fp32", *after[1:], "model.dropout=0.0", "resume=auto"
         ),
     )
+    assert "resharded" in out.stdout  # the layout changed: said, not hidden
     if before[0] != after[0]:
-        assert "RNG streams" in out.stdout  # the world size changed: said, not hidden
+        assert "RNG streams" in out.stdout  # so did the world size
     got = [r for r in _rows(os.path.join(runs, name)) if r["kind"] == "train"]
     want = [r for r in _rows(ref) if r["kind"] == "train"]
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))

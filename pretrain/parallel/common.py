@@ -73,6 +73,17 @@ def init_process_group(cuda: bool) -> None:
         )
 
 
+def join_process_group(precision: str) -> tuple[str, torch.device]:
+    """For strategies on torch.distributed directly: join the group, pick this rank's device;
+    return the resolved precision and the device."""
+    cuda = use_cuda()
+    # Deterministic cuBLAS (train.deterministic) needs this before the first CUDA call.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    resolved = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
+    init_process_group(cuda)
+    return resolved, local_device(cuda)
+
+
 def local_device(cuda: bool) -> torch.device:
     if not cuda:
         return torch.device("cpu")

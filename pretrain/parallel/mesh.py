@@ -12,7 +12,6 @@ split by vocabulary rows and the LM head by vocabulary columns, its logits gathe
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import torch.distributed as dist
@@ -23,10 +22,7 @@ from pretrain.parallel.common import (
     all_reduce_grads,
     apply_activation_checkpointing,
     blocks,
-    init_process_group,
-    local_device,
-    resolve_precision,
-    use_cuda,
+    join_process_group,
 )
 from pretrain.parallel.state import load_dcp_state, save_dcp_state
 
@@ -91,14 +87,11 @@ class MeshStrategy(Strategy):
     def __init__(self, *, precision: str, parallel) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        cuda = use_cuda()
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.precision = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
+        # fully_shard needs a process group even for one process
+        self.precision, self.device = join_process_group(precision)
         self.shard = parallel.strategy == "fsdp"
         self.tp = parallel.tensor_parallel
         self.activation_checkpointing = parallel.activation_checkpointing
-        init_process_group(cuda)  # fully_shard needs a process group even for one process
-        self.device = local_device(cuda)
         world = dist.get_world_size()
         self.mesh = init_device_mesh(
             self.device.type, (world // self.tp, self.tp), mesh_dim_names=("dp", "tp")

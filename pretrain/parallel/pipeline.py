@@ -13,8 +13,6 @@ form the data-parallel dimension and average gradients after the schedule.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -24,10 +22,7 @@ from pretrain.parallel.common import (
     Strategy,
     all_reduce_grads,
     apply_activation_checkpointing,
-    init_process_group,
-    local_device,
-    resolve_precision,
-    use_cuda,
+    join_process_group,
 )
 from pretrain.parallel.state import load_dcp_state, save_dcp_state
 
@@ -88,14 +83,10 @@ class PipelineStrategy(Strategy):
     def __init__(self, *, precision: str, parallel) -> None:
         from torch.distributed.device_mesh import init_device_mesh
 
-        cuda = use_cuda()
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.precision = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
+        self.precision, self.device = join_process_group(precision)
         self.pp = parallel.pipeline_parallel
         self.schedule_name = parallel.pipeline_schedule
         self.activation_checkpointing = parallel.activation_checkpointing
-        init_process_group(cuda)
-        self.device = local_device(cuda)
         world = dist.get_world_size()
         self.mesh = init_device_mesh(
             self.device.type, (self.pp, world // self.pp), mesh_dim_names=("pp", "dp")
