@@ -66,6 +66,30 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     sp = command(
+        "launch",
+        "Run an lmforge command in N processes on this node, or as one node of a multi-node "
+        "job (torch elastic underneath; `pretrain --nproc N` is sugar for it).",
+        config=False,
+    )
+    sp.add_argument("--nproc", type=int, default=1, help="processes on this node (default 1)")
+    sp.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    sp.add_argument(
+        "--node-rank", type=int, default=0, help="this node's rank (with --master-addr)"
+    )
+    sp.add_argument("--master-addr", help="address of node 0 (static rendezvous)")
+    sp.add_argument("--master-port", type=int, help="port on node 0 (default 29500)")
+    sp.add_argument(
+        "--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous instead of --master-addr"
+    )
+    sp.add_argument(
+        "--log-dir",
+        help="per-rank stdout/stderr files here (default for pretrain: the run's logs/)",
+    )
+    sp.add_argument(
+        "cmd", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="e.g. pretrain CONFIG.yaml"
+    )
+
+    sp = command(
         "consolidate",
         "Checkpoint of any parallel layout -> one model directory (safetensors, config, "
         "tokenizer).",
@@ -198,11 +222,39 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             if "--nproc" in argv:  # "--nproc N" as two words
                 i = argv.index("--nproc")
                 worker_argv = argv[:i] + argv[i + 2 :]
-            return launch_local(worker_argv, nproc=args.nproc)
+            return launch_local(
+                worker_argv, nproc=args.nproc, log_dir=os.path.join(cfg.run_dir, "logs")
+            )
         from pretrain.run import run_pretrain
 
-        run_pretrain(cfg)
-        return 0
+        # 0 when done; 128 + signal when SIGUSR1/SIGTERM stopped it early (after saving)
+        return run_pretrain(cfg)["exit_code"]
+
+    if args.command == "launch":
+        from launcher.local import launch
+        from pretrain.errors import ConfigurationError
+
+        if not args.cmd or args.cmd[0] in ("launch", "submit"):
+            raise ConfigurationError(
+                "lmforge launch needs the command to run, e.g. "
+                "`lmforge launch --nproc 2 pretrain configs/pretrain/demo.yaml`"
+            )
+        log_dir = args.log_dir
+        if log_dir is None and args.cmd[0] == "pretrain":
+            from pretrain.config import PretrainConfig
+
+            overrides = [a for a in args.cmd[1:] if not a.startswith("-")]
+            log_dir = os.path.join(load_config(PretrainConfig, overrides).run_dir, "logs")
+        return launch(
+            args.cmd,
+            nproc=args.nproc,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
+            rdzv_endpoint=args.rdzv_endpoint,
+            log_dir=log_dir,
+        )
 
     if args.command == "consolidate":
         from pretrain.consolidate import consolidate

@@ -1,19 +1,26 @@
-"""Start N local worker processes of an lmforge command (torch elastic, as `torchrun` does).
+"""Start the worker processes of an lmforge command on this node (torch elastic, as `torchrun`
+does): N local processes, or one node of a multi-node job (`lmforge launch`).
 
 Workers get RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from torch elastic, and an
 OMP_NUM_THREADS share of the cores so that N ranks on one machine do not oversubscribe it. A user
 error in any worker is written to a per-rank file; the parent prints each distinct message once,
-naming the ranks, instead of torch elastic's traceback dump.
+naming the ranks, instead of torch elastic's traceback dump. With a log directory each rank's
+stdout and stderr also go to its own file (the run directory's `logs/`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import sys
 import tempfile
 
 ERROR_DIR_ENV = "LMFORGE_ERROR_DIR"
+# Signals torch elastic's agent turns into "kill the workers"; SIGTERM and SIGUSR1 are forwarded
+# to the workers instead (forward_stop_signals), which save before they exit.
+ELASTIC_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
 def free_port() -> int:
@@ -36,23 +43,122 @@ def record_worker_error(message: str) -> bool:
     return True
 
 
-def launch_local(argv: list[str], *, nproc: int) -> int:
-    """Run ``lmforge <argv>`` in ``nproc`` processes on this machine; return the exit code."""
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc: the workers torch elastic started)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (comm) state ppid ...": comm may hold spaces, so split after its ")"
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(entry))
+    return out
+
+
+@contextlib.contextmanager
+def forward_stop_signals():
+    """SIGTERM and SIGUSR1 reaching the launcher go to every worker, which finish their step,
+    save a checkpoint and exit (pretrain/preemption.py); the launcher keeps waiting for them.
+    torch elastic would otherwise kill the workers on SIGTERM (after 30 s at most) and die of
+    SIGUSR1, losing the save: the launch config leaves SIGTERM to us (ELASTIC_SIGNALS)."""
+
+    def forward(signum, frame) -> None:
+        for pid in child_pids(os.getpid()):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def rank_logs(log_dir: str):
+    """torch elastic log destinations: ``<log_dir>/<time>-<host>/rank<RANK>.out|.err`` per
+    attempt (a requeued job keeps the first attempt's logs), teed to the console."""
+    import time
+
+    from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
+
+    class RankLogs(LogsSpecs):
+        def __init__(self) -> None:
+            super().__init__(log_dir=log_dir, redirects=Std.ALL, tee=Std.ALL)
+            self._attempt = os.path.join(
+                log_dir, f"{time.strftime('%Y%m%d-%H%M%S')}-{socket.gethostname()}"
+            )
+
+        @property
+        def root_log_dir(self) -> str:
+            return log_dir
+
+        def reify(self, envs: dict[int, dict[str, str]]) -> LogsDest:
+            os.makedirs(self._attempt, exist_ok=True)
+            out, err, errors = {}, {}, {}
+            for local, env in envs.items():
+                stem = os.path.join(self._attempt, f"rank{int(env['RANK']):03d}")
+                out[local], err[local], errors[local] = f"{stem}.out", f"{stem}.err", f"{stem}.json"
+                env["TORCHELASTIC_ERROR_FILE"] = errors[local]
+            return LogsDest(out, err, dict(out), dict(err), errors)
+
+    return RankLogs()
+
+
+def launch(
+    argv: list[str],
+    *,
+    nproc: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    rdzv_endpoint: str | None = None,
+    run_id: str | None = None,
+    log_dir: str | None = None,
+) -> int:
+    """Run ``lmforge <argv>`` in ``nproc`` processes on this node, as one of ``nnodes`` nodes;
+    return the exit code. Rendezvous: ``rdzv_endpoint`` (c10d, node ranks assigned on
+    arrival), else ``master_addr:master_port`` with this ``node_rank`` (static), else a free
+    local port (one node)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    if rdzv_endpoint:
+        backend, endpoint, rdzv = "c10d", rdzv_endpoint, {}
+    elif master_addr:
+        port = master_port or 29500
+        backend, endpoint, rdzv = "static", f"{master_addr}:{port}", {"rank": node_rank}
+    else:
+        if nnodes > 1:
+            from pretrain.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"--nnodes {nnodes} needs --master-addr (and --master-port, --node-rank) or "
+                "--rdzv-endpoint HOST:PORT so that the nodes can find each other"
+            )
+        backend, endpoint, rdzv = "c10d", f"127.0.0.1:{free_port()}", {}
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
-    with tempfile.TemporaryDirectory(prefix="lmforge-errors-") as errors:
+    with tempfile.TemporaryDirectory(prefix="lmforge-errors-") as errors, forward_stop_signals():
         os.environ[ERROR_DIR_ENV] = errors
         config = LaunchConfig(
-            min_nodes=1,
-            max_nodes=1,
+            min_nodes=nnodes,
+            max_nodes=nnodes,
             nproc_per_node=nproc,
-            run_id="lmforge-local",
-            rdzv_backend="c10d",
-            rdzv_endpoint=f"127.0.0.1:{free_port()}",
+            run_id=run_id or os.environ.get("SLURM_JOB_ID", "lmforge"),
+            rdzv_backend=backend,
+            rdzv_endpoint=endpoint,
+            rdzv_configs=rdzv,
             max_restarts=0,
             monitor_interval=0.2,
+            signals_to_handle=ELASTIC_SIGNALS,
+            log_line_prefix_template="[rank${rank}]:",  # console lines teed from rank logs
+            **({"logs_specs": rank_logs(log_dir)} if log_dir else {}),
         )
         try:
             elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.cli", *argv)
@@ -68,3 +174,8 @@ def launch_local(argv: list[str], *, nproc: int) -> int:
             return next((c for c in codes if c and c > 0), 1)
         finally:
             os.environ.pop(ERROR_DIR_ENV, None)
+
+
+def launch_local(argv: list[str], *, nproc: int, log_dir: str | None = None) -> int:
+    """``lmforge <command> --nproc N``: N processes on this machine (sugar for `launch`)."""
+    return launch(argv, nproc=nproc, log_dir=log_dir)

@@ -29,6 +29,7 @@ from pretrain.metrics import MetricsWriter, plot_loss_vs_flops, truncate_metrics
 from pretrain.model import GPT
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy, check_layout, check_state_format
+from pretrain.preemption import GracefulStop
 from pretrain.trainer import MetricsCallback, ProgressBar, Trainer
 
 PACKAGES = (
@@ -321,15 +322,20 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
             f"memory per rank (estimate): {memory.describe()} of {available / 2**30:.1f} GiB "
             f"({mem_source})"
         )
+    # On every rank: SIGUSR1 / SIGTERM finish the step, save and return (pretrain/preemption.py).
+    stopper = GracefulStop()
+    trainer.callbacks.append(stopper)
     pdist.barrier()
 
     trainer.fit()
+    done = trainer.state.step >= total_steps
 
     result = {
         "train": trainer.last_row,
         "eval": trainer.last_eval,
         "checkpoint": trainer.last_checkpoint,
         "trainer": trainer,
+        "exit_code": stopper.exit_code(done=done),
     }
     if strategy.is_main and cfg.logging.plot:
         plot = plot_loss_vs_flops(
@@ -338,7 +344,14 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
             title=f"{cfg.name}: loss vs compute",
         )
         result["plot"] = plot
-    if strategy.is_main:
+    if stopper.signal and not done:
+        import signal
+
+        pdist.print0(
+            f"stopped by {signal.Signals(stopper.signal).name} after step {trainer.state.step} "
+            f"of {total_steps}; saved {trainer.last_checkpoint}; continue with resume=auto"
+        )
+    elif strategy.is_main:
         ev = trainer.last_eval
         pdist.print0(
             f"done: step {trainer.state.step}, {trainer.state.tokens:,} tokens, "

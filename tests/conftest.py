@@ -66,3 +66,7 @@ def lmforge(*args: str, env: dict | None = None, timeout: float = 600, check: bo
             f"{proc.stderr[-3000:]}"
         )
     return proc
+
+
+# Uninterrupted reference runs, shared by every test module of a session (after lmforge above).
+from tests.runs import reference_runs  # noqa: E402, F401

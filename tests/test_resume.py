@@ -16,48 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import lmforge
-
-STEPS = 14
-COMMON = [
-    "model.n_layer=2",
-    "model.n_head=4",
-    "model.d_model=64",
-    "model.max_seq_len=64",
-    "model.dropout=0.1",
-    "train.seq_len=64",
-    "train.micro_batch_size=4",
-    "train.global_batch_tokens=2048",
-    f"train.max_steps={STEPS}",
-    "train.log_interval=1",
-    "train.eval_interval=5",
-    "train.eval_samples=16",
-    "optim.warmup_steps=3",
-    "optim.lr=2e-3",
-    "checkpoint.interval=4",
-    "checkpoint.keep_last=2",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-    "data.shuffle=true",
-]
-VOLATILE = {"time", "tokens_per_sec", "mfu"}  # wall-clock figures differ between runs
-
-
-def _args(data, runs, name, nproc, precision, *extra):
-    out = [
-        f"data.path={data}",
-        f"runs_dir={runs}",
-        f"name={name}",
-        f"train.precision={precision}",
-        *COMMON,
-        *extra,
-    ]
-    return out + (["--nproc", str(nproc)] if nproc > 1 else [])
-
-
-def _rows(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+from tests.runs import STEPS, _args, _rows
 
 
 def _final_weights(run_dir: str, step: int = STEPS) -> dict:
@@ -78,23 +37,6 @@ def assert_same_run(run_dir: str, ref_dir: str) -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].equal(b[k]), f"{k} differs bitwise"
-
-
-@pytest.fixture(scope="module")
-def reference_runs(tiny_data, tmp_path_factory):
-    """Uninterrupted runs, made once per (processes, precision) and shared by the tests below."""
-    runs = str(tmp_path_factory.mktemp("ref"))
-    made: dict[tuple, str] = {}
-
-    def get(nproc: int, precision: str, *extra: str) -> str:
-        key = (nproc, precision, *extra)
-        if key not in made:
-            name = f"ref-{len(made)}"
-            lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, *extra))
-            made[key] = os.path.join(runs, name)
-        return made[key]
-
-    return get
 
 
 @pytest.mark.parametrize(
@@ -260,3 +202,45 @@ def test_resume_across_strategy_and_world_size(tiny_data, tmp_path, reference_ru
     a, b = _final_weights(os.path.join(runs, name)), _final_weights(ref)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "nproc,signame", [(2, "SIGTERM"), (1, "SIGUSR1")], ids=["term-2ranks", "usr1-1rank"]
+)
+def test_signal_saves_and_resumes_exactly(tiny_data, tmp_path, reference_runs, nproc, signame):
+    """SIGTERM (scancel, preemption) or SIGUSR1 (SLURM's time-limit warning) sent to the launcher
+    mid-run: every rank finishes its step, saves, exits with 128 + signal; resume=auto then
+    gives the uninterrupted run bitwise."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    ref = reference_runs(nproc, "fp32", "parallel.strategy=ddp")
+    runs, name = str(tmp_path), "signalled"
+    run_dir = os.path.join(runs, name)
+    args = _args(tiny_data, runs, name, nproc, "fp32", "parallel.strategy=ddp")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher.cli", "pretrain", *args],
+        cwd=REPO,
+        env=dict(os.environ, LMFORGE_FAULT="step@6:sleep=3"),  # a 3 s window at step 6
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and any(r["step"] >= 5 for r in _rows(run_dir)):
+            break
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signame))
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + getattr(signal, signame), out[-3000:]
+    assert f"stopped by {signame} after step" in out
+    stopped = int(_latest(run_dir).removeprefix("step_"))
+    assert stopped in (6, 7), stopped  # saved at the stop, not at the 4-step cadence
+    lmforge("pretrain", *args, "resume=auto")
+    assert_same_run(run_dir, ref)
