@@ -72,9 +72,9 @@ def _parser() -> argparse.ArgumentParser:
         config=False,
     )
     sp.add_argument("--nproc", type=int, default=1, help="processes on this node (default 1)")
-    sp.add_argument("--nnodes", type=int, default=1, help="nodes in the job (default 1)")
+    sp.add_argument("--nnodes", type=int, help="nodes in the job (default: $SLURM_NNODES, else 1)")
     sp.add_argument(
-        "--node-rank", type=int, default=0, help="this node's rank (with --master-addr)"
+        "--node-rank", type=int, help="this node's rank (default: $SLURM_NODEID, else 0)"
     )
     sp.add_argument("--master-addr", help="address of node 0 (static rendezvous)")
     sp.add_argument("--master-port", type=int, help="port on node 0 (default 29500)")
@@ -88,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "cmd", nargs=argparse.REMAINDER, metavar="COMMAND ...", help="e.g. pretrain CONFIG.yaml"
     )
+
+    sp = command(
+        "submit",
+        "Submit an lmforge command to SLURM: lmforge submit [PROFILE.yaml] [key=value ...] "
+        "[--flags] -- COMMAND ARGS ... (the batch script is saved in the run directory).",
+    )
+    sp.add_argument("--name", help="job name (default: the run's name, or the command)")
+    sp.add_argument("--dependency", help="sbatch dependency, e.g. afterok:1234")
+    sp.add_argument("--array", help="job array indices, e.g. 0-7 (each task: $SLURM_ARRAY_TASK_ID)")
+    sp.add_argument("--out-dir", help="where the script and log go (default: <run>/slurm)")
+    sp.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
 
     sp = command(
         "consolidate",
@@ -234,6 +245,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from launcher.local import launch
         from pretrain.errors import ConfigurationError
 
+        args.cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not args.cmd or args.cmd[0] in ("launch", "submit"):
             raise ConfigurationError(
                 "lmforge launch needs the command to run, e.g. "
@@ -245,16 +257,35 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
             overrides = [a for a in args.cmd[1:] if not a.startswith("-")]
             log_dir = os.path.join(load_config(PretrainConfig, overrides).run_dir, "logs")
+        # Under srun each node's launcher finds its place in SLURM's variables.
+        nnodes = args.nnodes or int(os.environ.get("SLURM_NNODES", "1"))
+        node_rank = args.node_rank
+        if node_rank is None:
+            node_rank = int(os.environ.get("SLURM_NODEID", "0"))
         return launch(
             args.cmd,
             nproc=args.nproc,
-            nnodes=args.nnodes,
-            node_rank=args.node_rank,
+            nnodes=nnodes,
+            node_rank=node_rank,
             master_addr=args.master_addr,
             master_port=args.master_port,
             rdzv_endpoint=args.rdzv_endpoint,
             log_dir=log_dir,
         )
+
+    if args.command == "submit":
+        from launcher.slurm import SlurmProfile, submit
+
+        submit(
+            load_config(SlurmProfile, args.config),
+            command=args.cmd,
+            job_name=args.name,
+            dependency=args.dependency,
+            array=args.array,
+            out_dir=args.out_dir,
+            dry_run=args.dry_run,
+        )
+        return 0
 
     if args.command == "consolidate":
         from pretrain.consolidate import consolidate
@@ -294,6 +325,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    cmd: list[str] = []
+    if argv[:1] == ["submit"] and "--" in argv:  # submit's own args, then the job's command
+        cmd, argv = argv[argv.index("--") + 1 :], argv[: argv.index("--")]
     parser = _parser()
     # Config arguments and --flags may be interleaved: collect the positional leftovers.
     args, extra = parser.parse_known_args(argv)
@@ -305,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
+    if args.command == "submit":
+        args.cmd = cmd
     from pretrain.errors import LMForgeError
 
     in_worker = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1

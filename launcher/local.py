@@ -30,7 +30,9 @@ def free_port() -> int:
 
 
 def threads_per_rank(nproc: int) -> int:
-    return max(1, (os.cpu_count() or 1) // nproc)
+    """OMP threads per rank: the CPUs this node gives the job (SLURM's, else all) shared out."""
+    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or os.cpu_count() or 1
+    return max(1, cpus // nproc)
 
 
 def record_worker_error(message: str) -> bool:

@@ -152,6 +152,16 @@ def test_consolidate_errors(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_submit_errors(capsys, monkeypatch):
+    job = ("--", "pretrain", "configs/pretrain/demo.yaml")
+    msg = _error(capsys, "submit", "nodez=2", *job)
+    assert "unknown config key `nodez`; did you mean `nodes`?" in msg
+    assert "`time` must be" in _error(capsys, "submit", "time=soon", *job)
+    assert "needs a command after `--`" in _error(capsys, "submit", "configs/slurm/local.yaml")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    assert "sbatch not found" in _error(capsys, "submit", "configs/slurm/local.yaml", *job)
+
+
 def test_print_config(capsys):
     assert main(["print-config", "name=x", "data.path=d", "train.max_steps=3"]) == 0
     out = capsys.readouterr().out

@@ -1,0 +1,263 @@
+"""`lmforge submit`: run any lmforge command as a SLURM batch job.
+
+The batch script is generated here rather than through submitit: submitit pickles a Python
+callable and hides the script behind it, while users of clusters want a script they can read,
+keep and resubmit by hand. Ours is plain bash, saved in the run directory and printed by
+``--dry-run``:
+
+- ``srun`` starts one ``lmforge launch`` per node; each finds its node rank and the node count in
+  SLURM's variables and meets the others at the first node (static rendezvous);
+- ``--signal=B:USR1@<grace>`` warns the batch shell before the time limit; it forwards USR1 to the
+  training, which finishes its step, saves and exits 138, and the script then requeues the job
+  (``scontrol requeue``), which resumes from that checkpoint (``resume=auto``);
+- SIGTERM (``scancel``, preemption) is forwarded too: the training saves and exits 143 and the
+  job is not requeued by us (a cluster that requeues preempted jobs restarts it the same way);
+- a run that finishes exits 0 and never requeues; ``--open-mode=append`` keeps the log of every
+  attempt in one file.
+
+Every value that reaches the script is quoted (shlex for the shell, double quotes for #SBATCH
+lines), and sbatch runs without a shell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pretrain.errors import ConfigurationError, LMForgeError
+
+
+@dataclass
+class SlurmProfile:
+    """A cluster profile (configs/slurm/*.yaml): where and how big a job is."""
+
+    partition: str | None = None
+    """Partition (queue); null = the cluster's default."""
+    account: str | None = None
+    """Account to charge; null = your default."""
+    qos: str | None = None
+    """Quality of service; null = the default."""
+    nodes: int = 1
+    """Nodes per job."""
+    gpus_per_node: int = 0
+    """GPUs per node (0 on CPU clusters)."""
+    nproc_per_node: int | None = None
+    """Training processes per node; null = gpus_per_node, or 1 without GPUs."""
+    cpus_per_node: int | None = None
+    """CPUs per node for the job (OMP threads are split between its processes); null = default."""
+    mem: str | None = None
+    """Memory per node, e.g. 64G (0 = all of it); null = the cluster's default."""
+    time: str = "01:00:00"
+    """Time limit per attempt ([D-]HH:MM:SS); a longer run continues after a requeue."""
+    signal_grace: int = 120
+    """Seconds before the time limit at which SLURM sends USR1: enough to finish a step and
+    save a checkpoint."""
+    requeue: bool = True
+    """Requeue the job after saving on the time-limit warning (and let the cluster requeue it
+    after a preemption)."""
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before training, e.g. `module load cuda/12.4`, `source venv/bin/activate`."""
+    sbatch: list[str] = field(default_factory=list)
+    """Extra #SBATCH options, e.g. `--exclusive`, `--constraint=h100`."""
+    python: str | None = None
+    """Python interpreter on the nodes; null = the one running `lmforge submit`."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 1:
+            raise ConfigurationError(f"`nodes` must be >= 1, got {self.nodes}")
+        if self.signal_grace < 10:
+            raise ConfigurationError(
+                f"`signal_grace` is {self.signal_grace} s; give a step and a save time (>= 10)"
+            )
+        if not re.fullmatch(r"(\d+-)?\d{1,2}(:\d{2}){0,2}", self.time):
+            raise ConfigurationError(f"`time` must be [D-]HH:MM:SS, got {self.time!r}")
+
+    @property
+    def procs(self) -> int:
+        return self.nproc_per_node or self.gpus_per_node or 1
+
+
+def _one_line(value: str) -> str:
+    """Refuse a value that could end its line (and so add lines to the script)."""
+    if any(c in value for c in "\n\r\0"):
+        raise ConfigurationError(f"{value!r}: line breaks are not allowed in SLURM options")
+    return value
+
+
+def _sbatch_value(value: str) -> str:
+    """A value for an #SBATCH line, double-quoted (sbatch reads it literally: no shell)."""
+    return '"' + _one_line(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# Commands that run as one process per rank; the rest run once, on one node.
+DISTRIBUTED_COMMANDS = ("pretrain", "finetune")
+
+
+def command_with_resume(command: list[str]) -> list[str]:
+    """Training commands resume by themselves after a requeue: add resume=auto unless given."""
+    if command and command[0] in ("pretrain", "finetune"):
+        if not any(a.startswith("resume=") for a in command[1:]):
+            return [*command, "resume=auto"]
+    return command
+
+
+def batch_script(
+    profile: SlurmProfile,
+    *,
+    command: list[str],
+    job_name: str,
+    log_dir: str,
+    workdir: str,
+    submitted: str,
+) -> str:
+    """The batch script of ``lmforge <command>`` (a list of arguments, quoted here)."""
+    python = profile.python or sys.executable
+    options = [
+        ("--job-name", job_name),
+        ("--nodes", str(profile.nodes)),
+        ("--ntasks-per-node", "1"),
+        ("--time", profile.time),
+        ("--output", os.path.join(log_dir, "slurm-%j.out")),
+        ("--open-mode", "append"),
+        ("--signal", f"B:USR1@{profile.signal_grace}"),
+    ]
+    for flag, value in (
+        ("--partition", profile.partition),
+        ("--account", profile.account),
+        ("--qos", profile.qos),
+        ("--cpus-per-task", profile.cpus_per_node and str(profile.cpus_per_node)),
+        ("--gpus-per-node", profile.gpus_per_node and str(profile.gpus_per_node)),
+        ("--mem", profile.mem),
+    ):
+        if value:
+            options.append((flag, value))
+    lines = [
+        "#!/bin/bash",
+        f"# Generated by `lmforge submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}:",
+        f"#   {submitted}",
+        *(f"#SBATCH {flag}={_sbatch_value(value)}" for flag, value in options),
+        *(["#SBATCH --requeue"] if profile.requeue else ["#SBATCH --no-requeue"]),
+        *(f"#SBATCH {_one_line(extra)}" for extra in profile.sbatch),
+        "",
+        "set -u",
+        "export PYTHONUNBUFFERED=1",
+        *profile.setup,
+        f"cd {shlex.quote(workdir)}",
+        "",
+        "# One launcher per node; node 0 hosts the rendezvous.",
+        'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        "# the node's address as SLURM knows it (NodeAddr), else its name",
+        "MASTER_ADDR=$(scontrol show node \"$first\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')",
+        "MASTER_ADDR=${MASTER_ADDR:-$first}",
+        "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
+        'echo "lmforge: job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0} on '
+        '$SLURM_JOB_NODELIST at $(date)"',
+        " ".join(
+            [
+                "srun --kill-on-bad-exit=1 --ntasks-per-node=1",
+                shlex.quote(python),
+                "-m launcher.cli launch",
+                f"--nproc {profile.procs}",
+                '--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"',
+                "--",
+                *(shlex.quote(a) for a in command),
+                "&",
+            ]
+        ),
+        "child=$!",
+        "",
+        "# USR1 (time limit ahead) and TERM (scancel, preemption): the training saves and exits.",
+        "trap 'kill -USR1 \"$child\" 2>/dev/null' USR1",
+        "trap 'kill -TERM \"$child\" 2>/dev/null' TERM",
+        "while :; do",
+        '  wait "$child"; code=$?',
+        '  kill -0 "$child" 2>/dev/null || break  # wait returned for a signal: keep waiting',
+        "done",
+    ]
+    if profile.requeue:
+        lines += [
+            'if [ "$code" -eq 138 ]; then  # saved on the time-limit warning, not done yet',
+            '  echo "lmforge: checkpoint saved before the time limit; requeueing $SLURM_JOB_ID"',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            "fi",
+        ]
+    lines += ['echo "lmforge: exit $code at $(date)"', 'exit "$code"', ""]
+    return "\n".join(lines)
+
+
+def run_dir_of(command: list[str]) -> str | None:
+    """The run directory of a training command (where its script and logs go)."""
+    if not command or command[0] != "pretrain":
+        return None
+    from pretrain.config import PretrainConfig, load_config
+
+    return load_config(PretrainConfig, [a for a in command[1:] if not a.startswith("-")]).run_dir
+
+
+def submit(
+    profile: SlurmProfile,
+    *,
+    command: list[str],
+    job_name: str | None = None,
+    dependency: str | None = None,
+    array: str | None = None,
+    out_dir: str | None = None,
+    dry_run: bool = False,
+) -> str:
+    """Write the batch script and submit it; return the job id ("" with dry_run)."""
+    if not command:
+        raise ConfigurationError(
+            "lmforge submit needs a command after `--`, e.g. "
+            "`lmforge submit configs/slurm/local.yaml -- pretrain configs/pretrain/demo.yaml`"
+        )
+    if command[0] in ("submit", "launch"):
+        raise ConfigurationError(f"`lmforge submit -- {command[0]}` is not a job; name a stage")
+    if command[0] not in DISTRIBUTED_COMMANDS:  # one process does these (prepare, consolidate)
+        profile = dataclasses.replace(profile, nodes=1, nproc_per_node=1)
+    command = command_with_resume(command)
+    run_dir = run_dir_of(command)
+    base = out_dir or (os.path.join(run_dir, "slurm") if run_dir else os.path.join("runs", "slurm"))
+    base = os.path.abspath(base)
+    name = job_name or (os.path.basename(run_dir) if run_dir else command[0])
+    submitted = "lmforge " + " ".join(shlex.quote(a) for a in command)
+    script = batch_script(
+        profile,
+        command=command,
+        job_name=name,
+        log_dir=base,
+        workdir=os.getcwd(),
+        submitted=submitted,
+    )
+    if dry_run:
+        print(script, end="")
+        return ""
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise ConfigurationError(
+            "sbatch not found: run `lmforge submit` on a SLURM login node (or add --dry-run to "
+            "see the script)"
+        )
+    os.makedirs(base, exist_ok=True)
+    path = os.path.join(base, f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{time.time_ns()}.sbatch")
+    with open(path, "w") as f:
+        f.write(script)
+    args = [sbatch, "--parsable"]
+    if dependency:
+        args.append(f"--dependency={dependency}")
+    if array:
+        args.append(f"--array={array}")
+    proc = subprocess.run([*args, path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LMForgeError(f"sbatch refused {path}: {proc.stderr.strip().splitlines()[-1:]}")
+    job = proc.stdout.strip().split(";")[0]
+    final = os.path.join(base, f"job-{job}.sbatch")
+    os.replace(path, final)
+    print(f"submitted job {job}: {submitted}\n  script {final}\n  log    {base}/slurm-{job}.out")
+    return job

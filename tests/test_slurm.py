@@ -1,0 +1,213 @@
+"""`lmforge submit` against a real SLURM cluster on this machine (tests/slurm/cluster.sh).
+
+Skipped where no cluster answers; .ci/run starts one. By hand:
+
+    tests/slurm/cluster.sh start && export SLURM_CONF=/tmp/lmforge-slurm/slurm.conf
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import REPO, lmforge
+from tests.runs import _args, _rows
+
+DEFAULT_CONF = "/tmp/lmforge-slurm/slurm.conf"
+if "SLURM_CONF" not in os.environ and os.path.isfile(DEFAULT_CONF):
+    os.environ["SLURM_CONF"] = DEFAULT_CONF
+
+
+def _cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    try:
+        out = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return out.returncode == 0 and "idle" in out.stdout
+
+
+pytestmark = pytest.mark.skipif(
+    not _cluster_up(),
+    reason="no SLURM cluster answers: run `tests/slurm/cluster.sh start` (root; installs the "
+    "Debian packages) and `export SLURM_CONF=/tmp/lmforge-slurm/slurm.conf`",
+)
+
+
+def job_state(job: str) -> dict[str, str]:
+    out = subprocess.run(
+        ["scontrol", "show", "job", job], capture_output=True, text=True, check=True
+    ).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(job: str, states: tuple[str, ...], timeout: float = 300) -> dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = job_state(job)
+        if state["JobState"] in states:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {job_state(job)['JobState']} after {timeout} s")
+
+
+def submit(*args: str) -> str:
+    out = lmforge("submit", *args).stdout
+    return re.search(r"submitted job (\d+)", out).group(1)
+
+
+def _job_args(data: str, runs: str, name: str, *extra: str) -> list[str]:
+    return [a for a in _args(data, runs, name, 1, "fp32", "parallel.strategy=ddp", *extra)]
+
+
+def test_submitted_job_trains_like_a_local_run(tiny_data, tmp_path, reference_runs):
+    """A 2-task (1 node x 2 processes) pretrain job: metrics equal the local 2-process run's,
+    checkpoints, per-rank logs, the batch script and the SLURM log are in the run directory."""
+    ref = reference_runs(2, "fp32", "parallel.strategy=ddp")
+    runs, name = str(tmp_path), "job"
+    job = submit("configs/slurm/local.yaml", "--", "pretrain", *_job_args(tiny_data, runs, name))
+    state = wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    run_dir = os.path.join(runs, name)
+    log = open(os.path.join(run_dir, "slurm", f"slurm-{job}.out")).read()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert _rows(run_dir) == _rows(ref)
+    assert os.path.isfile(os.path.join(run_dir, "slurm", f"job-{job}.sbatch"))
+    assert os.path.isdir(os.path.join(run_dir, "checkpoints", "step_00000014"))
+    assert "lmforge: exit 0" in log and "[rank0]:" in log
+    assert len(glob.glob(os.path.join(run_dir, "logs", "*", "rank00[01].out"))) == 2
+
+
+def test_requeued_job_resumes_from_its_checkpoint(tiny_data, tmp_path, reference_runs):
+    """`scontrol requeue` of a running job: it saves on the way out (SIGTERM), restarts by
+    itself, resumes from that checkpoint and ends with the uninterrupted run's losses."""
+    ref = reference_runs(2, "fp32", "parallel.strategy=ddp")
+    runs, name = str(tmp_path), "requeued"
+    run_dir = os.path.join(runs, name)
+    job = submit(
+        "configs/slurm/local.yaml",
+        "--",
+        "pretrain",
+        *_job_args(tiny_data, runs, name),
+    )
+    # Requeue as soon as training has started (a few steps in).
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        if os.path.exists(metrics) and len(open(metrics).readlines()) >= 3:
+            break
+        time.sleep(0.2)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    state = wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"), timeout=300)
+    log = open(os.path.join(run_dir, "slurm", f"slurm-{job}.out")).read()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert state["Restarts"] == "1"
+    assert "attempt 1" in log and "resuming from" in log
+    assert _rows(run_dir) == _rows(ref)
+
+
+def test_time_limit_saves_on_warning_and_continues_after_requeue(tiny_data, tmp_path):
+    """A job whose time limit is shorter than the run: USR1 before the limit, save, requeue,
+    resume, ... until done; the steps of all attempts make one unbroken run."""
+    runs, name = str(tmp_path), "limited"
+    run_dir = os.path.join(runs, name)
+    steps = 300
+    job = submit(
+        "configs/slurm/local.yaml",
+        "time=00:01:00",
+        "signal_grace=45",  # USR1 about 15 s in (SLURM may send it up to ~30 s earlier)
+        "--",
+        "pretrain",
+        *_job_args(tiny_data, runs, name, f"train.max_steps={steps}", "checkpoint.interval=1000"),
+    )
+    state = wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=900)
+    log = open(os.path.join(run_dir, "slurm", f"slurm-{job}.out")).read()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert int(state["Restarts"]) >= 1 and "requeueing" in log
+    train = [r["step"] for r in _rows(run_dir) if r["kind"] == "train"]
+    assert train == list(range(1, steps + 1))
+
+
+def test_chain_runs_in_order_and_a_failure_cancels_the_rest(tiny_data, tmp_path):
+    runs = str(tmp_path)
+    first = submit("configs/slurm/local.yaml", "--", "pretrain", *_job_args(tiny_data, runs, "a"))
+    second = submit(
+        "configs/slurm/local.yaml",
+        f"--dependency=afterok:{first}",
+        "--name",
+        "consolidate",
+        "--out-dir",
+        runs,
+        "--",
+        "consolidate",
+        os.path.join(runs, "a"),
+        "--out",
+        os.path.join(runs, "a-model"),
+    )
+    assert wait_for(second, ("COMPLETED", "FAILED", "CANCELLED"))["JobState"] == "COMPLETED"
+    assert job_state(first)["JobState"] == "COMPLETED"
+    assert os.path.isfile(os.path.join(runs, "a-model", "model.safetensors"))
+    # A stage that fails cancels the stage after it.
+    bad = submit(
+        "configs/slurm/local.yaml",
+        "--",
+        "pretrain",
+        *_job_args("/no/such/data", runs, "bad"),
+    )
+    after = submit(
+        "configs/slurm/local.yaml",
+        f"--dependency=afterok:{bad}",
+        "--",
+        "pretrain",
+        *_job_args(tiny_data, runs, "after-bad"),
+    )
+    assert wait_for(bad, ("COMPLETED", "FAILED", "CANCELLED"))["JobState"] == "FAILED"
+    assert wait_for(after, ("COMPLETED", "FAILED", "CANCELLED"))["JobState"] == "CANCELLED"
+    assert not os.path.exists(os.path.join(runs, "after-bad", "metrics.jsonl"))  # never ran
+
+
+def test_two_node_job_trains_with_four_ranks(tiny_data, tmp_path, reference_runs):
+    """Two emulated nodes (two slurmd on this host), 2 processes each: 4 ranks, the same
+    metrics as 4 local processes."""
+    ref = reference_runs(4, "fp32", "parallel.strategy=ddp")
+    runs, name = str(tmp_path), "two-nodes"
+    job = submit(
+        "configs/slurm/local.yaml",
+        "nodes=2",
+        "--",
+        "pretrain",
+        *_job_args(tiny_data, runs, name),
+    )
+    state = wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    log = open(os.path.join(runs, name, "slurm", f"slurm-{job}.out")).read()
+    assert state["JobState"] == "COMPLETED", log[-3000:]
+    assert state["NodeList"] == "node[1-2]"
+    assert "4 rank(s)" in log
+    assert _rows(os.path.join(runs, name)) == _rows(ref)
+
+
+def test_names_paths_and_arguments_are_quoted(tiny_data, tmp_path):
+    """Shell metacharacters in a job name, a path and an argument reach the job literally."""
+    runs = os.path.join(str(tmp_path), "odd dir $(touch PWNED) `touch PWNED2`; & |")
+    job = submit(
+        "configs/slurm/local.yaml",
+        "--name",
+        "name 'with' $(touch PWNED3); quotes",
+        "--",
+        "pretrain",
+        *_job_args(tiny_data, runs, "q", "train.max_steps=2"),
+    )
+    state = wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert state["JobState"] == "COMPLETED"
+    assert job_state(job)["JobName"].startswith("name")
+    assert os.path.isdir(os.path.join(runs, "q", "checkpoints", "step_00000002"))
+    for cwd in (REPO, str(tmp_path)):
+        assert not any(os.path.exists(os.path.join(cwd, p)) for p in ("PWNED", "PWNED2", "PWNED3"))
