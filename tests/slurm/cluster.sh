@@ -68,6 +68,10 @@ CONF
 }
 
 start() {
+  if [ -f "$CONF" ] && SLURM_CONF=$CONF sinfo -h >/dev/null 2>&1; then  # already up
+    echo "export SLURM_CONF=$CONF"
+    return 0
+  fi
   install
   write_config
   export SLURM_CONF=$CONF
