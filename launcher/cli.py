@@ -91,12 +91,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = command(
         "submit",
-        "Submit an lmforge command to SLURM: lmforge submit [PROFILE.yaml] [key=value ...] "
-        "[--flags] -- COMMAND ARGS ... (the batch script is saved in the run directory).",
+        "Submit lmforge commands to SLURM: lmforge submit [PROFILE.yaml] [key=value ...] "
+        "[--flags] -- COMMAND ARGS ... [::: COMMAND ARGS ...] (stages after ::: wait for the "
+        "previous one to succeed; the batch script is saved in the run directory).",
     )
     sp.add_argument("--name", help="job name (default: the run's name, or the command)")
     sp.add_argument("--dependency", help="sbatch dependency, e.g. afterok:1234")
-    sp.add_argument("--array", help="job array indices, e.g. 0-7 (each task: $SLURM_ARRAY_TASK_ID)")
+    sp.add_argument(
+        "--array", help="job array indices, e.g. 0-7; {index} in the command is the task's index"
+    )
     sp.add_argument("--out-dir", help="where the script and log go (default: <run>/slurm)")
     sp.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
 
@@ -274,9 +277,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         )
 
     if args.command == "submit":
-        from launcher.slurm import SlurmProfile, submit
+        from launcher.slurm import SlurmProfile, submit_chain
 
-        submit(
+        submit_chain(
             load_config(SlurmProfile, args.config),
             command=args.cmd,
             job_name=args.name,

@@ -108,6 +108,15 @@ def command_with_resume(command: list[str]) -> list[str]:
     return command
 
 
+INDEX = "{index}"  # in a command submitted with --array: this task's index
+
+
+def _shell_arg(arg: str) -> str:
+    """One argument for the script: quoted, with {index} as the array task's index."""
+    parts = arg.split(INDEX)
+    return '"${SLURM_ARRAY_TASK_ID}"'.join(shlex.quote(p) if p else "" for p in parts) or "''"
+
+
 def batch_script(
     profile: SlurmProfile,
     *,
@@ -116,6 +125,7 @@ def batch_script(
     log_dir: str,
     workdir: str,
     submitted: str,
+    array: bool = False,
 ) -> str:
     """The batch script of ``lmforge <command>`` (a list of arguments, quoted here)."""
     python = profile.python or sys.executable
@@ -124,7 +134,7 @@ def batch_script(
         ("--nodes", str(profile.nodes)),
         ("--ntasks-per-node", "1"),
         ("--time", profile.time),
-        ("--output", os.path.join(log_dir, "slurm-%j.out")),
+        ("--output", os.path.join(log_dir, "slurm-%A_%a.out" if array else "slurm-%j.out")),
         ("--open-mode", "append"),
         ("--signal", f"B:USR1@{profile.signal_grace}"),
     ]
@@ -167,7 +177,7 @@ def batch_script(
                 f"--nproc {profile.procs}",
                 '--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"',
                 "--",
-                *(shlex.quote(a) for a in command),
+                *(_shell_arg(a) for a in command),
                 "&",
             ]
         ),
@@ -193,12 +203,14 @@ def batch_script(
 
 
 def run_dir_of(command: list[str]) -> str | None:
-    """The run directory of a training command (where its script and logs go)."""
+    """The run directory of a training command (where its script and logs go); its config is
+    checked here, before anything is submitted (array indices as 0)."""
     if not command or command[0] != "pretrain":
         return None
     from pretrain.config import PretrainConfig, load_config
 
-    return load_config(PretrainConfig, [a for a in command[1:] if not a.startswith("-")]).run_dir
+    args = [a.replace(INDEX, "0") for a in command[1:] if not a.startswith("-")]
+    return load_config(PretrainConfig, args).run_dir
 
 
 def submit(
@@ -223,9 +235,16 @@ def submit(
         profile = dataclasses.replace(profile, nodes=1, nproc_per_node=1)
     command = command_with_resume(command)
     run_dir = run_dir_of(command)
-    base = out_dir or (os.path.join(run_dir, "slurm") if run_dir else os.path.join("runs", "slurm"))
+    if any(INDEX in a for a in command) and not array:
+        raise ConfigurationError(f"the command uses {INDEX}: give --array INDICES (e.g. 0-7)")
+    if array or run_dir is None:  # one place for every task of an array / non-run commands
+        base = out_dir or os.path.join("runs", "slurm")
+    else:
+        base = out_dir or os.path.join(run_dir, "slurm")
     base = os.path.abspath(base)
     name = job_name or (os.path.basename(run_dir) if run_dir else command[0])
+    if array:
+        name = job_name or command[0] + "-array"
     submitted = "lmforge " + " ".join(shlex.quote(a) for a in command)
     script = batch_script(
         profile,
@@ -234,6 +253,7 @@ def submit(
         log_dir=base,
         workdir=os.getcwd(),
         submitted=submitted,
+        array=bool(array),
     )
     if dry_run:
         print(script, end="")
@@ -259,5 +279,33 @@ def submit(
     job = proc.stdout.strip().split(";")[0]
     final = os.path.join(base, f"job-{job}.sbatch")
     os.replace(path, final)
-    print(f"submitted job {job}: {submitted}\n  script {final}\n  log    {base}/slurm-{job}.out")
+    log = f"slurm-{job}_<index>.out" if array else f"slurm-{job}.out"
+    print(f"submitted job {job}: {submitted}\n  script {final}\n  log    {base}/{log}")
     return job
+
+
+STAGE_SEPARATOR = ":::"
+
+
+def submit_chain(profile: SlurmProfile, *, command: list[str], dependency=None, **kwargs) -> list:
+    """``A ::: B ::: C``: one job per stage, each starting only after the previous one
+    succeeded (afterok); a failing stage cancels the stages after it. Returns the job ids."""
+    stages: list[list[str]] = [[]]
+    for arg in command:
+        if arg == STAGE_SEPARATOR:
+            stages.append([])
+        else:
+            stages[-1].append(arg)
+    if any(not stage for stage in stages):
+        raise ConfigurationError(f"an empty stage in `{' '.join(command)}`: A ::: B ::: C")
+    for stage in stages:  # check every stage's config before submitting any
+        if stage[0] in ("submit", "launch"):
+            raise ConfigurationError(f"`{stage[0]}` is not a stage")
+        run_dir_of(stage)
+    jobs: list[str] = []
+    for stage in stages:
+        after = f"afterok:{jobs[-1]}" if jobs else dependency
+        jobs.append(submit(profile, command=stage, dependency=after, **kwargs))
+    if len(jobs) > 1 and jobs[0]:
+        print(f"chain: {' -> '.join(jobs)} (each after the previous one succeeded)")
+    return jobs

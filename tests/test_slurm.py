@@ -136,36 +136,37 @@ def test_time_limit_saves_on_warning_and_continues_after_requeue(tiny_data, tmp_
     assert train == list(range(1, steps + 1))
 
 
+def submit_chain(*args: str) -> list[str]:
+    out = lmforge("submit", *args).stdout
+    return re.findall(r"submitted job (\d+)", out)
+
+
 def test_chain_runs_in_order_and_a_failure_cancels_the_rest(tiny_data, tmp_path):
+    """`A ::: B`: B starts after A succeeded (afterok); a failing stage cancels what follows."""
     runs = str(tmp_path)
-    first = submit("configs/slurm/local.yaml", "--", "pretrain", *_job_args(tiny_data, runs, "a"))
-    second = submit(
+    model = os.path.join(runs, "a-model")
+    first, second = submit_chain(
         "configs/slurm/local.yaml",
-        f"--dependency=afterok:{first}",
-        "--name",
-        "consolidate",
-        "--out-dir",
-        runs,
         "--",
+        "pretrain",
+        *_job_args(tiny_data, runs, "a"),
+        ":::",
         "consolidate",
         os.path.join(runs, "a"),
         "--out",
-        os.path.join(runs, "a-model"),
+        model,
     )
+    assert job_state(second)["Dependency"] in (f"afterok:{first}(unfulfilled)", "(null)")
     assert wait_for(second, ("COMPLETED", "FAILED", "CANCELLED"))["JobState"] == "COMPLETED"
     assert job_state(first)["JobState"] == "COMPLETED"
-    assert os.path.isfile(os.path.join(runs, "a-model", "model.safetensors"))
+    assert os.path.isfile(os.path.join(model, "model.safetensors"))
     # A stage that fails cancels the stage after it.
-    bad = submit(
+    bad, after = submit_chain(
         "configs/slurm/local.yaml",
         "--",
         "pretrain",
         *_job_args("/no/such/data", runs, "bad"),
-    )
-    after = submit(
-        "configs/slurm/local.yaml",
-        f"--dependency=afterok:{bad}",
-        "--",
+        ":::",
         "pretrain",
         *_job_args(tiny_data, runs, "after-bad"),
     )
@@ -211,3 +212,24 @@ def test_names_paths_and_arguments_are_quoted(tiny_data, tmp_path):
     assert os.path.isdir(os.path.join(runs, "q", "checkpoints", "step_00000002"))
     for cwd in (REPO, str(tmp_path)):
         assert not any(os.path.exists(os.path.join(cwd, p)) for p in ("PWNED", "PWNED2", "PWNED3"))
+
+
+def test_array_runs_one_task_per_index(tiny_data, tmp_path):
+    """A sweep as a job array: {index} in the command becomes each task's index."""
+    runs = str(tmp_path)
+    job = submit(
+        "configs/slurm/local.yaml",
+        "--array",
+        "0-1",
+        "--out-dir",
+        runs,
+        "--",
+        "pretrain",
+        *_job_args(tiny_data, runs, "arr-{index}", "seed={index}", "train.max_steps=2"),
+    )
+    for index in (0, 1):
+        state = wait_for(f"{job}_{index}", ("COMPLETED", "FAILED", "CANCELLED"))
+        assert state["JobState"] == "COMPLETED"
+        assert os.path.isdir(os.path.join(runs, f"arr-{index}", "checkpoints", "step_00000002"))
+    seeds = [open(os.path.join(runs, f"arr-{i}", "config.yaml")).read() for i in (0, 1)]
+    assert "seed: 0" in seeds[0] and "seed: 1" in seeds[1]
