@@ -103,6 +103,11 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out-dir", help="where the script and log go (default: <run>/slurm)")
     sp.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
 
+    sp = command("runs", "List runs: progress, checkpoints, SLURM jobs and logs.", config=False)
+    sp.add_argument("names", nargs="*", metavar="RUN", help="runs to show (default: all)")
+    sp.add_argument("--runs-dir", default="runs", help="parent of the run directories")
+    sp.add_argument("--tail", type=int, default=10, help="lines of a single run's newest log")
+
     sp = command(
         "consolidate",
         "Checkpoint of any parallel layout -> one model directory (safetensors, config, "
@@ -288,6 +293,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             out_dir=args.out_dir,
             dry_run=args.dry_run,
         )
+        return 0
+
+    if args.command == "runs":
+        from launcher.runs import describe_runs
+
+        print(describe_runs(args.runs_dir, args.names or None, tail=args.tail))
         return 0
 
     if args.command == "consolidate":

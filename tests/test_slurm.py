@@ -160,6 +160,8 @@ def test_chain_runs_in_order_and_a_failure_cancels_the_rest(tiny_data, tmp_path)
     assert wait_for(second, ("COMPLETED", "FAILED", "CANCELLED"))["JobState"] == "COMPLETED"
     assert job_state(first)["JobState"] == "COMPLETED"
     assert os.path.isfile(os.path.join(model, "model.safetensors"))
+    status = lmforge("runs", "--runs-dir", runs).stdout  # the helper that lists runs and jobs
+    assert re.search(rf"^a\s+14\s.*step_00000014\s+{first}:COMPLETED", status, re.M), status
     # A stage that fails cancels the stage after it.
     bad, after = submit_chain(
         "configs/slurm/local.yaml",
