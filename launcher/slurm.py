@@ -290,6 +290,11 @@ STAGE_SEPARATOR = ":::"
 def submit_chain(profile: SlurmProfile, *, command: list[str], dependency=None, **kwargs) -> list:
     """``A ::: B ::: C``: one job per stage, each starting only after the previous one
     succeeded (afterok); a failing stage cancels the stages after it. Returns the job ids."""
+    if not command:
+        raise ConfigurationError(
+            "lmforge submit needs a command after `--`, e.g. "
+            "`lmforge submit configs/slurm/local.yaml -- pretrain configs/pretrain/demo.yaml`"
+        )
     stages: list[list[str]] = [[]]
     for arg in command:
         if arg == STAGE_SEPARATOR:

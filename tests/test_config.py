@@ -8,6 +8,7 @@ import os
 import pytest
 
 from launcher.cli import main
+from launcher.slurm import SlurmProfile
 from pretrain.config import ModelConfig, ParallelConfig, PrepareConfig, PretrainConfig, load_config
 from pretrain.errors import ConfigurationError
 from tests.conftest import REPO
@@ -17,6 +18,7 @@ SCHEMAS = {
     "prepare": PrepareConfig,
     "pretrain": PretrainConfig,
     "parallel": ParallelConfig,
+    "slurm": SlurmProfile,
 }
 
 
