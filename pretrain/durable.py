@@ -11,13 +11,14 @@ import hashlib
 import os
 import signal
 
-_FAULT, _, _ACTION = os.environ.get("LMFORGE_FAULT", "").partition(":")
+# "point", "point@step", or either with "+sleep=S" (point names may contain ":")
+_FAULT, _, _ACTION = os.environ.get("LMFORGE_FAULT", "").partition("+")
 
 
 def fault_point(name: str, *, step: int | None = None) -> None:
     """Crash here with SIGKILL when ``LMFORGE_FAULT`` names this point, as ``name`` or
     ``name@step`` (crash-safety tests: a real kill of a real process at a known moment);
-    ``name@step:sleep=S`` pauses S seconds there instead (a window for a test's signal)."""
+    ``name@step+sleep=S`` pauses S seconds there instead (a window for a test's signal)."""
     if _FAULT and (_FAULT == name or (step is not None and _FAULT == f"{name}@{step}")):
         if _ACTION.startswith("sleep="):
             import time

@@ -225,7 +225,7 @@ def test_signal_saves_and_resumes_exactly(tiny_data, tmp_path, reference_runs, n
     proc = subprocess.Popen(
         [sys.executable, "-m", "launcher.cli", "pretrain", *args],
         cwd=REPO,
-        env=dict(os.environ, LMFORGE_FAULT="step@6:sleep=3"),  # a 3 s window at step 6
+        env=dict(os.environ, LMFORGE_FAULT="step@6+sleep=3"),  # a 3 s window at step 6
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -110,7 +110,8 @@ def test_requeued_job_resumes_from_its_checkpoint(tiny_data, tmp_path, reference
     log = open(os.path.join(run_dir, "slurm", f"slurm-{job}.out")).read()
     assert state["JobState"] == "COMPLETED", log[-3000:]
     assert state["Restarts"] == "1"
-    assert "attempt 1" in log and "resuming from" in log
+    assert "stopped by SIGTERM after step" in log  # saved on the way out...
+    assert "attempt 1" in log and "resuming from" in log  # ...and resumed by itself
     assert _rows(run_dir) == _rows(ref)
 
 
