@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
             name,
             help=help_,
             description=help_,
-            epilog=EPILOG.format(command=name) if config else None,
+            epilog=EPILOG.format(command=name if name in ("prepare", "submit") else "pretrain")
+            if config
+            else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         if config:
@@ -131,9 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--for",
         dest="target",
-        choices=["prepare", "pretrain"],
+        choices=["prepare", "pretrain", "submit"],
         default="pretrain",
-        help="which command's config (default pretrain)",
+        help="which command's config (default pretrain; submit: the SLURM profile)",
     )
 
     sp = command(
@@ -160,9 +162,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _schema(command: str):
+    from launcher.slurm import SlurmProfile
     from pretrain.config import PrepareConfig, PretrainConfig
 
-    return {"prepare": PrepareConfig, "pretrain": PretrainConfig}[command]
+    return {"prepare": PrepareConfig, "pretrain": PretrainConfig, "submit": SlurmProfile}[command]
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
