@@ -294,29 +294,3 @@ def plan_memory(cfg, *, world_size: int, local_ranks: int) -> tuple[MemoryEstima
             ),
         )
     return estimate, available, source
-
-
-def measured_state_bytes(model, optimizer) -> dict[str, int]:
-    """Bytes this rank really holds of parameters and optimizer state (moments, step counts and
-    DeepSpeed's fp32 master partitions): local shards of DTensors (FSDP, TP), ZeRO-3 partitions
-    (``ds_tensor``). What the estimate's `params` + `optimizer` should match."""
-    import torch
-
-    def local(t):
-        t = getattr(t, "ds_tensor", t)  # ZeRO-3 keeps only this rank's partition
-        return t.to_local() if hasattr(t, "to_local") else t
-
-    def nbytes(t) -> int:
-        return local(t).numel() * t.element_size()
-
-    params = sum(nbytes(p) for p in {id(p): p for p in model.parameters()}.values())
-    inner = getattr(model, "optimizer", None)  # a DeepSpeed engine's ZeRO optimizer
-    client = getattr(inner, "optimizer", None) or getattr(optimizer, "optimizer", optimizer)
-    state = sum(
-        nbytes(t) for st in client.state.values() for t in st.values() if torch.is_tensor(t)
-    )
-    for name in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
-        # DeepSpeed's fp32 master partitions: the client optimizer steps them, in place of the
-        # (bf16 or fp32) model parameters
-        state += sum(t.numel() * t.element_size() for t in getattr(inner, name, None) or [])
-    return {"params": params, "optimizer": state}

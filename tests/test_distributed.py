@@ -35,8 +35,9 @@ def _train(rank: int, world: int, data: str, runs: str, name: str, extra: list[s
     import torch.distributed as dist
 
     from pretrain.config import PretrainConfig, load_config
-    from pretrain.memory import estimate_memory, measured_state_bytes
+    from pretrain.memory import estimate_memory
     from pretrain.parallel.common import blocks
+    from pretrain.parallel.state import measured_state_bytes
     from pretrain.run import run_pretrain
     from pretrain.trainer import Callback
 
