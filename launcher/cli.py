@@ -34,7 +34,9 @@ def _parser() -> argparse.ArgumentParser:
             name,
             help=help_,
             description=help_,
-            epilog=EPILOG.format(command=name if name in ("prepare", "submit") else "pretrain")
+            epilog=EPILOG.format(
+                command=name if name in ("prepare", "submit", "finetune") else "pretrain"
+            )
             if config
             else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -66,6 +68,16 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved config, parameter counts and FLOPs, then stop",
     )
+
+    sp = command(
+        "finetune",
+        "Finetune a pretrained model (init_from=RUN|CHECKPOINT|HF_DIR) on a labelled task: "
+        "classification, sft or token_classification (1..N processes).",
+    )
+    sp.add_argument(
+        "--nproc", type=int, default=1, help="local processes (data parallel); default 1"
+    )
+    sp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
 
     sp = command(
         "launch",
@@ -126,6 +138,55 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype"
     )
 
+    sp = command(
+        "export",
+        "Export a run, checkpoint or model directory to Hugging Face transformers format "
+        "(LlamaForCausalLM / LlamaForSequenceClassification / LlamaForTokenClassification, "
+        "safetensors, a tokenizer with lmforge's ids, generation config, model card).",
+        config=False,
+    )
+    sp.add_argument(
+        "path", metavar="RUN|CHECKPOINT|DIR", help="runs/<name>, a checkpoint or a model dir"
+    )
+    sp.add_argument("--out", required=True, help="new directory to write")
+    sp.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="weights' dtype"
+    )
+
+    sp = command(
+        "generate",
+        "Sample text from a run, checkpoint or exported model, streamed to the terminal "
+        "(an sft model's prompt goes into its template).",
+        config=False,
+    )
+    sp.add_argument("path", metavar="RUN|CHECKPOINT|DIR")
+    sp.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    sp.add_argument("--max-new-tokens", type=int, default=100, help="default 100")
+    sp.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    sp.add_argument("--top-k", type=int, default=50, help="keep the k most likely (default 50)")
+    sp.add_argument("--top-p", type=float, help="nucleus sampling: keep probability mass p")
+    sp.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    sp.add_argument("--raw", action="store_true", help="do not apply an sft model's template")
+
+    sp = command(
+        "evaluate",
+        "Perplexity of a model on text files (--text), or a finetuned model's task metrics on "
+        "a labelled file (--data); prints JSON.",
+        config=False,
+    )
+    sp.add_argument("path", metavar="RUN|CHECKPOINT|DIR")
+    sp.add_argument("--text", nargs="+", metavar="FILE", help="text files for perplexity")
+    sp.add_argument("--data", help="labelled CSV/TSV/JSONL/Parquet file (or datasets name)")
+    sp.add_argument(
+        "--column",
+        action="append",
+        default=[],
+        metavar="KEY=NAME",
+        help="override a task column, e.g. text_column=review (repeatable)",
+    )
+    sp.add_argument("--seq-len", type=int, help="perplexity window (default: model context)")
+    sp.add_argument("--out", help="also write the JSON result to this file")
+
     sp = command("print-config", "Print the resolved config of a command.")
     sp.add_argument(
         "--keys", action="store_true", help="list every key with its default and meaning instead"
@@ -133,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--for",
         dest="target",
-        choices=["prepare", "pretrain", "submit"],
+        choices=["prepare", "pretrain", "finetune", "submit"],
         default="pretrain",
         help="which command's config (default pretrain; submit: the SLURM profile)",
     )
@@ -162,10 +223,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _schema(command: str):
+    from finetune.config import FinetuneConfig
     from launcher.slurm import SlurmProfile
     from pretrain.config import PrepareConfig, PretrainConfig
 
-    return {"prepare": PrepareConfig, "pretrain": PretrainConfig, "submit": SlurmProfile}[command]
+    return {
+        "prepare": PrepareConfig,
+        "pretrain": PretrainConfig,
+        "finetune": FinetuneConfig,
+        "submit": SlurmProfile,
+    }[command]
+
+
+def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
+    """Re-run this command line in ``nproc`` local processes (without --nproc)."""
+    from launcher.local import launch_local
+
+    worker_argv = [a for a in argv if not a.startswith("--nproc")]
+    if "--nproc" in argv:  # "--nproc N" as two words
+        i = argv.index("--nproc")
+        worker_argv = argv[:i] + argv[i + 2 :]
+    return launch_local(worker_argv, nproc=nproc, log_dir=os.path.join(run_dir, "logs"))
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -238,19 +316,24 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             )
             plan_memory(cfg, world_size=args.nproc, local_ranks=args.nproc)
         if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-            from launcher.local import launch_local
-
-            worker_argv = [a for a in argv if not a.startswith("--nproc")]
-            if "--nproc" in argv:  # "--nproc N" as two words
-                i = argv.index("--nproc")
-                worker_argv = argv[:i] + argv[i + 2 :]
-            return launch_local(
-                worker_argv, nproc=args.nproc, log_dir=os.path.join(cfg.run_dir, "logs")
-            )
+            return _launch_workers(argv, args.nproc, cfg.run_dir)
         from pretrain.run import run_pretrain
 
         # 0 when done; 128 + signal when SIGUSR1/SIGTERM stopped it early (after saving)
         return run_pretrain(cfg)["exit_code"]
+
+    if args.command == "finetune":
+        from finetune.config import FinetuneConfig
+
+        cfg = load_config(FinetuneConfig, args.config)  # fail fast, before any process starts
+        if args.dry_run:
+            print(to_yaml(cfg), end="")
+            return 0
+        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            return _launch_workers(argv, args.nproc, cfg.run_dir)
+        from finetune.run import run_finetune
+
+        return run_finetune(cfg)["exit_code"]
 
     if args.command == "launch":
         from launcher.local import launch
@@ -263,11 +346,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                 "`lmforge launch --nproc 2 pretrain configs/pretrain/demo.yaml`"
             )
         log_dir = args.log_dir
-        if log_dir is None and args.cmd[0] == "pretrain":
-            from pretrain.config import PretrainConfig
-
+        if log_dir is None and args.cmd[0] in ("pretrain", "finetune"):
             overrides = [a for a in args.cmd[1:] if not a.startswith("-")]
-            log_dir = os.path.join(load_config(PretrainConfig, overrides).run_dir, "logs")
+            log_dir = os.path.join(load_config(_schema(args.cmd[0]), overrides).run_dir, "logs")
         # Under srun each node's launcher finds its place in SLURM's variables.
         nnodes = args.nnodes or int(os.environ.get("SLURM_NNODES", "1"))
         node_rank = args.node_rank
@@ -308,6 +389,41 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from pretrain.consolidate import consolidate
 
         consolidate(args.path, out=args.out, dtype=args.dtype)
+        return 0
+
+    if args.command == "export":
+        from finetune.export import export
+
+        export(args.path, out=args.out, dtype=args.dtype)
+        return 0
+
+    if args.command == "generate":
+        from finetune.inference import generate
+
+        generate(
+            args.path,
+            prompt=args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            raw=args.raw,
+        )
+        return 0
+
+    if args.command == "evaluate":
+        from finetune.inference import perplexity, print_json, task_metrics
+        from pretrain.errors import ConfigurationError
+
+        if bool(args.text) == bool(args.data):
+            raise ConfigurationError("give one of --text FILE ... (perplexity) or --data FILE")
+        if args.text:
+            result = perplexity(args.path, files=args.text, seq_len=args.seq_len)
+        else:
+            columns = dict(c.split("=", 1) for c in args.column if "=" in c)
+            result = task_metrics(args.path, data=args.data, **columns)
+        print_json(result, args.out)
         return 0
 
     if args.command == "bench" and args.strategies:

@@ -115,6 +115,7 @@ class TrainBatches:
         self.order = SampleOrder(num_samples=len(windows), seed=seed, shuffle=shuffle)
         self.samples_consumed = samples_consumed
         self.last_indices = np.empty(0, dtype=np.int64)
+        self.last_step_tokens = 0
 
     @property
     def global_batch(self) -> int:
@@ -130,6 +131,14 @@ class TrainBatches:
         start = self.samples_consumed + self.rank * per_rank
         idx = self.order.take(start, per_rank)
         self.last_indices = idx  # what this rank read (tests check ranks are disjoint)
+        # Tokens the whole step trains on, over all ranks: every rank knows the global order,
+        # so no communication. Variable-length samples (finetuning) count their own tokens.
+        counts = getattr(self.windows, "token_counts", None)
+        if counts is None:
+            self.last_step_tokens = self.global_batch * self.windows.seq_len
+        else:
+            step = self.order.take(self.samples_consumed, self.global_batch)
+            self.last_step_tokens = int(counts[step].sum())
         self.samples_consumed += self.global_batch
         return [
             self.windows.batch(idx[m * self.micro_batch : (m + 1) * self.micro_batch])

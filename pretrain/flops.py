@@ -76,10 +76,15 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     }
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+def flops_per_token(cfg: ModelConfig, seq_len: int, *, n_out: int | None = None) -> int:
     """Training (forward + backward) FLOPs per token at context length `seq_len`:
-    6·N + 12·L·d_attn·T (PaLM appendix B; nanoGPT `estimate_mfu`). See the module docstring."""
+    6·N + 12·L·d_attn·T (PaLM appendix B; nanoGPT `estimate_mfu`). See the module docstring.
+
+    ``n_out``: the output layer is a task head of that width instead of the LM head (a
+    classifier); N then counts d·n_out for it instead of d·vocab."""
     n = param_counts(cfg)["flops_params"]
+    if n_out is not None:
+        n += cfg.d_model * (n_out - cfg.vocab_size)  # (a task head is never tied)
     d_attn = cfg.n_head * cfg.head_dim
     return 6 * n + 12 * cfg.n_layer * d_attn * seq_len
 

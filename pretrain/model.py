@@ -151,7 +151,9 @@ class GPT(nn.Module):
         model.init_weights()  # parameters and the (non-persistent) RoPE tables
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, n_out: int | None = None) -> None:
+        """``n_out``: width of the output layer when it is a task head (e.g. the labels of a
+        classifier, pretrain/../finetune) instead of the LM head over the vocabulary."""
         super().__init__()
         if cfg.vocab_size is None:
             raise ConfigurationError(
@@ -162,7 +164,12 @@ class GPT(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.n_out = n_out or cfg.vocab_size
+        if n_out is not None and cfg.tie_embeddings:
+            raise ConfigurationError(
+                "a task head cannot share the embedding table: model.tie_embeddings must be false"
+            )
+        self.output = nn.Linear(cfg.d_model, self.n_out, bias=False)
         # non-persistent: derived from the config, so they stay out of state_dict (and out of
         # checkpoints and exports); fp32 so long positions keep their precision. Filled by
         # init_weights, which must run again after materialising a meta-device model.
@@ -224,7 +231,7 @@ class GPT(nn.Module):
         h = self.tok_embeddings(input_ids)  # (B, T, d)
         for layer in self.layers:
             h = layer(h, cos, sin)  # (B, T, d)
-        return self.output(self.norm(h))  # (B, T, vocab)
+        return self.output(self.norm(h))  # (B, T, n_out): vocab, or labels of a task head
 
     @torch.no_grad()
     def generate(
@@ -236,8 +243,14 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        eos_id: int | None = None,
+        on_token=None,
     ) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to `input_ids` (B, T); returns (B, T + new).
+
+        `eos_id`: stop early once every row has produced it (rows that finished first keep
+        getting tokens until then). `on_token(ids (B,))` sees each new column as it comes
+        (streaming to a terminal).
 
         temperature 0 is greedy decoding; top_k keeps the k most likely tokens, top_p the
         smallest set whose probability reaches p (nucleus). No KV cache: the context (cropped to
@@ -252,6 +265,7 @@ class GPT(nn.Module):
             raise ConfigurationError(f"top_p must be in (0, 1], got {top_p}")
         was_training = self.training
         self.eval()
+        done = None
         try:
             for _ in range(max_new_tokens):
                 context = input_ids[:, -self.cfg.max_seq_len :]  # (B, <= max_seq_len)
@@ -261,6 +275,16 @@ class GPT(nn.Module):
                 else:
                     next_id = self._sample(logits / temperature, top_k, top_p, generator)
                 input_ids = torch.cat((input_ids, next_id), dim=1)
+                if on_token is not None:
+                    on_token(next_id[:, 0])
+                if eos_id is not None:
+                    done = (
+                        next_id[:, 0] == eos_id
+                        if done is None
+                        else done | (next_id[:, 0] == eos_id)
+                    )
+                    if bool(done.all()):
+                        break
         finally:
             self.train(was_training)
         return input_ids

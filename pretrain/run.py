@@ -148,6 +148,52 @@ def check_resume_compatible(
         )
 
 
+def open_run_dir(cfg, trainer: Trainer, *, config_yaml: str, world: int, resumed_from) -> int:
+    """Rank 0, before training: write the resolved config and provenance, drop metric rows past
+    the resumed checkpoint, attach the metric sinks and the progress bar to ``trainer``; return
+    how many rows were dropped. ``cfg``: any run config with run_dir and a logging section."""
+    run_dir = cfg.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(config_yaml)
+    dropped = truncate_metrics(
+        os.path.join(run_dir, "metrics.jsonl"), after_step=trainer.state.step
+    )
+    with open(os.path.join(run_dir, "provenance.jsonl"), "a") as f:
+        f.write(json.dumps(provenance(world_size=world, resumed_from=resumed_from)) + "\n")
+    writer = MetricsWriter(
+        run_dir=run_dir,
+        start_step=trainer.state.step,
+        tensorboard=cfg.logging.tensorboard,
+        wandb=cfg.logging.wandb,
+        config=to_container(cfg),
+    )
+    trainer.callbacks.append(MetricsCallback(writer))
+    if cfg.logging.progress:
+        trainer.callbacks.append(ProgressBar())
+    return dropped
+
+
+def finish_message(trainer: Trainer, stopper: GracefulStop, *, total_steps: int, run_dir: str):
+    """The last line of a training command: stopped by a signal (resume hint) or done."""
+    done = trainer.state.step >= total_steps
+    if stopper.signal and not done:
+        import signal
+
+        pdist.print0(
+            f"stopped by {signal.Signals(stopper.signal).name} after step {trainer.state.step} "
+            f"of {total_steps}; saved {trainer.last_checkpoint}; continue with resume=auto"
+        )
+    elif trainer.strategy.is_main:
+        ev = trainer.last_eval
+        pdist.print0(
+            f"done: step {trainer.state.step}, {trainer.state.tokens:,} tokens, "
+            f"{trainer.state.flops:.3e} FLOPs"
+            + (f", val_loss {ev['val_loss']:.4f}" if ev else "")
+            + f"; checkpoint {trainer.last_checkpoint}; metrics {run_dir}/metrics.jsonl"
+        )
+
+
 # --- the command -------------------------------------------------------------------------------
 
 
@@ -288,24 +334,9 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
         trainer.last_checkpoint = resume_from
 
     if strategy.is_main:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(config_yaml)
-        dropped = truncate_metrics(
-            os.path.join(run_dir, "metrics.jsonl"), after_step=trainer.state.step
+        dropped = open_run_dir(
+            cfg, trainer, config_yaml=config_yaml, world=world, resumed_from=resume_from
         )
-        with open(os.path.join(run_dir, "provenance.jsonl"), "a") as f:
-            f.write(json.dumps(provenance(world_size=world, resumed_from=resume_from)) + "\n")
-        writer = MetricsWriter(
-            run_dir=run_dir,
-            start_step=trainer.state.step,
-            tensorboard=cfg.logging.tensorboard,
-            wandb=cfg.logging.wandb,
-            config=to_container(cfg),
-        )
-        trainer.callbacks.append(MetricsCallback(writer))
-        if cfg.logging.progress:
-            trainer.callbacks.append(ProgressBar())
         what = (
             f"resuming from {resume_from} (step {trainer.state.step})" if resume_from else "new run"
         )
@@ -344,19 +375,5 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
             title=f"{cfg.name}: loss vs compute",
         )
         result["plot"] = plot
-    if stopper.signal and not done:
-        import signal
-
-        pdist.print0(
-            f"stopped by {signal.Signals(stopper.signal).name} after step {trainer.state.step} "
-            f"of {total_steps}; saved {trainer.last_checkpoint}; continue with resume=auto"
-        )
-    elif strategy.is_main:
-        ev = trainer.last_eval
-        pdist.print0(
-            f"done: step {trainer.state.step}, {trainer.state.tokens:,} tokens, "
-            f"{trainer.state.flops:.3e} FLOPs"
-            + (f", val_loss {ev['val_loss']:.4f}" if ev else "")
-            + f"; checkpoint {trainer.last_checkpoint}; metrics {run_dir}/metrics.jsonl"
-        )
+    finish_message(trainer, stopper, total_steps=total_steps, run_dir=run_dir)
     return result

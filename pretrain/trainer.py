@@ -6,7 +6,9 @@ reduction on the last micro-batch, or a pipeline schedule) -> clip -> optimizer 
 - ``loss_fn(model, batch) -> scalar loss`` (causal LM by default; finetuning passes its own),
 - callbacks (progress bar, metric sinks, early stopping, signal handling) see every step and row,
 - ``save_fn(trainer) -> path`` writes a checkpoint when the cadence says so,
-- the strategy (pretrain/parallel.py) decides how gradients are reduced and state is sharded.
+- the strategy (pretrain/parallel.py) decides how gradients are reduced and state is sharded,
+- an ``evaluator`` adds task metrics (accuracy, F1, ...) to the validation rows: it sees the
+  model output of every validation batch and returns counts that are summed over the ranks.
 
 Host syncs happen only on logging steps: the loss is accumulated on the device in between.
 """
@@ -80,7 +82,7 @@ class Trainer:
         train_batches,
         val_batches: Callable[[], Iterable[Batch]] | None,
         total_steps: int,
-        tokens_per_step: int,
+        tokens_per_step: int | None,
         flops_per_token: float,
         peak_flops: float,
         grad_clip: float = 1.0,
@@ -91,7 +93,11 @@ class Trainer:
         loss_fn: LossFn = causal_lm_loss,
         callbacks: Iterable[Callback] = (),
         state: TrainerState | None = None,
+        evaluator=None,
     ) -> None:
+        """``tokens_per_step`` None: steps differ in size (padded task examples) and the
+        batches say how many tokens the last step trained on (``train_batches.last_step_tokens``,
+        the global count, known on every rank without communication)."""
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -109,6 +115,7 @@ class Trainer:
         self.save_fn = save_fn
         self.loss_fn = loss_fn
         self.callbacks = list(callbacks)
+        self.evaluator = evaluator
         self.state = state or TrainerState()
         self.last_checkpoint: str | None = None
         self.last_row: dict | None = None
@@ -144,7 +151,7 @@ class Trainer:
         self._emit("on_train_start")
         loss_acc = torch.zeros((), device=device)
         norm_acc = torch.zeros((), device=device)
-        steps_acc = 0
+        steps_acc = tokens_acc = 0
         t_start = time.perf_counter()
         while self.state.step < self.total_steps:
             self.model.train()
@@ -154,9 +161,11 @@ class Trainer:
                 self.model, self.optimizer, self.scheduler, grad_clip=self.grad_clip
             )
             steps_acc += 1
+            step_tokens = self._step_tokens()
+            tokens_acc += step_tokens
             self.state.step += 1
-            self.state.tokens += self.tokens_per_step
-            self.state.flops += self.flops_per_token * self.tokens_per_step
+            self.state.tokens += step_tokens
+            self.state.flops += self.flops_per_token * step_tokens
             self._emit("on_step_end")
             fault_point("step", step=self.state.step)
 
@@ -171,10 +180,10 @@ class Trainer:
             if step % self.log_interval == 0 or do_eval or do_save or stop:
                 elapsed = time.perf_counter() - t_start
                 self.state.train_seconds += elapsed
-                self._log_train(loss_acc / steps_acc, norm_acc / steps_acc, steps_acc, elapsed)
+                self._log_train(loss_acc / steps_acc, norm_acc / steps_acc, tokens_acc, elapsed)
                 loss_acc.zero_()
                 norm_acc.zero_()
-                steps_acc = 0
+                steps_acc = tokens_acc = 0
                 if do_eval:
                     self.evaluate()
                 if do_save:
@@ -187,8 +196,13 @@ class Trainer:
         self._emit("on_train_end")
         return self.state
 
+    def _step_tokens(self) -> int:
+        if self.tokens_per_step is not None:
+            return self.tokens_per_step
+        return int(self.train_batches.last_step_tokens)
+
     def _log_train(
-        self, loss: torch.Tensor, grad_norm: torch.Tensor, steps: int, elapsed: float
+        self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, elapsed: float
     ) -> None:
         stats = pdist.all_reduce_mean(torch.stack([loss, grad_norm]).float())
         loss_v, norm_v = stats.tolist()  # the one host sync of the interval
@@ -200,7 +214,7 @@ class Trainer:
                 f"checkpoint is {where}. Lower optim.lr, raise optim.warmup_steps or use "
                 "train.precision=fp32, then rerun with resume=auto"
             )
-        tps = steps * self.tokens_per_step / max(elapsed, 1e-9)
+        tps = tokens / max(elapsed, 1e-9)
         per_device = tps / self.strategy.world_size
         row = {
             "kind": "train",
@@ -219,15 +233,23 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean validation loss over the fixed validation batches of every rank."""
+        """Validation loss over the fixed validation batches of every rank (the mean over label
+        tokens: the same value whatever the world size), plus the evaluator's task metrics."""
         assert self.val_batches is not None
         self.model.eval()
         device = self.strategy.device
-        # Sample-weighted sums over every rank: the same value whatever the world size.
+        if self.evaluator is not None:
+            self.evaluator.reset()
         sums = torch.zeros(2, device=device)
         for batch in self.val_batches():
-            n = batch["input_ids"].shape[0]
-            sums[0] += self.strategy.eval_loss(self.model, batch, self.loss_fn) * n
+            n = (batch["labels"] != -100).sum().item()
+            if self.evaluator is None:
+                loss = self.strategy.eval_loss(self.model, batch, self.loss_fn)
+            else:
+                logits = self.strategy.eval_logits(self.model, batch)
+                loss = self.loss_fn.output_loss(logits, batch["labels"].to(device))
+                self.evaluator.update(logits, batch)
+            sums[0] += loss * n
             sums[1] += n
         total, count = pdist.all_reduce_sum(sums).tolist()
         val = total / max(count, 1)
@@ -239,6 +261,9 @@ class Trainer:
             "val_loss": val,
             "val_ppl": math.exp(min(val, 50.0)),
         }
+        if self.evaluator is not None:
+            counts = pdist.all_reduce_sum(self.evaluator.counts().to(device).double())
+            row.update(self.evaluator.compute(counts.cpu()))
         self.last_eval = row
         self._emit("on_log", row)
         self.model.train()

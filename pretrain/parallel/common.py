@@ -207,6 +207,13 @@ class Strategy:
         with self.autocast():
             return loss_fn(model, batch).detach().float()
 
+    @torch.no_grad()
+    def eval_logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """The model output (B, T, n_out) of one validation batch in fp32, the same on every
+        rank that reads this batch (task metrics need more than the loss)."""
+        with self.autocast():
+            return model(batch["input_ids"].to(self.device, non_blocking=True)).float()
+
     def clip_and_step(self, params, optimizer, scheduler, *, grad_clip: float) -> torch.Tensor:
         """Clip by the global norm, step optimizer and schedule, zero the grads; return the norm
         before clipping. DTensor norms (FSDP, TP) are gathered to a plain tensor."""

@@ -122,6 +122,7 @@ class PipelineStrategy(Strategy):
             stage, self.stage_index, self.pp, self.device, group=self.pp_group
         )
         self.n_micro = grad_accum
+        self.n_out = model.output.out_features  # what eval_logits receives from the last stage
         return stage, make_optimizer(stage)
 
     def _schedule_for(self, loss_fn):
@@ -163,9 +164,9 @@ class PipelineStrategy(Strategy):
         return self._from_last_stage(mean)
 
     @torch.no_grad()
-    def eval_loss(self, model: nn.Module, batch: dict, loss_fn) -> torch.Tensor:
+    def _relay_forward(self, model: nn.Module, batch: dict) -> torch.Tensor | None:
         """Forward only, relayed stage to stage (every rank of a pipeline reads the same batch,
-        so the shapes are known without asking)."""
+        so the shapes are known without asking); the output on the last stage, else None."""
         inputs = batch["input_ids"].to(self.device)
         B, T = inputs.shape
         pp_ranks = dist.get_process_group_ranks(self.pp_group)
@@ -177,9 +178,26 @@ class PipelineStrategy(Strategy):
         out = model(h)
         if not self.last:
             dist.send(out.contiguous(), dst=pp_ranks[self.stage_index + 1], group=self.pp_group)
+            return None
+        return out
+
+    @torch.no_grad()
+    def eval_loss(self, model: nn.Module, batch: dict, loss_fn) -> torch.Tensor:
+        out = self._relay_forward(model, batch)
+        if out is None:
             return self._from_last_stage(torch.zeros(()))
         loss = _output_loss(loss_fn)(out, batch["labels"].to(self.device))
         return self._from_last_stage(loss)
+
+    @torch.no_grad()
+    def eval_logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        out = self._relay_forward(model, batch)
+        B, T = batch["input_ids"].shape
+        if out is None:
+            out = torch.empty(B, T, self.n_out, device=self.device)
+        out = out.float().contiguous()
+        dist.broadcast(out, src=self.last_rank, group=self.pp_group)
+        return out
 
     def step(self, model: nn.Module, optimizer, scheduler, *, grad_clip: float) -> torch.Tensor:
         params = [p for p in model.parameters() if p.grad is not None]

@@ -1,0 +1,274 @@
+"""`lmforge finetune` config: the base model, the task and its data, and how to adapt.
+
+The optimizer, parallel, checkpoint and logging sections are pretraining's own (pretrain/config.py);
+only what differs for a labelled task is new here. The model's shape and tokenizer come from
+`init_from`; the run stores them (`model`, `tokenizer`) in its resolved config.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from omegaconf import MISSING
+
+from pretrain.config import (
+    CheckpointConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+)
+from pretrain.errors import ConfigurationError
+
+TASKS = ("classification", "sft", "token_classification")
+
+
+@dataclass
+class TaskConfig:
+    """The downstream task and its labelled data."""
+
+    type: Literal["classification", "sft", "token_classification"] = "classification"
+    """classification: one label per text (a head on the last non-padding token);
+    sft: prompt -> response (loss on the response tokens only); token_classification: one BIO
+    tag per word (NER-style; the label is put on the first sub-word of each word)."""
+    train: str = MISSING
+    """Training examples: a CSV/TSV/JSONL/Parquet file (`pkg://PACKAGE/path` inside a package
+    works too), or a `datasets` name / saved dataset directory (split `train_split`)."""
+    val: str | None = None
+    """Validation examples (same forms as `train`); null = hold out `val_fraction` of `train`."""
+    train_split: str = "train"
+    """Split of a `datasets` source for `train`."""
+    val_split: str = "validation"
+    """Split of a `datasets` source for `val`."""
+    dataset_config: str | None = None
+    """Configuration name of a `datasets` source."""
+    val_fraction: float = 0.1
+    """When `val` is null: this fraction of `train` (seeded) is held out."""
+    text_column: str = "text"
+    """classification: the column holding the text."""
+    label_column: str = "label"
+    """classification: the column holding the label (any strings or integers)."""
+    labels: list[str] | None = None
+    """classification / token_classification: the label set in head order; null = the sorted
+    distinct labels of the training data. Saved with the model (id2label on export)."""
+    prompt_column: str = "prompt"
+    """sft: the column holding the prompt (instruction)."""
+    response_column: str = "response"
+    """sft: the column holding the response the model learns to produce."""
+    template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    """sft: the text the prompt is put into; `{prompt}` is replaced. The response follows it
+    directly and ends with EOS."""
+    packing: bool = False
+    """sft: pack several short examples into one sequence of up to `max_len` tokens (fewer
+    padding tokens; examples then attend to the earlier ones in their pack)."""
+    tokens_column: str = "tokens"
+    """token_classification: the column holding the list of words."""
+    tags_column: str = "tags"
+    """token_classification: the column holding one BIO tag per word (B-X, I-X, O)."""
+    max_len: int = 128
+    """Longest example in tokens; longer ones are cut (classification keeps the end of the text,
+    where the head reads; sft keeps the prompt's end and the response's start; token
+    classification keeps the first words)."""
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2:
+            raise ConfigurationError(f"`task.max_len` must be >= 2, got {self.max_len}")
+        if not 0.0 < self.val_fraction < 0.5:
+            raise ConfigurationError(
+                f"`task.val_fraction` must be in (0, 0.5), got {self.val_fraction}"
+            )
+        if self.type == "sft" and "{prompt}" not in self.template:
+            raise ConfigurationError(
+                f"`task.template` must contain {{prompt}}, got {self.template!r}"
+            )
+        if self.labels is not None and len(set(self.labels)) != len(self.labels):
+            raise ConfigurationError(f"`task.labels` has duplicates: {self.labels}")
+
+
+@dataclass
+class FinetuneTrainConfig:
+    """The finetuning loop (batches count examples, not tokens)."""
+
+    micro_batch_size: int = 16
+    """Examples per forward/backward on each rank."""
+    global_batch_size: int = 32
+    """Examples per optimizer step across all ranks; sets gradient accumulation."""
+    max_steps: int | None = None
+    """Optimizer steps. At most one of `max_steps` and `epochs`; neither = 1 epoch."""
+    epochs: float | None = None
+    """Passes over the training examples (rounded up to whole steps)."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Mixed precision, as in pretraining."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    log_interval: int = 10
+    """Write a metrics row every this many steps."""
+    eval_interval: int = 50
+    """Validate (loss and task metrics) every this many steps, and at the end; 0 = at the end."""
+    eval_samples: int | None = None
+    """Validation examples to use (the first ones); null = all."""
+    samples: int = 3
+    """sft: generations from the first validation prompts written to the log at each
+    evaluation (greedy)."""
+    sample_tokens: int = 48
+    """sft: new tokens per logged generation."""
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; null = known GPUs table, else a matmul probe."""
+    deterministic: bool = True
+    """Ask torch for deterministic algorithms."""
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigurationError(
+                "set one of `train.max_steps` and `train.epochs`, not both "
+                f"(got max_steps={self.max_steps}, epochs={self.epochs})"
+            )
+        for name in ("micro_batch_size", "global_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigurationError(f"`train.max_steps` must be >= 1, got {self.max_steps}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigurationError(f"`train.epochs` must be > 0, got {self.epochs}")
+        if self.eval_interval < 0 or self.grad_clip < 0:
+            raise ConfigurationError("`train.eval_interval` and `train.grad_clip` must be >= 0")
+        if self.eval_samples is not None and self.eval_samples < 1:
+            raise ConfigurationError(f"`train.eval_samples` must be >= 1, got {self.eval_samples}")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (through `peft`) instead of training the full weights."""
+
+    enabled: bool = False
+    """Train LoRA adapters on `target_modules`; everything else is frozen except the task head.
+    Exports merge the adapters into the weights."""
+    r: int = 8
+    """Adapter rank."""
+    alpha: float = 16.0
+    """Scaling numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list[str] = field(
+        default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
+    )
+    """Linear layers (by attribute name in pretrain/model.py) that get adapters."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or not self.alpha > 0 or not 0.0 <= self.dropout < 1.0:
+            raise ConfigurationError(
+                f"`lora.r` must be >= 1, `lora.alpha` > 0 and `lora.dropout` in [0, 1) "
+                f"(got {self.r}, {self.alpha}, {self.dropout})"
+            )
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when the validation metric stops improving."""
+
+    patience: int = 0
+    """Stop after this many evaluations without improvement; 0 = never stop early."""
+    metric: str | None = None
+    """The eval row's key to watch; null = macro_f1 (classification), f1 (token
+    classification), val_loss (sft)."""
+    mode: Literal["auto", "max", "min"] = "auto"
+    """auto: min for *loss*/*ppl* metrics, max otherwise."""
+    min_delta: float = 0.0
+    """An improvement smaller than this does not count."""
+
+    def __post_init__(self) -> None:
+        if self.patience < 0 or self.min_delta < 0:
+            raise ConfigurationError(
+                "`early_stopping.patience` and `early_stopping.min_delta` must be >= 0"
+            )
+
+
+@dataclass
+class FinetuneConfig:
+    """`lmforge finetune`: adapt a pretrained model to a labelled task."""
+
+    name: str = MISSING
+    """Run name: the run directory is `<runs_dir>/<name>`."""
+    runs_dir: str = "runs"
+    """Parent directory of run directories."""
+    init_from: str | None = None
+    """The base model: an lmforge run (its latest checkpoint), a checkpoint directory, a
+    `consolidate`/`export` output, or a Hugging Face Llama directory with a SentencePiece
+    tokenizer.model. null = a new model of shape `model` with tokenizer `tokenizer`."""
+    from_scratch: bool = False
+    """Take init_from's shape and tokenizer but re-initialise every weight: the baseline that
+    shows what pretraining buys at the same finetuning budget."""
+    tokenizer: str | None = None
+    """SentencePiece .model; null = init_from's. Given with init_from, it must be the same file
+    (sha256)."""
+    seed: int = 1337
+    """Seed of the new weights (head, adapters), the data order and dropout."""
+    resume: str | None = None
+    """null: new run; `auto`: resume from the run's latest checkpoint; or a checkpoint dir."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """The task and its data."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape: comes from init_from (only `model.dropout` may be set then)."""
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    """Training loop."""
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20, weight_decay=0.01)
+    )
+    """Optimizer and schedule."""
+    freeze: Literal["none", "trunk"] = "none"
+    """trunk: train only the task head (embeddings and blocks frozen: a linear probe)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters."""
+    class_weights: str = "none"
+    """classification / token_classification: none; balanced (n / (k * count) per label, as
+    scikit-learn); or comma-separated weights in label order, e.g. "1.0,3.0"."""
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    """Early stopping on a validation metric."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel strategy, as in pretraining."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Metric sinks."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name in (".", ".."):
+            raise ConfigurationError(
+                f"`name`={self.name!r} must be a plain directory name (no '/')"
+            )
+        if self.init_from is None and self.tokenizer is None:
+            raise ConfigurationError(
+                "set `init_from=runs/<pretrained run>` (or a checkpoint / export directory), or "
+                "both `tokenizer=<.model>` and a `model` shape to start from new weights"
+            )
+        if self.from_scratch and self.init_from is None:
+            raise ConfigurationError("`from_scratch=true` needs `init_from` (for its shape)")
+        if self.lora.enabled and self.freeze != "none":
+            raise ConfigurationError(
+                "`lora.enabled` already freezes the base weights; leave `freeze=none`"
+            )
+        if self.lora.enabled and (
+            self.parallel.tensor_parallel > 1 or self.parallel.pipeline_parallel > 1
+        ):
+            raise ConfigurationError(
+                "LoRA runs under data parallel strategies (ddp, fsdp, deepspeed); set "
+                "parallel.tensor_parallel=1 and parallel.pipeline_parallel=1"
+            )
+        if self.class_weights != "none" and self.task.type == "sft":
+            raise ConfigurationError("`class_weights` applies to classification tasks, not sft")
+        if self.class_weights not in ("none", "balanced"):
+            try:
+                weights = [float(w) for w in self.class_weights.split(",")]
+            except ValueError:
+                weights = []
+            if not weights or any(not w > 0 for w in weights):
+                raise ConfigurationError(
+                    f"`class_weights`={self.class_weights!r}: use none, balanced, or positive "
+                    "comma-separated weights in label order"
+                )
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.runs_dir, self.name)

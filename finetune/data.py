@@ -1,0 +1,387 @@
+"""Labelled examples -> token ids and per-token labels, batched like pretraining's windows.
+
+Every task becomes the same thing: ``input_ids`` and ``labels`` of equal length with -100 where
+no loss applies, so one loss (cross-entropy of the model output against ``labels``) and one
+model output (B, T, n_out) serve all of them, pipeline stages included:
+
+- classification: the text's tokens; the label id sits on the LAST token (the head reads the
+  last non-padding position: causal attention has seen the whole text there);
+- sft: template(prompt) + response + EOS, shifted by one (next-token targets); targets inside
+  the prompt are -100, so only the response is learned;
+- token_classification: each word's tokens (encoded with its leading space, as in running
+  text); the word's tag id on its first sub-word, -100 on the others (Hugging Face's alignment).
+
+Batches are right-padded (causal attention: padding after a position never changes it) to the
+longest example of the micro-batch, or to ``max_len`` under pipeline parallelism (a schedule
+needs one shape). :class:`ExampleSet` has the interface of pretraining's windows, so
+:class:`pretrain.data.TrainBatches` gives the same exact, resumable, world-size-independent order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from pretrain.errors import ConfigurationError, DataError
+from pretrain.sources import _format_of, resolve_source_path
+
+IGNORE = -100
+
+
+# --------------------------------------------------------------------------------------------
+# tables
+# --------------------------------------------------------------------------------------------
+
+
+def load_rows(source: str, *, split: str, dataset_config: str | None = None) -> list[dict]:
+    """Rows of a CSV/TSV/JSONL/Parquet file (optionally .gz/.bz2/.xz), a saved dataset
+    directory, or a `datasets` name (split ``split``)."""
+    path = resolve_source_path(source)
+    fmt, _ = _format_of(path)
+    if path.is_file():
+        if fmt not in ("csv", "jsonl", "parquet"):
+            raise DataError(
+                f"{source}: unknown file type; use .csv, .tsv, .jsonl/.json or .parquet"
+            )
+        table = _read_file(path, fmt, source)
+        return table.to_pylist()
+    if fmt is not None and not path.exists():
+        raise DataError(f"{source}: no such file")
+    import datasets
+
+    try:
+        if path.is_dir() and (
+            (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+        ):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{source} has no split {split!r} (splits: {', '.join(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(
+                str(path) if path.exists() else source, dataset_config, split=split
+            )
+    except DataError:
+        raise
+    except Exception as exc:  # the loaders raise many types; the source is what matters
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"cannot load {source!r} split {split!r}: {first}") from None
+    return ds.to_list()
+
+
+def _read_file(path, fmt: str, source: str):
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            return pq.read_table(path)
+        if fmt == "jsonl":
+            return pajson.read_json(path)
+        delimiter = "\t" if ".tsv" in path.name.lower() else ","
+        # every column as text: labels such as "01" or "NA" stay what they are
+        return pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                column_types=_all_strings(path, delimiter),
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DataError(f"cannot read {source}: {first}") from None
+
+
+def _all_strings(path, delimiter: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    header = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    return {name: pa.string() for name in header.schema.names}
+
+
+def require_columns(rows: list[dict], columns: list[str], *, source: str, keys: list[str]) -> None:
+    """One line naming the missing column, the columns there are, and the key to set."""
+    if not rows:
+        raise DataError(f"{source} has no examples; give a file with at least one row")
+    have = list(rows[0])
+    for column, key in zip(columns, keys, strict=True):
+        if column not in have:
+            raise DataError(
+                f"{source} has no column {column!r} (columns: {', '.join(map(str, have))}); "
+                f"set `{key}` to the right one"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# labels
+# --------------------------------------------------------------------------------------------
+
+
+def label_set(values: list) -> list[str]:
+    """Distinct labels as strings, numerically sorted when all are integers."""
+    names = {str(v) for v in values}
+    try:
+        return sorted(names, key=int)
+    except ValueError:
+        return sorted(names)
+
+
+def label_ids(values: list, labels: list[str], *, source: str) -> list[int]:
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    for v in values:
+        if str(v) not in index:
+            raise DataError(
+                f"{source} has label {str(v)!r}, which is not in the model's label set "
+                f"{labels}; fix the data or set task.labels to include it (for a new model)"
+            )
+        out.append(index[str(v)])
+    return out
+
+
+def class_weights(spec: str, train_label_ids: list[int], num_labels: int) -> list[float] | None:
+    """none -> None; balanced -> n / (k * count) per label (scikit-learn's 'balanced'); or the
+    given comma-separated weights."""
+    if spec == "none":
+        return None
+    if spec == "balanced":
+        counts = np.bincount(np.asarray(train_label_ids), minlength=num_labels)
+        n = counts.sum()
+        return [float(n / (num_labels * c)) if c else 0.0 for c in counts]
+    weights = [float(w) for w in spec.split(",")]
+    if len(weights) != num_labels:
+        raise ConfigurationError(
+            f"`class_weights` has {len(weights)} weights for {num_labels} labels; give one per "
+            "label in task.labels order"
+        )
+    return weights
+
+
+# --------------------------------------------------------------------------------------------
+# examples
+# --------------------------------------------------------------------------------------------
+
+
+class ExampleSet:
+    """Tokenized examples with pretraining's window interface (``len``, ``batch(indices)``)
+    and ``token_counts`` (tokens per example: what a step trains on)."""
+
+    def __init__(
+        self,
+        input_ids: list[list[int]],
+        labels: list[list[int]],
+        *,
+        pad_id: int,
+        max_len: int,
+        pad_to_max: bool = False,
+        name: str = "examples",
+    ) -> None:
+        if not input_ids:
+            raise DataError(f"{name}: no examples left after tokenization; check the data")
+        self.input_ids = [np.asarray(x, dtype=np.int64) for x in input_ids]
+        self.labels = [np.asarray(y, dtype=np.int64) for y in labels]
+        self.token_counts = np.array([len(x) for x in self.input_ids], dtype=np.int64)
+        self.pad_id = pad_id
+        self.seq_len = max_len
+        self.pad_to_max = pad_to_max
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        indices = [int(i) for i in indices]
+        T = self.seq_len if self.pad_to_max else int(max(self.token_counts[indices]))
+        ids = np.full((len(indices), T), self.pad_id, dtype=np.int64)
+        labels = np.full((len(indices), T), IGNORE, dtype=np.int64)
+        for row, i in enumerate(indices):
+            n = len(self.input_ids[i])
+            ids[row, :n] = self.input_ids[i]
+            labels[row, :n] = self.labels[i]
+        return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+
+
+def classification_example(tok, text: str, label: int, max_len: int):
+    ids = tok.encode(text)[-max_len:]  # keep the end: the head reads the last token
+    if not ids:
+        return None
+    return ids, [IGNORE] * (len(ids) - 1) + [label]
+
+
+def sft_example(tok, prompt: str, response: str, *, template: str, max_len: int):
+    """(input_ids, labels) of one prompt/response pair: next-token targets, -100 on the
+    prompt."""
+    p = tok.encode(template.replace("{prompt}", prompt))
+    r = tok.encode(response) + ([tok.eos_id] if tok.eos_id is not None else [])
+    total = max_len + 1  # inputs and shifted targets
+    if len(p) + len(r) > total:
+        keep_r = min(len(r), max(total - len(p), total // 2))
+        p, r = p[len(p) - (total - keep_r) :], r[:keep_r]
+    ids = p + r
+    labels = [IGNORE] * (len(p) - 1) + r
+    return ids[:-1], labels
+
+
+def token_classification_example(tok, words: list, tags: list[int], max_len: int):
+    ids: list[int] = []
+    labels: list[int] = []
+    for word, tag in zip(words, tags, strict=True):
+        pieces = tok.encode(str(word))  # with its dummy-prefix space, as inside running text
+        if not pieces:
+            continue
+        if len(ids) + len(pieces) > max_len:
+            break
+        ids += pieces
+        labels += [tag] + [IGNORE] * (len(pieces) - 1)
+    return (ids, labels) if ids else None
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_len: int):
+    """Greedy packing in order: consecutive examples share a sequence of <= max_len tokens."""
+    packed: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for x, y in examples:
+        if ids and len(ids) + len(x) > max_len:
+            packed.append((ids, labels))
+            ids, labels = [], []
+        ids, labels = ids + x, labels + y
+    if ids:
+        packed.append((ids, labels))
+    return packed
+
+
+def tokenize(
+    task,
+    tok,
+    rows: list[dict],
+    *,
+    source: str,
+    labels: list[str] | None,
+    pad_to_max: bool = False,
+    is_train: bool = False,
+) -> tuple[ExampleSet, list[str] | None, list[int]]:
+    """The examples of ``rows``; the label set (found in these rows when ``labels`` is None);
+    the label id of each classification example (for class weights and baselines)."""
+    ids: list[int] = []
+    if task.type == "classification":
+        require_columns(
+            rows,
+            [task.text_column, task.label_column],
+            source=source,
+            keys=["task.text_column", "task.label_column"],
+        )
+        values = [r[task.label_column] for r in rows]
+        labels = labels or label_set(values)
+        ids = label_ids(values, labels, source=source)
+        made = [
+            classification_example(tok, str(r[task.text_column] or ""), y, task.max_len)
+            for r, y in zip(rows, ids, strict=True)
+        ]
+    elif task.type == "sft":
+        require_columns(
+            rows,
+            [task.prompt_column, task.response_column],
+            source=source,
+            keys=["task.prompt_column", "task.response_column"],
+        )
+        made = [
+            sft_example(
+                tok,
+                str(r[task.prompt_column] or ""),
+                str(r[task.response_column] or ""),
+                template=task.template,
+                max_len=task.max_len,
+            )
+            for r in rows
+        ]
+        if task.packing and is_train:
+            made = pack(made, task.max_len)
+    else:
+        from finetune.metrics import validate_bio_labels
+
+        require_columns(
+            rows,
+            [task.tokens_column, task.tags_column],
+            source=source,
+            keys=["task.tokens_column", "task.tags_column"],
+        )
+        if labels is None:
+            labels = label_set(t for r in rows for t in r[task.tags_column])
+        validate_bio_labels(labels)
+        made = []
+        for r in rows:
+            words, tags = list(r[task.tokens_column]), list(r[task.tags_column])
+            if len(words) != len(tags):
+                raise DataError(
+                    f"{source}: an example has {len(words)} words but {len(tags)} tags; "
+                    "give one tag per word"
+                )
+            tag_ids = label_ids(tags, labels, source=source)
+            made.append(token_classification_example(tok, words, tag_ids, task.max_len))
+    kept = [m for m in made if m is not None]
+    if not kept:
+        raise DataError(f"{source}: every example is empty after tokenization; check the data")
+    pad_id = tok.eos_id if tok.eos_id is not None else 0
+    examples = ExampleSet(
+        [k[0] for k in kept],
+        [k[1] for k in kept],
+        pad_id=pad_id,
+        max_len=task.max_len,
+        pad_to_max=pad_to_max,
+        name=source,
+    )
+    if task.type == "classification":
+        ids = [y for y, m in zip(ids, made, strict=True) if m is not None]
+    return examples, labels, ids
+
+
+class TaskData:
+    """The tokenized train and validation sets of a task, and what the head needs."""
+
+    def __init__(self, task, tokenizer, *, seed: int, labels: list[str] | None, pad_to_max: bool):
+        load = {"dataset_config": task.dataset_config}
+        train_rows = load_rows(task.train, split=task.train_split, **load)
+        if task.val is not None:
+            val_rows = load_rows(task.val, split=task.val_split, **load)
+            val_name = task.val
+        else:
+            if len(train_rows) < 2:
+                raise DataError(
+                    f"{task.train} has {len(train_rows)} example(s); need >= 2 to hold out a "
+                    "validation split (or set task.val)"
+                )
+            perm = np.random.default_rng(seed).permutation(len(train_rows))
+            n_val = max(1, int(round(len(train_rows) * task.val_fraction)))
+            val_rows = [train_rows[i] for i in sorted(perm[:n_val])]
+            train_rows = [train_rows[i] for i in sorted(perm[n_val:])]
+            val_name = f"{task.train} (held-out {task.val_fraction:g})"
+        self.task = task
+        self.train, self.labels, self.train_label_ids = tokenize(
+            task,
+            tokenizer,
+            train_rows,
+            source=task.train,
+            labels=labels,
+            pad_to_max=pad_to_max,
+            is_train=True,
+        )
+        self.val, _, self.val_label_ids = tokenize(
+            task, tokenizer, val_rows, source=val_name, labels=self.labels, pad_to_max=pad_to_max
+        )
+
+    @property
+    def n_out(self) -> int | None:
+        """Width of the task head; None = the LM head (sft)."""
+        return None if self.task.type == "sft" else len(self.labels)
+
+
+def steps_for(epochs: float, num_examples: int, global_batch: int) -> int:
+    return max(1, math.ceil(epochs * num_examples / global_batch))

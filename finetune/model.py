@@ -1,0 +1,197 @@
+"""Models to finetune, evaluate, sample from or export: found on disk, built, adapted.
+
+`load_source(path)` reads any of
+- an lmforge run directory (its latest checkpoint) or a checkpoint directory, of any parallel
+  layout (the weights are rebuilt from the shards, pretrain/consolidate.py),
+- a `lmforge consolidate` directory (model.safetensors + config.yaml),
+- a Hugging Face Llama directory (config.json + *.safetensors + a SentencePiece tokenizer.model),
+  which is what `lmforge export` writes,
+into one :class:`Source`: the model shape, fp32 weights under lmforge's names, the tokenizer, the
+task (for a finetuned model) and the compute that went into it.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.errors import CheckpointError, ConfigurationError
+from pretrain.model import GPT
+
+
+@dataclass
+class Source:
+    path: str
+    model: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer: str | None
+    task: dict | None = None  # {"type", "labels", ...} of a finetuned model
+    lora: dict | None = None  # the LoRA config when the weights hold unmerged adapters
+    compute: dict = field(default_factory=dict)  # {"tokens", "flops", "steps", ...} all stages
+    kind: str = "checkpoint"
+
+    @property
+    def n_out(self) -> int | None:
+        if self.task and self.task.get("type") != "sft" and self.task.get("labels"):
+            return len(self.task["labels"])
+        return None
+
+
+def _model_cfg(section: dict) -> ModelConfig:
+    keys = {f for f in ModelConfig.__dataclass_fields__}
+    return ModelConfig(**{k: v for k, v in section.items() if k in keys})
+
+
+def load_source(path: str) -> Source:
+    """Whatever model directory ``path`` is (see the module docstring)."""
+    from omegaconf import OmegaConf
+
+    from pretrain.checkpoint import read_trainer_state, verify_checkpoint
+    from pretrain.consolidate import full_weights, resolve_checkpoint
+
+    if not os.path.exists(path):
+        raise ConfigurationError(f"{path}: no such run, checkpoint or model directory")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return _load_hf(path)
+    if os.path.isfile(os.path.join(path, "consolidated.json")):
+        cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(path, "config.yaml")))
+        with open(os.path.join(path, "consolidated.json")) as f:
+            info = json.load(f)
+        from safetensors.torch import load_file
+
+        tok = os.path.join(path, "tokenizer.model")
+        return Source(
+            path=path,
+            model=_model_cfg(cfg["model"]),
+            weights=load_file(os.path.join(path, "model.safetensors")),
+            tokenizer=tok if os.path.isfile(tok) else None,
+            task=cfg.get("task") if "init_from" in cfg else None,
+            lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
+            compute=_compute(info, cfg),
+            kind="consolidated",
+        )
+    checkpoint = resolve_checkpoint(path)
+    verify_checkpoint(checkpoint)
+    state = read_trainer_state(checkpoint)
+    cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(checkpoint, "config.yaml")))
+    tok = state.get("tokenizer")
+    return Source(
+        path=checkpoint,
+        model=_model_cfg(cfg["model"]),
+        weights=full_weights(checkpoint),
+        tokenizer=tok if tok and os.path.isfile(tok) else None,
+        task=cfg.get("task") if "init_from" in cfg else None,
+        lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
+        compute=_compute(state, cfg),
+    )
+
+
+def _compute(state: dict, cfg: dict) -> dict:
+    """This model's own training compute plus that of the model it started from."""
+    base = state.get("base") or {}
+    own = {"tokens": state.get("tokens") or 0, "flops": state.get("flops") or 0.0}
+    stage = "finetune" if "init_from" in cfg else "pretrain"
+    return {
+        "stages": [*base.get("stages", []), {"stage": stage, "name": cfg.get("name"), **own}],
+        "tokens": (base.get("tokens") or 0) + own["tokens"],
+        "flops": (base.get("flops") or 0.0) + own["flops"],
+    }
+
+
+def _load_hf(path: str) -> Source:
+    from safetensors.torch import load_file
+
+    from finetune.hf import from_hf_name, model_config_from_hf
+
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    model_cfg = model_config_from_hf(config, source=path)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise CheckpointError(
+            f"{path} has no *.safetensors weights (pickled .bin weights are not loaded: they "
+            "can run code); convert them to safetensors"
+        )
+    weights = {}
+    for file in files:
+        for name, tensor in load_file(file).items():
+            ours = from_hf_name(name)
+            if ours is not None:
+                weights[ours] = tensor.float()
+    if model_cfg.tie_embeddings:
+        weights.pop("output.weight", None)
+    meta = {}
+    if os.path.isfile(os.path.join(path, "lmforge.json")):
+        with open(os.path.join(path, "lmforge.json")) as f:
+            meta = json.load(f)
+    task = None
+    arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
+    if arch in ("LlamaForSequenceClassification", "LlamaForTokenClassification"):
+        labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+        kind = "classification" if "Sequence" in arch else "token_classification"
+        task = {"type": kind, "labels": labels, **meta.get("task", {})}
+    elif meta.get("task"):
+        task = meta["task"]
+    tok = os.path.join(path, "tokenizer.model")
+    return Source(
+        path=path,
+        model=model_cfg,
+        weights=weights,
+        tokenizer=tok if os.path.isfile(tok) else None,
+        task=task,
+        compute=meta.get("compute", {}),
+        kind="hf",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# building
+# --------------------------------------------------------------------------------------------
+
+
+def wrap_lora(model: GPT, lora: dict) -> torch.nn.Module:
+    """LoRA adapters (peft) on the named linears; the task/LM head stays trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=int(lora["r"]),
+            lora_alpha=float(lora["alpha"]),
+            lora_dropout=float(lora["dropout"]),
+            target_modules=list(lora["target_modules"]),
+            bias="none",
+        ),
+    )
+    # peft freezes everything but the adapters; a new head must learn too. (Not through
+    # modules_to_save: that renames the head's weights in every checkpoint.)
+    peft_model.base_model.model.output.weight.requires_grad_(True)
+    return peft_model
+
+
+def build_model(src: Source, *, merge: bool = True) -> GPT:
+    """The model of a source with its weights, adapters merged (for inference and export)."""
+    model = GPT(src.model, n_out=src.n_out)
+    if src.lora:
+        peft_model = wrap_lora(model, src.lora)
+        _load(peft_model, src.weights, src.path)
+        model = peft_model.merge_and_unload() if merge else peft_model
+    else:
+        _load(model, src.weights, src.path)
+    return model.eval()
+
+
+def _load(model: torch.nn.Module, weights: dict, where: str) -> None:
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = getattr(model, "tied", False)
+    missing = [k for k in missing if not (tied and k == "output.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: weights do not fit the model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); was it written by another version?"
+        )

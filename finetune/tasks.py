@@ -1,0 +1,216 @@
+"""What differs between tasks once examples are tokens (finetune/data.py): the loss weights,
+the validation metrics, and the trainer callbacks finetuning adds (early stopping, samples)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+
+from finetune.data import IGNORE
+from finetune.metrics import ConfusionMatrix, EntityCounts, entity_types_from_labels
+from pretrain import dist as pdist
+from pretrain.trainer import Callback, lm_cross_entropy
+
+
+def make_loss(weights: list[float] | None):
+    """Cross-entropy of the model output (B, T, n_out) against labels (B, T) with -100 ignored:
+    every task's loss (finetune/data.py). Class ``weights`` give sum(w·loss) / sum(w), as
+    torch's weighted cross-entropy. ``output_loss`` is what a pipeline's last stage computes."""
+    if weights is None:
+        output_loss = lm_cross_entropy
+    else:
+
+        def output_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            w = torch.tensor(weights, dtype=torch.float32, device=logits.device)
+            return F.cross_entropy(
+                logits.float().flatten(0, 1), labels.flatten(), weight=w, ignore_index=IGNORE
+            )
+
+    def loss_fn(model, batch):
+        return output_loss(model(batch["input_ids"]), batch["labels"])
+
+    loss_fn.output_loss = output_loss
+    return loss_fn
+
+
+# --------------------------------------------------------------------------------------------
+# validation metrics (counts summed over ranks by the trainer, then computed)
+# --------------------------------------------------------------------------------------------
+
+
+def _labelled(logits: torch.Tensor, labels: torch.Tensor):
+    """Predictions and targets at the labelled positions, row by row."""
+    labels = labels.to(logits.device)
+    preds = logits.argmax(-1)
+    for b in range(labels.shape[0]):
+        mask = labels[b] != IGNORE
+        yield preds[b][mask], labels[b][mask]
+
+
+class ClassificationEvaluator:
+    """Accuracy, macro-F1 and per-class P/R/F1 of the label predicted at the last token."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+        self.cm = ConfusionMatrix(len(labels))
+
+    def reset(self) -> None:
+        self.cm.reset()
+
+    def update(self, logits: torch.Tensor, batch: dict) -> None:
+        mask = batch["labels"] != IGNORE
+        self.cm.update(logits.argmax(-1).cpu()[mask], batch["labels"][mask])
+
+    def counts(self) -> torch.Tensor:
+        return self.cm.counts
+
+    def compute(self, counts: torch.Tensor) -> dict:
+        return ConfusionMatrix.compute(counts, self.labels)
+
+
+class TokenEvaluator:
+    """Entity-level precision/recall/F1 (seqeval's default mode) and token accuracy."""
+
+    def __init__(self, labels: list[str]) -> None:
+        self.labels = labels
+        self.types = entity_types_from_labels(labels)
+        self.counter = EntityCounts(self.types)
+
+    def reset(self) -> None:
+        self.counter.reset()
+
+    def update(self, logits: torch.Tensor, batch: dict) -> None:
+        true, pred = [], []
+        for p, t in _labelled(logits.cpu(), batch["labels"]):
+            true.append([self.labels[i] for i in t.tolist()])
+            pred.append([self.labels[i] for i in p.tolist()])
+        self.counter.update(true, pred)
+
+    def counts(self) -> torch.Tensor:
+        return self.counter.counts
+
+    def compute(self, counts: torch.Tensor) -> dict:
+        return EntityCounts.compute(counts, self.types)
+
+
+def evaluator_for(task_type: str, labels: list[str] | None):
+    if task_type == "classification":
+        return ClassificationEvaluator(labels)
+    if task_type == "token_classification":
+        return TokenEvaluator(labels)
+    return None  # sft: validation loss (and perplexity) only
+
+
+def default_metric(task_type: str) -> str:
+    return {"classification": "macro_f1", "token_classification": "f1"}.get(task_type, "val_loss")
+
+
+# --------------------------------------------------------------------------------------------
+# callbacks
+# --------------------------------------------------------------------------------------------
+
+
+class EarlyStopping(Callback):
+    """Stop when the watched validation metric has not improved for ``patience`` evaluations.
+    Every rank sees the same (all-reduced) eval row, so every rank stops after the same step.
+    Its counters are saved in checkpoints: a resumed run stops where the uninterrupted one
+    would, and a stopped run stays stopped."""
+
+    def __init__(self, *, metric: str, mode: str, patience: int, min_delta: float) -> None:
+        if mode == "auto":
+            mode = "min" if ("loss" in metric or "ppl" in metric) else "max"
+        self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.best: float | None = None
+        self.best_step = 0
+        self.bad = 0
+        self.stopped = False
+
+    def on_log(self, trainer, row: dict) -> None:
+        if row["kind"] != "eval":
+            return
+        if self.metric not in row:
+            from pretrain.errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"early_stopping.metric={self.metric!r} is not in the eval rows (keys: "
+                f"{', '.join(k for k in row if k not in ('kind', 'step'))})"
+            )
+        value = float(row[self.metric])
+        sign = 1.0 if self.mode == "max" else -1.0
+        if self.best is None or sign * (value - self.best) > self.min_delta:
+            self.best, self.best_step, self.bad = value, row["step"], 0
+        else:
+            self.bad += 1
+        if self.patience and self.bad >= self.patience and row["step"] < trainer.total_steps:
+            self.stopped = True
+            pdist.print0(
+                f"early stopping at step {row['step']}: {self.metric} has not improved for "
+                f"{self.bad} evaluations (best {self.best:.4f} at step {self.best_step})"
+            )
+            trainer.request_stop()
+
+    def state_dict(self) -> dict:
+        return {
+            "best": self.best,
+            "best_step": self.best_step,
+            "bad": self.bad,
+            "stopped": self.stopped,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.bad, self.stopped = state["bad"], state["stopped"]
+
+
+class Samples(Callback):
+    """sft: greedy generations for the first validation prompts at each evaluation, printed
+    and appended to ``<run>/samples.jsonl`` (rank 0, on a full replica of the model)."""
+
+    def __init__(
+        self, *, prompts: list[str], tokenizer, template: str, max_new_tokens: int, run_dir: str
+    ) -> None:
+        self.prompts, self.tok, self.template = prompts, tokenizer, template
+        self.max_new_tokens, self.path = max_new_tokens, os.path.join(run_dir, "samples.jsonl")
+
+    def on_log(self, trainer, row: dict) -> None:
+        if row["kind"] != "eval" or not trainer.strategy.is_main:
+            return
+        model = trainer.strategy.unwrap(trainer.model)
+        device = trainer.strategy.device
+        out = []
+        for prompt in self.prompts:
+            ids = torch.tensor(
+                [self.tok.encode(self.template.replace("{prompt}", prompt))], device=device
+            )
+            new = generate_ids(
+                model, ids, self.max_new_tokens, eos_id=self.tok.eos_id, temperature=0.0
+            )
+            text = self.tok.decode(new)
+            out.append({"step": row["step"], "prompt": prompt, "generation": text})
+            pdist.print0(f"sample @ step {row['step']}: {prompt[:60]!r} -> {text[:120]!r}")
+        with open(self.path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in out)
+        trainer.model.train()
+
+
+def generate_ids(
+    model, ids: torch.Tensor, max_new_tokens: int, *, eos_id: int | None, **sampling
+) -> list[int]:
+    """New token ids after ``ids`` (1, T), up to EOS (not included). ``model``: a GPT, or a
+    peft wrapper of one (its adapters active); ``sampling``: GPT.generate's options."""
+    gpt = model.base_model.model if hasattr(model, "peft_config") else model
+    out = gpt.generate(ids, max_new_tokens, eos_id=eos_id, **sampling)[0, ids.shape[1] :].tolist()
+    return out[: out.index(eos_id)] if eos_id in out else out
+
+
+def summarize_labels(train_ids: list[int], labels: list[str]) -> str:
+    counts = torch.bincount(torch.tensor(train_ids), minlength=len(labels)).tolist()
+    return ", ".join(f"{name} {c}" for name, c in zip(labels, counts, strict=True))
+
+
+def finite(x: float) -> float | None:
+    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
