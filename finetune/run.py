@@ -113,16 +113,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             f"task.max_len={cfg.task.max_len} exceeds the model's max_seq_len "
             f"{cfg.model.max_seq_len}; lower task.max_len"
         )
-    strategy = build_strategy(precision=cfg.train.precision, parallel=cfg.parallel)
-    result = _finetune(cfg, strategy, src, tok)
-    strategy.close()
-    return result
-
-
-def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer) -> dict:
-    tcfg, run_dir = cfg.train, cfg.run_dir
-    dp_rank, dp_size, world = strategy.dp_rank, strategy.dp_size, strategy.world_size
-    # Everything that can fail, on every rank, before any rank writes.
+    # The data can fail in many ways: read and check it before any process group exists.
     data = TaskData(
         cfg.task,
         tok,
@@ -131,6 +122,15 @@ def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer)
         pad_to_max=cfg.parallel.pipeline_parallel > 1,
     )
     cfg.task.labels = data.labels
+    strategy = build_strategy(precision=cfg.train.precision, parallel=cfg.parallel)
+    result = _finetune(cfg, strategy, src, tok, data)
+    strategy.close()
+    return result
+
+
+def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer, data) -> dict:
+    tcfg, run_dir = cfg.train, cfg.run_dir
+    dp_rank, dp_size, world = strategy.dp_rank, strategy.dp_size, strategy.world_size
     n_out = data.n_out
     weights = None
     if n_out is not None:

@@ -217,7 +217,7 @@ def _parser() -> argparse.ArgumentParser:
         help="instead: tokens/s of these configs/parallel presets (e.g. ddp,fsdp,zero2,zero3), "
         "each a real multi-process `lmforge pretrain` of the demo model; needs --data",
     )
-    sp.add_argument("--data", help="prepared data for --strategies (e.g. data/demo/shakespeare)")
+    sp.add_argument("--data", help="prepared data for --strategies (e.g. data/demo/pretrain)")
     sp.add_argument("--nproc", type=int, default=2, help="processes for --strategies (default 2)")
     return p
 

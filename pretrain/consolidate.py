@@ -87,6 +87,7 @@ def consolidate(path: str, *, out: str, dtype: str = "fp32") -> str:
             "dtype": dtype,
             "parameters": sum(v.numel() for v in weights.values()),
             "tokenizer_sha256": state.get("tokenizer_sha256"),
+            "base": state.get("base"),  # a finetuned model's base compute (finetune/model.py)
         }
         info["sha256"] = {n: sha256_file(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
         write_durable(os.path.join(tmp, "consolidated.json"), json.dumps(info, indent=2).encode())

@@ -1,0 +1,457 @@
+"""Finetuning, export and inference, on real data: the bundled Rotten Tomatoes task, a tagging
+set built here, and instruction pairs built from the reviews.
+
+The base model is the session's short pretraining run on Shakespeare (tests/runs.py). Runs are
+real `lmforge` processes; the Hugging Face comparisons load the exports with transformers,
+offline.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from tests.conftest import lmforge
+from tests.runs import VOLATILE
+
+FT_STEPS = 12
+FT_COMMON = [
+    "task.max_len=48",
+    "train.micro_batch_size=8",
+    "train.global_batch_size=32",
+    f"train.max_steps={FT_STEPS}",
+    "train.log_interval=1",
+    "train.eval_interval=6",
+    "train.precision=fp32",
+    "optim.lr=2e-3",
+    "optim.warmup_steps=2",
+    "checkpoint.interval=4",
+    "checkpoint.keep_last=2",
+    "logging.progress=false",
+    "logging.tensorboard=false",
+    "logging.plot=false",
+]
+
+
+def _write_csv(path, rows: list[dict]) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+def _read_csv(path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _rows(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+@pytest.fixture(scope="session")
+def rt(tmp_path_factory) -> dict:
+    """The bundled task's splits, and small subsets of them for fast runs."""
+    from finetune.bundled import rotten_tomatoes
+
+    out = tmp_path_factory.mktemp("rt")
+    sizes = rotten_tomatoes(str(out))
+    train, val = _read_csv(out / "train.csv"), _read_csv(out / "val.csv")
+    rng = random.Random(0)
+    rng.shuffle(train)
+    return {
+        "dir": str(out),
+        "sizes": sizes,
+        "train": _write_csv(out / "train_small.csv", train[:640]),
+        "val": _write_csv(out / "val_small.csv", val[:96]),
+    }
+
+
+@pytest.fixture(scope="session")
+def base_run(reference_runs) -> str:
+    """A short fp32 pretraining run on Shakespeare (vocab 512, 2 layers, d_model 64)."""
+    return reference_runs(1, "fp32")
+
+
+@pytest.fixture(scope="session")
+def ft_runs(tmp_path_factory, base_run, rt):
+    """Classification runs made once per argument set and shared by the tests below."""
+    runs = str(tmp_path_factory.mktemp("ft"))
+    made: dict[tuple, str] = {}
+
+    def get(nproc: int, *extra: str) -> str:
+        key = (nproc, *extra)
+        if key not in made:
+            name = f"cls-{len(made)}"
+            lmforge(
+                "finetune",
+                *cls_args(runs, name, base_run, rt),
+                *extra,
+                *(["--nproc", str(nproc)] if nproc > 1 else []),
+            )
+            made[key] = os.path.join(runs, name)
+        return made[key]
+
+    return get
+
+
+def cls_args(runs: str, name: str, base: str, rt: dict) -> list[str]:
+    return [
+        f"runs_dir={runs}",
+        f"name={name}",
+        f"init_from={base}",
+        f"task.train={rt['train']}",
+        f"task.val={rt['val']}",
+        *FT_COMMON,
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# the bundled task
+# --------------------------------------------------------------------------------------------
+
+
+def test_bundled_rotten_tomatoes_splits_by_movie(rt):
+    import bz2
+
+    from finetune.bundled import SOURCE, split_of
+
+    assert rt["sizes"] == {"train": 10351, "val": 1210, "test": 1247}
+    with bz2.open(SOURCE, "rt", encoding="utf-8", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["category"] != "plot"]
+    movies = {
+        s: {r["movie_name"] for r in rows if split_of(r["movie_name"]) == s}
+        for s in ("train", "val", "test")
+    }
+    assert not (movies["train"] & movies["val"]) and not (movies["train"] & movies["test"])
+    val = _read_csv(os.path.join(rt["dir"], "val.csv"))
+    assert {r["label"] for r in val} == {"fresh", "rotten"}
+    train_text = open(os.path.join(rt["dir"], "train_text.txt"), encoding="utf-8").read()
+    assert val[0]["text"] not in train_text  # evaluation reviews never reach pretraining text
+
+
+# --------------------------------------------------------------------------------------------
+# classification: distributed equality, exact resume, metrics
+# --------------------------------------------------------------------------------------------
+
+
+def test_two_processes_equal_one(ft_runs):
+    one = _rows(ft_runs(1, "model.dropout=0.0"))
+    two = _rows(ft_runs(2, "model.dropout=0.0"))
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    for a, b in zip(one, two, strict=True):
+        assert a.keys() == b.keys()
+        for k, v in a.items():
+            if isinstance(v, float):
+                assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-7), (a["step"], k)
+            else:
+                assert b[k] == v, (a["step"], k)
+    evals = [r for r in one if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert {"accuracy", "macro_f1", "f1_fresh", "f1_rotten", "n"} <= evals[-1].keys()
+    assert evals[-1]["n"] == 96
+    # tokens are the real (unpadded) tokens of the examples trained on; FLOPs follow them
+    train = [r for r in one if r["kind"] == "train"]
+    assert all(b["tokens"] > a["tokens"] for a, b in zip(train, train[1:], strict=False))
+
+
+def test_finetune_resumes_exactly_after_sigkill(ft_runs, base_run, rt, tmp_path):
+    from safetensors.torch import load_file
+
+    ref = ft_runs(1, "model.dropout=0.1")
+    args = cls_args(str(tmp_path), "killed", base_run, rt) + ["model.dropout=0.1"]
+    proc = lmforge("finetune", *args, env={"LMFORGE_FAULT": "step@7"}, check=False)
+    assert proc.returncode != 0
+    run = os.path.join(tmp_path, "killed")
+    with open(os.path.join(run, "checkpoints", "latest")) as f:
+        assert f.read().strip() == "step_00000004"
+    lmforge("finetune", *args, "resume=auto")
+    assert _rows(run) == _rows(ref)
+    last = f"checkpoints/step_{FT_STEPS:08d}/model.safetensors"
+    a, b = load_file(os.path.join(run, last)), load_file(os.path.join(ref, last))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    with open(os.path.join(run, "base.json")) as f:
+        base = json.load(f)
+    with open(os.path.join(base_run, "metrics.jsonl")) as f:
+        pre = [json.loads(line) for line in f][-1]
+    assert base["pretrain_flops"] == pytest.approx(pre["flops"]) and base["pretrain_tokens"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# export: transformers gives the same logits, generations, labels and token ids
+# --------------------------------------------------------------------------------------------
+
+TEXTS = [
+    "The film is a triumph.",
+    " leading space, then  two spaces and a tab\there",
+    "Naïve café déjà vu — «quotes» 日本語 🙂 1234.5",
+    "To be, or not to be: that is the question.\nWhether 'tis nobler",
+]
+
+
+def _assert_tokenizer_matches(export_dir: str, sp_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    from pretrain.tokenizer import Tokenizer
+
+    hf, ours = AutoTokenizer.from_pretrained(export_dir, local_files_only=True), Tokenizer(sp_path)
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert hf(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert hf.decode(ids) == ours.decode(ids)
+
+
+def test_export_causal_lm_matches_transformers(base_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import build_model, load_source
+
+    out = str(tmp_path / "hf")
+    lmforge("export", base_run, "--out", out)
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "README.md",
+        "lmforge.json",
+        "tokenizer.model",
+    ):
+        assert os.path.isfile(os.path.join(out, name)), name
+    src = load_source(base_run)
+    ours = build_model(src)
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    x = torch.randint(0, src.model.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(x) - hf(x).logits).abs().max().item()
+    assert diff <= 1e-5
+    prompt = torch.tensor([[5, 17, 42, 99]])
+    mine = ours.generate(prompt, 20, temperature=0.0)
+    theirs = hf.generate(
+        prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20, eos_token_id=None
+    )
+    assert mine.tolist() == theirs.tolist()
+    _assert_tokenizer_matches(out, src.tokenizer)
+    # the export is itself a model directory lmforge reads back identically
+    again = load_source(out)
+    assert again.kind == "hf"
+    assert all(again.weights[k].equal(v) for k, v in src.weights.items())
+
+
+def test_export_classifier_matches_transformers(ft_runs, rt, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune.model import build_model, load_source
+
+    run = ft_runs(1, "model.dropout=0.0")
+    out = str(tmp_path / "cls")
+    lmforge("export", run, "--out", out)
+    src = load_source(run)
+    ours = build_model(src)
+    hf = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
+    assert hf.config.id2label == {0: "fresh", 1: "rotten"}
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    texts = [r["text"] for r in _read_csv(rt["val"])[:16]]
+    batch = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        theirs = hf(**batch).logits  # (B, labels) at the last non-padding token
+        mine = torch.stack(
+            [
+                ours(torch.tensor([tok(t, add_special_tokens=False)["input_ids"]]))[0, -1]
+                for t in texts
+            ]
+        )
+    assert (mine - theirs).abs().max().item() <= 1e-5
+    assert mine.argmax(-1).tolist() == theirs.argmax(-1).tolist()
+    # lmforge evaluate on the exported model gives the run's last validation metrics
+    proc = lmforge("evaluate", out, "--data", rt["val"])
+    result = json.loads(proc.stdout)
+    last = [r for r in _rows(run) if r["kind"] == "eval"][-1]
+    assert result["accuracy"] == pytest.approx(last["accuracy"])
+    assert result["macro_f1"] == pytest.approx(last["macro_f1"])
+
+
+# --------------------------------------------------------------------------------------------
+# token classification and sft
+# --------------------------------------------------------------------------------------------
+
+PEOPLE = ["Hamlet", "Ophelia", "Romeo", "Juliet", "Viola", "Portia", "Prospero", "Lear"]
+PLACES = ["Denmark", "Verona", "Venice", "Illyria", "Athens", "Rome", "Milan", "Padua"]
+VERBS = ["sailed to", "wrote from", "dreamed of", "returned to", "spoke of", "fled to"]
+
+
+def _tagging_rows(n: int, seed: int) -> list[dict]:
+    """Sentences with person (one or two words) and place entities, BIO-tagged."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        person = rng.choice(PEOPLE).split() + ([rng.choice(PEOPLE)] if rng.random() < 0.3 else [])
+        place = rng.choice(PLACES)
+        verb = rng.choice(VERBS).split()
+        words = ["Then", *person, *verb, place, "."]
+        tags = (
+            ["O"] + ["B-PER"] + ["I-PER"] * (len(person) - 1) + ["O"] * len(verb) + ["B-LOC", "O"]
+        )
+        rows.append({"tokens": words, "tags": tags})
+    return rows
+
+
+def test_token_classification_learns_and_exports(base_run, tmp_path):
+    from transformers import AutoModelForTokenClassification
+
+    from finetune.model import build_model, load_source
+
+    for split, n, seed in (("train", 400, 0), ("val", 64, 1)):
+        with open(tmp_path / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in _tagging_rows(n, seed))
+    run = str(tmp_path / "tag")
+    lmforge(
+        "finetune",
+        f"runs_dir={tmp_path}",
+        "name=tag",
+        f"init_from={base_run}",
+        "task.type=token_classification",
+        f"task.train={tmp_path}/train.jsonl",
+        f"task.val={tmp_path}/val.jsonl",
+        *FT_COMMON,
+        "train.max_steps=30",
+        "train.eval_interval=15",
+        "optim.lr=3e-3",
+    )
+    last = [r for r in _rows(run) if r["kind"] == "eval"][-1]
+    assert {"f1_PER", "f1_LOC", "precision", "recall", "accuracy"} <= last.keys()
+    assert last["f1"] > 0.8, last
+    proc = lmforge("evaluate", run, "--data", f"{tmp_path}/val.jsonl")
+    assert json.loads(proc.stdout)["f1"] == pytest.approx(last["f1"])
+    out = str(tmp_path / "hf")
+    lmforge("export", run, "--out", out)
+    src = load_source(run)
+    ours = build_model(src)
+    hf = AutoModelForTokenClassification.from_pretrained(out, local_files_only=True).eval()
+    x = torch.randint(0, src.model.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
+    assert hf.config.id2label[0] == src.task["labels"][0]
+
+
+def test_sft_lora_packing_samples_and_merged_export(base_run, rt, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from finetune.model import build_model, load_source
+
+    reviews = _read_csv(rt["train"])[:200]
+    pairs = [
+        {"prompt": f"Is this review fresh or rotten? {r['text']}", "response": r["label"]}
+        for r in reviews
+    ]
+    train = _write_csv(tmp_path / "sft.csv", pairs)
+    run = str(tmp_path / "sft")
+    lmforge(
+        "finetune",
+        f"runs_dir={tmp_path}",
+        "name=sft",
+        f"init_from={base_run}",
+        "task.type=sft",
+        f"task.train={train}",
+        "task.packing=true",
+        "lora.enabled=true",
+        "lora.r=4",
+        *FT_COMMON,
+        "task.max_len=64",
+        "train.samples=2",
+        "train.sample_tokens=4",
+    )
+    rows = _rows(run)
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] * 1.5
+    with open(os.path.join(run, "samples.jsonl")) as f:
+        samples = [json.loads(line) for line in f]
+    assert len(samples) == 2 * len(evals) and samples[0]["prompt"].startswith("Is this review")
+    src = load_source(run)
+    assert src.lora is not None and src.task["type"] == "sft"
+    merged = build_model(src)
+    unmerged = build_model(src, merge=False)
+    x = torch.randint(0, src.model.vocab_size, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (merged(x) - unmerged(x)).abs().max().item() <= 1e-5
+    out = str(tmp_path / "hf")
+    lmforge("export", run, "--out", out)
+    hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    with torch.no_grad():
+        assert (merged(x) - hf(x).logits).abs().max().item() <= 1e-5
+    proc = lmforge(
+        "generate",
+        out,
+        "--prompt",
+        "Is this review fresh or rotten? Dull.",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+    )
+    assert proc.stdout.strip() != ""
+
+
+def test_sft_example_masks_the_prompt(tiny_data):
+    from finetune.data import IGNORE, pack, sft_example
+    from pretrain.tokenizer import Tokenizer
+
+    tok = Tokenizer(os.path.join(tiny_data, "tokenizer.model"))
+    template = "Q: {prompt}\nA:"
+    ids, labels = sft_example(tok, "Who?", " Hamlet", template=template, max_len=64)
+    p = tok.encode("Q: Who?\nA:")
+    r = tok.encode(" Hamlet") + [tok.eos_id]
+    assert ids == (p + r)[:-1]
+    assert labels == [IGNORE] * (len(p) - 1) + r  # loss on the response (and EOS) only
+    cut_ids, cut_labels = sft_example(tok, "x " * 100, "y " * 100, template=template, max_len=20)
+    assert len(cut_ids) == len(cut_labels) == 20 and cut_labels[-1] != IGNORE
+    packed = pack([(ids, labels)] * 5, max_len=len(ids) * 2)
+    assert len(packed) == 3 and packed[0][0] == ids + ids
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line, non-zero exit, nothing written
+# --------------------------------------------------------------------------------------------
+
+
+def _fails(*args: str) -> str:
+    proc = lmforge(*args, check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_bad_inputs_fail_with_one_line(base_run, ft_runs, rt, tmp_path):
+    common = [f"runs_dir={tmp_path}", "name=bad", f"init_from={base_run}", *FT_COMMON]
+    no_col = _write_csv(tmp_path / "nocol.csv", [{"review": "fine", "label": "fresh"}])
+    msg = _fails("finetune", *common, f"task.train={no_col}")
+    assert "no column 'text'" in msg and "task.text_column" in msg
+    (tmp_path / "empty.csv").write_text("text,label\n")
+    msg = _fails("finetune", *common, f"task.train={tmp_path / 'empty.csv'}")
+    assert "no examples" in msg
+    msg = _fails("finetune", *common, f"task.train={rt['train']}", "model.d_model=256")
+    assert "model.d_model=256" in msg and "init_from" in msg
+    # a tokenizer that is not the checkpoint's (another vocabulary)
+    other = tmp_path / "other.model"
+    from pretrain.tokenizer import train_tokenizer
+
+    train_tokenizer(
+        texts=[r["text"] for r in _read_csv(rt["train"])], out_path=other, vocab_size=400
+    )
+    msg = _fails("finetune", *common, f"task.train={rt['train']}", f"tokenizer={other}")
+    assert "tokenizer" in msg
+    assert not os.path.exists(os.path.join(tmp_path, "bad"))
+    unseen = _write_csv(tmp_path / "unseen.csv", [{"text": "meh", "label": "so-so"}])
+    msg = _fails("evaluate", ft_runs(1, "model.dropout=0.0"), "--data", unseen)
+    assert "'so-so'" in msg and "label set" in msg
+    msg = _fails("evaluate", base_run, "--data", unseen)
+    assert "no task" in msg
