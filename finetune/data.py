@@ -107,7 +107,7 @@ def _all_strings(path, delimiter: str) -> dict:
     return {name: pa.string() for name in header.schema.names}
 
 
-def require_columns(rows: list[dict], columns: list[str], *, source: str, keys: list[str]) -> None:
+def require_columns(rows: list[dict], columns: list[str], keys: list[str], *, source: str) -> None:
     """One line naming the missing column, the columns there are, and the key to set."""
     if not rows:
         raise DataError(f"{source} has no examples; give a file with at least one row")
@@ -258,6 +258,16 @@ def pack(examples: list[tuple[list[int], list[int]]], max_len: int):
     return packed
 
 
+def columns_of(task) -> tuple[list[str], list[str]]:
+    """The columns a task reads, and the config keys that name them."""
+    keys = {
+        "classification": ["text_column", "label_column"],
+        "sft": ["prompt_column", "response_column"],
+        "token_classification": ["tokens_column", "tags_column"],
+    }[task.type]
+    return [getattr(task, k) for k in keys], [f"task.{k}" for k in keys]
+
+
 def tokenize(
     task,
     tok,
@@ -271,13 +281,8 @@ def tokenize(
     """The examples of ``rows``; the label set (found in these rows when ``labels`` is None);
     the label id of each classification example (for class weights and baselines)."""
     ids: list[int] = []
+    require_columns(rows, *columns_of(task), source=source)
     if task.type == "classification":
-        require_columns(
-            rows,
-            [task.text_column, task.label_column],
-            source=source,
-            keys=["task.text_column", "task.label_column"],
-        )
         values = [r[task.label_column] for r in rows]
         labels = labels or label_set(values)
         ids = label_ids(values, labels, source=source)
@@ -286,12 +291,6 @@ def tokenize(
             for r, y in zip(rows, ids, strict=True)
         ]
     elif task.type == "sft":
-        require_columns(
-            rows,
-            [task.prompt_column, task.response_column],
-            source=source,
-            keys=["task.prompt_column", "task.response_column"],
-        )
         made = [
             sft_example(
                 tok,
@@ -307,12 +306,6 @@ def tokenize(
     else:
         from finetune.metrics import validate_bio_labels
 
-        require_columns(
-            rows,
-            [task.tokens_column, task.tags_column],
-            source=source,
-            keys=["task.tokens_column", "task.tags_column"],
-        )
         if labels is None:
             labels = label_set(t for r in rows for t in r[task.tags_column])
         validate_bio_labels(labels)
@@ -349,6 +342,7 @@ class TaskData:
     def __init__(self, task, tokenizer, *, seed: int, labels: list[str] | None, pad_to_max: bool):
         load = {"dataset_config": task.dataset_config}
         train_rows = load_rows(task.train, split=task.train_split, **load)
+        require_columns(train_rows, *columns_of(task), source=task.train)
         if task.val is not None:
             val_rows = load_rows(task.val, split=task.val_split, **load)
             val_name = task.val

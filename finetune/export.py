@@ -91,6 +91,8 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
         from finetune.hf_tokenizer import write_hf_tokenizer
 
         write_hf_tokenizer(str(tok.path), tmp, model_max_length=src.model.max_seq_len)
+        if kind == "classification":  # the head reads the last token: cut long texts' starts
+            _update_json(os.path.join(tmp, "tokenizer_config.json"), truncation_side="left")
         shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.model"))
         meta = {
             "source": os.path.abspath(src.path),
@@ -119,6 +121,13 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
         f"{dtype}) -> {out}"
     )
     return out
+
+
+def _update_json(path: str, **values) -> None:
+    with open(path) as f:
+        data = json.load(f)
+    data.update(values)
+    write_durable(path, json.dumps(data, indent=2).encode())
 
 
 def _generation_config(tok: Tokenizer, kind: str | None):

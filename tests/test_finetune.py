@@ -240,6 +240,16 @@ def test_export_causal_lm_matches_transformers(base_run, tmp_path):
     )
     assert mine.tolist() == theirs.tolist()
     _assert_tokenizer_matches(out, src.tokenizer)
+    # `lmforge generate` streams what greedy decoding gives, from the export and the run alike
+    from pretrain.tokenizer import Tokenizer
+
+    tok = Tokenizer(src.tokenizer)
+    ids = torch.tensor([tok.encode("To be, or not to be")])
+    want = tok.decode(ours.generate(ids, 12, temperature=0.0)[0, ids.shape[1] :])
+    assert want.strip()
+    for where in (out, base_run):
+        args = ["--prompt", "To be, or not to be", "--max-new-tokens", "12", "--temperature", "0"]
+        assert lmforge("generate", where, *args).stdout == want + "\n"
     # the export is itself a model directory lmforge reads back identically
     again = load_source(out)
     assert again.kind == "hf"
@@ -259,16 +269,12 @@ def test_export_classifier_matches_transformers(ft_runs, rt, tmp_path):
     hf = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
     assert hf.config.id2label == {0: "fresh", 1: "rotten"}
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tok.truncation_side == "left"  # a classifier reads the end of the text
     texts = [r["text"] for r in _read_csv(rt["val"])[:16]]
-    batch = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    batch = tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
     with torch.no_grad():
         theirs = hf(**batch).logits  # (B, labels) at the last non-padding token
-        mine = torch.stack(
-            [
-                ours(torch.tensor([tok(t, add_special_tokens=False)["input_ids"]]))[0, -1]
-                for t in texts
-            ]
-        )
+        mine = torch.stack([ours(torch.tensor([tok(t)["input_ids"][-48:]]))[0, -1] for t in texts])
     assert (mine - theirs).abs().max().item() <= 1e-5
     assert mine.argmax(-1).tolist() == theirs.argmax(-1).tolist()
     # lmforge evaluate on the exported model gives the run's last validation metrics
@@ -387,17 +393,22 @@ def test_sft_lora_packing_samples_and_merged_export(base_run, rt, tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     with torch.no_grad():
         assert (merged(x) - hf(x).logits).abs().max().item() <= 1e-5
-    proc = lmforge(
-        "generate",
-        out,
-        "--prompt",
-        "Is this review fresh or rotten? Dull.",
-        "--max-new-tokens",
-        "5",
-        "--temperature",
-        "0",
-    )
-    assert proc.stdout.strip() != ""
+    # streamed generation == greedy decoding in-process (with the template, then raw)
+    from pretrain.tokenizer import Tokenizer
+
+    tok = Tokenizer(src.tokenizer)
+
+    def greedy(text: str) -> str:
+        ids = torch.tensor([tok.encode(text)])
+        new = merged.generate(ids, 8, temperature=0.0, eos_id=tok.eos_id)[0, ids.shape[1] :]
+        new = new.tolist()
+        return tok.decode(new[: new.index(tok.eos_id)] if tok.eos_id in new else new)
+
+    prompt, raw = "Is this review fresh or rotten? Dull.", "To be, or not to be"
+    cases = [([], prompt, src.task["template"].replace("{prompt}", prompt)), (["--raw"], raw, raw)]
+    for flags, given, text in cases:
+        args = ["--prompt", given, *flags, "--max-new-tokens", "8", "--temperature", "0"]
+        assert lmforge("generate", out, *args).stdout == greedy(text) + "\n"
 
 
 def test_sft_example_masks_the_prompt(tiny_data):
