@@ -186,6 +186,8 @@ class Trainer:
                 steps_acc = tokens_acc = 0
                 if do_eval:
                     self.evaluate()
+                    if self._stop and not stop:  # asked on this evaluation (early stopping)
+                        stop, do_save = True, self.save_fn is not None
                 if do_save:
                     assert self.save_fn is not None
                     self.last_checkpoint = self.save_fn(self)
@@ -263,7 +265,9 @@ class Trainer:
         }
         if self.evaluator is not None:
             counts = pdist.all_reduce_sum(self.evaluator.counts().to(device).double())
-            row.update(self.evaluator.compute(counts.cpu()))
+            # tensor- and pipeline-parallel peers read the same batches: count each batch once
+            copies = self.strategy.world_size // self.strategy.dp_size
+            row.update(self.evaluator.compute((counts / copies).round().cpu()))
         self.last_eval = row
         self._emit("on_log", row)
         self.model.train()

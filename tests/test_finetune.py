@@ -82,6 +82,14 @@ def base_run(reference_runs) -> str:
 
 
 @pytest.fixture(scope="session")
+def base_export(base_run, tmp_path_factory) -> str:
+    """The base run exported to Hugging Face format."""
+    out = str(tmp_path_factory.mktemp("export") / "base")
+    lmforge("export", base_run, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def ft_runs(tmp_path_factory, base_run, rt):
     """Classification runs made once per argument set and shared by the tests below."""
     runs = str(tmp_path_factory.mktemp("ft"))
@@ -143,9 +151,13 @@ def test_bundled_rotten_tomatoes_splits_by_movie(rt):
 # --------------------------------------------------------------------------------------------
 
 
-def test_two_processes_equal_one(ft_runs):
+@pytest.mark.parametrize(
+    "layout", ["ddp", "fsdp", "ddp parallel.pipeline_parallel=2"], ids=["ddp", "fsdp", "pp2"]
+)
+def test_two_processes_equal_one(ft_runs, layout):
+    strategy, *rest = layout.split()
     one = _rows(ft_runs(1, "model.dropout=0.0"))
-    two = _rows(ft_runs(2, "model.dropout=0.0"))
+    two = _rows(ft_runs(2, "model.dropout=0.0", f"parallel.strategy={strategy}", *rest))
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
@@ -185,6 +197,38 @@ def test_finetune_resumes_exactly_after_sigkill(ft_runs, base_run, rt, tmp_path)
     assert base["pretrain_flops"] == pytest.approx(pre["flops"]) and base["pretrain_tokens"] > 0
 
 
+def test_freeze_trunk_and_class_weights(ft_runs, base_run):
+    from finetune.data import class_weights
+    from finetune.model import load_source
+
+    assert class_weights("balanced", [0, 0, 0, 1], 2) == [4 / (2 * 3), 4 / (2 * 1)]
+    assert class_weights("none", [0, 1], 2) is None
+    run = ft_runs(1, "freeze=trunk", "class_weights=balanced")
+    base, tuned = load_source(base_run).weights, load_source(run).weights
+    assert tuned["output.weight"].shape[0] == 2
+    trunk = [k for k in tuned if not k.startswith("output.")]
+    assert trunk and all(tuned[k].equal(base[k]) for k in trunk)  # a linear probe
+    rows = _rows(run)
+    assert rows[-1]["kind"] == "eval" and rows[-1]["accuracy"] > 0
+
+
+def test_early_stopping_stops_and_stays_stopped(base_run, rt, tmp_path):
+    args = cls_args(str(tmp_path), "es", base_run, rt) + [
+        "train.eval_interval=2",
+        "early_stopping.patience=1",
+        "early_stopping.metric=val_loss",
+        "early_stopping.min_delta=100",  # nothing counts as better: stops at the 2nd eval
+    ]
+    proc = lmforge("finetune", *args)
+    assert "early stopping at step 4" in proc.stdout
+    run = os.path.join(tmp_path, "es")
+    with open(os.path.join(run, "checkpoints", "latest")) as f:
+        assert f.read().strip() == "step_00000004"
+    before = _rows(run)
+    lmforge("finetune", *args, "resume=auto")
+    assert _rows(run) == before  # resumed: still stopped, nothing trained
+
+
 # --------------------------------------------------------------------------------------------
 # export: transformers gives the same logits, generations, labels and token ids
 # --------------------------------------------------------------------------------------------
@@ -209,13 +253,12 @@ def _assert_tokenizer_matches(export_dir: str, sp_path: str) -> None:
         assert hf.decode(ids) == ours.decode(ids)
 
 
-def test_export_causal_lm_matches_transformers(base_run, tmp_path):
+def test_export_causal_lm_matches_transformers(base_run, base_export):
     from transformers import AutoModelForCausalLM
 
     from finetune.model import build_model, load_source
 
-    out = str(tmp_path / "hf")
-    lmforge("export", base_run, "--out", out)
+    out = base_export
     for name in (
         "config.json",
         "model.safetensors",
@@ -348,7 +391,8 @@ def test_token_classification_learns_and_exports(base_run, tmp_path):
     assert hf.config.id2label[0] == src.task["labels"][0]
 
 
-def test_sft_lora_packing_samples_and_merged_export(base_run, rt, tmp_path):
+def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
+    """SFT with LoRA and packing, started from a Hugging Face directory (the base's export)."""
     from transformers import AutoModelForCausalLM
 
     from finetune.model import build_model, load_source
@@ -364,7 +408,7 @@ def test_sft_lora_packing_samples_and_merged_export(base_run, rt, tmp_path):
         "finetune",
         f"runs_dir={tmp_path}",
         "name=sft",
-        f"init_from={base_run}",
+        f"init_from={base_export}",
         "task.type=sft",
         f"task.train={train}",
         "task.packing=true",
