@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 
 from finetune.hf import ARCHITECTURES, llama_config, to_hf_name
 from finetune.model import Source, build_model, load_source
-from pretrain.durable import fsync_dir, write_durable
+from pretrain.durable import atomic_directory, check_new_dir, write_durable
 from pretrain.errors import ConfigurationError
 from pretrain.tokenizer import Tokenizer
 
@@ -41,8 +40,7 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
 
     if dtype not in DTYPES:
         raise ConfigurationError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
-    if os.path.exists(out) and os.listdir(out):
-        raise ConfigurationError(f"--out {out} exists and is not empty; choose a new directory")
+    check_new_dir(out)
     src = load_source(path)
     if src.tokenizer is None:
         raise ConfigurationError(
@@ -81,10 +79,7 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
             weights["score.bias"] = torch.zeros(len(labels), dtype=DTYPES[dtype])
     config = llama_config(src.model, **extra)
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with atomic_directory(out, prefix=".export-") as tmp:
         config.save_pretrained(tmp)
         save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _generation_config(tok, kind).save_pretrained(tmp)
@@ -105,17 +100,6 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
         write_durable(os.path.join(tmp, "lmforge.json"), json.dumps(meta, indent=1).encode())
         card = model_card(src, meta, arch=ARCHITECTURES[kind], out=out)
         write_durable(os.path.join(tmp, "README.md"), card.encode())
-        for name in os.listdir(tmp):
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.rename(tmp, out)
-        fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(
         f"exported {src.path} ({ARCHITECTURES[kind]}, {meta['parameters']:,} parameters, "
         f"{dtype}) -> {out}"

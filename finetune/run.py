@@ -21,7 +21,7 @@ from finetune.data import TaskData, class_weights, steps_for
 from finetune.model import Source, build_model, load_source, wrap_lora
 from finetune.tasks import EarlyStopping, Samples, default_metric, evaluator_for, make_loss
 from pretrain import dist as pdist
-from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from pretrain.checkpoint import load_checkpoint
 from pretrain.config import ModelConfig, to_container, to_yaml
 from pretrain.data import TrainBatches, eval_batches
 from pretrain.errors import CheckpointError, ConfigurationError
@@ -30,7 +30,13 @@ from pretrain.metrics import plot_loss_vs_flops
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy, check_layout
 from pretrain.preemption import GracefulStop
-from pretrain.run import finish_message, open_run_dir, resolve_resume, seed_everything
+from pretrain.run import (
+    checkpoint_saver,
+    finish_message,
+    open_run_dir,
+    resolve_resume,
+    seed_everything,
+)
 from pretrain.tokenizer import Tokenizer
 from pretrain.trainer import Trainer
 
@@ -195,24 +201,17 @@ def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer,
     )
     config_yaml = to_yaml(cfg)
 
-    def save(trainer: Trainer) -> str:
-        state = trainer.state_dict()
-        state.update(
-            tokenizer_sha256=tok.sha256,
-            tokenizer=str(tok.path.resolve()),
-            base=base,
-            early_stopping=stopper_es.state_dict(),
-        )
-        return save_checkpoint(
-            root=os.path.join(run_dir, "checkpoints"),
-            step=trainer.state.step,
-            strategy=strategy,
-            model=trainer.model,
-            optimizer=trainer.optimizer,
-            trainer_state=state,
-            config_yaml=config_yaml,
-            keep_last=cfg.checkpoint.keep_last,
-        )
+    save = checkpoint_saver(
+        cfg,
+        strategy,
+        config_yaml=config_yaml,
+        extra=lambda: {
+            "tokenizer_sha256": tok.sha256,
+            "tokenizer": str(tok.path.resolve()),
+            "base": base,
+            "early_stopping": stopper_es.state_dict(),
+        },
+    )
 
     loss_fn = make_loss(weights)
     trainer = Trainer(

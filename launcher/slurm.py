@@ -205,12 +205,14 @@ def batch_script(
 def run_dir_of(command: list[str]) -> str | None:
     """The run directory of a training command (where its script and logs go); its config is
     checked here, before anything is submitted (array indices as 0)."""
-    if not command or command[0] != "pretrain":
+    if not command or command[0] not in DISTRIBUTED_COMMANDS:
         return None
+    from finetune.config import FinetuneConfig
     from pretrain.config import PretrainConfig, load_config
 
+    schema = PretrainConfig if command[0] == "pretrain" else FinetuneConfig
     args = [a.replace(INDEX, "0") for a in command[1:] if not a.startswith("-")]
-    return load_config(PretrainConfig, args).run_dir
+    return load_config(schema, args).run_dir
 
 
 def submit(

@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import torch
 
 from pretrain.checkpoint import latest_checkpoint, read_trainer_state, verify_checkpoint
-from pretrain.durable import fsync_dir, sha256_file, write_durable
+from pretrain.durable import atomic_directory, check_new_dir, sha256_file, write_durable
 from pretrain.errors import CheckpointError, ConfigurationError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -63,17 +62,13 @@ def consolidate(path: str, *, out: str, dtype: str = "fp32") -> str:
 
     if dtype not in DTYPES:
         raise ConfigurationError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
-    if os.path.exists(out) and os.listdir(out):
-        raise ConfigurationError(f"--out {out} exists and is not empty; choose a new directory")
+    check_new_dir(out)
     checkpoint = resolve_checkpoint(path)
     verify_checkpoint(checkpoint)  # pickled shard metadata is read only after this
     state = read_trainer_state(checkpoint)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in full_weights(checkpoint).items()}
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".consolidate-", dir=parent)
-    try:
+    with atomic_directory(out, prefix=".consolidate-") as tmp:
         write_durable(os.path.join(tmp, "model.safetensors"), save(weights, {"format": "pt"}))
         shutil.copyfile(os.path.join(checkpoint, "config.yaml"), os.path.join(tmp, "config.yaml"))
         tokenizer = state.get("tokenizer")
@@ -91,14 +86,6 @@ def consolidate(path: str, *, out: str, dtype: str = "fp32") -> str:
         }
         info["sha256"] = {n: sha256_file(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp))}
         write_durable(os.path.join(tmp, "consolidated.json"), json.dumps(info, indent=2).encode())
-        fsync_dir(tmp)
-        if os.path.isdir(out):
-            os.rmdir(out)  # empty (checked above)
-        os.rename(tmp, out)
-        fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(
         f"consolidated {checkpoint} (step {info['step']}, {info['parameters']:,} parameters, "
         f"{dtype}) -> {out}"

@@ -7,6 +7,7 @@ half-written is written beside its target and renamed over it, then the director
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -64,3 +65,39 @@ def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
         while block := f.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_new_dir(out: str) -> None:
+    """``--out`` must not hold anything yet (an output directory is never merged into)."""
+    from pretrain.errors import ConfigurationError
+
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigurationError(f"--out {out} exists and is not empty; choose a new directory")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str, *, prefix: str):
+    """Yield a temp directory beside ``out``; on success fsync its files and rename it to
+    ``out`` (which must be absent or empty), on any error remove it: readers see all or
+    nothing."""
+    import shutil
+    import tempfile
+
+    check_new_dir(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(root)
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.rename(tmp, out)
+        fsync_dir(parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -174,6 +174,25 @@ def open_run_dir(cfg, trainer: Trainer, *, config_yaml: str, world: int, resumed
     return dropped
 
 
+def checkpoint_saver(cfg, strategy, *, config_yaml: str, extra):
+    """The trainer's ``save_fn``: a checkpoint of the trainer's state plus ``extra()`` (what
+    else a resume needs: tokenizer, ...) under ``<run>/checkpoints``, every rank together."""
+
+    def save(trainer: Trainer) -> str:
+        return save_checkpoint(
+            root=os.path.join(cfg.run_dir, "checkpoints"),
+            step=trainer.state.step,
+            strategy=strategy,
+            model=trainer.model,
+            optimizer=trainer.optimizer,
+            trainer_state={**trainer.state_dict(), **extra()},
+            config_yaml=config_yaml,
+            keep_last=cfg.checkpoint.keep_last,
+        )
+
+    return save
+
+
 def finish_message(trainer: Trainer, stopper: GracefulStop, *, total_steps: int, run_dir: str):
     """The last line of a training command: stopped by a signal (resume hint) or done."""
     done = trainer.state.step >= total_steps
@@ -288,20 +307,15 @@ def _pretrain(cfg: PretrainConfig, strategy, *, callbacks: list, loss_fn) -> dic
 
     config_yaml = to_yaml(cfg)
 
-    def save(trainer: Trainer) -> str:
-        state = trainer.state_dict()
-        state["tokenizer_sha256"] = tok["sha256"]
-        state["tokenizer"] = os.path.abspath(os.path.join(cfg.data.path, tok["file"]))
-        return save_checkpoint(
-            root=os.path.join(run_dir, "checkpoints"),
-            step=trainer.state.step,
-            strategy=strategy,
-            model=trainer.model,
-            optimizer=trainer.optimizer,
-            trainer_state=state,
-            config_yaml=config_yaml,
-            keep_last=cfg.checkpoint.keep_last,
-        )
+    save = checkpoint_saver(
+        cfg,
+        strategy,
+        config_yaml=config_yaml,
+        extra=lambda: {
+            "tokenizer_sha256": tok["sha256"],
+            "tokenizer": os.path.abspath(os.path.join(cfg.data.path, tok["file"])),
+        },
+    )
 
     trainer = Trainer(
         model=model,

@@ -152,12 +152,22 @@ def test_bundled_rotten_tomatoes_splits_by_movie(rt):
 
 
 @pytest.mark.parametrize(
-    "layout", ["ddp", "fsdp", "ddp parallel.pipeline_parallel=2"], ids=["ddp", "fsdp", "pp2"]
+    "layout",
+    ["ddp", "fsdp", "deepspeed parallel.zero_stage=2", "ddp parallel.pipeline_parallel=2"],
+    ids=["ddp", "fsdp", "zero2", "pp2"],
 )
 def test_two_processes_equal_one(ft_runs, layout):
+    from finetune.model import load_source
+
     strategy, *rest = layout.split()
-    one = _rows(ft_runs(1, "model.dropout=0.0"))
-    two = _rows(ft_runs(2, "model.dropout=0.0", f"parallel.strategy={strategy}", *rest))
+    one_run = ft_runs(1, "model.dropout=0.0")
+    two_run = ft_runs(2, "model.dropout=0.0", f"parallel.strategy={strategy}", *rest)
+    one, two = _rows(one_run), _rows(two_run)
+    # the checkpoint of every layout reads back as the same model (what export and evaluate use)
+    a, b = load_source(one_run).weights, load_source(two_run).weights
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert [r["step"] for r in one] == [r["step"] for r in two]
     for a, b in zip(one, two, strict=True):
         assert a.keys() == b.keys()
@@ -510,3 +520,18 @@ def test_bad_inputs_fail_with_one_line(base_run, ft_runs, rt, tmp_path):
     assert "'so-so'" in msg and "label set" in msg
     msg = _fails("evaluate", base_run, "--data", unseen)
     assert "no task" in msg
+
+
+def test_submit_places_a_finetune_job_in_its_run(tmp_path):
+    proc = lmforge(
+        "submit",
+        "configs/slurm/local.yaml",
+        "--dry-run",
+        "--",
+        "finetune",
+        "configs/finetune/demo.yaml",
+        f"runs_dir={tmp_path}",
+        "name=ft",
+    )
+    assert "-- finetune configs/finetune/demo.yaml" in proc.stdout and "resume=auto" in proc.stdout
+    assert f"{tmp_path}/ft/slurm/" in proc.stdout  # script and log beside the run

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 
@@ -256,30 +255,6 @@ def test_generate_sampling_follows_generator() -> None:
 # parity with transformers' LlamaForCausalLM
 # --------------------------------------------------------------------------------------------
 
-_HF_NAMES = [  # lmforge name fragment -> transformers name fragment (applied in order)
-    ("tok_embeddings.", "model.embed_tokens."),
-    ("layers.", "model.layers."),
-    ("attention.wq.", "self_attn.q_proj."),
-    ("attention.wk.", "self_attn.k_proj."),
-    ("attention.wv.", "self_attn.v_proj."),
-    ("attention.wo.", "self_attn.o_proj."),
-    ("feed_forward.w1.", "mlp.gate_proj."),
-    ("feed_forward.w3.", "mlp.up_proj."),
-    ("feed_forward.w2.", "mlp.down_proj."),
-    ("attention_norm.", "input_layernorm."),
-    ("ffn_norm.", "post_attention_layernorm."),
-]
-
-
-def _hf_name(name: str) -> str:
-    if name == "norm.weight":
-        return "model.norm.weight"
-    if name == "output.weight":
-        return "lm_head.weight"
-    for ours, theirs in _HF_NAMES:
-        name = name.replace(ours, theirs)
-    return name
-
 
 @pytest.mark.parametrize(
     "overrides",
@@ -294,26 +269,11 @@ def test_matches_hf_llama(overrides: dict) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    rope: dict = {"rope_theta": cfg.rope_theta}
-    if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:
-        rope = {"rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta}}
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.hidden_dim,
-        num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings,
-        attention_bias=False,
-        mlp_bias=False,
-        hidden_act="silu",
-        **rope,
-    )
+    from finetune.hf import llama_config, to_hf_name
+
+    hf_cfg = llama_config(cfg)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
-    state = {_hf_name(k): v for k, v in model.state_dict().items()}
+    state = {to_hf_name(k): v for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and not [k for k in missing if "rotary" not in k]
     x = torch.randint(0, cfg.vocab_size, (2, cfg.max_seq_len))
