@@ -25,7 +25,7 @@ from pretrain.checkpoint import load_checkpoint
 from pretrain.config import ModelConfig, to_container, to_yaml
 from pretrain.data import TrainBatches, eval_batches
 from pretrain.errors import CheckpointError, ConfigurationError
-from pretrain.flops import flops_per_token, param_counts, peak_flops
+from pretrain.flops import flops_per_token, peak_flops
 from pretrain.metrics import plot_loss_vs_flops
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy, check_layout
@@ -162,6 +162,7 @@ def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer,
         torch.use_deterministic_algorithms(True, warn_only=True)
     mean_len = max(1, round(float(data.train.token_counts.mean())))
     fpt = flops_per_token(cfg.model, mean_len, n_out=n_out)
+    n_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model, optimizer = strategy.prepare(
         model,
@@ -253,7 +254,6 @@ def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer,
             cfg, trainer, config_yaml=config_yaml, world=world, resumed_from=resume_from
         )
         _write_json(os.path.join(run_dir, "base.json"), _base_info(cfg, src, base))
-        counts = param_counts(cfg.model)
         what = f"resuming from {resume_from} (step {trainer.state.step})" if resume_from else "new"
         start = "new weights" if src is None or cfg.from_scratch else f"from {src.path}"
         pdist.print0(
@@ -261,7 +261,7 @@ def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer,
             f"/ {len(data.val):,} val examples"
             + (f", {len(data.labels)} labels" if n_out else "")
             + f"; {start}; {world} rank(s) [{strategy.name}] on {strategy.device.type}, "
-            f"{strategy.precision}; params {counts['total']:,}, trainable {trainable:,}; "
+            f"{strategy.precision}; params {n_params:,}, trainable {trainable:,}; "
             f"grad_accum {grad_accum}; {total_steps} steps of {tcfg.global_batch_size} examples"
             + (f"; dropped {dropped} metric rows past the checkpoint" if dropped else "")
         )

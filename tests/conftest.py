@@ -68,5 +68,21 @@ def lmforge(*args: str, env: dict | None = None, timeout: float = 600, check: bo
     return proc
 
 
+_REPORT: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def report():
+    """Lines for the end of the test run's output (figures a test measures but cannot judge)."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if _REPORT:
+        terminalreporter.section("lmforge measurements")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
+
+
 # Uninterrupted reference runs, shared by every test module of a session (after lmforge above).
 from tests.runs import reference_runs  # noqa: E402, F401
