@@ -123,7 +123,8 @@ class FinetuneTrainConfig:
         if self.max_steps is not None and self.epochs is not None:
             raise ConfigurationError(
                 "set one of `train.max_steps` and `train.epochs`, not both "
-                f"(got max_steps={self.max_steps}, epochs={self.epochs})"
+                f"(got max_steps={self.max_steps}, epochs={self.epochs}); clear the other with "
+                "train.epochs=null or train.max_steps=null"
             )
         for name in ("micro_batch_size", "global_batch_size", "log_interval"):
             if getattr(self, name) < 1:
