@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 
@@ -329,6 +330,56 @@ def test_export_causal_lm_matches_transformers(base_run, base_export):
     again = load_source(out)
     assert again.kind == "hf"
     assert all(again.weights[k].equal(v) for k, v in src.weights.items())
+
+
+def test_foreign_hf_llama_directory_loads(tiny_data, tmp_path):
+    """A directory written by transformers itself (no lmforge files but the tokenizer)."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune.model import build_model, load_source
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    hf = LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "llama")
+    shutil.copyfile(
+        os.path.join(tiny_data, "tokenizer.model"), tmp_path / "llama" / "tokenizer.model"
+    )
+    src = load_source(str(tmp_path / "llama"))
+    assert (src.model.n_kv_head, src.model.hidden_dim, src.model.norm_eps) == (2, 160, 1e-6)
+    x = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (build_model(src)(x) - hf(x).logits).abs().max().item() <= 1e-5
+
+
+def test_evaluate_perplexity_of_text_files(base_run, tmp_path):
+    from finetune.model import build_model, load_source
+    from pretrain.tokenizer import Tokenizer
+
+    text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
+    (tmp_path / "a.txt").write_text(text)
+    result = json.loads(lmforge("evaluate", base_run, "--text", str(tmp_path / "a.txt")).stdout)
+    src = load_source(base_run)
+    ids = torch.tensor([Tokenizer(src.tokenizer).encode(text)])
+    assert ids.shape[1] <= src.model.max_seq_len + 1  # one window
+    with torch.no_grad():
+        logits = build_model(src)(ids[:, :-1])
+    loss = torch.nn.functional.cross_entropy(logits[0], ids[0, 1:]).item()
+    assert result["tokens"] == ids.shape[1] - 1
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert result["perplexity"] == pytest.approx(math.exp(loss), rel=1e-5)
 
 
 def test_export_classifier_matches_transformers(ft_runs, rt, tmp_path):
