@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from finetune.config import FinetuneConfig
 from launcher.cli import main
 from launcher.slurm import SlurmProfile
 from pretrain.config import ModelConfig, ParallelConfig, PrepareConfig, PretrainConfig, load_config
@@ -19,6 +20,7 @@ SCHEMAS = {
     "pretrain": PretrainConfig,
     "parallel": ParallelConfig,
     "slurm": SlurmProfile,
+    "finetune": FinetuneConfig,
 }
 
 
