@@ -154,8 +154,14 @@ def test_bundled_rotten_tomatoes_splits_by_movie(rt):
 
 @pytest.mark.parametrize(
     "layout",
-    ["ddp", "fsdp", "deepspeed parallel.zero_stage=2", "ddp parallel.pipeline_parallel=2"],
-    ids=["ddp", "fsdp", "zero2", "pp2"],
+    [
+        "ddp",
+        "fsdp",
+        "deepspeed parallel.zero_stage=2",
+        "ddp parallel.tensor_parallel=2",
+        "ddp parallel.pipeline_parallel=2",
+    ],
+    ids=["ddp", "fsdp", "zero2", "tp2", "pp2"],
 )
 def test_two_processes_equal_one(ft_runs, layout):
     from finetune.model import load_source
