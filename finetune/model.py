@@ -12,9 +12,11 @@ task (for a finetuned model) and the compute that went into it.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,12 +30,17 @@ from pretrain.model import GPT
 class Source:
     path: str
     model: ModelConfig
-    weights: dict[str, torch.Tensor]
+    load_weights: Callable[[], dict[str, torch.Tensor]]  # read only when used (large models)
     tokenizer: str | None
     task: dict | None = None  # {"type", "labels", ...} of a finetuned model
     lora: dict | None = None  # the LoRA config when the weights hold unmerged adapters
     compute: dict = field(default_factory=dict)  # {"tokens", "flops", "steps", ...} all stages
     kind: str = "checkpoint"
+
+    @functools.cached_property
+    def weights(self) -> dict[str, torch.Tensor]:
+        """fp32 weights under lmforge's names."""
+        return self.load_weights()
 
     @property
     def n_out(self) -> int | None:
@@ -68,7 +75,7 @@ def load_source(path: str) -> Source:
         return Source(
             path=path,
             model=_model_cfg(cfg["model"]),
-            weights=load_file(os.path.join(path, "model.safetensors")),
+            load_weights=lambda: load_file(os.path.join(path, "model.safetensors")),
             tokenizer=tok if os.path.isfile(tok) else None,
             task=cfg.get("task") if "init_from" in cfg else None,
             lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
@@ -83,7 +90,7 @@ def load_source(path: str) -> Source:
     return Source(
         path=checkpoint,
         model=_model_cfg(cfg["model"]),
-        weights=full_weights(checkpoint),
+        load_weights=lambda: full_weights(checkpoint),
         tokenizer=tok if tok and os.path.isfile(tok) else None,
         task=cfg.get("task") if "init_from" in cfg else None,
         lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
@@ -117,14 +124,18 @@ def _load_hf(path: str) -> Source:
             f"{path} has no *.safetensors weights (pickled .bin weights are not loaded: they "
             "can run code); convert them to safetensors"
         )
-    weights = {}
-    for file in files:
-        for name, tensor in load_file(file).items():
-            ours = from_hf_name(name)
-            if ours is not None:
-                weights[ours] = tensor.float()
-    if model_cfg.tie_embeddings:
-        weights.pop("output.weight", None)
+
+    def load_weights() -> dict[str, torch.Tensor]:
+        weights = {}
+        for file in files:
+            for name, tensor in load_file(file).items():
+                ours = from_hf_name(name)
+                if ours is not None:
+                    weights[ours] = tensor.float()
+        if model_cfg.tie_embeddings:
+            weights.pop("output.weight", None)
+        return weights
+
     meta = {}
     if os.path.isfile(os.path.join(path, "lmforge.json")):
         with open(os.path.join(path, "lmforge.json")) as f:
@@ -141,7 +152,7 @@ def _load_hf(path: str) -> Source:
     return Source(
         path=path,
         model=model_cfg,
-        weights=weights,
+        load_weights=load_weights,
         tokenizer=tok if os.path.isfile(tok) else None,
         task=task,
         compute=meta.get("compute", {}),

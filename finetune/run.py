@@ -83,8 +83,10 @@ def resolve_base(cfg: FinetuneConfig) -> tuple[Source | None, Tokenizer]:
 def initial_model(cfg: FinetuneConfig, src: Source | None, n_out: int | None):
     """The model to train: base weights (unless from scratch), a new head when the task needs
     one, LoRA adapters or a frozen trunk."""
+    from pretrain.model import GPT
+
     seed_everything(cfg.seed)
-    model = build_model_for(cfg, n_out)
+    model = GPT(cfg.model, n_out=n_out)
     if src is not None and not cfg.from_scratch:
         weights = build_model(src).state_dict()
         same_head = src.n_out == n_out and (src.task or {}).get("labels") == cfg.task.labels
@@ -100,20 +102,11 @@ def initial_model(cfg: FinetuneConfig, src: Source | None, n_out: int | None):
     return model
 
 
-def build_model_for(cfg: FinetuneConfig, n_out: int | None):
-    from pretrain.model import GPT
-
-    if n_out is not None and cfg.model.tie_embeddings:
-        # the base's tied LM head is not this task's head: untie (the embeddings stay)
-        cfg.model = dataclasses.replace(cfg.model, tie_embeddings=False)
-    return GPT(cfg.model, n_out=n_out)
-
-
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Finetune per ``cfg`` (every rank runs this); return the final rows and exit code."""
+def prepare_run(cfg: FinetuneConfig):
+    """Everything that can fail before training, without a process group and without reading
+    the base's weights: the base's shape and tokenizer, the task data, the layout. Run by the
+    launching process before it starts workers, and by every worker."""
     src, tok = resolve_base(cfg)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    check_layout(cfg.parallel, cfg.model, world_size=world)
     if cfg.task.max_len > cfg.model.max_seq_len:
         raise ConfigurationError(
             f"task.max_len={cfg.task.max_len} exceeds the model's max_seq_len "
@@ -128,6 +121,16 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         pad_to_max=cfg.parallel.pipeline_parallel > 1,
     )
     cfg.task.labels = data.labels
+    if data.n_out is not None and cfg.model.tie_embeddings:
+        # a tied base's LM head is not this task's head: untie (the embeddings stay)
+        cfg.model = dataclasses.replace(cfg.model, tie_embeddings=False)
+    return src, tok, data
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Finetune per ``cfg`` (every rank runs this); return the final rows and exit code."""
+    src, tok, data = prepare_run(cfg)
+    check_layout(cfg.parallel, cfg.model, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     strategy = build_strategy(precision=cfg.train.precision, parallel=cfg.parallel)
     result = _finetune(cfg, strategy, src, tok, data)
     strategy.close()

@@ -330,6 +330,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             print(to_yaml(cfg), end="")
             return 0
         if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+            from finetune.run import prepare_run
+            from pretrain.parallel import check_layout
+
+            prepare_run(cfg)  # bad data, base or tokenizer: one line here, before any worker
+            check_layout(cfg.parallel, cfg.model, world_size=args.nproc)
             return _launch_workers(argv, args.nproc, cfg.run_dir)
         from finetune.run import run_finetune
 
