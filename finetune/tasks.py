@@ -4,7 +4,6 @@ the validation metrics, and the trainer callbacks finetuning adds (early stoppin
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import torch
@@ -194,7 +193,6 @@ class Samples(Callback):
             pdist.print0(f"sample @ step {row['step']}: {prompt[:60]!r} -> {text[:120]!r}")
         with open(self.path, "a") as f:
             f.writelines(json.dumps(r) + "\n" for r in out)
-        trainer.model.train()
 
 
 def generate_ids(
@@ -205,12 +203,3 @@ def generate_ids(
     gpt = model.base_model.model if hasattr(model, "peft_config") else model
     out = gpt.generate(ids, max_new_tokens, eos_id=eos_id, **sampling)[0, ids.shape[1] :].tolist()
     return out[: out.index(eos_id)] if eos_id in out else out
-
-
-def summarize_labels(train_ids: list[int], labels: list[str]) -> str:
-    counts = torch.bincount(torch.tensor(train_ids), minlength=len(labels)).tolist()
-    return ", ".join(f"{name} {c}" for name, c in zip(labels, counts, strict=True))
-
-
-def finite(x: float) -> float | None:
-    return x if isinstance(x, (int, float)) and math.isfinite(x) else None
