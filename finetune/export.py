@@ -27,11 +27,10 @@ import torch
 
 from finetune.hf import ARCHITECTURES, llama_config, to_hf_name
 from finetune.model import Source, build_model, load_source
+from pretrain.consolidate import DTYPES
 from pretrain.durable import atomic_directory, check_new_dir, write_durable
 from pretrain.errors import ConfigurationError
 from pretrain.tokenizer import Tokenizer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def export(path: str, *, out: str, dtype: str = "fp32") -> str:
