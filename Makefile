@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast bench lint format clean
+.PHONY: venv demo scaling-demo test test-fast bench lint format clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/python -m launcher.demo
+
+# The scaling-law sweep on CPU (configs/scaling/demo.yaml): prepare, train the IsoFLOP grid
+# (finished runs are skipped on a rerun), fit the smaller budgets, predict the largest.
+scaling-demo: $(STAMP)
+	@test -f data/scaling/manifest.json || $(BIN)/lmforge prepare configs/prepare/scaling.yaml
+	$(BIN)/lmforge scaling sweep configs/scaling/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -41,4 +47,4 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf runs data/demo .cache .pytest_cache
+	rm -rf runs data/demo data/scaling .cache .pytest_cache

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
             help=help_,
             description=help_,
             epilog=EPILOG.format(
-                command=name if name in ("prepare", "submit", "finetune") else "pretrain"
+                command=name if name in ("prepare", "submit", "finetune", "scaling") else "pretrain"
             )
             if config
             else None,
@@ -187,6 +187,87 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--seq-len", type=int, help="perplexity window (default: model context)")
     sp.add_argument("--out", help="also write the JSON result to this file")
 
+    sp = command(
+        "scaling",
+        "Scaling laws: `scaling sweep CONFIG` trains an IsoFLOP grid of runs (here or as a SLURM "
+        "array); `scaling fit SOURCE` fits L(C), L(N, D) and the compute-optimal allocation and "
+        "writes a report.",
+        config=False,
+    )
+    scaling = sp.add_subparsers(dest="scaling_command", metavar="sweep|fit")
+    ssp = scaling.add_parser(
+        "sweep",
+        help="train the grid of a sweep config (configs/scaling/), then fit and report",
+        description="Train every run of an IsoFLOP grid that is not finished (finished runs "
+        "are skipped, interrupted ones resume), then fit and write <runs_dir>/<name>/report/.",
+        epilog=EPILOG.format(command="scaling"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ssp.add_argument("config", nargs="*", metavar="ARG", help="CONFIG.yaml or dotted.key=value")
+    ssp.add_argument(
+        "--dry-run", action="store_true", help="print the grid and each run's status, then stop"
+    )
+    ssp.add_argument(
+        "--wait", action="store_true", help="launcher=slurm: wait for the array, then fit"
+    )
+    ssp.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    ssp = scaling.add_parser(
+        "fit",
+        help="fit scaling laws to a sweep directory, run directories or a CSV",
+        description="Fit L(C) = E + A·C^-alpha to the IsoFLOP minima, L(N, D) = E + A/N^alpha + "
+        "B/D^beta (Huber on log-loss, L-BFGS from a grid of starts, bootstrap intervals) and "
+        "N_opt, D_opt ~ C^a, C^b; predict the held-out budgets and --target-flops; write "
+        "report.md, fit.json, points.csv and figures. A CSV needs a loss column and two of "
+        "N/params, D/tokens, C/flops (D = C / 6N when D is missing).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ssp.add_argument(
+        "sources",
+        nargs="+",
+        metavar="SOURCE",
+        help="a sweep directory (runs/<name>), pretrain run directories, or a CSV file",
+    )
+    ssp.add_argument(
+        "--out", help="report directory (default: <sweep>/report, else ./scaling-report)"
+    )
+    ssp.add_argument(
+        "--target-flops",
+        type=float,
+        action="append",
+        default=[],
+        metavar="C",
+        help="predict N*, D* and the loss at this budget (repeatable)",
+    )
+    ssp.add_argument(
+        "--holdout",
+        type=float,
+        action="append",
+        metavar="C",
+        help="leave this budget out of the fits and predict it (repeatable; default: the "
+        "sweep's fit.holdout)",
+    )
+    ssp.add_argument(
+        "--exclude-highest",
+        type=int,
+        metavar="K",
+        help="leave the K highest-loss points out of the L(N, D) fit",
+    )
+    ssp.add_argument("--bootstrap", type=int, metavar="B", help="bootstrap resamples (default 200)")
+    ssp.add_argument(
+        "--params",
+        choices=["non_embedding", "total"],
+        help="which parameter count is N for runs (default non_embedding)",
+    )
+    ssp.add_argument(
+        "--finetune",
+        nargs="+",
+        default=[],
+        metavar="RUN",
+        help="finetuned run directories: plot their downstream metric against total "
+        "(pretrain + finetune) compute",
+    )
+    ssp.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+
     sp = command("print-config", "Print the resolved config of a command.")
     sp.add_argument(
         "--keys", action="store_true", help="list every key with its default and meaning instead"
@@ -194,9 +275,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--for",
         dest="target",
-        choices=["prepare", "pretrain", "finetune", "submit"],
+        choices=["prepare", "pretrain", "finetune", "submit", "scaling"],
         default="pretrain",
-        help="which command's config (default pretrain; submit: the SLURM profile)",
+        help="which command's config (default pretrain; submit: the SLURM profile; scaling: "
+        "a sweep)",
     )
 
     sp = command(
@@ -226,12 +308,14 @@ def _schema(command: str):
     from finetune.config import FinetuneConfig
     from launcher.slurm import SlurmProfile
     from pretrain.config import PrepareConfig, PretrainConfig
+    from scaling.config import ScalingConfig
 
     return {
         "prepare": PrepareConfig,
         "pretrain": PretrainConfig,
         "finetune": FinetuneConfig,
         "submit": SlurmProfile,
+        "scaling": ScalingConfig,
     }[command]
 
 
@@ -244,6 +328,32 @@ def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
         i = argv.index("--nproc")
         worker_argv = argv[:i] + argv[i + 2 :]
     return launch_local(worker_argv, nproc=nproc, log_dir=os.path.join(run_dir, "logs"))
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    from pretrain.errors import ConfigurationError
+
+    if args.scaling_command == "sweep":
+        from pretrain.config import load_config
+        from scaling.config import ScalingConfig
+        from scaling.sweep import sweep
+
+        return sweep(load_config(ScalingConfig, args.config), dry_run=args.dry_run, wait=args.wait)
+    if args.scaling_command == "fit":
+        from scaling.report import fit_sources
+
+        fit_sources(
+            args.sources,
+            out=args.out,
+            target_flops=args.target_flops,
+            holdout=args.holdout,
+            exclude_highest=args.exclude_highest,
+            bootstrap=args.bootstrap,
+            params=args.params,
+            finetune=args.finetune,
+        )
+        return 0
+    raise ConfigurationError("lmforge scaling needs a subcommand: sweep CONFIG or fit SOURCE")
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -339,6 +449,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from finetune.run import run_finetune
 
         return run_finetune(cfg)["exit_code"]
+
+    if args.command == "scaling":
+        return _scaling(args)
 
     if args.command == "launch":
         from launcher.local import launch

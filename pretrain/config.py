@@ -547,11 +547,15 @@ def load_config(schema: type, args: list[str]) -> Any:
     """Build a validated config object of dataclass ``schema`` from CLI-style arguments.
 
     Each argument is applied in order: ``file.yaml`` merges a whole config; ``a.b=preset.yaml``
-    merges a YAML file into section ``a.b``; ``a.b=value`` sets one key (value parsed as YAML).
+    merges a YAML file into section ``a.b``; ``a.b=value`` sets one key (value parsed as YAML); a
+    mapping (dict) merges as a whole.
     """
     cfg = OmegaConf.structured(schema)
     try:
         for arg in args:
+            if isinstance(arg, (dict, DictConfig)):  # a mapping merged as a whole (e.g. a section)
+                cfg = OmegaConf.merge(cfg, arg)
+                continue
             if "=" not in arg:
                 cfg = OmegaConf.merge(cfg, _load_yaml(arg))
                 continue

@@ -1,0 +1,1 @@
+"""lmforge: scaling-law fits."""

@@ -1,0 +1,292 @@
+"""The report's figures (matplotlib, written as PNG files next to report.md):
+
+- loss_vs_flops.png: every run's final loss against its compute, coloured by N, the IsoFLOP
+  minima, the fitted frontier L(C) and the held-out budgets with their predictions;
+- isoflop.png: loss against N per budget with each budget's parabola, and N_opt(C), D_opt(C)
+  with their power laws;
+- surface.png: the fitted L(N, D) along each budget (D = C / FLOPs-per-token(N)) against the
+  points, with the compute-optimal path;
+- residuals.png: log(measured / fitted) of every point for L(N, D), and of the minima for L(C);
+- finetune.png (with --finetune runs): downstream metric against pretrain + finetune compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: str, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, name), dpi=110)
+    _pyplot().close(fig)
+    return name
+
+
+def _budget_colours(budgets: list[float]):
+    cmap = _pyplot().get_cmap("plasma")
+    return {c: cmap(0.85 * i / max(1, len(budgets) - 1)) for i, c in enumerate(budgets)}
+
+
+def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str]:
+    r, o = analysis["result"], analysis["objects"]
+    pts, budgets, held = src.points, o["budgets"], o["held"]
+    fpt = src.fpt or (lambda n: 6.0 * n)
+    ubudgets = sorted(set(budgets.tolist()))
+    colours = _budget_colours(ubudgets)
+    plt = _pyplot()
+    files = []
+
+    # loss vs FLOPs with the frontier
+    fig, ax = plt.subplots(figsize=(7, 4.8))
+    sc = ax.scatter(
+        pts.C[~held],
+        pts.L[~held],
+        c=np.log10(pts.N[~held]),
+        cmap="viridis",
+        s=28,
+        label="runs (fitted)",
+    )
+    if held.any():
+        ax.scatter(
+            pts.C[held],
+            pts.L[held],
+            c=np.log10(pts.N[held]),
+            cmap="viridis",
+            s=40,
+            marker="D",
+            edgecolors="red",
+            linewidths=1.2,
+            label="runs (held out)",
+        )
+    fig.colorbar(sc, ax=ax, label="log10 N")
+    if o["minima"]:
+        ax.scatter(
+            [m.C for m in o["minima"]],
+            [m.L_opt for m in o["minima"]],
+            marker="*",
+            s=140,
+            c="black",
+            label="IsoFLOP minima",
+        )
+    cmax = max([pts.C.max()] + [t["C"] for t in r["targets"]])
+    grid = np.geomspace(pts.C.min() / 1.5, cmax * 1.5, 200)
+    if "frontier" in o:
+        fr = o["frontier"]
+        ax.plot(
+            grid,
+            fr.predict(grid),
+            "k--",
+            lw=1.2,
+            label=f"L(C) = {fr.E:.2f} + {fr.A:.3g}·C^-{fr.alpha:.3f}",
+        )
+    if "surface" in o:
+        opt = [o["surface"].optimal(c, flops_per_token=src.fpt)[2] for c in grid]
+        ax.plot(grid, opt, color="tab:orange", lw=1.2, label="L(N, D) at its optimum N*")
+    for c in r["holdout"]:
+        for key, m, col in (("frontier_loss", "x", "black"), ("surface_loss", "+", "tab:orange")):
+            if key in c:
+                ax.scatter([c["C"]], [c[key]], marker=m, s=120, c=col, zorder=5)
+    ax.set(
+        xscale="log",
+        xlabel="training FLOPs C",
+        ylabel="final validation loss",
+        title="loss vs compute",
+    )
+    ax.legend(fontsize=7)
+    files.append(_save(fig, out, "loss_vs_flops.png"))
+
+    # IsoFLOP curves and the allocation
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for c in ubudgets:
+        idx = np.flatnonzero(budgets == c)
+        tag = " (held out)" if held[idx].any() else ""
+        ax1.scatter(
+            pts.N[idx],
+            pts.L[idx],
+            color=colours[c],
+            s=24,
+            marker="D" if tag else "o",
+            label=f"C={c:.3g}{tag}",
+        )
+        m = next((m for m in o["minima"] if m.C == c), None)
+        if m is not None:
+            x = np.linspace(np.log(pts.N[idx].min()) - 0.3, np.log(pts.N[idx].max()) + 0.3, 80)
+            ax1.plot(
+                np.exp(x),
+                m.L_opt + m.curvature * (x - np.log(m.N_opt)) ** 2,
+                color=colours[c],
+                lw=1,
+            )
+            ax1.scatter(
+                [m.N_opt],
+                [m.L_opt],
+                color=colours[c],
+                marker="*",
+                s=110,
+                edgecolors="black",
+                linewidths=0.5,
+            )
+    ax1.set(
+        xscale="log",
+        xlabel="N (parameters)",
+        ylabel="final validation loss",
+        title="IsoFLOP profiles",
+    )
+    ax1.legend(fontsize=7)
+    if o["minima"]:
+        cs = np.array([m.C for m in o["minima"]])
+        ax2.scatter(cs, [m.N_opt for m in o["minima"]], color="tab:blue", label="N_opt")
+        ax2.scatter(cs, [m.D_opt for m in o["minima"]], color="tab:green", label="D_opt")
+        if "allocation" in o:
+            al = o["allocation"]
+            g = np.geomspace(cs.min() / 2, cmax * 2, 50)
+            ax2.plot(g, al.N_opt(g), color="tab:blue", lw=1, label=f"N_opt ∝ C^{al.a:.2f}")
+            ax2.plot(g, al.D_opt(g), color="tab:green", lw=1, label=f"D_opt ∝ C^{al.b:.2f}")
+        ax2.set(
+            xscale="log",
+            yscale="log",
+            xlabel="training FLOPs C",
+            ylabel="parameters / tokens",
+            title="compute-optimal allocation",
+        )
+        ax2.legend(fontsize=7)
+    files.append(_save(fig, out, "isoflop.png"))
+
+    if "surface" in o:
+        s = o["surface"]
+        fig, ax = plt.subplots(figsize=(7, 4.8))
+        n_grid = np.geomspace(pts.N.min() / 2, pts.N.max() * 2, 120)
+        for c in ubudgets:
+            idx = np.flatnonzero(budgets == c)
+            d = np.array([c / fpt(n) for n in n_grid])
+            ax.plot(n_grid, s.predict(n_grid, d), color=colours[c], lw=1)
+            ax.scatter(
+                pts.N[idx],
+                pts.L[idx],
+                color=colours[c],
+                s=24,
+                marker="D" if held[idx].any() else "o",
+                label=f"C={c:.3g}",
+            )
+        path = [s.optimal(c, flops_per_token=src.fpt) for c in ubudgets]
+        ax.plot([p[0] for p in path], [p[2] for p in path], "k:", lw=1.2, label="optimum N*")
+        ax.set(
+            xscale="log",
+            xlabel="N (parameters)",
+            ylabel="final validation loss",
+            ylim=(pts.L.min() - 0.1, pts.L.max() + 0.15),
+            title=f"L(N, D) = {s.E:.2f} + {s.A:.3g}/N^{s.alpha:.3f} + {s.B:.3g}/D^{s.beta:.3f}",
+        )
+        ax.legend(fontsize=7)
+        files.append(_save(fig, out, "surface.png"))
+
+    if "surface" in o or "frontier" in o:
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        if "surface" in o:
+            res = np.log(pts.L / o["surface"].predict(pts.N, pts.D))
+            sc = ax1.scatter(pts.C, res, c=np.log10(pts.N), cmap="viridis", s=24)
+            if held.any():
+                ax1.scatter(
+                    pts.C[held],
+                    res[held],
+                    facecolors="none",
+                    edgecolors="red",
+                    s=70,
+                    label="held out",
+                )
+                ax1.legend(fontsize=7)
+            fig.colorbar(sc, ax=ax1, label="log10 N")
+        ax1.axhline(0, color="gray", lw=0.8)
+        ax1.set(
+            xscale="log",
+            xlabel="training FLOPs C",
+            ylabel="log(measured / fitted)",
+            title="L(N, D) residuals",
+        )
+        if "frontier" in o and o["minima"]:
+            cs = np.array([m.C for m in o["minima"]])
+            lo = np.array([m.L_opt for m in o["minima"]])
+            ax2.scatter(cs, np.log(lo / o["frontier"].predict(cs)), color="black", marker="*")
+        ax2.axhline(0, color="gray", lw=0.8)
+        ax2.set(
+            xscale="log",
+            xlabel="training FLOPs C",
+            ylabel="log(minimum / fitted)",
+            title="L(C) residuals at the IsoFLOP minima",
+        )
+        files.append(_save(fig, out, "residuals.png"))
+
+    if finetune:
+        files.append(plot_finetune(finetune, out))
+    return files
+
+
+def finetune_points(runs: list[str]) -> list[dict]:
+    """Per finetuned run: its final metrics and total compute (pretraining + finetuning)."""
+    from pretrain.errors import DataError
+    from pretrain.metrics import read_metrics
+
+    rows = []
+    for run in runs:
+        evals = [
+            r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if r.get("kind") == "eval"
+        ]
+        base_path = os.path.join(run, "base.json")
+        if not evals or not os.path.isfile(base_path):
+            raise DataError(f"{run}: not a finished finetune run (no eval row or base.json)")
+        with open(base_path) as f:
+            base = json.load(f)
+        last = evals[-1]
+        metric = next((k for k in ("accuracy", "f1", "val_loss") if k in last), None)
+        pre = float(base.get("pretrain_flops") or 0.0)
+        rows.append(
+            {
+                "run": os.path.basename(run.rstrip("/")),
+                "metric": metric,
+                "value": last[metric],
+                "pretrain_flops": pre,
+                "finetune_flops": float(last["flops"]),
+                "total_flops": pre + float(last["flops"]),
+                "from_scratch": bool(base.get("from_scratch")),
+            }
+        )
+    return rows
+
+
+def plot_finetune(rows: list[dict], out: str) -> str:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        ax.scatter(
+            [r["total_flops"]],
+            [r["value"]],
+            marker="s" if r["from_scratch"] else "o",
+            color="tab:gray" if r["from_scratch"] else "tab:blue",
+        )
+        ax.annotate(
+            r["run"],
+            (r["total_flops"], r["value"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    metrics = sorted({r["metric"] for r in rows})
+    ax.set(
+        xscale="log",
+        xlabel="total FLOPs (pretraining + finetuning)",
+        ylabel=" / ".join(metrics),
+        title="downstream metric vs total compute (squares: from scratch)",
+    )
+    return _save(fig, out, "finetune.png")

@@ -1,0 +1,617 @@
+"""`lmforge scaling fit` and the end of `lmforge scaling sweep`: gather points (a sweep, run
+directories or a CSV), fit (scaling/fit.py), predict the held-out budgets and the targets, and
+write ``report.md``, ``fit.json``, ``points.csv`` and the figures.
+
+What is fitted (see scaling/fit.py for the methods):
+- IsoFLOP minima: a parabola in log N per budget; N_opt = kN·C^a and D_opt = kD·C^b through them.
+- The compute frontier L(C) = E + A·C^-alpha through the IsoFLOP minima (the best loss a budget
+  buys).
+- The loss surface L(N, D) = E + A/N^alpha + B/D^beta through every point; its compute-optimal
+  N*, D*, L* at a budget C minimise L along D = C / FLOPs-per-token(N).
+Held-out budgets are left out of all three and predicted; the report compares each prediction
+with the best loss measured at that budget.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pretrain.errors import ConfigurationError, DataError
+from scaling.config import SweepFitConfig
+from scaling.fit import (
+    IsoFLOPMinimum,
+    Points,
+    ScalingFitError,
+    fit_allocation,
+    fit_frontier,
+    fit_surface,
+    isoflop_minima,
+    load_points_csv,
+)
+from scaling.plan import format_count, format_flops
+
+# --- gathering points --------------------------------------------------------------------------
+
+
+@dataclass
+class Source:
+    """Points with what the fits need to know about them."""
+
+    points: Points
+    budgets: np.ndarray | None  # nominal budget of each point (sweeps), else None
+    what: str  # where the points came from, for the report
+    params: str  # which parameter count N is
+    fpt: object = None  # N -> FLOPs per token (a sweep's shape rule), else None: 6·N
+    missing: list[str] = field(default_factory=list)  # runs without a final loss
+    epochs: np.ndarray | None = None  # passes over the data per point (sweeps)
+
+
+def _final_eval(run_dir: str) -> tuple[dict | None, dict]:
+    """(final eval row or None, the run's config) of a pretrain run directory."""
+    from omegaconf import OmegaConf
+
+    from pretrain.metrics import read_metrics
+
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise DataError(f"{run_dir} is not a run directory (no config.yaml); give a sweep or run")
+    cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
+    train = cfg.get("train", {})
+    steps = train.get("max_steps") or math.ceil(train["max_tokens"] / train["global_batch_tokens"])
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    done = [r for r in rows if r.get("kind") == "eval" and r.get("step", 0) >= steps]
+    return (done[-1] if done else None), cfg
+
+
+def _fpt_from_points(params: np.ndarray, fpt: np.ndarray):
+    """FLOPs per token as a function of N, interpolated (log-log) between a sweep's models and
+    held at the end ratios outside them: the shape rule's attention share, without rebuilding
+    shapes."""
+    order = np.argsort(params)
+    x, ratio = np.log(params[order]), np.log(fpt[order] / params[order])
+
+    def fpt_of(n: float) -> float:
+        return n * math.exp(float(np.interp(math.log(n), x, ratio)))
+
+    return fpt_of
+
+
+def load_sweep(sweep_dir: str, params: str) -> Source:
+    with open(os.path.join(sweep_dir, "plan.json")) as f:
+        plan = json.load(f)
+    rows, missing = [], []
+    for p in plan["points"]:
+        row, _ = (None, None)
+        run = os.path.join(sweep_dir, p["name"])
+        if os.path.isfile(os.path.join(run, "config.yaml")):
+            row, _ = _final_eval(run)
+        if row is None:
+            missing.append(p["name"])
+        else:
+            rows.append((p, row))
+    if not rows:
+        raise DataError(f"no run of {sweep_dir} has finished; run `lmforge scaling sweep` first")
+    key = "params_total" if params == "total" else "params_non_embedding"
+    pts = Points.from_arrays(
+        N=[p[key] for p, _ in rows],
+        D=[r["tokens"] for _, r in rows],
+        C=[r["flops"] for _, r in rows],
+        L=[r["val_loss"] for _, r in rows],
+        labels=[p["name"] for p, _ in rows],
+    )
+    every = plan["points"]
+    return Source(
+        points=pts,
+        budgets=np.array([p["budget"] for p, _ in rows]),
+        what=f"sweep {sweep_dir} ({len(rows)} of {len(every)} runs finished)",
+        params=params,
+        fpt=_fpt_from_points(
+            np.array([p[key] for p in every], float),
+            np.array([p["flops_per_token"] for p in every], float),
+        ),
+        missing=missing,
+        epochs=np.array([p["epochs"] for p, _ in rows]),
+    )
+
+
+def load_runs(run_dirs: list[str], params: str) -> Source:
+    from pretrain.config import ModelConfig
+    from pretrain.flops import param_counts
+
+    rows, missing = [], []
+    for run in run_dirs:
+        row, cfg = _final_eval(run)
+        if row is None:
+            missing.append(os.path.basename(run.rstrip("/")))
+            continue
+        counts = param_counts(ModelConfig(**cfg["model"]))
+        rows.append((os.path.basename(run.rstrip("/")), counts[params], row))
+    if not rows:
+        raise DataError(f"none of the {len(run_dirs)} run(s) has finished: no final eval row")
+    pts = Points.from_arrays(
+        N=[n for _, n, _ in rows],
+        D=[r["tokens"] for _, _, r in rows],
+        C=[r["flops"] for _, _, r in rows],
+        L=[r["val_loss"] for _, _, r in rows],
+        labels=[name for name, _, _ in rows],
+    )
+    return Source(pts, None, f"{len(rows)} run directories", params, missing=missing)
+
+
+def load_sources(sources: list[str], params: str) -> Source:
+    if len(sources) == 1 and sources[0].endswith((".csv", ".CSV")):
+        if not os.path.isfile(sources[0]):
+            raise DataError(f"{sources[0]}: no such CSV file")
+        pts = load_points_csv(sources[0])
+        return Source(pts, None, f"CSV {sources[0]} ({len(pts)} points)", "as given")
+    for s in sources:
+        if not os.path.isdir(s):
+            raise DataError(f"{s}: not a sweep directory, run directory or .csv file")
+    if len(sources) == 1 and os.path.isfile(os.path.join(sources[0], "plan.json")):
+        return load_sweep(sources[0], params)
+    return load_runs(sources, params)
+
+
+# --- fitting -----------------------------------------------------------------------------------
+
+
+def _budget_groups(src: Source, rel_tol: float = 0.05) -> np.ndarray:
+    """Each point's budget: the sweep's nominal one, else points within rel_tol share one."""
+    if src.budgets is not None:
+        return src.budgets
+    C = src.points.C
+    out = np.zeros_like(C)
+    for i in np.argsort(C):
+        for j in np.argsort(C):
+            if out[j] and abs(math.log(C[i] / out[j])) <= math.log1p(rel_tol):
+                out[i] = out[j]
+                break
+        else:
+            out[i] = C[i]
+    return out
+
+
+def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
+    """Every fit and prediction, as plain data (fit.json) plus the fit objects (figures)."""
+    pts = src.points
+    budgets = _budget_groups(src)
+    held = np.isin(budgets, fit.holdout) if fit.holdout else np.zeros(len(pts), bool)
+    train_idx = np.flatnonzero(~held)
+    if len(train_idx) == 0:
+        raise ConfigurationError("every point is held out; hold out fewer budgets")
+    train = pts.subset(train_idx)
+    notes: list[str] = []
+
+    # IsoFLOP minima, budget by budget: a budget without a minimum is noted, not fatal.
+    minima: list[IsoFLOPMinimum] = []
+    for c in sorted(set(budgets.tolist())):
+        idx = np.flatnonzero(budgets == c)
+        if len(idx) < 3:
+            notes.append(f"budget {format_flops(c)}: {len(idx)} run(s), no IsoFLOP parabola")
+            continue
+        try:
+            (m,) = isoflop_minima(pts.subset(idx), budgets=[c], flops_per_token=src.fpt)
+        except ScalingFitError as exc:
+            notes.append(f"budget {format_flops(c)}: {exc}")
+            continue
+        if not m.inside:
+            notes.append(
+                f"budget {format_flops(c)}: the parabola's minimum N={format_count(m.N_opt)} "
+                "lies outside the sizes trained (an extrapolation; add sizes beyond it)"
+            )
+        minima.append(m)
+    fit_minima = [m for m in minima if m.C not in fit.holdout]
+
+    result: dict = {"source": src.what, "params": src.params, "notes": notes}
+    objects: dict = {"minima": minima, "held": held, "budgets": budgets}
+    common = dict(bootstrap=fit.bootstrap, level=fit.level, seed=fit.seed)
+    try:
+        surface = fit_surface(
+            train, delta=fit.huber_delta, exclude_highest=fit.exclude_highest, **common
+        )
+        objects["surface"] = surface
+        result["surface"] = {
+            **surface.params(),
+            "ci": surface.ci,
+            "n_points": surface.n_points,
+            "excluded": [train.labels[i] for i in surface.excluded],
+            "objective": surface.objective,
+        }
+    except ScalingFitError as exc:
+        notes.append(f"L(N, D) not fitted: {exc}")
+    if len(fit_minima) >= 4:
+        frontier = fit_frontier(
+            [m.C for m in fit_minima],
+            [m.L_opt for m in fit_minima],
+            delta=fit.huber_delta,
+            **common,
+        )
+        objects["frontier"] = frontier
+        result["frontier"] = {**frontier.params(), "ci": frontier.ci, "n_points": frontier.n_points}
+    else:
+        notes.append(
+            f"L(C) not fitted: {len(fit_minima)} IsoFLOP minima outside the held-out budgets; "
+            "it needs 4 (add budgets)"
+        )
+    if len(fit_minima) >= 2:
+        alloc = fit_allocation(fit_minima, **common)
+        objects["allocation"] = alloc
+        result["allocation"] = {
+            "a": alloc.a,
+            "kN": alloc.kN,
+            "b": alloc.b,
+            "kD": alloc.kD,
+            "ci": alloc.ci,
+            "n_budgets": alloc.n_budgets,
+        }
+    result["minima"] = [
+        {
+            "C": m.C,
+            "N_opt": m.N_opt,
+            "D_opt": m.D_opt,
+            "L_opt": m.L_opt,
+            "n": m.n_points,
+            "inside": m.inside,
+            "held_out": m.C in fit.holdout,
+        }
+        for m in minima
+    ]
+
+    def predictions(c: float) -> dict:
+        out: dict = {"C": c}
+        if "frontier" in objects:
+            out["frontier_loss"] = float(objects["frontier"].predict(c))
+        if "surface" in objects:
+            n, d, loss = objects["surface"].optimal(c, flops_per_token=src.fpt)
+            out.update(surface_N=n, surface_D=d, surface_loss=loss)
+        if "allocation" in objects:
+            out.update(
+                alloc_N=float(objects["allocation"].N_opt(c)),
+                alloc_D=float(objects["allocation"].D_opt(c)),
+            )
+        return out
+
+    checks = []
+    for c in fit.holdout:
+        idx = np.flatnonzero(budgets == c)
+        if not len(idx):
+            notes.append(f"held-out budget {format_flops(c)} has no finished run to check")
+            continue
+        best = idx[np.argmin(pts.L[idx])]
+        row = predictions(c)
+        row.update(
+            measured_best=float(pts.L[best]),
+            measured_run=pts.labels[best],
+            measured_N=float(pts.N[best]),
+        )
+        m = next((m for m in minima if m.C == c), None)
+        if m is not None:
+            row["measured_parabola"] = m.L_opt
+        for k in ("frontier_loss", "surface_loss"):
+            if k in row:
+                row[k.replace("loss", "error")] = (row[k] - row["measured_best"]) / row[
+                    "measured_best"
+                ]
+        checks.append(row)
+    result["holdout"] = checks
+    result["targets"] = [predictions(c) for c in targets]
+    return {"result": result, "objects": objects}
+
+
+# --- the report --------------------------------------------------------------------------------
+
+
+def _ci(ci: dict, key: str, fmt: str) -> str:
+    if key not in ci:
+        return ""
+    lo, hi = ci[key]
+    return f" [{format(lo, fmt)}, {format(hi, fmt)}]"
+
+
+def write_points_csv(path: str, src: Source, budgets: np.ndarray, held: np.ndarray) -> None:
+    p = src.points
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "budget", "N", "D", "C", "loss", "epochs", "held_out"])
+        for i in range(len(p)):
+            ep = "" if src.epochs is None else f"{src.epochs[i]:.3f}"
+            w.writerow(
+                [
+                    p.labels[i],
+                    f"{budgets[i]:.6g}",
+                    f"{p.N[i]:.0f}",
+                    f"{p.D[i]:.0f}",
+                    f"{p.C[i]:.6g}",
+                    f"{p.L[i]:.6f}",
+                    ep,
+                    int(held[i]),
+                ]
+            )
+
+
+def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepFitConfig) -> str:
+    r = analysis["result"]
+    level = f"{fit.level:.0%}"
+    lines = [
+        "# Scaling-law fit",
+        "",
+        f"Source: {r['source']}. N = "
+        + {
+            "non_embedding": "parameters without the input embedding table (the LM head "
+            "counts; the N of C = 6·N·D)",
+            "total": "all parameters",
+        }.get(src.params, "as given in the CSV")
+        + "; D = training tokens; C = training FLOPs (6·N plus attention per token, "
+        "pretrain/flops.py, for runs; as given for a CSV); loss = final validation loss "
+        "(nats/token).",
+        "",
+    ]
+    if src.missing:
+        lines += [f"Runs without a final loss (left out): {', '.join(src.missing)}.", ""]
+    if src.epochs is not None and src.epochs.max() > 1:
+        rep = int((src.epochs > 1).sum())
+        lines += [
+            f"Data repetition: {rep} of {len(src.epochs)} runs read the training data more than "
+            f"once (at most {src.epochs.max():.2f} passes); see points.csv.",
+            "",
+        ]
+    if fit.holdout:
+        lines += [
+            "Held out of every fit and predicted: "
+            + ", ".join(format_flops(c) for c in fit.holdout)
+            + " FLOPs.",
+            "",
+        ]
+    checks = r["holdout"]
+    if checks:
+        lines += [
+            "## Prediction of the held-out budgets",
+            "",
+            "| budget | measured best loss (run) | L(C) frontier | error | L(N, D) optimum | "
+            "error | predicted N* | measured best N |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in checks:
+            lines.append(
+                f"| {format_flops(c['C'])} | {c['measured_best']:.4f} ({c['measured_run']}) | "
+                + (
+                    f"{c['frontier_loss']:.4f} | {c['frontier_error']:+.2%} | "
+                    if "frontier_loss" in c
+                    else "— | — | "
+                )
+                + (
+                    f"{c['surface_loss']:.4f} | {c['surface_error']:+.2%} | "
+                    f"{format_count(c['surface_N'])} | "
+                    if "surface_loss" in c
+                    else "— | — | — | "
+                )
+                + f"{format_count(c['measured_N'])} |"
+            )
+        lines += [""]
+        if any("measured_parabola" in c for c in checks):
+            lines += [
+                "The held-out budgets' own parabola minima: "
+                + ", ".join(
+                    f"{format_flops(c['C'])}: {c['measured_parabola']:.4f}"
+                    for c in checks
+                    if "measured_parabola" in c
+                )
+                + ".",
+                "",
+            ]
+    if "surface" in r:
+        s = r["surface"]
+        lines += [
+            "## L(N, D) = E + A / N^α + B / D^β",
+            "",
+            f"Huber (δ = {fit.huber_delta:g}) on log-loss, L-BFGS from a grid of starts; "
+            f"{s['n_points']} points"
+            + (
+                f", {len(s['excluded'])} highest-loss excluded: {', '.join(s['excluded'])}"
+                if s["excluded"]
+                else ", none excluded"
+            )
+            + (f"; {level} bootstrap intervals ({fit.bootstrap} resamples)." if s["ci"] else "."),
+            "",
+            "| parameter | value | interval |",
+            "|---|---|---|",
+        ]
+        for k, fmt in (
+            ("E", ".4g"),
+            ("A", ".4g"),
+            ("B", ".4g"),
+            ("alpha", ".4f"),
+            ("beta", ".4f"),
+            ("a", ".4f"),
+            ("b", ".4f"),
+        ):
+            lines.append(f"| {k} | {format(s[k], fmt)} | {_ci(s['ci'], k, fmt).strip()} |")
+        lines += ["", "a = β/(α+β) (N* ∝ C^a), b = α/(α+β) (D* ∝ C^b).", ""]
+    if "frontier" in r:
+        fr = r["frontier"]
+        lines += [
+            "## Compute frontier L(C) = E + A · C^-α",
+            "",
+            f"Through the IsoFLOP minima of {fr['n_points']} budgets: E = {fr['E']:.4g}"
+            f"{_ci(fr['ci'], 'E', '.4g')}, A = {fr['A']:.4g}{_ci(fr['ci'], 'A', '.4g')}, "
+            f"α = {fr['alpha']:.4f}{_ci(fr['ci'], 'alpha', '.4f')}.",
+            "",
+        ]
+    if r["minima"]:
+        lines += [
+            "## IsoFLOP minima (parabola in ln N per budget)",
+            "",
+            "| budget | runs | N_opt | D_opt | D/N | loss at minimum | |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for m in r["minima"]:
+            flag = (
+                "held out"
+                if m["held_out"]
+                else ("outside the sizes trained" if not m["inside"] else "")
+            )
+            lines.append(
+                f"| {format_flops(m['C'])} | {m['n']} | {format_count(m['N_opt'])} | "
+                f"{format_count(m['D_opt'])} | {m['D_opt'] / m['N_opt']:.1f} | {m['L_opt']:.4f} "
+                f"| {flag} |"
+            )
+        lines += [""]
+    if "allocation" in r:
+        a = r["allocation"]
+        lines += [
+            f"N_opt ∝ C^a with a = {a['a']:.3f}{_ci(a['ci'], 'a', '.3f')}; D_opt ∝ C^b with "
+            f"b = {a['b']:.3f}{_ci(a['ci'], 'b', '.3f')} ({a['n_budgets']} budgets).",
+            "",
+        ]
+    if r["targets"]:
+        lines += [
+            "## Predictions for target budgets",
+            "",
+            "| C | N* (surface) | D* (surface) | D*/N* | loss (surface) | loss (frontier) | "
+            "N_opt (IsoFLOP) | D_opt (IsoFLOP) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for t in r["targets"]:
+            lines.append(
+                f"| {format_flops(t['C'])} | "
+                + (
+                    f"{format_count(t['surface_N'])} | {format_count(t['surface_D'])} | "
+                    f"{t['surface_D'] / t['surface_N']:.1f} | {t['surface_loss']:.4f} | "
+                    if "surface_N" in t
+                    else "— | — | — | — | "
+                )
+                + (f"{t['frontier_loss']:.4f} | " if "frontier_loss" in t else "— | ")
+                + (
+                    f"{format_count(t['alloc_N'])} | {format_count(t['alloc_D'])} |"
+                    if "alloc_N" in t
+                    else "— | — |"
+                )
+            )
+        lines += [""]
+    if r["finetune"]:
+        lines += [
+            "## Finetuned runs: downstream metric vs total compute",
+            "",
+            "| run | metric | value | pretraining FLOPs | finetuning FLOPs | total |",
+            "|---|---|---|---|---|---|",
+        ]
+        for f in r["finetune"]:
+            lines.append(
+                f"| {f['run']}{' (from scratch)' if f['from_scratch'] else ''} | {f['metric']} "
+                f"| {f['value']:.4f} | {f['pretrain_flops']:.3g} | {f['finetune_flops']:.3g} | "
+                f"{f['total_flops']:.3g} |"
+            )
+        lines += [""]
+    if r["notes"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
+    if figures:
+        lines += ["## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    return "\n".join(lines)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, np.integer)):
+        return obj.item()
+    if isinstance(obj, (np.bool_,)):
+        return bool(obj)
+    return obj
+
+
+def write_report(
+    src: Source, fit: SweepFitConfig, out: str, *, targets: list[float], finetune: list[str]
+) -> dict:
+    from scaling.figures import finetune_points, plot_all
+
+    os.makedirs(out, exist_ok=True)
+    analysis = analyse(src, fit, targets)
+    analysis["result"]["finetune"] = finetune = finetune_points(finetune) if finetune else []
+    objects = analysis["objects"]
+    write_points_csv(os.path.join(out, "points.csv"), src, objects["budgets"], objects["held"])
+    figures = plot_all(src, analysis, out, finetune=finetune)
+    with open(os.path.join(out, "fit.json"), "w") as f:
+        json.dump(_jsonable(analysis["result"]), f, indent=1)
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(render_markdown(src, analysis, figures, fit))
+    return analysis["result"]
+
+
+def summary_lines(result: dict) -> list[str]:
+    """What the command prints: the fits in a line each, and every held-out check."""
+    lines = []
+    if "surface" in result:
+        s = result["surface"]
+        lines.append(
+            f"L(N, D) = {s['E']:.3f} + {s['A']:.4g}/N^{s['alpha']:.3f} + "
+            f"{s['B']:.4g}/D^{s['beta']:.3f}  (a = {s['a']:.3f}, {s['n_points']} points)"
+        )
+    if "frontier" in result:
+        fr = result["frontier"]
+        lines.append(f"L(C) = {fr['E']:.3f} + {fr['A']:.4g}·C^-{fr['alpha']:.4f}")
+    for c in result["holdout"]:
+        parts = [f"held-out {format_flops(c['C'])}: measured best {c['measured_best']:.4f}"]
+        if "frontier_loss" in c:
+            parts.append(f"L(C) predicts {c['frontier_loss']:.4f} ({c['frontier_error']:+.2%})")
+        if "surface_loss" in c:
+            parts.append(f"L(N, D) predicts {c['surface_loss']:.4f} ({c['surface_error']:+.2%})")
+        lines.append("; ".join(parts))
+    for t in result["targets"]:
+        if "surface_N" in t:
+            lines.append(
+                f"target {format_flops(t['C'])}: N* {format_count(t['surface_N'])}, D* "
+                f"{format_count(t['surface_D'])}, loss {t['surface_loss']:.4f}"
+            )
+    return lines
+
+
+def fit_sources(
+    sources: list[str],
+    *,
+    out: str | None = None,
+    target_flops: list[float] | None = None,
+    holdout: list[float] | None = None,
+    exclude_highest: int | None = None,
+    bootstrap: int | None = None,
+    params: str | None = None,
+    finetune: list[str] | None = None,
+) -> dict:
+    """`lmforge scaling fit`: a sweep's own fit settings, overridden by the flags given."""
+    from pretrain.config import load_config
+
+    sweep = len(sources) == 1 and os.path.isfile(os.path.join(sources[0], "sweep.yaml"))
+    fit = SweepFitConfig()
+    if sweep:
+        from scaling.config import ScalingConfig
+
+        fit = load_config(ScalingConfig, [os.path.join(sources[0], "sweep.yaml")]).fit
+    overrides = {
+        "holdout": holdout,
+        "exclude_highest": exclude_highest,
+        "bootstrap": bootstrap,
+        "params": params,
+    }
+    fit = load_config(
+        SweepFitConfig, [fit.__dict__, {k: v for k, v in overrides.items() if v is not None}]
+    )
+    targets = sorted(set(fit.target_flops) | set(target_flops or []))
+    src = load_sources(sources, fit.params)
+    out = out or (os.path.join(sources[0], "report") if sweep else "scaling-report")
+    result = write_report(src, fit, out, targets=targets, finetune=finetune or [])
+    for line in summary_lines(result):
+        print(line)
+    print(f"report: {out}/report.md")
+    return result
+
+
+def report_sweep(sweep_dir: str) -> dict:
+    """The sweep's report with its own fit settings (sweep.yaml)."""
+    return fit_sources([sweep_dir])

@@ -1,0 +1,248 @@
+"""`lmforge scaling sweep`: write the grid's run configs into the sweep directory and train the
+runs that are not finished, one after another here or as one SLURM job array; when every run is
+finished, fit and report (scaling/report.py).
+
+Sweep directory (``<runs_dir>/<name>``):
+
+    sweep.yaml          the resolved sweep config
+    plan.json           every point: budget, shape, N, D, FLOPs, passes over the data
+    points/<i>.yaml     point i's pretrain config (an ordinary `lmforge pretrain` config)
+    <run>/              point i's run directory (metrics.jsonl, checkpoints/, ...)
+    logs/<run>.log      console output of local runs
+    slurm/              array job scripts, logs and jobs.json
+    report/             report.md, fit.json, points.csv and the figures
+
+Resumable: a finished run (an eval row at its last step) is skipped, an interrupted one resumes
+from its latest checkpoint (`resume=auto`). A run whose config differs from the one it was
+started with is an error: change the sweep's name instead of its grid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from pretrain.config import load_config, to_yaml
+from pretrain.durable import replace_durable
+from pretrain.errors import ConfigurationError, LMForgeError
+from pretrain.metrics import read_metrics
+from scaling.config import ScalingConfig
+from scaling.plan import Plan, Point, describe_plan, make_plan
+
+
+def final_eval(run_dir: str, steps: int) -> dict | None:
+    """The eval row of a finished run (at its last step), else None."""
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    done = [r for r in rows if r.get("kind") == "eval" and r.get("step", 0) >= steps]
+    return done[-1] if done else None
+
+
+def point_status(sweep_dir: str, point: Point) -> str:
+    run_dir = os.path.join(sweep_dir, point.name)
+    if final_eval(run_dir, point.steps) is not None:
+        return "done"
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return "partial"
+    return "pending"
+
+
+def write_plan(cfg: ScalingConfig, plan: Plan) -> None:
+    """sweep.yaml, plan.json and points/<i>.yaml; refuse to change the config of a started run."""
+    root = cfg.sweep_dir
+    os.makedirs(os.path.join(root, "points"), exist_ok=True)
+    for p in plan.points:
+        path = os.path.join(root, "points", f"{p.index}.yaml")
+        started = os.path.isdir(os.path.join(root, p.name))
+        if started and os.path.isfile(path):
+            with open(path) as f:
+                if f.read() != p.config:
+                    raise ConfigurationError(
+                        f"run {root}/{p.name} was started with another config than the sweep "
+                        f"now gives it ({path}); keep the sweep's grid and pretrain settings, or "
+                        "start a new sweep with another name=..."
+                    )
+        elif started:
+            raise ConfigurationError(
+                f"{root}/{p.name} exists but is not point {p.index} of this sweep; use another "
+                "name=... for a different grid"
+            )
+        replace_durable(path, p.config.encode())
+    replace_durable(os.path.join(root, "sweep.yaml"), to_yaml(cfg).encode())
+    doc = {
+        "points": [p.row() for p in plan.points],
+        "skipped": plan.skipped,
+        "train_tokens": plan.train_tokens,
+        "batch_tokens": plan.batch_tokens,
+    }
+    replace_durable(os.path.join(root, "plan.json"), (json.dumps(doc, indent=1) + "\n").encode())
+
+
+def _lmforge() -> list[str]:
+    return [sys.executable, "-m", "launcher"]
+
+
+def run_local(cfg: ScalingConfig, points: list[Point]) -> list[str]:
+    """Train ``points`` here, `cfg.parallel` runs at a time (largest first, so that the last
+    ones to finish are small), each run's ranks sharing the CPUs; return the names of those
+    that failed."""
+    from launcher.local import threads_per_rank
+
+    root = cfg.sweep_dir
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    env = dict(os.environ)
+    # Tiny models run far faster on one thread each than on threads that contend for cores.
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(cfg.nproc * cfg.parallel)))
+    queue = sorted(points, key=lambda p: -p.flops)
+    running: dict[subprocess.Popen, tuple[Point, float, object]] = {}
+    failed: list[str] = []
+    finished = 0
+    try:
+        while queue or running:
+            while queue and len(running) < cfg.parallel:
+                p = queue.pop(0)
+                log = open(os.path.join(root, "logs", f"{p.name}.log"), "a")
+                cmd = [*_lmforge(), "pretrain", os.path.join(root, "points", f"{p.index}.yaml")]
+                cmd += ["resume=auto", "--nproc", str(cfg.nproc)]
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[proc] = (p, time.time(), log)
+            time.sleep(0.2)
+            for proc in [q for q in running if q.poll() is not None]:
+                p, start, log = running.pop(proc)
+                log.close()
+                finished += 1
+                row = final_eval(os.path.join(root, p.name), p.steps)
+                head = (
+                    f"[{finished}/{len(points)}] {p.name}: N {p.params:,}, {p.steps} steps, "
+                    f"{p.flops:.3g} FLOPs:"
+                )
+                if proc.returncode == 0 and row is not None:
+                    print(f"{head} val_loss {row['val_loss']:.4f} in {time.time() - start:.0f} s")
+                    continue
+                failed.append(p.name)
+                with open(log.name) as f:
+                    last = [line.strip() for line in f if line.strip()][-1:]
+                print(
+                    f"{head} FAILED (exit {proc.returncode}): {last[0] if last else ''} "
+                    f"[log {log.name}]"
+                )
+    except KeyboardInterrupt:
+        for proc in running:  # each saves nothing more; resume=auto continues from checkpoints
+            proc.terminate()
+        for proc in running:
+            proc.wait()
+        raise
+    return failed
+
+
+# --- SLURM ---------------------------------------------------------------------------------------
+
+ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
+def _jobs_file(cfg: ScalingConfig) -> str:
+    return os.path.join(cfg.sweep_dir, "slurm", "jobs.json")
+
+
+def active_jobs(cfg: ScalingConfig) -> list[str]:
+    """The sweep's array jobs that still have tasks waiting or running."""
+    path = _jobs_file(cfg)
+    if not os.path.isfile(path) or shutil.which("scontrol") is None:
+        return []
+    with open(path) as f:
+        jobs = json.load(f)
+    active = []
+    for job in jobs:
+        out = subprocess.run(
+            ["scontrol", "show", "job", str(job["job"])], capture_output=True, text=True
+        ).stdout
+        if any(state in ACTIVE for state in re.findall(r"JobState=(\S+)", out)):
+            active.append(str(job["job"]))
+    return active
+
+
+def submit_array(cfg: ScalingConfig, points: list[Point], *, dry_run: bool = False) -> str:
+    """One SLURM job array over ``points`` (array index = point index)."""
+    from launcher.slurm import SlurmProfile, submit
+
+    profile = load_config(SlurmProfile, list(cfg.slurm))
+    indices = ",".join(str(p.index) for p in points)
+    if cfg.slurm_parallel:
+        indices += f"%{cfg.slurm_parallel}"
+    points_dir = os.path.abspath(os.path.join(cfg.sweep_dir, "points"))
+    job = submit(
+        profile,
+        command=["pretrain", os.path.join(points_dir, "{index}.yaml")],
+        job_name=cfg.name,
+        array=indices,
+        out_dir=os.path.join(cfg.sweep_dir, "slurm"),
+        dry_run=dry_run,
+    )
+    if job:
+        path = _jobs_file(cfg)
+        jobs = []
+        if os.path.isfile(path):
+            with open(path) as f:
+                jobs = json.load(f)
+        jobs.append({"job": job, "points": [p.index for p in points], "time": time.time()})
+        replace_durable(path, (json.dumps(jobs, indent=1) + "\n").encode())
+    return job
+
+
+def wait_for(cfg: ScalingConfig, *, poll: float = 5.0) -> None:
+    while active_jobs(cfg):
+        time.sleep(poll)
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def sweep(cfg: ScalingConfig, *, dry_run: bool = False, wait: bool = False) -> int:
+    """Plan, train what is missing, then fit and report when the grid is complete."""
+    plan = make_plan(cfg)
+    root = cfg.sweep_dir
+    status = {p.name: point_status(root, p) for p in plan.points}
+    if dry_run:
+        print(describe_plan(plan, status))
+        if cfg.launcher == "slurm":
+            submit_array(cfg, [p for p in plan.points if status[p.name] != "done"], dry_run=True)
+        return 0
+    write_plan(cfg, plan)
+    todo = [p for p in plan.points if status[p.name] != "done"]
+    done = len(plan.points) - len(todo)
+    print(
+        f"lmforge scaling sweep: {root}: {len(plan.points)} runs over {len(cfg.budgets)} budgets; "
+        f"{done} finished, {sum(status[p.name] == 'partial' for p in todo)} to resume, "
+        f"{sum(status[p.name] == 'pending' for p in todo)} to start"
+    )
+    if todo and cfg.launcher == "slurm":
+        active = active_jobs(cfg)
+        if active:
+            print(f"SLURM job(s) {', '.join(active)} of this sweep are still queued or running")
+        else:
+            submit_array(cfg, todo)
+        if not wait:
+            print("run this command again (or add --wait) to fit once the jobs are done")
+            return 0
+        wait_for(cfg)
+        todo = [p for p in plan.points if point_status(root, p) != "done"]
+        if todo:
+            raise LMForgeError(
+                f"{len(todo)} run(s) did not finish (e.g. {todo[0].name}); see "
+                f"{root}/slurm/ and run the sweep again to resume them"
+            )
+    elif todo:
+        failed = run_local(cfg, todo)
+        if failed:
+            raise LMForgeError(
+                f"{len(failed)} run(s) failed ({', '.join(failed[:3])}); see {root}/logs/ and run "
+                "the sweep again to resume them"
+            )
+    from scaling.report import report_sweep
+
+    report_sweep(root)
+    return 0
