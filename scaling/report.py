@@ -223,8 +223,8 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
             "excluded": [train.labels[i] for i in surface.excluded],
             "objective": surface.objective,
         }
-    except ScalingFitError as exc:
-        notes.append(f"L(N, D) not fitted: {exc}")
+    except ScalingFitError as exc:  # the form every source can be fitted with: a hard error
+        raise ScalingFitError(f"{src.what}: {exc}") from None
     if len(fit_minima) >= 4:
         frontier = fit_frontier(
             [m.C for m in fit_minima],
@@ -495,19 +495,7 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
             )
         lines += [""]
     if r["finetune"]:
-        lines += [
-            "## Finetuned runs: downstream metric vs total compute",
-            "",
-            "| run | metric | value | pretraining FLOPs | finetuning FLOPs | total |",
-            "|---|---|---|---|---|---|",
-        ]
-        for f in r["finetune"]:
-            lines.append(
-                f"| {f['run']}{' (from scratch)' if f['from_scratch'] else ''} | {f['metric']} "
-                f"| {f['value']:.4f} | {f['pretrain_flops']:.3g} | {f['finetune_flops']:.3g} | "
-                f"{f['total_flops']:.3g} |"
-            )
-        lines += [""]
+        lines += _finetune_table(r["finetune"])
     if r["notes"]:
         lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]
     if figures:
@@ -543,6 +531,40 @@ def write_report(
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(render_markdown(src, analysis, figures, fit))
     return analysis["result"]
+
+
+def _finetune_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Finetuned runs: downstream metric vs total compute",
+        "",
+        "| run | metric | value | pretraining FLOPs | finetuning FLOPs | total |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in rows:
+        lines.append(
+            f"| {f['run']}{' (from scratch)' if f['from_scratch'] else ''} | {f['metric']} "
+            f"| {f['value']:.4f} | {f['pretrain_flops']:.3g} | {f['finetune_flops']:.3g} | "
+            f"{f['total_flops']:.3g} |"
+        )
+    return lines + [""]
+
+
+def write_finetune_report(runs: list[str], out: str) -> dict:
+    """Only the finetuned runs' metric against total compute (no points to fit)."""
+    from scaling.figures import finetune_points, plot_finetune
+
+    rows = finetune_points(runs)
+    os.makedirs(out, exist_ok=True)
+    figure = plot_finetune(rows, out)
+    with open(os.path.join(out, "fit.json"), "w") as f:
+        json.dump({"finetune": rows}, f, indent=1)
+    text = ["# Finetuning compute", "", *_finetune_table(rows), f"![{figure}]({figure})", ""]
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write("\n".join(text))
+    for r in rows:
+        print(f"{r['run']}: {r['metric']} {r['value']:.4f} at {r['total_flops']:.3g} FLOPs in all")
+    print(f"report: {out}/report.md")
+    return {"finetune": rows}
 
 
 def summary_lines(result: dict) -> list[str]:
@@ -603,8 +625,15 @@ def fit_sources(
         SweepFitConfig, [fit.__dict__, {k: v for k, v in overrides.items() if v is not None}]
     )
     targets = sorted(set(fit.target_flops) | set(target_flops or []))
-    src = load_sources(sources, fit.params)
     out = out or (os.path.join(sources[0], "report") if sweep else "scaling-report")
+    if not sources:
+        if not finetune:
+            raise ConfigurationError(
+                "give the points to fit (a sweep directory, run directories or a CSV) and/or "
+                "--finetune RUN ..."
+            )
+        return write_finetune_report(finetune, out)
+    src = load_sources(sources, fit.params)
     result = write_report(src, fit, out, targets=targets, finetune=finetune or [])
     for line in summary_lines(result):
         print(line)
