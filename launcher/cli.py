@@ -223,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     ssp.add_argument(
         "sources",
-        nargs="+",
+        nargs="*",
         metavar="SOURCE",
         help="a sweep directory (runs/<name>), pretrain run directories, or a CSV file",
     )

@@ -76,14 +76,15 @@ def check_new_dir(out: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(out: str, *, prefix: str):
+def atomic_directory(out: str, *, prefix: str, replace: bool = False):
     """Yield a temp directory beside ``out``; on success fsync its files and rename it to
-    ``out`` (which must be absent or empty), on any error remove it: readers see all or
-    nothing."""
+    ``out`` (which must be absent or empty, unless ``replace``: then an existing ``out`` is
+    swapped out and removed), on any error remove it: readers see all or nothing."""
     import shutil
     import tempfile
 
-    check_new_dir(out)
+    if not replace:
+        check_new_dir(out)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
@@ -94,10 +95,16 @@ def atomic_directory(out: str, *, prefix: str):
                 with open(os.path.join(root, name), "rb") as f:
                     os.fsync(f.fileno())
             fsync_dir(root)
-        if os.path.isdir(out):
+        old = None
+        if os.path.isdir(out) and replace:
+            old = tempfile.mkdtemp(prefix=prefix + "old.", dir=parent)
+            os.rename(out, os.path.join(old, "out"))
+        elif os.path.isdir(out):
             os.rmdir(out)  # empty (checked above)
         os.rename(tmp, out)
         fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -324,10 +324,10 @@ def write_points_csv(path: str, src: Source, budgets: np.ndarray, held: np.ndarr
             w.writerow(
                 [
                     p.labels[i],
-                    f"{budgets[i]:.6g}",
+                    f"{budgets[i]:.10g}",
                     f"{p.N[i]:.0f}",
                     f"{p.D[i]:.0f}",
-                    f"{p.C[i]:.6g}",
+                    f"{p.C[i]:.12g}",
                     f"{p.L[i]:.6f}",
                     ep,
                     int(held[i]),
@@ -518,18 +518,20 @@ def _jsonable(obj):
 def write_report(
     src: Source, fit: SweepFitConfig, out: str, *, targets: list[float], finetune: list[str]
 ) -> dict:
+    """Fit, then write the report directory all at once (an older report is replaced)."""
+    from pretrain.durable import atomic_directory
     from scaling.figures import finetune_points, plot_all
 
-    os.makedirs(out, exist_ok=True)
     analysis = analyse(src, fit, targets)
     analysis["result"]["finetune"] = finetune = finetune_points(finetune) if finetune else []
     objects = analysis["objects"]
-    write_points_csv(os.path.join(out, "points.csv"), src, objects["budgets"], objects["held"])
-    figures = plot_all(src, analysis, out, finetune=finetune)
-    with open(os.path.join(out, "fit.json"), "w") as f:
-        json.dump(_jsonable(analysis["result"]), f, indent=1)
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(render_markdown(src, analysis, figures, fit))
+    with atomic_directory(out, prefix=".report.", replace=True) as tmp:
+        write_points_csv(os.path.join(tmp, "points.csv"), src, objects["budgets"], objects["held"])
+        figures = plot_all(src, analysis, tmp, finetune=finetune)
+        with open(os.path.join(tmp, "fit.json"), "w") as f:
+            json.dump(_jsonable(analysis["result"]), f, indent=1)
+        with open(os.path.join(tmp, "report.md"), "w") as f:
+            f.write(render_markdown(src, analysis, figures, fit))
     return analysis["result"]
 
 
@@ -551,16 +553,17 @@ def _finetune_table(rows: list[dict]) -> list[str]:
 
 def write_finetune_report(runs: list[str], out: str) -> dict:
     """Only the finetuned runs' metric against total compute (no points to fit)."""
+    from pretrain.durable import atomic_directory
     from scaling.figures import finetune_points, plot_finetune
 
     rows = finetune_points(runs)
-    os.makedirs(out, exist_ok=True)
-    figure = plot_finetune(rows, out)
-    with open(os.path.join(out, "fit.json"), "w") as f:
-        json.dump({"finetune": rows}, f, indent=1)
-    text = ["# Finetuning compute", "", *_finetune_table(rows), f"![{figure}]({figure})", ""]
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write("\n".join(text))
+    with atomic_directory(out, prefix=".report.", replace=True) as tmp:
+        figure = plot_finetune(rows, tmp)
+        with open(os.path.join(tmp, "fit.json"), "w") as f:
+            json.dump({"finetune": rows}, f, indent=1)
+        text = ["# Finetuning compute", "", *_finetune_table(rows), f"![{figure}]({figure})", ""]
+        with open(os.path.join(tmp, "report.md"), "w") as f:
+            f.write("\n".join(text))
     for r in rows:
         print(f"{r['run']}: {r['metric']} {r['value']:.4f} at {r['total_flops']:.3g} FLOPs in all")
     print(f"report: {out}/report.md")

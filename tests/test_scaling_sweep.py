@@ -1,0 +1,181 @@
+"""`lmforge scaling sweep` and `lmforge scaling fit` end to end: a real IsoFLOP grid of tiny runs
+on real text, killed mid-way and resumed, its report, and the fit command's errors.
+
+The fits' mathematics are tested in tests/test_scaling_fit.py; the SLURM-array launcher in
+tests/test_slurm.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, lmforge
+
+CHINCHILLA = os.path.join(REPO, "tests", "data", "chinchilla_svg_extracted.csv")
+
+
+def sweep_config(path, data: str, runs: str, **extra) -> str:
+    """Two budgets x three explicit sizes of 1-2 layer models: 8 to 84 steps each."""
+    cfg = {
+        "name": "tiny",
+        "runs_dir": runs,
+        "pretrain": {
+            "data": {"path": data},
+            "model": {"max_seq_len": 64},
+            "train": {
+                "seq_len": 64,
+                "micro_batch_size": 8,
+                "global_batch_tokens": 512,
+                "precision": "fp32",
+                "eval_interval": 0,
+                "eval_samples": 16,
+                "log_interval": 2,
+            },
+            "optim": {"lr": 3.0e-3},
+            "checkpoint": {"interval": 4, "keep_last": 2},
+            "logging": {"tensorboard": False, "progress": False, "plot": False},
+        },
+        "budgets": [8.0e8, 1.6e9],
+        "sizes": {"explicit": [6000, 12000, 24000]},
+        "shape": {"aspect_ratio": 16, "head_dim": 8},
+        "min_steps": 8,
+        "parallel": 2,
+        "fit": {"bootstrap": 20, "target_flops": [1.0e11]},
+        **extra,
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def _losses(run_dir: str) -> list[tuple[int, float]]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [(r["step"], r["loss"] if r["kind"] == "train" else r["val_loss"]) for r in rows]
+
+
+def test_sweep_trains_the_grid_resumes_after_a_kill_and_reports(tiny_data, tmp_path):
+    runs = str(tmp_path / "runs")
+    cfg = sweep_config(tmp_path / "sweep.yaml", tiny_data, runs)
+    sweep_dir = os.path.join(runs, "tiny")
+
+    # --dry-run: the grid, nothing written
+    out = lmforge("scaling", "sweep", cfg, "--dry-run").stdout
+    assert "6 runs" in out and "c8e8-L1-d8" in out and "pending" in out
+    assert not os.path.exists(sweep_dir)
+    plan_names = [line.split()[1] for line in out.splitlines()[1:7]]
+
+    # Every run is SIGKILLed at step 6 (after its checkpoint at step 4): the sweep says so.
+    killed = lmforge("scaling", "sweep", cfg, env={"LMFORGE_FAULT": "step@6"}, check=False)
+    assert killed.returncode != 0
+    assert "6 run(s) failed" in killed.stderr and "run the sweep again" in killed.stderr
+    with open(os.path.join(sweep_dir, "plan.json")) as f:
+        plan = json.load(f)
+    assert [p["name"] for p in plan["points"]] == plan_names
+    for p in plan["points"]:
+        assert os.path.isdir(os.path.join(sweep_dir, p["name"], "checkpoints", "step_00000004"))
+
+    # Rerun: every run resumes from its checkpoint and finishes; then fit and report.
+    resumed = lmforge("scaling", "sweep", cfg).stdout
+    assert "0 finished, 6 to resume, 0 to start" in resumed
+    assert "L(N, D) =" in resumed and "report:" in resumed
+    for p in plan["points"]:
+        log = open(os.path.join(sweep_dir, "logs", f"{p['name']}.log")).read()
+        assert "resuming from" in log
+        assert p["tokens"] == p["steps"] * 512 and p["flops"] == p["tokens"] * p["flops_per_token"]
+
+    # A resumed point equals the same point trained without interruption, loss for loss.
+    first = plan["points"][0]
+    lmforge("pretrain", os.path.join(sweep_dir, "points", "0.yaml"), f"runs_dir={tmp_path}/ref")
+    assert _losses(os.path.join(sweep_dir, first["name"])) == _losses(
+        os.path.join(tmp_path, "ref", first["name"])
+    )
+
+    # The report: every point with its measured C, D and loss, the fit, the figures.
+    report = os.path.join(sweep_dir, "report")
+    with open(os.path.join(report, "points.csv")) as f:
+        points = list(csv.DictReader(f))
+    assert [r["run"] for r in points] == plan_names
+    for row, p in zip(points, plan["points"], strict=True):
+        assert float(row["D"]) == p["tokens"] and float(row["C"]) == pytest.approx(p["flops"])
+        assert int(row["N"]) == p["params_non_embedding"]
+    fit = json.load(open(os.path.join(report, "fit.json")))
+    assert fit["surface"]["n_points"] == 6 and set(fit["surface"]["ci"]) >= {"E", "alpha"}
+    assert fit["targets"][0]["C"] == 1.0e11 and fit["targets"][0]["surface_N"] > 0
+    md = open(os.path.join(report, "report.md")).read()
+    assert "L(N, D) = E + A / N^α + B / D^β" in md and "N = parameters without" in md
+    for png in ("loss_vs_flops.png", "isoflop.png", "surface.png", "residuals.png"):
+        assert os.path.getsize(os.path.join(report, png)) > 10_000
+
+    # A third run trains nothing.
+    again = lmforge("scaling", "sweep", cfg).stdout
+    assert "6 finished, 0 to resume, 0 to start" in again and "[1/" not in again
+
+    # Changing a started run's settings under the same name is refused, nothing written.
+    before = open(os.path.join(sweep_dir, "points", "0.yaml")).read()
+    changed = lmforge("scaling", "sweep", cfg, "pretrain.optim.lr=1e-3", check=False)
+    assert changed.returncode == 2
+    assert "was started with another config" in changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1
+    assert open(os.path.join(sweep_dir, "points", "0.yaml")).read() == before
+
+
+def test_fit_command_on_chinchilla_csv_excludes_outliers_and_predicts(tmp_path):
+    """`lmforge scaling fit CSV`: Besiroglu et al.'s refit through the command, with the
+    excluded points named in the report."""
+    out = str(tmp_path / "report")
+    res = lmforge(
+        "scaling", "fit", CHINCHILLA, "--exclude-highest", "5", "--bootstrap", "10",
+        "--target-flops", "5.76e23", "--out", out,
+    )  # fmt: skip
+    assert "target 5.76e23: N*" in res.stdout
+    fit = json.load(open(os.path.join(out, "fit.json")))
+    s = fit["surface"]
+    assert s["n_points"] == 240 and len(s["excluded"]) == 5
+    assert s["E"] == pytest.approx(1.8172, rel=0.03) and s["alpha"] == pytest.approx(
+        0.3478, rel=0.03
+    )
+    target = fit["targets"][0]
+    assert 15 < target["surface_D"] / target["surface_N"] < 25
+    md = open(os.path.join(out, "report.md")).read()
+    assert "5 highest-loss excluded" in md and "row " in md
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ("N,D,loss\n" + "".join(f"{n},{n * 20},3.0\n" for n in (1e6, 2e6, 4e6, 8e6)), "at least 6"),
+        ("N,D,loss\n1e6,2e7,nan\n" + "".join(f"{n},{n * 20},3.0\n" for n in range(2, 9)), "nan"),
+        ("N,D,loss\n0,2e7,3.0\n" + "".join(f"{n},{n * 20},3.0\n" for n in range(2, 9)), "N"),
+        ("params,loss\n1e6,3.0\n", "two of"),
+    ],
+    ids=["too-few-points", "nan-loss", "non-positive-N", "missing-column"],
+)
+def test_fit_command_bad_inputs_are_one_line_errors(tmp_path, rows, message):
+    path = tmp_path / "points.csv"
+    path.write_text(rows)
+    out = tmp_path / "report"
+    res = lmforge("scaling", "fit", str(path), "--out", str(out), check=False)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+    assert not out.exists()
+
+
+def test_sweep_config_errors_are_one_line(tiny_data, tmp_path):
+    cfg = sweep_config(tmp_path / "sweep.yaml", tiny_data, str(tmp_path / "runs"))
+    for args, message in [
+        (["pretrain.model.n_layer=4"], "set by the sweep for each point"),
+        (["fit.holdout=[1e20]"], "not in `budgets`"),
+        (["budgets=[-1.0]"], "FLOPs > 0"),
+        (["sizes.spacing=1"], "sizes.spacing > 1"),
+        (["pretrain.data.path=/nonexistent"], "no prepared data"),
+        (["budgets=[1.0e3]"], "every point of the sweep was left out"),
+    ]:
+        res = lmforge("scaling", "sweep", cfg, *args, "--dry-run", check=False)
+        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
+        assert len(res.stderr.strip().splitlines()) == 1
