@@ -236,6 +236,30 @@ def test_pretrained_vs_scratch_at_equal_budget(ft_runs, base_run, report):
     )
 
 
+def test_scaling_report_plots_metric_against_total_compute(ft_runs, base_run, tmp_path):
+    """`lmforge scaling fit --finetune RUN ...`: each finetuned run's final metric against
+    pretraining + finetuning FLOPs (a run from scratch has no pretraining compute)."""
+    pre_run = ft_runs(1, "model.dropout=0.0")
+    scratch_run = ft_runs(1, "model.dropout=0.0", "from_scratch=true")
+    out = str(tmp_path / "report")
+    lmforge("scaling", "fit", "--finetune", pre_run, scratch_run, "--out", out)
+    with open(os.path.join(out, "fit.json")) as f:
+        rows = {r["run"]: r for r in json.load(f)["finetune"]}
+    with open(os.path.join(base_run, "metrics.jsonl")) as f:
+        pretrain_flops = [json.loads(line) for line in f][-1]["flops"]
+    for run, pretrained in ((pre_run, True), (scratch_run, False)):
+        final = [r for r in _rows(run) if r["kind"] == "eval"][-1]
+        row = rows[os.path.basename(run)]
+        assert row["metric"] == "accuracy" and row["value"] == final["accuracy"]
+        assert row["finetune_flops"] == final["flops"]
+        assert row["total_flops"] == pytest.approx(
+            final["flops"] + (pretrain_flops if pretrained else 0.0)
+        )
+    md = open(os.path.join(out, "report.md")).read()
+    assert "(from scratch)" in md and "finetune.png" in md
+    assert os.path.getsize(os.path.join(out, "finetune.png")) > 10_000
+
+
 def test_freeze_trunk_and_class_weights(ft_runs, base_run):
     from finetune.data import class_weights
     from finetune.model import load_source
