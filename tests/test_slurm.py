@@ -236,3 +236,38 @@ def test_array_runs_one_task_per_index(tiny_data, tmp_path):
         assert os.path.isdir(os.path.join(runs, f"arr-{index}", "checkpoints", "step_00000002"))
     seeds = [open(os.path.join(runs, f"arr-{i}", "config.yaml")).read() for i in (0, 1)]
     assert "seed: 0" in seeds[0] and "seed: 1" in seeds[1]
+
+
+def test_scaling_sweep_runs_as_one_job_array(tiny_data, tmp_path):
+    """`lmforge scaling sweep` with launcher=slurm: one array task per point (the index is the
+    point's), --wait until they finish, then the fit; a rerun finds every run finished and
+    submits nothing."""
+    import json
+
+    from tests.test_scaling_sweep import sweep_config
+
+    runs = str(tmp_path / "runs")
+    cfg = sweep_config(
+        tmp_path / "sweep.yaml",
+        tiny_data,
+        runs,
+        launcher="slurm",
+        slurm=["configs/slurm/local.yaml", "nproc_per_node=1"],
+    )
+    out = lmforge("scaling", "sweep", cfg, "--wait", timeout=900).stdout
+    job = re.search(r"submitted job (\d+)", out).group(1)
+    assert "L(N, D) =" in out
+    sweep_dir = os.path.join(runs, "tiny")
+    with open(os.path.join(sweep_dir, "plan.json")) as f:
+        points = json.load(f)["points"]
+    for p in points:
+        state = job_state(f"{job}_{p['index']}")
+        assert state["JobState"] == "COMPLETED"
+        run = os.path.join(sweep_dir, p["name"])
+        assert f"max_steps: {p['steps']}" in open(os.path.join(run, "config.yaml")).read()
+        assert os.path.isfile(os.path.join(sweep_dir, "slurm", f"slurm-{job}_{p['index']}.out"))
+    assert os.path.isfile(os.path.join(sweep_dir, "report", "report.md"))
+    again = lmforge("scaling", "sweep", cfg).stdout
+    assert f"{len(points)} finished" in again and "submitted job" not in again
+    with open(os.path.join(sweep_dir, "slurm", "jobs.json")) as f:
+        assert [j["job"] for j in json.load(f)] == [job]
