@@ -12,6 +12,7 @@ from launcher.cli import main
 from launcher.slurm import SlurmProfile
 from pretrain.config import ModelConfig, ParallelConfig, PrepareConfig, PretrainConfig, load_config
 from pretrain.errors import ConfigurationError
+from scaling.config import ScalingConfig
 from tests.conftest import REPO
 
 SCHEMAS = {
@@ -21,6 +22,7 @@ SCHEMAS = {
     "parallel": ParallelConfig,
     "slurm": SlurmProfile,
     "finetune": FinetuneConfig,
+    "scaling": ScalingConfig,
 }
 
 
@@ -173,6 +175,14 @@ def test_print_config(capsys):
     assert main(["print-config", "--keys"]) == 0
     keys = capsys.readouterr().out
     assert "optim.lr = 0.0003  # Peak learning rate." in keys
+
+
+def test_print_config_for_scaling(capsys):
+    assert main(["print-config", "--for", "scaling", "--keys"]) == 0
+    keys = capsys.readouterr().out
+    assert "shape.aspect_ratio = 32.0" in keys and "fit.holdout = []" in keys
+    assert main(["print-config", "--for", "scaling", "configs/scaling/demo.yaml"]) == 0
+    assert "holdout:\n  - 4800000000000.0" in capsys.readouterr().out
 
 
 def test_load_config_raises_configuration_error():
