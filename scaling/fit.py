@@ -317,6 +317,25 @@ def _percentiles(samples: dict[str, list[float]], level: float) -> dict[str, tup
     }
 
 
+def _bootstrap(theta, X, log_loss, delta, to_fit, n: int, seed: int, level: float):
+    """Percentile intervals from ``n`` resamples of the points (with replacement), each refitted
+    by L-BFGS from the full-data optimum ``theta``; ``to_fit`` maps a solution to the reported
+    parameters (None: drop the resample). Returns (intervals, resamples that converged)."""
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {}
+    converged = 0
+    for _ in range(n):
+        idx = rng.integers(0, len(log_loss), size=len(log_loss))
+        theta_b, _, ok = _minimise(theta[None], X[:, idx], log_loss[idx], delta)
+        fit = to_fit(theta_b) if theta_b is not None and ok else None
+        if fit is None:
+            continue
+        for k, v in fit.items():
+            samples.setdefault(k, []).append(v)
+        converged += 1
+    return (_percentiles(samples, level) if converged else {}), converged
+
+
 def _check_fit_options(delta: float, exclude_highest: int, bootstrap: int, level: float) -> None:
     if not delta > 0:
         raise ScalingFitError(f"delta must be > 0; got {delta} (1e-3 is standard)")
@@ -488,30 +507,15 @@ def fit_surface(
     if theta is None:
         raise ScalingFitError("the L(N, D) fit failed from every start; check the data")
 
-    ci: dict[str, tuple[float, float]] = {}
-    converged = 0
-    if bootstrap:
-        rng = np.random.default_rng(seed)
-        samples: dict[str, list[float]] = {
-            k: [] for k in ("E", "A", "B", "alpha", "beta", "a", "b")
-        }
-        n = len(keep)
-        for _ in range(bootstrap):
-            idx = rng.integers(0, n, size=n)
-            Xb, yb = X[:, idx], log_loss[idx]
-            theta_b, _, ok = _minimise(theta[None], Xb, yb, delta)
-            if theta_b is None or not ok:
-                continue
-            fit_b = to_fit(theta_b)
-            if fit_b["alpha"] + fit_b["beta"] <= 0:
-                continue
-            fit_b["a"] = fit_b["beta"] / (fit_b["alpha"] + fit_b["beta"])
-            fit_b["b"] = fit_b["alpha"] / (fit_b["alpha"] + fit_b["beta"])
-            for k, v in fit_b.items():
-                samples[k].append(v)
-            converged += 1
-        if converged:
-            ci = _percentiles(samples, level)
+    def with_exponents(fit: dict[str, float]) -> dict[str, float] | None:
+        if fit["alpha"] + fit["beta"] <= 0:
+            return None
+        total = fit["alpha"] + fit["beta"]
+        return {**fit, "a": fit["beta"] / total, "b": fit["alpha"] / total}
+
+    ci, converged = _bootstrap(
+        theta, X, log_loss, delta, lambda t: with_exponents(to_fit(t)), bootstrap, seed, level
+    )
 
     return SurfaceFit(
         **to_fit(theta),
@@ -611,23 +615,7 @@ def fit_frontier(
     if theta is None:
         raise ScalingFitError("the L(C) fit failed from every start; check the data")
 
-    ci: dict[str, tuple[float, float]] = {}
-    converged = 0
-    if bootstrap:
-        rng = np.random.default_rng(seed)
-        samples: dict[str, list[float]] = {"E": [], "A": [], "alpha": []}
-        n = len(keep)
-        for _ in range(bootstrap):
-            idx = rng.integers(0, n, size=n)
-            Xb, yb = X[:, idx], log_loss[idx]
-            theta_b, _, ok = _minimise(theta[None], Xb, yb, delta)
-            if theta_b is None or not ok:
-                continue
-            for k, v in to_fit(theta_b).items():
-                samples[k].append(v)
-            converged += 1
-        if converged:
-            ci = _percentiles(samples, level)
+    ci, converged = _bootstrap(theta, X, log_loss, delta, to_fit, bootstrap, seed, level)
 
     return FrontierFit(
         **to_fit(theta),

@@ -198,7 +198,7 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
         try:
             (m,) = isoflop_minima(pts.subset(idx), budgets=[c], flops_per_token=src.fpt)
         except ScalingFitError as exc:
-            notes.append(f"budget {format_flops(c)}: {exc}")
+            notes.append(str(exc))
             continue
         if not m.inside:
             notes.append(
