@@ -200,7 +200,11 @@ def _parser() -> argparse.ArgumentParser:
         help="train the grid of a sweep config (configs/scaling/), then fit and report",
         description="Train every run of an IsoFLOP grid that is not finished (finished runs "
         "are skipped, interrupted ones resume), then fit and write <runs_dir>/<name>/report/.",
-        epilog=EPILOG.format(command="scaling"),
+        epilog="Config arguments apply in order, later wins:\n"
+        "  CONFIG.yaml        merge a sweep config (configs/scaling/demo.yaml)\n"
+        "  dotted.key=value   set one key, e.g. budgets=[1e12,2e12,4e12] fit.holdout=[4e12]\n"
+        "                     pretrain.optim.lr=1e-3 (pretrain.* is every run's pretrain config)\n"
+        "See every key with its default and meaning: lmforge print-config --for scaling --keys",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ssp.add_argument("config", nargs="*", metavar="ARG", help="CONFIG.yaml or dotted.key=value")
