@@ -144,6 +144,11 @@ class ScalingConfig:
     """Model sizes per budget."""
     shape: ShapeConfig = field(default_factory=ShapeConfig)
     """Width/depth rule."""
+    lr_width_exponent: float = 0.0
+    """Each point's peak learning rate: pretrain.optim.lr · (lr_reference_width / d_model)^this.
+    1.0 is the μP-style rule for Adam (the best rate falls as 1/width); 0 = one rate for all."""
+    lr_reference_width: int = 64
+    """The width at which a point gets pretrain.optim.lr itself."""
     warmup_fraction: float = 0.05
     """Warmup steps as a fraction of each run's steps (the schedule's length is the run's)."""
     min_steps: int = 20
@@ -183,6 +188,10 @@ class ScalingConfig:
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigurationError(
                 f"`warmup_fraction` must be in [0, 1), got {self.warmup_fraction}"
+            )
+        if self.lr_reference_width < 1:
+            raise ConfigurationError(
+                f"`lr_reference_width` must be >= 1, got {self.lr_reference_width}"
             )
         if self.min_steps < 1 or not self.max_epochs > 0 or self.nproc < 1 or self.parallel < 1:
             raise ConfigurationError(

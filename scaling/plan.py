@@ -77,6 +77,7 @@ class Point:
     tokens: int  # D
     flops: float  # actual C = steps · batch tokens · FLOPs per token
     epochs: float  # passes over the training data
+    lr: float  # peak learning rate
     holdout: bool
     config: str = field(repr=False)  # the run's pretrain config, YAML
 
@@ -172,7 +173,11 @@ def make_plan(cfg: ScalingConfig) -> Plan:
                             "n_head": shaped.n_head,
                         },
                         "train": {"max_steps": steps},
-                        "optim": {"warmup_steps": round(cfg.warmup_fraction * steps)},
+                        "optim": {
+                            "warmup_steps": round(cfg.warmup_fraction * steps),
+                            "lr": base.optim.lr
+                            * (cfg.lr_reference_width / shaped.d_model) ** cfg.lr_width_exponent,
+                        },
                     },
                 ],
             )
@@ -194,6 +199,7 @@ def make_plan(cfg: ScalingConfig) -> Plan:
                     tokens=tokens,
                     flops=float(tokens * fpt),
                     epochs=epochs,
+                    lr=run.optim.lr,
                     holdout=budget in cfg.fit.holdout,
                     config=to_yaml(run),
                 )
@@ -210,14 +216,14 @@ def describe_plan(plan: Plan, status: dict[str, str] | None = None) -> str:
     status = status or {}
     head = (
         f"{'#':>3} {'run':<22} {'budget':>7} {'L':>3} {'d':>5} {'N':>8} {'steps':>6} "
-        f"{'D tokens':>9} {'D/N':>6} {'epochs':>6} {'FLOPs':>9}  status"
+        f"{'D tokens':>9} {'D/N':>6} {'epochs':>6} {'lr':>8} {'FLOPs':>9}  status"
     )
     lines = [head]
     for p in plan.points:
         lines.append(
             f"{p.index:>3} {p.name:<22} {format_flops(p.budget):>7} {p.n_layer:>3} "
             f"{p.d_model:>5} {format_count(p.params):>8} {p.steps:>6} {format_count(p.tokens):>9} "
-            f"{p.tokens / p.params:>6.1f} {p.epochs:>6.2f} {p.flops:>9.3g}  "
+            f"{p.tokens / p.params:>6.1f} {p.epochs:>6.2f} {p.lr:>8.2e} {p.flops:>9.3g}  "
             + status.get(p.name, "")
             + (" (held out)" if p.holdout else "")
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 import pytest
@@ -179,3 +180,43 @@ def test_sweep_config_errors_are_one_line(tiny_data, tmp_path):
         res = lmforge("scaling", "sweep", cfg, *args, "--dry-run", check=False)
         assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_plan_follows_the_width_depth_rule_and_matches_the_schedule_to_d(tiny_data, tmp_path):
+    """Each point: the documented shape rule, D = C / FLOPs-per-token in whole steps, the run's
+    own schedule length and warmup, and the learning rate scaled by width."""
+    from omegaconf import OmegaConf
+
+    from pretrain.config import ModelConfig, load_config
+    from pretrain.flops import flops_per_token, param_counts
+    from scaling.config import ScalingConfig
+    from scaling.plan import make_plan
+
+    path = sweep_config(tmp_path / "sweep.yaml", tiny_data, str(tmp_path / "runs"))
+    cfg = load_config(
+        ScalingConfig,
+        [path, "lr_width_exponent=1.0", "lr_reference_width=16", "warmup_fraction=0.25"],
+    )
+    plan = make_plan(cfg)
+    assert len(plan.points) == 6
+    for p in plan.points:
+        run = OmegaConf.create(p.config)
+        # depth from the aspect ratio (16), width a multiple of head_dim (8) nearest the target
+        assert p.n_layer == max(1, round((p.target_params / (12 * 16**2)) ** (1 / 3)))
+        assert p.d_model % 8 == 0 and p.n_head == p.d_model // 8
+
+        def count(d: int, n_layer: int = p.n_layer) -> int:
+            model = ModelConfig(n_layer=n_layer, d_model=d, n_head=d // 8, vocab_size=512)
+            return param_counts(model)["non_embedding"]
+
+        nearest = min(range(8, 400, 8), key=lambda d: abs(math.log(count(d) / p.target_params)))
+        assert p.d_model == nearest and p.params == count(p.d_model)
+        shaped = ModelConfig(**{**OmegaConf.to_container(run.model), "vocab_size": 512})
+        assert (shaped.n_layer, shaped.d_model, shaped.n_head) == (p.n_layer, p.d_model, p.n_head)
+        assert flops_per_token(shaped, 64) == p.flops_per_token
+        # D = C / FLOPs-per-token in whole steps of 512 tokens; the schedule is the run's own
+        assert run.train.max_steps == p.steps == round(p.budget / (p.flops_per_token * 512))
+        assert p.tokens == p.steps * 512 and abs(p.flops / p.budget - 1) <= 0.5 / p.steps
+        assert run.optim.warmup_steps == round(0.25 * p.steps)
+        assert run.optim.lr == pytest.approx(3.0e-3 * 16 / p.d_model)
+        assert run.name == p.name and run.runs_dir == os.path.join(str(tmp_path / "runs"), "tiny")
