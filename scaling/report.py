@@ -181,6 +181,8 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
     """Every fit and prediction, as plain data (fit.json) plus the fit objects (figures)."""
     pts = src.points
     budgets = _budget_groups(src)
+    for h in fit.holdout:  # a held-out budget claims the points within 5% of it
+        budgets = np.where(np.abs(np.log(budgets / h)) <= math.log1p(0.05), h, budgets)
     held = np.isin(budgets, fit.holdout) if fit.holdout else np.zeros(len(pts), bool)
     train_idx = np.flatnonzero(~held)
     if len(train_idx) == 0:
