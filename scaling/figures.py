@@ -28,6 +28,11 @@ def _pyplot():
 
 
 def _save(fig, out: str, name: str) -> str:
+    from matplotlib.ticker import NullFormatter
+
+    for ax in fig.axes:  # decades only: minor labels on a log axis overlap
+        if ax.get_xscale() == "log":
+            ax.xaxis.set_minor_formatter(NullFormatter())
     fig.tight_layout()
     fig.savefig(os.path.join(out, name), dpi=110)
     _pyplot().close(fig)
