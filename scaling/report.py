@@ -47,7 +47,7 @@ class Source:
     budgets: np.ndarray | None  # nominal budget of each point (sweeps), else None
     what: str  # where the points came from, for the report
     params: str  # which parameter count N is
-    fpt: object = None  # N -> FLOPs per token (a sweep's shape rule), else None: 6·N
+    fpt: object = None  # N -> FLOPs per token, from the points (None: 6·N)
     missing: list[str] = field(default_factory=list)  # runs without a final loss
     epochs: np.ndarray | None = None  # passes over the data per point (sweeps)
 
@@ -70,11 +70,12 @@ def _final_eval(run_dir: str) -> tuple[dict | None, dict]:
 
 
 def _fpt_from_points(params: np.ndarray, fpt: np.ndarray):
-    """FLOPs per token as a function of N, interpolated (log-log) between a sweep's models and
-    held at the end ratios outside them: the shape rule's attention share, without rebuilding
-    shapes."""
-    order = np.argsort(params)
-    x, ratio = np.log(params[order]), np.log(fpt[order] / params[order])
+    """FLOPs per token as a function of N, interpolated (log-log) between the models measured
+    and held at the end ratios outside them: the attention share of the runs' shapes, without
+    rebuilding shapes. (For points whose D was derived as C/(6N), this is exactly 6N.)"""
+    sizes, inverse = np.unique(params, return_inverse=True)
+    ratio = np.log(np.bincount(inverse, weights=fpt / params) / np.bincount(inverse))
+    x = np.log(sizes)
 
     def fpt_of(n: float) -> float:
         return n * math.exp(float(np.interp(math.log(n), x, ratio)))
@@ -141,7 +142,8 @@ def load_runs(run_dirs: list[str], params: str) -> Source:
         L=[r["val_loss"] for _, _, r in rows],
         labels=[name for name, _, _ in rows],
     )
-    return Source(pts, None, f"{len(rows)} run directories", params, missing=missing)
+    fpt = _fpt_from_points(pts.N, pts.C / pts.D)
+    return Source(pts, None, f"{len(rows)} run directories", params, fpt=fpt, missing=missing)
 
 
 def load_sources(sources: list[str], params: str) -> Source:
@@ -149,7 +151,8 @@ def load_sources(sources: list[str], params: str) -> Source:
         if not os.path.isfile(sources[0]):
             raise DataError(f"{sources[0]}: no such CSV file")
         pts = load_points_csv(sources[0])
-        return Source(pts, None, f"CSV {sources[0]} ({len(pts)} points)", "as given")
+        what = f"CSV {sources[0]} ({len(pts)} points)"
+        return Source(pts, None, what, "as given", fpt=_fpt_from_points(pts.N, pts.C / pts.D))
     for s in sources:
         if not os.path.isdir(s):
             raise DataError(f"{s}: not a sweep directory, run directory or .csv file")
