@@ -96,11 +96,25 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
             lw=1.2,
             label=f"L(C) = {fr.E:.2f} + {fr.A:.3g}·C^-{fr.alpha:.3f}",
         )
+    if "power" in o:
+        pw = o["power"]
+        ax.plot(
+            grid,
+            pw.predict(grid),
+            ":",
+            color="tab:gray",
+            lw=1.2,
+            label=f"L(C) = {pw.A:.3g}·C^-{pw.alpha:.3f} (E = 0)",
+        )
     if "surface" in o:
         opt = [o["surface"].optimal(c, flops_per_token=src.fpt)[2] for c in grid]
         ax.plot(grid, opt, color="tab:orange", lw=1.2, label="L(N, D) at its optimum N*")
     for c in r["holdout"]:
-        for key, m, col in (("frontier_loss", "x", "black"), ("surface_loss", "+", "tab:orange")):
+        for key, m, col in (
+            ("frontier_loss", "x", "black"),
+            ("power_loss", "x", "tab:gray"),
+            ("surface_loss", "+", "tab:orange"),
+        ):
             if key in c:
                 ax.scatter([c["C"]], [c[key]], marker=m, s=120, c=col, zorder=5)
     ax.set(

@@ -628,6 +628,52 @@ def fit_frontier(
     )
 
 
+def fit_power_law(C, L, *, bootstrap: int = 0, level: float = 0.95, seed: int = 0) -> FrontierFit:
+    """Fit L(C) = A · C^(-alpha), the frontier with E = 0: least squares of log L on log C.
+
+    The nested alternative to `fit_frontier` when a few budgets cannot pin the irreducible loss
+    down (its interval then spans from 0 to the data): two parameters, a straight line in
+    log-log. bootstrap=n resamples the points for intervals on A and alpha."""
+    _check_fit_options(1e-3, 0, bootstrap, level)
+    C, L = _as_array("C", C), _as_array("loss", L)
+    if len(C) != len(L):
+        raise ScalingFitError(f"C has {len(C)} values but loss has {len(L)}; give one per point")
+    _check_positive("C", C, [])
+    _check_positive("loss", L, [])
+    log_c, log_loss = np.log(C), np.log(L)
+    if len(np.unique(log_c)) < 2:
+        raise ScalingFitError(
+            f"the power law A·C^-alpha needs at least 2 distinct C values; got "
+            f"{len(np.unique(log_c))} (add compute budgets)"
+        )
+
+    def line(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        slope, intercept = np.polyfit(x, y, 1)
+        return {"E": 0.0, "A": float(np.exp(intercept)), "alpha": float(-slope)}
+
+    fit = line(log_c, log_loss)
+    residual = log_loss - (np.log(fit["A"]) - fit["alpha"] * log_c)
+    samples: dict[str, list[float]] = {"A": [], "alpha": []}
+    rng = np.random.default_rng(seed)
+    for _ in range(bootstrap if len(C) >= 3 else 0):
+        idx = rng.integers(0, len(C), size=len(C))
+        if len(np.unique(log_c[idx])) < 2:
+            continue  # one budget drawn every time: no slope
+        b = line(log_c[idx], log_loss[idx])
+        samples["A"].append(b["A"])
+        samples["alpha"].append(b["alpha"])
+    converged = len(samples["A"])
+    return FrontierFit(
+        **fit,
+        objective=float(np.sum(residual**2)),
+        n_points=len(C),
+        excluded=[],
+        ci=_percentiles(samples, level) if converged else {},
+        level=level,
+        bootstrap=converged,
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # IsoFLOP profiles and the N_opt(C), D_opt(C) allocation
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from scaling.fit import (
     ScalingFitError,
     fit_allocation,
     fit_frontier,
+    fit_power_law,
     fit_surface,
     isoflop_minima,
     load_points_csv,
@@ -180,6 +181,25 @@ def _budget_groups(src: Source, rel_tol: float = 0.05) -> np.ndarray:
     return out
 
 
+def _backtest(minima: list[IsoFLOPMinimum], notes: list[str]) -> str:
+    """Which frontier form predicts compute-optimal losses: each fitted to the minima but the
+    largest fitted budget predicts that one (the held-out budgets are not looked at). With
+    fewer than 5 minima there is nothing to spare: the E + A·C^-α form."""
+    if len(minima) < 5:
+        return "frontier"
+    last, rest = minima[-1], minima[:-1]
+    cs, ls = [m.C for m in rest], [m.L_opt for m in rest]
+    free = float(fit_frontier(cs, ls).predict(last.C)) / last.L_opt - 1
+    zero = float(fit_power_law(cs, ls).predict(last.C)) / last.L_opt - 1
+    choice = "frontier" if abs(free) <= abs(zero) else "power_law"
+    notes.append(
+        f"frontier backtest (fitted without budget {format_flops(last.C)}, predicting its "
+        f"minimum {last.L_opt:.4f}): E + A·C^-α {free:+.2%}, A·C^-α {zero:+.2%}; predictions "
+        f"use {'E + A·C^-α' if choice == 'frontier' else 'A·C^-α'}"
+    )
+    return choice
+
+
 def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
     """Every fit and prediction, as plain data (fit.json) plus the fit objects (figures)."""
     pts = src.points
@@ -241,8 +261,16 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
         result["frontier"] = {**frontier.params(), "ci": frontier.ci, "n_points": frontier.n_points}
     else:
         notes.append(
-            f"L(C) not fitted: {len(fit_minima)} IsoFLOP minima outside the held-out budgets; "
-            "it needs 4 (add budgets)"
+            f"L(C) = E + A·C^-α not fitted: {len(fit_minima)} IsoFLOP minima outside the "
+            "held-out budgets; it needs 4 (add budgets)"
+        )
+    if len(fit_minima) >= 2:
+        cs, ls = [m.C for m in fit_minima], [m.L_opt for m in fit_minima]
+        power = fit_power_law(cs, ls, **common)
+        objects["power"] = power
+        result["power_law"] = {**power.params(), "ci": power.ci, "n_points": power.n_points}
+        result["frontier_choice"] = (
+            _backtest(fit_minima, notes) if "frontier" in objects else ("power_law")
         )
     if len(fit_minima) >= 2:
         alloc = fit_allocation(fit_minima, **common)
@@ -272,6 +300,11 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
         out: dict = {"C": c}
         if "frontier" in objects:
             out["frontier_loss"] = float(objects["frontier"].predict(c))
+        if "power" in objects:
+            out["power_loss"] = float(objects["power"].predict(c))
+            out["best_loss"] = out[
+                "frontier_loss" if result["frontier_choice"] == "frontier" else "power_loss"
+            ]
         if "surface" in objects:
             n, d, loss = objects["surface"].optimal(c, flops_per_token=src.fpt)
             out.update(surface_N=n, surface_D=d, surface_loss=loss)
@@ -298,7 +331,7 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
         m = next((m for m in minima if m.C == c), None)
         if m is not None:
             row["measured_parabola"] = m.L_opt
-        for k in ("frontier_loss", "surface_loss"):
+        for k in ("frontier_loss", "power_loss", "best_loss", "surface_loss"):
             if k in row:
                 row[k.replace("loss", "error")] = (row[k] - row["measured_best"]) / row[
                     "measured_best"
@@ -378,17 +411,18 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
         lines += [
             "## Prediction of the held-out budgets",
             "",
-            "| budget | measured best loss (run) | L(C) frontier | error | L(N, D) optimum | "
-            "error | predicted N* | measured best N |",
-            "|---|---|---|---|---|---|---|---|",
+            "| budget | measured best loss (run) | E + A·C^-α | error | A·C^-α | error | "
+            "L(N, D) optimum | error | predicted N* | measured best N |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in checks:
             lines.append(
                 f"| {format_flops(c['C'])} | {c['measured_best']:.4f} ({c['measured_run']}) | "
-                + (
-                    f"{c['frontier_loss']:.4f} | {c['frontier_error']:+.2%} | "
-                    if "frontier_loss" in c
+                + "".join(
+                    f"{c[k + '_loss']:.4f} | {c[k + '_error']:+.2%} | "
+                    if k + "_loss" in c
                     else "— | — | "
+                    for k in ("frontier", "power")
                 )
                 + (
                     f"{c['surface_loss']:.4f} | {c['surface_error']:+.2%} | "
@@ -399,6 +433,18 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
                 + f"{format_count(c['measured_N'])} |"
             )
         lines += [""]
+        if "frontier_choice" in r:
+            form = "E + A·C^-α" if r["frontier_choice"] == "frontier" else "A·C^-α"
+            lines += [
+                f"The prediction of the best loss is the frontier {form}: "
+                + ", ".join(
+                    f"{format_flops(c['C'])}: {c['best_loss']:.4f} ({c['best_error']:+.2%})"
+                    for c in checks
+                    if "best_loss" in c
+                )
+                + " (the form is chosen by a backtest on the fitted budgets; see the notes).",
+                "",
+            ]
         if any("measured_parabola" in c for c in checks):
             lines += [
                 "The held-out budgets' own parabola minima: "
@@ -438,6 +484,15 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
         ):
             lines.append(f"| {k} | {format(s[k], fmt)} | {_ci(s['ci'], k, fmt).strip()} |")
         lines += ["", "a = β/(α+β) (N* ∝ C^a), b = α/(α+β) (D* ∝ C^b).", ""]
+    if "power_law" in r:
+        pw = r["power_law"]
+        lines += [
+            "## Compute frontier with E = 0: L(C) = A · C^-α",
+            "",
+            f"Least squares in log-log through the same minima: A = {pw['A']:.4g}"
+            f"{_ci(pw['ci'], 'A', '.4g')}, α = {pw['alpha']:.4f}{_ci(pw['ci'], 'alpha', '.4f')}.",
+            "",
+        ]
     if "frontier" in r:
         fr = r["frontier"]
         lines += [
@@ -491,7 +546,7 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
                     if "surface_N" in t
                     else "— | — | — | — | "
                 )
-                + (f"{t['frontier_loss']:.4f} | " if "frontier_loss" in t else "— | ")
+                + (f"{t['best_loss']:.4f} | " if "best_loss" in t else "— | ")
                 + (
                     f"{format_count(t['alloc_N'])} | {format_count(t['alloc_D'])} |"
                     if "alloc_N" in t
@@ -587,10 +642,17 @@ def summary_lines(result: dict) -> list[str]:
     if "frontier" in result:
         fr = result["frontier"]
         lines.append(f"L(C) = {fr['E']:.3f} + {fr['A']:.4g}·C^-{fr['alpha']:.4f}")
+    if "power_law" in result:
+        pw = result["power_law"]
+        lines.append(f"L(C) = {pw['A']:.4g}·C^-{pw['alpha']:.4f} (E = 0)")
     for c in result["holdout"]:
         parts = [f"held-out {format_flops(c['C'])}: measured best {c['measured_best']:.4f}"]
-        if "frontier_loss" in c:
-            parts.append(f"L(C) predicts {c['frontier_loss']:.4f} ({c['frontier_error']:+.2%})")
+        for k, form in (("frontier", "E + A·C^-α"), ("power", "A·C^-α")):
+            if k + "_loss" in c:
+                chosen = " [chosen]" if c.get("best_loss") == c[k + "_loss"] else ""
+                parts.append(
+                    f"{form} predicts {c[k + '_loss']:.4f} ({c[k + '_error']:+.2%}){chosen}"
+                )
         if "surface_loss" in c:
             parts.append(f"L(N, D) predicts {c['surface_loss']:.4f} ({c['surface_error']:+.2%})")
         lines.append("; ".join(parts))
