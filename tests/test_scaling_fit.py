@@ -16,6 +16,7 @@ from scaling.fit import (
     SurfaceFit,
     fit_allocation,
     fit_frontier,
+    fit_power_law,
     fit_surface,
     isoflop_minima,
     load_points_csv,
@@ -155,6 +156,23 @@ def test_frontier_recovery_and_bootstrap_coverage() -> None:
     assert fit.predict(1e20) == pytest.approx(
         truth["E"] + truth["A"] * 1e20 ** -truth["alpha"], rel=0.01
     )
+
+
+def test_power_law_recovery_and_bootstrap_coverage() -> None:
+    """L(C) = A·C^(-alpha) (the frontier with E = 0) from 8 budgets with 0.5% noise."""
+    C = np.logspace(11, 14, 8)
+    L = 40.0 * C**-0.1 * np.exp(np.random.default_rng(1).normal(0, 0.005, len(C)))
+    fit = fit_power_law(C, L, bootstrap=200, seed=0)
+    assert fit.E == 0.0 and fit.n_points == 8 and fit.bootstrap == 200
+    assert fit.alpha == pytest.approx(0.1, rel=0.05) and fit.A == pytest.approx(40.0, rel=0.2)
+    for name, value in (("A", 40.0), ("alpha", 0.1)):
+        lo, hi = fit.ci[name]
+        assert lo <= value <= hi, (name, fit.ci[name])
+    assert fit.predict(1e15) == pytest.approx(40.0 * 1e15**-0.1, rel=0.02)
+    with pytest.raises(ScalingFitError, match="at least 2 distinct C"):
+        fit_power_law([1e12, 1e12], [3.0, 3.1])
+    with pytest.raises(ScalingFitError, match="loss"):
+        fit_power_law([1e11, 1e12], [3.0, float("nan")])
 
 
 def test_isoflop_allocation_recovery() -> None:

@@ -220,3 +220,49 @@ def test_plan_follows_the_width_depth_rule_and_matches_the_schedule_to_d(tiny_da
         assert run.optim.warmup_steps == round(0.25 * p.steps)
         assert run.optim.lr == pytest.approx(3.0e-3 * 16 / p.d_model)
         assert run.name == p.name and run.runs_dir == os.path.join(str(tmp_path / "runs"), "tiny")
+
+
+def test_fit_command_on_an_isoflop_grid_predicts_the_held_out_budget(tmp_path):
+    """A CSV IsoFLOP grid drawn from a known L(N, D) (C = 6ND, 0.3% noise), its largest budget
+    held out: minima, allocation, both frontier forms with the backtest, the surface, and the
+    held-out prediction, through the command."""
+    import numpy as np
+
+    from scaling.fit import SurfaceFit
+
+    law = SurfaceFit(E=2.0, A=400.0, B=1500.0, alpha=0.34, beta=0.30, objective=0.0, n_points=0)
+    rng = np.random.default_rng(0)
+    budgets = np.logspace(18, 21, 6)
+    path = tmp_path / "grid.csv"
+    with open(path, "w") as f:
+        f.write("run,params,tokens,flops,loss\n")
+        for c in budgets:
+            n_star = law.optimal(c)[0]
+            for k, n in enumerate(n_star * np.logspace(-0.6, 0.6, 5)):
+                d = c / (6 * n)
+                loss = law.predict(n, d) * math.exp(rng.normal(0, 0.003))
+                f.write(f"c{c:.0e}-{k},{n:.6g},{d:.6g},{c:.6g},{loss:.6f}\n")
+    out = str(tmp_path / "report")
+    res = lmforge(
+        "scaling", "fit", str(path), "--holdout", f"{budgets[-1]:.6g}", "--bootstrap", "50",
+        "--target-flops", "1e23", "--out", out,
+    )  # fmt: skip
+    assert "[chosen]" in res.stdout
+    fit = json.load(open(os.path.join(out, "fit.json")))
+    assert len(fit["minima"]) == 6 and [m["held_out"] for m in fit["minima"]] == [False] * 5 + [
+        True
+    ]
+    assert fit["allocation"]["a"] == pytest.approx(0.30 / 0.64, abs=0.05)
+    assert fit["surface"]["n_points"] == 25 and fit["surface"]["E"] == pytest.approx(2.0, rel=0.05)
+    (check,) = fit["holdout"]
+    true_best = law.optimal(budgets[-1])[2]
+    assert check["measured_parabola"] == pytest.approx(true_best, rel=0.01)
+    assert abs(check["best_error"]) < 0.01 and abs(check["surface_error"]) < 0.01
+    assert fit["frontier_choice"] in ("frontier", "power_law")
+    target = fit["targets"][0]
+    n_star, d_star, l_star = law.optimal(1e23)
+    assert target["surface_N"] == pytest.approx(n_star, rel=0.5)
+    assert target["surface_loss"] == pytest.approx(l_star, rel=0.02)
+    md = open(os.path.join(out, "report.md")).read()
+    assert "frontier backtest" in md and "## Compute frontier with E = 0" in md
+    assert "## IsoFLOP minima" in md and "| held out |" in md
