@@ -166,8 +166,21 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
     ax1.legend(fontsize=7)
     if o["minima"]:
         cs = np.array([m.C for m in o["minima"]])
-        ax2.scatter(cs, [m.N_opt for m in o["minima"]], color="tab:blue", label="N_opt")
-        ax2.scatter(cs, [m.D_opt for m in o["minima"]], color="tab:green", label="D_opt")
+        out_of_fit = np.array([c in r["holdout_budgets"] for c in cs], dtype=bool)
+        for values, colour, name in (
+            (np.array([m.N_opt for m in o["minima"]]), "tab:blue", "N_opt"),
+            (np.array([m.D_opt for m in o["minima"]]), "tab:green", "D_opt"),
+        ):
+            ax2.scatter(cs[~out_of_fit], values[~out_of_fit], color=colour, label=name)
+            if out_of_fit.any():
+                ax2.scatter(
+                    cs[out_of_fit],
+                    values[out_of_fit],
+                    facecolors="none",
+                    edgecolors=colour,
+                    s=60,
+                    label=f"{name} (held out)",
+                )
         if "allocation" in o:
             al = o["allocation"]
             g = np.geomspace(cs.min() / 2, cmax * 2, 50)

@@ -233,7 +233,12 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
         minima.append(m)
     fit_minima = [m for m in minima if m.C not in fit.holdout]
 
-    result: dict = {"source": src.what, "params": src.params, "notes": notes}
+    result: dict = {
+        "source": src.what,
+        "params": src.params,
+        "notes": notes,
+        "holdout_budgets": list(fit.holdout),
+    }
     objects: dict = {"minima": minima, "held": held, "budgets": budgets}
     common = dict(bootstrap=fit.bootstrap, level=fit.level, seed=fit.seed)
     try:
@@ -330,7 +335,7 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
         )
         m = next((m for m in minima if m.C == c), None)
         if m is not None:
-            row["measured_parabola"] = m.L_opt
+            row["measured_parabola"], row["parabola_N"] = m.L_opt, m.N_opt
         for k in ("frontier_loss", "power_loss", "best_loss", "surface_loss"):
             if k in row:
                 row[k.replace("loss", "error")] = (row[k] - row["measured_best"]) / row[
@@ -412,8 +417,9 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
             "## Prediction of the held-out budgets",
             "",
             "| budget | measured best loss (run) | E + A·C^-α | error | A·C^-α | error | "
-            "L(N, D) optimum | error | predicted N* | measured best N |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "L(N, D) optimum | error | N* of L(N, D) | N_opt of the IsoFLOP fit | "
+            "measured best N | its parabola's N_opt |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for c in checks:
             lines.append(
@@ -430,7 +436,9 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
                     if "surface_loss" in c
                     else "— | — | — | "
                 )
-                + f"{format_count(c['measured_N'])} |"
+                + (f"{format_count(c['alloc_N'])} | " if "alloc_N" in c else "— | ")
+                + f"{format_count(c['measured_N'])} | "
+                + (f"{format_count(c['parabola_N'])} |" if "parabola_N" in c else "— |")
             )
         lines += [""]
         if "frontier_choice" in r:
