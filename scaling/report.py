@@ -181,10 +181,25 @@ def _budget_groups(src: Source, rel_tol: float = 0.05) -> np.ndarray:
     return out
 
 
-def _backtest(minima: list[IsoFLOPMinimum], notes: list[str]) -> str:
-    """Which frontier form predicts compute-optimal losses: each fitted to the minima but the
-    largest fitted budget predicts that one (the held-out budgets are not looked at). With
-    fewer than 5 minima there is nothing to spare: the E + A·C^-α form."""
+def _frontier_form(frontier, minima: list[IsoFLOPMinimum], notes: list[str]) -> str:
+    """Which frontier form predicts: E + A·C^-α only where the budgets identify E, i.e. its
+    bootstrap interval stays clear of 0 (a lower end above 1% of the smallest loss); otherwise
+    the nested A·C^-α, which fits the same minima with one parameter fewer. Without bootstrap
+    intervals, a backtest decides: both forms fitted without the largest fitted budget predict
+    its minimum. The held-out budgets are looked at by neither rule."""
+    floor = 0.01 * min(m.L_opt for m in minima)
+    if "E" in frontier.ci:
+        lo, hi = frontier.ci["E"]
+        identified = lo > floor
+        notes.append(
+            f"frontier form: E = {frontier.E:.4g} with interval [{lo:.3g}, {hi:.3g}]"
+            + (
+                ": E is identified, predictions use E + A·C^-α"
+                if identified
+                else " reaches 0: these budgets do not identify E, predictions use A·C^-α"
+            )
+        )
+        return "frontier" if identified else "power_law"
     if len(minima) < 5:
         return "frontier"
     last, rest = minima[-1], minima[:-1]
@@ -193,9 +208,10 @@ def _backtest(minima: list[IsoFLOPMinimum], notes: list[str]) -> str:
     zero = float(fit_power_law(cs, ls).predict(last.C)) / last.L_opt - 1
     choice = "frontier" if abs(free) <= abs(zero) else "power_law"
     notes.append(
-        f"frontier backtest (fitted without budget {format_flops(last.C)}, predicting its "
-        f"minimum {last.L_opt:.4f}): E + A·C^-α {free:+.2%}, A·C^-α {zero:+.2%}; predictions "
-        f"use {'E + A·C^-α' if choice == 'frontier' else 'A·C^-α'}"
+        f"frontier form by backtest (no bootstrap intervals; fitted without budget "
+        f"{format_flops(last.C)}, predicting its minimum {last.L_opt:.4f}): E + A·C^-α "
+        f"{free:+.2%}, A·C^-α {zero:+.2%}; predictions use "
+        f"{'E + A·C^-α' if choice == 'frontier' else 'A·C^-α'}"
     )
     return choice
 
@@ -275,7 +291,9 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
         objects["power"] = power
         result["power_law"] = {**power.params(), "ci": power.ci, "n_points": power.n_points}
         result["frontier_choice"] = (
-            _backtest(fit_minima, notes) if "frontier" in objects else ("power_law")
+            _frontier_form(objects["frontier"], fit_minima, notes)
+            if "frontier" in objects
+            else "power_law"
         )
     if len(fit_minima) >= 2:
         alloc = fit_allocation(fit_minima, **common)
@@ -450,7 +468,7 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
                     for c in checks
                     if "best_loss" in c
                 )
-                + " (the form is chosen by a backtest on the fitted budgets; see the notes).",
+                + " (the form is chosen on the fitted budgets alone; see the notes).",
                 "",
             ]
         if any("measured_parabola" in c for c in checks):

@@ -8,6 +8,7 @@ tests/test_slurm.py.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -258,11 +259,36 @@ def test_fit_command_on_an_isoflop_grid_predicts_the_held_out_budget(tmp_path):
     true_best = law.optimal(budgets[-1])[2]
     assert check["measured_parabola"] == pytest.approx(true_best, rel=0.01)
     assert abs(check["best_error"]) < 0.01 and abs(check["surface_error"]) < 0.01
-    assert fit["frontier_choice"] in ("frontier", "power_law")
+    assert fit["frontier_choice"] == "frontier"  # E = 2 is identified by these budgets
     target = fit["targets"][0]
     n_star, d_star, l_star = law.optimal(1e23)
     assert target["surface_N"] == pytest.approx(n_star, rel=0.5)
     assert target["surface_loss"] == pytest.approx(l_star, rel=0.02)
     md = open(os.path.join(out, "report.md")).read()
-    assert "frontier backtest" in md and "## Compute frontier with E = 0" in md
+    assert "frontier form: E =" in md and "## Compute frontier with E = 0" in md
     assert "## IsoFLOP minima" in md and "| held out |" in md
+
+
+def test_frontier_form_follows_whether_the_budgets_identify_e():
+    """E + A·C^-α predicts only when E's bootstrap interval stays clear of 0; otherwise the
+    nested A·C^-α; without intervals, a backtest on the fitted budgets decides."""
+    import numpy as np
+
+    from scaling.fit import IsoFLOPMinimum, fit_frontier
+    from scaling.report import _frontier_form
+
+    cs = np.logspace(11, 13, 6)
+    minima = [
+        IsoFLOPMinimum(C=c, N_opt=1e5, D_opt=1e6, L_opt=1.5 + 40 * c**-0.15, n_points=5,
+                       curvature=1.0, inside=True)
+        for c in cs
+    ]  # fmt: skip
+    with_e = fit_frontier(cs, [m.L_opt for m in minima], bootstrap=50)
+    assert with_e.ci["E"][0] > 0.1
+    notes: list[str] = []
+    assert _frontier_form(with_e, minima, notes) == "frontier" and "identified" in notes[-1]
+    unidentified = dataclasses.replace(with_e, ci={**with_e.ci, "E": (1e-10, 2.3)})
+    assert _frontier_form(unidentified, minima, notes) == "power_law"
+    assert "do not identify E" in notes[-1]
+    no_ci = dataclasses.replace(with_e, ci={})
+    assert _frontier_form(no_ci, minima, notes) == "frontier" and "backtest" in notes[-1]
