@@ -5,7 +5,7 @@ write ``report.md``, ``fit.json``, ``points.csv`` and the figures.
 What is fitted (see scaling/fit.py for the methods):
 - IsoFLOP minima: a parabola in log N per budget; N_opt = kN·C^a and D_opt = kD·C^b through them.
 - The compute frontier L(C) = E + A·C^-alpha through the IsoFLOP minima (the best loss a budget
-  buys).
+  buys), and the nested A·C^-alpha (E = 0), which predicts where the budgets do not identify E.
 - The loss surface L(N, D) = E + A/N^alpha + B/D^beta through every point; its compute-optimal
   N*, D*, L* at a budget C minimise L along D = C / FLOPs-per-token(N).
 Held-out budgets are left out of all three and predicted; the report compares each prediction
