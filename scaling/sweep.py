@@ -208,8 +208,15 @@ def sweep(cfg: ScalingConfig, *, dry_run: bool = False, wait: bool = False) -> i
     status = {p.name: point_status(root, p) for p in plan.points}
     if dry_run:
         print(describe_plan(plan, status))
-        if cfg.launcher == "slurm":
-            submit_array(cfg, [p for p in plan.points if status[p.name] != "done"], dry_run=True)
+        todo = [p for p in plan.points if status[p.name] != "done"]
+        if cfg.launcher == "slurm" and todo:  # the array job that would be submitted
+            if os.path.isfile(os.path.join(root, "points", "0.yaml")):
+                submit_array(cfg, todo, dry_run=True)  # its batch script
+            else:
+                print(
+                    f"launcher=slurm: one job array of {len(todo)} task(s) (index = point), "
+                    f"each `lmforge pretrain {root}/points/<index>.yaml resume=auto`"
+                )
         return 0
     write_plan(cfg, plan)
     todo = [p for p in plan.points if status[p.name] != "done"]

@@ -69,6 +69,10 @@ def test_sweep_trains_the_grid_resumes_after_a_kill_and_reports(tiny_data, tmp_p
     # --dry-run: the grid, nothing written
     out = lmforge("scaling", "sweep", cfg, "--dry-run").stdout
     assert "6 runs" in out and "c8e8-L1-d8" in out and "pending" in out
+    slurm = lmforge(
+        "scaling", "sweep", cfg, "launcher=slurm", "slurm=[configs/slurm/local.yaml]", "--dry-run"
+    ).stdout
+    assert "one job array of 6 task(s)" in slurm
     assert not os.path.exists(sweep_dir)
     plan_names = [line.split()[1] for line in out.splitlines()[1:7]]
 
