@@ -36,6 +36,7 @@ from scaling.fit import (
     load_points_csv,
 )
 from scaling.plan import format_count, format_flops
+from scaling.sweep import final_eval
 
 # --- gathering points --------------------------------------------------------------------------
 
@@ -53,21 +54,15 @@ class Source:
     epochs: np.ndarray | None = None  # passes over the data per point (sweeps)
 
 
-def _final_eval(run_dir: str) -> tuple[dict | None, dict]:
-    """(final eval row or None, the run's config) of a pretrain run directory."""
-    from omegaconf import OmegaConf
-
-    from pretrain.metrics import read_metrics
+def _final_eval(run_dir: str):
+    """(final eval row or None, the run's PretrainConfig) of a pretrain run directory."""
+    from pretrain.config import PretrainConfig, load_config
 
     cfg_path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise DataError(f"{run_dir} is not a run directory (no config.yaml); give a sweep or run")
-    cfg = OmegaConf.to_container(OmegaConf.load(cfg_path), resolve=True)
-    train = cfg.get("train", {})
-    steps = train.get("max_steps") or math.ceil(train["max_tokens"] / train["global_batch_tokens"])
-    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    done = [r for r in rows if r.get("kind") == "eval" and r.get("step", 0) >= steps]
-    return (done[-1] if done else None), cfg
+    cfg = load_config(PretrainConfig, [cfg_path])
+    return final_eval(run_dir, cfg.train.total_steps()), cfg
 
 
 def _fpt_from_points(params: np.ndarray, fpt: np.ndarray):
@@ -89,10 +84,7 @@ def load_sweep(sweep_dir: str, params: str) -> Source:
         plan = json.load(f)
     rows, missing = [], []
     for p in plan["points"]:
-        row, _ = (None, None)
-        run = os.path.join(sweep_dir, p["name"])
-        if os.path.isfile(os.path.join(run, "config.yaml")):
-            row, _ = _final_eval(run)
+        row = final_eval(os.path.join(sweep_dir, p["name"]), p["steps"])
         if row is None:
             missing.append(p["name"])
         else:
@@ -123,7 +115,6 @@ def load_sweep(sweep_dir: str, params: str) -> Source:
 
 
 def load_runs(run_dirs: list[str], params: str) -> Source:
-    from pretrain.config import ModelConfig
     from pretrain.flops import param_counts
 
     rows, missing = [], []
@@ -132,7 +123,7 @@ def load_runs(run_dirs: list[str], params: str) -> Source:
         if row is None:
             missing.append(os.path.basename(run.rstrip("/")))
             continue
-        counts = param_counts(ModelConfig(**cfg["model"]))
+        counts = param_counts(cfg.model)
         rows.append((os.path.basename(run.rstrip("/")), counts[params], row))
     if not rows:
         raise DataError(f"none of the {len(run_dirs)} run(s) has finished: no final eval row")
