@@ -8,6 +8,8 @@ Skipped where no cluster answers; .ci/run starts one. By hand:
 from __future__ import annotations
 
 import glob
+import json
+import math
 import os
 import re
 import shutil
@@ -115,12 +117,25 @@ def test_requeued_job_resumes_from_its_checkpoint(tiny_data, tmp_path, reference
     assert _rows(run_dir) == _rows(ref)
 
 
-def test_time_limit_saves_on_warning_and_continues_after_requeue(tiny_data, tmp_path):
+def _seconds_per_step(run_dir: str) -> float:
+    """Training seconds per step of a finished run (its metrics' cumulative `time`)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        train = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    return train[-1]["time"] / train[-1]["step"]
+
+
+def test_time_limit_saves_on_warning_and_continues_after_requeue(
+    tiny_data, tmp_path, reference_runs
+):
     """A job whose time limit is shorter than the run: USR1 before the limit, save, requeue,
     resume, ... until done; the steps of all attempts make one unbroken run."""
     runs, name = str(tmp_path), "limited"
     run_dir = os.path.join(runs, name)
-    steps = 300
+    # SLURM checks time limits on a ~30 s tick, so USR1 comes 15-45 s into a 1-minute job: the
+    # run must need more than 45 s of training on this machine, whatever its speed. The same
+    # 2-process run measured here sets the step count (at least 300 steps).
+    step_s = _seconds_per_step(reference_runs(2, "fp32", "parallel.strategy=ddp"))
+    steps = max(300, math.ceil(50 / step_s))
     job = submit(
         "configs/slurm/local.yaml",
         "time=00:01:00",
