@@ -62,8 +62,8 @@ def wait_for(job: str, states: tuple[str, ...], timeout: float = 300) -> dict[st
     raise AssertionError(f"job {job} still {job_state(job)['JobState']} after {timeout} s")
 
 
-def submit(*args: str) -> str:
-    out = lmforge("submit", *args).stdout
+def submit(*args: str, env: dict | None = None) -> str:
+    out = lmforge("submit", *args, env=env).stdout
     return re.search(r"submitted job (\d+)", out).group(1)
 
 
@@ -99,8 +99,9 @@ def test_requeued_job_resumes_from_its_checkpoint(tiny_data, tmp_path, reference
         "--",
         "pretrain",
         *_job_args(tiny_data, runs, name),
+        env={"LMFORGE_FAULT": "step@3+sleep=5"},  # a 5 s pause after step 3 (sbatch passes env)
     )
-    # Requeue as soon as training has started (a few steps in).
+    # Requeue in that pause, so that the job is surely still running whatever the machine's speed.
     deadline = time.time() + 180
     while time.time() < deadline:
         metrics = os.path.join(run_dir, "metrics.jsonl")
