@@ -278,6 +278,7 @@ def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer,
                         template=cfg.task.template,
                         max_new_tokens=tcfg.sample_tokens,
                         run_dir=run_dir,
+                        start_step=trainer.state.step,
                     )
                 )
             else:

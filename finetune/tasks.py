@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from finetune.data import IGNORE
 from finetune.metrics import ConfusionMatrix, EntityCounts, entity_types_from_labels
 from pretrain import dist as pdist
+from pretrain.metrics import truncate_metrics
 from pretrain.trainer import Callback, lm_cross_entropy
 
 
@@ -170,10 +171,20 @@ class Samples(Callback):
     and appended to ``<run>/samples.jsonl`` (rank 0, on a full replica of the model)."""
 
     def __init__(
-        self, *, prompts: list[str], tokenizer, template: str, max_new_tokens: int, run_dir: str
+        self,
+        *,
+        prompts: list[str],
+        tokenizer,
+        template: str,
+        max_new_tokens: int,
+        run_dir: str,
+        start_step: int,
     ) -> None:
         self.prompts, self.tok, self.template = prompts, tokenizer, template
         self.max_new_tokens, self.path = max_new_tokens, os.path.join(run_dir, "samples.jsonl")
+        # A resumed run repeats the evaluations past its checkpoint: drop their old samples,
+        # as metrics.jsonl drops its rows.
+        truncate_metrics(self.path, after_step=start_step)
 
     def on_log(self, trainer, row: dict) -> None:
         if row["kind"] != "eval" or not trainer.strategy.is_main:

@@ -13,7 +13,9 @@ from pretrain.config import OptimConfig
 def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
     """Decay matrices of linear layers; not norms, biases or embedding tables (GPT-2 / nanoGPT).
 
-    A tied embedding/LM-head table is an embedding: no decay.
+    A tied embedding/LM-head table is an embedding: no decay. An empty group is left out (a
+    LoRA or frozen-trunk finetune trains matrices only): torch.distributed.checkpoint cannot
+    load an optimizer state with an empty parameter group.
     """
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
@@ -21,10 +23,11 @@ def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
         if not p.requires_grad:
             continue
         (decay if p.dim() >= 2 and id(p) not in embedding_ids else no_decay).append(p)
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:

@@ -517,7 +517,7 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
     ]
     train = _write_csv(tmp_path / "sft.csv", pairs)
     run = str(tmp_path / "sft")
-    lmforge(
+    args = [
         "finetune",
         f"runs_dir={tmp_path}",
         "name=sft",
@@ -531,13 +531,18 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
         "task.max_len=64",
         "train.samples=2",
         "train.sample_tokens=4",
-    )
+    ]
+    # Killed at step 7, after the step-6 evaluation and its samples; the resume from step 4
+    # evaluates step 6 again and must not keep the first attempt's samples.
+    assert lmforge(*args, env={"LMFORGE_FAULT": "step@7"}, check=False).returncode != 0
+    lmforge(*args, "resume=auto")
     rows = _rows(run)
     evals = [r for r in rows if r["kind"] == "eval"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] * 1.5
     with open(os.path.join(run, "samples.jsonl")) as f:
         samples = [json.loads(line) for line in f]
-    assert len(samples) == 2 * len(evals) and samples[0]["prompt"].startswith("Is this review")
+    assert [s["step"] for s in samples] == [r["step"] for r in evals for _ in range(2)]
+    assert samples[0]["prompt"].startswith("Is this review")
     src = load_source(run)
     assert src.lora is not None and src.task["type"] == "sft"
     merged = build_model(src)
