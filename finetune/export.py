@@ -174,7 +174,8 @@ def model_card(src: Source, meta: dict, *, arch: str, out: str) -> str:
     if src.compute.get("flops"):
         lines.append(
             f"- total: {src.compute['tokens']:,} tokens, {src.compute['flops']:.3e} FLOPs "
-            "(6N + attention per token, PaLM's convention)"
+            "(PaLM's convention: 6N + attention per token, counting in finetuning only what "
+            "trains)"
         )
     ev = _run_metrics(src)
     if ev:

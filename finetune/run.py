@@ -25,7 +25,7 @@ from pretrain.checkpoint import load_checkpoint
 from pretrain.config import ModelConfig, to_container, to_yaml
 from pretrain.data import TrainBatches, eval_batches
 from pretrain.errors import CheckpointError, ConfigurationError
-from pretrain.flops import flops_per_token, peak_flops
+from pretrain.flops import peak_flops, trained_flops_per_token
 from pretrain.metrics import plot_loss_vs_flops
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import build_strategy, check_layout
@@ -164,7 +164,7 @@ def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer,
     if tcfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     mean_len = max(1, round(float(data.train.token_counts.mean())))
-    fpt = flops_per_token(cfg.model, mean_len, n_out=n_out)
+    fpt = trained_flops_per_token(model, mean_len)  # what trains: all, the head, or LoRA
     n_params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model, optimizer = strategy.prepare(

@@ -89,6 +89,43 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, n_out: int | None = None)
     return 6 * n + 12 * cfg.n_layer * d_attn * seq_len
 
 
+def trained_flops_per_token(model, seq_len: int) -> int:
+    """Training FLOPs per token of a GPT in which only some weights train (finetuning with a
+    frozen trunk or LoRA adapters), counted from the model's ``requires_grad`` flags by the same
+    convention: every weight costs 2 FLOPs a token forward; backward, 2 for each weight the
+    gradient passes through (the blocks from the lowest one that holds a trainable weight up, and
+    the head above them) and 2 for each trainable weight; attention 4·d_attn·T a layer forward and 8·d_attn·T
+    a layer backward where the gradient passes. With everything trainable this is
+    ``flops_per_token`` exactly (6·N + 12·L·d_attn·T); a frozen trunk costs about 2·N, LoRA
+    about 4·N. Within the lowest trainable block the input gradients are counted whole, though
+    autograd may skip some (e.g. a LoRA layer's frozen neighbours): an overestimate of at most
+    one block's backward.
+
+    ``model``: a ``pretrain.model.GPT``, or a peft wrapper of one (adapters count as weights)."""
+    gpt = model.base_model.model if hasattr(model, "peft_config") else model
+    cfg = gpt.cfg
+
+    def size(params) -> int:
+        return sum(p.numel() for p in params)
+
+    blocks = [list(layer.parameters()) for layer in gpt.layers]
+    head = [*gpt.norm.parameters(), *gpt.output.parameters()]  # a tied table is here once
+    table = gpt.tok_embeddings.weight
+    trainable = [p for p in (*[p for b in blocks for p in b], *head) if p.requires_grad]
+    L = len(blocks)
+    if table.requires_grad:  # the gradient reaches the input table: through every block
+        lowest = 0
+    else:
+        lowest = next((i for i, b in enumerate(blocks) if any(p.requires_grad for p in b)), L)
+    d_attn = cfg.n_head * cfg.head_dim
+    forward = 2 * (size(head) + sum(map(size, blocks))) + 4 * L * d_attn * seq_len
+    backward_input = 0  # only the head trains: no gradient is needed below its weight
+    if lowest < L:
+        backward_input = 2 * (size(head) + sum(map(size, blocks[lowest:])))
+        backward_input += 8 * (L - lowest) * d_attn * seq_len
+    return forward + backward_input + 2 * size(trainable)
+
+
 def mfu(tokens_per_sec_per_device: float, flops_per_token: float, peak: float) -> float:
     """Model FLOPs utilisation, a fraction: achieved model FLOP/s of one device over its peak.
 

@@ -67,6 +67,46 @@ def test_flops_per_token_matches_flop_counter(shape: str, seq_len: int) -> None:
     assert predicted - counted == 6 * norm_params * batch * seq_len
 
 
+@pytest.mark.parametrize("mode", ["all", "head", "lora-qv", "lora-ffn"])
+def test_trained_flops_per_token_matches_flop_counter(mode: str) -> None:
+    """Finetuning FLOPs count only what trains, against FlopCounterMode (autograd skips the
+    weight gradients of frozen weights, and every gradient below the lowest trainable one).
+
+    All trainable: flops_per_token exactly; head only: exact up to the norm weights' forward.
+    LoRA: an overestimate by less than one block's backward (the input gradients of the lowest
+    block with an adapter are counted whole) and the norm weights."""
+    from finetune.model import wrap_lora
+    from pretrain.flops import trained_flops_per_token
+
+    cfg = ModelConfig(n_layer=3, n_head=4, n_kv_head=2, d_model=64, vocab_size=128, max_seq_len=64)
+    torch.manual_seed(0)
+    model = GPT(cfg, n_out=3)
+    if mode == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith("output."))
+    if mode.startswith("lora"):
+        targets = ["wq", "wv"] if mode == "lora-qv" else ["w1", "w2"]
+        model = wrap_lora(model, dict(r=4, alpha=8, dropout=0.0, target_modules=targets))
+    batch, seq_len = 2, 48
+    x = torch.randint(0, cfg.vocab_size, (batch, seq_len))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x).pow(2).mean().backward()
+    counted = counter.get_total_flops() / (batch * seq_len)
+    predicted = trained_flops_per_token(model, seq_len)
+    norms = (2 * cfg.n_layer + 1) * cfg.d_model
+    if mode == "all":
+        assert predicted == flops_per_token(cfg, seq_len, n_out=3)
+        assert predicted - counted == 6 * norms
+    elif mode == "head":
+        assert predicted - counted == 2 * norms
+        assert predicted < flops_per_token(cfg, seq_len, n_out=3) / 2.9  # about 2N, not 6N
+    else:
+        block = sum(p.numel() for p in model.base_model.model.layers[0].parameters())
+        d_attn = cfg.n_head * cfg.head_dim
+        assert 0 < predicted - counted <= 2 * block + 8 * d_attn * seq_len + 6 * norms
+        assert predicted < flops_per_token(cfg, seq_len, n_out=3) * 0.75  # about 4N, not 6N
+
+
 def test_flops_per_token_by_hand() -> None:
     cfg = ModelConfig(n_layer=32, n_head=32, d_model=4096, ffn_hidden=11008, vocab_size=32000)
     n = 6_738_415_616 - 32000 * 4096  # untied: the input table is not in N, the LM head is
