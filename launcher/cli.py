@@ -305,6 +305,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--data", help="prepared data for --strategies (e.g. data/demo/pretrain)")
     sp.add_argument("--nproc", type=int, default=2, help="processes for --strategies (default 2)")
+    sp.add_argument(
+        "--generate",
+        action="store_true",
+        help="instead: greedy decoding tokens/s of `generate` (KV cache) against re-running "
+        "the whole context for each token, for --models and --precisions",
+    )
+    sp.add_argument(
+        "--new-tokens",
+        type=int,
+        default=192,
+        help="tokens generated per case with --generate, after a prompt of 256 minus this "
+        "(default 192)",
+    )
     return p
 
 
@@ -561,6 +574,16 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             nproc=args.nproc,
             steps=args.steps,
             precision=precision,
+            out=args.out,
+        )
+        return 0
+    if args.command == "bench" and args.generate:
+        from pretrain.bench import run_generate_bench
+
+        run_generate_bench(
+            models=args.models.split(","),
+            precisions=args.precisions.split(","),
+            new_tokens=args.new_tokens,
             out=args.out,
         )
         return 0

@@ -170,6 +170,69 @@ def run_bench(*, models: list[str], precisions: list[str], steps: int, out: str 
     return text
 
 
+def run_generate_bench(
+    *, models: list[str], precisions: list[str], new_tokens: int, out: str | None
+) -> str:
+    """Greedy decoding speed of ``GPT.generate`` (KV cache) next to re-running the whole
+    context for every new token (what generate did before it had a cache), same model, same
+    prompt, in this process. Both must produce the same tokens (fp32; in bf16 a near-tie can
+    break the other way, so bf16 reports whether they matched)."""
+    device = _device()
+    batch, prompt_len = 1, SEQ_LEN - new_tokens
+    if prompt_len < 1:
+        raise ValueError(f"--new-tokens must be below {SEQ_LEN}")
+    lines = [
+        f"lmforge bench --generate: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
+        f"({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"batch {batch}, prompt {prompt_len} + {new_tokens} new tokens (greedy), vocab {VOCAB}, "
+        f"{time.strftime('%Y-%m-%d')}",
+        "",
+        "| model | dtype | re-run context tok/s | KV cache tok/s | cache/re-run | same tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+
+    def rerun(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+        for _ in range(new_tokens):
+            next_id = model(ids[:, -SEQ_LEN:])[:, -1].float().argmax(-1, keepdim=True)
+            ids = torch.cat((ids, next_id), dim=1)
+        return ids
+
+    def timed(fn, *args, **kwargs) -> tuple[float, torch.Tensor]:
+        fn(*args, **kwargs)  # warm-up (kernels, allocator)
+        _sync()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        _sync()
+        return new_tokens * batch / (time.perf_counter() - t0), out
+
+    for preset in models:
+        cfg = _model_cfg(preset)
+        torch.manual_seed(0)
+        model = GPT(cfg).to(device).eval()
+        ids = torch.randint(0, VOCAB, (batch, prompt_len), device=device)
+        for precision in precisions:
+            amp = (
+                torch.autocast(device.type, dtype=torch.bfloat16)
+                if precision == "bf16"
+                else nullcontext()
+            )
+            with amp, torch.no_grad():
+                base, want = timed(rerun, model, ids)
+                ours, got = timed(model.generate, ids, new_tokens, temperature=0.0)
+            row = (
+                f"| {preset} | {precision} | {base:,.1f} | {ours:,.1f} | {ours / base:.2f} "
+                f"| {'yes' if torch.equal(want, got) else 'no'} |"
+            )
+            lines.append(row)
+            print(row, flush=True)
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text
+
+
 def run_strategy_bench(
     *, data: str, strategies: list[str], nproc: int, steps: int, precision: str, out: str | None
 ) -> str:

@@ -80,6 +80,30 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(B, nkv, n_rep, T, hs).reshape(B, nkv * n_rep, T, hs)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, one pair per layer (for generation).
+
+    `GPT.forward(ids, cache=...)` appends each layer's new keys/values (already rotated) and
+    attends over all of them, so decoding one token costs one token's forward instead of the
+    whole context's. `pos` is how many positions the cache holds.
+    """
+
+    def __init__(self, n_layer: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * n_layer
+        self.values: list[torch.Tensor | None] = [None] * n_layer
+        self.pos = 0
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v (B, nkv, T, hs) for ``layer``; return all of its keys and values."""
+        if self.keys[layer] is not None:
+            k = torch.cat((self.keys[layer], k), dim=2)
+            v = torch.cat((self.values[layer], v), dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -91,7 +115,15 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[KVCache, int] | None = None,
+    ) -> torch.Tensor:
+        """``cache``: (the KV cache, this layer's index) when generating; cos/sin then cover
+        the new positions only."""
         B, T, _ = x.shape
         # heads as -1, not cfg.n_head: under tensor parallelism each rank holds only its local
         # heads, and this code then runs unchanged
@@ -99,12 +131,16 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache[0].update(cache[1], k, v)  # (B, nkv, pos + T, hs)
         if k.size(1) != q.size(1):
             # GQA: repeating kv heads here rather than passing enable_gqa keeps every SDPA
             # kernel (flash, memory-efficient) eligible
             k, v = repeat_kv(k, q.size(1) // k.size(1)), repeat_kv(v, q.size(1) // v.size(1))
+        # One new query sees every cached key (SDPA's causal mask is aligned top-left, so it
+        # would let it see only the first); a longer chunk starts at position 0 (prefill).
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=T > 1
         )  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs): heads side by side again
         return self.resid_dropout(self.wo(y))
@@ -135,8 +171,14 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[KVCache, int] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -220,17 +262,24 @@ class GPT(nn.Module):
             n -= self.tok_embeddings.weight.numel()
         return n
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """``cache`` (generation): ``input_ids`` are the positions after the cached ones, either
+        a whole prompt into an empty cache or one token at a time."""
         B, T = input_ids.shape
-        if T > self.cfg.max_seq_len:
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
             raise ConfigurationError(
-                f"sequence length {T} exceeds `model.max_seq_len`={self.cfg.max_seq_len}; "
+                f"sequence length {start + T} exceeds `model.max_seq_len`={self.cfg.max_seq_len}; "
                 "shorten the input or raise model.max_seq_len"
             )
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, hs)
+        if start and T > 1:
+            raise ValueError("with a filled KV cache, feed one token at a time")
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hs)
         h = self.tok_embeddings(input_ids)  # (B, T, d)
-        for layer in self.layers:
-            h = layer(h, cos, sin)  # (B, T, d)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, None if cache is None else (cache, i))  # (B, T, d)
+        if cache is not None:
+            cache.pos += T
         return self.output(self.norm(h))  # (B, T, n_out): vocab, or labels of a task head
 
     @torch.no_grad()
@@ -253,8 +302,9 @@ class GPT(nn.Module):
         (streaming to a terminal).
 
         temperature 0 is greedy decoding; top_k keeps the k most likely tokens, top_p the
-        smallest set whose probability reaches p (nucleus). No KV cache: the context (cropped to
-        max_seq_len) is re-run each step, which is fine for the small models this is used on.
+        smallest set whose probability reaches p (nucleus). A KV cache makes each new token one
+        token's forward while the text fits in max_seq_len; past it the context window slides
+        (the last max_seq_len tokens, at positions 0..max_seq_len-1) and is re-run each step.
         Runs in eval mode (no dropout) and restores the previous mode.
         """
         if temperature < 0 or (top_k is not None and top_k < 1):
@@ -266,10 +316,18 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         done = None
+        cache: KVCache | None = None
         try:
             for _ in range(max_new_tokens):
-                context = input_ids[:, -self.cfg.max_seq_len :]  # (B, <= max_seq_len)
-                logits = self(context)[:, -1, :].float()  # (B, vocab)
+                if input_ids.size(1) > self.cfg.max_seq_len:  # full: slide the window
+                    cache = None
+                    logits = self(input_ids[:, -self.cfg.max_seq_len :])
+                elif cache is None:  # the prompt
+                    cache = KVCache(len(self.layers))
+                    logits = self(input_ids, cache=cache)
+                else:
+                    logits = self(input_ids[:, -1:], cache=cache)
+                logits = logits[:, -1, :].float()  # (B, vocab)
                 if temperature == 0:
                     next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
                 else:

@@ -236,6 +236,47 @@ def test_generate_greedy_is_deterministic_and_crops_context() -> None:
     assert torch.equal(model.generate(prompt, 6, top_p=1e-9), out1)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"n_kv_head": 2}], ids=["mha", "gqa"])
+def test_kv_cache_gives_the_full_forward(overrides: dict) -> None:
+    """A prompt into the cache, then one token at a time: each step's logits equal the last
+    row of a full forward over everything so far; generation with the cache (and with the
+    sliding window once past max_seq_len) equals re-running the context each step."""
+    from pretrain.model import KVCache
+
+    model = make_model(max_seq_len=24, **overrides).eval()
+    ids = torch.randint(0, 97, (2, 20))
+    cache = KVCache(len(model.layers))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids[:, :8], cache=cache), model(ids[:, :8]))
+        for t in range(8, 20):
+            step = model(ids[:, t : t + 1], cache=cache)[:, -1]
+            torch.testing.assert_close(step, model(ids[:, : t + 1])[:, -1], rtol=1e-5, atol=1e-5)
+        assert cache.pos == 20 and cache.keys[0].shape[2] == 20
+        with pytest.raises(ValueError, match="one token at a time"):
+            model(ids[:, :2], cache=cache)
+
+    def reference(prompt: torch.Tensor, n: int) -> torch.Tensor:  # no cache: the whole window
+        for _ in range(n):
+            with torch.no_grad():
+                logits = model(prompt[:, -model.cfg.max_seq_len :])[:, -1]
+            prompt = torch.cat((prompt, logits.argmax(-1, keepdim=True)), dim=1)
+        return prompt
+
+    prompt = ids[:, :6]
+    assert torch.equal(model.generate(prompt, 30, temperature=0.0), reference(prompt, 30))
+
+
+def test_generate_bench_compares_cache_with_rerun(tmp_path) -> None:
+    """`lmforge bench --generate` in-process: one row per case, the same tokens both ways."""
+    from pretrain.bench import run_generate_bench
+
+    out = tmp_path / "gen.md"
+    text = run_generate_bench(models=["tiny"], precisions=["fp32"], new_tokens=8, out=str(out))
+    row = [line for line in text.splitlines() if line.startswith("| tiny |")]
+    assert len(row) == 1 and row[0].rstrip().endswith("| yes |"), text
+    assert out.read_text() == text
+
+
 def test_generate_sampling_follows_generator() -> None:
     model = make_model()
     prompt = torch.randint(0, 97, (3, 4))
