@@ -178,6 +178,11 @@ class EarlyStoppingConfig:
     """auto: min for *loss*/*ppl* metrics, max otherwise."""
     min_delta: float = 0.0
     """An improvement smaller than this does not count."""
+    keep_best: bool = False
+    """Checkpoint at each evaluation that improves `metric` and keep the best one
+    (checkpoints/best, never pruned): export, evaluate, generate, consolidate and init_from of
+    the run directory then use it instead of the latest (like transformers'
+    load_best_model_at_end). Works with patience 0 too (no early stop)."""
 
     def __post_init__(self) -> None:
         if self.patience < 0 or self.min_delta < 0:

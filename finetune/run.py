@@ -202,6 +202,7 @@ def _finetune(cfg: FinetuneConfig, strategy, src: Source | None, tok: Tokenizer,
         mode=cfg.early_stopping.mode,
         patience=cfg.early_stopping.patience,
         min_delta=cfg.early_stopping.min_delta,
+        keep_best_in=os.path.join(run_dir, "checkpoints") if cfg.early_stopping.keep_best else None,
     )
     config_yaml = to_yaml(cfg)
 

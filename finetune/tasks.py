@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from finetune.data import IGNORE
 from finetune.metrics import ConfusionMatrix, EntityCounts, entity_types_from_labels
 from pretrain import dist as pdist
+from pretrain.checkpoint import best_checkpoint, mark_best, read_trainer_state, step_dir_name
 from pretrain.metrics import truncate_metrics
 from pretrain.trainer import Callback, lm_cross_entropy
 
@@ -120,10 +121,21 @@ class EarlyStopping(Callback):
     Its counters are saved in checkpoints: a resumed run stops where the uninterrupted one
     would, and a stopped run stays stopped."""
 
-    def __init__(self, *, metric: str, mode: str, patience: int, min_delta: float) -> None:
+    def __init__(
+        self,
+        *,
+        metric: str,
+        mode: str,
+        patience: int,
+        min_delta: float,
+        keep_best_in: str | None = None,
+    ) -> None:
+        """``keep_best_in``: a checkpoints directory: checkpoint every new best there and mark
+        it (``pretrain.checkpoint.mark_best``)."""
         if mode == "auto":
             mode = "min" if ("loss" in metric or "ppl" in metric) else "max"
         self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
+        self.keep_best_in = keep_best_in
         self.best: float | None = None
         self.best_step = 0
         self.bad = 0
@@ -143,15 +155,37 @@ class EarlyStopping(Callback):
         sign = 1.0 if self.mode == "max" else -1.0
         if self.best is None or sign * (value - self.best) > self.min_delta:
             self.best, self.best_step, self.bad = value, row["step"], 0
+            if self.keep_best_in:
+                trainer.request_save()
         else:
             self.bad += 1
         if self.patience and self.bad >= self.patience and row["step"] < trainer.total_steps:
             self.stopped = True
             pdist.print0(
                 f"early stopping at step {row['step']}: {self.metric} has not improved for "
-                f"{self.bad} evaluations (best {self.best:.4f} at step {self.best_step})"
+                f"{self.bad} evaluations (best {self.best:.4f} at step {self.best_step}"
+                + (", kept as checkpoints/best)" if self.keep_best_in else ")")
             )
             trainer.request_stop()
+
+    def on_checkpoint(self, trainer, path: str) -> None:
+        if self.keep_best_in and trainer.strategy.is_main and self.best_step == trainer.state.step:
+            mark_best(self.keep_best_in, self.best_step)
+
+    def on_train_start(self, trainer) -> None:
+        """After a resume: the mark follows the restored counters (a crash may have come
+        between a best's save and its mark; an explicit earlier resume=... abandons bests
+        past it)."""
+        if not (self.keep_best_in and trainer.strategy.is_main):
+            return
+        if self.best_step and os.path.isdir(
+            os.path.join(self.keep_best_in, step_dir_name(self.best_step))
+        ):
+            mark_best(self.keep_best_in, self.best_step)
+        else:
+            marked = best_checkpoint(self.keep_best_in)
+            if marked and read_trainer_state(marked)["step"] > trainer.state.step:
+                mark_best(self.keep_best_in, None)
 
     def state_dict(self) -> dict:
         return {

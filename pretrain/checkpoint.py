@@ -146,22 +146,52 @@ def _files_under(root: str) -> list[str]:
 
 
 def _prune(root: str, *, keep_last: int, protect: str) -> None:
+    """Keep the newest ``keep_last`` checkpoints, ``protect`` and the one ``best`` names."""
     steps = sorted(n for n in os.listdir(root) if STEP_DIR.match(n))
+    keep = {protect, _pointer(root, "best")}
     for name in steps[:-keep_last]:
-        if name != protect:
+        if name not in keep:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
+def mark_best(root: str, step: int | None) -> None:
+    """Name checkpoint ``step`` under ``root`` as the run's best (finetuning's
+    ``early_stopping.keep_best``): kept from pruning, and what a run directory resolves to in
+    export, evaluate, generate, consolidate and init_from. None removes the mark."""
+    path = os.path.join(root, "best")
+    if step is None:
+        if os.path.exists(path):
+            os.remove(path)
+            fsync_dir(root)
+        return
+    replace_durable(path, (step_dir_name(step) + "\n").encode())
 
 
 # --- find, verify, load ------------------------------------------------------------------------
 
 
-def latest_checkpoint(root: str) -> str | None:
-    """The checkpoint ``latest`` names, or None when the run has none yet."""
-    pointer = os.path.join(root, "latest")
+def _pointer(root: str, which: str) -> str | None:
+    """The directory name the pointer file ``root/which`` holds, or None without one."""
+    pointer = os.path.join(root, which)
     if not os.path.isfile(pointer):
         return None
     with open(pointer) as f:
-        name = f.read().strip()
+        return f.read().strip()
+
+
+def best_checkpoint(root: str) -> str | None:
+    """The checkpoint ``best`` names (see ``mark_best``), or None."""
+    name = _pointer(root, "best")
+    path = os.path.join(root, name) if name else None
+    return path if path and STEP_DIR.match(name) and os.path.isdir(path) else None
+
+
+def latest_checkpoint(root: str) -> str | None:
+    """The checkpoint ``latest`` names, or None when the run has none yet."""
+    name = _pointer(root, "latest")
+    if name is None:
+        return None
+    pointer = os.path.join(root, "latest")
     path = os.path.join(root, name)
     if not STEP_DIR.match(name) or not os.path.isdir(path):
         raise CheckpointError(

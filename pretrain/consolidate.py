@@ -18,7 +18,12 @@ import shutil
 
 import torch
 
-from pretrain.checkpoint import latest_checkpoint, read_trainer_state, verify_checkpoint
+from pretrain.checkpoint import (
+    best_checkpoint,
+    latest_checkpoint,
+    read_trainer_state,
+    verify_checkpoint,
+)
 from pretrain.durable import atomic_directory, check_new_dir, sha256_file, write_durable
 from pretrain.errors import CheckpointError, ConfigurationError
 
@@ -26,11 +31,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_checkpoint(path: str) -> str:
-    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    """A checkpoint directory, or a run directory: the checkpoint it marked best (a finetune
+    run with ``early_stopping.keep_best``), else its latest."""
     if os.path.isfile(os.path.join(path, "manifest.json")):
         return path
     root = os.path.join(path, "checkpoints")
-    found = latest_checkpoint(root) if os.path.isdir(root) else None
+    found = (best_checkpoint(root) or latest_checkpoint(root)) if os.path.isdir(root) else None
     if found is None:
         raise CheckpointError(
             f"{path} is neither a checkpoint (no manifest.json) nor a run directory with "

@@ -121,11 +121,17 @@ class Trainer:
         self.last_row: dict | None = None
         self.last_eval: dict | None = None
         self._stop = False
+        self._save = False
 
     # --- control -------------------------------------------------------------------------------
     def request_stop(self) -> None:
         """Finish the current step, checkpoint and return from `fit` (every rank must call it)."""
         self._stop = True
+
+    def request_save(self) -> None:
+        """Checkpoint after this step's evaluation even off the checkpoint interval (an eval
+        callback asks; every rank must call it, as every rank sees the same eval row)."""
+        self._save = True
 
     def state_dict(self) -> dict:
         return {
@@ -188,6 +194,8 @@ class Trainer:
                     self.evaluate()
                     if self._stop and not stop:  # asked on this evaluation (early stopping)
                         stop, do_save = True, self.save_fn is not None
+                    if self._save:  # asked on this evaluation (a new best to keep)
+                        self._save, do_save = False, self.save_fn is not None
                 if do_save:
                     assert self.save_fn is not None
                     self.last_checkpoint = self.save_fn(self)

@@ -616,13 +616,17 @@ def _finetune_table(rows: list[dict]) -> list[str]:
     lines = [
         "## Finetuned runs: downstream metric vs total compute",
         "",
-        "| run | metric | value | pretraining FLOPs | finetuning FLOPs | total |",
-        "|---|---|---|---|---|---|",
+        "The metric is the evaluation of the run's model: its checkpoint marked best "
+        "(early_stopping.keep_best), else its last; finetuning FLOPs are those up to that step.",
+        "",
+        "| run | metric | value | step | pretraining FLOPs | finetuning FLOPs | total |",
+        "|---|---|---|---|---|---|---|",
     ]
     for f in rows:
         lines.append(
             f"| {f['run']}{' (from scratch)' if f['from_scratch'] else ''} | {f['metric']} "
-            f"| {f['value']:.4f} | {f['pretrain_flops']:.3g} | {f['finetune_flops']:.3g} | "
+            f"| {f['value']:.4f} | {f['step']} | {f['pretrain_flops']:.3g} | "
+            f"{f['finetune_flops']:.3g} | "
             f"{f['total_flops']:.3g} |"
         )
     return lines + [""]

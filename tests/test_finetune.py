@@ -275,21 +275,43 @@ def test_freeze_trunk_and_class_weights(ft_runs, base_run):
     assert rows[-1]["kind"] == "eval" and rows[-1]["accuracy"] > 0
 
 
-def test_early_stopping_stops_and_stays_stopped(base_run, rt, tmp_path):
+def test_early_stopping_stops_stays_stopped_and_keeps_the_best(base_run, rt, tmp_path):
+    """Stops at the 2nd evaluation; keep_best checkpointed the 1st (off the 4-step interval),
+    kept it past keep_last=1, and the run directory now means that model."""
     args = cls_args(str(tmp_path), "es", base_run, rt) + [
         "train.eval_interval=2",
         "early_stopping.patience=1",
         "early_stopping.metric=val_loss",
         "early_stopping.min_delta=100",  # nothing counts as better: stops at the 2nd eval
+        "early_stopping.keep_best=true",
+        "checkpoint.keep_last=1",
     ]
     proc = lmforge("finetune", *args)
-    assert "early stopping at step 4" in proc.stdout
+    assert "early stopping at step 4" in proc.stdout and "kept as checkpoints/best" in proc.stdout
     run = os.path.join(tmp_path, "es")
-    with open(os.path.join(run, "checkpoints", "latest")) as f:
+    ckpts = os.path.join(run, "checkpoints")
+    with open(os.path.join(ckpts, "latest")) as f:
         assert f.read().strip() == "step_00000004"
+    with open(os.path.join(ckpts, "best")) as f:
+        assert f.read().strip() == "step_00000002"
+    assert sorted(n for n in os.listdir(ckpts) if n.startswith("step_")) == [
+        "step_00000002",
+        "step_00000004",
+    ]
     before = _rows(run)
     lmforge("finetune", *args, "resume=auto")
     assert _rows(run) == before  # resumed: still stopped, nothing trained
+    evals = {r["step"]: r["val_loss"] for r in before if r["kind"] == "eval"}
+    assert evals[2] != evals[4]
+    result = json.loads(lmforge("evaluate", run, "--data", rt["val"]).stdout)
+    assert result["loss"] == pytest.approx(evals[2], rel=1e-5)  # the best, not the latest
+    out = str(tmp_path / "report")
+    lmforge("scaling", "fit", "--finetune", run, "--out", out)  # its metric is the best's too
+    with open(os.path.join(out, "fit.json")) as f:
+        (row,) = json.load(f)["finetune"]
+    best = next(r for r in before if r["kind"] == "eval" and r["step"] == 2)
+    assert row["step"] == 2 and row["value"] == best["accuracy"]
+    assert row["finetune_flops"] == best["flops"]
 
 
 # --------------------------------------------------------------------------------------------
