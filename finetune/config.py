@@ -200,9 +200,9 @@ class FinetuneConfig:
     runs_dir: str = "runs"
     """Parent directory of run directories."""
     init_from: str | None = None
-    """The base model: an lmforge run (its latest checkpoint), a checkpoint directory, a
-    `consolidate`/`export` output, or a Hugging Face Llama directory with a SentencePiece
-    tokenizer.model. null = a new model of shape `model` with tokenizer `tokenizer`."""
+    """The base model: an lmforge run (its latest checkpoint, or its best one), a checkpoint
+    directory, a `consolidate`/`export` output, or a Hugging Face Llama directory with a
+    SentencePiece tokenizer.model. null = a new model of shape `model` with tokenizer `tokenizer`."""
     from_scratch: bool = False
     """Take init_from's shape and tokenizer but re-initialise every weight: the baseline that
     shows what pretraining buys at the same finetuning budget."""

@@ -131,7 +131,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "path",
         metavar="RUN|CHECKPOINT",
-        help="runs/<name> (its latest checkpoint) or a checkpoint directory",
+        help="runs/<name> (its latest checkpoint, or the one it marked best) or a checkpoint "
+        "directory",
     )
     sp.add_argument("--out", required=True, help="new directory to write")
     sp.add_argument(
