@@ -48,6 +48,15 @@ class SyntheticBatches:
         self.i = state["i"]
 
 
+def _finish(lines: list[str], out: str | None) -> str:
+    """The results table as text, also written to ``out`` when given."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text
+
+
 def _model_cfg(preset: str) -> ModelConfig:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(here, "configs", "model", f"{preset}.yaml")
@@ -163,11 +172,7 @@ def run_bench(*, models: list[str], precisions: list[str], steps: int, out: str 
             )
             lines.append(row)
             print(row, f"(peak {peak / 1e9:.0f} GFLOP/s, {src})", flush=True)
-    text = "\n".join(lines) + "\n"
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-    return text
+    return _finish(lines, out)
 
 
 def run_generate_bench(
@@ -226,11 +231,7 @@ def run_generate_bench(
             )
             lines.append(row)
             print(row, flush=True)
-    text = "\n".join(lines) + "\n"
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-    return text
+    return _finish(lines, out)
 
 
 def run_strategy_bench(
@@ -276,8 +277,4 @@ def run_strategy_bench(
             row = f"| {name} | {tps:,.0f} | {tps / base:.2f} | {mfu:.1%} |"
             lines.append(row)
             print(row, flush=True)
-    text = "\n".join(lines) + "\n"
-    if out:
-        with open(out, "w") as f:
-            f.write(text)
-    return text
+    return _finish(lines, out)
