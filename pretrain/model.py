@@ -178,7 +178,12 @@ class Block(nn.Module):
         sin: torch.Tensor,
         cache: tuple[KVCache, int] | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache)
+        h = self.attention_norm(x)
+        # without a cache, exactly (h, cos, sin): the tensor-parallel plan's PrepareModuleInput
+        # lays out those three inputs and no more
+        x = x + (
+            self.attention(h, cos, sin) if cache is None else self.attention(h, cos, sin, cache)
+        )
         return x + self.feed_forward(self.ffn_norm(x))
 
 

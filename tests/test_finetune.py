@@ -99,7 +99,7 @@ def ft_runs(tmp_path_factory, base_run, rt):
     def get(nproc: int, *extra: str) -> str:
         key = (nproc, *extra)
         if key not in made:
-            name = f"cls-{len(made)}"
+            name = f"cls-{len(os.listdir(runs))}"  # a failed run leaves its directory
             lmforge(
                 "finetune",
                 *cls_args(runs, name, base_run, rt),
