@@ -260,19 +260,29 @@ def test_scaling_report_plots_metric_against_total_compute(ft_runs, base_run, tm
     assert os.path.getsize(os.path.join(out, "finetune.png")) > 10_000
 
 
-def test_freeze_trunk_and_class_weights(ft_runs, base_run):
+def test_freeze_trunk_class_weights_and_exact_resume(ft_runs, base_run, rt, tmp_path):
+    """A linear probe with class weights: the trunk stays the base's, its FLOPs are about a
+    third of full finetuning's (no backward through the trunk), and a SIGKILLed run resumes to
+    the uninterrupted one's rows (its optimizer has one parameter group: the head)."""
     from finetune.data import class_weights
     from finetune.model import load_source
 
     assert class_weights("balanced", [0, 0, 0, 1], 2) == [4 / (2 * 3), 4 / (2 * 1)]
     assert class_weights("none", [0, 1], 2) is None
-    run = ft_runs(1, "freeze=trunk", "class_weights=balanced")
+    extra = ["freeze=trunk", "class_weights=balanced"]
+    run = ft_runs(1, *extra)
     base, tuned = load_source(base_run).weights, load_source(run).weights
     assert tuned["output.weight"].shape[0] == 2
     trunk = [k for k in tuned if not k.startswith("output.")]
     assert trunk and all(tuned[k].equal(base[k]) for k in trunk)  # a linear probe
     rows = _rows(run)
     assert rows[-1]["kind"] == "eval" and rows[-1]["accuracy"] > 0
+    full = _rows(ft_runs(1, "model.dropout=0.1"))[-1]
+    assert rows[-1]["flops"] / rows[-1]["tokens"] < 0.4 * full["flops"] / full["tokens"]
+    args = cls_args(str(tmp_path), "probe", base_run, rt) + extra
+    assert lmforge("finetune", *args, env={"LMFORGE_FAULT": "step@7"}, check=False).returncode
+    lmforge("finetune", *args, "resume=auto")
+    assert _rows(os.path.join(tmp_path, "probe")) == rows
 
 
 def test_early_stopping_stops_stays_stopped_and_keeps_the_best(base_run, rt, tmp_path):
