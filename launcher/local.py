@@ -16,23 +16,14 @@ import signal
 import socket
 import sys
 import tempfile
+import time
+
+from pretrain.dist import free_port, threads_per_rank
 
 ERROR_DIR_ENV = "LMFORGE_ERROR_DIR"
 # Signals torch elastic's agent turns into "kill the workers"; SIGTERM and SIGUSR1 are forwarded
 # to the workers instead (forward_stop_signals), which save before they exit.
 ELASTIC_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def threads_per_rank(nproc: int) -> int:
-    """OMP threads per rank: the CPUs this node gives the job (SLURM's, else all) shared out."""
-    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or os.cpu_count() or 1
-    return max(1, cpus // nproc)
 
 
 def record_worker_error(message: str) -> bool:
@@ -85,8 +76,6 @@ def forward_stop_signals():
 def rank_logs(log_dir: str):
     """torch elastic log destinations: ``<log_dir>/<time>-<host>/rank<RANK>.out|.err`` per
     attempt (a requeued job keeps the first attempt's logs), teed to the console."""
-    import time
-
     from torch.distributed.elastic.multiprocessing.api import LogsDest, LogsSpecs, Std
 
     class RankLogs(LogsSpecs):

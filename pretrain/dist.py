@@ -1,8 +1,14 @@
-"""Small process-group helpers shared by every layer: rank info and a rank-aware logger."""
+"""Small process helpers shared by every layer: rank info, a rank-aware logger, collectives
+that are no-ops without a process group, a free port and a share of the cores.
+
+Part of lmforge's core (with errors.py and durable.py): it imports nothing else of lmforge, so
+every layer, from the model up to the launcher, may use it (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import torch
@@ -58,3 +64,16 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a rendezvous on one machine)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def threads_per_rank(nproc: int) -> int:
+    """OMP threads per rank: the CPUs this node gives the job (SLURM's, else all) shared out."""
+    cpus = int(os.environ.get("SLURM_CPUS_ON_NODE", "0")) or os.cpu_count() or 1
+    return max(1, cpus // nproc)

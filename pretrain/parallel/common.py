@@ -55,9 +55,7 @@ def single_process_env() -> None:
     ):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:
-        from launcher.local import free_port
-
-        os.environ["MASTER_PORT"] = str(free_port())
+        os.environ["MASTER_PORT"] = str(pdist.free_port())
 
 
 def init_process_group(cuda: bool) -> None:
