@@ -25,86 +25,14 @@ import numpy as np
 import torch
 
 from pretrain.errors import ConfigurationError, DataError
-from pretrain.sources import _format_of, resolve_source_path
+from pretrain.sources import load_rows
 
 IGNORE = -100
 
 
 # --------------------------------------------------------------------------------------------
-# tables
+# tables: rows from pretrain.sources.load_rows (also the source reader of `lmforge prepare`)
 # --------------------------------------------------------------------------------------------
-
-
-def load_rows(source: str, *, split: str, dataset_config: str | None = None) -> list[dict]:
-    """Rows of a CSV/TSV/JSONL/Parquet file (optionally .gz/.bz2/.xz), a saved dataset
-    directory, or a `datasets` name (split ``split``)."""
-    path = resolve_source_path(source)
-    fmt, _ = _format_of(path)
-    if path.is_file():
-        if fmt not in ("csv", "jsonl", "parquet"):
-            raise DataError(
-                f"{source}: unknown file type; use .csv, .tsv, .jsonl/.json or .parquet"
-            )
-        table = _read_file(path, fmt, source)
-        return table.to_pylist()
-    if fmt is not None and not path.exists():
-        raise DataError(f"{source}: no such file")
-    import datasets
-
-    try:
-        if path.is_dir() and (
-            (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
-        ):
-            ds = datasets.load_from_disk(str(path))
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{source} has no split {split!r} (splits: {', '.join(ds)})")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(
-                str(path) if path.exists() else source, dataset_config, split=split
-            )
-    except DataError:
-        raise
-    except Exception as exc:  # the loaders raise many types; the source is what matters
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"cannot load {source!r} split {split!r}: {first}") from None
-    return ds.to_list()
-
-
-def _read_file(path, fmt: str, source: str):
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.json as pajson
-    import pyarrow.parquet as pq
-
-    try:
-        if fmt == "parquet":
-            return pq.read_table(path)
-        if fmt == "jsonl":
-            return pajson.read_json(path)
-        delimiter = "\t" if ".tsv" in path.name.lower() else ","
-        # every column as text: labels such as "01" or "NA" stay what they are
-        return pacsv.read_csv(
-            path,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-                column_types=_all_strings(path, delimiter),
-            ),
-        )
-    except (pa.ArrowInvalid, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DataError(f"cannot read {source}: {first}") from None
-
-
-def _all_strings(path, delimiter: str) -> dict:
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-
-    header = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
-    return {name: pa.string() for name in header.schema.names}
 
 
 def require_columns(rows: list[dict], columns: list[str], keys: list[str], *, source: str) -> None:

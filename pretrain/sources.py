@@ -1,5 +1,7 @@
 """Corpus sources for `lmforge prepare`: local files, `datasets` names or saved datasets, and
 `pkg://` directories inside installed packages -> one `text` column, one row per document.
+`load_rows` reads the same kinds of source (tables: CSV/TSV/JSONL/Parquet files, saved datasets,
+`datasets` names) as rows of every column, for finetuning's labelled examples.
 
 Policies (invalid UTF-8, empty files and documents, skipped extensions) are described in
 pretrain/prepare.py and counted in the manifest's `warnings`.
@@ -170,8 +172,13 @@ def _scan_text_file(path: Path) -> tuple[int, bool]:
     return size, valid
 
 
+def _first_line(exc: Exception, limit: int) -> str:
+    """The first line of an error's message (its type's name if empty), cut at ``limit``."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
 def _read_error(name: str, what: str, exc: Exception) -> DataError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    first = _first_line(exc, 300)
     return DataError(f"source {name!r}: cannot read {what} ({type(exc).__name__}: {first})")
 
 
@@ -228,30 +235,48 @@ def _is_saved_dataset(path: Path) -> bool:
     )
 
 
-def _load_saved_or_named(src: SourceConfig, location: str, cache_dir: Path):
-    """A `save_to_disk` directory, a local directory of data files, or a `datasets` name."""
+class _MissingSplit(Exception):
+    """A saved DatasetDict without the requested split; ``splits`` are the ones it has."""
+
+    def __init__(self, splits: list[str]) -> None:
+        super().__init__(", ".join(splits))
+        self.splits = splits
+
+
+def _open_dataset(
+    location: str, local: Path, *, split: str, config: str | None, cache_dir: Path | None = None
+):
+    """Split ``split`` of the `save_to_disk` directory or the directory of data files at
+    ``local``, or else of the `datasets` name ``location``. A saved DatasetDict without ``split``
+    raises _MissingSplit; the loaders' own errors propagate (the caller names the source)."""
     import datasets
 
+    if _is_saved_dataset(local):
+        ds = datasets.load_from_disk(str(local))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise _MissingSplit(list(ds))
+            ds = ds[split]
+        return ds
+    if local.exists():
+        cache = None if cache_dir is None else str(cache_dir)
+        return datasets.load_dataset(str(local), config, split=split, cache_dir=cache)
+    # A hub name: use the user's HF cache, so a dataset downloaded once works offline.
+    return datasets.load_dataset(location, config, split=split)
+
+
+def _load_saved_or_named(src: SourceConfig, location: str, cache_dir: Path):
+    """A `save_to_disk` directory, a local directory of data files, or a `datasets` name."""
     local = Path(location).expanduser()
     try:
-        if _is_saved_dataset(local):
-            ds = datasets.load_from_disk(str(local))
-            if isinstance(ds, datasets.DatasetDict):
-                if src.split not in ds:
-                    raise DataError(
-                        f"source {src.name!r} has no split {src.split!r} (splits: "
-                        f"{', '.join(ds)}); set `sources[].split`"
-                    )
-                ds = ds[src.split]
-        elif local.exists():
-            ds = datasets.load_dataset(
-                str(local), src.dataset_config, split=src.split, cache_dir=str(cache_dir)
-            )
-        else:
-            # A hub name: use the user's HF cache, so a dataset downloaded once works offline.
-            ds = datasets.load_dataset(location, src.dataset_config, split=src.split)
-    except DataError:
-        raise
+        ds = _open_dataset(
+            location, local, split=src.split, config=src.dataset_config, cache_dir=cache_dir
+        )
+    except _MissingSplit as exc:
+        raise DataError(
+            f"source {src.name!r} has no split {src.split!r} (splits: "
+            f"{', '.join(exc.splits)}); set `sources[].split`"
+        ) from None
     except Exception as exc:
         raise _read_error(src.name, "the dataset", exc) from exc
     return _text_column(ds, src, src.text_column)
@@ -321,3 +346,68 @@ def _load_source_quietly(index, src: SourceConfig, out: Path, cache_dir: Path, w
             "whitespace); check the path, `text_column` and `text_unit`"
         )
     return source
+
+
+# --------------------------------------------------------------------------------------------
+# table sources -> rows (finetuning's labelled examples)
+# --------------------------------------------------------------------------------------------
+
+
+def load_rows(source: str, *, split: str, dataset_config: str | None = None) -> list[dict]:
+    """Rows of a CSV/TSV/JSONL/Parquet file (optionally .gz/.bz2/.xz), a saved dataset
+    directory, or a `datasets` name (split ``split``)."""
+    path = resolve_source_path(source)
+    fmt, _ = _format_of(path)
+    if path.is_file():
+        if fmt not in ("csv", "jsonl", "parquet"):
+            raise DataError(
+                f"{source}: unknown file type; use .csv, .tsv, .jsonl/.json or .parquet"
+            )
+        return _read_table(path, fmt, source).to_pylist()
+    if fmt is not None and not path.exists():
+        raise DataError(f"{source}: no such file")
+    try:
+        ds = _open_dataset(source, path, split=split, config=dataset_config)
+    except _MissingSplit as exc:
+        raise DataError(
+            f"{source} has no split {split!r} (splits: {', '.join(exc.splits)})"
+        ) from None
+    except Exception as exc:  # the loaders raise many types; the source is what matters
+        first = _first_line(exc, 200)
+        raise DataError(f"cannot load {source!r} split {split!r}: {first}") from None
+    return ds.to_list()
+
+
+def _read_table(path: Path, fmt: str, source: str):
+    """A pyarrow Table of a csv, jsonl or parquet file."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+    import pyarrow.parquet as pq
+
+    try:
+        if fmt == "parquet":
+            return pq.read_table(path)
+        if fmt == "jsonl":
+            return pajson.read_json(path)
+        delimiter = "\t" if ".tsv" in path.name.lower() else ","
+        # every column as text: labels such as "01" or "NA" stay what they are
+        return pacsv.read_csv(
+            path,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                column_types=_all_strings(path, delimiter),
+            ),
+        )
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"cannot read {source}: {_first_line(exc, 200)}") from None
+
+
+def _all_strings(path: Path, delimiter: str) -> dict:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    header = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    return {name: pa.string() for name in header.schema.names}
