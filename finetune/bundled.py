@@ -15,6 +15,7 @@ training split's review texts without labels, for in-domain pretraining text (ne
 from __future__ import annotations
 
 import argparse
+import bz2
 import csv
 import hashlib
 import os
@@ -29,8 +30,6 @@ def split_of(movie: str) -> str:
 
 def rotten_tomatoes(out: str) -> dict[str, int]:
     """Write the splits to ``out``; return the number of examples per split."""
-    import bz2
-
     with bz2.open(SOURCE, "rt", encoding="utf-8", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
     os.makedirs(out, exist_ok=True)

@@ -15,6 +15,7 @@ the test split. Pretrained vs scratch is reported as measured.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shlex
@@ -50,8 +51,6 @@ def last_eval(run: str) -> dict:
 
 def transformers_accuracy(export: str, test_csv: str) -> tuple[float, list[int]]:
     """Test accuracy of the export loaded by transformers alone (offline)."""
-    import csv
-
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -161,8 +160,6 @@ def main() -> int:
         entropy = json.load(f)["unigram_entropy_nats"]
     val = last_eval(RUN)
     gap = entropy - val["val_loss"]
-    import csv
-
     with open(f"{TASK}/train.csv", encoding="utf-8", newline="") as f:
         train_labels = [r["label"] for r in csv.DictReader(f)]
     with open(test, encoding="utf-8", newline="") as f:

@@ -8,8 +8,12 @@ matmul probe on CPUs (pretrain/flops.py). Results are printed as a markdown tabl
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 from contextlib import nullcontext
 
@@ -239,11 +243,6 @@ def run_strategy_bench(
 ) -> str:
     """tokens/s of each parallel preset (configs/parallel/<name>.yaml) with ``nproc`` processes,
     next to DDP, each a real `lmforge pretrain` of the demo model on prepared ``data``."""
-    import json
-    import subprocess
-    import sys
-    import tempfile
-
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     lines = [
         f"lmforge bench --strategies: {nproc} processes, {precision}, demo model "

@@ -10,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
+import tempfile
+import time
 
 # "point", "point@step", or either with "+sleep=S" (point names may contain ":")
 _FAULT, _, _ACTION = os.environ.get("LMFORGE_FAULT", "").partition("+")
@@ -22,8 +25,6 @@ def fault_point(name: str, *, step: int | None = None) -> None:
     ``name@step+sleep=S`` pauses S seconds there instead (a window for a test's signal)."""
     if _FAULT and (_FAULT == name or (step is not None and _FAULT == f"{name}@{step}")):
         if _ACTION.startswith("sleep="):
-            import time
-
             time.sleep(float(_ACTION.removeprefix("sleep=")))
             return
         os.kill(os.getpid(), signal.SIGKILL)
@@ -80,9 +81,6 @@ def atomic_directory(out: str, *, prefix: str, replace: bool = False):
     """Yield a temp directory beside ``out``; on success fsync its files and rename it to
     ``out`` (which must be absent or empty, unless ``replace``: then an existing ``out`` is
     swapped out and removed), on any error remove it: readers see all or nothing."""
-    import shutil
-    import tempfile
-
     if not replace:
         check_new_dir(out)
     parent = os.path.dirname(os.path.abspath(out))
