@@ -3,8 +3,12 @@
 Layout of ``<run>/checkpoints/``::
 
     step_00000100/          one complete checkpoint
-        model.safetensors   weights (written by the strategy)
-        optimizer.pt        optimizer (+ grad scaler) state (written by the strategy)
+        dcp/                model and optimizer state as torch.distributed.checkpoint shards
+                            (DDP, FSDP, TP, pipelines: one FQN-keyed format, resharded on load)
+        extra.pt            the strategy's other state, e.g. DDP's grad scaler (may be empty)
+        deepspeed/          instead of dcp/ and extra.pt under a DeepSpeed engine: its own
+                            checkpoint (ZeRO partitions of model and optimizer state)
+        model.safetensors   consolidated full fp32 weights, from dcp/ or deepspeed/ (rank 0)
         rng_rank00000.pt    python / numpy / torch (/ cuda) RNG states of each rank
         trainer_state.json  counters, data position, scheduler, tokenizer reference
         config.yaml         the resolved config of the run
@@ -14,8 +18,10 @@ Layout of ``<run>/checkpoints/``::
 A save writes into ``.step_XXXXXXXX.tmp``, fsyncs every file and the directory, renames it into
 place, fsyncs the parent, then replaces ``latest`` the same way. A crash at any moment leaves the
 previous ``latest`` pointing at a complete checkpoint; stale temp directories are removed at the next
-save. Loading checks the manifest first, so pickled state (``optimizer.pt``, RNG) is read only from
-lmforge's own checkpoints whose sums match, and then with ``weights_only=True``.
+save. Loading checks the manifest first, so pickled state (DCP metadata, ``extra.pt``, DeepSpeed's
+files, RNG) is read only from lmforge's own checkpoints whose sums match; lmforge's own ``.pt``
+files (``extra.pt``, RNG) are then loaded with ``weights_only=True``. The strategies write and
+read dcp/, extra.pt, deepspeed/ and model.safetensors (pretrain/parallel/state.py, zero.py).
 """
 
 from __future__ import annotations

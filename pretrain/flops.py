@@ -1,7 +1,8 @@
 """FLOP accounting: parameter counts, training FLOPs per token, peak FLOP/s, MFU.
 
-Convention (DESIGN.md §3), from PaLM (Chowdhery et al. 2022, appendix B) and nanoGPT's
-`GPT.estimate_mfu`: training (forward + backward) FLOPs per token are
+The convention of every FLOP count lmforge reports (metrics, MFU, scaling plans), from PaLM
+(Chowdhery et al. 2022, appendix B) and nanoGPT's `GPT.estimate_mfu`: training (forward +
+backward) FLOPs per token are
 
     6·N + 12·L·d_attn·T
 

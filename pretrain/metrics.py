@@ -1,6 +1,6 @@
 """Metric sinks: metrics.jsonl (the contract), TensorBoard, W&B, and the loss-vs-FLOPs plot.
 
-Rows (DESIGN.md): train ``{"kind":"train","step","tokens","flops","loss","lr","grad_norm",
+Rows, one JSON object per line: train ``{"kind":"train","step","tokens","flops","loss","lr","grad_norm",
 "tokens_per_sec","mfu","time"}``; eval ``{"kind":"eval","step","tokens","flops","val_loss",...}``.
 ``tokens`` and ``flops`` are cumulative for the run. After a resume from step S the rows past S
 that the interrupted attempt wrote are dropped, so nothing is counted twice.
