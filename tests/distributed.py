@@ -1,23 +1,18 @@
 """Run a function in N real processes that form a gloo process group (spawn, free port).
 
 Workers end with barrier -> destroy_process_group -> os._exit(0): gloo can abort at interpreter
-exit otherwise (DESIGN.md facts). A worker's exception is sent back and re-raised in the test.
+exit otherwise. A worker's exception is sent back and re-raised in the test.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
-import socket
 import traceback
 
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from pretrain.dist import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
@@ -56,7 +51,7 @@ def run_distributed(fn, *args, world_size: int = 2, timeout: float = 300) -> lis
     """``fn(rank, world_size, *args)`` in ``world_size`` processes; returns results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [
         ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
         for r in range(world_size)

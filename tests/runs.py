@@ -1,5 +1,6 @@
-"""Short real runs shared by the resume, signal and launcher tests: their arguments, their
-metrics without wall-clock fields, and uninterrupted reference runs made once per session."""
+"""What the tests that make real runs share: the config overrides of short runs, a run's metrics
+(with or without wall-clock fields), its checkpoints, and uninterrupted reference runs made once
+per session (the `reference_runs` fixture, re-exported by conftest.py)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,42 @@ import os
 
 import pytest
 
-STEPS = 14
-COMMON = [
+# Logging that only a person watching would read: no progress bar, no TensorBoard files.
+QUIET = ["logging.progress=false", "logging.tensorboard=false"]
+
+# The smallest model that trains: 1 layer, width 32, 32-token windows, 2 per micro-batch, fp32.
+TINY = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.max_seq_len=32",
+    "train.seq_len=32",
+    "train.micro_batch_size=2",
+    "train.global_batch_tokens=128",
+    "train.log_interval=1",
+    "train.eval_interval=0",
+    "train.eval_samples=4",
+    "train.precision=fp32",
+    *QUIET,
+]
+
+# The model of the short runs that are compared with each other: 2 layers, 4 heads, width 64,
+# 64-token windows, 4 per micro-batch.
+SMALL_MODEL = [
     "model.n_layer=2",
     "model.n_head=4",
     "model.d_model=64",
     "model.max_seq_len=64",
-    "model.dropout=0.1",
     "train.seq_len=64",
     "train.micro_batch_size=4",
+]
+
+# The resume, signal, launcher and SLURM runs (and the finetuning tests' base model): shuffled
+# data, dropout, gradient accumulation, a checkpoint every 4 of 14 steps.
+STEPS = 14
+COMMON = [
+    *SMALL_MODEL,
+    "model.dropout=0.1",
     "train.global_batch_tokens=2048",
     f"train.max_steps={STEPS}",
     "train.log_interval=1",
@@ -26,8 +54,7 @@ COMMON = [
     "optim.lr=2e-3",
     "checkpoint.interval=4",
     "checkpoint.keep_last=2",
-    "logging.progress=false",
-    "logging.tensorboard=false",
+    *QUIET,
     "data.shuffle=true",
 ]
 VOLATILE = {"time", "tokens_per_sec", "mfu"}  # wall-clock figures differ between runs
@@ -45,10 +72,29 @@ def _args(data, runs, name, nproc, precision, *extra):
     return out + (["--nproc", str(nproc)] if nproc > 1 else [])
 
 
-def _rows(run_dir: str) -> list[dict]:
+def read_metrics(run_dir: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl, as written."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+        return [json.loads(line) for line in f]
+
+
+def _rows(run_dir: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl without the wall-clock fields: equal for equal runs."""
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in read_metrics(run_dir)]
+
+
+def latest_checkpoint(run_dir: str) -> str:
+    """The checkpoint a run's `checkpoints/latest` names (e.g. "step_00000008")."""
+    with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
+        return f.read().strip()
+
+
+def checkpoint_weights(run_dir: str, step: int) -> dict:
+    """The consolidated model weights of a run's checkpoint at `step`."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(run_dir, "checkpoints", f"step_{step:08d}", "model.safetensors")
+    return load_file(path)
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
-"""Two (or four) gloo processes really train one model under every parallel layout: the same\n20 per-step losses as one process, the same final weights, identical replicas."""
+"""Two (or four) gloo processes really train one model under every parallel layout: the same
+20 per-step losses as one process, the same final weights, identical replicas."""
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
@@ -10,16 +10,13 @@ import torch
 from safetensors.torch import load_file
 
 from tests.distributed import run_distributed
+from tests.runs import SMALL_MODEL, checkpoint_weights, read_metrics
 
+SMALL_STEPS = 20
 SMALL = [
-    "model.n_layer=2",
-    "model.n_head=4",
-    "model.d_model=64",
-    "model.max_seq_len=64",
-    "train.seq_len=64",
-    "train.micro_batch_size=4",
+    *SMALL_MODEL,
     "train.global_batch_tokens=1024",
-    "train.max_steps=20",
+    f"train.max_steps={SMALL_STEPS}",
     "train.log_interval=1",
     "train.eval_interval=10",
     "train.eval_samples=12",
@@ -90,10 +87,8 @@ def _train(rank: int, world: int, data: str, runs: str, name: str, extra: list[s
     }
 
 
-def _losses(path: str, kind: str, key: str) -> list[float]:
-    with open(path) as f:
-        rows = [json.loads(line) for line in f]
-    return [r[key] for r in rows if r["kind"] == kind]
+def _losses(run_dir: str, kind: str, key: str) -> list[float]:
+    return [r[key] for r in read_metrics(run_dir) if r["kind"] == kind]
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +104,6 @@ def _assert_estimate(ranks: list[dict]) -> None:
     measured = max(r["state_bytes"] for r in ranks)
     estimated = ranks[0]["estimated_state_bytes"]
     assert abs(estimated / measured - 1) < 0.10, (estimated, measured)
-
-
-def _final_weights(run_dir: str) -> dict:
-    path = os.path.join(run_dir, "checkpoints", "step_00000020", "model.safetensors")
-    return load_file(path)
 
 
 def test_two_processes_match_one(tiny_data, tmp_path, one_process):
@@ -147,15 +137,14 @@ def _assert_same_curve(
     weight_atol: float = 1e-6,
     weight_rel_norm: float | None = None,
 ) -> None:
-    m1, m2 = (os.path.join(d, "metrics.jsonl") for d in (ref_dir, run_dir))
-    l1, l2 = _losses(m1, "train", "loss"), _losses(m2, "train", "loss")
-    assert len(l1) == len(l2) == 20
+    l1, l2 = _losses(ref_dir, "train", "loss"), _losses(run_dir, "train", "loss")
+    assert len(l1) == len(l2) == SMALL_STEPS
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=rtol, atol=1e-6)
-    v1, v2 = _losses(m1, "eval", "val_loss"), _losses(m2, "eval", "val_loss")
+    v1, v2 = _losses(ref_dir, "eval", "val_loss"), _losses(run_dir, "eval", "val_loss")
     torch.testing.assert_close(torch.tensor(v2), torch.tensor(v1), rtol=rtol, atol=1e-6)
     assert l1[-1] < l1[0]  # it learns
     # The consolidated weights of the final checkpoints agree.
-    a, b = _final_weights(run_dir), _final_weights(ref_dir)
+    a, b = checkpoint_weights(run_dir, SMALL_STEPS), checkpoint_weights(ref_dir, SMALL_STEPS)
     assert a.keys() == b.keys()
     for k in a:
         if weight_rel_norm is None:
@@ -292,7 +281,7 @@ def _assert_consolidates(run_dir: str, ref_dir: str, tmp_path) -> None:
     weights = load_file(os.path.join(out, "model.safetensors"))
     model_cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(out, "config.yaml")).model)
     GPT(ModelConfig(**model_cfg)).load_state_dict(weights, strict=True)
-    ref = _final_weights(ref_dir)
+    ref = checkpoint_weights(ref_dir, SMALL_STEPS)
     for k, v in ref.items():
         torch.testing.assert_close(weights[k], v, rtol=1e-5, atol=1e-5)
 

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from launcher.local import free_port
+from pretrain.dist import free_port
 from tests.conftest import REPO
 from tests.runs import _args, _rows
 
@@ -17,7 +17,7 @@ def test_two_nodes_train_like_two_local_ranks(tiny_data, tmp_path, reference_run
     one 2-rank job: the same metrics as `--nproc 2` on one node; each rank logs to its file."""
     ref = reference_runs(2, "fp32", "parallel.strategy=ddp")
     runs, name = str(tmp_path), "two-nodes"
-    args = [a for a in _args(tiny_data, runs, name, 1, "fp32", "parallel.strategy=ddp")]
+    args = _args(tiny_data, runs, name, 1, "fp32", "parallel.strategy=ddp")
     port = str(free_port())
     nodes = [
         subprocess.Popen(

@@ -13,19 +13,9 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import lmforge
-from tests.runs import STEPS, _args, _rows
-
-
-def _final_weights(run_dir: str, step: int = STEPS) -> dict:
-    return load_file(os.path.join(run_dir, "checkpoints", f"step_{step:08d}", "model.safetensors"))
-
-
-def _latest(run_dir: str) -> str:
-    with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
-        return f.read().strip()
+from tests.runs import STEPS, _args, _rows, checkpoint_weights, latest_checkpoint
 
 
 def assert_same_run(run_dir: str, ref_dir: str) -> None:
@@ -33,7 +23,7 @@ def assert_same_run(run_dir: str, ref_dir: str) -> None:
     steps = [r["step"] for r in got if r["kind"] == "train"]
     assert steps == list(range(1, STEPS + 1)), f"train rows not one per step: {steps}"
     assert got == want, "metrics differ from the uninterrupted run"
-    a, b = _final_weights(run_dir), _final_weights(ref_dir)
+    a, b = checkpoint_weights(run_dir, STEPS), checkpoint_weights(ref_dir, STEPS)
     assert a.keys() == b.keys()
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].equal(b[k]), f"{k} differs bitwise"
@@ -71,7 +61,7 @@ def test_sigkill_mid_run_resumes_exactly(
         check=False,
     )
     assert killed.returncode != 0
-    assert _latest(run_dir) == "step_00000008"
+    assert latest_checkpoint(run_dir) == "step_00000008"
     assert max(r["step"] for r in _rows(run_dir)) == 9  # rows past the checkpoint exist...
     # Starting the same run again without resume is refused with what to do.
     args = _args(tiny_data, runs, name, nproc, precision, par, *more)
@@ -97,7 +87,9 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_data, tmp_path, refere
         check=False,
     )
     assert killed.returncode != 0
-    assert _latest(run_dir) == "step_00000004", "latest must still name the previous checkpoint"
+    assert latest_checkpoint(run_dir) == "step_00000004", (
+        "latest must still name the previous checkpoint"
+    )
     lmforge("pretrain", *_args(tiny_data, runs, name, 1, "fp32", "resume=auto"))
     with open(os.path.join(run_dir, "provenance.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
@@ -111,7 +103,7 @@ def test_corrupt_checkpoint_is_refused(tiny_data, tmp_path, reference_runs):
     ref = reference_runs(1, "fp32", "parallel.strategy=ddp")
     run_dir = str(tmp_path / "copy")
     shutil.copytree(ref, run_dir)
-    weights = os.path.join(run_dir, "checkpoints", _latest(run_dir), "model.safetensors")
+    weights = os.path.join(run_dir, "checkpoints", latest_checkpoint(run_dir), "model.safetensors")
     with open(weights, "r+b") as f:
         f.seek(-5, os.SEEK_END)
         byte = f.read(1)
@@ -199,7 +191,7 @@ def test_resume_across_strategy_and_world_size(tiny_data, tmp_path, reference_ru
         rtol=1e-5,
         atol=1e-6,
     )
-    a, b = _final_weights(os.path.join(runs, name)), _final_weights(ref)
+    a, b = checkpoint_weights(os.path.join(runs, name), STEPS), checkpoint_weights(ref, STEPS)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 
@@ -240,7 +232,7 @@ def test_signal_saves_and_resumes_exactly(tiny_data, tmp_path, reference_runs, n
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 128 + getattr(signal, signame), out[-3000:]
     assert f"stopped by {signame} after step" in out
-    stopped = int(_latest(run_dir).removeprefix("step_"))
+    stopped = int(latest_checkpoint(run_dir).removeprefix("step_"))
     assert stopped in (6, 7), stopped  # saved at the stop, not at the 4-step cadence
     lmforge("pretrain", *args, "resume=auto")
     assert_same_run(run_dir, ref)

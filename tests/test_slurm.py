@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.conftest import REPO, lmforge
-from tests.runs import _args, _rows
+from tests.runs import _args, _rows, read_metrics
 
 DEFAULT_CONF = "/tmp/lmforge-slurm/slurm.conf"
 if "SLURM_CONF" not in os.environ and os.path.isfile(DEFAULT_CONF):
@@ -68,7 +68,7 @@ def submit(*args: str, env: dict | None = None) -> str:
 
 
 def _job_args(data: str, runs: str, name: str, *extra: str) -> list[str]:
-    return [a for a in _args(data, runs, name, 1, "fp32", "parallel.strategy=ddp", *extra)]
+    return _args(data, runs, name, 1, "fp32", "parallel.strategy=ddp", *extra)
 
 
 def test_submitted_job_trains_like_a_local_run(tiny_data, tmp_path, reference_runs):
@@ -120,8 +120,7 @@ def test_requeued_job_resumes_from_its_checkpoint(tiny_data, tmp_path, reference
 
 def _seconds_per_step(run_dir: str) -> float:
     """Training seconds per step of a finished run (its metrics' cumulative `time`)."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        train = [r for r in map(json.loads, f) if r["kind"] == "train"]
+    train = [r for r in read_metrics(run_dir) if r["kind"] == "train"]
     return train[-1]["time"] / train[-1]["step"]
 
 
@@ -258,8 +257,6 @@ def test_scaling_sweep_runs_as_one_job_array(tiny_data, tmp_path):
     """`lmforge scaling sweep` with launcher=slurm: one array task per point (the index is the
     point's), --wait until they finish, then the fit; a rerun finds every run finished and
     submits nothing."""
-    import json
-
     from tests.test_scaling_sweep import sweep_config
 
     runs = str(tmp_path / "runs")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -12,22 +11,7 @@ from pretrain.config import OptimConfig
 from pretrain.data import SampleOrder
 from pretrain.optim import lr_factor
 from tests.distributed import run_distributed
-
-TINY = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.d_model=32",
-    "model.max_seq_len=32",
-    "train.seq_len=32",
-    "train.micro_batch_size=2",
-    "train.global_batch_tokens=128",
-    "train.log_interval=1",
-    "train.eval_interval=0",
-    "train.eval_samples=4",
-    "train.precision=fp32",
-    "logging.progress=false",
-    "logging.tensorboard=false",
-]
+from tests.runs import TINY, latest_checkpoint, read_metrics
 
 
 def _plugged(rank, world, data, runs):
@@ -129,12 +113,11 @@ def _nan_at_step_3(rank, world, data, runs):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, tmp_path):
     (msg,) = run_distributed(_nan_at_step_3, tiny_data, str(tmp_path), world_size=1)
     assert msg is not None and "loss is nan at step 3" in msg and "step_00000002" in msg
-    ckpts = os.path.join(tmp_path, "nan", "checkpoints")
+    run_dir = os.path.join(tmp_path, "nan")
+    ckpts = os.path.join(run_dir, "checkpoints")
     assert sorted(n for n in os.listdir(ckpts) if n.startswith("step_")) == ["step_00000002"]
-    with open(os.path.join(ckpts, "latest")) as f:
-        assert f.read().strip() == "step_00000002"
-    with open(os.path.join(tmp_path, "nan", "metrics.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == [1, 2]
+    assert latest_checkpoint(run_dir) == "step_00000002"
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2]
 
 
 def test_sample_order_is_exact_and_crosses_epochs():
