@@ -6,11 +6,19 @@ import glob
 import os
 
 import pytest
+from omegaconf import OmegaConf
 
 from finetune.config import FinetuneConfig
 from launcher.cli import main
 from launcher.slurm import SlurmProfile
-from pretrain.config import ModelConfig, ParallelConfig, PrepareConfig, PretrainConfig, load_config
+from pretrain.config import (
+    ModelConfig,
+    ParallelConfig,
+    PrepareConfig,
+    PretrainConfig,
+    load_config,
+    to_container,
+)
 from pretrain.errors import ConfigurationError
 from scaling.config import ScalingConfig
 from tests.conftest import REPO
@@ -34,7 +42,22 @@ SCHEMAS = {
 def test_every_yaml_loads(path):
     section = os.path.basename(os.path.dirname(path))
     cfg = load_config(SCHEMAS[section], [path])
-    assert cfg is not None
+    assert isinstance(cfg, SCHEMAS[section])
+    _assert_applied(OmegaConf.to_container(OmegaConf.load(path)), to_container(cfg))
+
+
+def _assert_applied(given, loaded, key: str = "") -> None:
+    """Every value a file gives is the loaded config's (in sections and lists of sections)."""
+    if isinstance(given, dict):
+        for k, v in given.items():
+            assert k in loaded, f"{key}{k} is not in the loaded config"
+            _assert_applied(v, loaded[k], f"{key}{k}.")
+    elif isinstance(given, list) and any(isinstance(v, dict) for v in given):
+        assert len(loaded) == len(given), key.rstrip(".")
+        for i, (g, v) in enumerate(zip(given, loaded, strict=True)):
+            _assert_applied(g, v, f"{key.rstrip('.')}[{i}].")
+    else:
+        assert loaded == given, f"{key.rstrip('.')}: {loaded!r} != {given!r}"
 
 
 def test_section_preset_and_order(tmp_path):

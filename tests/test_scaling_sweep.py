@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, lmforge
+from tests.runs import read_metrics
 
 CHINCHILLA = os.path.join(REPO, "tests", "data", "chinchilla_svg_extracted.csv")
 
@@ -56,8 +57,7 @@ def sweep_config(path, data: str, runs: str, **extra) -> str:
 
 
 def _losses(run_dir: str) -> list[tuple[int, float]]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(run_dir)
     return [(r["step"], r["loss"] if r["kind"] == "train" else r["val_loss"]) for r in rows]
 
 
@@ -111,8 +111,14 @@ def test_sweep_trains_the_grid_resumes_after_a_kill_and_reports(tiny_data, tmp_p
         assert float(row["D"]) == p["tokens"] and float(row["C"]) == pytest.approx(p["flops"])
         assert int(row["N"]) == p["params_non_embedding"]
     fit = json.load(open(os.path.join(report, "fit.json")))
-    assert fit["surface"]["n_points"] == 6 and set(fit["surface"]["ci"]) >= {"E", "alpha"}
-    assert fit["targets"][0]["C"] == 1.0e11 and fit["targets"][0]["surface_N"] > 0
+    s = fit["surface"]
+    assert s["n_points"] == 6 and set(s["ci"]) >= {"E", "alpha"}
+    # the target's compute-optimal (N, D) and loss lie on the fitted L(N, D)
+    t = fit["targets"][0]
+    assert t["C"] == 1.0e11
+    n, d = t["surface_N"], t["surface_D"]
+    law = s["E"] + s["A"] / n ** s["alpha"] + s["B"] / d ** s["beta"]
+    assert t["surface_loss"] == pytest.approx(law, rel=1e-9)
     md = open(os.path.join(report, "report.md")).read()
     assert "L(N, D) = E + A / N^α + B / D^β" in md and "N = parameters without" in md
     for png in ("loss_vs_flops.png", "isoflop.png", "surface.png", "residuals.png"):
