@@ -1,28 +1,20 @@
 """`lmforge finetune` config: the base model, the task and its data, and how to adapt.
 
-The optimizer, parallel, checkpoint and logging sections are pretraining's own (pretrain/config.py);
-only what differs for a labelled task is new here. The model's shape and tokenizer come from
+The run fields and the model, optimizer, parallel, checkpoint and logging sections are every
+run's (``RunConfig``, pretrain/config.py) and the loop's common fields ``LoopConfig``'s; only what
+differs for a labelled task is new here. The model's shape and tokenizer come from
 `init_from`; the run stores them (`model`, `tokenizer`) in its resolved config.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from omegaconf import MISSING
 
-from pretrain.config import (
-    CheckpointConfig,
-    LoggingConfig,
-    ModelConfig,
-    OptimConfig,
-    ParallelConfig,
-)
+from pretrain.config import LoopConfig, ModelConfig, OptimConfig, RunConfig
 from pretrain.errors import ConfigurationError
-
-TASKS = ("classification", "sft", "token_classification")
 
 
 @dataclass
@@ -88,25 +80,19 @@ class TaskConfig:
 
 
 @dataclass
-class FinetuneTrainConfig:
+class FinetuneTrainConfig(LoopConfig):
     """The finetuning loop (batches count examples, not tokens)."""
 
     micro_batch_size: int = 16
     """Examples per forward/backward on each rank."""
-    global_batch_size: int = 32
-    """Examples per optimizer step across all ranks; sets gradient accumulation."""
     max_steps: int | None = None
     """Optimizer steps. At most one of `max_steps` and `epochs`; neither = 1 epoch."""
-    epochs: float | None = None
-    """Passes over the training examples (rounded up to whole steps)."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Mixed precision, as in pretraining."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-    log_interval: int = 10
-    """Write a metrics row every this many steps."""
     eval_interval: int = 50
     """Validate (loss and task metrics) every this many steps, and at the end; 0 = at the end."""
+    global_batch_size: int = 32
+    """Examples per optimizer step across all ranks; sets gradient accumulation."""
+    epochs: float | None = None
+    """Passes over the training examples (rounded up to whole steps)."""
     eval_samples: int | None = None
     """Validation examples to use (the first ones); null = all."""
     samples: int = 3
@@ -114,10 +100,6 @@ class FinetuneTrainConfig:
     evaluation (greedy)."""
     sample_tokens: int = 48
     """sft: new tokens per logged generation."""
-    peak_flops: float | None = None
-    """Peak FLOP/s of one device for MFU; null = known GPUs table, else a matmul probe."""
-    deterministic: bool = True
-    """Ask torch for deterministic algorithms."""
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.epochs is not None:
@@ -126,15 +108,13 @@ class FinetuneTrainConfig:
                 f"(got max_steps={self.max_steps}, epochs={self.epochs}); clear the other with "
                 "train.epochs=null or train.max_steps=null"
             )
-        for name in ("micro_batch_size", "global_batch_size", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ConfigurationError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigurationError(f"`train.max_steps` must be >= 1, got {self.max_steps}")
+        if self.global_batch_size < 1:
+            raise ConfigurationError(
+                f"`train.global_batch_size` must be >= 1, got {self.global_batch_size}"
+            )
+        super().__post_init__()
         if self.epochs is not None and not self.epochs > 0:
             raise ConfigurationError(f"`train.epochs` must be > 0, got {self.epochs}")
-        if self.eval_interval < 0 or self.grad_clip < 0:
-            raise ConfigurationError("`train.eval_interval` and `train.grad_clip` must be >= 0")
         if self.eval_samples is not None and self.eval_samples < 1:
             raise ConfigurationError(f"`train.eval_samples` must be >= 1, got {self.eval_samples}")
 
@@ -192,13 +172,21 @@ class EarlyStoppingConfig:
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     """`lmforge finetune`: adapt a pretrained model to a labelled task."""
 
-    name: str = MISSING
-    """Run name: the run directory is `<runs_dir>/<name>`."""
-    runs_dir: str = "runs"
-    """Parent directory of run directories."""
+    seed: int = 1337
+    """Seed of the new weights (head, adapters), the data order and dropout."""
+    resume: str | None = None
+    """null: new run; `auto`: resume from the run's latest checkpoint; or a checkpoint dir."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Model shape: comes from init_from (only `model.dropout` may be set then)."""
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    """Training loop."""
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20, weight_decay=0.01)
+    )
+    """Optimizer and schedule."""
     init_from: str | None = None
     """The base model: an lmforge run (its latest checkpoint, or its best one), a checkpoint
     directory, a `consolidate`/`export` output, or a Hugging Face Llama directory with a
@@ -209,20 +197,8 @@ class FinetuneConfig:
     tokenizer: str | None = None
     """SentencePiece .model; null = init_from's. Given with init_from, it must be the same file
     (sha256)."""
-    seed: int = 1337
-    """Seed of the new weights (head, adapters), the data order and dropout."""
-    resume: str | None = None
-    """null: new run; `auto`: resume from the run's latest checkpoint; or a checkpoint dir."""
     task: TaskConfig = field(default_factory=TaskConfig)
     """The task and its data."""
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """Model shape: comes from init_from (only `model.dropout` may be set then)."""
-    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
-    """Training loop."""
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=20, weight_decay=0.01)
-    )
-    """Optimizer and schedule."""
     freeze: Literal["none", "trunk"] = "none"
     """trunk: train only the task head (embeddings and blocks frozen: a linear probe)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
@@ -232,18 +208,9 @@ class FinetuneConfig:
     scikit-learn); or comma-separated weights in label order, e.g. "1.0,3.0"."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Early stopping on a validation metric."""
-    parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Parallel strategy, as in pretraining."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Checkpointing."""
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
-    """Metric sinks."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
-            raise ConfigurationError(
-                f"`name`={self.name!r} must be a plain directory name (no '/')"
-            )
+        super().__post_init__()
         if self.init_from is None and self.tokenizer is None:
             raise ConfigurationError(
                 "set `init_from=runs/<pretrained run>` (or a checkpoint / export directory), or "
@@ -274,7 +241,3 @@ class FinetuneConfig:
                     f"`class_weights`={self.class_weights!r}: use none, balanced, or positive "
                     "comma-separated weights in label order"
                 )
-
-    @property
-    def run_dir(self) -> str:
-        return os.path.join(self.runs_dir, self.name)

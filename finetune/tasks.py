@@ -7,35 +7,22 @@ import json
 import os
 
 import torch
-import torch.nn.functional as F
 
 from finetune.data import IGNORE
 from finetune.metrics import ConfusionMatrix, EntityCounts, entity_types_from_labels
 from pretrain import dist as pdist
 from pretrain.checkpoint import best_checkpoint, mark_best, read_trainer_state, step_dir_name
+from pretrain.errors import ConfigurationError
+from pretrain.loss import CrossEntropyLoss
 from pretrain.metrics import truncate_metrics
-from pretrain.trainer import Callback, lm_cross_entropy
+from pretrain.trainer import Callback
 
 
-def make_loss(weights: list[float] | None):
+def make_loss(weights: list[float] | None) -> CrossEntropyLoss:
     """Cross-entropy of the model output (B, T, n_out) against labels (B, T) with -100 ignored:
-    every task's loss (finetune/data.py). Class ``weights`` give sum(w·loss) / sum(w), as
-    torch's weighted cross-entropy. ``output_loss`` is what a pipeline's last stage computes."""
-    if weights is None:
-        output_loss = lm_cross_entropy
-    else:
-
-        def output_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-            w = torch.tensor(weights, dtype=torch.float32, device=logits.device)
-            return F.cross_entropy(
-                logits.float().flatten(0, 1), labels.flatten(), weight=w, ignore_index=IGNORE
-            )
-
-    def loss_fn(model, batch):
-        return output_loss(model(batch["input_ids"]), batch["labels"])
-
-    loss_fn.output_loss = output_loss
-    return loss_fn
+    every task's loss (finetune/data.py), optionally class-weighted; ``output_loss`` is what a
+    pipeline's last stage computes."""
+    return CrossEntropyLoss(weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,8 +105,10 @@ def default_metric(task_type: str) -> str:
 class EarlyStopping(Callback):
     """Stop when the watched validation metric has not improved for ``patience`` evaluations.
     Every rank sees the same (all-reduced) eval row, so every rank stops after the same step.
-    Its counters are saved in checkpoints: a resumed run stops where the uninterrupted one
-    would, and a stopped run stays stopped."""
+    Its counters are saved in checkpoints (``state_key``): a resumed run stops where the
+    uninterrupted one would, and a stopped run stays stopped."""
+
+    state_key = "early_stopping"
 
     def __init__(
         self,
@@ -145,8 +134,6 @@ class EarlyStopping(Callback):
         if row["kind"] != "eval":
             return
         if self.metric not in row:
-            from pretrain.errors import ConfigurationError
-
             raise ConfigurationError(
                 f"early_stopping.metric={self.metric!r} is not in the eval rows (keys: "
                 f"{', '.join(k for k in row if k not in ('kind', 'step'))})"
@@ -173,9 +160,11 @@ class EarlyStopping(Callback):
             mark_best(self.keep_best_in, self.best_step)
 
     def on_train_start(self, trainer) -> None:
-        """After a resume: the mark follows the restored counters (a crash may have come
-        between a best's save and its mark; an explicit earlier resume=... abandons bests
-        past it)."""
+        """After a resume: a run that had stopped early has nothing left to do, and the mark
+        follows the restored counters (a crash may have come between a best's save and its
+        mark; an explicit earlier resume=... abandons bests past it)."""
+        if self.stopped:
+            trainer.total_steps = trainer.state.step
         if not (self.keep_best_in and trainer.strategy.is_main):
             return
         if self.best_step and os.path.isdir(

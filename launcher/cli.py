@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 EPILOG = """\
 Config arguments apply in order, later wins:
@@ -352,11 +353,14 @@ def _scaling(args: argparse.Namespace) -> int:
     from pretrain.errors import ConfigurationError
 
     if args.scaling_command == "sweep":
+        from launcher.slurm import SlurmArrays
         from pretrain.config import load_config
         from scaling.config import ScalingConfig
         from scaling.sweep import sweep
 
-        return sweep(load_config(ScalingConfig, args.config), dry_run=args.dry_run, wait=args.wait)
+        cfg = load_config(ScalingConfig, args.config)
+        jobs = SlurmArrays(cfg.slurm) if cfg.launcher == "slurm" else None
+        return sweep(cfg, dry_run=args.dry_run, wait=args.wait, jobs=jobs)
     if args.scaling_command == "fit":
         from scaling.report import fit_sources
 
@@ -374,232 +378,209 @@ def _scaling(args: argparse.Namespace) -> int:
     raise ConfigurationError("lmforge scaling needs a subcommand: sweep CONFIG or fit SOURCE")
 
 
-def _run(args: argparse.Namespace, argv: list[str]) -> int:
+def _print_config(args: argparse.Namespace, argv: list[str]) -> int:
     from pretrain.config import describe_keys, load_config, to_yaml
-    from pretrain.dist import print0
 
-    if args.command == "print-config":
-        schema = _schema(args.target)
-        if args.keys:
-            print(describe_keys(schema))
-        else:
-            print(to_yaml(load_config(schema, args.config)), end="")
+    schema = _schema(args.target)
+    if args.keys:
+        print(describe_keys(schema))
+    else:
+        print(to_yaml(load_config(schema, args.config)), end="")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, argv: list[str]) -> int:
+    from pretrain.config import PrepareConfig, load_config, to_yaml
+
+    if args.verify:
+        from pretrain.prepare import verify_shards
+
+        verify_shards(args.verify)
+        print(f"{args.verify}: every shard matches its manifest")
         return 0
-
-    if args.command == "prepare":
-        from pretrain.config import PrepareConfig
-
-        if args.verify:
-            from pretrain.prepare import verify_shards
-
-            verify_shards(args.verify)
-            print(f"{args.verify}: every shard matches its manifest")
-            return 0
-        cfg = load_config(PrepareConfig, args.config)
-        if args.dry_run:
-            print(to_yaml(cfg), end="")
-            return 0
-        from pretrain.prepare import prepare
-
-        prepare(cfg)
+    cfg = load_config(PrepareConfig, args.config)
+    if args.dry_run:
+        print(to_yaml(cfg), end="")
         return 0
+    from pretrain.prepare import prepare
 
-    if args.command == "pretrain":
-        from pretrain.config import PretrainConfig
-        from pretrain.memory import plan_memory
-        from pretrain.parallel import check_layout
+    prepare(cfg)
+    return 0
 
-        cfg = load_config(PretrainConfig, args.config)  # fail fast, before any process starts
-        if args.dry_run:
-            from pretrain.flops import flops_per_token, param_counts
-            from pretrain.prepare import load_manifest
 
-            print(to_yaml(cfg), end="")
-            cfg.model.vocab_size = load_manifest(cfg.data.path)["tokenizer"]["vocab_size"]
-            c = param_counts(cfg.model)
-            print(
-                f"# params: {c['total']:,} total, {c['non_embedding']:,} non-embedding; "
-                f"{flops_per_token(cfg.model, cfg.train.seq_len):,} training FLOPs/token"
-            )
-            degrees = check_layout(cfg.parallel, cfg.model, world_size=args.nproc)
-            print(
-                "# layout: "
-                + " x ".join(f"{k} {v}" for k, v in degrees.items() if k != "world")
-                + f" = {args.nproc} rank(s)"
-            )
-            estimate, available, source = plan_memory(
-                cfg, world_size=args.nproc, local_ranks=args.nproc
-            )
-            print(
-                f"# memory per rank (estimate): {estimate.describe()} of "
-                f"{available / 2**30:.1f} GiB ({source})"
-            )
-            return 0
-        if "LOCAL_RANK" not in os.environ:  # before any process starts: layout and memory
-            from pretrain.prepare import load_manifest
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    """pretrain and finetune: check everything that can fail before any process starts (config,
+    data, base model, layout, memory), then run here or in ``--nproc`` local processes."""
+    from launcher.commands import load_command_config, workload
+    from pretrain.config import to_yaml
 
-            check_layout(cfg.parallel, cfg.model, world_size=args.nproc)
-            cfg.model.vocab_size = (
-                cfg.model.vocab_size or load_manifest(cfg.data.path)["tokenizer"]["vocab_size"]
-            )
-            plan_memory(cfg, world_size=args.nproc, local_ranks=args.nproc)
-        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-            return _launch_workers(argv, args.nproc, cfg.run_dir)
-        from pretrain.run import run_pretrain
+    work = workload(args.command, load_command_config(args.command, args.config))
+    if args.dry_run:
+        print(to_yaml(work.cfg), end="")
+        plan = work.preflight(world_size=args.nproc, local_ranks=args.nproc)
+        for line in work.dry_run_lines():
+            print(f"# {line}")
+        print(f"# layout: {plan.layout.describe()}")
+        print(f"# memory per rank (estimate): {plan.describe_memory()}")
+        return 0
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # bad data, base, tokenizer, layout or memory: one line here, before any worker starts
+        work.preflight(world_size=args.nproc, local_ranks=args.nproc)
+        return _launch_workers(argv, args.nproc, work.cfg.run_dir)
+    from pretrain.session import run_session
 
-        # 0 when done; 128 + signal when SIGUSR1/SIGTERM stopped it early (after saving)
-        return run_pretrain(cfg)["exit_code"]
+    # 0 when done; 128 + signal when SIGUSR1/SIGTERM stopped it early (after saving)
+    return run_session(work)["exit_code"]
 
-    if args.command == "finetune":
-        from finetune.config import FinetuneConfig
 
-        cfg = load_config(FinetuneConfig, args.config)  # fail fast, before any process starts
-        if args.dry_run:
-            print(to_yaml(cfg), end="")
-            return 0
-        if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
-            from finetune.run import prepare_run
-            from pretrain.parallel import check_layout
+def _launch(args: argparse.Namespace, argv: list[str]) -> int:
+    from launcher.commands import TRAINING_COMMANDS, load_command_config
+    from launcher.local import launch
+    from pretrain.errors import ConfigurationError
 
-            prepare_run(cfg)  # bad data, base or tokenizer: one line here, before any worker
-            check_layout(cfg.parallel, cfg.model, world_size=args.nproc)
-            return _launch_workers(argv, args.nproc, cfg.run_dir)
-        from finetune.run import run_finetune
-
-        return run_finetune(cfg)["exit_code"]
-
-    if args.command == "scaling":
-        return _scaling(args)
-
-    if args.command == "launch":
-        from launcher.local import launch
-        from pretrain.errors import ConfigurationError
-
-        args.cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
-        if not args.cmd or args.cmd[0] in ("launch", "submit"):
-            raise ConfigurationError(
-                "lmforge launch needs the command to run, e.g. "
-                "`lmforge launch --nproc 2 pretrain configs/pretrain/demo.yaml`"
-            )
-        log_dir = args.log_dir
-        if log_dir is None and args.cmd[0] in ("pretrain", "finetune"):
-            overrides = [a for a in args.cmd[1:] if not a.startswith("-")]
-            log_dir = os.path.join(load_config(_schema(args.cmd[0]), overrides).run_dir, "logs")
-        # Under srun each node's launcher finds its place in SLURM's variables.
-        nnodes = args.nnodes or int(os.environ.get("SLURM_NNODES", "1"))
-        node_rank = args.node_rank
-        if node_rank is None:
-            node_rank = int(os.environ.get("SLURM_NODEID", "0"))
-        return launch(
-            args.cmd,
-            nproc=args.nproc,
-            nnodes=nnodes,
-            node_rank=node_rank,
-            master_addr=args.master_addr,
-            master_port=args.master_port,
-            rdzv_endpoint=args.rdzv_endpoint,
-            log_dir=log_dir,
+    args.cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not args.cmd or args.cmd[0] in ("launch", "submit"):
+        raise ConfigurationError(
+            "lmforge launch needs the command to run, e.g. "
+            "`lmforge launch --nproc 2 pretrain configs/pretrain/demo.yaml`"
         )
+    log_dir = args.log_dir
+    if log_dir is None and args.cmd[0] in TRAINING_COMMANDS:
+        log_dir = os.path.join(load_command_config(args.cmd[0], args.cmd[1:]).run_dir, "logs")
+    # Under srun each node's launcher finds its place in SLURM's variables.
+    nnodes = args.nnodes or int(os.environ.get("SLURM_NNODES", "1"))
+    node_rank = args.node_rank
+    if node_rank is None:
+        node_rank = int(os.environ.get("SLURM_NODEID", "0"))
+    return launch(
+        args.cmd,
+        nproc=args.nproc,
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        rdzv_endpoint=args.rdzv_endpoint,
+        log_dir=log_dir,
+    )
 
-    if args.command == "submit":
-        from launcher.slurm import SlurmProfile, submit_chain
 
-        submit_chain(
-            load_config(SlurmProfile, args.config),
-            command=args.cmd,
-            job_name=args.name,
-            dependency=args.dependency,
-            array=args.array,
-            out_dir=args.out_dir,
-            dry_run=args.dry_run,
-        )
-        return 0
+def _submit(args: argparse.Namespace, argv: list[str]) -> int:
+    from launcher.slurm import SlurmProfile, submit_chain
+    from pretrain.config import load_config
 
-    if args.command == "runs":
-        from launcher.runs import describe_runs
+    submit_chain(
+        load_config(SlurmProfile, args.config),
+        command=args.cmd,
+        job_name=args.name,
+        dependency=args.dependency,
+        array=args.array,
+        out_dir=args.out_dir,
+        dry_run=args.dry_run,
+    )
+    return 0
 
-        print(describe_runs(args.runs_dir, args.names or None, tail=args.tail))
-        return 0
 
-    if args.command == "consolidate":
-        from pretrain.consolidate import consolidate
+def _runs(args: argparse.Namespace, argv: list[str]) -> int:
+    from launcher.runs import describe_runs
 
-        consolidate(args.path, out=args.out, dtype=args.dtype)
-        return 0
+    print(describe_runs(args.runs_dir, args.names or None, tail=args.tail))
+    return 0
 
-    if args.command == "export":
-        from finetune.export import export
 
-        export(args.path, out=args.out, dtype=args.dtype)
-        return 0
+def _consolidate(args: argparse.Namespace, argv: list[str]) -> int:
+    from pretrain.consolidate import consolidate
 
-    if args.command == "generate":
-        from finetune.inference import generate
+    consolidate(args.path, out=args.out, dtype=args.dtype)
+    return 0
 
-        generate(
-            args.path,
-            prompt=args.prompt,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            seed=args.seed,
-            raw=args.raw,
-        )
-        return 0
 
-    if args.command == "evaluate":
-        from finetune.inference import perplexity, print_json, task_metrics
-        from pretrain.errors import ConfigurationError
+def _export(args: argparse.Namespace, argv: list[str]) -> int:
+    from finetune.export import export
 
-        if bool(args.text) == bool(args.data):
-            raise ConfigurationError("give one of --text FILE ... (perplexity) or --data FILE")
-        if args.text:
-            result = perplexity(args.path, files=args.text, seq_len=args.seq_len)
-        else:
-            columns = dict(c.split("=", 1) for c in args.column if "=" in c)
-            result = task_metrics(args.path, data=args.data, **columns)
-        print_json(result, args.out)
-        return 0
+    export(args.path, out=args.out, dtype=args.dtype)
+    return 0
 
-    if args.command == "bench" and args.strategies:
-        from pretrain.bench import run_strategy_bench
-        from pretrain.errors import ConfigurationError
 
+def _generate(args: argparse.Namespace, argv: list[str]) -> int:
+    from finetune.inference import generate
+
+    generate(
+        args.path,
+        prompt=args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        raw=args.raw,
+    )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
+    from finetune.inference import perplexity, print_json, task_metrics
+    from pretrain.errors import ConfigurationError
+
+    if bool(args.text) == bool(args.data):
+        raise ConfigurationError("give one of --text FILE ... (perplexity) or --data FILE")
+    if args.text:
+        result = perplexity(args.path, files=args.text, seq_len=args.seq_len)
+    else:
+        columns = dict(c.split("=", 1) for c in args.column if "=" in c)
+        result = task_metrics(args.path, data=args.data, **columns)
+    print_json(result, args.out)
+    return 0
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from pretrain import bench
+    from pretrain.errors import ConfigurationError
+
+    if args.strategies:
         if not args.data:
             raise ConfigurationError("--strategies needs --data DIR (run `make demo` for one)")
-        precision = args.precisions.split(",")[0]
-        run_strategy_bench(
+        bench.run_strategy_bench(
             data=args.data,
             strategies=args.strategies.split(","),
             nproc=args.nproc,
             steps=args.steps,
-            precision=precision,
+            precision=args.precisions.split(",")[0],
             out=args.out,
         )
-        return 0
-    if args.command == "bench" and args.generate:
-        from pretrain.bench import run_generate_bench
-
-        run_generate_bench(
+    elif args.generate:
+        bench.run_generate_bench(
             models=args.models.split(","),
             precisions=args.precisions.split(","),
             new_tokens=args.new_tokens,
             out=args.out,
         )
-        return 0
-    if args.command == "bench":
-        from pretrain.bench import run_bench
-
-        run_bench(
+    else:
+        bench.run_bench(
             models=args.models.split(","),
             precisions=args.precisions.split(","),
             steps=args.steps,
             out=args.out,
         )
-        return 0
-    print0(f"unknown command {args.command}")
-    return 2
+    return 0
+
+
+# command -> handler(args, argv) -> exit code; each handler imports what it needs, so that
+# `lmforge --help` stays fast.
+HANDLERS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
+    "print-config": _print_config,
+    "prepare": _prepare,
+    "pretrain": _train,
+    "finetune": _train,
+    "scaling": lambda args, argv: _scaling(args),
+    "launch": _launch,
+    "submit": _submit,
+    "runs": _runs,
+    "consolidate": _consolidate,
+    "export": _export,
+    "generate": _generate,
+    "evaluate": _evaluate,
+    "bench": _bench,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -624,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
 
     in_worker = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
     try:
-        code = _run(args, argv)
+        code = HANDLERS[args.command](args, argv)
     except LMForgeError as exc:
         if args.debug:
             raise

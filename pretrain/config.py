@@ -1,18 +1,21 @@
 """Structured configs: dataclass defaults -> YAML files -> dotted overrides (omegaconf).
 
-Every field has a docstring (shown by ``lmforge print-config --help-keys``). Cross-field checks live
+Every field has a docstring (shown by ``lmforge print-config --keys``). Cross-field checks live
 in ``__post_init__`` so that ``OmegaConf.to_object`` runs them; their messages name the key and the
 fix. Derived values are properties, never stored fields.
 
-CLI contract (DESIGN.md): ``lmforge <command> [CONFIG.yaml ...] [section=PRESET.yaml ...]
+CLI contract: ``lmforge <command> [CONFIG.yaml ...] [section=PRESET.yaml ...]
 [dotted.key=value ...]``: applied in order, later wins.
 """
 
 from __future__ import annotations
 
+import ast
 import difflib
+import inspect
 import math
 import os
+import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
@@ -25,6 +28,7 @@ from omegaconf.errors import (
 )
 
 from pretrain.errors import ConfigurationError
+from pretrain.layout import check_parallel_options
 
 # --------------------------------------------------------------------------------------------
 # prepare
@@ -224,19 +228,14 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
-    """The training loop."""
+class LoopConfig:
+    """What every training loop has: the base of pretraining's and finetuning's `train`
+    sections (pretrain/session.py reads these)."""
 
-    seq_len: int = 256
-    """Tokens per training sample (context length)."""
     micro_batch_size: int = 8
     """Samples per forward/backward on each rank."""
-    global_batch_tokens: int = 16384
-    """Tokens per optimizer step across all ranks; sets gradient accumulation steps."""
     max_steps: int | None = None
-    """Optimizer steps to run. Exactly one of `max_steps` and `max_tokens`."""
-    max_tokens: int | None = None
-    """Training tokens to run (rounded up to whole steps)."""
+    """Optimizer steps to run."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Mixed precision: auto = bf16 where supported (CPU with bf16 ops, Ampere+), else fp16 on
     GPUs, else fp32."""
@@ -246,8 +245,6 @@ class TrainConfig:
     """Write a metrics row every this many steps (and at checkpoints and the end)."""
     eval_interval: int = 100
     """Validate every this many steps (and at the end); 0 = only at the end."""
-    eval_samples: int = 256
-    """Validation samples (the first windows of the val split, split across ranks)."""
     compile: bool = False
     """Compile the model with torch.compile."""
     peak_flops: float | None = None
@@ -256,26 +253,42 @@ class TrainConfig:
     """Ask torch for deterministic algorithms (needed for bitwise resume on GPUs)."""
 
     def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigurationError(f"`train.max_steps` must be >= 1, got {self.max_steps}")
+        if self.eval_interval < 0 or self.grad_clip < 0:
+            raise ConfigurationError("`train.eval_interval` and `train.grad_clip` must be >= 0")
+
+
+@dataclass
+class TrainConfig(LoopConfig):
+    """The training loop."""
+
+    max_steps: int | None = None
+    """Optimizer steps to run. Exactly one of `max_steps` and `max_tokens`."""
+    seq_len: int = 256
+    """Tokens per training sample (context length)."""
+    global_batch_tokens: int = 16384
+    """Tokens per optimizer step across all ranks; sets gradient accumulation steps."""
+    max_tokens: int | None = None
+    """Training tokens to run (rounded up to whole steps)."""
+    eval_samples: int = 256
+    """Validation samples (the first windows of the val split, split across ranks)."""
+
+    def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_tokens is not None:
             raise ConfigurationError(
                 "can't provide both `train.max_steps` and `train.max_tokens`; choose one "
                 f"(got max_steps={self.max_steps}, max_tokens={self.max_tokens})"
             )
-        for name in (
-            "seq_len",
-            "micro_batch_size",
-            "global_batch_tokens",
-            "log_interval",
-            "eval_samples",
-        ):
+        for name in ("seq_len", "global_batch_tokens", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigurationError(f"`train.max_steps` must be >= 1, got {self.max_steps}")
+        super().__post_init__()
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigurationError(f"`train.max_tokens` must be >= 1, got {self.max_tokens}")
-        if self.eval_interval < 0 or self.grad_clip < 0:
-            raise ConfigurationError("`train.eval_interval` and `train.grad_clip` must be >= 0")
 
     def total_steps(self) -> int:
         if self.max_steps is not None:
@@ -398,50 +411,7 @@ class ParallelConfig:
     suggesting one that fits. false: try anyway."""
 
     def __post_init__(self) -> None:
-        ds_only = {
-            "zero_stage": self.zero_stage is not None,
-            "offload_optimizer": self.offload_optimizer,
-            "offload_params": self.offload_params,
-            "deepspeed_config": self.deepspeed_config is not None,
-        }
-        for key in ("tensor_parallel", "pipeline_parallel"):
-            if getattr(self, key) < 1:
-                raise ConfigurationError(f"`parallel.{key}` must be >= 1, got {getattr(self, key)}")
-        if self.strategy == "deepspeed" and (
-            self.tensor_parallel > 1 or self.pipeline_parallel > 1
-        ):
-            raise ConfigurationError(
-                "`parallel.tensor_parallel`/`pipeline_parallel` > 1 run under strategy ddp or fsdp "
-                "(DTensor / torch pipelining), not deepspeed; set parallel.strategy=ddp or fsdp"
-            )
-        if self.pipeline_parallel > 1 and (self.strategy != "ddp" or self.tensor_parallel > 1):
-            raise ConfigurationError(
-                f"`parallel.pipeline_parallel={self.pipeline_parallel}` combines with data "
-                f"parallel only (strategy=ddp, tensor_parallel=1); got strategy={self.strategy}, "
-                f"tensor_parallel={self.tensor_parallel}"
-            )
-        if self.strategy != "deepspeed":
-            for key, used in ds_only.items():
-                if used:
-                    raise ConfigurationError(
-                        f"`parallel.{key}` needs `parallel.strategy=deepspeed` (got "
-                        f"strategy={self.strategy})"
-                    )
-            return
-        if self.stage not in (0, 1, 2, 3):
-            raise ConfigurationError(f"`parallel.zero_stage` must be 0-3, got {self.zero_stage}")
-        if self.offload_optimizer and self.stage == 0:
-            raise ConfigurationError(
-                "`parallel.offload_optimizer` needs ZeRO stage >= 1; set parallel.zero_stage"
-            )
-        if self.offload_params and self.stage != 3:
-            raise ConfigurationError(
-                f"`parallel.offload_params` needs parallel.zero_stage=3 (got {self.stage})"
-            )
-        if self.deepspeed_config is not None and not os.path.isfile(self.deepspeed_config):
-            raise ConfigurationError(
-                f"`parallel.deepspeed_config`: no such file {self.deepspeed_config}"
-            )
+        check_parallel_options(self)
 
     @property
     def stage(self) -> int:
@@ -449,8 +419,10 @@ class ParallelConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """`lmforge pretrain`: train a GPT-style model on prepared data."""
+class RunConfig:
+    """What every training command's config has (pretrain, finetune): the run's name and
+    directory, its seed, resume, and the model, loop, optimizer, parallel, checkpoint and
+    logging sections. The run session (pretrain/session.py) reads only these."""
 
     name: str = MISSING
     """Run name: the run directory is `<runs_dir>/<name>`."""
@@ -461,39 +433,50 @@ class PretrainConfig:
     resume: str | None = None
     """null: start a new run (error if the run exists); `auto`: resume from the latest checkpoint
     of the run (or start if none); or a checkpoint directory to resume from."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Prepared data."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model shape (presets in configs/model/)."""
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: LoopConfig = field(default_factory=LoopConfig)
     """Training loop."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and schedule."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    """Parallel strategy."""
+    """Parallel strategy (presets in configs/parallel/)."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metric sinks."""
 
     def __post_init__(self) -> None:
-        if self.train.max_steps is None and self.train.max_tokens is None:
-            raise ConfigurationError(
-                "set the run length: `train.max_steps=N` or `train.max_tokens=N`"
-            )
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigurationError(
                 f"`name`={self.name!r} must be a plain directory name (no '/')"
-            )
-        if self.train.seq_len > self.model.max_seq_len:
-            raise ConfigurationError(
-                f"`train.seq_len`={self.train.seq_len} exceeds `model.max_seq_len`="
-                f"{self.model.max_seq_len}; raise model.max_seq_len or lower train.seq_len"
             )
 
     @property
     def run_dir(self) -> str:
         return os.path.join(self.runs_dir, self.name)
+
+
+@dataclass
+class PretrainConfig(RunConfig):
+    """`lmforge pretrain`: train a GPT-style model on prepared data."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Prepared data."""
+
+    def __post_init__(self) -> None:
+        if self.train.max_steps is None and self.train.max_tokens is None:
+            raise ConfigurationError(
+                "set the run length: `train.max_steps=N` or `train.max_tokens=N`"
+            )
+        super().__post_init__()
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ConfigurationError(
+                f"`train.seq_len`={self.train.seq_len} exceeds `model.max_seq_len`="
+                f"{self.model.max_seq_len}; raise model.max_seq_len or lower train.seq_len"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,12 +574,17 @@ def to_container(obj: Any) -> dict:
 
 
 def describe_keys(schema: type) -> str:
-    """Every key with its type, default and docstring, from the dataclass sources."""
-    import ast
-    import inspect
-    import textwrap
+    """Every key with its type, default and docstring, from the dataclass sources (a field's
+    docstring is the one of the most derived class that declares it)."""
 
     def docs_of(cls: type) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for base in reversed(cls.__mro__):
+            if is_dataclass(base):
+                out.update(docs_declared_in(base))
+        return out
+
+    def docs_declared_in(cls: type) -> dict[str, str]:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
         body = tree.body[0].body  # type: ignore[attr-defined]
         out: dict[str, str] = {}

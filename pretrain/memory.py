@@ -25,10 +25,13 @@ temporary buffers of single kernels; hence the 10% margin of the check.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
 from pretrain.errors import ConfigurationError
+from pretrain.layout import Layout
+from pretrain.parallel.common import resolve_precision, use_cuda
 
 GiB = 1024**3
 
@@ -99,8 +102,8 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Per-rank bytes of a layout on its busiest rank (``model`` is a ModelConfig with
     vocab_size set; ``precision`` is resolved: fp32, bf16 or fp16)."""
-    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    dp = max(1, world_size // (tp * pp))
+    layout = Layout(parallel, world_size)
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
     s = _param_split(model)
     d, F, V = model.d_model, model.hidden_dim, model.vocab_size
     layers = -(-s["layers"] // pp)  # blocks of the largest (first) stage
@@ -111,19 +114,14 @@ def estimate_memory(
     else:  # the first stage holds the embeddings, the last one (fewest blocks) the head
         n_local = max(layers * block + embedding, (s["layers"] // pp) * block + head)
 
-    ds = parallel.strategy == "deepspeed"
-    stage = parallel.stage if ds else 0
-    fsdp = parallel.strategy == "fsdp"
+    ds = layout.strategy == "deepspeed"
     half = precision in ("bf16", "fp16")
     param_bytes = 2 if (ds and half) else 4
-    shard_params = fsdp or stage == 3
-    shard_grads = fsdp or stage >= 2
-    shard_optim = fsdp or stage >= 1
 
-    params = n_local * param_bytes / (dp if shard_params else 1)
-    grads = n_local * param_bytes / (dp if shard_grads else 1)
+    params = n_local * param_bytes / (dp if layout.shards_params else 1)
+    grads = n_local * param_bytes / (dp if layout.shards_grads else 1)
     optim_per_param = 8 + (4 if ds else 0)  # + DeepSpeed's fp32 master partition
-    optimizer = n_local * optim_per_param / (dp if shard_optim else 1)
+    optimizer = n_local * optim_per_param / (dp if layout.shards_optimizer else 1)
     offloaded = 0.0
     if ds and parallel.offload_optimizer:
         offloaded += optimizer
@@ -150,7 +148,7 @@ def estimate_memory(
         activations = tokens * (max(first, last) + recompute)
 
     working = 0.0
-    if fsdp or stage == 3:  # about two blocks gathered at a time, in the compute dtype
+    if layout.shards_params:  # about two blocks gathered at a time, in the compute dtype
         working = 2 * block * (2 if half else 4)
     elif half and not ds:  # autocast's bf16 copies of the matmul weights, held until backward
         # (checkpointed blocks drop theirs and cast again when recomputed); the head is V*d
@@ -204,8 +202,6 @@ def suggest_layout(
     device_type: str,
 ) -> str | None:
     """The first of a few standard remedies whose estimate fits, as overrides to add."""
-    import dataclasses
-
     ac = {"activation_checkpointing": True}
     fsdp = {"strategy": "fsdp", "tensor_parallel": parallel.tensor_parallel}
     offload = {
@@ -260,37 +256,38 @@ def suggest_layout(
     return None
 
 
-def plan_memory(cfg, *, world_size: int, local_ranks: int) -> tuple[MemoryEstimate, float, str]:
-    """The estimate for a PretrainConfig (model.vocab_size set) on ``world_size`` ranks, with
-    what one rank has; raises ConfigurationError when it does not fit (unless
-    parallel.check_memory=false)."""
-    from pretrain.parallel.common import resolve_precision, use_cuda
-
+def plan_memory(
+    model,
+    *,
+    layout: Layout,
+    precision: str,
+    micro_batch_size: int,
+    seq_len: int,
+    grad_accum: int,
+    local_ranks: int,
+) -> tuple[MemoryEstimate, float, str]:
+    """The estimate of a run (``model``: its ModelConfig, vocab_size set; ``precision`` as
+    configured, auto resolved here) on ``layout``, with what one rank has; raises
+    ConfigurationError when it does not fit (unless parallel.check_memory=false)."""
     device_type = "cuda" if use_cuda() else "cpu"
-    precision = resolve_precision(cfg.train.precision, device_type=device_type)
-    t = cfg.train
-    dp = max(1, world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel))
     args = dict(
-        world_size=world_size,
-        precision=precision,
-        micro_batch_size=t.micro_batch_size,
-        seq_len=t.seq_len,
-        grad_accum=max(1, t.global_batch_tokens // (t.seq_len * t.micro_batch_size * dp)),
+        world_size=layout.world_size,
+        precision=resolve_precision(precision, device_type=device_type),
+        micro_batch_size=micro_batch_size,
+        seq_len=seq_len,
+        grad_accum=grad_accum,
     )
-    estimate = estimate_memory(cfg.model, parallel=cfg.parallel, **args)
+    parallel = layout.parallel
+    estimate = estimate_memory(model, parallel=parallel, **args)
     available, source = device_memory(device_type, local_ranks=local_ranks)
-    if cfg.parallel.check_memory:
+    if parallel.check_memory:
         check_fits(
             estimate,
             available=available,
             source=source,
             device_type=device_type,
             suggest=lambda: suggest_layout(
-                cfg.model,
-                parallel=cfg.parallel,
-                available=available,
-                device_type=device_type,
-                **args,
+                model, parallel=parallel, available=available, device_type=device_type, **args
             ),
         )
     return estimate, available, source

@@ -1,12 +1,15 @@
 """A small training loop that pretraining and finetuning share.
 
 The loop is fixed: one step's micro-batches -> forward/backward (the strategy's: gradient
-reduction on the last micro-batch, or a pipeline schedule) -> clip -> optimizer and schedule step. Everything else plugs in:
+reduction on the last micro-batch, or a pipeline schedule) -> clip -> optimizer and schedule
+step. Everything else plugs in:
 
-- ``loss_fn(model, batch) -> scalar loss`` (causal LM by default; finetuning passes its own),
-- callbacks (progress bar, metric sinks, early stopping, signal handling) see every step and row,
+- ``loss_fn(model, batch) -> scalar loss`` (pretrain/loss.py; causal LM by default, finetuning
+  passes its own),
+- callbacks (progress bar, metric sinks, early stopping, signal handling) see every step and
+  row, hear about errors, and may keep state that the checkpoint saves and a resume restores,
 - ``save_fn(trainer) -> path`` writes a checkpoint when the cadence says so,
-- the strategy (pretrain/parallel.py) decides how gradients are reduced and state is sharded,
+- the strategy (pretrain/parallel/) decides how gradients are reduced and state is sharded,
 - an ``evaluator`` adds task metrics (accuracy, F1, ...) to the validation rows: it sees the
   model output of every validation batch and returns counts that are summed over the ranks.
 
@@ -15,40 +18,57 @@ Host syncs happen only on logging steps: the loss is accumulated on the device i
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain import dist as pdist
 from pretrain.durable import fault_point
 from pretrain.errors import TrainingError
-
-Batch = dict[str, torch.Tensor]
-LossFn = Callable[[nn.Module, Batch], torch.Tensor]
-
-
-def lm_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of logits (B, T, V) against labels (B, T); labels of -100
-    are ignored. Computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+from pretrain.loss import Batch, LossFn, StageLoss, causal_lm_loss
+from pretrain.parallel.common import Strategy
 
 
-def causal_lm_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """The pretraining loss: next-token cross-entropy of the model's logits."""
-    return lm_cross_entropy(model(batch["input_ids"]), batch["labels"])
+class StepBatches(Protocol):
+    """The training data as the trainer reads it: one optimizer step's micro-batches at a
+    time, with a position that checkpoints save (pretrain.data.TrainBatches)."""
+
+    def next_step(self) -> list[Batch]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
-# The loss from the model output and labels alone: what a pipeline's last stage computes.
-causal_lm_loss.output_loss = lm_cross_entropy
+class Evaluator(Protocol):
+    """Task metrics of the validation rows from the model output (finetune/tasks.py)."""
+
+    def reset(self) -> None: ...
+
+    def update(self, logits: torch.Tensor, batch: Batch) -> None: ...
+
+    def counts(self) -> torch.Tensor: ...
+
+    def compute(self, counts: torch.Tensor) -> dict: ...
 
 
 class Callback:
-    """Hooks into the loop; override what you need. ``trainer`` gives access to everything."""
+    """Hooks into the loop; override what you need. ``trainer`` gives access to everything.
+
+    A callback with a ``state_key`` keeps state across a resume: ``state_dict()`` is saved in
+    every checkpoint under that key and ``load_state_dict`` gets it back before
+    ``on_train_start``. ``on_error`` hears of an exception that ends ``fit`` (before
+    ``on_train_end``, which runs whatever happened)."""
+
+    state_key: str | None = None
 
     def on_train_start(self, trainer: Trainer) -> None: ...
 
@@ -58,7 +78,14 @@ class Callback:
 
     def on_checkpoint(self, trainer: Trainer, path: str) -> None: ...
 
+    def on_error(self, trainer: Trainer, error: BaseException) -> None: ...
+
     def on_train_end(self, trainer: Trainer) -> None: ...
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 @dataclass
@@ -77,9 +104,9 @@ class Trainer:
         *,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        scheduler,
-        strategy,
-        train_batches,
+        scheduler: LRScheduler,
+        strategy: Strategy,
+        train_batches: StepBatches,
         val_batches: Callable[[], Iterable[Batch]] | None,
         total_steps: int,
         tokens_per_step: int | None,
@@ -93,7 +120,7 @@ class Trainer:
         loss_fn: LossFn = causal_lm_loss,
         callbacks: Iterable[Callback] = (),
         state: TrainerState | None = None,
-        evaluator=None,
+        evaluator: Evaluator | None = None,
     ) -> None:
         """``tokens_per_step`` None: steps differ in size (padded task examples) and the
         batches say how many tokens the last step trained on (``train_batches.last_step_tokens``,
@@ -133,11 +160,17 @@ class Trainer:
         callback asks; every rank must call it, as every rank sees the same eval row)."""
         self._save = True
 
+    def _stateful(self) -> Iterator[Callback]:
+        return (cb for cb in self.callbacks if cb.state_key)
+
     def state_dict(self) -> dict:
+        """What a checkpoint saves of the loop: counters, schedule, data position, and the
+        state of every callback that has a ``state_key`` (under that key)."""
         return {
             **asdict(self.state),
             "scheduler": self.scheduler.state_dict(),
             "data": self.train_batches.state_dict(),
+            **{cb.state_key: cb.state_dict() for cb in self._stateful()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -146,15 +179,37 @@ class Trainer:
         )
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_batches.load_state_dict(state["data"])
+        for cb in self._stateful():
+            if state.get(cb.state_key):
+                cb.load_state_dict(state[cb.state_key])
 
     def _emit(self, hook: str, *args) -> None:
         for cb in self.callbacks:
             getattr(cb, hook)(self, *args)
 
+    def _emit_after_error(self, hook: str, *args) -> None:
+        """Every callback hears ``hook`` even if another one fails: the error that ended the
+        loop is the one to report."""
+        for cb in self.callbacks:
+            with contextlib.suppress(Exception):
+                getattr(cb, hook)(self, *args)
+
     # --- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainerState:
+        """Train until ``total_steps`` or a stop request; every callback's ``on_train_end``
+        runs however the loop ends (sinks are closed after an error too)."""
+        try:
+            self._emit("on_train_start")
+            self._loop()
+        except BaseException as error:
+            self._emit_after_error("on_error", error)
+            self._emit_after_error("on_train_end")
+            raise
+        self._emit("on_train_end")
+        return self.state
+
+    def _loop(self) -> None:
         device = self.strategy.device
-        self._emit("on_train_start")
         loss_acc = torch.zeros((), device=device)
         norm_acc = torch.zeros((), device=device)
         steps_acc = tokens_acc = 0
@@ -203,8 +258,6 @@ class Trainer:
                 t_start = time.perf_counter()
             if stop:
                 break
-        self._emit("on_train_end")
-        return self.state
 
     def _step_tokens(self) -> int:
         if self.tokens_per_step is not None:
@@ -256,6 +309,7 @@ class Trainer:
             if self.evaluator is None:
                 loss = self.strategy.eval_loss(self.model, batch, self.loss_fn)
             else:
+                assert isinstance(self.loss_fn, StageLoss), "task metrics need output_loss"
                 logits = self.strategy.eval_logits(self.model, batch)
                 loss = self.loss_fn.output_loss(logits, batch["labels"].to(device))
                 self.evaluator.update(logits, batch)
@@ -300,8 +354,6 @@ class ProgressBar(Callback):
     (logs, CI, SLURM), one plain line per metrics row instead."""
 
     def on_train_start(self, trainer: Trainer) -> None:
-        import sys
-
         from tqdm.auto import tqdm
 
         self.bar = None
@@ -346,5 +398,5 @@ class ProgressBar(Callback):
             self.bar.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}")
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if self.bar is not None:
+        if getattr(self, "bar", None) is not None:
             self.bar.close()

@@ -1,18 +1,25 @@
-"""What every strategy shares: precision, devices, process groups, and the base class whose
-``forward_backward`` runs one optimizer step's micro-batches (pipeline parallelism overrides it)."""
+"""What every strategy shares: precision, devices, process groups, and the abstract base class
+:class:`Strategy`, whose ``forward_backward`` runs one optimizer step's micro-batches (pipeline
+parallelism overrides it)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+from torch.utils.checkpoint import checkpoint
 
 from pretrain import dist as pdist
 from pretrain.errors import ConfigurationError
+from pretrain.layout import Layout
+from pretrain.loss import Batch, LossFn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -100,8 +107,6 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     """Make every transformer block recompute its activations in backward (non-reentrant
     torch.utils.checkpoint; RNG state is replayed, so dropout masks match). The block's forward
     is wrapped in place: parameter names, and so checkpoints, do not change."""
-    from torch.utils.checkpoint import checkpoint
-
     for block in blocks(model):
         inner = block.forward
 
@@ -139,43 +144,108 @@ def all_reduce_grads(params, group) -> None:
             offset += t.numel()
 
 
-class Strategy:
-    """The interface the trainer and the checkpoint code use (see the package docstring).
+MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
-    Subclasses set ``device`` and ``precision`` and implement ``prepare``, ``step``,
-    ``save_state`` and ``load_state``; the rest has defaults that suit most of them."""
 
-    name = "base"
+class Strategy(ABC):
+    """How a model is distributed: the interface the trainer and the checkpoint code use.
+
+    Every strategy is built the same way, ``Strategy(precision=..., layout=...)`` (the layout
+    carries the run's ``parallel`` section): it joins the process group and picks the device,
+    then sets ``device`` and ``precision`` (resolved: fp32, bf16 or fp16). Subclasses implement
+    ``prepare``, ``step``, ``save_state`` and ``load_state``; the rest has defaults that suit
+    most of them."""
+
+    name: str = "base"
     device: torch.device
     precision: str
 
-    rank = property(lambda self: dist.get_rank())
-    world_size = property(lambda self: dist.get_world_size())
-    is_main = property(lambda self: dist.get_rank() == 0)
+    def __init__(self, *, precision: str, layout: Layout) -> None:
+        self.layout = layout
+        self.parallel = layout.parallel
+        self.activation_checkpointing = layout.parallel.activation_checkpointing
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
     @property
     def dp_rank(self) -> int:
         """This rank's index among the data-parallel replicas (which part of a batch it reads)."""
-        return self.rank
+        return self.layout.dp_rank(self.rank)
 
     @property
     def dp_size(self) -> int:
         """The data-parallel degree: how many different micro-batches one step reads at once."""
-        return self.world_size
+        return self.layout.dp
 
     @property
     def compute_dtype(self) -> torch.dtype:
         return DTYPES[self.precision]
 
+    # --- what each strategy must say -------------------------------------------------------------
+    @abstractmethod
+    def prepare(
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+        grad_clip: float,
+    ) -> tuple[nn.Module, torch.optim.Optimizer]:
+        """Distribute ``model`` and build its optimizer with ``make_optimizer`` (on the
+        parameters the distributed model really has); return both, wrapped as this strategy
+        runs them. The batch arguments matter to strategies that schedule micro-batches."""
+
+    @abstractmethod
+    def step(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LRScheduler,
+        *,
+        grad_clip: float,
+    ) -> torch.Tensor:
+        """Clip by the global gradient norm, step optimizer and schedule, zero the gradients;
+        return the norm before clipping (a detached tensor)."""
+
+    @abstractmethod
+    def save_state(
+        self,
+        directory: str,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        write_file: Callable[[str, bytes], None],
+    ) -> None:
+        """Write model and optimizer state under ``directory`` (every rank together; small
+        files through ``write_file(name, data)``, which writes them durably)."""
+
+    @abstractmethod
+    def load_state(
+        self, directory: str, *, model: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Load what ``save_state`` (or another layout's strategy) wrote, resharded to this one."""
+
+    # --- defaults --------------------------------------------------------------------------------
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain module under wrappers (torch.compile; DDP and engines in subclasses)."""
         return getattr(model, "_orig_mod", model)
 
-    def autocast(self):
+    def autocast(self) -> contextlib.AbstractContextManager:
         """The context the forward runs in (mixed precision where the wrapper does not cast)."""
         return contextlib.nullcontext()
 
-    def no_sync(self, model: nn.Module, *, sync: bool):
+    def no_sync(self, model: nn.Module, *, sync: bool) -> contextlib.AbstractContextManager:
         """Skip gradient reduction on all but the last micro-batch of a step."""
         return contextlib.nullcontext()
 
@@ -183,7 +253,7 @@ class Strategy:
         loss.backward()
 
     def forward_backward(
-        self, model: nn.Module, micro_batches: list[dict], loss_fn
+        self, model: nn.Module, micro_batches: list[Batch], loss_fn: LossFn
     ) -> torch.Tensor:
         """Forward and backward over one step's micro-batches (gradients accumulate, reduced on
         the last); return the mean loss, detached, on the device."""
@@ -199,20 +269,27 @@ class Strategy:
         return total
 
     @torch.no_grad()
-    def eval_loss(self, model: nn.Module, batch: dict, loss_fn) -> torch.Tensor:
+    def eval_loss(self, model: nn.Module, batch: Batch, loss_fn: LossFn) -> torch.Tensor:
         """The loss of one validation batch (no gradients)."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         with self.autocast():
             return loss_fn(model, batch).detach().float()
 
     @torch.no_grad()
-    def eval_logits(self, model: nn.Module, batch: dict) -> torch.Tensor:
+    def eval_logits(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The model output (B, T, n_out) of one validation batch in fp32, the same on every
         rank that reads this batch (task metrics need more than the loss)."""
         with self.autocast():
             return model(batch["input_ids"].to(self.device, non_blocking=True)).float()
 
-    def clip_and_step(self, params, optimizer, scheduler, *, grad_clip: float) -> torch.Tensor:
+    def clip_and_step(
+        self,
+        params,
+        optimizer: torch.optim.Optimizer,
+        scheduler: LRScheduler,
+        *,
+        grad_clip: float,
+    ) -> torch.Tensor:
         """Clip by the global norm, step optimizer and schedule, zero the grads; return the norm
         before clipping. DTensor norms (FSDP, TP) are gathered to a plain tensor."""
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))

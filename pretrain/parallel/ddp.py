@@ -10,8 +10,14 @@ import torch
 from torch import nn
 
 from pretrain.errors import ConfigurationError
-from pretrain.parallel.common import Strategy, apply_activation_checkpointing, resolve_precision
-from pretrain.parallel.common import use_cuda as _use_cuda
+from pretrain.layout import Layout
+from pretrain.parallel.common import (
+    MakeOptimizer,
+    Strategy,
+    apply_activation_checkpointing,
+    resolve_precision,
+    use_cuda,
+)
 from pretrain.parallel.state import load_dcp_state, save_dcp_state
 
 
@@ -20,19 +26,20 @@ class DDPStrategy(Strategy):
 
     name = "ddp"
 
-    def __init__(self, *, precision: str, activation_checkpointing: bool = False) -> None:
-        self.activation_checkpointing = activation_checkpointing
+    def __init__(self, *, precision: str, layout: Layout) -> None:
+        super().__init__(precision=precision, layout=layout)
         # Imported here so `lmforge --help` stays fast.
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        cuda = _use_cuda()
+        cuda = use_cuda()
         # Deterministic cuBLAS (train.deterministic) needs this before the first CUDA call.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.precision = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
         mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
-        # Accelerate on CPU is silently single-process unless cpu=True (DESIGN.md facts); the
-        # backend is named only when there are several processes (else Accelerate wants a group).
+        # Accelerate on CPU is silently single-process unless cpu=True: N ranks would train N
+        # unsynchronised copies. The backend is named only when there are several processes
+        # (else Accelerate wants a process group).
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         group = InitProcessGroupKwargs(
             backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30)
@@ -52,10 +59,15 @@ class DDPStrategy(Strategy):
     is_main = property(lambda self: self.accelerator.is_main_process)
 
     def prepare(
-        self, model: nn.Module, make_optimizer, **batch
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+        grad_clip: float,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``. ``batch``
-        (micro_batch_size, grad_accum, grad_clip) matters only to DeepSpeed engines."""
+        """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``."""
         if self.activation_checkpointing:
             apply_activation_checkpointing(model)
         # Mixed precision: Accelerate wraps forward in autocast and returns fp32 outputs.

@@ -14,10 +14,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from pretrain.layout import Layout
 from pretrain.parallel.common import (
+    MakeOptimizer,
     Strategy,
     all_reduce_grads,
     apply_activation_checkpointing,
@@ -84,28 +85,23 @@ class MeshStrategy(Strategy):
     reduces gradients in fp32, compute runs in bf16. Without FSDP, forward runs under autocast.
     """
 
-    def __init__(self, *, precision: str, parallel) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-
+    def __init__(self, *, precision: str, layout: Layout) -> None:
+        super().__init__(precision=precision, layout=layout)
         # fully_shard needs a process group even for one process
         self.precision, self.device = join_process_group(precision)
-        self.shard = parallel.strategy == "fsdp"
-        self.tp = parallel.tensor_parallel
-        self.activation_checkpointing = parallel.activation_checkpointing
-        world = dist.get_world_size()
-        self.mesh = init_device_mesh(
-            self.device.type, (world // self.tp, self.tp), mesh_dim_names=("dp", "tp")
-        )
-        if self.tp > 1 and world > self.tp:
-            # one all-reduce over all ranks for norms of 2-D DTensors (else one per dimension)
-            self.mesh["dp", "tp"]._flatten("dp_tp")
+        self.shard = layout.fsdp
+        self.tp = layout.tp
+        self.mesh = layout.mesh(self.device.type)
         self.name = ("fsdp" if self.shard else "ddp") + (f"+tp{self.tp}" if self.tp > 1 else "")
 
-    dp_rank = property(lambda self: self.mesh["dp"].get_local_rank())
-    dp_size = property(lambda self: self.mesh["dp"].size())
-
     def prepare(
-        self, model: nn.Module, make_optimizer, **batch
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+        grad_clip: float,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

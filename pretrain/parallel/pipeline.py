@@ -18,7 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 from pretrain.errors import ConfigurationError
+from pretrain.layout import Layout
+from pretrain.loss import LossFn, StageLoss
 from pretrain.parallel.common import (
+    MakeOptimizer,
     Strategy,
     all_reduce_grads,
     apply_activation_checkpointing,
@@ -65,40 +68,31 @@ class PipelineStageModule(nn.Module):
         return h.float()  # the residual stream travels between stages in fp32
 
 
-def _output_loss(loss_fn):
+def _output_loss(loss_fn: LossFn):
     """The part of a loss that needs only the model output and the labels (what a pipeline's
     last stage can compute)."""
-    out = getattr(loss_fn, "output_loss", None)
-    if out is None:
+    if not isinstance(loss_fn, StageLoss):
         raise ConfigurationError(
             "parallel.pipeline_parallel > 1 needs a loss of the model output and the labels; "
             "this task's loss has none: use pipeline_parallel=1"
         )
-    return out
+    return loss_fn.output_loss
 
 
 class PipelineStrategy(Strategy):
     """``parallel.pipeline_parallel = P``: a ``(pp, dp)`` mesh, P stages, data parallel across."""
 
-    def __init__(self, *, precision: str, parallel) -> None:
-        from torch.distributed.device_mesh import init_device_mesh
-
+    def __init__(self, *, precision: str, layout: Layout) -> None:
+        super().__init__(precision=precision, layout=layout)
         self.precision, self.device = join_process_group(precision)
-        self.pp = parallel.pipeline_parallel
-        self.schedule_name = parallel.pipeline_schedule
-        self.activation_checkpointing = parallel.activation_checkpointing
-        world = dist.get_world_size()
-        self.mesh = init_device_mesh(
-            self.device.type, (self.pp, world // self.pp), mesh_dim_names=("pp", "dp")
-        )
+        self.pp = layout.pp
+        self.schedule_name = layout.parallel.pipeline_schedule
+        self.mesh = layout.mesh(self.device.type)
         self.stage_index = self.mesh["pp"].get_local_rank()
         self.pp_group = self.mesh["pp"].get_group()
         self.last_rank = dist.get_global_rank(self.pp_group, self.pp - 1)
         self.name = f"pp{self.pp}-{self.schedule_name}"
         self._schedule = None
-
-    dp_rank = property(lambda self: self.mesh["dp"].get_local_rank())
-    dp_size = property(lambda self: self.mesh["dp"].size())
 
     @property
     def first(self) -> bool:
@@ -109,7 +103,13 @@ class PipelineStrategy(Strategy):
         return self.stage_index == self.pp - 1
 
     def prepare(
-        self, model: nn.Module, make_optimizer, *, grad_accum: int, **batch
+        self,
+        model: nn.Module,
+        make_optimizer: MakeOptimizer,
+        *,
+        micro_batch_size: int,
+        grad_accum: int,
+        grad_clip: float,
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         from torch.distributed.pipelining import PipelineStage
 

@@ -3,11 +3,15 @@ here, and only when a run chooses `parallel.strategy=deepspeed`."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch import nn
 
 from pretrain import dist as pdist
+from pretrain.layout import Layout
 from pretrain.parallel.common import (
+    MakeOptimizer,
     Strategy,
     apply_activation_checkpointing,
     local_device,
@@ -41,8 +45,6 @@ def deepspeed_config(
     """The user's DeepSpeed JSON (if any) with lmforge's batch sizes, precision, clipping and
     ZeRO settings filled in, so that the two can never disagree (a differing value is replaced,
     with a warning)."""
-    import json
-
     config: dict = {}
     if parallel.deepspeed_config:
         with open(parallel.deepspeed_config) as f:
@@ -96,11 +98,10 @@ class DeepSpeedStrategy(Strategy):
 
     name = "deepspeed"
 
-    def __init__(self, *, precision: str, activation_checkpointing: bool = False, parallel) -> None:
+    def __init__(self, *, precision: str, layout: Layout) -> None:
         import deepspeed
 
-        self.activation_checkpointing = activation_checkpointing
-        self.parallel = parallel
+        super().__init__(precision=precision, layout=layout)
         cuda = use_cuda()
         self.precision = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
         single_process_env()
@@ -112,7 +113,7 @@ class DeepSpeedStrategy(Strategy):
     def prepare(
         self,
         model: nn.Module,
-        make_optimizer,
+        make_optimizer: MakeOptimizer,
         *,
         micro_batch_size: int,
         grad_accum: int,

@@ -1,0 +1,39 @@
+"""The commands that train: their config schema and what they train, in one table that the CLI,
+`lmforge launch` and `lmforge submit` all read (so their pre-launch checks are one code path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Commands that run as one process per rank; the rest run once, on one node.
+TRAINING_COMMANDS = ("pretrain", "finetune")
+
+
+def config_schema(command: str) -> type:
+    """The config dataclass of a training command."""
+    if command == "pretrain":
+        from pretrain.config import PretrainConfig
+
+        return PretrainConfig
+    from finetune.config import FinetuneConfig
+
+    return FinetuneConfig
+
+
+def load_command_config(command: str, args: list[str]) -> Any:
+    """The validated config of ``lmforge <command> <args>`` for a training command (flags are
+    left out)."""
+    from pretrain.config import load_config
+
+    return load_config(config_schema(command), [a for a in args if not a.startswith("-")])
+
+
+def workload(command: str, cfg: Any):
+    """What a training command trains (a pretrain.session.Workload) for its config."""
+    if command == "pretrain":
+        from pretrain.run import Pretraining
+
+        return Pretraining(cfg)
+    from finetune.run import Finetuning
+
+    return Finetuning(cfg)
