@@ -11,8 +11,13 @@ with ``lmforge consolidate``.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import glob
 import io
 import os
+import shutil
+import tempfile
 import warnings
 
 import torch
@@ -81,11 +86,6 @@ def load_deepspeed_state(strategy, directory: str, *, model, optimizer) -> None:
     weights and Adam moments, which are then loaded as a full state dict and resharded by
     ``set_state_dict`` to this layout. Each rank converts into a private temporary directory
     (the shards are read, never changed; the checkpoint's manifest checked out before)."""
-    import argparse
-    import contextlib
-    import shutil
-    import tempfile
-
     from deepspeed.checkpoint import ds_to_universal
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -147,8 +147,6 @@ def load_deepspeed_state(strategy, directory: str, *, model, optimizer) -> None:
 def _deepspeed_optimizer_meta(ds_dir: str) -> tuple[int, list[dict]]:
     """Adam's step count (every parameter steps together) and the client optimizer's parameter
     groups (learning rate at the checkpoint, decay, betas) from a DeepSpeed checkpoint."""
-    import glob
-
     path = sorted(glob.glob(os.path.join(ds_dir, "*optim_states.pt")))[0]
     # Pickled DeepSpeed state, from a checkpoint whose manifest checked out.
     state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
