@@ -620,7 +620,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         code = 130
     if in_worker:
-        # gloo can abort at interpreter exit (DESIGN.md facts): leave without atexit handlers.
+        # gloo can abort at interpreter exit (SIGABRT in a destructor): leave without atexit
+        # handlers.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

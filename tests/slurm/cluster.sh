@@ -8,9 +8,9 @@
 #   tests/slurm/cluster.sh status   sinfo
 #
 # Everything lives in $LMFORGE_SLURM_DIR (default /tmp/lmforge-slurm). Needs root (CI runs as
-# root). Settings that matter on a container-like machine (see DESIGN.md): linuxproc process
-# tracking and no task plugin (no cgroups), no accounting, munge on a private socket, short
-# scheduler intervals for fast tests.
+# root). Settings that matter on a container-like machine, where SLURM's cgroup plugin fails:
+# linuxproc process tracking and no task plugin (no cgroups), no accounting, munge on a private
+# socket, short scheduler intervals for fast tests.
 set -euo pipefail
 
 DIR=${LMFORGE_SLURM_DIR:-/tmp/lmforge-slurm}
