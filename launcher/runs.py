@@ -6,8 +6,8 @@ import glob
 import json
 import os
 import re
-import shutil
-import subprocess
+
+from launcher.slurm import job_states
 
 
 def _last_rows(metrics: str) -> tuple[dict | None, dict | None]:
@@ -24,18 +24,6 @@ def _last_rows(metrics: str) -> tuple[dict | None, dict | None]:
                 elif row.get("kind") == "eval":
                     evaluation = row
     return train, evaluation
-
-
-def job_states(jobs: list[str]) -> dict[str, str]:
-    """SLURM state of each job id (scontrol keeps finished jobs for MinJobAge)."""
-    if not jobs or shutil.which("scontrol") is None:
-        return {}
-    states = {}
-    for job in jobs:
-        out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
-        match = re.search(r"JobState=(\S+)", out.stdout)
-        states[job] = match.group(1) if match else "gone"
-    return states
 
 
 def describe_runs(runs_dir: str, names: list[str] | None = None, *, tail: int = 10) -> str:

@@ -316,3 +316,64 @@ def submit_chain(profile: SlurmProfile, *, command: list[str], dependency=None, 
     if len(jobs) > 1 and jobs[0]:
         print(f"chain: {' -> '.join(jobs)} (each after the previous one succeeded)")
     return jobs
+
+
+# --- job states and job arrays (`lmforge runs`, `lmforge scaling sweep`) -------------------------
+
+# The states of a job, or of a task of a job array, that has not ended: it waits or runs.
+ACTIVE_STATES = (
+    "PENDING",
+    "RUNNING",
+    "CONFIGURING",
+    "COMPLETING",
+    "REQUEUED",
+    "RESIZING",
+    "SUSPENDED",
+)
+
+
+def _task_states(job: str) -> list[str]:
+    """The JobState of every record `scontrol show job` gives for ``job``: one for a job, one
+    per task (or per group of waiting tasks) for a job array; none for a job SLURM forgot."""
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    return re.findall(r"JobState=(\S+)", out.stdout)
+
+
+def job_states(jobs: list[str]) -> dict[str, str]:
+    """SLURM state of each job id (scontrol keeps finished jobs for MinJobAge)."""
+    if not jobs or shutil.which("scontrol") is None:
+        return {}
+    states = {}
+    for job in jobs:
+        found = _task_states(job)
+        states[job] = found[0] if found else "gone"
+    return states
+
+
+class SlurmArrays:
+    """Job arrays on SLURM for `lmforge scaling sweep` (its `JobArrays`), with the cluster
+    profile of the sweep config's ``slurm`` list (profile files and key=value overrides), read
+    when an array is submitted."""
+
+    def __init__(self, overrides: list[str]) -> None:
+        self.overrides = list(overrides)
+
+    def submit_array(
+        self, *, command: list[str], job_name: str, indices: str, out_dir: str, dry_run: bool
+    ) -> str:
+        from pretrain.config import load_config
+
+        return submit(
+            load_config(SlurmProfile, self.overrides),
+            command=command,
+            job_name=job_name,
+            array=indices,
+            out_dir=out_dir,
+            dry_run=dry_run,
+        )
+
+    def active(self, jobs: list[str]) -> list[str]:
+        """Those of ``jobs`` with a task still waiting or running."""
+        if shutil.which("scontrol") is None:
+            return []
+        return [job for job in jobs if any(s in ACTIVE_STATES for s in _task_states(job))]

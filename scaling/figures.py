@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -263,44 +262,6 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
     if finetune:
         files.append(plot_finetune(finetune, out))
     return files
-
-
-def finetune_points(runs: list[str]) -> list[dict]:
-    """Per finetuned run: the metrics of its model (the evaluation of the checkpoint marked
-    best, with early_stopping.keep_best; else the last) and the total compute behind it
-    (pretraining + finetuning up to that step)."""
-    from pretrain.checkpoint import best_checkpoint, read_trainer_state
-    from pretrain.errors import DataError
-    from pretrain.metrics import read_metrics
-
-    rows = []
-    for run in runs:
-        evals = [
-            r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if r.get("kind") == "eval"
-        ]
-        base_path = os.path.join(run, "base.json")
-        if not evals or not os.path.isfile(base_path):
-            raise DataError(f"{run}: not a finished finetune run (no eval row or base.json)")
-        with open(base_path) as f:
-            base = json.load(f)
-        best = best_checkpoint(os.path.join(run, "checkpoints"))
-        step = read_trainer_state(best)["step"] if best else evals[-1]["step"]
-        last = next(r for r in reversed(evals) if r["step"] == step)
-        metric = next((k for k in ("accuracy", "f1", "val_loss") if k in last), None)
-        pre = float(base.get("pretrain_flops") or 0.0)
-        rows.append(
-            {
-                "run": os.path.basename(run.rstrip("/")),
-                "metric": metric,
-                "value": last[metric],
-                "step": step,
-                "pretrain_flops": pre,
-                "finetune_flops": float(last["flops"]),
-                "total_flops": pre + float(last["flops"]),
-                "from_scratch": bool(base.get("from_scratch")),
-            }
-        )
-    return rows
 
 
 def plot_finetune(rows: list[dict], out: str) -> str:

@@ -1,6 +1,7 @@
 """`lmforge scaling sweep`: write the grid's run configs into the sweep directory and train the
-runs that are not finished, one after another here or as one SLURM job array; when every run is
-finished, fit and report (scaling/report.py).
+runs that are not finished, one after another here or as one SLURM job array (submitted through
+a `JobArrays`, which the launcher provides); when every run is finished, fit and report
+(scaling/report.py).
 
 Sweep directory (``<runs_dir>/<name>``):
 
@@ -21,25 +22,19 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
 import subprocess
 import sys
 import time
+from typing import Protocol
 
-from pretrain.config import load_config, to_yaml
+from pretrain.config import to_yaml
+from pretrain.dist import threads_per_rank
 from pretrain.durable import replace_durable
 from pretrain.errors import ConfigurationError, LMForgeError
-from pretrain.metrics import read_metrics
 from scaling.config import ScalingConfig
 from scaling.plan import Plan, Point, describe_plan, make_plan
-
-
-def final_eval(run_dir: str, steps: int) -> dict | None:
-    """The eval row of a finished run (at its last step), else None."""
-    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    done = [r for r in rows if r.get("kind") == "eval" and r.get("step", 0) >= steps]
-    return done[-1] if done else None
+from scaling.report import report_sweep
+from scaling.runs import final_eval
 
 
 def point_status(sweep_dir: str, point: Point) -> str:
@@ -90,8 +85,6 @@ def run_local(cfg: ScalingConfig, points: list[Point]) -> list[str]:
     """Train ``points`` here, `cfg.parallel` runs at a time (largest first, so that the last
     ones to finish are small), each run's ranks sharing the CPUs; return the names of those
     that failed."""
-    from launcher.local import threads_per_rank
-
     root = cfg.sweep_dir
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     env = dict(os.environ)
@@ -141,68 +134,78 @@ def run_local(cfg: ScalingConfig, points: list[Point]) -> list[str]:
 
 # --- SLURM ---------------------------------------------------------------------------------------
 
-ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+class JobArrays(Protocol):
+    """How a sweep reaches a batch scheduler (the launcher provides one for SLURM)."""
+
+    def submit_array(
+        self, *, command: list[str], job_name: str, indices: str, out_dir: str, dry_run: bool
+    ) -> str:
+        """Submit `lmforge <command>` as one job array over ``indices`` (``{index}`` in the
+        command is the task's index), its script and logs in ``out_dir``; return the job id
+        ("" with dry_run, which prints the batch script instead)."""
+        ...
+
+    def active(self, jobs: list[str]) -> list[str]:
+        """Those of the array ``jobs`` that still have tasks waiting or running."""
+        ...
 
 
 def _jobs_file(cfg: ScalingConfig) -> str:
     return os.path.join(cfg.sweep_dir, "slurm", "jobs.json")
 
 
-def active_jobs(cfg: ScalingConfig) -> list[str]:
+def active_jobs(cfg: ScalingConfig, jobs: JobArrays) -> list[str]:
     """The sweep's array jobs that still have tasks waiting or running."""
     path = _jobs_file(cfg)
-    if not os.path.isfile(path) or shutil.which("scontrol") is None:
+    if not os.path.isfile(path):
         return []
     with open(path) as f:
-        jobs = json.load(f)
-    active = []
-    for job in jobs:
-        out = subprocess.run(
-            ["scontrol", "show", "job", str(job["job"])], capture_output=True, text=True
-        ).stdout
-        if any(state in ACTIVE for state in re.findall(r"JobState=(\S+)", out)):
-            active.append(str(job["job"]))
-    return active
+        submitted = json.load(f)
+    return jobs.active([str(job["job"]) for job in submitted])
 
 
-def submit_array(cfg: ScalingConfig, points: list[Point], *, dry_run: bool = False) -> str:
-    """One SLURM job array over ``points`` (array index = point index)."""
-    from launcher.slurm import SlurmProfile, submit
-
-    profile = load_config(SlurmProfile, list(cfg.slurm))
+def submit_array(
+    cfg: ScalingConfig, points: list[Point], jobs: JobArrays, *, dry_run: bool = False
+) -> str:
+    """One job array over ``points`` (array index = point index)."""
     indices = ",".join(str(p.index) for p in points)
     if cfg.slurm_parallel:
         indices += f"%{cfg.slurm_parallel}"
     points_dir = os.path.abspath(os.path.join(cfg.sweep_dir, "points"))
-    job = submit(
-        profile,
+    job = jobs.submit_array(
         command=["pretrain", os.path.join(points_dir, "{index}.yaml")],
         job_name=cfg.name,
-        array=indices,
+        indices=indices,
         out_dir=os.path.join(cfg.sweep_dir, "slurm"),
         dry_run=dry_run,
     )
     if job:
         path = _jobs_file(cfg)
-        jobs = []
+        submitted = []
         if os.path.isfile(path):
             with open(path) as f:
-                jobs = json.load(f)
-        jobs.append({"job": job, "points": [p.index for p in points], "time": time.time()})
-        replace_durable(path, (json.dumps(jobs, indent=1) + "\n").encode())
+                submitted = json.load(f)
+        submitted.append({"job": job, "points": [p.index for p in points], "time": time.time()})
+        replace_durable(path, (json.dumps(submitted, indent=1) + "\n").encode())
     return job
 
 
-def wait_for(cfg: ScalingConfig, *, poll: float = 5.0) -> None:
-    while active_jobs(cfg):
+def wait_for(cfg: ScalingConfig, jobs: JobArrays, *, poll: float = 5.0) -> None:
+    while active_jobs(cfg, jobs):
         time.sleep(poll)
 
 
 # --- the command -----------------------------------------------------------------------------
 
 
-def sweep(cfg: ScalingConfig, *, dry_run: bool = False, wait: bool = False) -> int:
-    """Plan, train what is missing, then fit and report when the grid is complete."""
+def sweep(
+    cfg: ScalingConfig, *, dry_run: bool = False, wait: bool = False, jobs: JobArrays | None = None
+) -> int:
+    """Plan, train what is missing, then fit and report when the grid is complete; with
+    launcher=slurm the runs are submitted through ``jobs``."""
+    if cfg.launcher == "slurm" and jobs is None:
+        raise ConfigurationError("launcher=slurm: give the sweep a JobArrays to submit through")
     plan = make_plan(cfg)
     root = cfg.sweep_dir
     status = {p.name: point_status(root, p) for p in plan.points}
@@ -211,7 +214,7 @@ def sweep(cfg: ScalingConfig, *, dry_run: bool = False, wait: bool = False) -> i
         todo = [p for p in plan.points if status[p.name] != "done"]
         if cfg.launcher == "slurm" and todo:  # the array job that would be submitted
             if os.path.isfile(os.path.join(root, "points", "0.yaml")):
-                submit_array(cfg, todo, dry_run=True)  # its batch script
+                submit_array(cfg, todo, jobs, dry_run=True)  # its batch script
             else:
                 print(
                     f"launcher=slurm: one job array of {len(todo)} task(s) (index = point), "
@@ -227,15 +230,15 @@ def sweep(cfg: ScalingConfig, *, dry_run: bool = False, wait: bool = False) -> i
         f"{sum(status[p.name] == 'pending' for p in todo)} to start"
     )
     if todo and cfg.launcher == "slurm":
-        active = active_jobs(cfg)
+        active = active_jobs(cfg, jobs)
         if active:
             print(f"SLURM job(s) {', '.join(active)} of this sweep are still queued or running")
         else:
-            submit_array(cfg, todo)
+            submit_array(cfg, todo, jobs)
         if not wait:
             print("run this command again (or add --wait) to fit once the jobs are done")
             return 0
-        wait_for(cfg)
+        wait_for(cfg, jobs)
         todo = [p for p in plan.points if point_status(root, p) != "done"]
         if todo:
             raise LMForgeError(
@@ -249,7 +252,5 @@ def sweep(cfg: ScalingConfig, *, dry_run: bool = False, wait: bool = False) -> i
                 f"{len(failed)} run(s) failed ({', '.join(failed[:3])}); see {root}/logs/ and run "
                 "the sweep again to resume them"
             )
-    from scaling.report import report_sweep
-
     report_sweep(root)
     return 0

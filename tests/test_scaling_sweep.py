@@ -284,8 +284,8 @@ def test_frontier_form_follows_whether_the_budgets_identify_e():
     nested A·C^-α; without intervals, a backtest on the fitted budgets decides."""
     import numpy as np
 
+    from scaling.analysis import _frontier_form
     from scaling.fit import IsoFLOPMinimum, fit_frontier
-    from scaling.report import _frontier_form
 
     cs = np.logspace(11, 13, 6)
     minima = [

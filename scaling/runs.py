@@ -1,0 +1,63 @@
+"""What the scaling commands read from run directories: the final evaluation of a pretrain run
+(a sweep's point, or a run given to `lmforge scaling fit`) and the result of a finetune run
+(`lmforge scaling fit --finetune`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from pretrain.checkpoint import best_checkpoint, read_trainer_state
+from pretrain.config import PretrainConfig, load_config
+from pretrain.errors import DataError
+from pretrain.metrics import read_metrics
+
+
+def final_eval(run_dir: str, steps: int) -> dict | None:
+    """The eval row of a finished run (at its last step), else None."""
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    done = [r for r in rows if r.get("kind") == "eval" and r.get("step", 0) >= steps]
+    return done[-1] if done else None
+
+
+def read_run(run_dir: str) -> tuple[dict | None, PretrainConfig]:
+    """(final eval row or None, the run's PretrainConfig) of a pretrain run directory."""
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise DataError(f"{run_dir} is not a run directory (no config.yaml); give a sweep or run")
+    cfg = load_config(PretrainConfig, [cfg_path])
+    return final_eval(run_dir, cfg.train.total_steps()), cfg
+
+
+def finetune_points(runs: list[str]) -> list[dict]:
+    """Per finetuned run: the metrics of its model (the evaluation of the checkpoint marked
+    best, with early_stopping.keep_best; else the last) and the total compute behind it
+    (pretraining + finetuning up to that step)."""
+    rows = []
+    for run in runs:
+        evals = [
+            r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if r.get("kind") == "eval"
+        ]
+        base_path = os.path.join(run, "base.json")
+        if not evals or not os.path.isfile(base_path):
+            raise DataError(f"{run}: not a finished finetune run (no eval row or base.json)")
+        with open(base_path) as f:
+            base = json.load(f)
+        best = best_checkpoint(os.path.join(run, "checkpoints"))
+        step = read_trainer_state(best)["step"] if best else evals[-1]["step"]
+        last = next(r for r in reversed(evals) if r["step"] == step)
+        metric = next((k for k in ("accuracy", "f1", "val_loss") if k in last), None)
+        pre = float(base.get("pretrain_flops") or 0.0)
+        rows.append(
+            {
+                "run": os.path.basename(run.rstrip("/")),
+                "metric": metric,
+                "value": last[metric],
+                "step": step,
+                "pretrain_flops": pre,
+                "finetune_flops": float(last["flops"]),
+                "total_flops": pre + float(last["flops"]),
+                "from_scratch": bool(base.get("from_scratch")),
+            }
+        )
+    return rows
