@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from launcher.commands import TRAINING_COMMANDS, load_command_config
 from pretrain.errors import ConfigurationError, LMForgeError
 
 
@@ -96,13 +97,9 @@ def _sbatch_value(value: str) -> str:
     return '"' + _one_line(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-# Commands that run as one process per rank; the rest run once, on one node.
-DISTRIBUTED_COMMANDS = ("pretrain", "finetune")
-
-
 def command_with_resume(command: list[str]) -> list[str]:
     """Training commands resume by themselves after a requeue: add resume=auto unless given."""
-    if command and command[0] in ("pretrain", "finetune"):
+    if command and command[0] in TRAINING_COMMANDS:
         if not any(a.startswith("resume=") for a in command[1:]):
             return [*command, "resume=auto"]
     return command
@@ -205,14 +202,9 @@ def batch_script(
 def run_dir_of(command: list[str]) -> str | None:
     """The run directory of a training command (where its script and logs go); its config is
     checked here, before anything is submitted (array indices as 0)."""
-    if not command or command[0] not in DISTRIBUTED_COMMANDS:
+    if not command or command[0] not in TRAINING_COMMANDS:
         return None
-    from finetune.config import FinetuneConfig
-    from pretrain.config import PretrainConfig, load_config
-
-    schema = PretrainConfig if command[0] == "pretrain" else FinetuneConfig
-    args = [a.replace(INDEX, "0") for a in command[1:] if not a.startswith("-")]
-    return load_config(schema, args).run_dir
+    return load_command_config(command[0], [a.replace(INDEX, "0") for a in command[1:]]).run_dir
 
 
 def submit(
@@ -233,7 +225,7 @@ def submit(
         )
     if command[0] in ("submit", "launch"):
         raise ConfigurationError(f"`lmforge submit -- {command[0]}` is not a job; name a stage")
-    if command[0] not in DISTRIBUTED_COMMANDS:  # one process does these (prepare, consolidate)
+    if command[0] not in TRAINING_COMMANDS:  # one process does these (prepare, consolidate)
         profile = dataclasses.replace(profile, nodes=1, nproc_per_node=1)
     command = command_with_resume(command)
     run_dir = run_dir_of(command)

@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Protocol
 
+from omegaconf import OmegaConf
+
 from pretrain.config import to_yaml
 from pretrain.dist import threads_per_rank
 from pretrain.durable import replace_durable
@@ -54,13 +56,15 @@ def write_plan(cfg: ScalingConfig, plan: Plan) -> None:
         path = os.path.join(root, "points", f"{p.index}.yaml")
         started = os.path.isdir(os.path.join(root, p.name))
         if started and os.path.isfile(path):
-            with open(path) as f:
-                if f.read() != p.config:
-                    raise ConfigurationError(
-                        f"run {root}/{p.name} was started with another config than the sweep "
-                        f"now gives it ({path}); keep the sweep's grid and pretrain settings, or "
-                        "start a new sweep with another name=..."
-                    )
+            # the same config, whatever the order its keys were written in
+            if OmegaConf.to_container(OmegaConf.load(path)) != OmegaConf.to_container(
+                OmegaConf.create(p.config)
+            ):
+                raise ConfigurationError(
+                    f"run {root}/{p.name} was started with another config than the sweep "
+                    f"now gives it ({path}); keep the sweep's grid and pretrain settings, or "
+                    "start a new sweep with another name=..."
+                )
         elif started:
             raise ConfigurationError(
                 f"{root}/{p.name} exists but is not point {p.index} of this sweep; use another "
