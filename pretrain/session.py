@@ -60,6 +60,7 @@ from pretrain.memory import MemoryEstimate, plan_memory
 from pretrain.metrics import MetricsWriter, plot_loss_vs_flops, truncate_metrics
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import Strategy, build_strategy, check_state_format
+from pretrain.parallel.common import StepShape
 from pretrain.preemption import GracefulStop
 from pretrain.trainer import Callback, Evaluator, MetricsCallback, ProgressBar, Trainer
 
@@ -462,9 +463,7 @@ class RunSession:
         model, optimizer = strategy.prepare(
             model,
             lambda m: build_optimizer(m, cfg.optim),
-            micro_batch_size=tcfg.micro_batch_size,
-            grad_accum=plan.grad_accum,
-            grad_clip=tcfg.grad_clip,
+            StepShape(tcfg.micro_batch_size, plan.grad_accum, tcfg.grad_clip),
         )
         scheduler = build_scheduler(optimizer, total_steps=plan.total_steps, cfg=cfg.optim)
         seed_everything(cfg.seed + RANK_SEED_STRIDE * strategy.rank + 1)

@@ -37,7 +37,7 @@ class FakeStrategy(Strategy):
     rank = property(lambda self: 0)
     world_size = property(lambda self: 1)
 
-    def prepare(self, model, make_optimizer, *, micro_batch_size, grad_accum, grad_clip):
+    def prepare(self, model, make_optimizer, shape=None):
         return model, make_optimizer(model)
 
     def step(self, model, optimizer, scheduler, *, grad_clip):
@@ -115,11 +115,7 @@ class Recorder(Callback):
 def make_trainer(*, total_steps=6, callbacks=(), loss_fn=causal_lm_loss, **kw) -> Trainer:
     strategy = FakeStrategy()
     model, optimizer = strategy.prepare(
-        TinyLM(),
-        lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2),
-        micro_batch_size=B,
-        grad_accum=2,
-        grad_clip=1.0,
+        TinyLM(), lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     trainer = Trainer(

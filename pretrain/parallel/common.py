@@ -8,6 +8,7 @@ import contextlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -147,6 +148,17 @@ def all_reduce_grads(params, group) -> None:
 MakeOptimizer = Callable[[nn.Module], torch.optim.Optimizer]
 
 
+@dataclass(frozen=True)
+class StepShape:
+    """How one optimizer step is cut, for strategies that schedule it themselves (DeepSpeed's
+    engine, pipeline schedules): micro-batch size per rank, micro-batches per step, and the
+    gradient-norm clip."""
+
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+
+
 class Strategy(ABC):
     """How a model is distributed: the interface the trainer and the checkpoint code use.
 
@@ -194,17 +206,11 @@ class Strategy(ABC):
     # --- what each strategy must say -------------------------------------------------------------
     @abstractmethod
     def prepare(
-        self,
-        model: nn.Module,
-        make_optimizer: MakeOptimizer,
-        *,
-        micro_batch_size: int,
-        grad_accum: int,
-        grad_clip: float,
+        self, model: nn.Module, make_optimizer: MakeOptimizer, shape: StepShape = StepShape()
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Distribute ``model`` and build its optimizer with ``make_optimizer`` (on the
         parameters the distributed model really has); return both, wrapped as this strategy
-        runs them. The batch arguments matter to strategies that schedule micro-batches."""
+        runs them. ``shape`` matters to strategies that schedule micro-batches."""
 
     @abstractmethod
     def step(

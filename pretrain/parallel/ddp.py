@@ -13,6 +13,7 @@ from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
     MakeOptimizer,
+    StepShape,
     Strategy,
     apply_activation_checkpointing,
     resolve_precision,
@@ -59,13 +60,7 @@ class DDPStrategy(Strategy):
     is_main = property(lambda self: self.accelerator.is_main_process)
 
     def prepare(
-        self,
-        model: nn.Module,
-        make_optimizer: MakeOptimizer,
-        *,
-        micro_batch_size: int,
-        grad_accum: int,
-        grad_clip: float,
+        self, model: nn.Module, make_optimizer: MakeOptimizer, shape: StepShape = StepShape()
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``."""
         if self.activation_checkpointing:

@@ -19,6 +19,7 @@ from torch import nn
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
     MakeOptimizer,
+    StepShape,
     Strategy,
     all_reduce_grads,
     apply_activation_checkpointing,
@@ -95,13 +96,7 @@ class MeshStrategy(Strategy):
         self.name = ("fsdp" if self.shard else "ddp") + (f"+tp{self.tp}" if self.tp > 1 else "")
 
     def prepare(
-        self,
-        model: nn.Module,
-        make_optimizer: MakeOptimizer,
-        *,
-        micro_batch_size: int,
-        grad_accum: int,
-        grad_clip: float,
+        self, model: nn.Module, make_optimizer: MakeOptimizer, shape: StepShape = StepShape()
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

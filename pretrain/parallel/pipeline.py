@@ -22,6 +22,7 @@ from pretrain.layout import Layout
 from pretrain.loss import LossFn, StageLoss
 from pretrain.parallel.common import (
     MakeOptimizer,
+    StepShape,
     Strategy,
     all_reduce_grads,
     apply_activation_checkpointing,
@@ -103,13 +104,7 @@ class PipelineStrategy(Strategy):
         return self.stage_index == self.pp - 1
 
     def prepare(
-        self,
-        model: nn.Module,
-        make_optimizer: MakeOptimizer,
-        *,
-        micro_batch_size: int,
-        grad_accum: int,
-        grad_clip: float,
+        self, model: nn.Module, make_optimizer: MakeOptimizer, shape: StepShape = StepShape()
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         from torch.distributed.pipelining import PipelineStage
 
@@ -121,7 +116,7 @@ class PipelineStrategy(Strategy):
         self.stage = PipelineStage(
             stage, self.stage_index, self.pp, self.device, group=self.pp_group
         )
-        self.n_micro = grad_accum
+        self.n_micro = shape.grad_accum
         self.n_out = model.output.out_features  # what eval_logits receives from the last stage
         return stage, make_optimizer(stage)
 

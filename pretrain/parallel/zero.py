@@ -12,6 +12,7 @@ from pretrain import dist as pdist
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
     MakeOptimizer,
+    StepShape,
     Strategy,
     apply_activation_checkpointing,
     local_device,
@@ -111,13 +112,7 @@ class DeepSpeedStrategy(Strategy):
         self.engine = None
 
     def prepare(
-        self,
-        model: nn.Module,
-        make_optimizer: MakeOptimizer,
-        *,
-        micro_batch_size: int,
-        grad_accum: int,
-        grad_clip: float,
+        self, model: nn.Module, make_optimizer: MakeOptimizer, shape: StepShape = StepShape()
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         import deepspeed
 
@@ -141,9 +136,9 @@ class DeepSpeedStrategy(Strategy):
             self.parallel,
             precision=self.precision,
             world_size=self.world_size,
-            micro_batch_size=micro_batch_size,
-            grad_accum=grad_accum,
-            grad_clip=grad_clip,
+            micro_batch_size=shape.micro_batch_size,
+            grad_accum=shape.grad_accum,
+            grad_clip=shape.grad_clip,
             num_params=sum(p.numel() for p in model.parameters()),
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
