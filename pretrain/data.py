@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -92,12 +93,22 @@ class SampleOrder:
         return out
 
 
+class Samples(Protocol):
+    """What batches are read from: pretraining's :class:`TokenWindows` and finetuning's
+    examples (finetune/data.py). Fixed-length samples have ``seq_len``; variable-length ones
+    ``token_counts`` (tokens per sample) instead."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]: ...
+
+
 class TrainBatches:
     """This rank's micro-batches, step by step; resumable from `samples_consumed`."""
 
     def __init__(
         self,
-        windows: TokenWindows,
+        windows: Samples,
         *,
         micro_batch: int,
         grad_accum: int,
@@ -153,7 +164,7 @@ class TrainBatches:
 
 
 def eval_batches(
-    windows: TokenWindows, *, micro_batch: int, num_samples: int, rank: int, world_size: int
+    windows: Samples, *, micro_batch: int, num_samples: int, rank: int, world_size: int
 ) -> Iterator[dict[str, torch.Tensor]]:
     """A fixed validation set: the first ``num_samples`` windows of the split, the same at every
     evaluation and for every world size; each rank takes a contiguous part of it."""

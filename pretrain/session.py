@@ -51,7 +51,7 @@ from pretrain.checkpoint import (
     save_checkpoint,
 )
 from pretrain.config import RunConfig, to_container, to_yaml
-from pretrain.data import TrainBatches, eval_batches
+from pretrain.data import Samples, TrainBatches, eval_batches
 from pretrain.errors import CheckpointError, ConfigurationError
 from pretrain.flops import peak_flops
 from pretrain.layout import Layout, launched_world_size
@@ -265,8 +265,8 @@ class Workload(ABC):
     shuffle: bool = True
     tokens_per_step: int | None = None  # None: steps differ in size (padded examples)
     shape_in_config: bool = True  # the model's shape is the config's (False: prepare decides it)
-    train_data: object
-    val_data: object
+    train_data: Samples
+    val_data: Samples
     tokenizer_sha256: str
     tokenizer_path: str
 
