@@ -415,9 +415,9 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from pretrain.config import to_yaml
 
     work = workload(args.command, load_command_config(args.command, args.config))
-    if args.dry_run:
-        print(to_yaml(work.cfg), end="")
+    if args.dry_run:  # the config as the run would resolve it (vocabulary, base model's shape)
         plan = work.preflight(world_size=args.nproc, local_ranks=args.nproc)
+        print(to_yaml(work.cfg), end="")
         for line in work.dry_run_lines():
             print(f"# {line}")
         print(f"# layout: {plan.layout.describe()}")
