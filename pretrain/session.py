@@ -254,10 +254,10 @@ class Workload(ABC):
     """What a training command trains; :func:`run_session` does the rest.
 
     ``prepare`` reads and checks everything the command needs before any process group exists
-    (data, tokenizer, base model, ``cfg.model`` completed) and sets ``train_data``,
-    ``val_data`` (windows or examples: ``len`` and ``[i] -> {"input_ids", "labels"}``),
-    ``tokenizer_sha256`` and ``tokenizer_path``. It may run twice in one process (the CLI's
-    check, then the run) and must give the same result."""
+    (data, tokenizer, base model, ``cfg.model`` completed) and sets ``train_data`` and
+    ``val_data`` (token windows or task examples, :class:`pretrain.data.Samples`),
+    ``tokenizer_sha256`` and ``tokenizer_path``. It runs in the launching process before
+    workers start and again in every worker, and must decide the same every time."""
 
     command: ClassVar[str]
     loss_fn: LossFn = causal_lm_loss
