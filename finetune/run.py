@@ -120,6 +120,7 @@ class Finetuning(Workload):
     """A labelled task on a base model: examples, head / adapters, task loss and metrics."""
 
     command = "finetune"
+    tokenizer_fix = "resume with the base it was trained on"
     cfg: FinetuneConfig
     shape_in_config = False  # the base model's shape, read by prepare
 

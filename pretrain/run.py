@@ -33,6 +33,7 @@ class Pretraining(Workload):
     """Next-token prediction on the windows of a prepared dataset (`lmforge prepare`)."""
 
     command = "pretrain"
+    tokenizer_fix = "use the data.path it was trained on"
     cfg: PretrainConfig
 
     def __init__(self, cfg: PretrainConfig, *, loss_fn: LossFn | None = None) -> None:

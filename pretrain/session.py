@@ -142,7 +142,7 @@ def seed_everything(seed: int) -> None:
 
 
 def check_resume_compatible(
-    ckpt: str, *, strategy: str, tokenizer_sha: str, tokenizer_of: str, tokenizer_fix: str
+    ckpt: str, *, strategy: str, tokenizer_sha: str, tokenizer_fix: str
 ) -> dict:
     """Refuse a checkpoint whose state format or tokenizer differs from this run's; say when
     it was written under another parallel layout. Returns the checkpoint's resolved config."""
@@ -151,7 +151,7 @@ def check_resume_compatible(
     if saved.get("tokenizer_sha256") not in (None, tokenizer_sha):
         raise CheckpointError(
             f"{ckpt} was trained with another tokenizer (sha256 {saved['tokenizer_sha256'][:12]}…) "
-            f"than {tokenizer_of}'s ({tokenizer_sha[:12]}…); {tokenizer_fix}"
+            f"than this run's ({tokenizer_sha[:12]}…); {tokenizer_fix}"
         )
     return OmegaConf.to_container(OmegaConf.load(os.path.join(ckpt, "config.yaml")))  # type: ignore[return-value]
 
@@ -260,6 +260,7 @@ class Workload(ABC):
     workers start and again in every worker, and must decide the same every time."""
 
     command: ClassVar[str]
+    tokenizer_fix: ClassVar[str]  # what to do when a checkpoint has another tokenizer
     loss_fn: LossFn = causal_lm_loss
     evaluator: Evaluator | None = None
     shuffle: bool = True
@@ -398,16 +399,11 @@ class RunSession:
         self.resume_from = resolve_resume(run_dir=cfg.run_dir, resume=cfg.resume)
         if self.resume_from is None:
             return
-        source = "data.path" if work.command == "pretrain" else "this run"
-        fix = (
-            "use the data it was trained on" if work.command == "pretrain" else "use the same base"
-        )
         saved_cfg = check_resume_compatible(
             self.resume_from,
             strategy=cfg.parallel.strategy,
             tokenizer_sha=work.tokenizer_sha256,
-            tokenizer_of=source,
-            tokenizer_fix=fix,
+            tokenizer_fix=work.tokenizer_fix,
         )
         note_layout_change(self.resume_from, saved_cfg, to_container(cfg.parallel))
         work.check_resume(self.resume_from, saved_cfg)
