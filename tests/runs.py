@@ -9,6 +9,8 @@ import os
 
 import pytest
 
+from pretrain.config import PretrainConfig, load_config, to_yaml
+
 # Logging that only a person watching would read: no progress bar, no TensorBoard files.
 QUIET = ["logging.progress=false", "logging.tensorboard=false"]
 
@@ -99,14 +101,18 @@ def checkpoint_weights(run_dir: str, step: int) -> dict:
 
 @pytest.fixture(scope="session")
 def reference_runs(tiny_data, tmp_path_factory):
-    """Uninterrupted runs, made once per (processes, precision) and shared by the tests below."""
+    """Uninterrupted runs, made once per (processes, resolved config) and shared by the tests
+    that compare against them."""
     from tests.conftest import lmforge  # (conftest imports this module)
 
     runs = str(tmp_path_factory.mktemp("ref"))
     made: dict[tuple, str] = {}
 
     def get(nproc: int, precision: str, *extra: str) -> str:
-        key = (nproc, precision, *extra)
+        # Runs whose configs resolve alike are one run (e.g. an explicit default strategy).
+        args = _args(tiny_data, runs, "ref", nproc, precision, *extra)
+        config = load_config(PretrainConfig, [a for a in args if not a.startswith("--")])
+        key = (nproc, to_yaml(config))
         if key not in made:
             name = f"ref-{len(os.listdir(runs))}"  # a failed run leaves its directory
             lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, *extra))
