@@ -225,7 +225,7 @@ class Finetuning(Workload):
         _write_json(os.path.join(cfg.run_dir, "base.json"), _base_info(cfg, self.src, self.base))
         if cfg.task.type != "sft" or not cfg.train.samples:
             return
-        if strategy.name == "ddp" and not cfg.parallel.tensor_parallel > 1:
+        if strategy.whole_model_per_rank:
             trainer.callbacks.append(
                 Samples(
                     prompts=_val_prompts(cfg, cfg.train.samples),

@@ -171,6 +171,9 @@ class Strategy(ABC):
     name: str = "base"
     device: torch.device
     precision: str
+    # The unwrapped model is whole on every rank and runs a plain forward outside the training
+    # step (what sampled generations during training need).
+    whole_model_per_rank: bool = False
 
     def __init__(self, *, precision: str, layout: Layout) -> None:
         self.layout = layout

@@ -26,6 +26,7 @@ class DDPStrategy(Strategy):
     """Replicas of the whole model; Accelerate handles devices, autocast and gradient scaling."""
 
     name = "ddp"
+    whole_model_per_rank = True
 
     def __init__(self, *, precision: str, layout: Layout) -> None:
         super().__init__(precision=precision, layout=layout)
