@@ -349,7 +349,7 @@ def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
     return launch_local(worker_argv, nproc=nproc, log_dir=os.path.join(run_dir, "logs"))
 
 
-def _scaling(args: argparse.Namespace) -> int:
+def _scaling(args: argparse.Namespace, argv: list[str]) -> int:
     from pretrain.errors import ConfigurationError
 
     if args.scaling_command == "sweep":
@@ -571,7 +571,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace, list[str]], int]] = {
     "prepare": _prepare,
     "pretrain": _train,
     "finetune": _train,
-    "scaling": lambda args, argv: _scaling(args),
+    "scaling": _scaling,
     "launch": _launch,
     "submit": _submit,
     "runs": _runs,
