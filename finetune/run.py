@@ -27,7 +27,7 @@ from pretrain.config import ModelConfig, to_container
 from pretrain.errors import CheckpointError, ConfigurationError
 from pretrain.flops import trained_flops_per_token
 from pretrain.model import GPT
-from pretrain.session import RunSession, Workload, run_session, seed_everything
+from pretrain.session import RunSession, Workload, seed_everything
 from pretrain.tokenizer import Tokenizer
 from pretrain.trainer import Callback, Trainer
 
@@ -257,11 +257,6 @@ class Finetuning(Workload):
             pdist.print0(
                 f"validation: entity F1 {ev['f1']:.4f}, token accuracy {ev['accuracy']:.4f}"
             )
-
-
-def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Finetune per ``cfg`` (every rank runs this); return the final rows and exit code."""
-    return run_session(Finetuning(cfg))
 
 
 def _val_prompts(cfg: FinetuneConfig, n: int) -> list[str]:

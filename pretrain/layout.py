@@ -151,15 +151,6 @@ class Layout:
     def shards_optimizer(self) -> bool:
         return self.fsdp or self.zero_stage >= 1
 
-    @property
-    def uses_mesh(self) -> bool:
-        """Strategies on torch.distributed directly (FSDP2, tensor and pipeline parallel) run on
-        a device mesh; DDP (Accelerate) and DeepSpeed engines make their own groups."""
-        return self.fsdp or self.tp > 1 or self.pp > 1
-
-    def degrees(self) -> dict[str, int]:
-        return {"world": self.world_size, "dp": self.dp, "tp": self.tp, "pp": self.pp}
-
     def describe(self) -> str:
         """``dp 2 x tp 1 x pp 1 = 2 rank(s)``"""
         return f"dp {self.dp} x tp {self.tp} x pp {self.pp} = {self.world_size} rank(s)"

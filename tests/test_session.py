@@ -80,9 +80,9 @@ def test_layout_degrees_and_replicas():
     # ("pp", "dp") mesh: ranks 0, 1 are stage 0 of replicas 0 and 1
     assert [pp.dp_rank(r) for r in range(4)] == [0, 1, 0, 1]
     zero3 = Layout(ParallelConfig(strategy="deepspeed", zero_stage=3), 8)
-    assert (zero3.dp, zero3.shards_params, zero3.shards_grads, zero3.uses_mesh) == (8, 1, 1, 0)
+    assert (zero3.dp, zero3.shards_params, zero3.shards_grads) == (8, True, True)
     zero1 = Layout(ParallelConfig(strategy="deepspeed", zero_stage=1), 8)
-    assert (zero1.shards_optimizer, zero1.shards_grads, zero1.shards_params) == (1, 0, 0)
+    assert (zero1.shards_optimizer, zero1.shards_grads, zero1.shards_params) == (True, False, False)
 
 
 def test_layout_refuses_with_every_degree_named():
