@@ -14,6 +14,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from pretrain.signals import hold_stop_signals
+
 EPILOG = """\
 Config arguments apply in order, later wins:
   CONFIG.yaml             merge a whole config file
@@ -601,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "submit":
         args.cmd = cmd
+    if args.command in ("pretrain", "finetune", "launch"):
+        # SIGUSR1/SIGTERM while starting up: stop after the first step, not die unsaved
+        hold_stop_signals()
     from pretrain.errors import LMForgeError
 
     in_worker = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1

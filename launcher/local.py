@@ -19,6 +19,8 @@ import tempfile
 import time
 
 from pretrain.dist import free_port, threads_per_rank
+from pretrain.durable import fault_point
+from pretrain.signals import PENDING_ENV, pending_stop_signal
 
 ERROR_DIR_ENV = "LMFORGE_ERROR_DIR"
 # Signals torch elastic's agent turns into "kill the workers"; SIGTERM and SIGUSR1 are forwarded
@@ -135,6 +137,9 @@ def launch(
             )
         backend, endpoint, rdzv = "c10d", f"127.0.0.1:{free_port()}", {}
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    fault_point("launch")
+    if pending_stop_signal():  # it came while this launcher was starting: the workers stop too
+        os.environ[PENDING_ENV] = str(pending_stop_signal())
     with tempfile.TemporaryDirectory(prefix="lmforge-errors-") as errors, forward_stop_signals():
         os.environ[ERROR_DIR_ENV] = errors
         config = LaunchConfig(
@@ -165,6 +170,7 @@ def launch(
             return next((c for c in codes if c and c > 0), 1)
         finally:
             os.environ.pop(ERROR_DIR_ENV, None)
+            os.environ.pop(PENDING_ENV, None)
 
 
 def launch_local(argv: list[str], *, nproc: int, log_dir: str | None = None) -> int:

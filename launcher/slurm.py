@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 
 from launcher.commands import TRAINING_COMMANDS, load_command_config
 from pretrain.errors import ConfigurationError, LMForgeError
+from pretrain.signals import PENDING_ENV
 
 
 @dataclass
@@ -155,6 +156,11 @@ def batch_script(
         "",
         "set -u",
         "export PYTHONUNBUFFERED=1",
+        "# USR1 (time limit ahead) and TERM (scancel, preemption): the training saves and exits.",
+        "# One that comes before the training has started is handed to it when it starts.",
+        "child='' pending=''",
+        'trap \'pending=USR1; [ -n "$child" ] && kill -USR1 "$child" 2>/dev/null\' USR1',
+        'trap \'pending=TERM; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null\' TERM',
         *profile.setup,
         f"cd {shlex.quote(workdir)}",
         "",
@@ -166,6 +172,7 @@ def batch_script(
         "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
         'echo "lmforge: job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0} on '
         '$SLURM_JOB_NODELIST at $(date)"',
+        f'[ -n "$pending" ] && export {PENDING_ENV}="$pending"',
         " ".join(
             [
                 "srun --kill-on-bad-exit=1 --ntasks-per-node=1",
@@ -179,10 +186,6 @@ def batch_script(
             ]
         ),
         "child=$!",
-        "",
-        "# USR1 (time limit ahead) and TERM (scancel, preemption): the training saves and exits.",
-        "trap 'kill -USR1 \"$child\" 2>/dev/null' USR1",
-        "trap 'kill -TERM \"$child\" 2>/dev/null' TERM",
         "while :; do",
         '  wait "$child"; code=$?',
         '  kill -0 "$child" 2>/dev/null || break  # wait returned for a signal: keep waiting',

@@ -15,17 +15,21 @@ import signal
 import tempfile
 import time
 
-# "point", "point@step", or either with "+sleep=S" (point names may contain ":")
+# "point", "point@step", or either with "+sleep=S" or "+signal=NAME" (names may contain ":")
 _FAULT, _, _ACTION = os.environ.get("LMFORGE_FAULT", "").partition("+")
 
 
 def fault_point(name: str, *, step: int | None = None) -> None:
     """Crash here with SIGKILL when ``LMFORGE_FAULT`` names this point, as ``name`` or
     ``name@step`` (crash-safety tests: a real kill of a real process at a known moment);
-    ``name@step+sleep=S`` pauses S seconds there instead (a window for a test's signal)."""
+    ``...+sleep=S`` pauses S seconds there instead (a window for a test's signal), and
+    ``...+signal=SIGUSR1`` sends this process that signal (one that arrives at that moment)."""
     if _FAULT and (_FAULT == name or (step is not None and _FAULT == f"{name}@{step}")):
         if _ACTION.startswith("sleep="):
             time.sleep(float(_ACTION.removeprefix("sleep=")))
+            return
+        if _ACTION.startswith("signal="):
+            os.kill(os.getpid(), getattr(signal, _ACTION.removeprefix("signal=")))
             return
         os.kill(os.getpid(), signal.SIGKILL)
 

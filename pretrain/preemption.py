@@ -18,9 +18,8 @@ import signal
 import torch
 import torch.distributed as dist
 
+from pretrain.signals import STOP_SIGNALS, pending_stop_signal
 from pretrain.trainer import Callback
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 
 class GracefulStop(Callback):
@@ -37,6 +36,8 @@ class GracefulStop(Callback):
         self.received = self.received or signum
 
     def on_train_start(self, trainer) -> None:
+        # a signal that came while the process was starting (pretrain/signals.py)
+        self.received = self.received or pending_stop_signal()
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -52,6 +52,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import RunConfig, to_container, to_yaml
 from pretrain.data import Samples, TrainBatches, eval_batches
+from pretrain.durable import fault_point
 from pretrain.errors import CheckpointError, ConfigurationError
 from pretrain.flops import peak_flops
 from pretrain.layout import Layout, launched_world_size
@@ -295,6 +296,7 @@ class Workload(ABC):
         """Everything that can fail before training, without a process group: the data and the
         model shape (``prepare``), the layout, the batch split and the memory estimate."""
         cfg = self.cfg
+        fault_point("preflight")
 
         def layout() -> Layout:
             return Layout.of(

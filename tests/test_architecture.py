@@ -16,11 +16,12 @@ PACKAGES = ("pretrain", "finetune", "scaling", "launcher")
 
 # Lower numbers are lower layers; a module may import its own layer and those below.
 PRETRAIN_LAYERS = {
-    # core: errors, process helpers, durable files
+    # core: errors, process helpers, durable files, stop signals held while starting
     "pretrain": 0,
     "pretrain.errors": 0,
     "pretrain.dist": 0,
     "pretrain.durable": 0,
+    "pretrain.signals": 0,
     # what a run is: config, layout, losses
     "pretrain.config": 1,
     "pretrain.layout": 1,

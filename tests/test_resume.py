@@ -236,3 +236,33 @@ def test_signal_saves_and_resumes_exactly(tiny_data, tmp_path, reference_runs, n
     assert stopped in (6, 7), stopped  # saved at the stop, not at the 4-step cadence
     lmforge("pretrain", *args, "resume=auto")
     assert_same_run(run_dir, ref)
+
+
+@pytest.mark.parametrize(
+    "nproc,fault,signame",
+    [(2, "launch", "SIGUSR1"), (1, "preflight", "SIGTERM")],
+    ids=["usr1-to-the-launcher-2ranks", "term-during-setup-1rank"],
+)
+def test_signal_while_starting_stops_after_the_first_step(
+    tiny_data, tmp_path, reference_runs, nproc, fault, signame
+):
+    """A stop signal that comes while the processes are still starting (SLURM may send its
+    time-limit warning at once) does not kill them unsaved: it is held, the training stops after
+    its first step with a checkpoint and exits 128 + signal, and resume=auto gives the
+    uninterrupted run. With 2 ranks the launcher gets it before any worker exists and hands it
+    on; with 1 the process gets it while reading its data."""
+    import signal
+
+    ref = reference_runs(nproc, "fp32", "parallel.strategy=ddp")
+    runs, name = str(tmp_path), "early"
+    run_dir = os.path.join(runs, name)
+    args = _args(tiny_data, runs, name, nproc, "fp32", "parallel.strategy=ddp")
+    proc = lmforge(
+        "pretrain", *args, env={"LMFORGE_FAULT": f"{fault}+signal={signame}"}, check=False
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 128 + getattr(signal, signame), out[-3000:]
+    assert f"stopped by {signame} after step 1 of {STEPS}" in out
+    assert latest_checkpoint(run_dir) == "step_00000001"
+    lmforge("pretrain", *args, "resume=auto")
+    assert_same_run(run_dir, ref)
