@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--dry-run",
         action="store_true",
-        help="print the resolved config, parameter counts and FLOPs, then stop",
+        help="check the data, layout and memory, print the resolved config, parameter counts, "
+        "FLOPs, layout and memory estimate, then stop",
     )
 
     sp = command(
@@ -80,7 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--nproc", type=int, default=1, help="local processes (data parallel); default 1"
     )
-    sp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the base model, the task data, layout and memory, print the resolved config, "
+        "layout and memory estimate, then stop",
+    )
 
     sp = command(
         "launch",
