@@ -386,6 +386,13 @@ def _scaling(args: argparse.Namespace, argv: list[str]) -> int:
     raise ConfigurationError("lmforge scaling needs a subcommand: sweep CONFIG or fit SOURCE")
 
 
+def _check_nproc(nproc: int) -> None:
+    from pretrain.errors import ConfigurationError
+
+    if nproc < 1:
+        raise ConfigurationError(f"--nproc {nproc}: give at least one process per node")
+
+
 def _print_config(args: argparse.Namespace, argv: list[str]) -> int:
     from pretrain.config import describe_keys, load_config, to_yaml
 
@@ -422,6 +429,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from launcher.commands import load_command_config, workload
     from pretrain.config import to_yaml
 
+    _check_nproc(args.nproc)
     work = workload(args.command, load_command_config(args.command, args.config))
     if args.dry_run:  # the config as the run would resolve it (vocabulary, base model's shape)
         plan = work.preflight(world_size=args.nproc, local_ranks=args.nproc)
@@ -446,6 +454,9 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     from launcher.local import launch
     from pretrain.errors import ConfigurationError
 
+    _check_nproc(args.nproc)
+    if args.nnodes is not None and args.nnodes < 1:
+        raise ConfigurationError(f"--nnodes {args.nnodes}: give at least one node")
     args.cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
     if not args.cmd or args.cmd[0] in ("launch", "submit"):
         raise ConfigurationError(
@@ -490,7 +501,13 @@ def _submit(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _runs(args: argparse.Namespace, argv: list[str]) -> int:
     from launcher.runs import describe_runs
+    from pretrain.errors import ConfigurationError
 
+    missing = [n for n in args.names if not os.path.isdir(os.path.join(args.runs_dir, n))]
+    if missing:
+        raise ConfigurationError(
+            f"no run {missing[0]} under {args.runs_dir}; `lmforge runs` lists those there"
+        )
     print(describe_runs(args.runs_dir, args.names or None, tail=args.tail))
     return 0
 
@@ -511,6 +528,14 @@ def _export(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     from finetune.inference import generate
+    from pretrain.errors import ConfigurationError
+
+    if args.max_new_tokens < 1:
+        raise ConfigurationError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
+    if args.temperature < 0 or args.top_k < 0:
+        raise ConfigurationError("--temperature and --top-k must be >= 0 (0 = greedy / no limit)")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigurationError(f"--top-p {args.top_p}: give a probability mass in (0, 1]")
 
     generate(
         args.path,
@@ -531,6 +556,9 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
 
     if bool(args.text) == bool(args.data):
         raise ConfigurationError("give one of --text FILE ... (perplexity) or --data FILE")
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+    if out_dir and not os.path.isdir(out_dir):  # say so before the evaluation, not after
+        raise ConfigurationError(f"--out {args.out}: no directory {out_dir}; create it first")
     if args.text:
         result = perplexity(args.path, files=args.text, seq_len=args.seq_len)
     else:

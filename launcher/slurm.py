@@ -107,6 +107,8 @@ def command_with_resume(command: list[str]) -> list[str]:
 
 
 INDEX = "{index}"  # in a command submitted with --array: this task's index
+# sbatch --array: comma-separated indices or ranges with an optional step, then an optional %limit
+ARRAY_SPEC = re.compile(r"\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?")
 
 
 def _shell_arg(arg: str) -> str:
@@ -230,6 +232,11 @@ def submit(
         raise ConfigurationError(f"`lmforge submit -- {command[0]}` is not a job; name a stage")
     if command[0] not in TRAINING_COMMANDS:  # one process does these (prepare, consolidate)
         profile = dataclasses.replace(profile, nodes=1, nproc_per_node=1)
+    if array is not None and not ARRAY_SPEC.fullmatch(array):
+        raise ConfigurationError(
+            f"--array {array!r} is not a SLURM array: use indices like 0-7, 1,3,5, 0-15:4 or "
+            "0-99%10"
+        )
     command = command_with_resume(command)
     run_dir = run_dir_of(command)
     if any(INDEX in a for a in command) and not array:

@@ -545,12 +545,10 @@ def load_config(schema: type, args: list[str]) -> Any:
             key, value = arg.split("=", 1)
             if not key:
                 raise ConfigurationError(f"override {arg!r} has no key; write key=value")
-            if value.endswith((".yaml", ".yml")) and os.path.isfile(value):
-                cfg = OmegaConf.merge(cfg, OmegaConf.create({}))
+            if value.endswith((".yaml", ".yml")):
                 section = OmegaConf.select(cfg, key, throw_on_missing=False)
-                preset = _load_yaml(value)
-                if isinstance(section, DictConfig):
-                    OmegaConf.update(cfg, key, preset, merge=True)
+                if isinstance(section, DictConfig):  # section=PRESET.yaml
+                    OmegaConf.update(cfg, key, _load_yaml(value), merge=True)
                     continue
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
         missing = sorted(OmegaConf.missing_keys(cfg))

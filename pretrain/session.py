@@ -98,6 +98,11 @@ def resolve_resume(*, run_dir: str, resume: str | None) -> str | None:
         return None
     if resume == "auto":
         return latest_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
+    if os.path.isfile(resume):  # checkpoints/latest or checkpoints/best: the one it names
+        with open(resume) as f:
+            named = os.path.join(os.path.dirname(resume), f.read().strip())
+        if os.path.isdir(named):
+            return named
     if not os.path.isdir(resume):
         raise CheckpointError(f"resume={resume}: no such checkpoint directory")
     return resume

@@ -254,3 +254,28 @@ def test_deepspeed_json_is_completed_not_contradicted(tmp_path, capsys):
     assert cfg["wall_clock_breakdown"] is True and cfg["gradient_clipping"] == 1.0
     out = capsys.readouterr().out
     assert "train_batch_size=999" in out and "lmforge uses 64" in out
+
+
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["pretrain", *BASE[1:], "--nproc", "0"], "--nproc 0: give at least one process"),
+        (["finetune", "name=f", "init_from=x", "task.train=t", "--nproc", "-2"], "--nproc -2"),
+        (["launch", "--nproc", "0", "pretrain", *BASE[1:]], "--nproc 0: give at least one"),
+        (["generate", "runs/x", "--max-new-tokens", "-1"], "--max-new-tokens -1: give at least 1"),
+        (["generate", "runs/x", "--top-p", "1.5"], "--top-p 1.5: give a probability mass"),
+        (
+            ["evaluate", "runs/x", "--text", "a.txt", "--out", "/nonexistent-dir/x.json"],
+            "--out /nonexistent-dir/x.json: no directory /nonexistent-dir",
+        ),
+        (["runs", "no-such-run", "--runs-dir", "/tmp"], "no run no-such-run under /tmp"),
+        (
+            ["submit", "configs/slurm/local.yaml", "--array", "x-y", "--dry-run", "--", "prepare"],
+            "--array 'x-y' is not a SLURM array",
+        ),
+        ([*BASE, "model=configs/model/no-such-preset.yaml"], "config file not found: configs/"),
+    ],
+)
+def test_bad_command_line_one_line(capsys, argv, expected):
+    """Values no command can use: one line naming the value, exit 2, before anything runs."""
+    assert expected in _error(capsys, *argv)

@@ -33,6 +33,8 @@ def test_resolve_resume(tmp_path):
     ckpt = _checkpoint(run, sha="a" * 64)
     assert resolve_resume(run_dir=run, resume="auto") == ckpt
     assert resolve_resume(run_dir=run, resume=ckpt) == ckpt
+    # the pointer file itself names the checkpoint to resume
+    assert resolve_resume(run_dir=run, resume=os.path.join(run, "checkpoints", "latest")) == ckpt
     with pytest.raises(ConfigurationError, match="already exists; continue it with resume=auto"):
         resolve_resume(run_dir=run, resume=None)
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
