@@ -212,8 +212,22 @@ def verify_checkpoint(path: str) -> dict:
     mpath = os.path.join(path, "manifest.json")
     if not os.path.isfile(mpath):
         raise CheckpointError(f"{path} is not a complete lmforge checkpoint (no manifest.json)")
-    with open(mpath) as f:
-        manifest = json.load(f)
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{mpath} is not valid JSON ({exc}): the checkpoint is corrupt; use an earlier one"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        what = (
+            "holds prepared data (`lmforge prepare`'s output)"
+            if isinstance(manifest, dict) and "splits" in manifest
+            else "has a manifest.json that is not a checkpoint's"
+        )
+        raise CheckpointError(
+            f"{path} {what}, not a checkpoint: pass a run, a checkpoint or a model directory"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {manifest.get('format_version')}, this lmforge reads "

@@ -279,3 +279,23 @@ def test_deepspeed_json_is_completed_not_contradicted(tmp_path, capsys):
 def test_bad_command_line_one_line(capsys, argv, expected):
     """Values no command can use: one line naming the value, exit 2, before anything runs."""
     assert expected in _error(capsys, *argv)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "{data}", "--out", "{tmp}/out"],
+        ["consolidate", "{data}", "--out", "{tmp}/out"],
+        ["generate", "{data}"],
+        ["evaluate", "{data}", "--text", "{tmp}/x.txt"],
+        ["finetune", "name=f", "runs_dir={tmp}", "init_from={data}", "task.train=t.csv"],
+    ],
+    ids=lambda c: c[0],
+)
+def test_prepared_data_given_as_a_model_is_one_line(capsys, tiny_data, tmp_path, command):
+    """Every command that reads a model refuses a prepared-data directory in one line, and
+    writes nothing."""
+    argv = [a.format(data=tiny_data, tmp=tmp_path) for a in command]
+    msg = _error(capsys, *argv)
+    assert f"{tiny_data} holds prepared data (`lmforge prepare`'s output), not a checkpoint" in msg
+    assert os.listdir(tmp_path) == []

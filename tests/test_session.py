@@ -101,3 +101,16 @@ def test_layout_refuses_with_every_degree_named():
         Layout.of(ParallelConfig(pipeline_parallel=5), world_size=5, model=ModelConfig())
     with pytest.raises(ConfigurationError, match="fp16 needs loss scaling"):
         Layout.of(ParallelConfig(strategy="fsdp"), world_size=2, precision="fp16")
+
+
+def test_a_corrupt_or_foreign_manifest_is_one_line(tmp_path):
+    from pretrain.checkpoint import verify_checkpoint
+
+    ckpt = tmp_path / "step_00000004"
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_bytes(b'{"format_version": 1, "files": {\xff')
+    with pytest.raises(CheckpointError, match="is not valid JSON .* the checkpoint is corrupt"):
+        verify_checkpoint(str(ckpt))
+    (ckpt / "manifest.json").write_text('{"format_version": 1, "step": 4}')
+    with pytest.raises(CheckpointError, match="has a manifest.json that is not a checkpoint's"):
+        verify_checkpoint(str(ckpt))
