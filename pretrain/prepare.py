@@ -31,6 +31,7 @@ Input policies (counted in the manifest's `warnings`):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -453,6 +454,7 @@ def prepare(cfg: PrepareConfig, *, log: Log | None = None) -> dict:
             f"`out`={cfg.out} already holds a prepared dataset ({MANIFEST}); "
             "pass overwrite=true to replace it or choose another `out`"
         )
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     work = out / f".tmp-prepare-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
@@ -460,8 +462,13 @@ def prepare(cfg: PrepareConfig, *, log: Log | None = None) -> dict:
     try:
         manifest = _prepare_in(cfg, out.resolve(), work, log)
         _publish(work, out, manifest)
-    finally:
+    except BaseException:
         shutil.rmtree(work, ignore_errors=True)
+        if created:  # a failed prepare leaves no directory behind (rmdir: only when empty)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     log(
         f"prepared {out}: train {train['documents']:,} documents / {train['tokens']:,} tokens, "

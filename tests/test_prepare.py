@@ -436,6 +436,11 @@ def test_error_missing_path(tmp_path):
     assert "pip install no_such_package_xyz" in one_line_error(exc)
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert not list((tmp_path / "out").glob(".tmp-prepare-*"))
+    assert not (tmp_path / "out").exists()  # nothing left behind, not even an empty directory
+    (tmp_path / "mine").mkdir()  # a directory the user made stays
+    with pytest.raises(DataError):
+        run(config(tmp_path / "mine", [{"path": str(tmp_path / "nope.txt")}]))
+    assert (tmp_path / "mine").is_dir() and not list((tmp_path / "mine").iterdir())
 
 
 def test_error_empty_file_only(tmp_path):
