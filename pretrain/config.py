@@ -251,6 +251,31 @@ class LoopConfig:
     """Peak FLOP/s of one device for MFU; null = table of known GPUs, else a matmul probe."""
     deterministic: bool = True
     """Ask torch for deterministic algorithms (needed for bitwise resume on GPUs)."""
+    on_anomaly: Literal["stop", "skip", "rollback"] = "stop"
+    """What a step with an anomaly does: a NaN/Inf loss, NaN/Inf gradients (not under fp16,
+    whose loss scaler skips those steps itself) or a loss spike (`spike_factor`). stop: end the
+    run without saving (exit 3) naming the last good checkpoint. skip: every rank drops that
+    step's update (no optimizer or schedule step); the step, its data, tokens and FLOPs count as
+    done; counted in the rows' `skipped_steps`. rollback: reload the last checkpoint, skip the
+    data read since it (the offending batch included), scale the learning rate by
+    `rollback_lr_factor` and go on; counted in `rollbacks` (needs `checkpoint.interval`). skip
+    and rollback check every step (one small all-reduce and host sync per step); stop checks the
+    loss at each metrics row, or every step when `spike_factor` is set. Not with deepspeed."""
+    spike_factor: float = 0.0
+    """A step whose loss (the mean over ranks) exceeds this many times the running mean of the
+    previous losses is an anomaly too, e.g. 3; 0 = only NaN/Inf are. The running mean covers
+    about the last 10 steps that were applied and is kept in checkpoints."""
+    spike_warmup: int = 10
+    """Steps averaged before a loss spike can be one (the first losses fall fast)."""
+    max_consecutive_skips: int = 10
+    """on_anomaly=skip: this many skipped steps in a row end the run as `stop` does (every step
+    failing is not a bad batch)."""
+    max_rollbacks: int = 3
+    """on_anomaly=rollback: the most rollbacks of a run (kept across resumes); an anomaly after
+    the last one ends the run as `stop` does."""
+    rollback_lr_factor: float = 1.0
+    """on_anomaly=rollback: multiply the learning rate (the whole schedule) by this at every
+    rollback, e.g. 0.5; 1 = unchanged."""
 
     def __post_init__(self) -> None:
         for name in ("micro_batch_size", "log_interval"):
@@ -260,6 +285,19 @@ class LoopConfig:
             raise ConfigurationError(f"`train.max_steps` must be >= 1, got {self.max_steps}")
         if self.eval_interval < 0 or self.grad_clip < 0:
             raise ConfigurationError("`train.eval_interval` and `train.grad_clip` must be >= 0")
+        if self.spike_factor != 0 and not (
+            self.spike_factor > 1 and math.isfinite(self.spike_factor)
+        ):
+            raise ConfigurationError(
+                f"`train.spike_factor` must be 0 (off) or a number > 1, got {self.spike_factor}"
+            )
+        for name in ("spike_warmup", "max_consecutive_skips", "max_rollbacks"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.rollback_lr_factor <= 1:
+            raise ConfigurationError(
+                f"`train.rollback_lr_factor` must be in (0, 1], got {self.rollback_lr_factor}"
+            )
 
 
 @dataclass
@@ -409,8 +447,15 @@ class ParallelConfig:
     """Before training, estimate each rank's memory (parameters, gradients, optimizer state,
     activations; see pretrain/memory.py) and refuse a layout that exceeds 90% of the device's,
     suggesting one that fits. false: try anyway."""
+    timeout_s: float = 1800.0
+    """Seconds a collective waits for every rank before it fails: a rank stuck (or dead) that
+    long ends the job instead of hanging it. On gloo the waiting ranks raise and print one line
+    naming what waited; NCCL's watchdog aborts them with its own report. Process groups,
+    device meshes and DeepSpeed take it alike; raise it for very slow checkpoint saves."""
 
     def __post_init__(self) -> None:
+        if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
+            raise ConfigurationError(f"`parallel.timeout_s` must be > 0, got {self.timeout_s}")
         check_parallel_options(self)
 
     @property
@@ -450,6 +495,17 @@ class RunConfig:
         if not self.name or "/" in self.name or self.name in (".", ".."):
             raise ConfigurationError(
                 f"`name`={self.name!r} must be a plain directory name (no '/')"
+            )
+        policy = self.train.on_anomaly
+        if policy != "stop" and self.parallel.strategy == "deepspeed":
+            raise ConfigurationError(
+                f"`train.on_anomaly={policy}` does not work with parallel.strategy=deepspeed (its "
+                "engine steps on its own); use train.on_anomaly=stop, or ddp or fsdp"
+            )
+        if policy == "rollback" and self.checkpoint.interval == 0:
+            raise ConfigurationError(
+                "`train.on_anomaly=rollback` needs checkpoints to roll back to: set "
+                "checkpoint.interval=N (e.g. 100), or use train.on_anomaly=skip"
             )
 
     @property

@@ -10,9 +10,15 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from pretrain.errors import TrainingError
+
+DEFAULT_TIMEOUT_S = 1800.0  # parallel.timeout_s
+_timeout = timedelta(seconds=DEFAULT_TIMEOUT_S)
 
 
 def rank() -> int:
@@ -64,6 +70,45 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """How long every collective of this process waits for the other ranks before it fails
+    (``parallel.timeout_s``): the process groups the strategies create take it from
+    :func:`collective_timeout`, and so do groups made without a timeout (``new_group``, device
+    meshes), through torch's defaults. Call it before any group exists."""
+    global _timeout
+    from torch.distributed import distributed_c10d as c10d
+
+    _timeout = timedelta(seconds=seconds)
+    c10d.default_pg_timeout = _timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = _timeout
+
+
+def collective_timeout() -> timedelta:
+    return _timeout
+
+
+class CollectiveTimeout(TrainingError):
+    """A collective waited longer than ``parallel.timeout_s``: a rank is stuck or died."""
+
+
+def collective_failure(error: BaseException, *, during: str) -> TrainingError | None:
+    """One line for a collective that timed out or lost its peers (gloo raises them as
+    RuntimeError on the ranks that wait), naming what waited; None for any other error."""
+    text = str(error)
+    seconds = f"{_timeout.total_seconds():g}"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return CollectiveTimeout(
+            f"{during} waited more than {seconds} s for the other ranks (parallel.timeout_s="
+            f"{seconds}): a rank is stuck or has died, see its log; the job ends"
+        )
+    if "closed by peer" in text or "reset by peer" in text or "Broken pipe" in text:
+        return TrainingError(
+            f"another rank ended during {during} (its log or error says why); the job ends"
+        )
+    return None
 
 
 def free_port() -> int:

@@ -82,6 +82,19 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(scalars, step=row["step"])
 
+    def rewind(self, *, after_step: int) -> None:
+        """Drop the rows past ``after_step`` (a rollback undid those steps), in metrics.jsonl and
+        TensorBoard (W&B keeps what it was sent)."""
+        self._file.close()
+        truncate_metrics(self.path, after_step=after_step)
+        self._file = open(self.path, "a")
+        if self._tb is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log_dir = self._tb.log_dir
+            self._tb.close()
+            self._tb = SummaryWriter(log_dir, purge_step=after_step + 1)
+
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:

@@ -63,7 +63,14 @@ from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import Strategy, build_strategy, check_state_format
 from pretrain.parallel.common import StepShape
 from pretrain.preemption import GracefulStop
-from pretrain.trainer import Callback, Evaluator, MetricsCallback, ProgressBar, Trainer
+from pretrain.trainer import (
+    AnomalyPolicy,
+    Callback,
+    Evaluator,
+    MetricsCallback,
+    ProgressBar,
+    Trainer,
+)
 
 PACKAGES = (
     "torch",
@@ -504,6 +511,17 @@ class RunSession:
             loss_fn=work.loss_fn,
             evaluator=work.evaluator,
             callbacks=[*work.callbacks(cfg.run_dir), *self.extra_callbacks],
+            anomaly=AnomalyPolicy(
+                on_anomaly=tcfg.on_anomaly,
+                spike_factor=tcfg.spike_factor,
+                spike_warmup=tcfg.spike_warmup,
+                max_consecutive_skips=tcfg.max_consecutive_skips,
+                max_rollbacks=tcfg.max_rollbacks,
+                rollback_lr_factor=tcfg.rollback_lr_factor,
+            ),
+            load_fn=lambda trainer, path: load_checkpoint(
+                path, strategy=strategy, model=trainer.model, optimizer=trainer.optimizer
+            ),
         )
         if self.resume_from is not None:
             state = load_checkpoint(
@@ -566,6 +584,7 @@ def run_session(work: Workload, *, callbacks: Iterable[Callback] = ()) -> dict:
         world_size=launched_world_size(),
         local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
     )
+    pdist.set_collective_timeout(cfg.parallel.timeout_s)  # before any process group exists
     strategy = build_strategy(precision=cfg.train.precision, layout=plan.layout)
     result = RunSession(work, strategy, plan, callbacks=callbacks).run()
     # Only on success: after an error on one rank a barrier could wait forever.

@@ -14,6 +14,13 @@ step. Everything else plugs in:
   model output of every validation batch and returns counts that are summed over the ranks.
 
 Host syncs happen only on logging steps: the loss is accumulated on the device in between.
+
+Anomalies (``AnomalyPolicy``, the ``train.on_anomaly`` keys): a NaN/Inf loss stops the run at the
+next metrics row by default. With ``skip`` or ``rollback`` (or a spike threshold) every step's
+loss is checked before the update, by one all-reduce whose result every rank shares, so that the
+ranks decide alike: the update is dropped (skip), or the last checkpoint is reloaded and the data
+since it skipped (rollback). A collective that times out (``parallel.timeout_s``) ends the run
+with one line naming what waited.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain import dist as pdist
-from pretrain.durable import fault_point
+from pretrain.durable import fault_point, fault_scale
 from pretrain.errors import TrainingError
 from pretrain.loss import Batch, LossFn, StageLoss, causal_lm_loss
 from pretrain.parallel.common import Strategy
@@ -78,6 +85,10 @@ class Callback:
 
     def on_checkpoint(self, trainer: Trainer, path: str) -> None: ...
 
+    def on_rollback(self, trainer: Trainer, path: str) -> None:
+        """The loop went back to checkpoint ``path`` (``train.on_anomaly=rollback``): the steps
+        after it are undone (metric sinks drop their rows)."""
+
     def on_error(self, trainer: Trainer, error: BaseException) -> None: ...
 
     def on_train_end(self, trainer: Trainer) -> None: ...
@@ -96,6 +107,48 @@ class TrainerState:
     tokens: int = 0
     flops: float = 0.0
     train_seconds: float = 0.0
+    skipped_steps: int = 0  # updates dropped (on_anomaly=skip), over the whole run
+    rollbacks: int = 0  # rollbacks to a checkpoint (on_anomaly=rollback), over the whole run
+    lr_scale: float = 1.0  # the product of the rollbacks' rollback_lr_factor
+    loss_avg: float = 0.0  # running mean of the applied steps' losses (spike detection)
+    loss_avg_steps: int = 0
+
+
+@dataclass(frozen=True)
+class AnomalyPolicy:
+    """What a step with a NaN/Inf loss or gradient, or a loss spike, does (``train.on_anomaly``
+    and its companions in pretrain/config.py's LoopConfig)."""
+
+    on_anomaly: str = "stop"  # stop | skip | rollback
+    spike_factor: float = 0.0  # 0: no spike detection
+    spike_warmup: int = 10
+    max_consecutive_skips: int = 10
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 1.0
+
+    @property
+    def every_step(self) -> bool:
+        """Check each step before its update (else the loss is checked at the metrics rows)."""
+        return self.on_anomaly != "stop" or self.spike_factor > 0
+
+
+AVERAGE_SPAN = 10  # the running loss mean covers about this many steps
+
+
+class ScaledLoss:
+    """A loss times a factor (the ``loss@STEP+scale=X`` fault: NaN, Inf or a spike), with the
+    stage-output form when the loss has one, so that gradients are scaled too."""
+
+    def __init__(self, loss_fn: LossFn, factor: float) -> None:
+        self.loss_fn, self.factor = loss_fn, factor
+        if isinstance(loss_fn, StageLoss):
+            self.output_loss = lambda out, labels: loss_fn.output_loss(out, labels) * factor
+
+    def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return self.loss_fn(model, batch) * self.factor
+
+
+ANOMALY_FIELDS = ("skipped_steps", "rollbacks", "lr_scale", "loss_avg", "loss_avg_steps")
 
 
 class Trainer:
@@ -121,10 +174,14 @@ class Trainer:
         callbacks: Iterable[Callback] = (),
         state: TrainerState | None = None,
         evaluator: Evaluator | None = None,
+        anomaly: AnomalyPolicy | None = None,
+        load_fn: Callable[[Trainer, str], dict] | None = None,
     ) -> None:
         """``tokens_per_step`` None: steps differ in size (padded task examples) and the
         batches say how many tokens the last step trained on (``train_batches.last_step_tokens``,
-        the global count, known on every rank without communication)."""
+        the global count, known on every rank without communication). ``load_fn(trainer,
+        path)`` loads a checkpoint's model and optimizer state (and RNG) and returns its
+        trainer state: what ``train.on_anomaly=rollback`` goes back with."""
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -144,7 +201,11 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.evaluator = evaluator
         self.state = state or TrainerState()
+        self.anomaly = anomaly or AnomalyPolicy()
+        self.load_fn = load_fn
         self.last_checkpoint: str | None = None
+        self._phase = "the start of training"  # what a collective that times out waited in
+        self._skips_in_a_row = 0
         self.last_row: dict | None = None
         self.last_eval: dict | None = None
         self._stop = False
@@ -175,7 +236,9 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = TrainerState(
-            **{k: state[k] for k in ("step", "tokens", "flops", "train_seconds")}
+            **{k: state[k] for k in ("step", "tokens", "flops", "train_seconds")},
+            # counters of anomalies (absent from checkpoints written before they existed)
+            **{k: state[k] for k in ANOMALY_FIELDS if k in state},
         )
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_batches.load_state_dict(state["data"])
@@ -199,8 +262,14 @@ class Trainer:
         """Train until ``total_steps`` or a stop request; every callback's ``on_train_end``
         runs however the loop ends (sinks are closed after an error too)."""
         try:
-            self._emit("on_train_start")
-            self._loop()
+            try:
+                self._emit("on_train_start")
+                self._loop()
+            except RuntimeError as error:  # a collective that timed out or lost its peers
+                line = pdist.collective_failure(error, during=self._phase)
+                if line is None:
+                    raise
+                raise line from error
         except BaseException as error:
             self._emit_after_error("on_error", error)
             self._emit_after_error("on_train_end")
@@ -212,25 +281,44 @@ class Trainer:
         device = self.strategy.device
         loss_acc = torch.zeros((), device=device)
         norm_acc = torch.zeros((), device=device)
-        steps_acc = tokens_acc = 0
+        steps_acc = tokens_acc = 0  # steps_acc: the applied steps since the last row
         t_start = time.perf_counter()
         while self.state.step < self.total_steps:
             self.model.train()
+            step = self.state.step + 1
+            self._phase = f"the forward/backward of step {step}"
             micro_batches = self.train_batches.next_step()
-            loss_acc += self.strategy.forward_backward(self.model, micro_batches, self.loss_fn)
-            norm_acc += self.strategy.step(
-                self.model, self.optimizer, self.scheduler, grad_clip=self.grad_clip
-            )
-            steps_acc += 1
+            loss = self.strategy.forward_backward(self.model, micro_batches, self._loss_fn(step))
+            anomaly = self._check(loss, step) if self.anomaly.every_step else None
+            if anomaly is not None and self.anomaly.on_anomaly == "stop":
+                raise self._stop_error(anomaly)
+            if anomaly is not None and self.anomaly.on_anomaly == "rollback":
+                self._rollback(anomaly, step)  # back to the checkpoint's step, data moved on
+                loss_acc.zero_()
+                norm_acc.zero_()
+                steps_acc = tokens_acc = 0
+                t_start = time.perf_counter()
+                continue
+            if anomaly is not None:
+                self._skip(anomaly)
+            else:
+                self._phase = f"the optimizer step of step {step}"
+                norm_acc += self.strategy.step(
+                    self.model, self.optimizer, self.scheduler, grad_clip=self.grad_clip
+                )
+                loss_acc += loss
+                steps_acc += 1
+                self._skips_in_a_row = 0
             step_tokens = self._step_tokens()
             tokens_acc += step_tokens
             self.state.step += 1
             self.state.tokens += step_tokens
             self.state.flops += self.flops_per_token * step_tokens
+            self._phase = f"the callbacks after step {step}"
             self._emit("on_step_end")
             fault_point("step", step=self.state.step)
 
-            step, last = self.state.step, self.state.step >= self.total_steps
+            last = self.state.step >= self.total_steps
             stop = self._stop or last
             do_eval = self.val_batches is not None and (
                 last or (self.eval_interval and step % self.eval_interval == 0)
@@ -241,11 +329,14 @@ class Trainer:
             if step % self.log_interval == 0 or do_eval or do_save or stop:
                 elapsed = time.perf_counter() - t_start
                 self.state.train_seconds += elapsed
-                self._log_train(loss_acc / steps_acc, norm_acc / steps_acc, tokens_acc, elapsed)
+                if steps_acc:  # an interval whose every step was skipped writes no row
+                    self._phase = f"the all-reduce of step {step}'s metrics row"
+                    self._log_train(loss_acc / steps_acc, norm_acc / steps_acc, tokens_acc, elapsed)
                 loss_acc.zero_()
                 norm_acc.zero_()
                 steps_acc = tokens_acc = 0
                 if do_eval:
+                    self._phase = f"the evaluation at step {step}"
                     self.evaluate()
                     if self._stop and not stop:  # asked on this evaluation (early stopping)
                         stop, do_save = True, self.save_fn is not None
@@ -253,11 +344,130 @@ class Trainer:
                         self._save, do_save = False, self.save_fn is not None
                 if do_save:
                     assert self.save_fn is not None
+                    self._phase = f"the checkpoint save at step {step}"
                     self.last_checkpoint = self.save_fn(self)
                     self._emit("on_checkpoint", self.last_checkpoint)
                 t_start = time.perf_counter()
             if stop:
                 break
+
+    # --- anomalies -------------------------------------------------------------------------------
+    def _loss_fn(self, step: int) -> LossFn:
+        """The loss of ``step``: the trainer's, or scaled by an injected fault (tests)."""
+        factor = fault_scale("loss", step=step)
+        return self.loss_fn if factor == 1.0 else ScaledLoss(self.loss_fn, factor)
+
+    def _check(self, loss: torch.Tensor, step: int) -> str | None:
+        """What is wrong with this step before its update, the same on every rank, or None.
+
+        One all-reduce of (loss, gradients not finite): a NaN/Inf loss on any rank makes the
+        sum NaN/Inf, and every rank sees the same sums, so every rank decides alike. The running
+        loss mean moves on good steps only."""
+        self._phase = f"the anomaly check of step {step}"
+        loss = loss.detach().float().reshape(())
+        flags = torch.stack([loss, self._grads_not_finite().to(loss.device)])
+        total, bad_grads = pdist.all_reduce_sum(flags).tolist()
+        mean = total / self.strategy.world_size
+        if not math.isfinite(mean):
+            return f"loss is {mean} at step {step}"
+        if bad_grads:
+            return f"the gradients are not finite at step {step} (loss {mean:.4g})"
+        state, policy = self.state, self.anomaly
+        if (
+            policy.spike_factor > 0
+            and state.loss_avg_steps >= policy.spike_warmup
+            and mean > policy.spike_factor * state.loss_avg
+        ):
+            return (
+                f"loss {mean:.4g} at step {step} is {mean / state.loss_avg:.1f}x its running mean "
+                f"{state.loss_avg:.4g} (train.spike_factor={policy.spike_factor:g})"
+            )
+        state.loss_avg_steps += 1
+        state.loss_avg += (mean - state.loss_avg) / min(state.loss_avg_steps, AVERAGE_SPAN)
+        return None
+
+    def _grads_not_finite(self) -> torch.Tensor:
+        """1 when a gradient this rank holds is NaN/Inf (0 under fp16: its loss scaler skips
+        overflowing steps itself and lowers its scale)."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if not grads or self.strategy.precision == "fp16":
+            return torch.zeros(())
+        local = [getattr(g, "_local_tensor", g) for g in grads]  # DTensor shards (FSDP, TP)
+        peak = torch.nn.utils.get_total_norm(local, norm_type=float("inf"))
+        return (~torch.isfinite(peak)).float()
+
+    def _stop_error(self, anomaly: str, why: str = "") -> TrainingError:
+        where = self.last_checkpoint or "none (no checkpoint was saved yet)"
+        return TrainingError(
+            f"{anomaly}{why}: stopped without saving; the last good checkpoint is {where}. "
+            "Lower optim.lr, raise optim.warmup_steps or use train.precision=fp32, then rerun "
+            "with resume=auto"
+        )
+
+    def _skip(self, anomaly: str) -> None:
+        """Drop this step's update (every rank does, having decided alike): no optimizer or
+        schedule step; the gradients are zeroed (a loss scaler saw no step either)."""
+        self._skips_in_a_row += 1
+        if self._skips_in_a_row > self.anomaly.max_consecutive_skips:
+            raise self._stop_error(
+                anomaly,
+                f", {self._skips_in_a_row} steps in a row "
+                f"(train.max_consecutive_skips={self.anomaly.max_consecutive_skips})",
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_steps += 1
+        pdist.print0(
+            f"{anomaly}: skipped its update (train.on_anomaly=skip; "
+            f"{self.state.skipped_steps} skipped so far)"
+        )
+
+    def _rollback(self, anomaly: str, step: int) -> None:
+        """Reload the last checkpoint, keep the data position (the batches read since that
+        checkpoint, the offending one included, are not read again), scale the learning rate."""
+        policy, done = self.anomaly, self.state.rollbacks
+        if done >= policy.max_rollbacks:
+            raise self._stop_error(
+                anomaly,
+                f" after {done} rollback{'s' * (done != 1)} "
+                f"(train.max_rollbacks={policy.max_rollbacks})",
+            )
+        if self.last_checkpoint is None or self.load_fn is None:
+            raise TrainingError(
+                f"{anomaly} and train.on_anomaly=rollback has no checkpoint to go back to yet "
+                f"(checkpoint.interval={self.checkpoint_interval}); lower optim.lr or raise "
+                "optim.warmup_steps, save earlier, or use train.on_anomaly=skip"
+            )
+        path = self.last_checkpoint
+        self._phase = f"the rollback to {path} at step {step}"
+        data = self.train_batches.state_dict()
+        kept = {
+            "skipped_steps": self.state.skipped_steps,
+            "rollbacks": done + 1,
+            "lr_scale": self.state.lr_scale * policy.rollback_lr_factor,
+            "train_seconds": self.state.train_seconds,  # time spent, undone steps included
+        }
+        self.optimizer.zero_grad(set_to_none=True)
+        self.load_state_dict(self.load_fn(self, path))
+        self.train_batches.load_state_dict(data)
+        factor = kept["lr_scale"] / self.state.lr_scale  # the checkpoint's schedule has its own
+        if factor != 1.0:
+            self.scheduler.base_lrs = [lr * factor for lr in self.scheduler.base_lrs]
+            for group in self.optimizer.param_groups:
+                group["lr"] *= factor
+            self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        for key, value in kept.items():
+            setattr(self.state, key, value)
+        self._skips_in_a_row = 0
+        self._emit("on_rollback", path)
+        lr = f", learning rate x{self.state.lr_scale:g}" if self.state.lr_scale != 1 else ""
+        since = self.state.step + 1
+        batches = (
+            f"step {step}'s batch" if since == step else f"the batches of steps {since}-{step}"
+        )
+        pdist.print0(
+            f"{anomaly}: rolled back to {path} (step {self.state.step}), skipping {batches}{lr} "
+            f"(rollback {self.state.rollbacks} of at most {policy.max_rollbacks})"
+        )
 
     def _step_tokens(self) -> int:
         if self.tokens_per_step is not None:
@@ -271,12 +481,7 @@ class Trainer:
         loss_v, norm_v = stats.tolist()  # the one host sync of the interval
         step = self.state.step
         if not math.isfinite(loss_v):
-            where = self.last_checkpoint or "none (no checkpoint was saved yet)"
-            raise TrainingError(
-                f"loss is {loss_v} at step {step}: stopped without saving; the last good "
-                f"checkpoint is {where}. Lower optim.lr, raise optim.warmup_steps or use "
-                "train.precision=fp32, then rerun with resume=auto"
-            )
+            raise self._stop_error(f"loss is {loss_v} at step {step}")
         tps = tokens / max(elapsed, 1e-9)
         per_device = tps / self.strategy.world_size
         row = {
@@ -290,6 +495,8 @@ class Trainer:
             "tokens_per_sec": tps,
             "mfu": per_device * self.flops_per_token / self.peak_flops,
             "time": self.state.train_seconds,
+            "skipped_steps": self.state.skipped_steps,
+            "rollbacks": self.state.rollbacks,
         }
         self.last_row = row
         self._emit("on_log", row)
@@ -345,6 +552,9 @@ class MetricsCallback(Callback):
     def on_log(self, trainer: Trainer, row: dict) -> None:
         self.writer.write(row)
 
+    def on_rollback(self, trainer: Trainer, path: str) -> None:
+        self.writer.rewind(after_step=trainer.state.step)
+
     def on_train_end(self, trainer: Trainer) -> None:
         self.writer.close()
 
@@ -371,6 +581,11 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: Trainer) -> None:
         if self.bar is not None:
             self.bar.update(1)
+
+    def on_rollback(self, trainer: Trainer, path: str) -> None:
+        if self.bar is not None:
+            self.bar.n = trainer.state.step
+            self.bar.refresh()
 
     def on_log(self, trainer: Trainer, row: dict) -> None:
         if self.bar is None:

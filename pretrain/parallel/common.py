@@ -9,7 +9,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -75,7 +74,7 @@ def init_process_group(cuda: bool) -> None:
             backend="nccl" if cuda else "gloo",
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=timedelta(minutes=30),
+            timeout=pdist.collective_timeout(),  # parallel.timeout_s
         )
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-from datetime import timedelta
 
 import torch
 from torch import nn
 
+from pretrain import dist as pdist
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
@@ -44,7 +44,7 @@ class DDPStrategy(Strategy):
         # (else Accelerate wants a process group).
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
         group = InitProcessGroupKwargs(
-            backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30)
+            backend="nccl" if cuda else "gloo", timeout=pdist.collective_timeout()
         )
         self.accelerator = Accelerator(
             cpu=not cuda, mixed_precision=mixed, kwargs_handlers=[group] if distributed else []

@@ -107,7 +107,11 @@ class DeepSpeedStrategy(Strategy):
         self.precision = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
         single_process_env()
         # On CPU DeepSpeed picks its CPU accelerator and falls back to gloo without oneCCL.
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo",
+            verbose=False,
+            timeout=pdist.collective_timeout(),  # parallel.timeout_s
+        )
         self.device = local_device(cuda)
         self.engine = None
 
