@@ -1,9 +1,11 @@
 """Metric sinks: metrics.jsonl (the contract), TensorBoard, W&B, and the loss-vs-FLOPs plot.
 
 Rows, one JSON object per line: train ``{"kind":"train","step","tokens","flops","loss","lr","grad_norm",
-"tokens_per_sec","mfu","time"}``; eval ``{"kind":"eval","step","tokens","flops","val_loss",...}``.
+"tokens_per_sec","mfu","time","skipped_steps","rollbacks"}``; eval
+``{"kind":"eval","step","tokens","flops","val_loss",...}``.
 ``tokens`` and ``flops`` are cumulative for the run. After a resume from step S the rows past S
-that the interrupted attempt wrote are dropped, so nothing is counted twice.
+that the interrupted attempt wrote are dropped, so nothing is counted twice (and so are those of
+the steps a rollback to S undid).
 """
 
 from __future__ import annotations
