@@ -354,7 +354,9 @@ def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
     if "--nproc" in argv:  # "--nproc N" as two words
         i = argv.index("--nproc")
         worker_argv = argv[:i] + argv[i + 2 :]
-    return launch_local(worker_argv, nproc=nproc, log_dir=os.path.join(run_dir, "logs"))
+    # this launcher holds the run's lock for its workers (pretrain/runlock.py)
+    logs = os.path.join(run_dir, "logs")
+    return launch_local(worker_argv, nproc=nproc, log_dir=logs, run_dir=run_dir)
 
 
 def _scaling(args: argparse.Namespace, argv: list[str]) -> int:
@@ -463,14 +465,22 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
             "lmforge launch needs the command to run, e.g. "
             "`lmforge launch --nproc 2 pretrain configs/pretrain/demo.yaml`"
         )
+    run_dir = None
+    if args.cmd[0] in TRAINING_COMMANDS:
+        run_dir = load_command_config(args.cmd[0], args.cmd[1:]).run_dir
     log_dir = args.log_dir
-    if log_dir is None and args.cmd[0] in TRAINING_COMMANDS:
-        log_dir = os.path.join(load_command_config(args.cmd[0], args.cmd[1:]).run_dir, "logs")
+    if log_dir is None and run_dir is not None:
+        log_dir = os.path.join(run_dir, "logs")
     # Under srun each node's launcher finds its place in SLURM's variables.
     nnodes = args.nnodes or int(os.environ.get("SLURM_NNODES", "1"))
     node_rank = args.node_rank
     if node_rank is None:
         node_rank = int(os.environ.get("SLURM_NODEID", "0"))
+    # The launcher of rank 0's node holds the run's lock for its workers (pretrain/runlock.py):
+    # the one node, or node rank 0 of a static rendezvous; with --rdzv-endpoint ranks are dealt
+    # on arrival, so rank 0 takes it itself. --dry-run writes nothing and takes no lock.
+    if "--dry-run" in args.cmd or not (nnodes == 1 or (not args.rdzv_endpoint and node_rank == 0)):
+        run_dir = None
     return launch(
         args.cmd,
         nproc=args.nproc,
@@ -480,6 +490,7 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         master_port=args.master_port,
         rdzv_endpoint=args.rdzv_endpoint,
         log_dir=log_dir,
+        run_dir=run_dir,
     )
 
 

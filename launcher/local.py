@@ -6,6 +6,10 @@ OMP_NUM_THREADS share of the cores so that N ranks on one machine do not oversub
 error in any worker is written to a per-rank file; the parent prints each distinct message once,
 naming the ranks, instead of torch elastic's traceback dump. With a log directory each rank's
 stdout and stderr also go to its own file (the run directory's `logs/`).
+
+One run, one writer (pretrain/runlock.py): given the run directory, the launcher holds the run's
+lock while its workers live, taken before anything is written there (a second start fails here,
+before any worker or log file exists), and every worker dies with its launcher.
 """
 
 from __future__ import annotations
@@ -20,12 +24,19 @@ import time
 
 from pretrain.dist import free_port, threads_per_rank
 from pretrain.durable import fault_point
+from pretrain.runlock import LAUNCHER_ENV, lock_run_dir
 from pretrain.signals import PENDING_ENV, pending_stop_signal
 
 ERROR_DIR_ENV = "LMFORGE_ERROR_DIR"
 # Signals torch elastic's agent turns into "kill the workers"; SIGTERM and SIGUSR1 are forwarded
 # to the workers instead (forward_stop_signals), which save before they exit.
 ELASTIC_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+# What each worker runs: `python -m launcher.cli ARGV`, after tying itself to this launcher
+# (pretrain.runlock.die_with_launcher, standard library only: before torch is imported).
+WORKER_BOOT = (
+    "import runpy, pretrain.runlock as r; r.die_with_launcher(); "
+    "runpy.run_module('launcher.cli', run_name='__main__', alter_sys=True)"
+)
 
 
 def record_worker_error(message: str) -> bool:
@@ -114,11 +125,13 @@ def launch(
     rdzv_endpoint: str | None = None,
     run_id: str | None = None,
     log_dir: str | None = None,
+    run_dir: str | None = None,
 ) -> int:
     """Run ``lmforge <argv>`` in ``nproc`` processes on this node, as one of ``nnodes`` nodes;
     return the exit code. Rendezvous: ``rdzv_endpoint`` (c10d, node ranks assigned on
     arrival), else ``master_addr:master_port`` with this ``node_rank`` (static), else a free
-    local port (one node)."""
+    local port (one node). With ``run_dir`` (this node hosts rank 0 of a training command) the
+    launcher holds that run's lock for its workers, or refuses to start (RunInUse)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -137,11 +150,16 @@ def launch(
             )
         backend, endpoint, rdzv = "c10d", f"127.0.0.1:{free_port()}", {}
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    # Before anything is written to the run directory (the rank logs too); released on return,
+    # or by the kernel when this process dies.
+    held = lock_run_dir(run_dir) if run_dir is not None else contextlib.nullcontext()
     fault_point("launch")
     if pending_stop_signal():  # it came while this launcher was starting: the workers stop too
         os.environ[PENDING_ENV] = str(pending_stop_signal())
-    with tempfile.TemporaryDirectory(prefix="lmforge-errors-") as errors, forward_stop_signals():
+    errors_dir = tempfile.TemporaryDirectory(prefix="lmforge-errors-")
+    with held, errors_dir as errors, forward_stop_signals():
         os.environ[ERROR_DIR_ENV] = errors
+        os.environ[LAUNCHER_ENV] = str(os.getpid())  # the workers die with this process
         config = LaunchConfig(
             min_nodes=nnodes,
             max_nodes=nnodes,
@@ -157,7 +175,7 @@ def launch(
             **({"logs_specs": rank_logs(log_dir)} if log_dir else {}),
         )
         try:
-            elastic_launch(config, entrypoint=sys.executable)("-m", "launcher.cli", *argv)
+            elastic_launch(config, entrypoint=sys.executable)("-c", WORKER_BOOT, *argv)
             return 0
         except ChildFailedError as exc:
             messages: dict[str, list[str]] = {}
@@ -171,8 +189,11 @@ def launch(
         finally:
             os.environ.pop(ERROR_DIR_ENV, None)
             os.environ.pop(PENDING_ENV, None)
+            os.environ.pop(LAUNCHER_ENV, None)
 
 
-def launch_local(argv: list[str], *, nproc: int, log_dir: str | None = None) -> int:
+def launch_local(
+    argv: list[str], *, nproc: int, log_dir: str | None = None, run_dir: str | None = None
+) -> int:
     """``lmforge <command> --nproc N``: N processes on this machine (sugar for `launch`)."""
-    return launch(argv, nproc=nproc, log_dir=log_dir)
+    return launch(argv, nproc=nproc, log_dir=log_dir, run_dir=run_dir)

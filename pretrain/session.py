@@ -63,6 +63,7 @@ from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import Strategy, build_strategy, check_state_format
 from pretrain.parallel.common import StepShape
 from pretrain.preemption import GracefulStop
+from pretrain.runlock import rank_lock
 from pretrain.trainer import (
     AnomalyPolicy,
     Callback,
@@ -586,7 +587,10 @@ def run_session(work: Workload, *, callbacks: Iterable[Callback] = ()) -> dict:
     )
     pdist.set_collective_timeout(cfg.parallel.timeout_s)  # before any process group exists
     strategy = build_strategy(precision=cfg.train.precision, layout=plan.layout)
-    result = RunSession(work, strategy, plan, callbacks=callbacks).run()
+    # One run, one writer: rank 0 (or its launcher) holds the run directory's lock until the
+    # run ends; a refusal reaches every rank (pretrain/runlock.py).
+    with rank_lock(cfg.run_dir, main=strategy.is_main):
+        result = RunSession(work, strategy, plan, callbacks=callbacks).run()
     # Only on success: after an error on one rank a barrier could wait forever.
     strategy.close()
     return result

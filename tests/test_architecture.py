@@ -16,12 +16,14 @@ PACKAGES = ("pretrain", "finetune", "scaling", "launcher")
 
 # Lower numbers are lower layers; a module may import its own layer and those below.
 PRETRAIN_LAYERS = {
-    # core: errors, process helpers, durable files, stop signals held while starting
+    # core: errors, process helpers, durable files, stop signals held while starting, the
+    # run directory's lock
     "pretrain": 0,
     "pretrain.errors": 0,
     "pretrain.dist": 0,
     "pretrain.durable": 0,
     "pretrain.signals": 0,
+    "pretrain.runlock": 0,
     # what a run is: config, layout, losses
     "pretrain.config": 1,
     "pretrain.layout": 1,
