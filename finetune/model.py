@@ -56,9 +56,13 @@ def _model_cfg(section: dict) -> ModelConfig:
 
 def load_source(path: str) -> Source:
     """Whatever model directory ``path`` is (see the module docstring)."""
-    from omegaconf import OmegaConf
 
-    from pretrain.checkpoint import read_trainer_state, verify_checkpoint
+    from pretrain.checkpoint import (
+        read_checkpoint_config,
+        read_json_file,
+        read_trainer_state,
+        verify_checkpoint,
+    )
     from pretrain.consolidate import full_weights, resolve_checkpoint
 
     if not os.path.exists(path):
@@ -66,9 +70,9 @@ def load_source(path: str) -> Source:
     if os.path.isfile(os.path.join(path, "config.json")):
         return _load_hf(path)
     if os.path.isfile(os.path.join(path, "consolidated.json")):
-        cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(path, "config.yaml")))
-        with open(os.path.join(path, "consolidated.json")) as f:
-            info = json.load(f)
+        info = read_json_file(os.path.join(path, "consolidated.json"))
+        _verify_consolidated(path, info)
+        cfg = read_checkpoint_config(path)
         from safetensors.torch import load_file
 
         tok = os.path.join(path, "tokenizer.model")
@@ -85,7 +89,7 @@ def load_source(path: str) -> Source:
     checkpoint = resolve_checkpoint(path)
     verify_checkpoint(checkpoint)
     state = read_trainer_state(checkpoint)
-    cfg = OmegaConf.to_container(OmegaConf.load(os.path.join(checkpoint, "config.yaml")))
+    cfg = read_checkpoint_config(checkpoint)
     tok = state.get("tokenizer")
     return Source(
         path=checkpoint,
@@ -110,13 +114,29 @@ def _compute(state: dict, cfg: dict) -> dict:
     }
 
 
+def _verify_consolidated(path: str, info: dict) -> None:
+    """The sha256 sums `lmforge consolidate` recorded in consolidated.json still match."""
+    from pretrain.durable import sha256_file
+
+    sums = info.get("sha256")
+    if not isinstance(sums, dict):
+        raise CheckpointError(f"{path}/consolidated.json is corrupt (no sha256 sums)")
+    for name, digest in sums.items():
+        file = os.path.join(path, os.path.basename(str(name)))
+        if not os.path.isfile(file) or sha256_file(file) != digest:
+            raise CheckpointError(
+                f"{file} is missing or does not match consolidated.json: the model directory "
+                "is corrupt; consolidate it again"
+            )
+
+
 def _load_hf(path: str) -> Source:
     from safetensors.torch import load_file
 
     from finetune.hf import from_hf_name, model_config_from_hf
+    from pretrain.checkpoint import read_json_file
 
-    with open(os.path.join(path, "config.json")) as f:
-        config = json.load(f)
+    config = read_json_file(os.path.join(path, "config.json"))
     model_cfg = model_config_from_hf(config, source=path)
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:

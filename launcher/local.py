@@ -15,6 +15,7 @@ before any worker or log file exists), and every worker dies with its launcher.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -44,8 +45,11 @@ def record_worker_error(message: str) -> bool:
     directory = os.environ.get(ERROR_DIR_ENV)
     if not directory or not os.path.isdir(directory):
         return False
-    with open(os.path.join(directory, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
-        f.write(message)
+    try:
+        with open(os.path.join(directory, f"rank{os.environ.get('RANK', '0')}"), "w") as f:
+            f.write(message)
+    except OSError:  # e.g. that filesystem is full too: the worker prints it itself
+        return False
     return True
 
 
@@ -156,7 +160,9 @@ def launch(
     fault_point("launch")
     if pending_stop_signal():  # it came while this launcher was starting: the workers stop too
         os.environ[PENDING_ENV] = str(pending_stop_signal())
-    errors_dir = tempfile.TemporaryDirectory(prefix="lmforge-errors-")
+    # In memory where the machine has /dev/shm: the reports of a full disk must not need disk.
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    errors_dir = tempfile.TemporaryDirectory(prefix="lmforge-errors-", dir=shm)
     with held, errors_dir as errors, forward_stop_signals():
         os.environ[ERROR_DIR_ENV] = errors
         os.environ[LAUNCHER_ENV] = str(os.getpid())  # the workers die with this process
@@ -174,6 +180,12 @@ def launch(
             log_line_prefix_template="[rank${rank}]:",  # console lines teed from rank logs
             **({"logs_specs": rank_logs(log_dir)} if log_dir else {}),
         )
+        # torch elastic logs each failed worker (exit code, pid, binary); lmforge says it in
+        # one line per distinct failure below, so its own lines would only repeat it.
+        quiet = logging.getLogger("torch.distributed.elastic.multiprocessing.api")
+        level = quiet.level
+        if "--debug" not in argv:
+            quiet.setLevel(logging.CRITICAL)
         try:
             elastic_launch(config, entrypoint=sys.executable)("-c", WORKER_BOOT, *argv)
             return 0
@@ -182,14 +194,27 @@ def launch(
             for name in sorted(os.listdir(errors)):
                 with open(os.path.join(errors, name)) as f:
                     messages.setdefault(f.read().strip(), []).append(name.removeprefix("rank"))
+            if not messages:  # no worker said why (killed, crashed): say how each ended
+                for failure in exc.failures.values():
+                    messages.setdefault(_how_it_ended(failure.exitcode), []).append(
+                        str(failure.rank)
+                    )
             for msg, ranks in messages.items():
                 print(f"error: [rank {','.join(ranks)}] {msg}", file=sys.stderr, flush=True)
             codes = [f.exitcode for f in exc.failures.values()]
             return next((c for c in codes if c and c > 0), 1)
         finally:
+            quiet.setLevel(level)
             os.environ.pop(ERROR_DIR_ENV, None)
             os.environ.pop(PENDING_ENV, None)
             os.environ.pop(LAUNCHER_ENV, None)
+
+
+def _how_it_ended(exitcode: int) -> str:
+    if exitcode < 0:
+        with contextlib.suppress(ValueError):
+            return f"worker killed by {signal.Signals(-exitcode).name}"
+    return f"worker exited with code {exitcode} (its log above says why)"
 
 
 def launch_local(

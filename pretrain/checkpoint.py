@@ -26,6 +26,8 @@ read dcp/, extra.pt, deepspeed/ and model.safetensors (pretrain/parallel/state.p
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
 import json
 import os
@@ -36,6 +38,7 @@ import time
 
 import numpy as np
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain import dist as pdist
 from pretrain.durable import fault_point, fsync_dir, replace_durable, sha256_file, write_durable
@@ -88,9 +91,62 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int,
 ) -> str:
-    """Save a complete checkpoint of ``step`` under ``root``; every rank calls this together."""
+    """Save a complete checkpoint of ``step`` under ``root``; every rank calls this together.
+    A full disk (or quota) is one :class:`CheckpointError` naming the place and the bytes
+    needed; the partial checkpoint is removed and the previous one stays in use."""
     final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, f".{step_dir_name(step)}.tmp")
+    failure: BaseException | None = None
+    try:
+        _write(
+            root=root,
+            step=step,
+            tmp=tmp,
+            strategy=strategy,
+            model=model,
+            optimizer=optimizer,
+            trainer_state=trainer_state,
+            config_yaml=config_yaml,
+        )
+    except _SAVE_FAILURES as exc:
+        failure = exc
+    # Every rank learns whether any rank failed (and whether for want of space) before anyone
+    # touches the temp directory again: rank 0 removes it only once no rank writes there.
+    failed, no_space = pdist.all_reduce_sum(
+        torch.tensor([failure is not None, failure is not None and _out_of_space(failure, root)])
+    ).tolist()
+    if failed:
+        if strategy.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if no_space:
+            raise CheckpointError(_no_space_message(root, step)) from failure
+        if failure is not None:
+            raise failure
+        raise CheckpointError(f"saving checkpoint step {step} failed on another rank (its error)")
+    if strategy.is_main:
+        try:
+            _publish(root=root, step=step, tmp=tmp, final=final, keep_last=keep_last)
+        except _SAVE_FAILURES as exc:
+            if not _out_of_space(exc, root):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(_no_space_message(root, step)) from exc
+    pdist.barrier()
+    return final
+
+
+def _write(
+    *,
+    root: str,
+    step: int,
+    tmp: str,
+    strategy,
+    model,
+    optimizer,
+    trainer_state: dict,
+    config_yaml: str,
+) -> None:
+    """Every rank: write its files of checkpoint ``step`` into ``tmp``."""
     if strategy.is_main:
         os.makedirs(root, exist_ok=True)
         for name in os.listdir(root):  # leftovers of a crashed save
@@ -110,34 +166,106 @@ def save_checkpoint(
         state = dict(trainer_state, format_version=FORMAT_VERSION, world_size=strategy.world_size)
         write_file("trainer_state.json", json.dumps(state, indent=1).encode())
         write_file("config.yaml", config_yaml.encode())
-    pdist.barrier()  # every rank's files are on disk
 
-    if strategy.is_main:
-        files = {
-            name: {
-                "sha256": sha256_file(os.path.join(tmp, name)),
-                "bytes": os.path.getsize(os.path.join(tmp, name)),
-            }
-            for name in _files_under(tmp)
+
+def _publish(*, root: str, step: int, tmp: str, final: str, keep_last: int) -> None:
+    """Rank 0, once every rank's files are on disk: the manifest, the rename into place, then
+    ``latest``, then retention."""
+    files = {
+        name: {
+            "sha256": sha256_file(os.path.join(tmp, name)),
+            "bytes": os.path.getsize(os.path.join(tmp, name)),
         }
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "step": step,
-            "created": time.time(),
-            "files": files,
-        }
-        write_file("manifest.json", json.dumps(manifest, indent=1).encode())
-        fsync_dir(tmp)
-        fault_point("save:before-rename", step=step)
-        if os.path.exists(final):  # a previous attempt reached this step but not `latest`
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(root)
-        fault_point("save:before-latest", step=step)
-        replace_durable(os.path.join(root, "latest"), (step_dir_name(step) + "\n").encode())
-        _prune(root, keep_last=keep_last, protect=step_dir_name(step))
-    pdist.barrier()
-    return final
+        for name in _files_under(tmp)
+    }
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "created": time.time(),
+        "files": files,
+    }
+    write_durable(os.path.join(tmp, "manifest.json"), json.dumps(manifest, indent=1).encode())
+    fsync_dir(tmp)
+    fault_point("save:before-rename", step=step)
+    if os.path.exists(final):  # a previous attempt reached this step but not `latest`
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    fsync_dir(root)
+    fault_point("save:before-latest", step=step)
+    replace_durable(os.path.join(root, "latest"), (step_dir_name(step) + "\n").encode())
+    _prune(root, keep_last=keep_last, protect=step_dir_name(step))
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# torch.distributed.checkpoint raises a BaseException that holds every rank's failure
+_SAVE_FAILURES = (Exception, CheckpointException)
+_NEARLY_FULL = 1 << 20  # bytes left on a filesystem that a failed write just filled
+
+
+def _out_of_space(exc: BaseException, root: str) -> bool:
+    """Whether a failed save ran out of disk: an ENOSPC/EDQUOT anywhere in the exception's
+    chain (torch.distributed.checkpoint wraps every rank's failure in its own exception), or
+    any failure on a filesystem with less than 1 MiB left (torch.save reports a short write
+    without an errno)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _NO_SPACE:
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+        for failure in (getattr(e, "failures", None) or {}).values():  # DCP: rank -> (exc, tb)
+            todo.extend(x for x in failure if isinstance(x, BaseException))
+    try:  # a write torch reports without errno ("unexpected pos"), on a filesystem now full
+        st = os.statvfs(root)
+        return st.f_bavail * st.f_frsize < _NEARLY_FULL
+    except OSError:
+        return False
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def checkpoint_bytes(path: str) -> int | None:
+    """Total size of a checkpoint from its manifest, or None when it has no readable one."""
+    try:
+        with open(os.path.join(path, "manifest.json"), encoding="utf-8") as f:
+            files = json.load(f)["files"]
+        return sum(int(info["bytes"]) for info in files.values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _no_space_message(root: str, step: int) -> str:
+    previous = None
+    with contextlib.suppress(CheckpointError, OSError):
+        previous = latest_checkpoint(root)
+    need = checkpoint_bytes(previous) if previous else None
+    try:
+        st = os.statvfs(root)
+        free = f"{_human(st.f_bavail * st.f_frsize)} free"
+    except OSError:
+        free = "free space unknown"
+    size = f"about {_human(need)} (the size of the last checkpoint)" if need else "more room"
+    kept = (
+        f"{previous} is intact; resume=auto continues from it"
+        if previous
+        else "no earlier checkpoint exists"
+    )
+    return (
+        f"no space left on device saving checkpoint step {step} under {root}: a checkpoint needs "
+        f"{size}, {free}; the partial checkpoint was removed and {kept} once there is room"
+    )
 
 
 def _files_under(root: str) -> list[str]:
@@ -152,8 +280,11 @@ def _files_under(root: str) -> list[str]:
 
 
 def _prune(root: str, *, keep_last: int, protect: str) -> None:
-    """Keep the newest ``keep_last`` checkpoints, ``protect`` and the one ``best`` names."""
-    steps = sorted(n for n in os.listdir(root) if STEP_DIR.match(n))
+    """Keep the newest ``keep_last`` checkpoints up to ``protect`` (the one just written, hashed
+    from disk), ``protect`` and the one ``best`` names. Checkpoints newer than ``protect`` are
+    left alone and not counted: after ``resume=auto`` fell back past a corrupt one, the
+    checkpoint it resumed from stays until ``keep_last`` newer good ones exist."""
+    steps = sorted(n for n in os.listdir(root) if STEP_DIR.match(n) and n <= protect)
     keep = {protect, _pointer(root, "best")}
     for name in steps[:-keep_last]:
         if name not in keep:
@@ -208,21 +339,18 @@ def latest_checkpoint(root: str) -> str | None:
 
 
 def verify_checkpoint(path: str) -> dict:
-    """Check the manifest's format version and every file's sha256; return the manifest."""
+    """Check the manifest's format version and every file's sha256; return the manifest. Every
+    reader calls this before it parses anything else of a checkpoint, so a corrupt file is one
+    :class:`CheckpointError` line, never a parser's traceback."""
     mpath = os.path.join(path, "manifest.json")
     if not os.path.isfile(mpath):
         raise CheckpointError(f"{path} is not a complete lmforge checkpoint (no manifest.json)")
-    try:
-        with open(mpath, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(
-            f"{mpath} is not valid JSON ({exc}): the checkpoint is corrupt; use an earlier one"
-        ) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+    manifest = read_json_file(mpath)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
         what = (
             "holds prepared data (`lmforge prepare`'s output)"
-            if isinstance(manifest, dict) and "splits" in manifest
+            if "splits" in manifest
             else "has a manifest.json that is not a checkpoint's"
         )
         raise CheckpointError(
@@ -233,8 +361,12 @@ def verify_checkpoint(path: str) -> dict:
             f"{path} has checkpoint format {manifest.get('format_version')}, this lmforge reads "
             f"{FORMAT_VERSION}"
         )
-    for name, info in manifest["files"].items():
-        fpath = os.path.join(path, name)
+    for name, info in files.items():
+        fpath = os.path.normpath(os.path.join(path, name))
+        if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
+            raise CheckpointError(f"{mpath} is corrupt (entry {name!r}); use an earlier checkpoint")
+        if os.path.isabs(name) or not fpath.startswith(os.path.normpath(path) + os.sep):
+            raise CheckpointError(f"{mpath} names {name!r}, outside the checkpoint: it is not one")
         if not os.path.isfile(fpath):
             raise CheckpointError(f"checkpoint file {fpath} is missing; resume from another one")
         digest = sha256_file(fpath)
@@ -246,14 +378,128 @@ def verify_checkpoint(path: str) -> dict:
     return manifest
 
 
+def read_json_file(path: str) -> dict:
+    """A checkpoint's JSON file as a dict, or one line saying it is corrupt."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the checkpoint is incomplete") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path} is not valid JSON ({exc}): the checkpoint is corrupt; use an earlier one"
+        ) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} is corrupt (not a JSON object); use an earlier checkpoint")
+    return data
+
+
 def read_trainer_state(path: str) -> dict:
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        return json.load(f)
+    """``trainer_state.json`` of checkpoint ``path`` (call ``verify_checkpoint`` first)."""
+    return read_json_file(os.path.join(path, "trainer_state.json"))
 
 
-def load_checkpoint(path: str, *, strategy, model, optimizer, restore_rng: bool = True) -> dict:
-    """Load a verified checkpoint into model and optimizer; restore this rank's RNG states."""
-    verify_checkpoint(path)
+def read_checkpoint_config(path: str) -> dict:
+    """The resolved config a checkpoint was written with (its ``config.yaml``), as a dict."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    file = os.path.join(path, "config.yaml")
+    try:
+        cfg = OmegaConf.to_container(OmegaConf.load(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"{file} is missing: the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, YAMLError, OmegaConfBaseException) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise CheckpointError(
+            f"{file} cannot be read ({reason}): the checkpoint is corrupt; use an earlier one"
+        ) from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{file} is corrupt (no model section); use an earlier checkpoint")
+    return cfg
+
+
+def step_dirs(root: str) -> list[str]:
+    """The ``step_*`` directories under ``root``, newest first."""
+    if not os.path.isdir(root):
+        return []
+    names = sorted((n for n in os.listdir(root) if STEP_DIR.match(n)), reverse=True)
+    return [os.path.join(root, n) for n in names if os.path.isdir(os.path.join(root, n))]
+
+
+def newest_verified(root: str, *, before: str | None = None, warn=None) -> str | None:
+    """The newest checkpoint under ``root`` that verifies; only those older than ``before`` (a
+    step directory) when given. ``warn(message)`` hears of each one skipped."""
+    for path in step_dirs(root):
+        if before is not None and os.path.basename(path) >= os.path.basename(before):
+            continue
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            if warn:
+                warn(str(exc))
+            continue
+        return path
+    return None
+
+
+def resume_point(root: str) -> str | None:
+    """``resume=auto``: the checkpoint ``latest`` names when it verifies; otherwise (a corrupt
+    or missing one, or a broken ``latest``) warn, naming what failed, and fall back to the
+    newest checkpoint that verifies. None when the run has no checkpoint."""
+
+    def warn(message: str) -> None:
+        pdist.print0(f"warning: {message}; falling back to an earlier checkpoint")
+
+    latest, broken = None, False
+    try:
+        latest = latest_checkpoint(root)
+    except CheckpointError as exc:
+        warn(str(exc))
+        broken = True
+    if latest is not None:
+        try:
+            verify_checkpoint(latest)
+            return latest
+        except CheckpointError as exc:
+            warn(str(exc))
+        # A step directory newer than `latest` is one whose save was cut short before `latest`
+        # moved; `latest` never named it, so the search starts below `latest`.
+        found = newest_verified(root, before=latest, warn=warn)
+    elif not step_dirs(root):
+        return None
+    else:
+        if not broken:
+            warn(f"{os.path.join(root, 'latest')} is missing")
+        found = newest_verified(root, warn=warn)
+    if found is None:
+        raise CheckpointError(
+            f"no checkpoint under {root} verifies; start a new run with another name=..."
+        )
+    return found
+
+
+def check_resume_checkpoint(path: str) -> None:
+    """An explicit ``resume=PATH`` must verify; the error names the newest earlier checkpoint
+    beside it that does."""
+    try:
+        verify_checkpoint(path)
+    except CheckpointError as exc:
+        previous = newest_verified(os.path.dirname(os.path.abspath(path)), before=path)
+        hint = (
+            f"; the previous good checkpoint is {previous}: resume={previous}" if previous else ""
+        )
+        raise CheckpointError(f"{exc}{hint}") from None
+
+
+def load_checkpoint(
+    path: str, *, strategy, model, optimizer, restore_rng: bool = True, verify: bool = True
+) -> dict:
+    """Load a checkpoint into model and optimizer; restore this rank's RNG states. ``verify``
+    False: the caller has just verified it."""
+    if verify:
+        verify_checkpoint(path)
     state = read_trainer_state(path)
     strategy.load_state(path, model=model, optimizer=optimizer)
     rng_file = os.path.join(path, f"rng_rank{strategy.rank:05d}.pt")

@@ -8,6 +8,7 @@ half-written is written beside its target and renamed over it, then the director
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -15,7 +16,8 @@ import signal
 import tempfile
 import time
 
-# "point", "point@step", or either with "+sleep=S" or "+signal=NAME" (names may contain ":")
+# "point", "point@step", or either with "+sleep=S", "+signal=NAME" or "+errno=NAME" (names may
+# contain ":")
 _FAULT, _, _ACTION = os.environ.get("LMFORGE_FAULT", "").partition("+")
 # "...+rank=N" (last): only the process of global rank N; "+hang=S" and "+scale=X" below
 _ACTION, _, _ONLY_RANK = ("+" + _ACTION).partition("+rank=")
@@ -32,6 +34,7 @@ def fault_point(name: str, *, step: int | None = None) -> None:
     ``name@step`` (crash-safety tests: a real kill of a real process at a known moment);
     ``...+sleep=S`` pauses S seconds there instead (a window for a test's signal), and
     ``...+signal=SIGUSR1`` sends this process that signal (one that arrives at that moment), and
+    ``...+errno=ENOSPC`` raises that OSError there (a full disk at that write), and
     ``...+hang=S`` stops there S seconds as a stuck rank would: a stop signal keeps its default
     action and ends the process (the launcher ending a job that a collective timeout failed).
     ``...+rank=N`` at the end limits any of them to the process of global rank N."""
@@ -51,6 +54,9 @@ def fault_point(name: str, *, step: int | None = None) -> None:
         if _ACTION.startswith("signal="):
             os.kill(os.getpid(), getattr(signal, _ACTION.removeprefix("signal=")))
             return
+        if _ACTION.startswith("errno="):
+            code = getattr(errno, _ACTION.removeprefix("errno="))
+            raise OSError(code, os.strerror(code))
         os.kill(os.getpid(), signal.SIGKILL)
 
 

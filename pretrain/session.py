@@ -40,14 +40,15 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from pretrain import dist as pdist
 from pretrain.checkpoint import (
-    latest_checkpoint,
+    check_resume_checkpoint,
     load_checkpoint,
+    read_checkpoint_config,
     read_trainer_state,
+    resume_point,
     save_checkpoint,
 )
 from pretrain.config import RunConfig, to_container, to_yaml
@@ -104,15 +105,16 @@ def resolve_resume(*, run_dir: str, resume: str | None) -> str | None:
                 "a new run with another name=..."
             )
         return None
-    if resume == "auto":
-        return latest_checkpoint(ckpt_root) if os.path.isdir(ckpt_root) else None
+    if resume == "auto":  # the newest checkpoint that verifies, with a warning for any other
+        return resume_point(ckpt_root) if os.path.isdir(ckpt_root) else None
     if os.path.isfile(resume):  # checkpoints/latest or checkpoints/best: the one it names
-        with open(resume) as f:
+        with open(resume, errors="replace") as f:
             named = os.path.join(os.path.dirname(resume), f.read().strip())
         if os.path.isdir(named):
-            return named
+            resume = named
     if not os.path.isdir(resume):
         raise CheckpointError(f"resume={resume}: no such checkpoint directory")
+    check_resume_checkpoint(resume)
     return resume
 
 
@@ -167,7 +169,7 @@ def check_resume_compatible(
             f"{ckpt} was trained with another tokenizer (sha256 {saved['tokenizer_sha256'][:12]}…) "
             f"than this run's ({tokenizer_sha[:12]}…); {tokenizer_fix}"
         )
-    return OmegaConf.to_container(OmegaConf.load(os.path.join(ckpt, "config.yaml")))  # type: ignore[return-value]
+    return read_checkpoint_config(ckpt)
 
 
 def note_layout_change(ckpt: str, saved_cfg: dict, parallel: dict) -> None:
@@ -525,8 +527,8 @@ class RunSession:
             ),
         )
         if self.resume_from is not None:
-            state = load_checkpoint(
-                self.resume_from, strategy=strategy, model=model, optimizer=optimizer
+            state = load_checkpoint(  # verified by resolve_resume
+                self.resume_from, strategy=strategy, model=model, optimizer=optimizer, verify=False
             )
             work.check_resumed_data(self.resume_from, state["data"]["num_windows"])
             trainer.load_state_dict(state)

@@ -1,0 +1,210 @@
+"""Full disks and corrupt checkpoints: one clear line, the previous checkpoint kept, and
+`resume=auto` falling back on its own to the newest checkpoint that verifies.
+
+The full disk is real where the machine lets the test mount a small tmpfs, and injected at the
+write (`LMFORGE_FAULT=...+errno=ENOSPC`) everywhere, with two ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from pretrain.checkpoint import (
+    _prune,
+    check_resume_checkpoint,
+    resume_point,
+    verify_checkpoint,
+)
+from pretrain.durable import sha256_file
+from pretrain.errors import CheckpointError
+from pretrain.session import check_resume_compatible
+from tests.conftest import lmforge
+from tests.runs import _args, latest_checkpoint
+from tests.test_resume import assert_same_run
+
+
+def _one_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _assert_kept_previous(run_dir: str) -> None:
+    root = os.path.join(run_dir, "checkpoints")
+    assert latest_checkpoint(run_dir) == "step_00000004"
+    verify_checkpoint(os.path.join(root, "step_00000004"))
+    assert sorted(os.listdir(root)) == ["latest", "step_00000004"], "partial checkpoint left"
+
+
+def test_full_disk_during_save_is_one_line_and_resumes(tiny_data, tmp_path, reference_runs):
+    """ENOSPC at the write of step 8's checkpoint, on both of two ranks: one line naming the
+    disk, the place and the size needed; step 4 intact; then the run resumes exactly."""
+    ref = reference_runs(2, "fp32", "parallel.strategy=ddp")
+    runs, name = str(tmp_path), "full"
+    run_dir = os.path.join(runs, name)
+    args = _args(tiny_data, runs, name, 2, "fp32", "parallel.strategy=ddp")
+    line = _one_line(
+        lmforge(
+            "pretrain", *args, env={"LMFORGE_FAULT": "save:mid-file@8+errno=ENOSPC"}, check=False
+        )
+    )
+    root = os.path.join(run_dir, "checkpoints")
+    assert "no space left on device saving checkpoint step 8" in line, line
+    assert root in line and "a checkpoint needs about" in line and "free" in line, line
+    assert f"{root}/step_00000004 is intact" in line, line
+    _assert_kept_previous(run_dir)
+    lmforge("pretrain", *args, "resume=auto")
+    assert_same_run(run_dir, ref)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 5 MiB tmpfs: room for one checkpoint of the COMMON model (~3.3 MB), not two."""
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=5m", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    yield str(mnt)
+    subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_really_full_tmpfs(tiny_data, small_tmpfs, reference_runs):
+    """The same on a filesystem that really fills up, through torch.distributed.checkpoint's
+    own writes; growing the filesystem lets `resume=auto` finish the run exactly."""
+    ref = reference_runs(1, "fp32", "parallel.strategy=ddp")
+    run_dir = os.path.join(small_tmpfs, "fill")
+    args = _args(tiny_data, small_tmpfs, "fill", 1, "fp32", "logging.plot=false")
+    line = _one_line(lmforge("pretrain", *args, check=False))
+    assert line.startswith("error: no space left on device saving checkpoint step 8"), line
+    _assert_kept_previous(run_dir)
+    subprocess.run(["mount", "-o", "remount,size=40m", small_tmpfs], check=True)
+    lmforge("pretrain", *args, "resume=auto")
+    assert_same_run(run_dir, ref)
+
+
+# --- corrupt checkpoints -----------------------------------------------------------------------
+
+
+def _flip_last_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def _resign(ckpt: str) -> None:
+    """Rewrite the manifest's sums to match the files as they are now (what someone who
+    crafts or edits a checkpoint can always do)."""
+    mpath = os.path.join(ckpt, "manifest.json")
+    with open(mpath) as f:
+        manifest = json.load(f)
+    for name, info in manifest["files"].items():
+        info["sha256"] = sha256_file(os.path.join(ckpt, name))
+        info["bytes"] = os.path.getsize(os.path.join(ckpt, name))
+    with open(mpath, "w") as f:
+        json.dump(manifest, f)
+
+
+@pytest.fixture
+def ref_copy(tmp_path, reference_runs):
+    """A finished run (checkpoints at steps 12 and 14) to damage."""
+    run_dir = str(tmp_path / "copy")
+    shutil.copytree(reference_runs(1, "fp32", "parallel.strategy=ddp"), run_dir)
+    return run_dir
+
+
+def test_resume_auto_falls_back_past_a_corrupt_checkpoint(
+    tiny_data, tmp_path, ref_copy, reference_runs
+):
+    """The newest checkpoint fails its sums: resume=auto warns naming the file, resumes from
+    the one before and gives the uninterrupted run bitwise; an explicit resume= of the corrupt
+    one names the good one; when none verifies it is one line."""
+    root = os.path.join(ref_copy, "checkpoints")
+    newest, before = os.path.join(root, "step_00000014"), os.path.join(root, "step_00000012")
+    _flip_last_byte(os.path.join(newest, "model.safetensors"))
+    base = _args(tiny_data, str(tmp_path), "copy", 1, "fp32")
+
+    line = _one_line(lmforge("pretrain", *base, f"resume={newest}", check=False))
+    assert "model.safetensors does not match its manifest" in line, line
+    assert line.endswith(f"the previous good checkpoint is {before}: resume={before}"), line
+
+    out = lmforge("pretrain", *base, "resume=auto")
+    assert f"warning: checkpoint file {newest}/model.safetensors does not match" in out.stdout
+    with open(os.path.join(ref_copy, "provenance.jsonl")) as f:
+        assert [json.loads(x) for x in f][-1]["resumed_from"] == before
+    assert_same_run(ref_copy, reference_runs(1, "fp32", "parallel.strategy=ddp"))
+
+    for step in (12, 14):  # now every checkpoint is corrupt
+        _flip_last_byte(os.path.join(root, f"step_{step:08d}", "trainer_state.json"))
+    line = _one_line(lmforge("pretrain", *base, "resume=auto", check=False))
+    assert line == f"error: no checkpoint under {root} verifies; start a new run with another name=..."
+
+
+@pytest.mark.parametrize(
+    "damage,resigned,expected",
+    [
+        ("manifest.json", False, "manifest.json is not valid JSON"),
+        ("trainer_state.json", False, "trainer_state.json does not match its manifest"),
+        ("config.yaml", False, "config.yaml does not match its manifest"),
+        ("trainer_state.json", True, "trainer_state.json is not valid JSON"),
+        ("config.yaml", True, "config.yaml cannot be read"),
+    ],
+)
+def test_corrupt_checkpoint_files_are_one_line(ref_copy, capsys, damage, resigned, expected):
+    """Corrupt JSON/YAML is found by the sums before any parser sees it; one a manifest was
+    rewritten to match (so it verifies) is still one line when parsed, never a traceback."""
+    root = os.path.join(ref_copy, "checkpoints")
+    newest = os.path.join(root, "step_00000014")
+    with open(os.path.join(newest, "trainer_state.json")) as f:
+        tokenizer_sha = json.load(f)["tokenizer_sha256"]
+    with open(os.path.join(newest, damage), "wb") as f:
+        f.write(b"\xff{[: not valid\n\tx: [")
+    if resigned:
+        _resign(newest)
+        assert resume_point(root) == newest  # it verifies ...
+        with pytest.raises(CheckpointError, match=expected) as err:  # ... and is refused
+            check_resume_compatible(
+                newest, strategy="ddp", tokenizer_sha=tokenizer_sha, tokenizer_fix=""
+            )
+        assert "\n" not in str(err.value)
+        return
+    assert resume_point(root) == os.path.join(root, "step_00000012")
+    assert expected in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match=expected) as err:
+        check_resume_checkpoint(newest)
+    assert str(err.value).endswith(f"resume={os.path.join(root, 'step_00000012')}")
+
+
+def test_retention_keeps_the_checkpoint_a_fallback_resumed_from(tmp_path):
+    """After a fallback from step 4 past a corrupt step 12, saving step 8 with keep_last=2
+    keeps 4 and 8: checkpoints newer than the one just written do not count as kept ones."""
+    root = tmp_path / "checkpoints"
+    for step in (4, 12):
+        (root / f"step_{step:08d}").mkdir(parents=True)
+    (root / "step_00000008").mkdir()
+    _prune(str(root), keep_last=2, protect="step_00000008")
+    assert sorted(os.listdir(root)) == ["step_00000004", "step_00000008", "step_00000012"]
+    (root / "step_00000010").mkdir()
+    _prune(str(root), keep_last=2, protect="step_00000010")
+    assert sorted(os.listdir(root)) == ["step_00000008", "step_00000010", "step_00000012"]
+
+
+def test_state_files_are_checked_before_parsing_in_every_reader(ref_copy, tmp_path):
+    """consolidate (and so export, generate, evaluate, init_from) refuses a corrupt state file
+    in one line before it parses it."""
+    newest = os.path.join(ref_copy, "checkpoints", "step_00000014")
+    with open(os.path.join(newest, "trainer_state.json"), "w") as f:
+        f.write("{")
+    line = _one_line(lmforge("consolidate", newest, "--out", str(tmp_path / "out"), check=False))
+    assert "trainer_state.json does not match its manifest" in line, line
+    assert not os.path.exists(tmp_path / "out")
