@@ -234,6 +234,14 @@ def tokenize(
     else:
         from finetune.metrics import validate_bio_labels
 
+        for r in rows:
+            words, tags = r[task.tokens_column], r[task.tags_column]
+            if not isinstance(words, list) or not isinstance(tags, list):
+                raise DataError(
+                    f"{source}: `{task.tokens_column}` and `{task.tags_column}` must be lists "
+                    f"(of words, of tags), an example has a {type(words).__name__} and a "
+                    f"{type(tags).__name__}; write the examples as JSONL/Parquet lists"
+                )
         if labels is None:
             labels = label_set(t for r in rows for t in r[task.tags_column])
         validate_bio_labels(labels)

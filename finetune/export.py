@@ -28,7 +28,7 @@ import torch
 from finetune.hf import ARCHITECTURES, llama_config, to_hf_name
 from finetune.model import Source, build_model, load_source
 from pretrain.consolidate import DTYPES
-from pretrain.durable import atomic_directory, check_new_dir, write_durable
+from pretrain.durable import atomic_directory, check_new_dir, check_writable, write_durable
 from pretrain.errors import ConfigurationError
 from pretrain.tokenizer import Tokenizer
 
@@ -40,6 +40,7 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
     if dtype not in DTYPES:
         raise ConfigurationError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     check_new_dir(out)
+    check_writable(out, "--out ")
     src = load_source(path)
     if src.tokenizer is None:
         raise ConfigurationError(

@@ -97,6 +97,11 @@ def perplexity(path: str, *, files: list[str], seq_len: int | None = None) -> di
     if src.n_out is not None:
         raise ConfigurationError(f"{path} is a classifier: perplexity needs a language model")
     T = seq_len or src.model.max_seq_len
+    if T > src.model.max_seq_len:
+        raise ConfigurationError(
+            f"--seq-len {T} exceeds the context of {path} ({src.model.max_seq_len} tokens); "
+            f"use --seq-len {src.model.max_seq_len} or less"
+        )
     total, count = 0.0, 0
     for name in files:
         try:
@@ -121,9 +126,11 @@ def perplexity(path: str, *, files: list[str], seq_len: int | None = None) -> di
 
 
 @torch.no_grad()
-def task_metrics(path: str, *, data: str, batch_size: int = 32, **columns) -> dict:
+def task_metrics(
+    path: str, *, data: str, columns: dict[str, str] | None = None, batch_size: int = 32
+) -> dict:
     """The finetuned model's task metrics on a labelled file (columns as in training, or
-    overridden: text_column=..., label_column=..., ...)."""
+    overridden by ``columns``: {"text_column": ..., "label_column": ...})."""
     from finetune.config import TaskConfig
     from finetune.data import load_rows, tokenize
     from finetune.tasks import evaluator_for, make_loss
@@ -133,7 +140,15 @@ def task_metrics(path: str, *, data: str, batch_size: int = 32, **columns) -> di
         raise ConfigurationError(
             f"{path} is a base language model with no task; evaluate its perplexity with --text"
         )
+    columns = columns or {}
     keys = {k for k in TaskConfig.__dataclass_fields__}
+    settable = sorted(k for k in keys if k.endswith("_column"))
+    unknown = [k for k in columns if k not in settable]
+    if unknown:
+        raise ConfigurationError(
+            f"--column {unknown[0]}={columns[unknown[0]]}: {unknown[0]!r} is not a task column; "
+            f"use one of {', '.join(settable)}"
+        )
     task = TaskConfig(**{k: v for k, v in {**src.task, **columns}.items() if k in keys})
     task.train = task.val = data
     rows = load_rows(data, split=task.val_split, dataset_config=task.dataset_config)

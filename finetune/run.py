@@ -156,6 +156,11 @@ class Finetuning(Workload):
 
     def check_resume(self, ckpt: str, saved_cfg: dict) -> None:
         cfg = self.cfg
+        if not isinstance(saved_cfg.get("task"), dict):
+            raise CheckpointError(
+                f"{ckpt} is not a finetuning checkpoint (no task): to start from it, use "
+                f"init_from={ckpt} in a run of another name=..."
+            )
         for key in ("labels", "type"):
             if saved_cfg["task"].get(key) != getattr(cfg.task, key):
                 raise CheckpointError(

@@ -10,6 +10,7 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -25,8 +26,16 @@ See every key with its default and meaning: lmforge print-config --for {command}
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: the value and where to look, not the usage (that
+    is what --help is for). Subcommands' parsers are of this class too."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="lmforge",
         description="Distributed training pipeline for GPT-style language models.",
     )
@@ -128,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = command("runs", "List runs: progress, checkpoints, SLURM jobs and logs.", config=False)
     sp.add_argument("names", nargs="*", metavar="RUN", help="runs to show (default: all)")
-    sp.add_argument("--runs-dir", default="runs", help="parent of the run directories")
+    sp.add_argument("--runs-dir", help="parent of the run directories (default runs)")
     sp.add_argument("--tail", type=int, default=10, help="lines of a single run's newest log")
 
     sp = command(
@@ -428,11 +437,13 @@ def _prepare(args: argparse.Namespace, argv: list[str]) -> int:
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     """pretrain and finetune: check everything that can fail before any process starts (config,
     data, base model, layout, memory), then run here or in ``--nproc`` local processes."""
-    from launcher.commands import load_command_config, workload
+    from launcher.commands import check_run_dir, load_command_config, workload
     from pretrain.config import to_yaml
 
     _check_nproc(args.nproc)
     work = workload(args.command, load_command_config(args.command, args.config))
+    if not args.dry_run and "LOCAL_RANK" not in os.environ:  # (a launcher checked for workers)
+        check_run_dir(work.cfg)
     if args.dry_run:  # the config as the run would resolve it (vocabulary, base model's shape)
         plan = work.preflight(world_size=args.nproc, local_ranks=args.nproc)
         print(to_yaml(work.cfg), end="")
@@ -451,6 +462,24 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     return run_session(work)["exit_code"]
 
 
+def _check_rendezvous(args: argparse.Namespace, *, nnodes: int, node_rank: int) -> None:
+    """Node rank, port and rendezvous endpoint that can work, before anything waits on them."""
+    from pretrain.errors import ConfigurationError
+
+    if not args.rdzv_endpoint and not 0 <= node_rank < nnodes:
+        raise ConfigurationError(
+            f"--node-rank {node_rank}: with --nnodes {nnodes} give a node rank in 0..{nnodes - 1}"
+        )
+    if args.master_port is not None and not 0 < args.master_port < 65536:
+        raise ConfigurationError(f"--master-port {args.master_port}: give a port in 1..65535")
+    if args.rdzv_endpoint is not None:
+        host, _, port = args.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(
+                f"--rdzv-endpoint {args.rdzv_endpoint!r}: give HOST:PORT, e.g. 10.0.0.1:29400"
+            )
+
+
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     from launcher.commands import TRAINING_COMMANDS, load_command_config
     from launcher.local import launch
@@ -465,9 +494,20 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
             "lmforge launch needs the command to run, e.g. "
             "`lmforge launch --nproc 2 pretrain configs/pretrain/demo.yaml`"
         )
+    if args.cmd[0] not in HANDLERS:
+        raise ConfigurationError(
+            f"`{args.cmd[0]}` is not an lmforge command; run one of {', '.join(HANDLERS)}"
+        )
     run_dir = None
+    cfg = None
     if args.cmd[0] in TRAINING_COMMANDS:
-        run_dir = load_command_config(args.cmd[0], args.cmd[1:]).run_dir
+        cfg = load_command_config(args.cmd[0], args.cmd[1:])
+        run_dir = cfg.run_dir
+    elif args.nproc * (args.nnodes or 1) > 1:
+        raise ConfigurationError(
+            f"`lmforge {args.cmd[0]}` runs once, not once per process: run it without launch "
+            f"(only {' and '.join(TRAINING_COMMANDS)} run one process per rank)"
+        )
     log_dir = args.log_dir
     if log_dir is None and run_dir is not None:
         log_dir = os.path.join(run_dir, "logs")
@@ -476,6 +516,14 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     node_rank = args.node_rank
     if node_rank is None:
         node_rank = int(os.environ.get("SLURM_NODEID", "0"))
+    _check_rendezvous(args, nnodes=nnodes, node_rank=node_rank)
+    if cfg is not None and "--dry-run" not in args.cmd:
+        # bad data, base, tokenizer, layout, memory or run directory: one line here, before any
+        # process starts (each worker would otherwise print it)
+        from launcher.commands import check_run_dir, workload
+
+        check_run_dir(cfg)
+        workload(args.cmd[0], cfg).preflight(world_size=args.nproc * nnodes, local_ranks=args.nproc)
     # The launcher of rank 0's node holds the run's lock for its workers (pretrain/runlock.py):
     # the one node, or node rank 0 of a static rendezvous; with --rdzv-endpoint ranks are dealt
     # on arrival, so rank 0 takes it itself. --dry-run writes nothing and takes no lock.
@@ -514,18 +562,41 @@ def _runs(args: argparse.Namespace, argv: list[str]) -> int:
     from launcher.runs import describe_runs
     from pretrain.errors import ConfigurationError
 
-    missing = [n for n in args.names if not os.path.isdir(os.path.join(args.runs_dir, n))]
+    if args.tail < 0:
+        raise ConfigurationError(f"--tail {args.tail}: give a number of lines >= 0")
+    runs_dir = args.runs_dir or "runs"
+    if args.runs_dir is not None and not os.path.isdir(runs_dir):  # (the default may be absent)
+        what = "is a file" if os.path.exists(runs_dir) else "does not exist"
+        raise ConfigurationError(f"--runs-dir {runs_dir} {what}; give the parent of the runs")
+    missing = [n for n in args.names if not os.path.isdir(os.path.join(runs_dir, n))]
     if missing:
         raise ConfigurationError(
-            f"no run {missing[0]} under {args.runs_dir}; `lmforge runs` lists those there"
+            f"no run {missing[0]} under {runs_dir}; `lmforge runs` lists those there"
         )
-    print(describe_runs(args.runs_dir, args.names or None, tail=args.tail))
+    print(describe_runs(runs_dir, args.names or None, tail=args.tail))
     return 0
+
+
+def _check_out_file(out: str | None) -> None:
+    """--out FILE: a file that can be written, said before the work, not after it."""
+    if out is None:
+        return
+    from pretrain.durable import check_writable
+    from pretrain.errors import ConfigurationError
+
+    if os.path.isdir(out):
+        raise ConfigurationError(f"--out {out} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.lexists(parent):
+        raise ConfigurationError(f"--out {out}: no directory {parent}; create it first")
+    check_writable(out, "--out ")
 
 
 def _consolidate(args: argparse.Namespace, argv: list[str]) -> int:
     from pretrain.consolidate import consolidate
+    from pretrain.durable import check_writable
 
+    check_writable(args.out, "--out ")  # before the checkpoint is read
     consolidate(args.path, out=args.out, dtype=args.dtype)
     return 0
 
@@ -543,8 +614,12 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.max_new_tokens < 1:
         raise ConfigurationError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
-    if args.temperature < 0 or args.top_k < 0:
-        raise ConfigurationError("--temperature and --top-k must be >= 0 (0 = greedy / no limit)")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ConfigurationError(
+            f"--temperature {args.temperature}: give a number >= 0 (0 = greedy)"
+        )
+    if args.top_k < 0:
+        raise ConfigurationError(f"--top-k {args.top_k}: give a number >= 0 (0 = no limit)")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigurationError(f"--top-p {args.top_p}: give a probability mass in (0, 1]")
 
@@ -567,25 +642,66 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
 
     if bool(args.text) == bool(args.data):
         raise ConfigurationError("give one of --text FILE ... (perplexity) or --data FILE")
-    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
-    if out_dir and not os.path.isdir(out_dir):  # say so before the evaluation, not after
-        raise ConfigurationError(f"--out {args.out}: no directory {out_dir}; create it first")
+    _check_out_file(args.out)  # say so before the evaluation, not after
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ConfigurationError(f"--seq-len {args.seq_len}: give a window of at least 1 token")
+    bad = [c for c in args.column if "=" not in c or not c.split("=", 1)[0]]
+    if bad:
+        raise ConfigurationError(f"--column {bad[0]}: write KEY=NAME, e.g. text_column=review")
     if args.text:
         result = perplexity(args.path, files=args.text, seq_len=args.seq_len)
     else:
-        columns = dict(c.split("=", 1) for c in args.column if "=" in c)
-        result = task_metrics(args.path, data=args.data, **columns)
+        columns = dict(c.split("=", 1) for c in args.column)
+        result = task_metrics(args.path, data=args.data, columns=columns)
     print_json(result, args.out)
     return 0
 
 
-def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    from pretrain import bench
+def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
+    """Every value bench uses, before anything is timed."""
     from pretrain.errors import ConfigurationError
 
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+    def presets(kind: str, names: str, flag: str) -> None:
+        for name in names.split(","):
+            if not os.path.isfile(os.path.join(configs, kind, f"{name}.yaml")):
+                have = sorted(f[:-5] for f in os.listdir(os.path.join(configs, kind)))
+                raise ConfigurationError(
+                    f"{flag} {names}: no preset {name!r} in configs/{kind}/ ({', '.join(have)})"
+                )
+
+    if args.steps < 1:
+        raise ConfigurationError(f"--steps {args.steps}: give at least 1")
+    precisions = ("fp32", "bf16", "fp16") if args.strategies else ("fp32", "bf16")
+    bad = [p for p in args.precisions.split(",") if p not in precisions]
+    if bad:
+        raise ConfigurationError(
+            f"--precisions {args.precisions}: {bad[0]!r} is not one of {', '.join(precisions)}"
+        )
+    _check_out_file(args.out)
     if args.strategies:
         if not args.data:
             raise ConfigurationError("--strategies needs --data DIR (run `make demo` for one)")
+        _check_nproc(args.nproc)
+        presets("parallel", args.strategies, "--strategies")
+        from pretrain.prepare import load_manifest
+
+        load_manifest(args.data)
+        return
+    presets("model", args.models, "--models")
+    if args.generate and not 0 < args.new_tokens < seq_len:
+        raise ConfigurationError(
+            f"--new-tokens {args.new_tokens}: give 1..{seq_len - 1} (the prompt is {seq_len} "
+            "tokens minus these)"
+        )
+
+
+def _bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from pretrain import bench
+
+    _check_bench(args, bench.SEQ_LEN)
+    if args.strategies:
         bench.run_strategy_bench(
             data=args.data,
             strategies=args.strategies.split(","),

@@ -37,3 +37,14 @@ def workload(command: str, cfg: Any):
     from finetune.run import Finetuning
 
     return Finetuning(cfg)
+
+
+def check_run_dir(cfg: Any) -> None:
+    """Before anything starts: the run directory can be written, and a new run (no `resume`)
+    would not write into an existing one. (The run session checks the resume target itself.)"""
+    from pretrain.durable import check_writable
+    from pretrain.session import resolve_resume
+
+    check_writable(cfg.run_dir, "run directory ")
+    if cfg.resume is None:
+        resolve_resume(run_dir=cfg.run_dir, resume=None)

@@ -13,17 +13,24 @@ from launcher.slurm import job_states
 def _last_rows(metrics: str) -> tuple[dict | None, dict | None]:
     train = evaluation = None
     if os.path.isfile(metrics):
-        with open(metrics) as f:
+        with open(metrics, errors="replace") as f:  # a torn or corrupt file: skip such lines
             for line in f:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line being written right now
+                if not isinstance(row, dict):
+                    continue
                 if row.get("kind") == "train":
                     train = row
                 elif row.get("kind") == "eval":
                     evaluation = row
     return train, evaluation
+
+
+def _number(row: dict | None, key: str) -> str:
+    value = (row or {}).get(key)
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
 
 
 def describe_runs(runs_dir: str, names: list[str] | None = None, *, tail: int = 10) -> str:
@@ -43,7 +50,10 @@ def describe_runs(runs_dir: str, names: list[str] | None = None, *, tail: int = 
         run = os.path.join(runs_dir, name)
         train, evaluation = _last_rows(os.path.join(run, "metrics.jsonl"))
         latest = os.path.join(run, "checkpoints", "latest")
-        ckpt = open(latest).read().strip() if os.path.isfile(latest) else "-"
+        ckpt = "-"
+        if os.path.isfile(latest):
+            with open(latest, errors="replace") as f:
+                ckpt = f.read().strip()[:40] or "-"
         jobs = sorted(
             (
                 re.sub(r"\D", "", os.path.basename(p))
@@ -54,14 +64,14 @@ def describe_runs(runs_dir: str, names: list[str] | None = None, *, tail: int = 
         states = job_states(jobs)
         logs = sorted(glob.glob(f"{run}/slurm/slurm-*.out"), key=os.path.getmtime)
         newest_log = logs[-1] if logs else newest_log
-        step = str(train["step"]) if train else "-"
-        loss = f"{train['loss']:.4f}" if train else "-"
-        val = f"{evaluation['val_loss']:.4f}" if evaluation else "-"
+        step = str(train.get("step", "-")) if train else "-"
+        loss = _number(train, "loss")
+        val = _number(evaluation, "val_loss")
         job_text = " ".join(f"{j}:{states.get(j, '?')}" for j in jobs) or "-"
         lines.append(f"{name:<24} {step:>7} {loss:>8} {val:>8}  {ckpt:<14} {job_text}")
     if len(names) == 1 and newest_log:
         with open(newest_log, errors="replace") as f:
-            end = f.readlines()[-tail:]
+            end = f.readlines()[-tail:] if tail > 0 else []
         lines += ["", f"== {newest_log} (last {len(end)} lines)", *(ln.rstrip() for ln in end)]
         rank_logs = sorted(glob.glob(os.path.join(runs_dir, names[0], "logs", "*")))
         if rank_logs:

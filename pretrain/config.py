@@ -15,10 +15,12 @@ import difflib
 import inspect
 import math
 import os
+import re
 import textwrap
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Literal
 
+import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
@@ -541,19 +543,38 @@ class PretrainConfig(RunConfig):
 
 
 def _field_names(schema: type, path: list[str]) -> list[str]:
-    """Valid keys at a dotted path of a dataclass schema (for 'did you mean')."""
+    """Valid keys at a dotted path of a dataclass schema (for 'did you mean'); a list of
+    sections (`sources`) stands for its entries' keys."""
+
+    def entries(node):  # a list of dataclass sections -> one entry's keys
+        element = node._metadata.element_type if OmegaConf.is_list(node) else None
+        return OmegaConf.structured(element) if is_dataclass(element) else None
+
     node = OmegaConf.structured(schema)
     for part in path:
+        node = entries(node) if OmegaConf.is_list(node) else node
         node = node.get(part) if isinstance(node, DictConfig) and part in node else None
-        if isinstance(node, list) or OmegaConf.is_list(node):
-            return []
+    node = entries(node) if OmegaConf.is_list(node) else node
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def _one_line(exc: OmegaConfBaseException, schema: type) -> ConfigurationError:
-    """Turn an omegaconf error into one actionable line naming the key."""
-    key = getattr(exc, "full_key", None) or ""
-    msg = str(exc).splitlines()[0]
+def _short(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (a key or value read from a huge line)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _one_line(
+    exc: OmegaConfBaseException, schema: type, arg_key: str | None = None
+) -> ConfigurationError:
+    """Turn an omegaconf error into one actionable line naming the key (``arg_key``: the key
+    of the `key=value` argument being applied, which omegaconf leaves out of errors inside a
+    list of sections and of errors about the whole value)."""
+    key = getattr(exc, "full_key", None) or arg_key or ""
+    if arg_key and key != arg_key and not key.startswith((arg_key + ".", arg_key + "[")):
+        top = _field_names(schema, [])
+        if re.split(r"[.\[]", key)[0] not in top:  # e.g. `pth` inside sources=[{pth: ...}]
+            key = f"{arg_key}.{key}"
+    msg = _short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 300)
     if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
         parts = key.split(".") if key else []
         valid = _field_names(schema, parts[:-1]) if parts else []
@@ -562,23 +583,29 @@ def _one_line(exc: OmegaConfBaseException, schema: type) -> ConfigurationError:
         did = f"; did you mean `{'.'.join(parts[:-1] + [hint[0]])}`?" if hint else ""
         where = ".".join(parts[:-1]) or "the top level"
         return ConfigurationError(
-            f"unknown config key `{key}`{did} (valid keys in {where}: {', '.join(valid)})"
+            f"unknown config key `{_short(key)}`{did} (valid keys in {where}: {', '.join(valid)})"
         )
     if isinstance(exc, ValidationError):
-        return ConfigurationError(f"config key `{key}`: {msg}; see `lmforge print-config`")
-    return ConfigurationError(f"config error at `{key}`: {msg}")
+        return ConfigurationError(f"config key `{_short(key)}`: {msg}; see `lmforge print-config`")
+    return ConfigurationError(f"config error at `{_short(key)}`: {msg}")
 
 
 def _load_yaml(path: str) -> DictConfig:
+    if os.path.isdir(path):
+        raise ConfigurationError(f"config file {path} is a directory; give a YAML file")
     if not os.path.isfile(path):
         raise ConfigurationError(f"config file not found: {path}")
     try:
-        loaded = OmegaConf.load(path)
-    except Exception as exc:  # yaml.YAMLError and friends
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)  # what the file holds at the top (a bare word is a str)
+        loaded = OmegaConf.load(path) if isinstance(raw, dict) else OmegaConf.create()
+    except Exception as exc:  # yaml.YAMLError, UnicodeDecodeError and friends
+        first = _short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 200)
         raise ConfigurationError(f"cannot parse YAML {path}: {first}") from exc
-    if not isinstance(loaded, DictConfig):
-        raise ConfigurationError(f"{path} must hold a mapping of config keys, not a list")
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigurationError(
+            f"{path} must hold a mapping of config keys, not a {type(raw).__name__}"
+        )
     return loaded
 
 
@@ -590,8 +617,10 @@ def load_config(schema: type, args: list[str]) -> Any:
     mapping (dict) merges as a whole.
     """
     cfg = OmegaConf.structured(schema)
+    arg_key = None  # the key of the `key=value` being applied, for errors that lose it
     try:
         for arg in args:
+            arg_key = None
             if isinstance(arg, (dict, DictConfig)):  # a mapping merged as a whole (e.g. a section)
                 cfg = OmegaConf.merge(cfg, arg)
                 continue
@@ -601,6 +630,7 @@ def load_config(schema: type, args: list[str]) -> Any:
             key, value = arg.split("=", 1)
             if not key:
                 raise ConfigurationError(f"override {arg!r} has no key; write key=value")
+            arg_key = key
             if value.endswith((".yaml", ".yml")):
                 section = OmegaConf.select(cfg, key, throw_on_missing=False)
                 if isinstance(section, DictConfig):  # section=PRESET.yaml
@@ -615,7 +645,7 @@ def load_config(schema: type, args: list[str]) -> Any:
             )
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
-        raise _one_line(exc, schema) from None
+        raise _one_line(exc, schema, arg_key) from None
 
 
 def to_yaml(obj: Any) -> str:

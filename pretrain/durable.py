@@ -117,6 +117,26 @@ def check_new_dir(out: str) -> None:
         raise ConfigurationError(f"--out {out} exists and is not empty; choose a new directory")
 
 
+def check_writable(path: str, what: str) -> None:
+    """Something can be created at ``path``: the nearest existing directory at or above it is
+    one this process may write into. Raises one line naming ``what`` (the key or flag, e.g.
+    "--out " or "`runs_dir`=") and the path before any work starts, so that a bad output place
+    never leaves a half-written result (or an unreadable traceback) behind."""
+    from pretrain.errors import ConfigurationError
+
+    place = os.path.abspath(path)
+    while not os.path.lexists(place):
+        place = os.path.dirname(place)
+    if not os.path.isdir(place):
+        raise ConfigurationError(
+            f"{what}{path}: {place} is a file, not a directory; choose another place"
+        )
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"{what}{path}: {place} is not writable; choose a directory you can write to"
+        )
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str, *, prefix: str, replace: bool = False):
     """Yield a temp directory beside ``out``; on success fsync its files and rename it to

@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pretrain.config import PrepareConfig, to_container
-from pretrain.durable import fsync_dir, replace_durable, sha256_file
+from pretrain.durable import check_writable, fsync_dir, replace_durable, sha256_file
 from pretrain.errors import ConfigurationError, DataError
 from pretrain.sources import LoadedSource, load_source, resolve_source_path  # noqa: F401
 from pretrain.tokenizer import Tokenizer, train_tokenizer
@@ -454,6 +454,7 @@ def prepare(cfg: PrepareConfig, *, log: Log | None = None) -> dict:
             f"`out`={cfg.out} already holds a prepared dataset ({MANIFEST}); "
             "pass overwrite=true to replace it or choose another `out`"
         )
+    check_writable(cfg.out, "`out`=")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     work = out / f".tmp-prepare-{os.getpid()}"
@@ -589,8 +590,10 @@ def load_manifest(path: str | os.PathLike) -> dict:
                     )
             if sum(s["tokens"] for s in info["shards"]) != info["tokens"]:
                 raise DataError(f"{manifest_path}: {split} shard tokens do not add up; {redo}")
-    except (KeyError, TypeError) as exc:
+    except KeyError as exc:
         raise DataError(f"{manifest_path} is malformed (missing {exc}); {redo}") from None
+    except (TypeError, ValueError, AttributeError) as exc:  # a value of the wrong kind
+        raise DataError(f"{manifest_path} is malformed ({exc}); {redo}") from None
     return manifest
 
 

@@ -150,14 +150,20 @@ def _list_files(src: SourceConfig, out: Path, warnings: dict) -> list[tuple[Path
     return files
 
 
-def _scan_text_file(path: Path) -> tuple[int, bool]:
-    """(decompressed bytes, whether they are valid UTF-8), reading in 1 MiB chunks."""
+def _scan_text_file(path: Path, name: str) -> tuple[int, bool]:
+    """(decompressed bytes, whether they are valid UTF-8), reading in 1 MiB chunks. A file
+    with NUL bytes is binary (text never holds them): an error naming it."""
     _, compression = _format_of(path)
     opener = _OPENERS.get(compression or "", open)
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
     size, valid = 0, True
     with opener(path, "rb") as f:
         while chunk := f.read(1 << 20):
+            if b"\0" in chunk:
+                raise DataError(
+                    f"source {name!r}: {path} holds NUL bytes: it is binary, not text; remove "
+                    "it from the source or fix `sources[].path`"
+                )
             size += len(chunk)
             if valid:
                 try:
@@ -177,8 +183,10 @@ def _first_line(exc: Exception, limit: int) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
-def _read_error(name: str, what: str, exc: Exception) -> DataError:
-    first = _first_line(exc, 300)
+def _read_error(name: str, what: str, exc: BaseException) -> DataError:
+    while exc.__cause__ is not None:  # `datasets` wraps the reader's error: name that one
+        exc = exc.__cause__
+    first = _first_line(exc, 300)  # type: ignore[arg-type]
     return DataError(f"source {name!r}: cannot read {what} ({type(exc).__name__}: {first})")
 
 
@@ -190,7 +198,10 @@ def _load_files(src: SourceConfig, files: list[tuple[Path, str]], cache_dir: Pat
     check_fffd = False
     for file, fmt in files:
         if fmt == "text":
-            size, valid = _scan_text_file(file)
+            try:
+                size, valid = _scan_text_file(file, src.name)
+            except (OSError, EOFError) as exc:  # unreadable, or a corrupt .gz/.bz2/.xz
+                raise _read_error(src.name, str(file), exc) from None
             if not valid:
                 warnings["files_with_invalid_utf8"] += 1
                 check_fffd = True
@@ -298,7 +309,22 @@ def _text_column(ds, src: SourceConfig, column: str):
             f"source {src.name!r}: column {column!r} holds {ds.features['text']}, not text; "
             "set `text_column` to a string column"
         )
+    _check_utf8(ds.data.column("text"), src.name)
     return ds
+
+
+def _check_utf8(column, name: str) -> None:
+    """Arrow string data must be UTF-8 (the JSON reader, for one, does not check); reading an
+    invalid value later would fail deep inside tokenization."""
+    import pyarrow as pa
+
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise DataError(
+            f"source {name!r} is not valid UTF-8 ({_first_line(exc, 120)}); JSONL/CSV/Parquet "
+            "sources must be UTF-8: re-encode the file"
+        ) from None
 
 
 def _has_text(ds, batch_rows: int) -> bool:
@@ -310,14 +336,18 @@ def _has_text(ds, batch_rows: int) -> bool:
 
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
-    """Hide `datasets`' per-file bars while loading ("Downloading data" for local files)."""
+    """Hide `datasets`' per-file bars while loading ("Downloading data" for local files), and
+    its log lines about a file it cannot read (the error that follows names the source)."""
     import datasets
 
     was_disabled = datasets.are_progress_bars_disabled()
+    verbosity = datasets.logging.get_verbosity()
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
+        datasets.logging.set_verbosity(verbosity)
         if not was_disabled:
             datasets.enable_progress_bars()
 
@@ -385,29 +415,39 @@ def _read_table(path: Path, fmt: str, source: str):
     import pyarrow.json as pajson
     import pyarrow.parquet as pq
 
+    # one block holds the longest line (the readers' default blocks are 1 MiB)
+    block = min(max(path.stat().st_size + 1, 1 << 20), 1 << 30)
     try:
         if fmt == "parquet":
-            return pq.read_table(path)
-        if fmt == "jsonl":
-            return pajson.read_json(path)
-        delimiter = "\t" if ".tsv" in path.name.lower() else ","
-        # every column as text: labels such as "01" or "NA" stay what they are
-        return pacsv.read_csv(
-            path,
-            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-                column_types=_all_strings(path, delimiter),
-            ),
-        )
-    except (pa.ArrowInvalid, OSError) as exc:
+            table = pq.read_table(path)
+        elif fmt == "jsonl":
+            table = pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block))
+        else:
+            delimiter = "\t" if ".tsv" in path.name.lower() else ","
+            # every column as text: labels such as "01" or "NA" stay what they are
+            table = pacsv.read_csv(
+                path,
+                read_options=pacsv.ReadOptions(block_size=block),
+                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                convert_options=pacsv.ConvertOptions(
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                    column_types=_all_strings(path, delimiter, block),
+                ),
+            )
+        table.validate(full=True)  # strings must be UTF-8 (the JSON reader does not check)
+        return table
+    except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
         raise DataError(f"cannot read {source}: {_first_line(exc, 200)}") from None
 
 
-def _all_strings(path: Path, delimiter: str) -> dict:
+def _all_strings(path: Path, delimiter: str, block: int) -> dict:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
-    header = pacsv.open_csv(path, parse_options=pacsv.ParseOptions(delimiter=delimiter))
+    header = pacsv.open_csv(
+        path,
+        read_options=pacsv.ReadOptions(block_size=block),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+    )
     return {name: pa.string() for name in header.schema.names}

@@ -177,7 +177,7 @@ class ScalingConfig:
             raise ConfigurationError("`budgets` is empty; list compute budgets in FLOPs")
         bad = [c for c in self.budgets if not (math.isfinite(c) and c > 0)]
         if bad:
-            raise ConfigurationError(f"`budgets` must hold FLOPs > 0, got {bad[0]}")
+            raise ConfigurationError(f"`budgets` must hold FLOPs > 0, got {bad[0]:g}")
         if len(set(self.budgets)) != len(self.budgets):
             raise ConfigurationError(f"`budgets` lists a budget twice: {self.budgets}")
         unknown = [c for c in self.fit.holdout if c not in self.budgets]

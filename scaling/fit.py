@@ -178,8 +178,15 @@ def load_points_csv(path: str, *, flops_per_param_token: float = 6.0) -> Points:
     """
     if not os.path.isfile(path):
         raise ScalingFitError(f"points file not found: {path}")
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [row for row in csv.reader(f)]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = [row for row in csv.reader(f)]
+    except (UnicodeDecodeError, csv.Error) as exc:  # binary, another encoding, a huge field
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+        raise ScalingFitError(
+            f"{path} is not a UTF-8 CSV file ({first}); give a CSV with a header row, then one "
+            "row per run"
+        ) from None
     numbered = [(i + 1, row) for i, row in enumerate(rows) if any(cell.strip() for cell in row)]
     if not numbered:
         raise ScalingFitError(f"{path} is empty; expected a header row, then one row per run")

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 
 import numpy as np
 
 from pretrain.config import load_config
-from pretrain.durable import atomic_directory
+from pretrain.durable import atomic_directory, check_writable
 from pretrain.errors import ConfigurationError
 from scaling.analysis import analyse
 from scaling.config import ScalingConfig, SweepFitConfig
@@ -149,8 +150,14 @@ def fit_sources(
     fit = load_config(
         SweepFitConfig, [fit.__dict__, {k: v for k, v in overrides.items() if v is not None}]
     )
+    bad = [c for c in target_flops or [] if not (math.isfinite(c) and c > 0)]
+    if bad:
+        raise ConfigurationError(f"--target-flops {bad[0]:g}: give a compute budget in FLOPs > 0")
     targets = sorted(set(fit.target_flops) | set(target_flops or []))
     out = out or (os.path.join(sources[0], "report") if sweep else "scaling-report")
+    if os.path.lexists(out) and not os.path.isdir(out):  # said before the fit, not after it
+        raise ConfigurationError(f"--out {out} is a file; give a directory for the report")
+    check_writable(out, "--out ")
     if not sources:
         if not finetune:
             raise ConfigurationError(

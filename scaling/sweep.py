@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from pretrain.config import to_yaml
 from pretrain.dist import threads_per_rank
-from pretrain.durable import replace_durable
+from pretrain.durable import check_writable, replace_durable
 from pretrain.errors import ConfigurationError, LMForgeError
 from scaling.config import ScalingConfig
 from scaling.plan import Plan, Point, describe_plan, make_plan
@@ -225,6 +225,7 @@ def sweep(
                     f"each `lmforge pretrain {root}/points/<index>.yaml resume=auto`"
                 )
         return 0
+    check_writable(root, "sweep directory ")
     write_plan(cfg, plan)
     todo = [p for p in plan.points if status[p.name] != "done"]
     done = len(plan.points) - len(todo)
