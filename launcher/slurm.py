@@ -15,8 +15,10 @@ keep and resubmit by hand. Ours is plain bash, saved in the run directory and pr
 - a run that finishes exits 0 and never requeues; ``--open-mode=append`` keeps the log of every
   attempt in one file.
 
-Every value that reaches the script is quoted (shlex for the shell, double quotes for #SBATCH
-lines), and sbatch runs without a shell.
+Every value that reaches the script is encoded so that no byte of it can leave its argument
+(see :func:`shell_word` and :func:`_sbatch_value`): whatever a name, a path or an argument holds,
+the script has the same lines, all ``#SBATCH`` lines come before its first command, and
+``srun`` hands the training exactly the arguments it was given. sbatch runs without a shell.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
@@ -67,7 +68,8 @@ class SlurmProfile:
     setup: list[str] = field(default_factory=list)
     """Shell lines run before training, e.g. `module load cuda/12.4`, `source venv/bin/activate`."""
     sbatch: list[str] = field(default_factory=list)
-    """Extra #SBATCH options, e.g. `--exclusive`, `--constraint=h100`."""
+    """Extra #SBATCH options, one option per entry, each passed to sbatch as one argument (write
+    `--constraint=a|b`, no shell quotes), e.g. `--exclusive`, `--constraint=h100`."""
     python: str | None = None
     """Python interpreter on the nodes; null = the one running `lmforge submit`."""
 
@@ -86,16 +88,99 @@ class SlurmProfile:
         return self.nproc_per_node or self.gpus_per_node or 1
 
 
-def _one_line(value: str) -> str:
-    """Refuse a value that could end its line (and so add lines to the script)."""
-    if any(c in value for c in "\n\r\0"):
-        raise ConfigurationError(f"{value!r}: line breaks are not allowed in SLURM options")
+# How values reach the script. Two places read them, each with its own rules:
+#
+# - bash reads the commands. Every argument is one shell word that bash turns back into exactly
+#   the bytes the user gave (os.fsencode: an argument that was not valid UTF-8 keeps its bytes):
+#   plain when it holds only characters that mean nothing to the shell, in single quotes when it
+#   is printable ASCII, else in ANSI-C quotes, $'...', where every byte that is not printable
+#   ASCII (newlines, CR, tabs, controls, every byte of non-ASCII text) and ' and \ are written as
+#   \xHH. An encoded word is therefore always one line of printable ASCII: no value can end a
+#   line, so none can add a command, break `bash -n`, or put a command before an #SBATCH line,
+#   and the header comment that repeats the command is as safe as the command. The argv could
+#   instead travel as a JSON file beside the script, read back by lmforge in the job; quoting
+#   keeps the script self-contained (it can be read, kept and resubmitted by hand, and nothing
+#   goes missing when only the script is copied) and needs no second reader of the argv.
+# - sbatch reads the #SBATCH lines itself, up to the first command, with its own parser: a line
+#   ends at a newline, double quotes group, a backslash escapes the next character, an unquoted
+#   # starts a comment. Each value is written in double quotes with \ and " escaped, which
+#   carries every character but a line break (checked against SLURM 22.05: quotes, #, tabs, CR,
+#   non-ASCII and invalid UTF-8 come back unchanged). A value with a line break cannot be
+#   written there and is refused with one line, except a job name lmforge made up itself (from
+#   the run's name), whose unprintable characters become "_".
+
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_@%+=:,./-]+")
+
+
+def _bytes_of(value: str, what: str) -> bytes:
+    try:
+        data = os.fsencode(value)
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"{what} {value!r} is not text that a command line can hold"
+        ) from None
+    if b"\0" in data:
+        raise ConfigurationError(f"{what} {value!r}: a NUL byte cannot be passed to a job")
+    return data
+
+
+def shell_word(value: str) -> str:
+    """``value`` as one bash word that expands to exactly its bytes: one line of printable
+    ASCII, whatever the value holds."""
+    data = _bytes_of(value, "argument")
+    if _PLAIN_WORD.fullmatch(value):
+        return value
+    if all(0x20 <= b < 0x7F for b in data):
+        return "'" + value.replace("'", "'\\''") + "'"
+    return (
+        "$'"
+        + "".join(chr(b) if 0x20 <= b < 0x7F and b not in b"'\\" else f"\\x{b:02x}" for b in data)
+        + "'"
+    )
+
+
+def _no_line_break(value: str, what: str) -> str:
+    _bytes_of(value, what)
+    if "\n" in value:
+        raise ConfigurationError(
+            f"{what} {value!r}: an #SBATCH line cannot hold a line break; choose another value"
+        )
     return value
 
 
-def _sbatch_value(value: str) -> str:
-    """A value for an #SBATCH line, double-quoted (sbatch reads it literally: no shell)."""
-    return '"' + _one_line(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+def _sbatch_value(value: str, what: str) -> str:
+    """A value for an #SBATCH line, double-quoted (sbatch's own parser: no shell)."""
+    value = _no_line_break(value, what)
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _sbatch_extra(option: str) -> str:
+    """One entry of the profile's ``sbatch`` list: one option, one argument."""
+    if not option.startswith("-") or option == "--":
+        raise ConfigurationError(
+            f"sbatch option {option!r}: each entry of `sbatch` is one option, like --exclusive "
+            "or --constraint=h100"
+        )
+    if _PLAIN_WORD.fullmatch(option):
+        return option
+    return _sbatch_value(option, "sbatch option")
+
+
+def _output_pattern(log_dir: str, name: str) -> str:
+    """--output: the log directory as a SLURM file name pattern, then ``name`` (a pattern)."""
+    for char, what in (("\n", "a line break"), ("\\", "a backslash")):
+        if char in log_dir:  # (with a backslash sbatch would drop it and expand no %j)
+            raise ConfigurationError(
+                f"log directory {log_dir!r}: SLURM cannot write a log under a path with {what}; "
+                "give --out-dir elsewhere"
+            )
+    _bytes_of(log_dir, "log directory")
+    return os.path.join(log_dir.replace("%", "%%"), name)
+
+
+def _job_name(name: str) -> str:
+    """A job name lmforge chose (from the run's name): unprintable characters become _."""
+    return "".join(c if c.isprintable() else "_" for c in name) or "lmforge"
 
 
 def command_with_resume(command: list[str]) -> list[str]:
@@ -112,9 +197,15 @@ ARRAY_SPEC = re.compile(r"\d+(-\d+(:\d+)?)?(,\d+(-\d+(:\d+)?)?)*(%\d+)?")
 
 
 def _shell_arg(arg: str) -> str:
-    """One argument for the script: quoted, with {index} as the array task's index."""
+    """One argument for the script: encoded, with {index} as the array task's index."""
     parts = arg.split(INDEX)
-    return '"${SLURM_ARRAY_TASK_ID}"'.join(shlex.quote(p) if p else "" for p in parts) or "''"
+    return '"${SLURM_ARRAY_TASK_ID}"'.join(shell_word(p) if p else "" for p in parts) or "''"
+
+
+def command_line(command: list[str]) -> str:
+    """``lmforge <command>`` as one line that a shell reads back as ``command`` (for the
+    script's header and the messages of submit: never more than one line)."""
+    return " ".join(["lmforge", *(shell_word(a) for a in command)])
 
 
 def batch_script(
@@ -124,17 +215,18 @@ def batch_script(
     job_name: str,
     log_dir: str,
     workdir: str,
-    submitted: str,
     array: bool = False,
 ) -> str:
-    """The batch script of ``lmforge <command>`` (a list of arguments, quoted here)."""
+    """The batch script of ``lmforge <command>`` (a list of arguments, encoded here)."""
     python = profile.python or sys.executable
+    if python.startswith("-"):
+        raise ConfigurationError(f"python {python!r}: give the interpreter's path")
     options = [
         ("--job-name", job_name),
         ("--nodes", str(profile.nodes)),
         ("--ntasks-per-node", "1"),
         ("--time", profile.time),
-        ("--output", os.path.join(log_dir, "slurm-%A_%a.out" if array else "slurm-%j.out")),
+        ("--output", _output_pattern(log_dir, "slurm-%A_%a.out" if array else "slurm-%j.out")),
         ("--open-mode", "append"),
         ("--signal", f"B:USR1@{profile.signal_grace}"),
     ]
@@ -150,21 +242,47 @@ def batch_script(
             options.append((flag, value))
     lines = [
         "#!/bin/bash",
-        f"# Generated by `lmforge submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}:",
-        f"#   {submitted}",
-        *(f"#SBATCH {flag}={_sbatch_value(value)}" for flag, value in options),
+        *(f"#SBATCH {flag}={_sbatch_value(value, flag)}" for flag, value in options),
         *(["#SBATCH --requeue"] if profile.requeue else ["#SBATCH --no-requeue"]),
-        *(f"#SBATCH {_one_line(extra)}" for extra in profile.sbatch),
+        *(f"#SBATCH {_sbatch_extra(extra)}" for extra in profile.sbatch),
+        f"# Generated by `lmforge submit` on {time.strftime('%Y-%m-%d %H:%M:%S')}:",
+        f"#   {command_line(command)}",
         "",
+        # The stop signals, trapped first thing: USR1 (the time limit is near) and TERM (scancel,
+        # preemption) make the training save and exit. The shell hands each one on exactly once
+        # and drops none. Before srun starts, a signal is held and goes into srun's environment
+        # (LMFORGE_STOP_SIGNAL: pretrain/signals.py holds it until the training can stop after a
+        # step); once srun's pid is known it is sent to srun. Two gaps are closed on the way:
+        # - while bash forks srun, the environment is already fixed and the pid not yet known:
+        #   a signal then is seen after `lmforge_pid=$!` (lmforge_pending differs from what went
+        #   into the environment) and sent at once;
+        # - until the forked copy of this shell has exec'd srun, a signal sent to that pid would
+        #   reach the copy's trap and vanish with it at exec: lmforge_stop waits for the exec
+        #   (the process's name in /proc changes) before it sends.
+        # What is left is inside SLURM: srun may drop a signal that comes while it is still
+        # creating its step, and one in srun's (or the launcher's) first instants ends it with
+        # 128 + the signal (138 is requeued below, like a save on the warning: nothing had run).
+        "lmforge_pid='' lmforge_pending='' lmforge_sent=''",
+        "lmforge_stop() {  # $1: USR1 or TERM",
+        "  lmforge_pending=$1",
+        '  if [ -n "$lmforge_pid" ] && [ "$lmforge_sent" != "$1" ]; then',
+        "    lmforge_sent=$1",
+        "    lmforge_until_exec",
+        '    kill -s "$1" "$lmforge_pid"',
+        "  fi",
+        "} 2>/dev/null",
+        "lmforge_until_exec() {  # until the forked shell has become srun (at most ~1 s)",
+        "  local me it n=0",
+        "  read -r me < /proc/$$/comm || return 0",
+        '  while read -r it < "/proc/$lmforge_pid/comm" && [ "$it" = "$me" ] &&'
+        " [ $((n += 1)) -lt 100000 ]; do :; done",
+        "}",
+        "trap 'lmforge_stop USR1' USR1",
+        "trap 'lmforge_stop TERM' TERM",
         "set -u",
         "export PYTHONUNBUFFERED=1",
-        "# USR1 (time limit ahead) and TERM (scancel, preemption): the training saves and exits.",
-        "# One that comes before the training has started is handed to it when it starts.",
-        "child='' pending=''",
-        'trap \'pending=USR1; [ -n "$child" ] && kill -USR1 "$child" 2>/dev/null\' USR1',
-        'trap \'pending=TERM; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null\' TERM',
         *profile.setup,
-        f"cd {shlex.quote(workdir)}",
+        f"cd {shell_word(workdir)}",
         "",
         "# One launcher per node; node 0 hosts the rendezvous.",
         'first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
@@ -174,11 +292,12 @@ def batch_script(
         "MASTER_PORT=$(( 20000 + SLURM_JOB_ID % 20000 ))",
         'echo "lmforge: job $SLURM_JOB_ID attempt ${SLURM_RESTART_COUNT:-0} on '
         '$SLURM_JOB_NODELIST at $(date)"',
-        f'[ -n "$pending" ] && export {PENDING_ENV}="$pending"',
+        "lmforge_sent=$lmforge_pending  # a signal held so far goes into srun's environment",
+        f'if [ -n "$lmforge_sent" ]; then export {PENDING_ENV}="$lmforge_sent"; fi',
         " ".join(
             [
                 "srun --kill-on-bad-exit=1 --ntasks-per-node=1",
-                shlex.quote(python),
+                shell_word(python),
                 "-m launcher.cli launch",
                 f"--nproc {profile.procs}",
                 '--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"',
@@ -187,10 +306,12 @@ def batch_script(
                 "&",
             ]
         ),
-        "child=$!",
+        "lmforge_pid=$!",
+        "# one that came while srun was being forked: send it now",
+        'if [ "$lmforge_pending" != "$lmforge_sent" ]; then lmforge_stop "$lmforge_pending"; fi',
         "while :; do",
-        '  wait "$child"; code=$?',
-        '  kill -0 "$child" 2>/dev/null || break  # wait returned for a signal: keep waiting',
+        '  wait "$lmforge_pid"; code=$?',
+        '  kill -0 "$lmforge_pid" 2>/dev/null || break  # wait returned for a signal: keep waiting',
         "done",
     ]
     if profile.requeue:
@@ -202,6 +323,35 @@ def batch_script(
         ]
     lines += ['echo "lmforge: exit $code at $(date)"', 'exit "$code"', ""]
     return "\n".join(lines)
+
+
+def check_script(script: str) -> None:
+    """Refuse a script that bash cannot read (only the profile's ``setup`` lines, shell code by
+    design, can make one): better one line now than a job that fails at once or, with an
+    unterminated here-document, never starts its training."""
+    bash = shutil.which("bash")
+    if bash is None:
+        return
+    proc = subprocess.run(
+        [bash, "-n"], input=script.encode("utf-8", "surrogateescape"), capture_output=True
+    )
+    if proc.returncode != 0 or proc.stderr.strip():
+        said = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-1:]
+        raise ConfigurationError(
+            f"the batch script does not parse ({said[0] if said else 'bash -n failed'}); "
+            "check the profile's `setup` lines"
+        )
+
+
+def _print_script(script: str) -> None:
+    """Print the script byte for byte (an argument that was not UTF-8 keeps its bytes)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(script)
+        return
+    sys.stdout.flush()
+    buffer.write(script.encode("utf-8", "surrogateescape"))
+    buffer.flush()
 
 
 def run_dir_of(command: list[str]) -> str | None:
@@ -246,21 +396,23 @@ def submit(
     else:
         base = out_dir or os.path.join(run_dir, "slurm")
     base = os.path.abspath(base)
-    name = job_name or (os.path.basename(run_dir) if run_dir else command[0])
-    if array:
-        name = job_name or command[0] + "-array"
-    submitted = "lmforge " + " ".join(shlex.quote(a) for a in command)
+    if not job_name:  # made up here: printable whatever the run's name holds
+        name = os.path.basename(run_dir) if run_dir else command[0]
+        name = _job_name(command[0] + "-array" if array else name)
+    else:
+        name = _no_line_break(job_name, "--name")
+    submitted = command_line(command)
     script = batch_script(
         profile,
         command=command,
         job_name=name,
         log_dir=base,
         workdir=os.getcwd(),
-        submitted=submitted,
         array=bool(array),
     )
+    check_script(script)
     if dry_run:
-        print(script, end="")
+        _print_script(script)
         return ""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
@@ -270,7 +422,7 @@ def submit(
         )
     os.makedirs(base, exist_ok=True)
     path = os.path.join(base, f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{time.time_ns()}.sbatch")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write(script)
     args = [sbatch, "--parsable"]
     if dependency:
