@@ -328,7 +328,11 @@ def batch_script(
 def check_script(script: str) -> None:
     """Refuse a script that bash cannot read (only the profile's ``setup`` lines, shell code by
     design, can make one): better one line now than a job that fails at once or, with an
-    unterminated here-document, never starts its training."""
+    unterminated here-document, never starts its training; sbatch refuses DOS line breaks."""
+    if "\r\n" in script:
+        raise ConfigurationError(
+            "the batch script has a DOS line break (\\r\\n); check the profile's `setup` lines"
+        )
     bash = shutil.which("bash")
     if bash is None:
         return

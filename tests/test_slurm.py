@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import time
@@ -284,3 +285,56 @@ def test_scaling_sweep_runs_as_one_job_array(tiny_data, tmp_path):
     assert f"{len(points)} finished" in again and "submitted job" not in again
     with open(os.path.join(sweep_dir, "slurm", "jobs.json")) as f:
         assert [j["job"] for j in json.load(f)] == [job]
+
+
+def test_every_byte_reaches_the_job_and_sbatch(tmp_path):
+    """Through the real sbatch and srun: the command's arguments reach the process srun starts
+    byte for byte (newlines, quotes, `$(...)`, non-UTF-8 bytes; a stub interpreter records its
+    argv), a job name and an extra option with quotes, # and tabs reach SLURM unchanged, a log
+    directory with % gets the log, and no value runs a command. A name with a line break, which
+    no #SBATCH line can hold, is refused in one line."""
+    import yaml
+
+    canary = tmp_path / "canary"
+    canary.mkdir()
+    record = tmp_path / "argv"
+    python = tmp_path / "py dir $(x)" / "python"
+    python.parent.mkdir()
+    python.write_text(f"#!/bin/bash\nprintf '%s\\0' \"$@\" > {shlex.quote(str(record))}\n")
+    python.chmod(0o755)
+    t = f"touch {canary}/pwned"
+    comment = f"c \"q\" 'x' #1 \t$({t}) é"
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(
+        yaml.safe_dump(
+            {"partition": "debug", "sbatch": [f"--comment={comment}"], "python": str(python)},
+            allow_unicode=True,
+        )
+    )
+    command = [
+        "consolidate",
+        f"a\n{t} #",
+        f"'; {t}; '",
+        f"`{t}`",
+        "\r\n#SBATCH --time=1\n",
+        "-x",
+        "",
+        "\U0001f600 \udcff",  # the byte 0xff: not UTF-8
+    ]
+    name = f"n 'q' \"d\" #x \t$({t})"
+    out_dir = tmp_path / "logs 50% %j"
+    job = submit(str(profile), f"--name={name}", f"--out-dir={out_dir}", "--", *command)
+    state = wait_for(job, ("COMPLETED", "FAILED", "CANCELLED"))
+    assert state["JobState"] == "COMPLETED", open(out_dir / f"slurm-{job}.out").read()[-3000:]
+    argv = record.read_bytes()[:-1].split(b"\0")
+    assert argv[argv.index(b"--") + 1 :] == [os.fsencode(a) for a in command]
+    for field, want in (("%j", name), ("%k", comment)):
+        out = subprocess.run(
+            ["squeue", "-h", "-t", "all", "-j", job, "-o", field], capture_output=True, check=True
+        ).stdout
+        assert out == want.encode() + b"\n", (field, out)
+    assert not os.listdir(canary)
+    refused = lmforge("submit", str(profile), "--name=a\nb", "--dry-run", "--", "consolidate", "x",
+                      check=False)  # fmt: skip
+    assert refused.returncode != 0 and "line break" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

@@ -664,8 +664,8 @@ def test_setup_lines_are_code_and_are_checked(env, monkeypatch):
         profile, job_name="consolidate", log_dir=env.root, array=False
     )
     assert run_script(env, script) == 0 and srun_argv(env.record)[-2:] == [b"consolidate", b"x"]
-    for bad in ('echo "unterminated', "cat <<EOF", "if true; then"):
-        with pytest.raises(ConfigurationError, match="does not parse.*setup") as raised:
+    for bad in ('echo "unterminated', "cat <<EOF", "if true; then", "echo dos\r\necho x"):
+        with pytest.raises(ConfigurationError, match="(does not parse|DOS).*setup") as raised:
             render(SlurmProfile(setup=[bad]), ["consolidate", "x"], out_dir=env.root)
         assert "\n" not in str(raised.value)
 
