@@ -135,17 +135,22 @@ class AnomalyPolicy:
 AVERAGE_SPAN = 10  # the running loss mean covers about this many steps
 
 
-class ScaledLoss:
-    """A loss times a factor (the ``loss@STEP+scale=X`` fault: NaN, Inf or a spike), with the
-    stage-output form when the loss has one, so that gradients are scaled too."""
+class FaultLoss:
+    """The training loss times the factor an injected fault sets for a step (``loss@STEP+scale=X``:
+    NaN, Inf or a spike, gradients included); factor 1 leaves the loss untouched. One object for
+    the whole run, with the stage-output form when the loss has one: a pipeline builds its
+    schedule once per loss object, on every rank alike."""
 
-    def __init__(self, loss_fn: LossFn, factor: float) -> None:
-        self.loss_fn, self.factor = loss_fn, factor
+    def __init__(self, loss_fn: LossFn) -> None:
+        self.loss_fn, self.factor = loss_fn, 1.0
         if isinstance(loss_fn, StageLoss):
-            self.output_loss = lambda out, labels: loss_fn.output_loss(out, labels) * factor
+            self.output_loss = lambda out, labels: self._scaled(loss_fn.output_loss(out, labels))
+
+    def _scaled(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self.factor == 1.0 else loss * self.factor
 
     def __call__(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return self.loss_fn(model, batch) * self.factor
+        return self._scaled(self.loss_fn(model, batch))
 
 
 ANOMALY_FIELDS = ("skipped_steps", "rollbacks", "lr_scale", "loss_avg", "loss_avg_steps")
@@ -200,6 +205,7 @@ class Trainer:
         self.loss_fn = loss_fn
         self.callbacks = list(callbacks)
         self.evaluator = evaluator
+        self._train_loss = FaultLoss(loss_fn)
         self.state = state or TrainerState()
         self.anomaly = anomaly or AnomalyPolicy()
         self.load_fn = load_fn
@@ -353,9 +359,11 @@ class Trainer:
 
     # --- anomalies -------------------------------------------------------------------------------
     def _loss_fn(self, step: int) -> LossFn:
-        """The loss of ``step``: the trainer's, or scaled by an injected fault (tests)."""
-        factor = fault_scale("loss", step=step)
-        return self.loss_fn if factor == 1.0 else ScaledLoss(self.loss_fn, factor)
+        """The loss of ``step``: the trainer's, scaled where a fault is injected (tests)."""
+        if self._train_loss.loss_fn is not self.loss_fn:  # the loss was replaced
+            self._train_loss = FaultLoss(self.loss_fn)
+        self._train_loss.factor = fault_scale("loss", step=step)
+        return self._train_loss
 
     def _check(self, loss: torch.Tensor, step: int) -> str | None:
         """What is wrong with this step before its update, the same on every rank, or None.

@@ -22,6 +22,7 @@ import torch
 import pretrain.trainer as trainer_module
 from pretrain.config import PretrainConfig, describe_keys, load_config
 from pretrain.errors import ConfigurationError, TrainingError
+from pretrain.loss import StageLoss
 from pretrain.trainer import AnomalyPolicy, Callback, Trainer
 from tests.conftest import REPO, lmforge
 from tests.distributed import run_distributed
@@ -139,6 +140,18 @@ def test_spikes_and_bad_gradients_are_anomalies(monkeypatch):
     with pytest.raises(TrainingError, match=r"the gradients are not finite at step 2 \(loss "):
         trainer.fit()
     assert trainer.state.step == 1 and trainer.saves == []
+
+
+def test_the_injected_loss_is_one_object_for_the_run(monkeypatch):
+    """A pipeline builds its schedule once per loss object: a fault must not swap the object
+    (on one rank only, that desynchronised the stages)."""
+    inject(monkeypatch, {2: float("nan")})
+    trainer = make_trainer()
+    first, second = trainer._loss_fn(1), trainer._loss_fn(2)
+    assert first is second and isinstance(first, StageLoss)
+    batch = FixedBatches()._batch(1)
+    assert torch.isnan(first(trainer.model, batch)) and first.factor != 1.0
+    assert trainer._loss_fn(3)(trainer.model, batch).isfinite()
 
 
 def test_skip_gives_up_after_too_many_in_a_row(monkeypatch):
