@@ -96,7 +96,10 @@ class CollectiveTimeout(TrainingError):
 
 def collective_failure(error: BaseException, *, during: str) -> TrainingError | None:
     """One line for a collective that timed out or lost its peers (gloo raises them as
-    RuntimeError on the ranks that wait), naming what waited; None for any other error."""
+    RuntimeError on the ranks that wait), naming what waited; None for any other error (and
+    in a process alone, which waits for no one)."""
+    if world_size() < 2:
+        return None
     text = str(error)
     seconds = f"{_timeout.total_seconds():g}"
     if "timed out" in text.lower() or "timeout" in text.lower():
