@@ -337,6 +337,16 @@ def _parser() -> argparse.ArgumentParser:
         help="tokens generated per case with --generate, after a prompt of 256 minus this "
         "(default 192)",
     )
+    # The commands that read a checkpoint (resume=, init_from=, RUN|CHECKPOINT): its pickled
+    # parts are checked before anything is unpickled (pretrain/safeload.py).
+    for name in ("pretrain", "finetune", "consolidate", "export", "generate", "evaluate"):
+        sub.choices[name].add_argument(
+            "--trust-checkpoint",
+            action="store_true",
+            help="load a checkpoint's pickled state even where it names classes lmforge's "
+            "checkpoints never hold (such a file can run code): only for a checkpoint whose "
+            "source you trust",
+        )
     return p
 
 
@@ -764,6 +774,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "submit":
         args.cmd = cmd
+    if getattr(args, "trust_checkpoint", False):
+        from pretrain.safeload import TRUST_ENV
+
+        os.environ[TRUST_ENV] = "1"  # read where checkpoints are loaded, worker processes too
     if args.command in ("pretrain", "finetune", "launch"):
         # SIGUSR1/SIGTERM while starting up: stop after the first step, not die unsaved
         hold_stop_signals()

@@ -18,9 +18,11 @@ Layout of ``<run>/checkpoints/``::
 A save writes into ``.step_XXXXXXXX.tmp``, fsyncs every file and the directory, renames it into
 place, fsyncs the parent, then replaces ``latest`` the same way. A crash at any moment leaves the
 previous ``latest`` pointing at a complete checkpoint; stale temp directories are removed at the next
-save. Loading checks the manifest first, so pickled state (DCP metadata, ``extra.pt``, DeepSpeed's
-files, RNG) is read only from lmforge's own checkpoints whose sums match; lmforge's own ``.pt``
-files (``extra.pt``, RNG) are then loaded with ``weights_only=True``. The strategies write and
+save. Loading checks the manifest first; that catches a torn or corrupted file, not a malicious
+one (whoever crafts a checkpoint writes a matching manifest). So nothing pickled is trusted: DCP
+metadata and DeepSpeed's files go through the checks of pretrain/safeload.py, which refuse any
+class lmforge's checkpoints never hold (``--trust-checkpoint`` overrides), and lmforge's own
+``.pt`` files (``extra.pt``, RNG) are loaded with ``weights_only=True``. The strategies write and
 read dcp/, extra.pt, deepspeed/ and model.safetensors (pretrain/parallel/state.py, zero.py).
 """
 

@@ -7,7 +7,9 @@
 
 The weights are rebuilt from the sharded state itself (DCP shards of DDP/FSDP/TP/pipelines,
 or DeepSpeed's ZeRO partitions through zero_to_fp32), after the checkpoint's manifest checked
-out, so no process group and no GPU are needed. The directory is written atomically.
+out, so no process group and no GPU are needed; the pickled parts (DCP metadata, DeepSpeed's
+files) are read through pretrain/safeload.py, so a checkpoint from someone else runs no code.
+The output holds safetensors weights only. The directory is written atomically.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.durable import atomic_directory, check_new_dir, sha256_file, write_durable
 from pretrain.errors import CheckpointError, ConfigurationError
+from pretrain.safeload import deepspeed_reads
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -49,12 +52,15 @@ def full_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     """fp32 weights of a verified checkpoint, rebuilt from its sharded state."""
     from omegaconf import OmegaConf
 
-    if os.path.isdir(os.path.join(checkpoint, "deepspeed")):
+    ds_dir = os.path.join(checkpoint, "deepspeed")
+    if os.path.isdir(ds_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         from pretrain.parallel.state import dedup_tied
 
-        return dedup_tied(get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="deepspeed"))
+        with deepspeed_reads(ds_dir):  # zero_to_fp32 unpickles with weights_only=False
+            full = get_fp32_state_dict_from_zero_checkpoint(checkpoint, tag="deepspeed")
+        return dedup_tied(full)
     from pretrain.parallel.state import consolidated_weights
 
     cfg = OmegaConf.load(os.path.join(checkpoint, "config.yaml"))
@@ -70,7 +76,7 @@ def consolidate(path: str, *, out: str, dtype: str = "fp32") -> str:
         raise ConfigurationError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     check_new_dir(out)
     checkpoint = resolve_checkpoint(path)
-    verify_checkpoint(checkpoint)  # pickled shard metadata is read only after this
+    verify_checkpoint(checkpoint)
     state = read_trainer_state(checkpoint)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in full_weights(checkpoint).items()}
 

@@ -24,6 +24,7 @@ PRETRAIN_LAYERS = {
     "pretrain.durable": 0,
     "pretrain.signals": 0,
     "pretrain.runlock": 0,
+    "pretrain.safeload": 0,  # reading pickled checkpoint files without running their code
     # what a run is: config, layout, losses
     "pretrain.config": 1,
     "pretrain.layout": 1,

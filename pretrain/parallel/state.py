@@ -24,6 +24,7 @@ import torch
 
 from pretrain import dist as pdist
 from pretrain.errors import CheckpointError
+from pretrain.safeload import dcp_reader, deepspeed_reads, load_dcp, load_deepspeed_file
 
 
 def _options():
@@ -58,9 +59,8 @@ def save_dcp_state(strategy, directory: str, *, model, optimizer, write_file, ex
 
 def load_dcp_state(strategy, directory: str, *, model, optimizer) -> dict:
     """Load (and reshard) model and optimizer state; return the strategy's extra state.
-    Called only after the checkpoint's manifest checked out (DCP metadata is pickled).
-    A checkpoint written by a DeepSpeed engine is converted on the way in."""
-    import torch.distributed.checkpoint as dcp
+    DCP's pickled metadata and entries are read through pretrain/safeload.py (a checkpoint may
+    come from anyone). A checkpoint written by a DeepSpeed engine is converted on the way in."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     if os.path.isdir(os.path.join(directory, "deepspeed")):
@@ -69,7 +69,7 @@ def load_dcp_state(strategy, directory: str, *, model, optimizer) -> dict:
 
     plain, inner, model_sd, optim_sd = _state_dicts(strategy, model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=os.path.join(directory, "dcp"))
+    load_dcp(state, os.path.join(directory, "dcp"))
     set_state_dict(
         plain,
         inner,
@@ -85,7 +85,7 @@ def load_deepspeed_state(strategy, directory: str, *, model, optimizer) -> None:
     own converter (``ds_to_universal``) turns its flat partitions into per-parameter fp32
     weights and Adam moments, which are then loaded as a full state dict and resharded by
     ``set_state_dict`` to this layout. Each rank converts into a private temporary directory
-    (the shards are read, never changed; the checkpoint's manifest checked out before)."""
+    (the shards are read, never changed; DeepSpeed reads them inside ``deepspeed_reads``)."""
     from deepspeed.checkpoint import ds_to_universal
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -93,10 +93,11 @@ def load_deepspeed_state(strategy, directory: str, *, model, optimizer) -> None:
         set_state_dict,
     )
 
+    ds_dir = os.path.join(directory, "deepspeed")
     tmp = tempfile.mkdtemp(prefix="lmforge-universal-")
     try:
         args = argparse.Namespace(
-            input_folder=os.path.join(directory, "deepspeed"),
+            input_folder=ds_dir,
             output_folder=os.path.join(tmp, "universal"),
             num_extract_workers=1,
             num_merge_workers=1,
@@ -104,10 +105,14 @@ def load_deepspeed_state(strategy, directory: str, *, model, optimizer) -> None:
             strict=True,
             inject_missing_state=False,
         )
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        with (
+            deepspeed_reads(ds_dir),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
             ds_to_universal.main(args)
         params = os.path.join(tmp, "universal", "zero")
-        step, groups = _deepspeed_optimizer_meta(os.path.join(directory, "deepspeed"))
+        step, groups = _deepspeed_optimizer_meta(ds_dir)
 
         def tensor(fqn: str, name: str, like: torch.Tensor) -> torch.Tensor:
             # ZeRO-3's universal tensors are flat: take the parameter's shape
@@ -148,8 +153,7 @@ def _deepspeed_optimizer_meta(ds_dir: str) -> tuple[int, list[dict]]:
     """Adam's step count (every parameter steps together) and the client optimizer's parameter
     groups (learning rate at the checkpoint, decay, betas) from a DeepSpeed checkpoint."""
     path = sorted(glob.glob(os.path.join(ds_dir, "*optim_states.pt")))[0]
-    # Pickled DeepSpeed state, from a checkpoint whose manifest checked out.
-    state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    state = load_deepspeed_file(path)["optimizer_state_dict"]
     # the client optimizer's own state dict: ZeRO-3 and ZeRO-1/2 name it differently
     inner = state.get("optimizer_state_dict") or state.get("base_optimizer_state") or state
     steps = [int(v["step"]) for v in inner["state"].values() if "step" in v]
@@ -161,11 +165,9 @@ def consolidated_weights(dcp_dir: str, *, tied: bool) -> dict[str, torch.Tensor]
     """Full model weights from a DCP directory, whatever layout wrote it (no process group
     needed). With tied embeddings the head (`output.weight`) is the input table and is left out,
     as the rest of lmforge and Hugging Face's Llama expect."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    reader = dcp.FileSystemReader(dcp_dir)
-    meta = reader.read_metadata().state_dict_metadata
+    meta = dcp_reader(dcp_dir).read_metadata().state_dict_metadata
     state = {
         key: torch.empty(m.size, dtype=m.properties.dtype)
         for key, m in meta.items()
@@ -175,7 +177,7 @@ def consolidated_weights(dcp_dir: str, *, tied: bool) -> dict[str, torch.Tensor]
         raise CheckpointError(f"{dcp_dir} holds no model weights")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        load_dcp(state, dcp_dir, no_dist=True)
     out = {key.removeprefix("model."): t for key, t in state.items()}
     if tied:
         out.pop("output.weight", None)

@@ -4,6 +4,7 @@ here, and only when a run chooses `parallel.strategy=deepspeed`."""
 from __future__ import annotations
 
 import json
+import os
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from pretrain.parallel.common import (
     use_cuda,
 )
 from pretrain.parallel.state import dedup_tied
+from pretrain.safeload import deepspeed_reads
 
 # Keys of a DeepSpeed JSON that lmforge's config decides (batch, precision, clipping).
 OWNED_DS_KEYS = (
@@ -175,10 +177,11 @@ class DeepSpeedStrategy(Strategy):
             write_file("model.safetensors", save(dedup_tied(full), metadata={"format": "pt"}))
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
-        # Pickled DeepSpeed state: read only after the checkpoint's manifest checked out.
-        self.engine.load_checkpoint(
-            directory,
-            tag="deepspeed",
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
+        # DeepSpeed unpickles its files with weights_only=False: checked and made strict first.
+        with deepspeed_reads(os.path.join(directory, "deepspeed")):
+            self.engine.load_checkpoint(
+                directory,
+                tag="deepspeed",
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
