@@ -3,7 +3,7 @@ fix, a non-zero exit, no traceback, and nothing left behind.
 
 Each case is a command line with placeholders ({tmp}: the case's own empty directory, {data}: a
 prepared corpus, {run} / {ckpt}: a tiny pretraining run and its checkpoint, {cls}: a tiny
-classifier finetuned from it, {other}: data prepared with another tokenizer, {repo}), the files
+classifier finetuned from it, {other}: data prepared with another tokenizer), the files
 the case puts into {tmp} first, and the path it would have written. Cases run in-process through
 `launcher.cli.main` (an exception escaping it would be a traceback for the user); the few whose
 error comes from inside a training process run the real CLI in a subprocess.
@@ -19,7 +19,7 @@ import traceback
 import pytest
 
 from launcher.cli import main
-from tests.conftest import REPO, lmforge, plays_dir
+from tests.conftest import lmforge, plays_dir
 from tests.runs import QUIET, TINY
 
 DIR = object()  # a files entry: an (empty) directory
@@ -98,10 +98,6 @@ POINTS_CSV = "N,D,loss\n" + "".join(
     for d in (2e7, 8e7, 3.2e8)
 )
 RUNS = "{tmp}/runs"
-LOCK_FIRST = (
-    "pretrain/session.py run_session takes the run lock (creating <run>/.lock, and so the run "
-    "directory) before the resume target is checked: a refused new run leaves runs/<name>/.lock"
-)
 
 # fmt: off
 CASES = [
@@ -194,8 +190,8 @@ CASES = [
     case("pretrain/runs-dir-is-a-file", [*PRETRAIN, "runs_dir={tmp}/f.txt"], "{tmp}/f.txt is a file", files={"f.txt": "x"}),
     case("pretrain/runs-dir-read-only", [*PRETRAIN, "runs_dir={tmp}/ro/runs"], "{tmp}/ro is not writable", files={"ro": READ_ONLY}),
     case("pretrain/run-exists", [*PRETRAIN, "runs_dir={tmp}/runs"], "run directory {tmp}/runs/r already exists", files={"runs/r/metrics.jsonl": ""}),
-    case("pretrain/resume-missing", [*PRETRAIN, "resume={tmp}/none"], "resume={tmp}/none: no such checkpoint", out=RUNS, xfail=LOCK_FIRST),
-    case("pretrain/resume-binary-pointer", [*PRETRAIN, "resume={tmp}/latest"], "{tmp}/latest", files={"latest": BINARY}, out=RUNS, xfail=LOCK_FIRST),
+    case("pretrain/resume-missing", [*PRETRAIN, "resume={tmp}/none"], "resume={tmp}/none: no such checkpoint", out=RUNS),
+    case("pretrain/resume-binary-pointer", [*PRETRAIN, "resume={tmp}/latest"], "{tmp}/latest", files={"latest": BINARY}, out=RUNS),
     case("pretrain/resume-data-of-another-tokenizer", ["pretrain", "name=tiny", "runs_dir={tmp}/runs", "data.path={other}", *TINY, "train.max_steps=4", "resume=auto"], "was trained with another tokenizer", files={"runs/tiny": _copy("{run}")}, proc=True),
     case("pretrain/resume-another-shape", ["pretrain", "name=tiny", "runs_dir={tmp}/runs", "data.path={data}", *TINY, "model.d_model=64", "train.max_steps=4", "resume=auto"], "model.d_model=32 but this run sets model.d_model=64", files={"runs/tiny": _copy("{run}")}, proc=True),
     # --- finetune ---------------------------------------------------------------------------
@@ -414,7 +410,6 @@ def env(tiny_data, tmp_path_factory) -> dict:
         "ckpt": os.path.join(run, "checkpoints", "step_00000002"),
         "cls": str(runs / "cls"),
         "other": other,
-        "repo": REPO,
     }
 
 
