@@ -5,7 +5,7 @@ checkpoints. So a run holds an advisory lock (``fcntl.flock``) on ``<run>/.lock`
 life, taken before anything is written there; the file records the holder (host, pid, since
 when). A second start is refused with one line naming the holder, before it writes anything.
 The kernel releases a dead holder's lock (kill -9, a crashed node); its record stays in the
-file (a holder that ends normally clears it), so the next start takes the lock over with a
+file (a holder that ends removes the file), so the next start takes the lock over with a
 warning naming it. A requeued SLURM job is a new process after the old one died: it finds the
 lock free.
 
@@ -74,15 +74,22 @@ def _describe(holder: dict) -> str:
 class RunLock:
     """This process's hold on a run directory (``release``, or use it as a context manager)."""
 
-    def __init__(self, run_dir: str, fd: int) -> None:
-        self.run_dir, self.fd = run_dir, fd
+    def __init__(self, run_dir: str, fd: int, created: list[str]) -> None:
+        self.run_dir, self.fd, self.created = run_dir, fd, created
 
     def release(self) -> None:
-        """Clear the record (a clean end leaves nothing stale) and let go."""
+        """Remove the lock file, then let go: a run that ends leaves no record (one that dies
+        leaves its record for the next to see), and a start that failed before writing
+        anything leaves no directory it made."""
         if self.fd < 0:
             return
         with contextlib.suppress(OSError):
-            os.ftruncate(self.fd, 0)
+            os.unlink(os.path.join(self.run_dir, LOCK_FILE))  # while still holding it
+        for directory in self.created:  # innermost first; stops at one that holds something
+            try:
+                os.rmdir(directory)
+            except OSError:
+                break
         os.close(self.fd)  # closing the only descriptor releases the flock
         self.fd = -1
 
@@ -95,19 +102,37 @@ class RunLock:
 
 def _try_lock(run_dir: str) -> RunLock | dict:
     """Take ``run_dir``'s lock (a :class:`RunLock`), or return the record of who holds it."""
-    os.makedirs(run_dir, exist_ok=True)
-    # O_CLOEXEC (Python's default too): a worker never inherits the launcher's hold.
-    fd = os.open(os.path.join(run_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        # The holder writes its record right after taking the lock: give it a moment.
-        holder, deadline = _read(fd), time.monotonic() + 2
-        while not holder and time.monotonic() < deadline:
-            time.sleep(0.05)
-            holder = _read(fd)
+    path = os.path.join(run_dir, LOCK_FILE)
+    created: list[str] = []  # the directories this call makes, innermost first
+    while True:
+        missing, parent = [], os.path.abspath(run_dir)
+        while not os.path.isdir(parent):
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        os.makedirs(run_dir, exist_ok=True)
+        created = created or missing
+        # O_CLOEXEC (Python's default too): a worker never inherits the launcher's hold.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # a holder that made the directory removed it as it ended
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # The holder writes its record right after taking the lock: give it a moment.
+            holder, deadline = _read(fd), time.monotonic() + 2
+            while not holder and time.monotonic() < deadline:
+                time.sleep(0.05)
+                holder = _read(fd)
+            os.close(fd)
+            return holder or {"pid": "?", "host": "?", "since": "?"}
+        # The file may have been removed by a holder that ended between our open and flock:
+        # a lock on it would exclude nobody. Then open the new one.
+        with contextlib.suppress(OSError):
+            here, held = os.stat(path), os.fstat(fd)
+            if (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino):
+                break
         os.close(fd)
-        return holder or {"pid": "?", "host": "?", "since": "?"}
     stale = _read(fd)
     if stale:
         print(
@@ -120,7 +145,7 @@ def _try_lock(run_dir: str) -> RunLock | dict:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     os.fsync(fd)
-    return RunLock(run_dir, fd)
+    return RunLock(run_dir, fd, created)
 
 
 def in_use_message(run_dir: str, holder: dict) -> str:
