@@ -26,12 +26,14 @@ import time
 from pretrain.dist import free_port, threads_per_rank
 from pretrain.durable import fault_point
 from pretrain.runlock import LAUNCHER_ENV, lock_run_dir
-from pretrain.signals import PENDING_ENV, pending_stop_signal
+from pretrain.signals import PENDING_ENV, STOP_SIGNALS, pending_stop_signal
 
 ERROR_DIR_ENV = "LMFORGE_ERROR_DIR"
 # Signals torch elastic's agent turns into "kill the workers"; SIGTERM and SIGUSR1 are forwarded
 # to the workers instead (forward_stop_signals), which save before they exit.
 ELASTIC_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+# The exit codes of workers that saved and stopped on SIGUSR1 / SIGTERM (pretrain/preemption.py).
+STOPPED = {128 + int(sig) for sig in STOP_SIGNALS}
 # What each worker runs: `python -m launcher.cli ARGV`, after tying itself to this launcher
 # (pretrain.runlock.die_with_launcher, standard library only: before torch is imported).
 WORKER_BOOT = (
@@ -195,10 +197,10 @@ def launch(
                 with open(os.path.join(errors, name)) as f:
                     messages.setdefault(f.read().strip(), []).append(name.removeprefix("rank"))
             if not messages:  # no worker said why (killed, crashed): say how each ended
-                for failure in exc.failures.values():
-                    messages.setdefault(_how_it_ended(failure.exitcode), []).append(
-                        str(failure.rank)
-                    )
+                for rank, failure in exc.failures.items():  # (keyed by global rank)
+                    if failure.exitcode in STOPPED:  # saved and stopped by a signal: no failure
+                        continue
+                    messages.setdefault(_how_it_ended(failure.exitcode), []).append(str(rank))
             for msg, ranks in messages.items():
                 print(f"error: [rank {','.join(ranks)}] {msg}", file=sys.stderr, flush=True)
             codes = [f.exitcode for f in exc.failures.values()]
