@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import os
@@ -126,6 +127,16 @@ def _try_lock(run_dir: str) -> RunLock | dict:
                 holder = _read(fd)
             os.close(fd)
             return holder or {"pid": "?", "host": "?", "since": "?"}
+        except OSError as exc:
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # (e.g. NFS mounted without a lock service): run, but say that nothing guards it
+            print(
+                f"warning: cannot lock {path} ({exc.strerror}): this file system has no flock, "
+                "so nothing keeps a second run from writing here",
+                file=sys.stderr,
+                flush=True,
+            )
         # The file may have been removed by a holder that ended between our open and flock:
         # a lock on it would exclude nobody. Then open the new one.
         with contextlib.suppress(OSError):
