@@ -23,6 +23,7 @@ import torch
 from pretrain.checkpoint import (
     best_checkpoint,
     latest_checkpoint,
+    read_checkpoint_config,
     read_trainer_state,
     verify_checkpoint,
 )
@@ -50,8 +51,6 @@ def resolve_checkpoint(path: str) -> str:
 
 def full_weights(checkpoint: str) -> dict[str, torch.Tensor]:
     """fp32 weights of a verified checkpoint, rebuilt from its sharded state."""
-    from omegaconf import OmegaConf
-
     ds_dir = os.path.join(checkpoint, "deepspeed")
     if os.path.isdir(ds_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -63,8 +62,7 @@ def full_weights(checkpoint: str) -> dict[str, torch.Tensor]:
         return dedup_tied(full)
     from pretrain.parallel.state import consolidated_weights
 
-    cfg = OmegaConf.load(os.path.join(checkpoint, "config.yaml"))
-    tied = bool(OmegaConf.select(cfg, "model.tie_embeddings", default=False))
+    tied = bool(read_checkpoint_config(checkpoint)["model"].get("tie_embeddings", False))
     return consolidated_weights(os.path.join(checkpoint, "dcp"), tied=tied)
 
 

@@ -208,3 +208,10 @@ def test_state_files_are_checked_before_parsing_in_every_reader(ref_copy, tmp_pa
     line = _one_line(lmforge("consolidate", newest, "--out", str(tmp_path / "out"), check=False))
     assert "trainer_state.json does not match its manifest" in line, line
     assert not os.path.exists(tmp_path / "out")
+    older = os.path.join(ref_copy, "checkpoints", "step_00000012")
+    with open(os.path.join(older, "config.yaml"), "w") as f:
+        f.write("model: [\n")
+    _resign(older)  # verifies, and still cannot be parsed
+    line = _one_line(lmforge("consolidate", older, "--out", str(tmp_path / "out"), check=False))
+    assert "config.yaml cannot be read" in line and "the checkpoint is corrupt" in line, line
+    assert not os.path.exists(tmp_path / "out")
