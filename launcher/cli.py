@@ -559,6 +559,7 @@ def _submit(args: argparse.Namespace, argv: list[str]) -> int:
     submit_chain(
         load_config(SlurmProfile, args.config),
         command=args.cmd,
+        commands=HANDLERS,
         job_name=args.name,
         dependency=args.dependency,
         array=args.array,

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from launcher.commands import TRAINING_COMMANDS, load_command_config
@@ -447,9 +448,17 @@ def submit(
 STAGE_SEPARATOR = ":::"
 
 
-def submit_chain(profile: SlurmProfile, *, command: list[str], dependency=None, **kwargs) -> list:
+def submit_chain(
+    profile: SlurmProfile,
+    *,
+    command: list[str],
+    dependency=None,
+    commands: Collection[str] = (),
+    **kwargs,
+) -> list:
     """``A ::: B ::: C``: one job per stage, each starting only after the previous one
-    succeeded (afterok); a failing stage cancels the stages after it. Returns the job ids."""
+    succeeded (afterok); a failing stage cancels the stages after it. Returns the job ids.
+    ``commands``: the lmforge commands a stage may run (the CLI's), checked before submitting."""
     if not command:
         raise ConfigurationError(
             "lmforge submit needs a command after `--`, e.g. "
@@ -466,6 +475,11 @@ def submit_chain(profile: SlurmProfile, *, command: list[str], dependency=None, 
     for stage in stages:  # check every stage's config before submitting any
         if stage[0] in ("submit", "launch"):
             raise ConfigurationError(f"`{stage[0]}` is not a stage")
+        if commands and stage[0] not in commands:
+            raise ConfigurationError(
+                f"`{stage[0]}` is not an lmforge command; a stage is one of: "
+                f"{', '.join(sorted(set(commands) - {'submit', 'launch'}))}"
+            )
         run_dir_of(stage)
     jobs: list[str] = []
     for stage in stages:

@@ -494,9 +494,15 @@ class RunConfig:
     """Metric sinks."""
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name in (".", ".."):
+        if (
+            not self.name
+            or "/" in self.name
+            or self.name in (".", "..")
+            or not self.name.isprintable()
+        ):
             raise ConfigurationError(
-                f"`name`={self.name!r} must be a plain directory name (no '/')"
+                f"`name`={self.name!r} must be a plain directory name (no '/', no control "
+                "characters)"
             )
         policy = self.train.on_anomaly
         if policy != "stop" and self.parallel.strategy == "deepspeed":
@@ -609,6 +615,24 @@ def _load_yaml(path: str) -> DictConfig:
     return loaded
 
 
+def _parse_override(arg: str, key: str, value: str) -> DictConfig:
+    """``key=value`` as a config (the value is read as YAML), or one line saying why not."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(
+            f"config key `{_short(key)}`: the value is not valid UTF-8; pass it as UTF-8 text"
+        ) from None
+    try:
+        return OmegaConf.from_dotlist([arg])
+    except yaml.YAMLError as exc:
+        first = _short(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, 120)
+        raise ConfigurationError(
+            f"config key `{_short(key)}`: {_short(value)!r} is not a YAML value ({first}); "
+            f"quote it as a YAML string, e.g. {_short(key)}='\"...\"' (no control characters)"
+        ) from None
+
+
 def load_config(schema: type, args: list[str]) -> Any:
     """Build a validated config object of dataclass ``schema`` from CLI-style arguments.
 
@@ -636,7 +660,7 @@ def load_config(schema: type, args: list[str]) -> Any:
                 if isinstance(section, DictConfig):  # section=PRESET.yaml
                     OmegaConf.update(cfg, key, _load_yaml(value), merge=True)
                     continue
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
+            cfg = OmegaConf.merge(cfg, _parse_override(arg, key, value))
         missing = sorted(OmegaConf.missing_keys(cfg))
         if missing:
             raise ConfigurationError(
