@@ -9,6 +9,7 @@ import os
 import pytest
 
 from pretrain.config import ModelConfig, ParallelConfig
+from pretrain.durable import sha256_file
 from pretrain.errors import CheckpointError, ConfigurationError
 from pretrain.layout import Layout
 from pretrain.session import check_resume_compatible, grad_accum_steps, resolve_resume
@@ -20,7 +21,13 @@ def _checkpoint(root, *, sha: str, deepspeed: bool = False) -> str:
     with open(os.path.join(ckpt, "trainer_state.json"), "w") as f:
         json.dump({"step": 4, "tokenizer_sha256": sha}, f)
     with open(os.path.join(ckpt, "config.yaml"), "w") as f:
-        f.write("name: x\nparallel:\n  strategy: ddp\n")
+        f.write("name: x\nmodel:\n  n_layer: 1\nparallel:\n  strategy: ddp\n")
+    files = {
+        name: {"sha256": sha256_file(os.path.join(ckpt, name))}
+        for name in ("trainer_state.json", "config.yaml")
+    }
+    with open(os.path.join(ckpt, "manifest.json"), "w") as f:
+        json.dump({"format_version": 1, "step": 4, "files": files}, f)
     with open(os.path.join(root, "checkpoints", "latest"), "w") as f:
         f.write("step_00000004\n")
     return ckpt
@@ -46,7 +53,7 @@ def test_resume_checks_tokenizer_and_state_format(tmp_path):
     saved = check_resume_compatible(
         ckpt, strategy="ddp", tokenizer_sha="a" * 64, tokenizer_fix="use the same data"
     )
-    assert saved == {"name": "x", "parallel": {"strategy": "ddp"}}
+    assert saved == {"name": "x", "model": {"n_layer": 1}, "parallel": {"strategy": "ddp"}}
     with pytest.raises(CheckpointError) as err:
         check_resume_compatible(
             ckpt, strategy="ddp", tokenizer_sha="b" * 64, tokenizer_fix="use the same data"
