@@ -257,19 +257,36 @@ def measure_matmul_flops(
                 return 2.0 * n**3 * iters / elapsed
 
 
-def _probe_cached(device: torch.device, dtype: torch.dtype) -> float:
-    """measure_matmul_flops, cached on disk per (hardware name, dtype, thread count)."""
-    key = f"{_device_name(device)}|{dtype}|threads={torch.get_num_threads()}|v2"
-    path = _cache_file()
-    cache: dict[str, float] = {}
+# Square sizes the in-run probe tries: a CPU's best sustained rate needs large matmuls (1024^3
+# reads ~60% of it on the development machine), a GPU's larger still.
+PROBE_SIZES = {"cpu": (1024, 2048, 4096), "other": (2048, 4096, 8192)}
+PROBE_ENV = "LMFORGE_PEAK_PROBE"  # "run" (default): measure in this run; "cache": reuse the best
+
+
+def measure_peak_matmul(
+    dtype: torch.dtype,
+    device: torch.device | str,
+    *,
+    sizes: tuple[int, ...] | None = None,
+    seconds: float = 0.25,
+) -> tuple[float, int]:
+    """The best sustained matmul FLOP/s over several square sizes (4096 included by default),
+    and the size that reached it."""
+    device = torch.device(device)
+    sizes = sizes or PROBE_SIZES["cpu" if device.type == "cpu" else "other"]
+    rates = {n: measure_matmul_flops(dtype, device, n=n, seconds=seconds) for n in sizes}
+    n = max(rates, key=rates.__getitem__)
+    return rates[n], n
+
+
+def _read_cache(path: Path) -> dict:
     with contextlib.suppress(OSError, ValueError):
         loaded = json.loads(path.read_text())
-        cache = loaded if isinstance(loaded, dict) else {}
-    value = cache.get(key)
-    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
-        return float(value)
-    value = measure_matmul_flops(dtype, device)
-    cache[key] = value
+        return loaded if isinstance(loaded, dict) else {}
+    return {}
+
+
+def _write_cache(path: Path, cache: dict) -> None:
     # atomic replace: concurrent runs may probe at once, and a torn file would break them all
     tmp = None
     try:
@@ -282,7 +299,30 @@ def _probe_cached(device: torch.device, dtype: torch.dtype) -> float:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
-    return value
+
+
+def _probe(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The matmul peak of this hardware for ``dtype`` with this process's threads: measured in
+    this run (``measure_peak_matmul``) and kept as the best ever measured in
+    ``$LMFORGE_CACHE/peak_flops.json``. The larger of the two is the peak, so a probe that read
+    low because the machine was busy (now or when the cache was written) never lowers it.
+    ``LMFORGE_PEAK_PROBE=cache`` reuses a cached best without measuring (tests)."""
+    key = f"{_device_name(device)}|{dtype}|threads={torch.get_num_threads()}|v2"
+    path = _cache_file()
+    cache = _read_cache(path)
+    cached = cache.get(key)
+    cached = float(cached) if isinstance(cached, (int, float)) and math.isfinite(cached) else 0.0
+    if os.environ.get(PROBE_ENV) == "cache" and cached > 0:
+        return cached, f"probe: cached best {cached / 1e12:.3g} TFLOP/s"
+    now, n = measure_peak_matmul(dtype, device)
+    if now > cached:
+        cache[key] = now
+        _write_cache(path, cache)
+        return now, f"probe: {now / 1e12:.3g} TFLOP/s at {n}^3 in this run, the best so far"
+    return cached, (
+        f"probe: {now / 1e12:.3g} TFLOP/s at {n}^3 in this run, below the best measured here "
+        f"before ({cached / 1e12:.3g}), which is used"
+    )
 
 
 def peak_flops(
@@ -291,10 +331,12 @@ def peak_flops(
     """Peak FLOP/s of one device for matmuls in `dtype`, and how it was obtained.
 
     `override` (e.g. `train.peak_flops`) wins: ("override"). Known GPUs come from
-    PEAK_FLOPS_TABLE: ("table:<gpu name>"). CPUs and unknown GPUs run a short matmul probe
-    whose result is cached in `$LMFORGE_CACHE/peak_flops.json` (default ~/.cache/lmforge):
-    ("probe"). A probe measures what matmuls really reach, so MFU against it reads higher
-    than against a datasheet peak; ranks sharing a CPU should probe before training starts.
+    PEAK_FLOPS_TABLE: ("table:<gpu name>"). CPUs and unknown GPUs measure their matmul peak in
+    this run (``_probe``: best of several sizes, 4096^3 included; the best ever measured on this
+    hardware is kept in `$LMFORGE_CACHE/peak_flops.json`, default ~/.cache/lmforge): ("probe:
+    ..." says what was measured and what was used). A probe measures what matmuls really reach,
+    so MFU against it reads higher than against a datasheet peak; ranks sharing a CPU take turns
+    (``RunSession``), so that each measures with the others idle.
     """
     if override is not None:
         if not (override > 0 and math.isfinite(override)):
@@ -307,4 +349,4 @@ def peak_flops(
         hit = lookup_peak_flops(torch.cuda.get_device_name(device), dtype)
         if hit is not None:
             return hit[0], f"table:{hit[1]}"
-    return _probe_cached(device, dtype), "probe"
+    return _probe(device, dtype)

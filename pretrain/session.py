@@ -490,9 +490,16 @@ class RunSession:
             seed=cfg.seed,
             shuffle=work.shuffle,
         )
-        self.peak, self.peak_source = peak_flops(
-            strategy.device, strategy.compute_dtype, override=tcfg.peak_flops
-        )
+        # The ranks of a node take turns to measure the matmul peak (on a CPU they share the
+        # cores: probing at once, each would read a fraction of its own peak).
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+            if turn == local_rank:
+                self.peak, self.peak_source = peak_flops(
+                    strategy.device, strategy.compute_dtype, override=tcfg.peak_flops
+                )
+            if strategy.device.type == "cpu":
+                pdist.barrier()
         self.flops_per_token = fpt
         self.config_yaml = to_yaml(cfg)
         trainer = Trainer(

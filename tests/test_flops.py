@@ -175,14 +175,18 @@ def test_peak_flops_uses_table_for_known_gpu(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     assert peak_flops(torch.device("cuda"), torch.bfloat16) == (989e12, "table:H100 SXM")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some Future GPU")
-    monkeypatch.setattr(flops, "_probe_cached", lambda device, dtype: 42e12)
-    assert peak_flops(torch.device("cuda"), torch.bfloat16) == (42e12, "probe")
+    monkeypatch.setattr(flops, "_probe", lambda device, dtype: (42e12, "probe: 42"))
+    assert peak_flops(torch.device("cuda"), torch.bfloat16) == (42e12, "probe: 42")
 
 
-def test_probe_measures_and_caches(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probe_measures_in_the_run_and_keeps_the_best(tmp_path, monkeypatch) -> None:
+    """Each run measures; a cached best that reads lower is replaced, a higher one is kept (a
+    probe on a busy machine never lowers the peak); `LMFORGE_PEAK_PROBE=cache` reuses it."""
     monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv(flops.PROBE_ENV, raising=False)
+    monkeypatch.setitem(flops.PROBE_SIZES, "cpu", (64, 256))
     value, source = peak_flops(torch.device("cpu"), torch.float32)
-    assert source == "probe"
+    assert source.startswith("probe: ") and source.endswith("in this run, the best so far")
     # A rate this CPU can have: over 0.1 GFLOP/s, and under 64 fp32 FLOPs a cycle (two 16-lane
     # FMA units) at 6 GHz on every logical CPU.
     assert 1e8 < value < (os.cpu_count() or 1) * 64 * 6e9
@@ -193,11 +197,32 @@ def test_probe_measures_and_caches(tmp_path, monkeypatch: pytest.MonkeyPatch) ->
     assert f"|threads={torch.get_num_threads()}|" in key
     assert cached[key] == value
 
-    def no_probe(*args: object, **kwargs: object) -> float:
-        raise AssertionError("the cached value should have been used")
+    rates = {64: 5e9, 256: 7e9}  # a slower run: the best measured before is used, and kept
+    monkeypatch.setattr(flops, "measure_matmul_flops", lambda dtype, device, n, seconds: rates[n])
+    cache_file.write_text(json.dumps({key: 9e9}))
+    assert peak_flops("cpu", torch.float32) == (
+        9e9,
+        "probe: 0.007 TFLOP/s at 256^3 in this run, below the best measured here before "
+        "(0.009), which is used",
+    )
+    cache_file.write_text(json.dumps({key: 1e9}))  # a cache written on a busy machine: replaced
+    assert peak_flops("cpu", torch.float32)[0] == 7e9
+    assert json.loads(cache_file.read_text())[key] == 7e9
+    monkeypatch.setenv(flops.PROBE_ENV, "cache")
+    rates.clear()  # no measuring now
+    assert peak_flops("cpu", torch.float32) == (7e9, "probe: cached best 0.007 TFLOP/s")
 
-    monkeypatch.setattr(flops, "measure_matmul_flops", no_probe)
-    assert peak_flops("cpu", torch.float32) == (value, "probe")
+
+def test_the_probe_tries_several_sizes_and_4096(monkeypatch) -> None:
+    seen = []
+
+    def rate(dtype, device, n, seconds):
+        seen.append(n)
+        return {1024: 1.0, 2048: 3.0, 4096: 2.0}[n]
+
+    monkeypatch.setattr(flops, "measure_matmul_flops", rate)
+    assert flops.measure_peak_matmul(torch.bfloat16, "cpu") == (3.0, 2048)
+    assert seen == [1024, 2048, 4096]
 
 
 def test_measure_matmul_flops_counts_2n3_flops_a_matmul(monkeypatch: pytest.MonkeyPatch) -> None:
