@@ -249,6 +249,11 @@ class LoopConfig:
     """Validate every this many steps (and at the end); 0 = only at the end."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    timing_sync: bool = False
+    """Wait for the GPU at each phase boundary of a step, so that the metrics rows' time split
+    (`time_data`, `time_fwd_bwd`, `time_optim`, `time_other`, `time_checkpoint`: seconds per
+    step) is exact on GPUs, at the cost of the overlap of host and device work. CPUs need no
+    wait: their split is always exact."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; null = table of known GPUs, else a matmul probe."""
     deterministic: bool = True

@@ -64,6 +64,14 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of a tensor over all ranks (a copy)."""
+    out = t.clone()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum of a tensor over all ranks (a copy)."""
     out = t.clone()

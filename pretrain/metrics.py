@@ -1,7 +1,9 @@
 """Metric sinks: metrics.jsonl (the contract), TensorBoard, W&B, and the loss-vs-FLOPs plot.
 
 Rows, one JSON object per line: train ``{"kind":"train","step","tokens","flops","loss","lr","grad_norm",
-"tokens_per_sec","mfu","time","skipped_steps","rollbacks"}``; eval
+"tokens_per_sec","mfu","time","skipped_steps","rollbacks","time_data","time_fwd_bwd","time_optim",
+"time_other","time_checkpoint","peak_mem_gb"}`` (the step's time split and peak memory:
+pretrain/trainer.py's StepClock); eval
 ``{"kind":"eval","step","tokens","flops","val_loss",...}``.
 ``tokens`` and ``flops`` are cumulative for the run. After a resume from step S the rows past S
 that the interrupted attempt wrote are dropped, so nothing is counted twice (and so are those of

@@ -532,6 +532,7 @@ class RunSession:
             load_fn=lambda trainer, path: load_checkpoint(
                 path, strategy=strategy, model=trainer.model, optimizer=trainer.optimizer
             ),
+            timing_sync=tcfg.timing_sync,
         )
         if self.resume_from is not None:
             state = load_checkpoint(  # verified by resolve_resume

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -134,6 +135,54 @@ class AnomalyPolicy:
 
 AVERAGE_SPAN = 10  # the running loss mean covers about this many steps
 
+PHASES = ("data", "fwd_bwd", "optim")
+# the rows' split of a step: each phase, the rest, checkpoint saves amortised (seconds per step)
+TIME_FIELDS = tuple(f"time_{name}" for name in (*PHASES, "other", "checkpoint"))
+
+
+class StepClock:
+    """Where a step's time goes, for the rows' ``time_*`` fields (seconds per step): waiting for
+    data, forward+backward (with the gradient reduction that DDP and FSDP overlap with the
+    backward), the optimizer (clipping, the update, the schedule; DeepSpeed's ZeRO
+    communication), and the rest (checks, callbacks, logging); checkpoint saves are amortised
+    over the steps this process ran. On a GPU kernels run behind the host, so a phase's wall
+    time is only exact when the clock waits for the device at each boundary (``sync``:
+    ``train.timing_sync``); on a CPU the work is done when the call returns."""
+
+    def __init__(self, device: torch.device, *, sync: bool = False) -> None:
+        self.sync = sync and device.type == "cuda"
+        self.seconds = dict.fromkeys(PHASES, 0.0)  # since the last row
+        self.checkpoint_seconds = 0.0  # this process's saves
+        self.steps = 0  # this process's steps
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[name] += time.perf_counter() - t0
+
+    def split(self, steps: int, elapsed: float) -> list[float]:
+        """Seconds per step of each phase, then the rest, then the amortised checkpoint
+        time; the interval's counters restart."""
+        per_step = [self.seconds[name] / steps for name in PHASES]
+        rest = max(elapsed / steps - sum(per_step), 0.0)
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+        return [*per_step, rest, self.checkpoint_seconds / max(self.steps, 1)]
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This process's peak memory so far: the device's allocations on a GPU, the resident set
+    (RSS high-water mark) on a CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
 
 class FaultLoss:
     """The training loss times the factor an injected fault sets for a step (``loss@STEP+scale=X``:
@@ -181,12 +230,14 @@ class Trainer:
         evaluator: Evaluator | None = None,
         anomaly: AnomalyPolicy | None = None,
         load_fn: Callable[[Trainer, str], dict] | None = None,
+        timing_sync: bool = False,
     ) -> None:
         """``tokens_per_step`` None: steps differ in size (padded task examples) and the
         batches say how many tokens the last step trained on (``train_batches.last_step_tokens``,
         the global count, known on every rank without communication). ``load_fn(trainer,
         path)`` loads a checkpoint's model and optimizer state (and RNG) and returns its
-        trainer state: what ``train.on_anomaly=rollback`` goes back with."""
+        trainer state: what ``train.on_anomaly=rollback`` goes back with. ``timing_sync``: see
+        :class:`StepClock`."""
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -209,6 +260,7 @@ class Trainer:
         self.state = state or TrainerState()
         self.anomaly = anomaly or AnomalyPolicy()
         self.load_fn = load_fn
+        self.clock = StepClock(strategy.device, sync=timing_sync)
         self.last_checkpoint: str | None = None
         self._phase = "the start of training"  # what a collective that times out waited in
         self._skips_in_a_row = 0
@@ -287,14 +339,20 @@ class Trainer:
         device = self.strategy.device
         loss_acc = torch.zeros((), device=device)
         norm_acc = torch.zeros((), device=device)
-        steps_acc = tokens_acc = 0  # steps_acc: the applied steps since the last row
+        # steps_acc: the applied steps since the last row; steps_run: all of them (skipped too)
+        steps_acc = tokens_acc = steps_run = 0
         t_start = time.perf_counter()
         while self.state.step < self.total_steps:
             self.model.train()
             step = self.state.step + 1
             self._phase = f"the forward/backward of step {step}"
-            micro_batches = self.train_batches.next_step()
-            loss = self.strategy.forward_backward(self.model, micro_batches, self._loss_fn(step))
+            clock = self.clock
+            with clock.phase("data"):
+                micro_batches = self.train_batches.next_step()
+            with clock.phase("fwd_bwd"):
+                loss = self.strategy.forward_backward(
+                    self.model, micro_batches, self._loss_fn(step)
+                )
             anomaly = self._check(loss, step) if self.anomaly.every_step else None
             if anomaly is not None and self.anomaly.on_anomaly == "stop":
                 raise self._stop_error(anomaly)
@@ -302,21 +360,25 @@ class Trainer:
                 self._rollback(anomaly, step)  # back to the checkpoint's step, data moved on
                 loss_acc.zero_()
                 norm_acc.zero_()
-                steps_acc = tokens_acc = 0
+                steps_acc = tokens_acc = steps_run = 0
+                self.clock.split(1, 0.0)  # the undone steps' times are dropped with them
                 t_start = time.perf_counter()
                 continue
             if anomaly is not None:
                 self._skip(anomaly)
             else:
                 self._phase = f"the optimizer step of step {step}"
-                norm_acc += self.strategy.step(
-                    self.model, self.optimizer, self.scheduler, grad_clip=self.grad_clip
-                )
+                with clock.phase("optim"):
+                    norm_acc += self.strategy.step(
+                        self.model, self.optimizer, self.scheduler, grad_clip=self.grad_clip
+                    )
                 loss_acc += loss
                 steps_acc += 1
                 self._skips_in_a_row = 0
             step_tokens = self._step_tokens()
             tokens_acc += step_tokens
+            steps_run += 1
+            clock.steps += 1
             self.state.step += 1
             self.state.tokens += step_tokens
             self.state.flops += self.flops_per_token * step_tokens
@@ -335,12 +397,15 @@ class Trainer:
             if step % self.log_interval == 0 or do_eval or do_save or stop:
                 elapsed = time.perf_counter() - t_start
                 self.state.train_seconds += elapsed
+                split = self.clock.split(max(steps_run, 1), elapsed)
                 if steps_acc:  # an interval whose every step was skipped writes no row
                     self._phase = f"the all-reduce of step {step}'s metrics row"
-                    self._log_train(loss_acc / steps_acc, norm_acc / steps_acc, tokens_acc, elapsed)
+                    self._log_train(
+                        loss_acc / steps_acc, norm_acc / steps_acc, tokens_acc, elapsed, split
+                    )
                 loss_acc.zero_()
                 norm_acc.zero_()
-                steps_acc = tokens_acc = 0
+                steps_acc = tokens_acc = steps_run = 0
                 if do_eval:
                     self._phase = f"the evaluation at step {step}"
                     self.evaluate()
@@ -351,7 +416,9 @@ class Trainer:
                 if do_save:
                     assert self.save_fn is not None
                     self._phase = f"the checkpoint save at step {step}"
+                    t_save = time.perf_counter()
                     self.last_checkpoint = self.save_fn(self)
+                    self.clock.checkpoint_seconds += time.perf_counter() - t_save
                     self._emit("on_checkpoint", self.last_checkpoint)
                 t_start = time.perf_counter()
             if stop:
@@ -483,10 +550,23 @@ class Trainer:
         return int(self.train_batches.last_step_tokens)
 
     def _log_train(
-        self, loss: torch.Tensor, grad_norm: torch.Tensor, tokens: int, elapsed: float
+        self,
+        loss: torch.Tensor,
+        grad_norm: torch.Tensor,
+        tokens: int,
+        elapsed: float,
+        split: list[float],
     ) -> None:
         stats = pdist.all_reduce_mean(torch.stack([loss, grad_norm]).float())
         loss_v, norm_v = stats.tolist()  # the one host sync of the interval
+        # the slowest rank's split and the largest peak memory
+        worst = pdist.all_reduce_max(
+            torch.tensor(
+                [*split, peak_memory_gb(self.strategy.device)],
+                dtype=torch.float64,
+                device=self.strategy.device,
+            )
+        ).tolist()
         step = self.state.step
         if not math.isfinite(loss_v):
             raise self._stop_error(f"loss is {loss_v} at step {step}")
@@ -505,6 +585,8 @@ class Trainer:
             "time": self.state.train_seconds,
             "skipped_steps": self.state.skipped_steps,
             "rollbacks": self.state.rollbacks,
+            **dict(zip(TIME_FIELDS, worst[:-1], strict=True)),
+            "peak_mem_gb": worst[-1],
         }
         self.last_row = row
         self._emit("on_log", row)

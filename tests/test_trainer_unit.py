@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 
 import pytest
 import torch
@@ -273,3 +274,44 @@ def test_an_error_in_a_callback_reaches_the_caller_after_every_hook():
         trainer.fit()
     assert events[-2:] == [("error", "RuntimeError"), ("end",)]
     assert ("step", 3) not in events  # Boom came first and stopped the hook chain
+
+
+def test_rows_split_each_step_into_its_phases():
+    """The rows' time split says where a step went: a slow data source shows as data wait, a
+    slow save as amortised checkpoint time, and the phases add up to the step's wall time."""
+    wait = 0.03
+
+    class SlowBatches(FixedBatches):
+        def next_step(self) -> list[dict]:
+            time.sleep(wait)
+            return super().next_step()
+
+    trainer = make_trainer(total_steps=4, log_interval=2, checkpoint_interval=2)
+    trainer.train_batches = SlowBatches()
+    save = trainer.save_fn
+
+    def slow_save(tr: Trainer) -> str:
+        time.sleep(4 * wait)
+        return save(tr)
+
+    trainer.save_fn = slow_save
+    rows: list[dict] = []
+
+    class Rows(Callback):
+        def on_log(self, trainer, row):
+            rows.append(row)
+
+    trainer.callbacks.append(Rows())
+    trainer.fit()
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4]
+    for row in train:
+        assert wait <= row["time_data"] < wait + 0.02
+        assert row["time_fwd_bwd"] > 0 and row["time_optim"] > 0 and row["time_other"] >= 0
+        per_step = sum(row[k] for k in ("time_data", "time_fwd_bwd", "time_optim", "time_other"))
+        tokens_per_step = 2 * B * T
+        assert per_step == pytest.approx(tokens_per_step / row["tokens_per_sec"], rel=1e-6)
+        assert row["peak_mem_gb"] > 0.01  # this process's RSS high-water mark
+    assert train[0]["time_checkpoint"] == 0  # no save yet when the first row is written
+    # by step 4's row: one save (step 2's) over the 4 steps run
+    assert train[1]["time_checkpoint"] == pytest.approx(4 * wait / 4, rel=0.3)
