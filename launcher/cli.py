@@ -306,7 +306,9 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = command(
         "bench",
-        "Benchmark the training step against a minimal PyTorch loop (CPU/GPU).",
+        "Benchmark lmforge's training step against a minimal PyTorch loop on the same model "
+        "(the floor) and, with --peers, against transformers' LlamaForCausalLM of the same "
+        "shape, interleaved in one process (CPU/GPU).",
         config=False,
     )
     sp.add_argument(
@@ -315,7 +317,30 @@ def _parser() -> argparse.ArgumentParser:
         help="comma-separated presets of configs/model (default tiny,small)",
     )
     sp.add_argument("--precisions", default="fp32,bf16", help="default fp32,bf16")
-    sp.add_argument("--steps", type=int, default=20, help="timed steps per case (default 20)")
+    sp.add_argument(
+        "--steps",
+        type=int,
+        help="timed steps per window of each candidate (default 4); with --strategies, the "
+        "steps of each run (default 20)",
+    )
+    sp.add_argument(
+        "--windows",
+        type=int,
+        default=5,
+        help="timed windows per candidate, taken in turns; the table gives their median and "
+        "spread (default 5)",
+    )
+    sp.add_argument(
+        "--peers",
+        action="store_true",
+        help="add transformers' LlamaForCausalLM (same shape, same initial weights, a plain "
+        "loop with the loss from labels=, AdamW, clipping)",
+    )
+    sp.add_argument(
+        "--compile",
+        action="store_true",
+        help="add lmforge with torch.compile per transformer block (train.compile=true)",
+    )
     sp.add_argument("--out", help="also write the results table (markdown) to this file")
     sp.add_argument(
         "--strategies",
@@ -682,8 +707,10 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
                     f"{flag} {names}: no preset {name!r} in configs/{kind}/ ({', '.join(have)})"
                 )
 
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise ConfigurationError(f"--steps {args.steps}: give at least 1")
+    if args.windows < 1:
+        raise ConfigurationError(f"--windows {args.windows}: give at least 1")
     precisions = ("fp32", "bf16", "fp16") if args.strategies else ("fp32", "bf16")
     bad = [p for p in args.precisions.split(",") if p not in precisions]
     if bad:
@@ -709,7 +736,7 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    from pretrain import bench
+    from launcher import bench
 
     _check_bench(args, bench.SEQ_LEN)
     if args.strategies:
@@ -717,7 +744,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             data=args.data,
             strategies=args.strategies.split(","),
             nproc=args.nproc,
-            steps=args.steps,
+            steps=args.steps or 20,
             precision=args.precisions.split(",")[0],
             out=args.out,
         )
@@ -732,7 +759,10 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
         bench.run_bench(
             models=args.models.split(","),
             precisions=args.precisions.split(","),
-            steps=args.steps,
+            steps=args.steps or 4,
+            windows=args.windows,
+            peers=args.peers,
+            compile=args.compile,
             out=args.out,
         )
     return 0

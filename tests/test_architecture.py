@@ -50,7 +50,6 @@ PRETRAIN_LAYERS = {
     # the run session and the commands built on it
     "pretrain.session": 6,
     "pretrain.run": 6,
-    "pretrain.bench": 6,
 }
 PACKAGE_LAYERS = {"finetune": 7, "scaling": 8, "launcher": 9}
 

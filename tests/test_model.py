@@ -268,7 +268,7 @@ def test_kv_cache_gives_the_full_forward(overrides: dict) -> None:
 
 def test_generate_bench_compares_cache_with_rerun(tmp_path) -> None:
     """`lmforge bench --generate` in-process: one row per case, the same tokens both ways."""
-    from pretrain.bench import run_generate_bench
+    from launcher.bench import run_generate_bench
 
     out = tmp_path / "gen.md"
     text = run_generate_bench(models=["tiny"], precisions=["fp32"], new_tokens=8, out=str(out))

@@ -1,0 +1,422 @@
+"""`lmforge bench`: tokens/s and MFU of lmforge's training step next to a minimal PyTorch loop.
+
+Both loops train the same model (same init, same batches, same AdamW) in the same process, one
+after the other; the ratio ``lmforge / minimal`` is the pipeline's overhead (Accelerate wrapper,
+trainer bookkeeping, data path). MFU is against the peak of the training dtype: the GPU table, or a
+matmul probe on CPUs (pretrain/flops.py). Results are printed as a markdown table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig, OptimConfig, load_config
+from pretrain.flops import flops_per_token, param_counts, peak_flops
+from pretrain.model import GPT
+from pretrain.optim import build_optimizer, build_scheduler
+
+SEQ_LEN = 256
+MICRO_BATCH = 8
+VOCAB = 8192
+WARMUP = 2  # untimed steps per candidate before the windows (allocations, compilation)
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+class SyntheticBatches:
+    """Random token batches with the interface of :class:`pretrain.data.TrainBatches`."""
+
+    def __init__(self, *, micro_batch: int, seq_len: int, vocab: int, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        self.pool = torch.from_numpy(rng.integers(0, vocab, (16, micro_batch, seq_len + 1)))
+        self.i = 0
+        self.last_indices = np.empty(0)
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        t = self.pool[self.i % len(self.pool)]
+        self.i += 1
+        return [{"input_ids": t[:, :-1], "labels": t[:, 1:]}]
+
+    def state_dict(self) -> dict:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.i = state["i"]
+
+
+def _finish(lines: list[str], out: str | None) -> str:
+    """The results table as text, also written to ``out`` when given."""
+    text = "\n".join(lines) + "\n"
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text
+
+
+def _model_cfg(preset: str) -> ModelConfig:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "configs", "model", f"{preset}.yaml")
+    return load_config(ModelConfig, [path, f"vocab_size={VOCAB}", f"max_seq_len={SEQ_LEN}"])
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Candidate:
+    """One way to train the benchmark's model: ``run(n)`` trains ``n`` more steps and returns
+    the last step's loss (a host value: the device has finished). ``split`` gives lmforge's
+    time split of the last window (its metrics row), when the candidate has one."""
+
+    name: str
+    run: Callable[[int], float]
+    split: Callable[[], dict] | None = None
+    model: torch.nn.Module | None = None
+
+
+def _amp(precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(_device().type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _plain_loop(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    precision: str,
+    loss_of: Callable[[torch.nn.Module, dict], torch.Tensor],
+) -> Callable[[int], float]:
+    """The loop every peer gets: forward under autocast, backward, clip at 1.0, AdamW step."""
+    batches = SyntheticBatches(micro_batch=MICRO_BATCH, seq_len=SEQ_LEN, vocab=VOCAB)
+    device = _device()
+
+    def run(n: int) -> float:
+        for _ in range(n):
+            (batch,) = batches.next_step()
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with _amp(precision):
+                loss = loss_of(model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    return run
+
+
+def floor_candidate(cfg: ModelConfig, precision: str) -> Candidate:
+    """The floor: a hand-written loop on lmforge's model with lmforge's AdamW groups."""
+    torch.manual_seed(0)
+    model = GPT(cfg).to(_device())
+    opt = build_optimizer(model, OptimConfig())
+
+    def loss_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        logits = model(batch["input_ids"])
+        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
+
+    return Candidate("floor", _plain_loop(model, opt, precision, loss_of), model=model)
+
+
+def lmforge_candidate(cfg: ModelConfig, precision: str, *, compile: bool = False) -> Candidate:
+    """lmforge's path: the DDP strategy (Accelerate) and the Trainer with its bookkeeping;
+    each window extends the run by ``n`` steps and ends on a metrics row."""
+    from accelerate.state import AcceleratorState
+
+    from pretrain.parallel import build_strategy
+    from pretrain.trainer import Trainer
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a new precision per case
+    strategy = build_strategy(precision=precision)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    if compile:
+        from pretrain.parallel.common import apply_compile
+
+        apply_compile(model)
+    model, opt = strategy.prepare(model, lambda m: build_optimizer(m, OptimConfig()))
+    sched = build_scheduler(opt, total_steps=10**9, cfg=OptimConfig(warmup_steps=0))
+    trainer = Trainer(
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        strategy=strategy,
+        train_batches=SyntheticBatches(micro_batch=MICRO_BATCH, seq_len=SEQ_LEN, vocab=VOCAB),
+        val_batches=None,
+        total_steps=0,
+        tokens_per_step=MICRO_BATCH * SEQ_LEN,
+        flops_per_token=flops_per_token(cfg, SEQ_LEN),
+        peak_flops=1.0,
+        log_interval=10**9,  # one row per window: its last step
+    )
+
+    def run(n: int) -> float:
+        trainer.total_steps += n
+        trainer.fit()
+        return trainer.last_row["loss"]
+
+    def split() -> dict:
+        return {k: v for k, v in trainer.last_row.items() if k.startswith("time_")}
+
+    return Candidate("lmforge+compile" if compile else "lmforge", run, split)
+
+
+def transformers_candidate(cfg: ModelConfig, precision: str) -> Candidate:
+    """transformers' LlamaForCausalLM of the same shape (SDPA attention), with the same
+    initial weights as the others (lmforge's names map one to one onto Llama's), trained by
+    the plain loop with the loss from ``labels=`` (transformers shifts the labels itself, so it
+    gets the unshifted window and predicts one token fewer per sample: the same compute)."""
+    from transformers import LlamaForCausalLM
+
+    from finetune.hf import llama_config, to_hf_name
+
+    torch.manual_seed(0)
+    ours = GPT(cfg)
+    model = LlamaForCausalLM(llama_config(cfg, attn_implementation="sdpa")).to(_device())
+    weights = {to_hf_name(k): v for k, v in ours.state_dict().items()}
+    if cfg.tie_embeddings:
+        weights.pop("lm_head.weight", None)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
+        raise RuntimeError(f"the weights do not map onto Llama: {missing} {unexpected}")
+    model.tie_weights()
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=OptimConfig.lr, betas=(0.9, 0.95), weight_decay=0.1
+    )
+
+    def loss_of(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+    return Candidate("transformers", _plain_loop(model, opt, precision, loss_of), model=model)
+
+
+def interleave(
+    candidates: list[Candidate], *, windows: int, steps: int, warmup: int
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per step of every window of every candidate, and each one's last loss: each
+    warms up, then the candidates take turns window by window (the order rotates, so none
+    always follows the same one), so a machine that slows down or speeds up weighs on all of
+    them alike."""
+    for cand in candidates:
+        cand.run(warmup)
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    losses: dict[str, float] = {}
+    for w in range(windows):
+        k = w % len(candidates)
+        for cand in candidates[k:] + candidates[:k]:
+            _sync()
+            t0 = time.perf_counter()
+            losses[cand.name] = cand.run(steps)
+            _sync()
+            times[cand.name].append((time.perf_counter() - t0) / steps)
+    return times, losses
+
+
+def run_bench(
+    *,
+    models: list[str],
+    precisions: list[str],
+    steps: int,
+    windows: int,
+    peers: bool,
+    compile: bool,
+    out: str | None,
+) -> str:
+    """The training step of lmforge next to the floor (and with ``peers``, transformers' Llama;
+    with ``compile``, lmforge with torch.compile per block): tokens/s as the median of the
+    windows, the spread (min-max) around it, MFU against the peak measured in this run, the
+    ratios to lmforge, and lmforge's time split."""
+    device = _device()
+    tokens = MICRO_BATCH * SEQ_LEN
+    names = ["floor", "lmforge"] + ["lmforge+compile"] * compile + ["transformers"] * peers
+    lines = [
+        f"lmforge bench{' --peers' * peers}{' --compile' * compile}: "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
+        f"({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+        + (f", transformers {_version('transformers')}" if peers else "")
+        + f", seq {SEQ_LEN}, micro-batch {MICRO_BATCH}, vocab {VOCAB}; {windows} windows of "
+        f"{steps} steps per candidate, interleaved, after {WARMUP} warm-up; "
+        f"{time.strftime('%Y-%m-%d')}",
+        "",
+        "| model | params | dtype | "
+        + " | ".join(f"{n} tok/s (spread)" for n in names)
+        + " | MFU lmforge | "
+        + " | ".join(f"lmforge/{n}" for n in names if n != "lmforge")
+        + " | lmforge step: data / fwd+bwd / optim / other |",
+        "|---" * (4 + 2 * len(names)) + "|",
+    ]
+    print("\n".join(lines), flush=True)
+    for preset in models:
+        cfg = _model_cfg(preset)
+        counts = param_counts(cfg)
+        fpt = flops_per_token(cfg, SEQ_LEN)
+        for precision in precisions:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+            peak, src = peak_flops(device, dtype)
+            cands = [floor_candidate(cfg, precision), lmforge_candidate(cfg, precision)]
+            if compile:
+                cands.append(lmforge_candidate(cfg, precision, compile=True))
+            if peers:
+                cands.append(transformers_candidate(cfg, precision))
+            times, losses = interleave(cands, windows=windows, steps=steps, warmup=WARMUP)
+            tps = {n: [tokens / t for t in ts] for n, ts in times.items()}
+            med = {n: statistics.median(v) for n, v in tps.items()}
+            split = cands[1].split()
+            cells = [
+                f"{med[n]:,.0f} ({min(tps[n]) / med[n] - 1:+.0%}/{max(tps[n]) / med[n] - 1:+.0%})"
+                for n in names
+            ]
+            ratios = [f"{med['lmforge'] / med[n]:.3f}" for n in names if n != "lmforge"]
+            step_s = sum(split[f"time_{k}"] for k in ("data", "fwd_bwd", "optim", "other"))
+            shares = " / ".join(
+                f"{split[f'time_{k}'] / step_s:.0%}" for k in ("data", "fwd_bwd", "optim", "other")
+            )
+            row = (
+                f"| {preset} | {counts['total'] / 1e6:.1f}M | {precision} | "
+                + " | ".join(cells)
+                + f" | {med['lmforge'] * fpt / peak:.1%} | "
+                + " | ".join(ratios)
+                + f" | {shares} |"
+            )
+            lines.append(row)
+            print(
+                row,
+                f"(peak {peak / 1e12:.3f} TFLOP/s: {src}; last losses: "
+                + ", ".join(f"{n} {v:.4f}" for n, v in losses.items())
+                + ")",
+                flush=True,
+            )
+            del cands
+    lines += [
+        "",
+        "tok/s: the median of the windows; spread: the slowest and fastest window against it. "
+        "MFU: against the matmul peak of the dtype measured in this run (CPU) or the "
+        "datasheet (GPU).",
+    ]
+    return _finish(lines, out)
+
+
+def run_generate_bench(
+    *, models: list[str], precisions: list[str], new_tokens: int, out: str | None
+) -> str:
+    """Greedy decoding speed of ``GPT.generate`` (KV cache) next to re-running the whole
+    context for every new token (what generate did before it had a cache), same model, same
+    prompt, in this process. Both must produce the same tokens (fp32; in bf16 a near-tie can
+    break the other way, so bf16 reports whether they matched)."""
+    device = _device()
+    batch, prompt_len = 1, SEQ_LEN - new_tokens
+    if prompt_len < 1:
+        raise ValueError(f"--new-tokens must be below {SEQ_LEN}")
+    lines = [
+        f"lmforge bench --generate: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
+        f"({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"batch {batch}, prompt {prompt_len} + {new_tokens} new tokens (greedy), vocab {VOCAB}, "
+        f"{time.strftime('%Y-%m-%d')}",
+        "",
+        "| model | dtype | re-run context tok/s | KV cache tok/s | cache/re-run | same tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+
+    def rerun(model: GPT, ids: torch.Tensor) -> torch.Tensor:
+        for _ in range(new_tokens):
+            next_id = model(ids[:, -SEQ_LEN:])[:, -1].float().argmax(-1, keepdim=True)
+            ids = torch.cat((ids, next_id), dim=1)
+        return ids
+
+    def timed(fn, *args, **kwargs) -> tuple[float, torch.Tensor]:
+        fn(*args, **kwargs)  # warm-up (kernels, allocator)
+        _sync()
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        _sync()
+        return new_tokens * batch / (time.perf_counter() - t0), out
+
+    for preset in models:
+        cfg = _model_cfg(preset)
+        torch.manual_seed(0)
+        model = GPT(cfg).to(device).eval()
+        ids = torch.randint(0, VOCAB, (batch, prompt_len), device=device)
+        for precision in precisions:
+            amp = (
+                torch.autocast(device.type, dtype=torch.bfloat16)
+                if precision == "bf16"
+                else contextlib.nullcontext()
+            )
+            with amp, torch.no_grad():
+                base, want = timed(rerun, model, ids)
+                ours, got = timed(model.generate, ids, new_tokens, temperature=0.0)
+            row = (
+                f"| {preset} | {precision} | {base:,.1f} | {ours:,.1f} | {ours / base:.2f} "
+                f"| {'yes' if torch.equal(want, got) else 'no'} |"
+            )
+            lines.append(row)
+            print(row, flush=True)
+    return _finish(lines, out)
+
+
+def run_strategy_bench(
+    *, data: str, strategies: list[str], nproc: int, steps: int, precision: str, out: str | None
+) -> str:
+    """tokens/s of each parallel preset (configs/parallel/<name>.yaml) with ``nproc`` processes,
+    next to DDP, each a real `lmforge pretrain` of the demo model on prepared ``data``."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lines = [
+        f"lmforge bench --strategies: {nproc} processes, {precision}, demo model "
+        f"(configs/pretrain/demo.yaml) on {data}, {steps} steps (the first 5 not timed), "
+        f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
+        "",
+        "| strategy | tokens/s | vs ddp | MFU |",
+        "|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    base = None
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as runs:
+        for name in strategies:
+            cmd = [
+                sys.executable, "-m", "launcher.cli", "pretrain",
+                os.path.join(here, "configs", "pretrain", "demo.yaml"),
+                f"parallel={os.path.join(here, 'configs', 'parallel', name + '.yaml')}",
+                f"data.path={data}", f"runs_dir={runs}", f"name={name}",
+                f"train.max_steps={steps}", f"train.precision={precision}",
+                "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=0",
+                "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
+                "--nproc", str(nproc),
+            ]  # fmt: skip
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            with open(os.path.join(runs, name, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f]
+            timed = [r for r in rows if r["kind"] == "train" and r["step"] > 5]
+            tps = sum(r["tokens_per_sec"] for r in timed) / len(timed)
+            mfu = sum(r["mfu"] for r in timed) / len(timed)
+            base = base or tps
+            row = f"| {name} | {tps:,.0f} | {tps / base:.2f} | {mfu:.1%} |"
+            lines.append(row)
+            print(row, flush=True)
+    return _finish(lines, out)

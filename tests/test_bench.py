@@ -1,0 +1,55 @@
+"""`lmforge bench`: the candidates train the same model from the same weights on the same
+batches (so their speeds compare like with like), and the table has a row per case."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.hf import to_hf_name
+from launcher import bench
+
+
+def test_peers_train_the_same_model_from_the_same_weights() -> None:
+    cfg = bench._model_cfg("tiny")
+    cands = [
+        bench.floor_candidate(cfg, "fp32"),
+        bench.lmforge_candidate(cfg, "fp32"),
+        bench.transformers_candidate(cfg, "fp32"),
+    ]
+    ours, theirs = cands[0].model.state_dict(), cands[2].model.state_dict()
+    assert set(theirs) >= {to_hf_name(name) for name in ours}
+    for name, value in ours.items():
+        assert torch.equal(theirs[to_hf_name(name)], value), name
+    times, losses = bench.interleave(cands, windows=2, steps=1, warmup=1)
+    assert {n: len(t) for n, t in times.items()} == {"floor": 2, "lmforge": 2, "transformers": 2}
+    assert all(t > 0 for ts in times.values() for t in ts)
+    # lmforge's trainer takes exactly the hand-written loop's steps (3 so far) ...
+    assert losses["lmforge"] == pytest.approx(losses["floor"], rel=1e-5)
+    # ... and transformers' Llama, from the same weights, nearly the same ones (its loss covers
+    # one prediction fewer per sample)
+    assert losses["transformers"] == pytest.approx(losses["floor"], rel=0.01)
+
+
+def test_table_has_a_row_per_case_with_ratios_and_split(tmp_path) -> None:
+    out = tmp_path / "bench.md"
+    text = bench.run_bench(
+        models=["tiny"],
+        precisions=["fp32", "bf16"],
+        steps=1,
+        windows=1,
+        peers=True,
+        compile=False,
+        out=str(out),
+    )
+    assert out.read_text() == text
+    header, rows = text.splitlines()[2], [r for r in text.splitlines() if r.startswith("| tiny")]
+    assert "lmforge/floor" in header and "lmforge/transformers" in header
+    assert [r.split(" | ")[2] for r in rows] == ["fp32", "bf16"]
+    for row in rows:
+        cells = row.strip("| ").split(" | ")
+        assert len(cells) == header.strip("| ").count(" | ") + 1
+        ratios = [float(c) for c in cells[7:9]]
+        assert all(0.2 < r < 5 for r in ratios)
+        shares = [int(p.rstrip("%")) for p in cells[9].split(" / ")]
+        assert 97 <= sum(shares) <= 103 and shares[1] > 50  # forward+backward dominates
