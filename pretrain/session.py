@@ -34,11 +34,12 @@ import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import ClassVar
 
 import numpy as np
+import psutil
 import torch
 from torch import nn
 
@@ -229,6 +230,30 @@ def finish_message(trainer: Trainer, stopper: GracefulStop, *, done: bool, run_d
 
 
 # --- what a command trains ---------------------------------------------------------------------
+def current_memory(device: torch.device) -> float:
+    """Bytes this process holds now: GPU allocations, or the resident set on a CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.memory_allocated(device))
+    return float(psutil.Process().memory_info().rss)
+
+
+def write_memory_plan(run_dir: str, plan: RunPlan, *, runtime: float) -> None:
+    """``memory.json``: the per-rank estimate by part and the memory rank 0 held before the
+    model was built, to set against the rows' measured ``peak_mem_gb``."""
+    estimate = asdict(plan.memory)
+    with open(os.path.join(run_dir, "memory.json"), "w") as f:
+        json.dump(
+            {
+                "estimate_bytes": {**estimate, "total": plan.memory.total},
+                "runtime_bytes_before_model": runtime,
+                "available_bytes": plan.available_memory,
+                "available_source": plan.memory_source,
+            },
+            f,
+            indent=1,
+        )
+
+
 
 
 @dataclass
@@ -473,6 +498,9 @@ class RunSession:
         fpt = work.flops_per_token(model)
         if tcfg.compile:
             model = torch.compile(model)
+        # what this process holds before the model exists (the runtime: Python, torch, the
+        # process group), for memory.json: the estimate counts only what training adds
+        self.runtime_memory = current_memory(strategy.device)
         model, optimizer = strategy.prepare(
             model,
             lambda m: build_optimizer(m, cfg.optim),
@@ -570,6 +598,7 @@ class RunSession:
         trainer.fit()
         done = work.finished(trainer)
         result = {
+            write_memory_plan(cfg.run_dir, self.plan, runtime=self.runtime_memory)
             "train": trainer.last_row,
             "eval": trainer.last_eval,
             "checkpoint": trainer.last_checkpoint,

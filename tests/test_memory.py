@@ -4,11 +4,15 @@ layout are checked against the estimate in tests/test_distributed.py.)"""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
 from pretrain.config import ModelConfig, ParallelConfig
 from pretrain.memory import estimate_memory
+from pretrain.metrics import read_metrics
 from pretrain.model import GPT
 from pretrain.parallel import apply_activation_checkpointing
 from pretrain.trainer import causal_lm_loss
@@ -123,3 +127,23 @@ def test_layout_that_cannot_fit_is_refused_with_one_that_does(tiny_data, tmp_pat
         check=False,
     )
     assert proc.returncode != 0 and "try parallel.strategy=fsdp" in proc.stderr, proc.stderr
+
+
+def test_run_records_its_estimate_and_measured_peak(reference_runs):
+    """A run writes memory.json (the estimate by part, and what rank 0 held before the model
+    existed) and its rows carry the measured peak of the largest rank, which covers at least
+    that runtime and stays near runtime + estimate (the estimate leaves out allocator slack and
+    communication buffers)."""
+    run = reference_runs(2, "fp32", "parallel.strategy=ddp")
+    with open(os.path.join(run, "memory.json")) as f:
+        memory = json.load(f)
+    parts = memory["estimate_bytes"]
+    names = ("params", "grads", "optimizer", "activations", "working")
+    assert parts["total"] == pytest.approx(sum(parts[k] for k in names))
+    assert parts["params"] > 0 and parts["optimizer"] == pytest.approx(2 * parts["params"])
+    runtime = memory["runtime_bytes_before_model"]
+    assert 50 * 2**20 < runtime < 4 * 2**30  # a Python process with torch and a process group
+    rows = [r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if r["kind"] == "train"]
+    peaks = [r["peak_mem_gb"] * 2**30 for r in rows]
+    assert peaks == sorted(peaks)  # a high-water mark
+    assert runtime <= peaks[-1] < runtime + parts["total"] + 512 * 2**20
