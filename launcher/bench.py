@@ -381,42 +381,131 @@ def run_generate_bench(
     return _finish(lines, out)
 
 
+def parse_strategies(spec: str, nproc: int) -> list[tuple[str, int]]:
+    """``ddp:1,fsdp,zero2`` -> [("ddp", 1), ("fsdp", nproc), ("zero2", nproc)]."""
+    out = []
+    for item in spec.split(","):
+        name, _, count = item.partition(":")
+        out.append((name, int(count) if count else nproc))
+    return out
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
 def run_strategy_bench(
-    *, data: str, strategies: list[str], nproc: int, steps: int, precision: str, out: str | None
+    *,
+    data: str,
+    strategies: list[tuple[str, int]],
+    models: list[str] | None,
+    precisions: list[str],
+    steps: int,
+    seq_len: int | None = None,
+    micro_batch: int | None = None,
+    out: str | None,
 ) -> str:
-    """tokens/s of each parallel preset (configs/parallel/<name>.yaml) with ``nproc`` processes,
-    next to DDP, each a real `lmforge pretrain` of the demo model on prepared ``data``."""
+    """Each (model, parallel preset, process count, dtype): a real `lmforge pretrain` on
+    prepared ``data`` (``models`` None: the demo model of configs/pretrain/demo.yaml, else
+    presets of configs/model), ``steps`` steps whose first quarter (at least one) is not timed.
+    Reports tokens/s and MFU (the mean of the timed rows), the step's time split, and the
+    measured peak memory of the largest rank next to the run's estimate (memory.json: what the
+    process held before the model, plus the estimate of what training adds)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    skip = max(1, steps // 4)
+    shape = (f", seq {seq_len}" if seq_len else "") + (
+        f", micro-batch {micro_batch} per rank" if micro_batch else ""
+    )
     lines = [
-        f"lmforge bench --strategies: {nproc} processes, {precision}, demo model "
-        f"(configs/pretrain/demo.yaml) on {data}, {steps} steps (the first 5 not timed), "
-        f"{platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}",
+        f"lmforge bench --strategies: {'demo model' if models is None else ', '.join(models)} "
+        f"on {data}{shape}, {steps} steps (the first {skip} not timed), "
+        f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}",
         "",
-        "| strategy | tokens/s | vs ddp | MFU |",
-        "|---|---|---|---|",
+        "| model | strategy | procs | dtype | tokens/s | vs first | MFU "
+        "| s/step: data / fwd+bwd / optim / other | peak GiB/rank | estimate GiB (runtime + "
+        "training) | training measured/estimate |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    base = None
+    base: float | None = None
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as runs:
-        for name in strategies:
-            cmd = [
-                sys.executable, "-m", "launcher.cli", "pretrain",
-                os.path.join(here, "configs", "pretrain", "demo.yaml"),
-                f"parallel={os.path.join(here, 'configs', 'parallel', name + '.yaml')}",
-                f"data.path={data}", f"runs_dir={runs}", f"name={name}",
-                f"train.max_steps={steps}", f"train.precision={precision}",
-                "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=0",
-                "logging.progress=false", "logging.tensorboard=false", "logging.plot=false",
-                "--nproc", str(nproc),
-            ]  # fmt: skip
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            with open(os.path.join(runs, name, "metrics.jsonl")) as f:
-                rows = [json.loads(line) for line in f]
-            timed = [r for r in rows if r["kind"] == "train" and r["step"] > 5]
-            tps = sum(r["tokens_per_sec"] for r in timed) / len(timed)
-            mfu = sum(r["mfu"] for r in timed) / len(timed)
-            base = base or tps
-            row = f"| {name} | {tps:,.0f} | {tps / base:.2f} | {mfu:.1%} |"
-            lines.append(row)
-            print(row, flush=True)
+        for model in models or [None]:
+            for precision in precisions:
+                for name, nproc in strategies:
+                    run = f"{model or 'demo'}-{name}-{nproc}-{precision}"
+                    overrides = [
+                        f"parallel={os.path.join(here, 'configs', 'parallel', name + '.yaml')}",
+                        f"data.path={data}", f"runs_dir={runs}", f"name={run}",
+                        f"train.max_steps={steps}", f"train.precision={precision}",
+                        "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval=0",
+                        "logging.progress=false", "logging.tensorboard=false",
+                        "logging.plot=false",
+                    ]  # fmt: skip
+                    if model is not None:
+                        overrides.append(
+                            f"model={os.path.join(here, 'configs', 'model', model + '.yaml')}"
+                        )
+                    if seq_len:
+                        overrides += [f"train.seq_len={seq_len}", f"model.max_seq_len={seq_len}"]
+                    if micro_batch:
+                        overrides.append(f"train.micro_batch_size={micro_batch}")
+                    if seq_len or micro_batch:  # one micro-batch per rank and step
+                        per_rank = (seq_len or 256) * (micro_batch or 8)
+                        overrides += [
+                            f"train.global_batch_tokens={per_rank * nproc}",
+                            f"train.eval_samples={(micro_batch or 8) * nproc}",
+                        ]
+                    cmd = [
+                        sys.executable, "-m", "launcher.cli", "pretrain",
+                        os.path.join(here, "configs", "pretrain", "demo.yaml"), *overrides,
+                        "--nproc", str(nproc),
+                    ]  # fmt: skip
+                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    if proc.returncode != 0:
+                        row = f"| {model or 'demo'} | {name} | {nproc} | {precision} | failed: "
+                        row += (proc.stderr.strip().splitlines() or ["?"])[-1][:200] + " |"
+                        lines.append(row)
+                        print(row, flush=True)
+                        continue
+                    row = _strategy_row(os.path.join(runs, run), skip)
+                    base = base or row["tps"]
+                    runtime, estimate = row["runtime"], row["estimate"]
+                    text = (
+                        f"| {model or 'demo'} | {name} | {nproc} | {precision} "
+                        f"| {row['tps']:,.0f} | {row['tps'] / base:.2f} | {row['mfu']:.1%} "
+                        f"| {row['split']} | {_gib(row['peak'])} "
+                        f"| {_gib(runtime + estimate)} ({_gib(runtime)} + {_gib(estimate)}) "
+                        f"| {(row['peak'] - runtime) / estimate:.2f} |"
+                    )
+                    lines.append(text)
+                    print(text, flush=True)
     return _finish(lines, out)
+
+
+def _strategy_row(run_dir: str, skip: int) -> dict:
+    """The figures of one benchmark run: its timed rows' means and its memory."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    timed = [r for r in rows if r["kind"] == "train" and r["step"] > skip]
+    with open(os.path.join(run_dir, "memory.json")) as f:
+        memory = json.load(f)
+
+    def mean(key: str) -> float:
+        return statistics.fmean(r[key] for r in timed)
+
+    # tokens over time (not the mean of the rows' rates, which a slow step would weigh less)
+    previous = {r["step"]: r["tokens"] for r in rows if r["kind"] == "train"}
+    tokens = [r["tokens"] - previous.get(r["step"] - 1, 0) for r in timed]
+    seconds = sum(n / r["tokens_per_sec"] for n, r in zip(tokens, timed, strict=True))
+    tps = sum(tokens) / seconds
+    return {
+        "tps": tps,
+        "mfu": tps * timed[0]["mfu"] / timed[0]["tokens_per_sec"],
+        "split": " / ".join(
+            f"{mean(f'time_{k}'):.2f}" for k in ("data", "fwd_bwd", "optim", "other")
+        ),
+        "peak": max(r["peak_mem_gb"] for r in rows if r["kind"] == "train") * 2**30,
+        "runtime": memory["runtime_bytes_before_model"],
+        "estimate": memory["estimate_bytes"]["total"],
+    }

@@ -313,10 +313,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument(
         "--models",
-        default="tiny,small",
-        help="comma-separated presets of configs/model (default tiny,small)",
+        help="comma-separated presets of configs/model (default tiny,small; with --strategies "
+        "the demo model of configs/pretrain/demo.yaml)",
     )
-    sp.add_argument("--precisions", default="fp32,bf16", help="default fp32,bf16")
+    sp.add_argument(
+        "--precisions", help="comma-separated (default fp32,bf16; with --strategies bf16)"
+    )
     sp.add_argument(
         "--steps",
         type=int,
@@ -344,11 +346,27 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="also write the results table (markdown) to this file")
     sp.add_argument(
         "--strategies",
-        help="instead: tokens/s of these configs/parallel presets (e.g. ddp,fsdp,zero2,zero3), "
-        "each a real multi-process `lmforge pretrain` of the demo model; needs --data",
+        help="instead: these configs/parallel presets, each NAME or NAME:PROCESSES (e.g. "
+        "ddp:1,fsdp,zero2,zero3), each a real `lmforge pretrain` of --steps steps per model "
+        "and precision: tokens/s, MFU, the step's time split, and the measured peak memory per "
+        "rank next to the estimate; needs --data",
     )
     sp.add_argument("--data", help="prepared data for --strategies (e.g. data/demo/pretrain)")
-    sp.add_argument("--nproc", type=int, default=2, help="processes for --strategies (default 2)")
+    sp.add_argument(
+        "--nproc",
+        type=int,
+        default=2,
+        help="processes of a --strategies preset without :N (default 2)",
+    )
+    sp.add_argument(
+        "--seq-len", type=int, help="--strategies: sequence length (default: the config's)"
+    )
+    sp.add_argument(
+        "--micro-batch",
+        type=int,
+        help="--strategies: samples per micro-batch and rank, one micro-batch per rank and step "
+        "(default: the config's)",
+    )
     sp.add_argument(
         "--generate",
         action="store_true",
@@ -712,6 +730,10 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
     if args.windows < 1:
         raise ConfigurationError(f"--windows {args.windows}: give at least 1")
     precisions = ("fp32", "bf16", "fp16") if args.strategies else ("fp32", "bf16")
+    if args.precisions is None:
+        args.precisions = "bf16" if args.strategies else "fp32,bf16"
+    if args.models is None and not args.strategies:
+        args.models = "tiny,small"
     bad = [p for p in args.precisions.split(",") if p not in precisions]
     if bad:
         raise ConfigurationError(
@@ -722,7 +744,21 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
         if not args.data:
             raise ConfigurationError("--strategies needs --data DIR (run `make demo` for one)")
         _check_nproc(args.nproc)
-        presets("parallel", args.strategies, "--strategies")
+        names = []
+        for item in args.strategies.split(","):
+            name, _, count = item.partition(":")
+            if count and not (count.isdigit() and int(count) >= 1):
+                raise ConfigurationError(
+                    f"--strategies {args.strategies}: {item!r} needs a process count >= 1 "
+                    "after the colon, e.g. ddp:1"
+                )
+            names.append(name)
+        presets("parallel", ",".join(names), "--strategies")
+        if args.models:
+            presets("model", args.models, "--models")
+        for flag, value in (("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch)):
+            if value is not None and value < 1:
+                raise ConfigurationError(f"{flag} {value}: give at least 1")
         from pretrain.prepare import load_manifest
 
         load_manifest(args.data)
@@ -742,10 +778,12 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     if args.strategies:
         bench.run_strategy_bench(
             data=args.data,
-            strategies=args.strategies.split(","),
-            nproc=args.nproc,
+            strategies=bench.parse_strategies(args.strategies, args.nproc),
+            models=args.models.split(",") if args.models else None,
+            precisions=args.precisions.split(","),
             steps=args.steps or 20,
-            precision=args.precisions.split(",")[0],
+            seq_len=args.seq_len,
+            micro_batch=args.micro_batch,
             out=args.out,
         )
     elif args.generate:

@@ -25,9 +25,15 @@ temporary buffers of single kernels; hence the 10% margin of the check.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import re
+import resource
 from dataclasses import dataclass
+
+import psutil
+import torch
 
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
@@ -291,3 +297,37 @@ def plan_memory(
             ),
         )
     return estimate, available, source
+
+
+# --- what a process really holds -----------------------------------------------------------------
+
+
+def current_memory(device: torch.device) -> float:
+    """Bytes this process holds now: GPU allocations, or the resident set on a CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.memory_allocated(device))
+    return float(psutil.Process().memory_info().rss)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak of :func:`peak_memory` again from what the process holds now (e.g. after
+    the matmul probe, whose buffers are freed but would stay in the high-water mark)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: "5" resets the resident set's high-water mark
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory(device: torch.device) -> float:
+    """This process's peak memory in bytes since the start or :func:`reset_peak_memory`: the
+    device's allocations on a GPU, the resident set's high-water mark on a CPU."""
+    if device.type == "cuda":
+        return float(torch.cuda.max_memory_allocated(device))
+    with contextlib.suppress(OSError):
+        with open("/proc/self/status") as f:
+            found = re.search(r"^VmHWM:\s+(\d+) kB", f.read(), re.MULTILINE)
+        if found:
+            return float(found.group(1)) * 1024
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux

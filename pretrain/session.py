@@ -39,7 +39,6 @@ from importlib import metadata
 from typing import ClassVar
 
 import numpy as np
-import psutil
 import torch
 from torch import nn
 
@@ -59,7 +58,12 @@ from pretrain.errors import CheckpointError, ConfigurationError
 from pretrain.flops import peak_flops
 from pretrain.layout import Layout, launched_world_size
 from pretrain.loss import Batch, LossFn, causal_lm_loss
-from pretrain.memory import MemoryEstimate, plan_memory
+from pretrain.memory import (
+    MemoryEstimate,
+    current_memory,
+    plan_memory,
+    reset_peak_memory,
+)
 from pretrain.metrics import MetricsWriter, plot_loss_vs_flops, truncate_metrics
 from pretrain.optim import build_optimizer, build_scheduler
 from pretrain.parallel import Strategy, build_strategy, check_state_format
@@ -230,13 +234,6 @@ def finish_message(trainer: Trainer, stopper: GracefulStop, *, done: bool, run_d
 
 
 # --- what a command trains ---------------------------------------------------------------------
-def current_memory(device: torch.device) -> float:
-    """Bytes this process holds now: GPU allocations, or the resident set on a CPU."""
-    if device.type == "cuda":
-        return float(torch.cuda.memory_allocated(device))
-    return float(psutil.Process().memory_info().rss)
-
-
 def write_memory_plan(run_dir: str, plan: RunPlan, *, runtime: float) -> None:
     """``memory.json``: the per-rank estimate by part and the memory rank 0 held before the
     model was built, to set against the rows' measured ``peak_mem_gb``."""
@@ -254,6 +251,7 @@ def write_memory_plan(run_dir: str, plan: RunPlan, *, runtime: float) -> None:
         )
 
 
+# --- what a command trains ---------------------------------------------------------------------
 
 
 @dataclass
@@ -498,8 +496,20 @@ class RunSession:
         fpt = work.flops_per_token(model)
         if tcfg.compile:
             model = torch.compile(model)
-        # what this process holds before the model exists (the runtime: Python, torch, the
-        # process group), for memory.json: the estimate counts only what training adds
+        # The ranks of a node take turns to measure the matmul peak (on a CPU they share the
+        # cores: probing at once, each would read a fraction of its own peak).
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+            if turn == local_rank:
+                self.peak, self.peak_source = peak_flops(
+                    strategy.device, strategy.compute_dtype, override=tcfg.peak_flops
+                )
+            if strategy.device.type == "cpu":
+                pdist.barrier()
+        # What this process holds before the model exists (the runtime: Python, torch, the
+        # process group), for memory.json: the estimate counts only what training adds. The
+        # peak restarts here, so the probe's freed buffers are not in the rows' peak_mem_gb.
+        reset_peak_memory(strategy.device)
         self.runtime_memory = current_memory(strategy.device)
         model, optimizer = strategy.prepare(
             model,
@@ -518,16 +528,6 @@ class RunSession:
             seed=cfg.seed,
             shuffle=work.shuffle,
         )
-        # The ranks of a node take turns to measure the matmul peak (on a CPU they share the
-        # cores: probing at once, each would read a fraction of its own peak).
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
-            if turn == local_rank:
-                self.peak, self.peak_source = peak_flops(
-                    strategy.device, strategy.compute_dtype, override=tcfg.peak_flops
-                )
-            if strategy.device.type == "cpu":
-                pdist.barrier()
         self.flops_per_token = fpt
         self.config_yaml = to_yaml(cfg)
         trainer = Trainer(
@@ -589,6 +589,7 @@ class RunSession:
                 + (f"; dropped {dropped} metric rows past the checkpoint" if dropped else "")
             )
             pdist.print0(f"memory per rank (estimate): {self.plan.describe_memory()}")
+            write_memory_plan(cfg.run_dir, self.plan, runtime=self.runtime_memory)
             work.on_main_start(self)
         # On every rank: SIGUSR1 / SIGTERM finish the step, save and return (preemption.py).
         stopper = GracefulStop()
@@ -598,7 +599,6 @@ class RunSession:
         trainer.fit()
         done = work.finished(trainer)
         result = {
-            write_memory_plan(cfg.run_dir, self.plan, runtime=self.runtime_memory)
             "train": trainer.last_row,
             "eval": trainer.last_eval,
             "checkpoint": trainer.last_checkpoint,

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -42,6 +41,7 @@ from pretrain import dist as pdist
 from pretrain.durable import fault_point, fault_scale
 from pretrain.errors import TrainingError
 from pretrain.loss import Batch, LossFn, StageLoss, causal_lm_loss
+from pretrain.memory import peak_memory
 from pretrain.parallel.common import Strategy
 
 
@@ -174,14 +174,6 @@ class StepClock:
         rest = max(elapsed / steps - sum(per_step), 0.0)
         self.seconds = dict.fromkeys(PHASES, 0.0)
         return [*per_step, rest, self.checkpoint_seconds / max(self.steps, 1)]
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """This process's peak memory so far: the device's allocations on a GPU, the resident set
-    (RSS high-water mark) on a CPU, in GiB."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 class FaultLoss:
@@ -562,7 +554,7 @@ class Trainer:
         # the slowest rank's split and the largest peak memory
         worst = pdist.all_reduce_max(
             torch.tensor(
-                [*split, peak_memory_gb(self.strategy.device)],
+                [*split, peak_memory(self.strategy.device) / 2**30],
                 dtype=torch.float64,
                 device=self.strategy.device,
             )

@@ -144,6 +144,5 @@ def test_run_records_its_estimate_and_measured_peak(reference_runs):
     runtime = memory["runtime_bytes_before_model"]
     assert 50 * 2**20 < runtime < 4 * 2**30  # a Python process with torch and a process group
     rows = [r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if r["kind"] == "train"]
-    peaks = [r["peak_mem_gb"] * 2**30 for r in rows]
-    assert peaks == sorted(peaks)  # a high-water mark
-    assert runtime <= peaks[-1] < runtime + parts["total"] + 512 * 2**20
+    peak = max(r["peak_mem_gb"] for r in rows) * 2**30
+    assert runtime <= peak < runtime + parts["total"] + 512 * 2**20
