@@ -233,7 +233,6 @@ def finish_message(trainer: Trainer, stopper: GracefulStop, *, done: bool, run_d
         )
 
 
-# --- what a command trains ---------------------------------------------------------------------
 def write_memory_plan(run_dir: str, plan: RunPlan, *, runtime: float) -> None:
     """``memory.json``: the per-rank estimate by part and the memory rank 0 held before the
     model was built, to set against the rows' measured ``peak_mem_gb``."""
@@ -489,13 +488,6 @@ class RunSession:
         self._check_resume()
         pdist.barrier()  # every rank has checked everything before any rank writes
 
-        seed_everything(cfg.seed)  # identical initial weights on every rank
-        model = work.build_model()
-        if tcfg.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        fpt = work.flops_per_token(model)
-        if tcfg.compile:
-            model = torch.compile(model)
         # The ranks of a node take turns to measure the matmul peak (on a CPU they share the
         # cores: probing at once, each would read a fraction of its own peak).
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -511,6 +503,13 @@ class RunSession:
         # peak restarts here, so the probe's freed buffers are not in the rows' peak_mem_gb.
         reset_peak_memory(strategy.device)
         self.runtime_memory = current_memory(strategy.device)
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        model = work.build_model()
+        if tcfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        fpt = work.flops_per_token(model)
+        if tcfg.compile:
+            model = torch.compile(model)
         model, optimizer = strategy.prepare(
             model,
             lambda m: build_optimizer(m, cfg.optim),
