@@ -156,7 +156,9 @@ class EarlyStopping(Callback):
             trainer.request_stop()
 
     def on_checkpoint(self, trainer, path: str) -> None:
-        if self.keep_best_in and trainer.strategy.is_main and self.best_step == trainer.state.step:
+        # the checkpoint's own step: one written in the background is heard steps later
+        best = os.path.basename(path) == step_dir_name(self.best_step)
+        if self.keep_best_in and trainer.strategy.is_main and best:
             mark_best(self.keep_best_in, self.best_step)
 
     def on_train_start(self, trainer) -> None:

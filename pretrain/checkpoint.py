@@ -18,7 +18,9 @@ Layout of ``<run>/checkpoints/``::
 A save writes into ``.step_XXXXXXXX.tmp``, fsyncs every file and the directory, renames it into
 place, fsyncs the parent, then replaces ``latest`` the same way. A crash at any moment leaves the
 previous ``latest`` pointing at a complete checkpoint; stale temp directories are removed at the next
-save. Loading checks the manifest first; that catches a torn or corrupted file, not a malicious
+save. With ``checkpoint.async_save`` (:class:`AsyncCheckpointer`) the state is copied to host
+memory and the same steps run on a background thread, ``latest`` moving once every rank's files
+are durable. Loading checks the manifest first; that catches a torn or corrupted file, not a malicious
 one (whoever crafts a checkpoint writes a matching manifest). So nothing pickled is trusted: DCP
 metadata and DeepSpeed's files go through the checks of pretrain/safeload.py, which refuse any
 class lmforge's checkpoints never hold (``--trust-checkpoint`` overrides), and lmforge's own
@@ -36,10 +38,13 @@ import os
 import random
 import re
 import shutil
+import threading
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain import dist as pdist
@@ -96,60 +101,139 @@ def save_checkpoint(
     """Save a complete checkpoint of ``step`` under ``root``; every rank calls this together.
     A full disk (or quota) is one :class:`CheckpointError` naming the place and the bytes
     needed; the partial checkpoint is removed and the previous one stays in use."""
-    final = os.path.join(root, step_dir_name(step))
-    tmp = os.path.join(root, f".{step_dir_name(step)}.tmp")
+    final, tmp = _places(root, step)
     failure: BaseException | None = None
     try:
-        _write(
-            root=root,
-            step=step,
-            tmp=tmp,
-            strategy=strategy,
-            model=model,
-            optimizer=optimizer,
-            trainer_state=trainer_state,
-            config_yaml=config_yaml,
-        )
+        _prepare(root, tmp, main=strategy.is_main)
+
+        def write_file(name: str, data: bytes) -> None:
+            write_durable(os.path.join(tmp, name), data, step=step)
+
+        strategy.save_state(tmp, model=model, optimizer=optimizer, write_file=write_file)
+        for name, data in _small_files(strategy, trainer_state, config_yaml).items():
+            write_file(name, data)
     except _SAVE_FAILURES as exc:
         failure = exc
-    # Every rank learns whether any rank failed (and whether for want of space) before anyone
-    # touches the temp directory again: rank 0 removes it only once no rank writes there.
-    failed, no_space = pdist.all_reduce_sum(
-        torch.tensor([failure is not None, failure is not None and _out_of_space(failure, root)])
-    ).tolist()
-    if failed:
-        if strategy.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if no_space:
-            raise CheckpointError(_no_space_message(root, step)) from failure
-        if failure is not None:
-            raise failure
-        raise CheckpointError(f"saving checkpoint step {step} failed on another rank (its error)")
-    if strategy.is_main:
+    return _conclude(
+        failure,
+        root=root,
+        step=step,
+        tmp=tmp,
+        final=final,
+        keep_last=keep_last,
+        main=strategy.is_main,
+    )
+
+
+class AsyncCheckpointer:
+    """``checkpoint.async_save``: a save stalls training only while the state is copied to host
+    memory; the rest runs on a background thread of each rank: torch.distributed.checkpoint's
+    write of dcp/ (``dcp.async_save``), rank 0's consolidated model.safetensors, the small
+    files, every rank's verdict (the all-reduce of [failed, out of space] that the synchronous
+    save makes) and rank 0's publication (manifest, rename, ``latest``, retention), in that
+    order, with the same atomic rules: ``latest`` moves only once every rank's files are
+    fsynced and every rank agreed they were. Collectives of the background go over a gloo group
+    of their own, created once here (every rank together), never the training's.
+
+    At most one save is in flight: ``save`` first waits for the previous one. ``wait`` returns
+    the path of the checkpoint once it is published (None when none was in flight) or raises
+    its failure (the one-line full-disk :class:`CheckpointError`, on every rank alike; its
+    temp directory is removed and the previous checkpoint stays ``latest``). The trainer waits
+    at the next save, at a rollback, when an anomaly stops the run and at the end of ``fit``."""
+
+    def __init__(self) -> None:
+        self.group = (
+            dist.new_group(backend="gloo", timeout=pdist.collective_timeout())
+            if dist.is_available() and dist.is_initialized()
+            else None
+        )
+        self._pending: Future | None = None
+
+    def save(
+        self,
+        *,
+        root: str,
+        step: int,
+        strategy,
+        model,
+        optimizer,
+        trainer_state: dict,
+        config_yaml: str,
+        keep_last: int,
+    ) -> None:
+        """Start saving checkpoint ``step`` (every rank together); returns once the state is
+        in host memory. The previous save is waited for first (its failure is raised)."""
+        self.wait()
+        final, tmp = _places(root, step)
+        failure: BaseException | None = None
+        finish, files = None, {}
         try:
-            _publish(root=root, step=step, tmp=tmp, final=final, keep_last=keep_last)
+            _prepare(root, tmp, main=strategy.is_main)  # before any rank writes into tmp
+            finish = strategy.start_save_state(
+                tmp, model=model, optimizer=optimizer, group=self.group
+            )
+            files = _small_files(strategy, trainer_state, config_yaml)  # as they are now
         except _SAVE_FAILURES as exc:
-            if not _out_of_space(exc, root):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(_no_space_message(root, step)) from exc
-    pdist.barrier()
-    return final
+            failure = exc
+        main = strategy.is_main
+
+        def background() -> str:
+            nonlocal failure
+            try:
+                if failure is None:
+
+                    def write_file(name: str, data: bytes) -> None:
+                        write_durable(os.path.join(tmp, name), data, step=step)
+
+                    finish(write_file)
+                    fault_point("save:background", step=step)
+                    for name, data in files.items():
+                        write_file(name, data)
+            except _SAVE_FAILURES as exc:
+                failure = exc
+            return _conclude(
+                failure,
+                root=root,
+                step=step,
+                tmp=tmp,
+                final=final,
+                keep_last=keep_last,
+                main=main,
+                group=self.group,
+            )
+
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(background())
+            except BaseException as exc:  # noqa: BLE001 - raised again by wait()
+                future.set_exception(exc)
+
+        # A daemon: an error that ends the process does not wait for a save in flight (the
+        # checkpoint is then published if it completes first; else its temp directory stays
+        # until the next save removes it, and `latest` names the previous one).
+        threading.Thread(target=run, name=f"lmforge-checkpoint-{step}", daemon=True).start()
+        self._pending = future
+
+    def wait(self) -> str | None:
+        """Block until the save in flight is published and return its path; None when there
+        is none. Its failure is raised here, on every rank alike."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else pending.result()
 
 
-def _write(
-    *,
-    root: str,
-    step: int,
-    tmp: str,
-    strategy,
-    model,
-    optimizer,
-    trainer_state: dict,
-    config_yaml: str,
-) -> None:
-    """Every rank: write its files of checkpoint ``step`` into ``tmp``."""
-    if strategy.is_main:
+def _places(root: str, step: int) -> tuple[str, str]:
+    """The checkpoint directory of ``step`` and the temp directory it is written in."""
+    return os.path.join(root, step_dir_name(step)), os.path.join(
+        root, f".{step_dir_name(step)}.tmp"
+    )
+
+
+def _prepare(root: str, tmp: str, *, main: bool) -> None:
+    """Every rank: rank 0 removes the leftovers of crashed saves and makes ``tmp``; the others
+    wait for it before they write into ``tmp``."""
+    if main:
         os.makedirs(root, exist_ok=True)
         for name in os.listdir(root):  # leftovers of a crashed save
             if name.startswith(".step_") and name.endswith(".tmp"):
@@ -157,17 +241,56 @@ def _write(
         os.makedirs(tmp)
     pdist.barrier()
 
-    def write_file(name: str, data: bytes) -> None:
-        write_durable(os.path.join(tmp, name), data, step=step)
 
-    strategy.save_state(tmp, model=model, optimizer=optimizer, write_file=write_file)
+def _small_files(strategy, trainer_state: dict, config_yaml: str) -> dict[str, bytes]:
+    """This rank's files besides model and optimizer state: its RNG states; on rank 0 the
+    trainer state and the config."""
     buf = io.BytesIO()
     torch.save(rng_state(), buf)
-    write_file(f"rng_rank{strategy.rank:05d}.pt", buf.getvalue())
+    files = {f"rng_rank{strategy.rank:05d}.pt": buf.getvalue()}
     if strategy.is_main:
         state = dict(trainer_state, format_version=FORMAT_VERSION, world_size=strategy.world_size)
-        write_file("trainer_state.json", json.dumps(state, indent=1).encode())
-        write_file("config.yaml", config_yaml.encode())
+        files["trainer_state.json"] = json.dumps(state, indent=1).encode()
+        files["config.yaml"] = config_yaml.encode()
+    return files
+
+
+def _conclude(
+    failure: BaseException | None,
+    *,
+    root: str,
+    step: int,
+    tmp: str,
+    final: str,
+    keep_last: int,
+    main: bool,
+    group=None,
+) -> str:
+    """Every rank, once its files are written (or failed): agree, then publish or clean up."""
+    # Every rank learns whether any rank failed (and whether for want of space) before anyone
+    # touches the temp directory again: rank 0 removes it only once no rank writes there.
+    failed, no_space = pdist.all_reduce_sum(
+        torch.tensor([failure is not None, failure is not None and _out_of_space(failure, root)]),
+        group=group,
+    ).tolist()
+    if failed:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if no_space:
+            raise CheckpointError(_no_space_message(root, step)) from failure
+        if failure is not None:
+            raise failure
+        raise CheckpointError(f"saving checkpoint step {step} failed on another rank (its error)")
+    if main:
+        try:
+            _publish(root=root, step=step, tmp=tmp, final=final, keep_last=keep_last)
+        except _SAVE_FAILURES as exc:
+            if not _out_of_space(exc, root):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(_no_space_message(root, step)) from exc
+    pdist.barrier(group=group)
+    return final
 
 
 def _publish(*, root: str, step: int, tmp: str, final: str, keep_last: int) -> None:

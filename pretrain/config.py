@@ -388,12 +388,20 @@ class OptimConfig:
 
 @dataclass
 class CheckpointConfig:
-    """When and how many checkpoints to keep."""
+    """When and how many checkpoints to keep, and whether training waits for their writes."""
 
     interval: int = 500
     """Save every this many steps (and always at the end); 0 = only at the end."""
     keep_last: int = 3
     """Keep this many most recent checkpoints (older ones are deleted after a good save)."""
+    async_save: bool = False
+    """Write checkpoints in the background: training stalls only while model and optimizer
+    state are copied to host memory (one more copy of this rank's state in RAM while a save is
+    in flight). The files, the checks and the atomic rules are the synchronous save's: `latest`
+    moves only once every rank's files are fsynced and all ranks agree they were. One save at
+    a time: the next save, a rollback and the end of training wait for the one in flight, and
+    its failure (e.g. a full disk) is reported there. A checkpoint counts (it is the one a
+    rollback or an error names) once it is written. Not with parallel.strategy=deepspeed."""
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_last < 1:
@@ -514,6 +522,12 @@ class RunConfig:
             raise ConfigurationError(
                 f"`train.on_anomaly={policy}` does not work with parallel.strategy=deepspeed (its "
                 "engine steps on its own); use train.on_anomaly=stop, or ddp or fsdp"
+            )
+        if self.checkpoint.async_save and self.parallel.strategy == "deepspeed":
+            raise ConfigurationError(
+                "`checkpoint.async_save=true` does not work with parallel.strategy=deepspeed "
+                "(its engine writes its checkpoints itself, synchronously); set "
+                "checkpoint.async_save=false, or use parallel.strategy=ddp or fsdp"
             )
         if policy == "rollback" and self.checkpoint.interval == 0:
             raise ConfigurationError(

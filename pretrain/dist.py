@@ -50,9 +50,10 @@ def eprint(msg: str) -> None:
     print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
+    """Wait for every rank (of ``group``: the default group when None)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
@@ -72,11 +73,11 @@ def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum of a tensor over all ranks (a copy)."""
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of a tensor over all ranks (of ``group``: the default group when None; a copy)."""
     out = t.clone()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
     return out
 
 

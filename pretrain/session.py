@@ -44,6 +44,7 @@ from torch import nn
 
 from pretrain import dist as pdist
 from pretrain.checkpoint import (
+    AsyncCheckpointer,
     check_resume_checkpoint,
     load_checkpoint,
     read_checkpoint_config,
@@ -459,11 +460,17 @@ class RunSession:
 
         return batches
 
-    def _saver(self, config_yaml: str) -> Callable[[Trainer], str]:
+    def _saver(
+        self, config_yaml: str
+    ) -> tuple[Callable[[Trainer], str | None], Callable[[], str | None] | None]:
+        """The trainer's ``save_fn`` and ``checkpoint_wait``: synchronous saves, or with
+        ``checkpoint.async_save`` saves written in the background (a gloo group of their own is
+        made here, on every rank alike)."""
         cfg, work, strategy = self.cfg, self.work, self.strategy
+        background = AsyncCheckpointer() if cfg.checkpoint.async_save else None
 
-        def save(trainer: Trainer) -> str:
-            return save_checkpoint(
+        def save(trainer: Trainer) -> str | None:
+            return (background.save if background else save_checkpoint)(
                 root=os.path.join(cfg.run_dir, "checkpoints"),
                 step=trainer.state.step,
                 strategy=strategy,
@@ -479,7 +486,7 @@ class RunSession:
                 keep_last=cfg.checkpoint.keep_last,
             )
 
-        return save
+        return save, (background.wait if background else None)
 
     def build(self) -> Trainer:
         """Steps 2-4: everything up to a trainer ready to ``fit`` (resumed when asked)."""
@@ -529,6 +536,7 @@ class RunSession:
         )
         self.flops_per_token = fpt
         self.config_yaml = to_yaml(cfg)
+        save_fn, checkpoint_wait = self._saver(self.config_yaml)
         trainer = Trainer(
             model=model,
             optimizer=optimizer,
@@ -544,7 +552,8 @@ class RunSession:
             log_interval=tcfg.log_interval,
             eval_interval=tcfg.eval_interval,
             checkpoint_interval=cfg.checkpoint.interval,
-            save_fn=self._saver(self.config_yaml),
+            save_fn=save_fn,
+            checkpoint_wait=checkpoint_wait,
             loss_fn=work.loss_fn,
             evaluator=work.evaluator,
             callbacks=[*work.callbacks(cfg.run_dir), *self.extra_callbacks],

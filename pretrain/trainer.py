@@ -8,7 +8,8 @@ step. Everything else plugs in:
   passes its own),
 - callbacks (progress bar, metric sinks, early stopping, signal handling) see every step and
   row, hear about errors, and may keep state that the checkpoint saves and a resume restores,
-- ``save_fn(trainer) -> path`` writes a checkpoint when the cadence says so,
+- ``save_fn(trainer) -> path`` writes a checkpoint when the cadence says so (or starts writing
+  it in the background and returns None: ``checkpoint_wait()`` then waits for it),
 - the strategy (pretrain/parallel/) decides how gradients are reduced and state is sharded,
 - an ``evaluator`` adds task metrics (accuracy, F1, ...) to the validation rows: it sees the
   model output of every validation batch and returns counts that are summed over the ranks.
@@ -39,7 +40,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain import dist as pdist
 from pretrain.durable import fault_point, fault_scale
-from pretrain.errors import TrainingError
+from pretrain.errors import CheckpointError, TrainingError
 from pretrain.loss import Batch, LossFn, StageLoss, causal_lm_loss
 from pretrain.memory import peak_memory
 from pretrain.parallel.common import Strategy
@@ -84,7 +85,11 @@ class Callback:
 
     def on_log(self, trainer: Trainer, row: dict) -> None: ...
 
-    def on_checkpoint(self, trainer: Trainer, path: str) -> None: ...
+    def on_checkpoint(self, trainer: Trainer, path: str) -> None:
+        """Checkpoint ``path`` is complete and ``latest`` names it. A checkpoint written in the
+        background (``checkpoint.async_save``) is heard when the trainer next waits for it (the
+        next save, a rollback, an anomaly that stops the run, the end of ``fit``), when
+        ``trainer.state`` may be past its step: the step is in its name."""
 
     def on_rollback(self, trainer: Trainer, path: str) -> None:
         """The loop went back to checkpoint ``path`` (``train.on_anomaly=rollback``): the steps
@@ -215,7 +220,8 @@ class Trainer:
         log_interval: int = 10,
         eval_interval: int = 0,
         checkpoint_interval: int = 0,
-        save_fn: Callable[[Trainer], str] | None = None,
+        save_fn: Callable[[Trainer], str | None] | None = None,
+        checkpoint_wait: Callable[[], str | None] | None = None,
         loss_fn: LossFn = causal_lm_loss,
         callbacks: Iterable[Callback] = (),
         state: TrainerState | None = None,
@@ -245,6 +251,7 @@ class Trainer:
         self.eval_interval = eval_interval
         self.checkpoint_interval = checkpoint_interval
         self.save_fn = save_fn
+        self.checkpoint_wait = checkpoint_wait
         self.loss_fn = loss_fn
         self.callbacks = list(callbacks)
         self.evaluator = evaluator
@@ -253,6 +260,7 @@ class Trainer:
         self.anomaly = anomaly or AnomalyPolicy()
         self.load_fn = load_fn
         self.clock = StepClock(strategy.device, sync=timing_sync)
+        # the newest complete checkpoint (one still written in the background is not named)
         self.last_checkpoint: str | None = None
         self._phase = "the start of training"  # what a collective that times out waited in
         self._skips_in_a_row = 0
@@ -315,6 +323,7 @@ class Trainer:
             try:
                 self._emit("on_train_start")
                 self._loop()
+                self._settle_checkpoint()  # every normal end waits for a save in flight
             except RuntimeError as error:  # a collective that timed out or lost its peers
                 line = pdist.collective_failure(error, during=self._phase)
                 if line is None:
@@ -407,11 +416,14 @@ class Trainer:
                         self._save, do_save = False, self.save_fn is not None
                 if do_save:
                     assert self.save_fn is not None
-                    self._phase = f"the checkpoint save at step {step}"
                     t_save = time.perf_counter()
-                    self.last_checkpoint = self.save_fn(self)
+                    self._settle_checkpoint()  # at most one save in flight
+                    self._phase = f"the checkpoint save at step {step}"
+                    path = self.save_fn(self)
                     self.clock.checkpoint_seconds += time.perf_counter() - t_save
-                    self._emit("on_checkpoint", self.last_checkpoint)
+                    if path is not None:  # None: it is being written in the background
+                        self.last_checkpoint = path
+                        self._emit("on_checkpoint", path)
                 t_start = time.perf_counter()
             if stop:
                 break
@@ -463,7 +475,23 @@ class Trainer:
         peak = torch.nn.utils.get_total_norm(local, norm_type=float("inf"))
         return (~torch.isfinite(peak)).float()
 
+    def _settle_checkpoint(self) -> None:
+        """Wait for a checkpoint written in the background, if one is: from then on
+        ``last_checkpoint`` names it and callbacks have heard ``on_checkpoint``. Its failure is
+        raised here (every rank reaches this point alike)."""
+        if self.checkpoint_wait is None:
+            return
+        self._phase = "the wait for the checkpoint written in the background"
+        path = self.checkpoint_wait()
+        if path is not None:
+            self.last_checkpoint = path
+            self._emit("on_checkpoint", path)
+
     def _stop_error(self, anomaly: str, why: str = "") -> TrainingError:
+        # the error names the newest good checkpoint: one in flight counts once it is written
+        # (the anomaly, not a failed save, is what this run reports)
+        with contextlib.suppress(CheckpointError):
+            self._settle_checkpoint()
         where = self.last_checkpoint or "none (no checkpoint was saved yet)"
         return TrainingError(
             f"{anomaly}{why}: stopped without saving; the last good checkpoint is {where}. "
@@ -492,6 +520,7 @@ class Trainer:
         """Reload the last checkpoint, keep the data position (the batches read since that
         checkpoint, the offending one included, are not read again), scale the learning rate."""
         policy, done = self.anomaly, self.state.rollbacks
+        self._settle_checkpoint()  # the checkpoint to go back to may still be being written
         if done >= policy.max_rollbacks:
             raise self._stop_error(
                 anomaly,

@@ -181,6 +181,7 @@ CASES = [
     case("pretrain/heads-zero", [*PRETRAIN, "model.n_head=0"], "`model.n_head` must be >= 1, got 0", out=RUNS),
     case("pretrain/lr-nan", [*PRETRAIN, "optim.lr=nan"], "`optim.lr` must be > 0, got nan", out=RUNS),
     case("pretrain/keep-last-zero", [*PRETRAIN, "checkpoint.keep_last=0"], "`checkpoint.keep_last` >= 1", out=RUNS),
+    case("pretrain/async-save-with-deepspeed", [*PRETRAIN, "parallel.strategy=deepspeed", "parallel.zero_stage=1", "checkpoint.async_save=true"], "`checkpoint.async_save=true` does not work with parallel.strategy=deepspeed", out=RUNS),
     case("pretrain/precision-unknown", [*PRETRAIN, "train.precision=fp8"], "config key `train.precision`", out=RUNS),
     case("pretrain/name-empty", [*PRETRAIN, "name="], "config key `name`", out=RUNS),
     case("pretrain/tensor-parallel-does-not-divide-nproc", [*PRETRAIN, "parallel.tensor_parallel=2", "--nproc", "3"], "world_size must be a multiple of tensor_parallel*pipeline_parallel=2", out=RUNS),
@@ -347,6 +348,8 @@ CASES = [
     case("evaluate/column-unknown-key", ["evaluate", "{cls}", "--data", "{tmp}/t.csv", "--column", "txt_column=review"], "--column txt_column=review", files={"t.csv": GOOD_CSV}),
     # --- bench ------------------------------------------------------------------------------
     case("bench/steps-zero", ["bench", "--models", "tiny", "--precisions", "fp32", "--steps", "0"], "--steps 0"),
+    case("bench/gpu-without-one", ["bench", "--gpu", "--models", "tiny"], "bench --gpu needs a CUDA GPU"),
+    case("bench/gpu-mode-unknown", ["bench", "--gpu", "--modes", "eager,fp4"], "--modes eager,fp4"),
     case("bench/windows-zero", ["bench", "--models", "tiny", "--precisions", "fp32", "--windows", "0"], "--windows 0"),
     case("bench/precision-unknown", ["bench", "--models", "tiny", "--precisions", "fp64", "--steps", "1"], "--precisions fp64"),
     case("bench/model-unknown", ["bench", "--models", "nosuch", "--precisions", "fp32", "--steps", "1"], "--models nosuch"),

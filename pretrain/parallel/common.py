@@ -20,6 +20,7 @@ from pretrain import dist as pdist
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.loss import Batch, LossFn
+from pretrain.parallel.state import WriteFile, start_dcp_save
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -173,6 +174,8 @@ class Strategy(ABC):
     # The unwrapped model is whole on every rank and runs a plain forward outside the training
     # step (what sampled generations during training need).
     whole_model_per_rank: bool = False
+    # ``start_save_state`` works (``checkpoint.async_save``): the state is written through DCP.
+    async_checkpoints: bool = True
 
     def __init__(self, *, precision: str, layout: Layout) -> None:
         self.layout = layout
@@ -245,6 +248,32 @@ class Strategy(ABC):
         """Load what ``save_state`` (or another layout's strategy) wrote, resharded to this one."""
 
     # --- defaults --------------------------------------------------------------------------------
+    def extra_state(self) -> dict:
+        """The strategy's state besides model and optimizer, for extra.pt (DDP's grad scaler)."""
+        return {}
+
+    def start_save_state(
+        self, directory: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, group
+    ) -> Callable[[WriteFile], None]:
+        """``save_state`` in two halves, for ``checkpoint.async_save`` (every rank together):
+        copy the state to host memory and start writing it under ``directory`` in the
+        background, collectives on ``group``; return ``finish(write_file)``, which the
+        background thread calls to wait for that write and write the rest (see
+        ``pretrain.parallel.state.start_dcp_save``)."""
+        if not self.async_checkpoints:
+            raise ConfigurationError(
+                f"parallel.strategy={self.name} has no asynchronous checkpoints; set "
+                "checkpoint.async_save=false"
+            )
+        return start_dcp_save(
+            self,
+            directory,
+            model=model,
+            optimizer=optimizer,
+            extra=self.extra_state(),
+            group=group,
+        )
+
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The plain module under wrappers (torch.compile; DDP and engines in subclasses)."""
         return getattr(model, "_orig_mod", model)

@@ -96,11 +96,18 @@ class DDPStrategy(Strategy):
         optimizer.zero_grad(set_to_none=True)
         return norm.detach() if isinstance(norm, torch.Tensor) else torch.tensor(norm)
 
-    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
+    def extra_state(self) -> dict:
         scaler = self.accelerator.scaler
-        extra = {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+        return {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
+
+    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
         save_dcp_state(
-            self, directory, model=model, optimizer=optimizer, write_file=write_file, extra=extra
+            self,
+            directory,
+            model=model,
+            optimizer=optimizer,
+            write_file=write_file,
+            extra=self.extra_state(),
         )
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:

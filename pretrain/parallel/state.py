@@ -6,7 +6,8 @@ the same keys whatever the layout, and DCP reshards on load, so a checkpoint wri
 ranks, by TP=2 or by a 2-stage pipeline (each stage holding only its own parameters) resumes under
 DDP on 1 and the other way round. A consolidated ``model.safetensors`` (full fp32 weights) is
 written beside it, read back from the DCP files by rank 0: one code path for every layout, shared
-with ``lmforge consolidate``.
+with ``lmforge consolidate``. With ``checkpoint.async_save`` the same files are written by
+``start_dcp_save``: the state is copied to host memory first and written in the background.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -41,9 +43,11 @@ def _state_dicts(strategy, model, optimizer) -> tuple:
     return plain, inner, *get_state_dict(plain, inner, options=_options())
 
 
+WriteFile = Callable[[str, bytes], None]
+
+
 def save_dcp_state(strategy, directory: str, *, model, optimizer, write_file, extra: dict) -> None:
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save
 
     plain, _, model_sd, optim_sd = _state_dicts(strategy, model, optimizer)
     with warnings.catch_warnings():  # one process has no group: that is what it means
@@ -53,12 +57,58 @@ def save_dcp_state(strategy, directory: str, *, model, optimizer, write_file, ex
         )
     pdist.barrier()  # every rank's shards are on disk before rank 0 reads them back
     if strategy.is_main:
-        tied = bool(getattr(getattr(plain, "cfg", None), "tie_embeddings", False))
-        full = consolidated_weights(os.path.join(directory, "dcp"), tied=tied)
-        write_file("model.safetensors", save(full, metadata={"format": "pt"}))
-        buf = io.BytesIO()
-        torch.save(extra, buf)
-        write_file("extra.pt", buf.getvalue())
+        _write_main_files(
+            directory, tied=_tied(plain), extra=_to_bytes(extra), write_file=write_file
+        )
+
+
+def start_dcp_save(
+    strategy, directory: str, *, model, optimizer, extra: dict, group
+) -> Callable[[WriteFile], None]:
+    """``save_dcp_state`` in two halves (``checkpoint.async_save``). Now, on the training
+    thread: model and optimizer state are copied to host memory (``dcp.async_save`` stages
+    them) and DCP starts writing dcp/ on a thread of its own, its collectives on ``group`` (a
+    gloo group that only checkpoints use, so that they never interleave with the training's).
+    Returned: ``finish(write_file)``, for the background thread: it waits for that write
+    (every rank's shards are on disk and fsynced when DCP's save returns on rank 0, which
+    coordinates it), then rank 0 writes model.safetensors, read back from dcp/, and extra.pt."""
+    import torch.distributed.checkpoint as dcp
+
+    plain, _, model_sd, optim_sd = _state_dicts(strategy, model, optimizer)
+    tied, extra_bytes = _tied(plain), _to_bytes(extra)  # as they are now, not when it finishes
+    response = dcp.async_save(
+        {"model": model_sd, "optim": optim_sd},
+        checkpoint_id=os.path.join(directory, "dcp"),
+        process_group=group,
+    )
+    # a Future; an AsyncSaveResponse (staging and upload) when torch stages in the background
+    written = getattr(response, "upload_completion", response)
+
+    def finish(write_file: WriteFile) -> None:
+        written.result()
+        if strategy.is_main:
+            _write_main_files(directory, tied=tied, extra=extra_bytes, write_file=write_file)
+
+    return finish
+
+
+def _tied(plain) -> bool:
+    return bool(getattr(getattr(plain, "cfg", None), "tie_embeddings", False))
+
+
+def _to_bytes(extra: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(extra, buf)
+    return buf.getvalue()
+
+
+def _write_main_files(directory: str, *, tied: bool, extra: bytes, write_file: WriteFile) -> None:
+    """Rank 0, once dcp/ is complete: the consolidated weights and the strategy's extra state."""
+    from safetensors.torch import save
+
+    full = consolidated_weights(os.path.join(directory, "dcp"), tied=tied)
+    write_file("model.safetensors", save(full, metadata={"format": "pt"}))
+    write_file("extra.pt", extra)
 
 
 def load_dcp_state(strategy, directory: str, *, model, optimizer) -> dict:

@@ -100,6 +100,7 @@ class DeepSpeedStrategy(Strategy):
     scheduler drives the learning rate of the client optimizer's parameter groups."""
 
     name = "deepspeed"
+    async_checkpoints = False  # the engine writes its checkpoint itself, synchronously
 
     def __init__(self, *, precision: str, layout: Layout) -> None:
         import deepspeed
