@@ -13,7 +13,7 @@ export HF_DATASETS_OFFLINE ?= 1
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo scaling-demo test test-fast bench lint format clean
+.PHONY: venv demo scaling-demo test test-fast bench bench-gpu lint format clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/lmforge bench --peers --models small,base-125m --precisions bf16 --steps 2 \
 		--out BENCHMARKS.latest.md
+
+# On one CUDA GPU (under 10 minutes on an H100/H200): base-125m, 350m and llama-1b at sequence
+# 2048 in eager bf16, with torch.compile, and with compile and float8 (needs torchao).
+bench-gpu: $(STAMP)
+	$(BIN)/lmforge bench --gpu --out BENCHMARKS.gpu.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

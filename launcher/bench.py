@@ -98,6 +98,7 @@ class Candidate:
     run: Callable[[int], float]
     split: Callable[[], dict] | None = None
     model: torch.nn.Module | None = None
+    trainer: object | None = None  # lmforge's Trainer, for its clock
 
 
 def _amp(precision: str) -> contextlib.AbstractContextManager:
@@ -144,9 +145,17 @@ def floor_candidate(cfg: ModelConfig, precision: str) -> Candidate:
     return Candidate("floor", _plain_loop(model, opt, precision, loss_of), model=model)
 
 
-def lmforge_candidate(cfg: ModelConfig, precision: str, *, compile: bool = False) -> Candidate:
+def lmforge_candidate(
+    cfg: ModelConfig,
+    precision: str,
+    *,
+    compile: bool = False,
+    seq_len: int = SEQ_LEN,
+    micro_batch: int = MICRO_BATCH,
+) -> Candidate:
     """lmforge's path: the DDP strategy (Accelerate) and the Trainer with its bookkeeping;
-    each window extends the run by ``n`` steps and ends on a metrics row."""
+    each window extends the run by ``n`` steps and ends on a metrics row. ``precision`` fp8:
+    bf16 with float8 matmuls (a GPU that has them)."""
     from accelerate.state import AcceleratorState
 
     from pretrain.parallel import build_strategy
@@ -167,11 +176,13 @@ def lmforge_candidate(cfg: ModelConfig, precision: str, *, compile: bool = False
         optimizer=opt,
         scheduler=sched,
         strategy=strategy,
-        train_batches=SyntheticBatches(micro_batch=MICRO_BATCH, seq_len=SEQ_LEN, vocab=VOCAB),
+        train_batches=SyntheticBatches(
+            micro_batch=micro_batch, seq_len=seq_len, vocab=cfg.vocab_size
+        ),
         val_batches=None,
         total_steps=0,
-        tokens_per_step=MICRO_BATCH * SEQ_LEN,
-        flops_per_token=flops_per_token(cfg, SEQ_LEN),
+        tokens_per_step=micro_batch * seq_len,
+        flops_per_token=flops_per_token(cfg, seq_len),
         peak_flops=1.0,
         log_interval=10**9,  # one row per window: its last step
     )
@@ -184,7 +195,8 @@ def lmforge_candidate(cfg: ModelConfig, precision: str, *, compile: bool = False
     def split() -> dict:
         return {k: v for k, v in trainer.last_row.items() if k.startswith("time_")}
 
-    return Candidate("lmforge+compile" if compile else "lmforge", run, split)
+    name = "lmforge+compile" if compile else "lmforge"
+    return Candidate(name, run, split, model=model, trainer=trainer)
 
 
 def transformers_candidate(cfg: ModelConfig, precision: str) -> Candidate:
@@ -378,6 +390,127 @@ def run_generate_bench(
             )
             lines.append(row)
             print(row, flush=True)
+    return _finish(lines, out)
+
+
+GPU_SEQ_LEN = 2048
+GPU_VOCAB = 32000
+GPU_MODES = {  # name -> (precision, compile)
+    "eager": ("bf16", False),
+    "compile": ("bf16", True),
+    "compile+fp8": ("fp8", True),
+}
+
+
+def _gpu_model_cfg(preset: str, seq_len: int) -> ModelConfig:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(here, "configs", "model", f"{preset}.yaml")
+    return load_config(ModelConfig, [path, f"vocab_size={GPU_VOCAB}", f"max_seq_len={seq_len}"])
+
+
+def _estimate(cfg: ModelConfig, micro_batch: int, seq_len: int) -> float:
+    from pretrain.config import ParallelConfig
+    from pretrain.memory import estimate_memory
+
+    return estimate_memory(
+        cfg,
+        parallel=ParallelConfig(),
+        world_size=1,
+        precision="bf16",
+        micro_batch_size=micro_batch,
+        seq_len=seq_len,
+        grad_accum=1,
+    ).total
+
+
+def require_cuda() -> None:
+    """bench --gpu's one line on a machine without a CUDA GPU."""
+    from pretrain.errors import ConfigurationError
+
+    if not torch.cuda.is_available():
+        raise ConfigurationError(
+            "bench --gpu needs a CUDA GPU and this machine has none; run it on a GPU node "
+            "(make bench-gpu), or drop --gpu for the CPU benchmark"
+        )
+
+
+def largest_micro_batch(cfg: ModelConfig, seq_len: int, *, limit: int = 64) -> int:
+    """The largest power-of-two micro-batch (up to ``limit``) that trains two eager bf16 steps
+    on this GPU: tried from the largest the memory estimate allows (90% of the device), halved
+    on running out of memory."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    mb = limit
+    while mb > 1 and _estimate(cfg, mb, seq_len) > 0.9 * total:
+        mb //= 2
+    while True:
+        try:
+            lmforge_candidate(cfg, "bf16", seq_len=seq_len, micro_batch=mb).run(2)
+            return mb
+        except torch.OutOfMemoryError:
+            if mb == 1:
+                raise
+            mb //= 2
+        finally:
+            torch.cuda.empty_cache()
+
+
+def run_gpu_bench(
+    *, models: list[str], modes: list[str], windows: int, steps: int, out: str | None
+) -> str:
+    """One GPU, sequence 2048, the largest micro-batch that fits: lmforge's trainer in eager
+    bf16, with torch.compile per block, and with compile and float8 matmuls; tokens/s (median
+    of the windows), MFU against the datasheet's bf16 peak, and the peak memory next to the
+    estimate."""
+    require_cuda()
+    name = torch.cuda.get_device_name()
+    peak, src = peak_flops(torch.device("cuda"), torch.bfloat16)
+    lines = [
+        f"lmforge bench --gpu: {name}, torch {torch.__version__}, seq {GPU_SEQ_LEN}, vocab "
+        f"{GPU_VOCAB}, {windows} windows of {steps} steps after {WARMUP} warm-up; MFU against "
+        f"{peak / 1e12:.0f} TFLOP/s ({src}, bf16 dense); {time.strftime('%Y-%m-%d')}",
+        "",
+        "| model | params | mode | micro-batch | tokens/s (spread) | MFU | peak GiB | estimate GiB "
+        "| data / fwd+bwd / optim / other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for preset in models:
+        cfg = _gpu_model_cfg(preset, GPU_SEQ_LEN)
+        fpt = flops_per_token(cfg, GPU_SEQ_LEN)
+        mb = largest_micro_batch(cfg, GPU_SEQ_LEN)
+        for mode in modes:
+            precision, compiled = GPU_MODES[mode]
+            torch.cuda.reset_peak_memory_stats()
+            try:
+                cand = lmforge_candidate(
+                    cfg, precision, compile=compiled, seq_len=GPU_SEQ_LEN, micro_batch=mb
+                )
+                times, _ = interleave([cand], windows=windows, steps=steps, warmup=WARMUP)
+            except Exception as error:  # a mode this GPU or build cannot run: say so, go on
+                row = f"| {preset} | | {mode} | {mb} | failed: {str(error).splitlines()[0][:160]} |"
+                lines.append(row)
+                print(row, flush=True)
+                continue
+            tps = [mb * GPU_SEQ_LEN / t for t in times[cand.name]]
+            med = statistics.median(tps)
+            cand.trainer.clock.sync = True  # one more window, waiting at each phase: the split
+            cand.run(steps)
+            split = cand.split()
+            row = (
+                f"| {preset} | {param_counts(cfg)['total'] / 1e9:.2f}B | {mode} | {mb} "
+                f"| {med:,.0f} ({min(tps) / med - 1:+.0%}/{max(tps) / med - 1:+.0%}) "
+                f"| {med * fpt / peak:.1%} "
+                f"| {torch.cuda.max_memory_allocated() / 2**30:.1f} "
+                f"| {_estimate(cfg, mb, GPU_SEQ_LEN) / 2**30:.1f} | "
+                + " / ".join(
+                    f"{split[f'time_{k}']:.3f}" for k in ("data", "fwd_bwd", "optim", "other")
+                )
+                + " |"
+            )
+            lines.append(row)
+            print(row, flush=True)
+            del cand
+            torch.cuda.empty_cache()
     return _finish(lines, out)
 
 

@@ -343,6 +343,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add lmforge with torch.compile per transformer block (train.compile=true)",
     )
+    sp.add_argument(
+        "--gpu",
+        action="store_true",
+        help="instead: one CUDA GPU, sequence 2048, vocab 32000, the largest micro-batch that "
+        "fits: lmforge in eager bf16, with compile, and with compile and float8 (--modes), for "
+        "--models (default base-125m,350m,llama-1b): tokens/s, MFU against the datasheet peak, "
+        "peak memory next to the estimate",
+    )
+    sp.add_argument(
+        "--modes",
+        default="eager,compile,compile+fp8",
+        help="--gpu: which of eager, compile, compile+fp8 (default all three)",
+    )
     sp.add_argument("--out", help="also write the results table (markdown) to this file")
     sp.add_argument(
         "--strategies",
@@ -733,7 +746,19 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
     if args.precisions is None:
         args.precisions = "bf16" if args.strategies else "fp32,bf16"
     if args.models is None and not args.strategies:
-        args.models = "tiny,small"
+        args.models = "base-125m,350m,llama-1b" if args.gpu else "tiny,small"
+    if args.gpu:
+        bad = [m for m in args.modes.split(",") if m not in ("eager", "compile", "compile+fp8")]
+        if bad:
+            raise ConfigurationError(
+                f"--modes {args.modes}: {bad[0]!r} is not one of eager, compile, compile+fp8"
+            )
+        presets("model", args.models, "--models")
+        _check_out_file(args.out)
+        from launcher.bench import require_cuda
+
+        require_cuda()
+        return
     bad = [p for p in args.precisions.split(",") if p not in precisions]
     if bad:
         raise ConfigurationError(
@@ -784,6 +809,14 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             steps=args.steps or 20,
             seq_len=args.seq_len,
             micro_batch=args.micro_batch,
+            out=args.out,
+        )
+    elif args.gpu:
+        bench.run_gpu_bench(
+            models=args.models.split(","),
+            modes=args.modes.split(","),
+            windows=args.windows,
+            steps=args.steps or 5,
             out=args.out,
         )
     elif args.generate:

@@ -348,6 +348,8 @@ CASES = [
     case("evaluate/column-unknown-key", ["evaluate", "{cls}", "--data", "{tmp}/t.csv", "--column", "txt_column=review"], "--column txt_column=review", files={"t.csv": GOOD_CSV}),
     # --- bench ------------------------------------------------------------------------------
     case("bench/steps-zero", ["bench", "--models", "tiny", "--precisions", "fp32", "--steps", "0"], "--steps 0"),
+    case("bench/gpu-without-one", ["bench", "--gpu", "--models", "tiny"], "bench --gpu needs a CUDA GPU"),
+    case("bench/gpu-mode-unknown", ["bench", "--gpu", "--modes", "eager,fp4"], "--modes eager,fp4"),
     case("bench/windows-zero", ["bench", "--models", "tiny", "--precisions", "fp32", "--windows", "0"], "--windows 0"),
     case("bench/precision-unknown", ["bench", "--models", "tiny", "--precisions", "fp64", "--steps", "1"], "--precisions fp64"),
     case("bench/model-unknown", ["bench", "--models", "nosuch", "--precisions", "fp32", "--steps", "1"], "--models nosuch"),
