@@ -31,7 +31,10 @@ def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    fused = all(p.is_cuda for p in model.parameters())
+    """AdamW with the fused kernel (one pass over all parameters) on GPUs and CPUs: on a CPU
+    it is several times faster than the default per-tensor loop (``lmforge bench`` shows the
+    optimizer's share of a step)."""
+    fused = all(p.device.type in ("cuda", "cpu") for p in model.parameters())
     return torch.optim.AdamW(
         param_groups(model, weight_decay=cfg.weight_decay),
         lr=cfg.lr,
