@@ -356,6 +356,13 @@ def _parser() -> argparse.ArgumentParser:
         default="eager,compile,compile+fp8",
         help="--gpu: which of eager, compile, compile+fp8 (default all three)",
     )
+    sp.add_argument(
+        "--checkpoint",
+        action="store_true",
+        help="instead: checkpoints of --models (default 350m) with AdamW state, in one process, "
+        "written under the current directory: synchronous save against a raw write + fsync of "
+        "the same bytes, load, and how long an asynchronous save blocks training",
+    )
     sp.add_argument("--out", help="also write the results table (markdown) to this file")
     sp.add_argument(
         "--strategies",
@@ -799,8 +806,14 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     from launcher import bench
 
+    if args.checkpoint and args.models is None:
+        args.models = "350m"
     _check_bench(args, bench.SEQ_LEN)
-    if args.strategies:
+    if args.checkpoint:
+        from pretrain.ckpt_bench import run_checkpoint_bench
+
+        run_checkpoint_bench(models=args.models.split(","), out=args.out)
+    elif args.strategies:
         bench.run_strategy_bench(
             data=args.data,
             strategies=bench.parse_strategies(args.strategies, args.nproc),

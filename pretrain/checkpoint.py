@@ -40,6 +40,7 @@ import re
 import shutil
 import threading
 import time
+import warnings
 from concurrent.futures import Future
 
 import numpy as np
@@ -147,7 +148,10 @@ class AsyncCheckpointer:
             if dist.is_available() and dist.is_initialized()
             else None
         )
+        if self.group is None:  # one process without a group: DCP saves it alone, as meant
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         self._pending: Future | None = None
+        self._staging: dict = {}  # the strategy's, kept between saves (the host copy's buffers)
 
     def save(
         self,
@@ -170,7 +174,7 @@ class AsyncCheckpointer:
         try:
             _prepare(root, tmp, main=strategy.is_main)  # before any rank writes into tmp
             finish = strategy.start_save_state(
-                tmp, model=model, optimizer=optimizer, group=self.group
+                tmp, model=model, optimizer=optimizer, group=self.group, staging=self._staging
             )
             files = _small_files(strategy, trainer_state, config_yaml)  # as they are now
         except _SAVE_FAILURES as exc:
@@ -269,10 +273,13 @@ def _conclude(
     """Every rank, once its files are written (or failed): agree, then publish or clean up."""
     # Every rank learns whether any rank failed (and whether for want of space) before anyone
     # touches the temp directory again: rank 0 removes it only once no rank writes there.
-    failed, no_space = pdist.all_reduce_sum(
-        torch.tensor([failure is not None, failure is not None and _out_of_space(failure, root)]),
-        group=group,
-    ).tolist()
+    flags = torch.tensor(
+        [failure is not None, failure is not None and _out_of_space(failure, root)],
+        dtype=torch.int64,
+    )
+    if group is None and dist.is_initialized() and dist.get_backend() == "nccl":
+        flags = flags.cuda()  # NCCL reduces device tensors only
+    failed, no_space = pdist.all_reduce_sum(flags, group=group).tolist()
     if failed:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)

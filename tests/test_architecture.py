@@ -50,6 +50,7 @@ PRETRAIN_LAYERS = {
     # the run session and the commands built on it
     "pretrain.session": 6,
     "pretrain.run": 6,
+    "pretrain.ckpt_bench": 6,  # lmforge bench --checkpoint
 }
 PACKAGE_LAYERS = {"finetune": 7, "scaling": 8, "launcher": 9}
 

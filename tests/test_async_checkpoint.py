@@ -145,7 +145,7 @@ def test_keep_best_marks_a_checkpoint_written_in_the_background(tmp_path, refere
         "finetune",
         f"runs_dir={tmp_path}",
         "name=es",
-        f"init_from={reference_runs(1, 'fp32')}",
+        f"init_from={reference_runs(2, 'fp32', 'parallel.strategy=ddp')}",  # the first test's
         f"task.train={task}",
         "task.max_len=32",
         "train.micro_batch_size=8",
