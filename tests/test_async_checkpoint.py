@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 
 from pretrain.checkpoint import verify_checkpoint
-from tests.conftest import lmforge
+from tests.conftest import REPO, lmforge
 from tests.runs import QUIET, STEPS, _args, latest_checkpoint, read_metrics
 from tests.test_anomalies import _run
 from tests.test_faults import _one_line
@@ -171,3 +173,31 @@ def test_keep_best_marks_a_checkpoint_written_in_the_background(tmp_path, refere
         "step_00000002",
         "step_00000004",
     ]
+
+
+def test_checkpoint_bench_measures_in_the_current_directory(tmp_path):
+    """`lmforge bench --checkpoint` on the tiny preset: a row of figures, the parts of a save,
+    the file system named, and nothing left behind where it wrote."""
+    out = tmp_path / "bench.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "bench", "--checkpoint", "--models", "tiny"]
+        + ["--out", str(out)],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=REPO),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    assert text == proc.stdout
+    assert f"{tmp_path} (" in text and "torch " in text
+    figures, parts = (
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in text.splitlines()
+        if line.startswith("| tiny |")
+    )
+    assert len(figures) == 11 and figures[2].endswith(" GB") and figures[4].endswith(" MB/s")
+    assert float(figures[6]) > 0  # the save's throughput over the raw write's
+    assert len(parts) == 5 and all(p.endswith("%)") or "%, " in p for p in parts[1:]), parts
+    assert os.listdir(tmp_path) == ["bench.md"]

@@ -353,6 +353,7 @@ CASES = [
     case("bench/windows-zero", ["bench", "--models", "tiny", "--precisions", "fp32", "--windows", "0"], "--windows 0"),
     case("bench/precision-unknown", ["bench", "--models", "tiny", "--precisions", "fp64", "--steps", "1"], "--precisions fp64"),
     case("bench/model-unknown", ["bench", "--models", "nosuch", "--precisions", "fp32", "--steps", "1"], "--models nosuch"),
+    case("bench/checkpoint-model-unknown", ["bench", "--checkpoint", "--models", "nosuch"], "--models nosuch"),
     case("bench/new-tokens-too-many", ["bench", "--generate", "--models", "tiny", "--precisions", "fp32", "--new-tokens", "300"], "--new-tokens 300"),
     case("bench/new-tokens-zero", ["bench", "--generate", "--models", "tiny", "--precisions", "fp32", "--new-tokens", "0"], "--new-tokens 0"),
     case("bench/out-in-missing-directory", ["bench", "--models", "tiny", "--precisions", "fp32", "--steps", "1", "--out", "{tmp}/none/b.md"], "--out {tmp}/none/b.md", out="{tmp}/none"),
