@@ -151,7 +151,6 @@ class AsyncCheckpointer:
         if self.group is None:  # one process without a group: DCP saves it alone, as meant
             warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         self._pending: Future | None = None
-        self._staging: dict = {}  # the strategy's, kept between saves (the host copy's buffers)
 
     def save(
         self,
@@ -174,7 +173,7 @@ class AsyncCheckpointer:
         try:
             _prepare(root, tmp, main=strategy.is_main)  # before any rank writes into tmp
             finish = strategy.start_save_state(
-                tmp, model=model, optimizer=optimizer, group=self.group, staging=self._staging
+                tmp, model=model, optimizer=optimizer, group=self.group
             )
             files = _small_files(strategy, trainer_state, config_yaml)  # as they are now
         except _SAVE_FAILURES as exc:

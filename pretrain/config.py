@@ -396,9 +396,8 @@ class CheckpointConfig:
     """Keep this many most recent checkpoints (older ones are deleted after a good save)."""
     async_save: bool = False
     """Write checkpoints in the background: training stalls only while model and optimizer
-    state are copied to host memory (one more copy of this rank's state in RAM, kept for the
-    run: each save copies into the same buffers). The files, the checks and the atomic rules
-    are the synchronous save's: `latest` moves only once every rank's files are fsynced and
+    state are copied to host memory (one more copy of this rank's state in RAM while a save is
+    in flight). The files, the checks and the atomic rules are the synchronous save's: `latest` moves only once every rank's files are fsynced and
     all ranks agree they were. One save at a time: the next save, a rollback and the end of
     training wait for the one in flight, and its failure (e.g. a full disk) is reported
     there. A checkpoint counts (it is the one a rollback or an error names) once it is

@@ -253,19 +253,13 @@ class Strategy(ABC):
         return {}
 
     def start_save_state(
-        self,
-        directory: str,
-        *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        group,
-        staging: dict,
+        self, directory: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, group
     ) -> Callable[[WriteFile], None]:
         """``save_state`` in two halves, for ``checkpoint.async_save`` (every rank together):
         copy the state to host memory and start writing it under ``directory`` in the
         background, collectives on ``group``; return ``finish(write_file)``, which the
-        background thread calls to wait for that write and write the rest. ``staging`` is kept
-        by the caller between saves (see ``pretrain.parallel.state.start_dcp_save``)."""
+        background thread calls to wait for that write and write the rest (see
+        ``pretrain.parallel.state.start_dcp_save``)."""
         if not self.async_checkpoints:
             raise ConfigurationError(
                 f"parallel.strategy={self.name} has no asynchronous checkpoints; set "
@@ -278,7 +272,6 @@ class Strategy(ABC):
             optimizer=optimizer,
             extra=self.extra_state(),
             group=group,
-            staging=staging,
         )
 
     def unwrap(self, model: nn.Module) -> nn.Module:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import glob
-import inspect
 import io
 import os
 import shutil
@@ -64,7 +63,7 @@ def save_dcp_state(strategy, directory: str, *, model, optimizer, write_file, ex
 
 
 def start_dcp_save(
-    strategy, directory: str, *, model, optimizer, extra: dict, group, staging: dict
+    strategy, directory: str, *, model, optimizer, extra: dict, group
 ) -> Callable[[WriteFile], None]:
     """``save_dcp_state`` in two halves (``checkpoint.async_save``). Now, on the training
     thread: model and optimizer state are copied to host memory (``dcp.async_save`` stages
@@ -73,18 +72,17 @@ def start_dcp_save(
     Returned: ``finish(write_file)``, for the background thread: it waits for that write
     (every rank's shards are on disk and fsynced when DCP's save returns on rank 0, which
     coordinates it), then rank 0 writes model.safetensors, read back from dcp/, and extra.pt.
-    ``staging``: what a run's saves share (the caller keeps it between saves): one stager, so
-    that every save after the first copies into the same host buffers."""
+    The host copy is torch's default staging: new buffers for each save, freed once it is
+    written (buffers kept across saves would hold a copy for the whole run for a few percent of
+    the copy's time on a CPU)."""
     import torch.distributed.checkpoint as dcp
 
     plain, _, model_sd, optim_sd = _state_dicts(strategy, model, optimizer)
     tied, extra_bytes = _tied(plain), _to_bytes(extra)  # as they are now, not when it finishes
-    stager = _stager(staging)
     response = dcp.async_save(
         {"model": model_sd, "optim": optim_sd},
         checkpoint_id=os.path.join(directory, "dcp"),
         process_group=group,
-        **({"async_stager": stager} if stager is not None else {}),
     )
     # a Future; an AsyncSaveResponse (staging and upload) when torch stages in the background
     written = getattr(response, "upload_completion", response)
@@ -95,22 +93,6 @@ def start_dcp_save(
             _write_main_files(directory, tied=tied, extra=extra_bytes, write_file=write_file)
 
     return finish
-
-
-def _stager(staging: dict):
-    """The run's DCP stager: it copies each save's state into the host buffers of the previous
-    save (no new allocation, no page faults: about half the stall on a CPU), at the cost of
-    keeping that copy for the run. None where this torch's ``async_save`` takes no stager (it
-    then makes a new copy each time). Staged synchronously, as torch's own default does."""
-    import torch.distributed.checkpoint as dcp
-
-    if "stager" not in staging:
-        staging["stager"] = None
-        if "async_stager" in inspect.signature(dcp.async_save).parameters:
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            staging["stager"] = DefaultStager(StagingOptions(False, False, False, False))
-    return staging["stager"]
 
 
 def _tied(plain) -> bool:
