@@ -248,7 +248,12 @@ class LoopConfig:
     eval_interval: int = 100
     """Validate every this many steps (and at the end); 0 = only at the end."""
     compile: bool = False
-    """Compile the model with torch.compile."""
+    """Compile each transformer block with torch.compile (fullgraph, inductor), after tensor
+    parallel and activation checkpointing, before FSDP sharding or the DDP wrapper; parameter
+    names and checkpoints do not change. The first steps pay the compile time (cached on disk
+    for later runs: TORCHINDUCTOR_CACHE_DIR). Where the backend cannot compile (no C++
+    compiler on a CPU, no Triton on a GPU) one warning says so and the run continues eagerly.
+    ddp, fsdp, tensor and pipeline parallel; not with deepspeed."""
     timing_sync: bool = False
     """Wait for the GPU at each phase boundary of a step, so that the metrics rows' time split
     (`time_data`, `time_fwd_bwd`, `time_optim`, `time_other`, `time_checkpoint`: seconds per
@@ -516,6 +521,11 @@ class RunConfig:
             raise ConfigurationError(
                 f"`name`={self.name!r} must be a plain directory name (no '/', no control "
                 "characters)"
+            )
+        if self.train.compile and self.parallel.strategy == "deepspeed":
+            raise ConfigurationError(
+                "`train.compile=true` is not supported with parallel.strategy=deepspeed; use "
+                "train.compile=false, or parallel.strategy=ddp or fsdp"
             )
         policy = self.train.on_anomaly
         if policy != "stop" and self.parallel.strategy == "deepspeed":

@@ -11,8 +11,9 @@ both:
    group exists (the CLI runs it before it starts workers, too);
 2. the strategy joins the process group; the resume target is found and checked against this
    run (state format, tokenizer, what the workload checks);
-3. the model is built from the common seed (identical weights on every rank), optionally
-   compiled, handed to the strategy with its optimizer; schedule; per-rank dropout streams;
+3. the model is built from the common seed (identical weights on every rank) and handed to
+   the strategy with its optimizer (which compiles each block where asked); schedule; per-rank
+   dropout streams;
 4. batches of this rank's data-parallel share, validation batches, the checkpoint saver, the
    trainer; resume loads model, optimizer, counters, data position and callback state;
 5. rank 0 writes the run directory (config, provenance, metric sinks, progress) and says what
@@ -515,8 +516,7 @@ class RunSession:
         if tcfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         fpt = work.flops_per_token(model)
-        if tcfg.compile:
-            model = torch.compile(model)
+        strategy.compile_blocks = tcfg.compile  # each block, inside prepare (apply_compile)
         model, optimizer = strategy.prepare(
             model,
             lambda m: build_optimizer(m, cfg.optim),

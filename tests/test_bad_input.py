@@ -183,6 +183,7 @@ CASES = [
     case("pretrain/keep-last-zero", [*PRETRAIN, "checkpoint.keep_last=0"], "`checkpoint.keep_last` >= 1", out=RUNS),
     case("pretrain/async-save-with-deepspeed", [*PRETRAIN, "parallel.strategy=deepspeed", "parallel.zero_stage=1", "checkpoint.async_save=true"], "`checkpoint.async_save=true` does not work with parallel.strategy=deepspeed", out=RUNS),
     case("pretrain/precision-unknown", [*PRETRAIN, "train.precision=fp8"], "config key `train.precision`", out=RUNS),
+    case("pretrain/compile-with-deepspeed", [*PRETRAIN, "train.compile=true", "parallel.strategy=deepspeed"], "`train.compile=true` is not supported with parallel.strategy=deepspeed", out=RUNS),
     case("pretrain/name-empty", [*PRETRAIN, "name="], "config key `name`", out=RUNS),
     case("pretrain/tensor-parallel-does-not-divide-nproc", [*PRETRAIN, "parallel.tensor_parallel=2", "--nproc", "3"], "world_size must be a multiple of tensor_parallel*pipeline_parallel=2", out=RUNS),
     case("pretrain/pipeline-does-not-divide-nproc", [*PRETRAIN, "parallel.pipeline_parallel=2", "--nproc", "3"], "world_size must be a multiple of tensor_parallel*pipeline_parallel=2", out=RUNS),

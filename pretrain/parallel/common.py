@@ -117,6 +117,63 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = forward
 
 
+class _CompileFallback:
+    """What the compiled blocks of one model share: once a compile fails, every block runs
+    eagerly (one line says so, on rank 0)."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.failed:
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            reason = (lines[0] if lines else type(exc).__name__)[:240]
+            pdist.print0(
+                f"warning: train.compile: torch.compile failed ({reason}); the run continues "
+                "in eager mode"
+            )
+        self.failed = True
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile every transformer block's forward with ``torch.compile(fullgraph=True)``: one
+    graph, which the blocks share (same code, same shapes). Like activation checkpointing, the
+    forward is replaced in place: parameter names, and so checkpoints, do not change. Call it
+    after tensor parallel and activation checkpointing (which it then compiles too) and before
+    FSDP sharding or DDP wrapping, whose hooks stay outside the compiled graph.
+
+    Training calls (gradients on) run compiled; evaluation and generation (no gradients, or a
+    KV cache) run eagerly, sparing a second compile for what is a small share of a run. The
+    first call compiles the backward with the forward, so a backend that cannot compile (no C++
+    compiler for inductor on a CPU, no Triton on a GPU, an op it cannot trace) fails there; every
+    block then runs eagerly for the rest of the run, with one warning line."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    def settled(x):
+        # Tensor parallel's redistributions are asynchronous: the first block's input is the
+        # embedding's pending reduce-scatter. A copy waits for it (differentiably), so that the
+        # compiled graph only ever sees plain tensors (AOTAutograd mishandles the pending kind:
+        # a wrong gradient for it, or a graph traced on one kind handed the other).
+        return x.clone() if isinstance(x, AsyncCollectiveTensor) else x
+
+    fallback = _CompileFallback()
+    for block in blocks(model):
+        eager = block.forward
+        compiled = torch.compile(eager, fullgraph=True)
+
+        def forward(x, cos, sin, cache=None, _eager=eager, _compiled=compiled):
+            if fallback.failed or cache is not None or not torch.is_grad_enabled():
+                return _eager(x, cos, sin) if cache is None else _eager(x, cos, sin, cache)
+            try:
+                with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                    return _compiled(settled(x), cos, sin)
+            except torch._dynamo.exc.TorchDynamoException as exc:
+                fallback.fail(exc)
+                return _eager(x, cos, sin)
+
+        block.forward = forward
+
+
 def close_process_group() -> None:
     """Leave the process group cleanly (a barrier first avoids gloo's exit-time abort)."""
     if dist.is_available() and dist.is_initialized():
@@ -174,6 +231,8 @@ class Strategy(ABC):
     # The unwrapped model is whole on every rank and runs a plain forward outside the training
     # step (what sampled generations during training need).
     whole_model_per_rank: bool = False
+    # ``prepare`` compiles each transformer block (``train.compile``; see apply_compile).
+    compile_blocks: bool = False
     # ``start_save_state`` works (``checkpoint.async_save``): the state is written through DCP.
     async_checkpoints: bool = True
 
@@ -275,8 +334,8 @@ class Strategy(ABC):
         )
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        """The plain module under wrappers (torch.compile; DDP and engines in subclasses)."""
-        return getattr(model, "_orig_mod", model)
+        """The plain module under wrappers (DDP and engines in subclasses)."""
+        return model
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The context the forward runs in (mixed precision where the wrapper does not cast)."""

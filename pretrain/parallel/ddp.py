@@ -16,6 +16,7 @@ from pretrain.parallel.common import (
     StepShape,
     Strategy,
     apply_activation_checkpointing,
+    apply_compile,
     resolve_precision,
     use_cuda,
 )
@@ -66,15 +67,17 @@ class DDPStrategy(Strategy):
         """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``."""
         if self.activation_checkpointing:
             apply_activation_checkpointing(model)
+        if self.compile_blocks:  # after checkpointing, before the DDP wrapper
+            apply_compile(model)
         # Mixed precision: Accelerate wraps forward in autocast and returns fp32 outputs.
         return self.accelerator.prepare(model, make_optimizer(model))
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        """The plain model under DDP / torch.compile wrappers. (Accelerate's unwrap_model would
-        import deepspeed whenever it is installed: DeepSpeed loads only for its strategies.)"""
+        """The plain model under the DDP wrapper. (Accelerate's unwrap_model would import
+        deepspeed whenever it is installed: DeepSpeed loads only for its strategies.)"""
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             model = model.module
-        return getattr(model, "_orig_mod", model)
+        return model
 
     def no_sync(self, model: nn.Module, *, sync: bool):
         return contextlib.nullcontext() if sync else self.accelerator.no_sync(model)

@@ -23,6 +23,7 @@ from pretrain.parallel.common import (
     Strategy,
     all_reduce_grads,
     apply_activation_checkpointing,
+    apply_compile,
     blocks,
     join_process_group,
 )
@@ -105,6 +106,8 @@ class MeshStrategy(Strategy):
             apply_tensor_parallel(model, self.mesh["tp"])
         if self.activation_checkpointing:  # after TP, before sharding (torchtitan's order)
             apply_activation_checkpointing(model)
+        if self.compile_blocks:  # after TP and checkpointing, before sharding
+            apply_compile(model)
         if self.shard:
             policy = MixedPrecisionPolicy(
                 param_dtype=self.compute_dtype, reduce_dtype=torch.float32

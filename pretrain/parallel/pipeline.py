@@ -26,6 +26,7 @@ from pretrain.parallel.common import (
     Strategy,
     all_reduce_grads,
     apply_activation_checkpointing,
+    apply_compile,
     join_process_group,
 )
 from pretrain.parallel.state import load_dcp_state, save_dcp_state
@@ -113,6 +114,8 @@ class PipelineStrategy(Strategy):
         ).to(self.device)
         if self.activation_checkpointing:
             apply_activation_checkpointing(stage)
+        if self.compile_blocks:
+            apply_compile(stage)
         self.stage = PipelineStage(
             stage, self.stage_index, self.pp, self.device, group=self.pp_group
         )
