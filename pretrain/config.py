@@ -238,9 +238,12 @@ class LoopConfig:
     """Samples per forward/backward on each rank."""
     max_steps: int | None = None
     """Optimizer steps to run."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp8"] = "auto"
     """Mixed precision: auto = bf16 where supported (CPU with bf16 ops, Ampere+), else fp16 on
-    GPUs, else fp32."""
+    GPUs, else fp32. fp8: the transformer blocks' projections compute in float8 (torchao,
+    dynamic per-tensor scales; float8 all-gathers under fsdp), the rest in bf16; needs an NVIDIA
+    GPU of compute capability 8.9+ (H100-class) and torchao (`pip install torchao`), under ddp
+    or fsdp without tensor or pipeline parallel. MFU is then measured against the bf16 peak."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0 disables)."""
     log_interval: int = 10

@@ -192,6 +192,12 @@ class Layout:
                 "train.precision=fp16 needs loss scaling, which lmforge does under ddp and "
                 "deepspeed only; use train.precision=bf16 with fsdp, tensor or pipeline parallel"
             )
+        if precision == "fp8" and (self.strategy == "deepspeed" or tp > 1 or pp > 1):
+            raise ConfigurationError(
+                f"train.precision=fp8 runs under ddp and fsdp without tensor or pipeline "
+                f"parallel (got strategy={self.strategy}, tensor_parallel={tp}, "
+                f"pipeline_parallel={pp}); use train.precision=bf16 for this layout"
+            )
 
     # --- the mesh -------------------------------------------------------------------------------
     def mesh(self, device_type: str) -> DeviceMesh:

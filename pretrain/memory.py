@@ -107,7 +107,7 @@ def estimate_memory(
     grad_accum: int,
 ) -> MemoryEstimate:
     """Per-rank bytes of a layout on its busiest rank (``model`` is a ModelConfig with
-    vocab_size set; ``precision`` is resolved: fp32, bf16 or fp16)."""
+    vocab_size set; ``precision`` is resolved: fp32, bf16, fp16 or fp8, estimated as bf16)."""
     layout = Layout(parallel, world_size)
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     s = _param_split(model)
@@ -121,7 +121,7 @@ def estimate_memory(
         n_local = max(layers * block + embedding, (s["layers"] // pp) * block + head)
 
     ds = layout.strategy == "deepspeed"
-    half = precision in ("bf16", "fp16")
+    half = precision in ("bf16", "fp16", "fp8")  # fp8: bf16 copies (float8 ones are smaller)
     param_bytes = 2 if (ds and half) else 4
 
     params = n_local * param_bytes / (dp if layout.shards_params else 1)

@@ -30,6 +30,16 @@ INVALID_UTF8 = b"caf\xe9 au lait\n\xff\xfe not text\n"
 HUGE = "x" * (3 << 20)  # one 3 MiB line
 
 
+def _trains_in_float8() -> str | None:
+    """Why train.precision=fp8 is not refused here (a float8 GPU with torchao), or None."""
+    from pretrain.parallel.common import use_cuda
+    from pretrain.parallel.float8 import float8_problem
+
+    if float8_problem("cuda" if use_cuda() else "cpu") is None:
+        return "this machine trains in float8"
+    return None
+
+
 def _copy(source: str):
     """A files entry: a copy of the shared fixture directory ``source`` (a placeholder)."""
 
@@ -55,10 +65,13 @@ def _fill(text: str, values: dict) -> str:
     return text
 
 
-def case(id_, argv, expect, *, files=None, out=None, proc=False, xfail=None):
+def case(id_, argv, expect, *, files=None, out=None, proc=False, xfail=None, skip=None):
     """One bad command line: ``expect`` is in its one error line; ``out`` (a placeholder path)
-    is what it must not have written; ``proc``: run the CLI in a subprocess."""
+    is what it must not have written; ``proc``: run the CLI in a subprocess; ``skip``: why this
+    input is not bad on this machine (None: it is)."""
     marks = [pytest.mark.xfail(strict=True, reason=xfail)] if xfail else []
+    if skip:
+        marks.append(pytest.mark.skip(reason=skip))
     return pytest.param(argv, expect, files or {}, out, proc, id=id_, marks=marks)
 
 
@@ -182,7 +195,10 @@ CASES = [
     case("pretrain/lr-nan", [*PRETRAIN, "optim.lr=nan"], "`optim.lr` must be > 0, got nan", out=RUNS),
     case("pretrain/keep-last-zero", [*PRETRAIN, "checkpoint.keep_last=0"], "`checkpoint.keep_last` >= 1", out=RUNS),
     case("pretrain/async-save-with-deepspeed", [*PRETRAIN, "parallel.strategy=deepspeed", "parallel.zero_stage=1", "checkpoint.async_save=true"], "`checkpoint.async_save=true` does not work with parallel.strategy=deepspeed", out=RUNS),
-    case("pretrain/precision-unknown", [*PRETRAIN, "train.precision=fp8"], "config key `train.precision`", out=RUNS),
+    case("pretrain/precision-unknown", [*PRETRAIN, "train.precision=fp4"], "config key `train.precision`", out=RUNS),
+    case("pretrain/fp8-without-a-float8-gpu", [*PRETRAIN, "train.precision=fp8"], "train.precision=fp8 needs an NVIDIA GPU with float8 (compute capability 8.9+, H100-class) and torchao; ", out=RUNS, skip=_trains_in_float8()),
+    case("pretrain/fp8-with-deepspeed", [*PRETRAIN, "train.precision=fp8", "parallel.strategy=deepspeed"], "train.precision=fp8 runs under ddp and fsdp without tensor or pipeline parallel (got strategy=deepspeed", out=RUNS),
+    case("pretrain/fp8-with-tensor-parallel", [*PRETRAIN, "train.precision=fp8", "parallel.tensor_parallel=2", "--nproc", "2"], "(got strategy=ddp, tensor_parallel=2, pipeline_parallel=1); use train.precision=bf16", out=RUNS),
     case("pretrain/compile-with-deepspeed", [*PRETRAIN, "train.compile=true", "parallel.strategy=deepspeed"], "`train.compile=true` is not supported with parallel.strategy=deepspeed", out=RUNS),
     case("pretrain/name-empty", [*PRETRAIN, "name="], "config key `name`", out=RUNS),
     case("pretrain/tensor-parallel-does-not-divide-nproc", [*PRETRAIN, "parallel.tensor_parallel=2", "--nproc", "3"], "world_size must be a multiple of tensor_parallel*pipeline_parallel=2", out=RUNS),

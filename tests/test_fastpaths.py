@@ -1,9 +1,12 @@
 """The fast paths, in real runs: `train.compile` (each transformer block compiled with
 torch.compile) under DDP, FSDP with activation checkpointing and tensor parallel on 2 gloo
-processes.
+processes, and `train.precision=fp8` (torchao float8 training).
 
 Compiled runs give the eager run's losses within bf16 tolerance, write the same checkpoint keys,
 resume exactly, and fall back to eager mode in one line where inductor has no C++ compiler.
+float8 needs a float8 GPU and torchao (the refusals are in tests/test_bad_input.py); here the
+choice of layers runs everywhere and the conversion under FSDP2 where torchao is installed (on
+torch's CPU float8 matmuls); scripts/check_fp8_gpu.py checks whole runs on a GPU.
 
 Compiling is slow on a small CPU: the runs are the smallest model, shared between the tests
 (each made once per module, when a test first asks for it); inductor's on-disk cache makes
@@ -16,9 +19,11 @@ import os
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import lmforge
+from tests.distributed import run_distributed
 from tests.runs import TINY, _rows, checkpoint_weights, latest_checkpoint, read_metrics
 
 STEPS = 20
@@ -132,3 +137,76 @@ def test_compile_without_a_compiler_continues_eagerly(runs, tmp_path):
     assert len(warnings) == 1, warnings
     assert "C++ compiler" in warnings[0] and "continues in eager mode" in warnings[0]
     assert losses(fallback) == losses(eager)
+
+
+# --- train.precision=fp8 ---------------------------------------------------------------------
+
+
+def test_float8_takes_the_block_projections_only():
+    """The blocks' projections whose dimensions are multiples of 16 compute in float8; the head,
+    other dimensions and projections wrapped by LoRA stay in bf16."""
+    from pretrain.config import ModelConfig
+    from pretrain.model import GPT
+    from pretrain.parallel.float8 import float8_eligible
+
+    model = GPT(ModelConfig(n_layer=1, n_head=4, d_model=64, ffn_hidden=72, vocab_size=512))
+    chosen = [name for name, m in model.named_modules() if float8_eligible(m, name)]
+    assert chosen == [f"layers.0.attention.{w}" for w in ("wq", "wk", "wv", "wo")]
+    assert not float8_eligible(model.output, "output")  # 64 x 512: the head, by name
+    wq = model.layers[0].attention.wq
+    assert not float8_eligible(wq, "base_model.model.layers.0.attention.wq.base_layer")
+
+
+def _float8_fsdp(rank: int, world: int, precision: str) -> dict:
+    """6 steps of FSDP2 on 2 gloo ranks through MeshStrategy."""
+    from pretrain.config import ModelConfig, OptimConfig, ParallelConfig
+    from pretrain.layout import Layout
+    from pretrain.loss import causal_lm_loss
+    from pretrain.model import GPT
+    from pretrain.optim import build_optimizer, build_scheduler
+    from pretrain.parallel.mesh import MeshStrategy
+
+    optim = OptimConfig(lr=3e-3, warmup_steps=1)
+    strategy = MeshStrategy(precision="bf16", layout=Layout(ParallelConfig(strategy="fsdp"), world))
+    # The preflight refuses float8 on a CPU; past it, the strategy's float8 path runs as on a
+    # GPU, on torch's CPU float8 matmuls.
+    strategy.precision = precision
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=4, d_model=64, max_seq_len=32, vocab_size=512))
+    names = sorted(model.state_dict())
+    model, optimizer = strategy.prepare(model, lambda m: build_optimizer(m, optim))
+    scheduler = build_scheduler(optimizer, total_steps=6, cfg=optim)
+    data = torch.Generator().manual_seed(rank)
+    out = []
+    for _ in range(6):
+        ids = torch.randint(0, 512, (2, 33), generator=data)
+        batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}
+        out.append(float(strategy.forward_backward(model, [batch], causal_lm_loss)))
+        strategy.step(model, optimizer, scheduler, grad_clip=1.0)
+    float8 = [n for n, m in model.named_modules() if type(m).__name__ == "Float8Linear"]
+    scaled = [
+        m.weight._local_tensor._precomputed_scale is not None
+        for m in model.modules()
+        if type(m).__name__ == "Float8Linear"
+    ]
+    return {
+        "losses": out,
+        "same_names": sorted(model.state_dict()) == names,
+        "float8": float8,
+        "scaled": all(scaled),
+    }
+
+
+def test_float8_under_fsdp_tracks_bf16():
+    """FSDP2 with float8 all-gathers: the 14 block projections convert (not the head), the
+    parameter names stay, every weight's scale is precomputed after a step, and 6 steps give
+    the bf16 run's losses within tolerance."""
+    pytest.importorskip("torchao.float8")
+    fp8 = run_distributed(_float8_fsdp, "fp8")
+    bf16 = run_distributed(_float8_fsdp, "bf16")
+    for rank in range(2):
+        got = fp8[rank]
+        assert got["same_names"] and got["scaled"]
+        assert len(got["float8"]) == 14 and not any("output" in n for n in got["float8"])
+        worst = max(abs(a - b) for a, b in zip(got["losses"], bf16[rank]["losses"], strict=True))
+        assert worst < BF16_TOLERANCE, f"float8 differs from bf16 by {worst:.4f}"

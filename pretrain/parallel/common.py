@@ -20,9 +20,16 @@ from pretrain import dist as pdist
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.loss import Batch, LossFn
+from pretrain.parallel.float8 import check_float8
 from pretrain.parallel.state import WriteFile, start_dcp_save
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# The compute dtype of each precision (fp8: bf16 outside the float8 matmuls; parallel/float8.py).
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp8": torch.bfloat16,
+}
 
 
 def cpu_supports_bf16() -> bool:
@@ -36,7 +43,8 @@ def cpu_supports_bf16() -> bool:
 
 
 def resolve_precision(precision: str, *, device_type: str) -> str:
-    """auto -> bf16 where it is fast and supported, fp16 on older GPUs, fp32 otherwise."""
+    """auto -> bf16 where it is fast and supported, fp16 on older GPUs, fp32 otherwise; fp8
+    only where float8 training runs (else one line saying why not)."""
     if precision == "auto":
         if device_type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -46,6 +54,8 @@ def resolve_precision(precision: str, *, device_type: str) -> str:
             "`train.precision=fp16` needs a GPU (loss scaling on CPU is not supported); "
             "use bf16 or fp32"
         )
+    if precision == "fp8":
+        check_float8(device_type)
     return precision
 
 
@@ -221,7 +231,7 @@ class Strategy(ABC):
 
     Every strategy is built the same way, ``Strategy(precision=..., layout=...)`` (the layout
     carries the run's ``parallel`` section): it joins the process group and picks the device,
-    then sets ``device`` and ``precision`` (resolved: fp32, bf16 or fp16). Subclasses implement
+    then sets ``device`` and ``precision`` (resolved: fp32, bf16, fp16 or fp8). Subclasses implement
     ``prepare``, ``step``, ``save_state`` and ``load_state``; the rest has defaults that suit
     most of them."""
 

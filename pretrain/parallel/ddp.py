@@ -20,6 +20,7 @@ from pretrain.parallel.common import (
     resolve_precision,
     use_cuda,
 )
+from pretrain.parallel.float8 import convert_to_float8
 from pretrain.parallel.state import load_dcp_state, save_dcp_state
 
 
@@ -39,7 +40,8 @@ class DDPStrategy(Strategy):
         # Deterministic cuBLAS (train.deterministic) needs this before the first CUDA call.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.precision = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
-        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[self.precision]
+        # fp8: the float8 layers cast their own inputs; the rest runs under bf16 autocast
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "fp8": "bf16"}[self.precision]
         # Accelerate on CPU is silently single-process unless cpu=True: N ranks would train N
         # unsynchronised copies. The backend is named only when there are several processes
         # (else Accelerate wants a process group).
@@ -65,6 +67,8 @@ class DDPStrategy(Strategy):
         self, model: nn.Module, make_optimizer: MakeOptimizer, shape: StepShape = StepShape()
     ) -> tuple[nn.Module, torch.optim.Optimizer]:
         """Wrap ``model`` and build its optimizer with ``make_optimizer(model)``."""
+        if self.precision == "fp8":
+            convert_to_float8(model, fsdp=False)
         if self.activation_checkpointing:
             apply_activation_checkpointing(model)
         if self.compile_blocks:  # after checkpointing, before the DDP wrapper

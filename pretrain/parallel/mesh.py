@@ -27,6 +27,7 @@ from pretrain.parallel.common import (
     blocks,
     join_process_group,
 )
+from pretrain.parallel.float8 import convert_to_float8, precompute_fsdp_scales
 from pretrain.parallel.state import load_dcp_state, save_dcp_state
 
 
@@ -102,6 +103,9 @@ class MeshStrategy(Strategy):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         model.to(self.device)
+        fp8 = self.precision == "fp8"
+        if fp8:  # before TP and sharding (torchao's order); Layout refuses fp8 with TP
+            convert_to_float8(model, fsdp=self.shard)
         if self.tp > 1:
             apply_tensor_parallel(model, self.mesh["tp"])
         if self.activation_checkpointing:  # after TP, before sharding (torchtitan's order)
@@ -116,7 +120,10 @@ class MeshStrategy(Strategy):
                 fully_shard(block, mesh=self.mesh["dp"], mp_policy=policy)
             fully_shard(model, mesh=self.mesh["dp"], mp_policy=policy)
         # The optimizer must see the DTensor parameters that TP / fully_shard installed.
-        return model, make_optimizer(model)
+        optimizer = make_optimizer(model)
+        if fp8 and self.shard:  # float8 all-gathers: every weight's scale after each update
+            optimizer.register_step_post_hook(lambda *_: precompute_fsdp_scales(model))
+        return model, optimizer
 
     def autocast(self):
         if self.shard or self.precision == "fp32":  # FSDP casts through its policy
@@ -142,3 +149,5 @@ class MeshStrategy(Strategy):
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
         load_dcp_state(self, directory, model=model, optimizer=optimizer)
+        if self.precision == "fp8" and self.shard:  # the scales of the loaded weights
+            precompute_fsdp_scales(model)
