@@ -163,12 +163,9 @@ def lmforge_candidate(
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a new precision per case
     strategy = build_strategy(precision=precision)
+    strategy.compile_blocks = compile  # as train.compile: each block, inside prepare
     torch.manual_seed(0)
     model = GPT(cfg)
-    if compile:
-        from pretrain.parallel.common import apply_compile
-
-        apply_compile(model)
     model, opt = strategy.prepare(model, lambda m: build_optimizer(m, OptimConfig()))
     sched = build_scheduler(opt, total_steps=10**9, cfg=OptimConfig(warmup_steps=0))
     trainer = Trainer(
