@@ -247,6 +247,11 @@ def interleave(
     return times, losses
 
 
+def _ratio_name(name: str) -> str:
+    """The ratio column of a candidate: lmforge against it, or compiled against eager."""
+    return "compile/eager" if name == "lmforge+compile" else f"lmforge/{name}"
+
+
 def run_bench(
     *,
     models: list[str],
@@ -276,7 +281,7 @@ def run_bench(
         "| model | params | dtype | "
         + " | ".join(f"{n} tok/s (spread)" for n in names)
         + " | MFU lmforge | "
-        + " | ".join(f"lmforge/{n}" for n in names if n != "lmforge")
+        + " | ".join(_ratio_name(n) for n in names if n != "lmforge")
         + " | lmforge step: data / fwd+bwd / optim / other |",
         "|---" * (4 + 2 * len(names)) + "|",
     ]
@@ -301,7 +306,13 @@ def run_bench(
                 f"{med[n]:,.0f} ({min(tps[n]) / med[n] - 1:+.0%}/{max(tps[n]) / med[n] - 1:+.0%})"
                 for n in names
             ]
-            ratios = [f"{med['lmforge'] / med[n]:.3f}" for n in names if n != "lmforge"]
+            ratios = [
+                f"{med[n] / med['lmforge']:.3f}"
+                if n == "lmforge+compile"
+                else f"{med['lmforge'] / med[n]:.3f}"
+                for n in names
+                if n != "lmforge"
+            ]
             step_s = sum(split[f"time_{k}"] for k in ("data", "fwd_bwd", "optim", "other"))
             shares = " / ".join(
                 f"{split[f'time_{k}'] / step_s:.0%}" for k in ("data", "fwd_bwd", "optim", "other")

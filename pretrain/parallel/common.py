@@ -167,6 +167,13 @@ def apply_compile(model: nn.Module) -> None:
         return x.clone() if isinstance(x, AsyncCollectiveTensor) else x
 
     fallback = _CompileFallback()
+    # The backward is compiled at the first call too (where a failing backend is caught); an
+    # older torch without this switch compiles it at the first backward.
+    eager_backward = (
+        {"force_non_lazy_backward_lowering": True}
+        if hasattr(torch._functorch.config, "force_non_lazy_backward_lowering")
+        else {}
+    )
     for block in blocks(model):
         eager = block.forward
         compiled = torch.compile(eager, fullgraph=True)
@@ -175,7 +182,7 @@ def apply_compile(model: nn.Module) -> None:
             if fallback.failed or cache is not None or not torch.is_grad_enabled():
                 return _eager(x, cos, sin) if cache is None else _eager(x, cos, sin, cache)
             try:
-                with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                with torch._functorch.config.patch(eager_backward):
                     return _compiled(settled(x), cos, sin)
             except torch._dynamo.exc.TorchDynamoException as exc:
                 fallback.fail(exc)
