@@ -660,6 +660,10 @@ def _check_out_file(out: str | None) -> None:
 
     if os.path.isdir(out):
         raise ConfigurationError(f"--out {out} is a directory; give a file name")
+    if os.path.isfile(out):  # replaced by the new results
+        if not os.access(out, os.W_OK):
+            raise ConfigurationError(f"--out {out} is not writable; give another file name")
+        return
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.lexists(parent):
         raise ConfigurationError(f"--out {out}: no directory {parent}; create it first")

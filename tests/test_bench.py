@@ -53,3 +53,14 @@ def test_table_has_a_row_per_case_with_ratios_and_split(tmp_path) -> None:
         assert all(0.2 < r < 5 for r in ratios)
         shares = [int(p.rstrip("%")) for p in cells[9].split(" / ")]
         assert 97 <= sum(shares) <= 103 and shares[1] > 50  # forward+backward dominates
+
+
+def test_out_replaces_an_existing_file(tmp_path) -> None:
+    """`--out FILE` of an earlier run is replaced by the new table (not refused)."""
+    from launcher.cli import main
+
+    out = tmp_path / "bench.md"
+    out.write_text("an earlier table\n")
+    args = ["bench", "--models", "tiny", "--precisions", "fp32", "--steps", "1", "--windows", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert out.read_text().startswith("lmforge bench: ")
