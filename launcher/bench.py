@@ -563,16 +563,16 @@ def run_strategy_bench(
         f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{time.strftime('%Y-%m-%d')}",
         "",
-        "| model | strategy | procs | dtype | tokens/s | vs first | MFU "
+        "| model | strategy | procs | dtype | tokens/s | vs first strategy | MFU "
         "| s/step: data / fwd+bwd / optim / other | peak GiB/rank | estimate GiB (runtime + "
         "training) | training measured/estimate |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    base: float | None = None
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as runs:
         for model in models or [None]:
             for precision in precisions:
+                base: float | None = None  # the first strategy of this model and precision
                 for name, nproc in strategies:
                     run = f"{model or 'demo'}-{name}-{nproc}-{precision}"
                     overrides = [
