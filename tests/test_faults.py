@@ -147,7 +147,9 @@ def test_resume_auto_falls_back_past_a_corrupt_checkpoint(
     for step in (12, 14):  # now every checkpoint is corrupt
         _flip_last_byte(os.path.join(root, f"step_{step:08d}", "trainer_state.json"))
     line = _one_line(lmforge("pretrain", *base, "resume=auto", check=False))
-    assert line == f"error: no checkpoint under {root} verifies; start a new run with another name=..."
+    assert (
+        line == f"error: no checkpoint under {root} verifies; start a new run with another name=..."
+    )
 
 
 @pytest.mark.parametrize(
