@@ -322,8 +322,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--steps",
         type=int,
-        help="timed steps per window of each candidate (default 4); with --strategies, the "
-        "steps of each run (default 20)",
+        help="timed steps per window of each candidate (default 4; with --gpu 5); with "
+        "--strategies, the steps of each run (default 20)",
     )
     sp.add_argument(
         "--windows",
