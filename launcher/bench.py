@@ -73,10 +73,10 @@ def _finish(lines: list[str], out: str | None) -> str:
     return text
 
 
-def _model_cfg(preset: str) -> ModelConfig:
+def _model_cfg(preset: str, *, vocab: int = VOCAB, seq_len: int = SEQ_LEN) -> ModelConfig:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(here, "configs", "model", f"{preset}.yaml")
-    return load_config(ModelConfig, [path, f"vocab_size={VOCAB}", f"max_seq_len={SEQ_LEN}"])
+    return load_config(ModelConfig, [path, f"vocab_size={vocab}", f"max_seq_len={seq_len}"])
 
 
 def _device() -> torch.device:
@@ -410,12 +410,6 @@ GPU_MODES = {  # name -> (precision, compile)
 }
 
 
-def _gpu_model_cfg(preset: str, seq_len: int) -> ModelConfig:
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(here, "configs", "model", f"{preset}.yaml")
-    return load_config(ModelConfig, [path, f"vocab_size={GPU_VOCAB}", f"max_seq_len={seq_len}"])
-
-
 def _estimate(cfg: ModelConfig, micro_batch: int, seq_len: int) -> float:
     from pretrain.config import ParallelConfig
     from pretrain.memory import estimate_memory
@@ -483,7 +477,7 @@ def run_gpu_bench(
     ]
     print("\n".join(lines), flush=True)
     for preset in models:
-        cfg = _gpu_model_cfg(preset, GPU_SEQ_LEN)
+        cfg = _model_cfg(preset, vocab=GPU_VOCAB, seq_len=GPU_SEQ_LEN)
         fpt = flops_per_token(cfg, GPU_SEQ_LEN)
         mb = largest_micro_batch(cfg, GPU_SEQ_LEN)
         for mode in modes:

@@ -333,12 +333,14 @@ def _error_lines(proc) -> list[str]:
     return [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
 
 
-def test_stop_is_todays_behaviour(tiny_data, tmp_path):
+@pytest.mark.parametrize("saves", [[], ["checkpoint.async_save=true"]], ids=["sync", "async"])
+def test_stop_is_todays_behaviour(tiny_data, tmp_path, saves):
     """The default policy with an injected NaN: exit 3, one line naming the step and the last
-    good checkpoint, nothing saved after it."""
-    proc = _run(tiny_data, str(tmp_path), "stop", fault="loss@3+scale=nan")
+    good checkpoint, nothing saved after it. With background saves, the stop waits for step
+    2's save in flight and names it, as with synchronous saves."""
+    proc = _run(tiny_data, str(tmp_path), "stop", *saves, fault="loss@3+scale=nan")
     run_dir = os.path.join(tmp_path, "stop")
-    assert proc.returncode == 3
+    assert proc.returncode == 3, proc.stderr[-3000:]
     assert _error_lines(proc) == [
         f"error: loss is nan at step 3: stopped without saving; the last good checkpoint is "
         f"{run_dir}/checkpoints/step_00000002. Lower optim.lr, raise optim.warmup_steps or use "
