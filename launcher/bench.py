@@ -538,6 +538,7 @@ def run_strategy_bench(
     steps: int,
     seq_len: int | None = None,
     micro_batch: int | None = None,
+    tensor_peak: bool = False,
     out: str | None,
 ) -> str:
     """Each (model, parallel preset, process count, dtype): a real `lmforge pretrain` on
@@ -545,12 +546,19 @@ def run_strategy_bench(
     presets of configs/model), ``steps`` steps whose first quarter (at least one) is not timed.
     Reports tokens/s and MFU (the mean of the timed rows), the step's time split, and the
     measured peak memory of the largest rank next to the run's estimate (memory.json: what the
-    process held before the model, plus the estimate of what training adds)."""
+    process held before the model, plus the estimate of what training adds). ``tensor_peak``:
+    glibc maps every allocation of 1 MiB or more on its own and unmaps it when freed, so the
+    resident set's high-water mark follows the live tensors, which the estimate counts, rather
+    than the heap glibc keeps for reuse (slower steps)."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     skip = max(1, steps // 4)
     shape = (f", seq {seq_len}" if seq_len else "") + (
         f", micro-batch {micro_batch} per rank" if micro_batch else ""
     )
+    env = dict(os.environ)
+    if tensor_peak:  # a fixed threshold also stops glibc from raising it as blocks are freed
+        env["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
+        shape += ", peaks of live tensors (--tensor-peak: tokens/s slower than normal)"
     lines = [
         f"lmforge bench --strategies: {'demo model' if models is None else ', '.join(models)} "
         f"on {data}{shape}, {steps} steps (the first {skip} not timed), "
@@ -596,7 +604,7 @@ def run_strategy_bench(
                         os.path.join(here, "configs", "pretrain", "demo.yaml"), *overrides,
                         "--nproc", str(nproc),
                     ]  # fmt: skip
-                    proc = subprocess.run(cmd, capture_output=True, text=True)
+                    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                     if proc.returncode != 0:
                         row = f"| {model or 'demo'} | {name} | {nproc} | {precision} | failed: "
                         row += (proc.stderr.strip().splitlines() or ["?"])[-1][:200] + " |"

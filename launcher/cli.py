@@ -388,6 +388,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the config's)",
     )
     sp.add_argument(
+        "--tensor-peak",
+        action="store_true",
+        help="--strategies on a CPU: peak memory of live tensors, not of the heap glibc keeps "
+        "(allocations of 1 MiB or more are mapped and unmapped one by one); steps are slower, so "
+        "tokens/s are not comparable with a run without it",
+    )
+    sp.add_argument(
         "--generate",
         action="store_true",
         help="instead: greedy decoding tokens/s of `generate` (KV cache) against re-running "
@@ -826,6 +833,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             steps=args.steps or 20,
             seq_len=args.seq_len,
             micro_batch=args.micro_batch,
+            tensor_peak=args.tensor_peak,
             out=args.out,
         )
     elif args.gpu:

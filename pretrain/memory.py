@@ -10,17 +10,25 @@
 - AdamW keeps two fp32 moments (8 bytes per parameter), sharded by FSDP and ZeRO >= 1; CPU
   offload moves them (and ZeRO-3 parameters) off the device.
 - Activations are what autograd saves for backward, per token of a micro-batch, measured on this
-  model (see tests/test_memory.py): a block saves about 41·d + 16·F bytes in fp32 and 35·d + 8·F
-  under bf16 autocast (d = model width, F = MLP width), the head 4·V + 12·d (V = vocabulary,
-  the fp32 log-probabilities dominate). Activation checkpointing keeps a block's input (4·d) and
+  model (see tests/test_memory.py): a block saves about 41·d + 16·F bytes in fp32, 35·d + 8·F
+  under bf16 autocast (DDP, tensor and pipeline parallel: the residual stream stays fp32) and
+  21·d + 9·F where the weights themselves are bf16 (FSDP's mixed precision, DeepSpeed), with
+  d = model width, F = MLP width; the head 4·V + 12·d (4·V + 8·d in bf16 weights; V =
+  vocabulary, the fp32 log-probabilities dominate). Activation checkpointing keeps a block's input (4·d) and
   recomputes one block at a time. Tensor parallel with sequence parallel divides a block's
   activations by tp except the gathered inputs of the projections; a 1F1B pipeline's first
   stage holds min(pp, micro-batches) micro-batches in flight, GPipe all of them.
-- Working copies: autocast caches bf16 copies of the weights until backward; FSDP and ZeRO-3
-  gather about two blocks' full weights at a time.
+- Working copies: autocast caches bf16 copies of the weights until backward; FSDP gathers about
+  two blocks' full weights at a time; ZeRO-3 keeps up to ``stage3_max_live_parameters`` (10^9 by
+  default, so the whole model at these sizes) gathered between forward and backward.
+- Buffers: DeepSpeed's gradient reduction bucket under ZeRO 1-3 (``reduce_bucket_size``
+  elements of the gradients' dtype, two of them with ``overlap_comm``, DeepSpeed's default at
+  stage 3), sized as pretrain/parallel/zero.py configures it.
 
-Not counted: allocator fragmentation, communication buffers, the CUDA context (~0.5-1 GiB), and
-temporary buffers of single kernels; hence the 10% margin of the check.
+Not counted: the allocator's own overhead (on a CPU, glibc keeps freed memory of the heap for
+reuse, which adds 10-55% to the resident set of these runs; on a GPU the caching allocator's
+reserve), the CUDA context (~0.5-1 GiB) and temporary buffers of single kernels; hence the 10%
+margin of the check.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import torch
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.parallel.common import resolve_precision, use_cuda
+from pretrain.parallel.zero import zero_settings
 
 GiB = 1024**3
 
@@ -51,10 +60,13 @@ class MemoryEstimate:
     working: float
     offloaded: float  # bytes kept in host memory instead (CPU offload)
     recompute: float = 0.0  # part of `activations`: one block recomputed in backward (AC)
+    buffers: float = 0.0  # communication buffers (DeepSpeed's reduction buckets)
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations + self.working
+        return (
+            self.params + self.grads + self.optimizer + self.activations + self.working
+        ) + self.buffers
 
     def need(self, device_type: str) -> float:
         """Bytes the device must hold (on a CPU, offloaded state stays in the same memory)."""
@@ -69,6 +81,8 @@ class MemoryEstimate:
         ]
         if self.working:
             parts.append(f"working copies {_fmt(self.working)}")
+        if self.buffers:
+            parts.append(f"buffers {_fmt(self.buffers)}")
         text = ", ".join(parts) + f" = {_fmt(self.total)}"
         if self.offloaded:
             text += f" (+{_fmt(self.offloaded)} offloaded to host memory)"
@@ -123,6 +137,8 @@ def estimate_memory(
     ds = layout.strategy == "deepspeed"
     half = precision in ("bf16", "fp16", "fp8")  # fp8: bf16 copies (float8 ones are smaller)
     param_bytes = 2 if (ds and half) else 4
+    # FSDP's mixed precision and DeepSpeed compute with bf16 weights, the others under autocast
+    bf16_weights = half and (ds or layout.fsdp)
 
     params = n_local * param_bytes / (dp if layout.shards_params else 1)
     grads = n_local * param_bytes / (dp if layout.shards_grads else 1)
@@ -138,13 +154,18 @@ def estimate_memory(
 
     # Activations per token (bytes), measured coefficients (module docstring).
     tokens = micro_batch_size * seq_len
-    per_block = (35 * d + 8 * F) if half else (41 * d + 16 * F)
+    if bf16_weights:
+        per_block = 21 * d + 9 * F
+    else:
+        per_block = (35 * d + 8 * F) if half else (41 * d + 16 * F)
     if tp > 1:  # sequence parallel: all but the gathered projection inputs split by tp
         gathered = 2 * d * (2 if half else 4)
         per_block = (per_block - gathered) / tp + gathered
-    kept = 4 * d if parallel.activation_checkpointing else per_block  # per block, until backward
+    kept = (
+        (2 if bf16_weights else 4) * d if parallel.activation_checkpointing else per_block
+    )  # per block, until backward
     recompute = per_block if parallel.activation_checkpointing else 0  # one block at a time
-    head = 4 * V / tp + 12 * d
+    head = 4 * V / tp + (8 if bf16_weights else 12) * d
     if pp == 1:
         activations = tokens * (layers * kept + recompute + head)
     else:  # the first stage holds the most micro-batches, the last one the head
@@ -153,15 +174,33 @@ def estimate_memory(
         last = (grad_accum if gpipe else 1) * layers * kept + head
         activations = tokens * (max(first, last) + recompute)
 
-    working = 0.0
-    if layout.shards_params:  # about two blocks gathered at a time, in the compute dtype
+    working, buffers = 0.0, 0.0
+    if ds and layout.zero_stage >= 1:
+        total = s["layers"] * (s["block_split"] + s["block_norms"])
+        total += s["embedding"] + s["head"] + s["final_norm"]
+        zero = zero_settings(parallel, int(total))
+        if zero.get("contiguous_gradients", True) is not False or layout.zero_stage == 3:
+            bucket = _number(zero.get("reduce_bucket_size"))
+            overlap = zero.get("overlap_comm", layout.zero_stage == 3)
+            buffers = bucket * param_bytes * (2 if overlap is True else 1)
+        if layout.zero_stage == 3:  # parameters stay gathered up to max_live_parameters
+            live = _number(zero.get("stage3_max_live_parameters"), default=1e9)
+            working = min(n_local, live) * param_bytes
+    elif layout.shards_params:  # about two blocks gathered at a time, in the compute dtype
         working = 2 * block * (2 if half else 4)
     elif half and not ds:  # autocast's bf16 copies of the matmul weights, held until backward
         # (checkpointed blocks drop theirs and cast again when recomputed); the head is V*d
         cached_blocks = 0 if parallel.activation_checkpointing else layers * s["block_split"]
         working = 2 * (cached_blocks + s["embedding"]) / tp
     return MemoryEstimate(
-        params, grads, optimizer, activations, working, offloaded, tokens * recompute
+        params, grads, optimizer, activations, working, offloaded, tokens * recompute, buffers
+    )
+
+
+def _number(value, default: float = 0.0) -> float:
+    """A DeepSpeed setting that may be absent or a placeholder such as "auto"."""
+    return (
+        float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else default
     )
 
 

@@ -64,3 +64,24 @@ def test_out_replaces_an_existing_file(tmp_path) -> None:
     args = ["bench", "--models", "tiny", "--precisions", "fp32", "--steps", "1", "--windows", "1"]
     assert main([*args, "--out", str(out)]) == 0
     assert out.read_text().startswith("lmforge bench: ")
+
+
+def test_strategy_table_runs_real_pretrains_and_reports_memory(tiny_data, tmp_path) -> None:
+    """`--strategies`: one real `lmforge pretrain` per row, with its tokens/s, time split and
+    peak memory next to the estimate; `--tensor-peak` says its peaks are of live tensors."""
+    text = bench.run_strategy_bench(
+        data=tiny_data,
+        strategies=[("ddp", 1)],
+        models=["tiny"],
+        precisions=["fp32"],
+        steps=2,
+        tensor_peak=True,
+        out=str(tmp_path / "strategies.md"),
+    )
+    assert "peaks of live tensors" in text.splitlines()[0]
+    (row,) = [r for r in text.splitlines() if r.startswith("| tiny | ddp | 1 | fp32 |")]
+    cells = row.strip("| ").split(" | ")
+    assert float(cells[4].replace(",", "")) > 0 and cells[5] == "1.00"
+    assert len(cells[7].split(" / ")) == 4  # data / fwd+bwd / optim / other
+    peak, ratio = float(cells[8]), float(cells[10])
+    assert peak > 0.1 and ratio > 0  # GiB: the process with torch loaded, then what training adds

@@ -46,31 +46,38 @@ def saved_for_backward(model, batch, dtype) -> int:
     ],
     ids=["d64", "d128-gqa", "d256"],
 )
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-weights"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "ac"])
 def test_activation_estimate_matches_measured(shape, precision, checkpointing):
+    """fp32; bf16 under autocast (DDP, TP, PP); bf16-weights: the weights themselves in bf16,
+    as FSDP's mixed precision and DeepSpeed compute (no autocast, no weight copies)."""
     shape = dict(shape)
     batch, seq = shape.pop("batch"), shape.pop("seq")
     cfg = ModelConfig(**shape, max_seq_len=seq)
     torch.manual_seed(0)
     model = GPT(cfg)
+    if precision == "bf16-weights":
+        model.to(torch.bfloat16)
     if checkpointing:
         apply_activation_checkpointing(model)
     x = torch.randint(0, cfg.vocab_size, (batch, seq + 1))
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32  # autocast's
     measured = saved_for_backward(model, {"input_ids": x[:, :-1], "labels": x[:, 1:]}, dtype)
+    weights = precision == "bf16-weights"
     est = estimate_memory(
         cfg,
-        parallel=ParallelConfig(activation_checkpointing=checkpointing),
+        parallel=ParallelConfig(
+            activation_checkpointing=checkpointing, strategy="fsdp" if weights else "ddp"
+        ),
         world_size=1,
-        precision=precision,
+        precision="bf16" if weights else precision,
         micro_batch_size=batch,
         seq_len=seq,
         grad_accum=1,
     )
     # What a forward leaves for backward: the kept activations and autocast's weight copies
     # (the block recomputed under checkpointing exists only during backward).
-    estimated = est.activations - est.recompute + est.working
+    estimated = est.activations - est.recompute + (0 if weights else est.working)
     print(f"{precision} ac={checkpointing}: estimated {estimated:,.0f} measured {measured:,}")
     assert abs(estimated / measured - 1) < 0.05, (estimated, measured)
 
@@ -146,3 +153,36 @@ def test_run_records_its_estimate_and_measured_peak(reference_runs):
     rows = [r for r in read_metrics(os.path.join(run, "metrics.jsonl")) if r["kind"] == "train"]
     peak = max(r["peak_mem_gb"] for r in rows) * 2**30
     assert runtime <= peak < runtime + parts["total"] + 512 * 2**20
+
+
+def test_zero_buffers_follow_the_deepspeed_settings(tmp_path):
+    """DeepSpeed's reduction buckets and ZeRO-3's live parameters are counted as the engine is
+    configured: lmforge's model-sized default, or the user's JSON."""
+    from pretrain.parallel.zero import deepspeed_config
+
+    cfg = ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=512, max_seq_len=64)
+    n = sum(p.numel() for p in GPT(cfg).parameters())
+    args = dict(world_size=2, precision="bf16", micro_batch_size=2, seq_len=64, grad_accum=1)
+    zero2 = ParallelConfig(strategy="deepspeed", zero_stage=2)
+    engine = deepspeed_config(
+        zero2, precision="bf16", world_size=2, micro_batch_size=2, grad_accum=1, grad_clip=1.0,
+        num_params=n,
+    )  # fmt: skip
+    bucket = engine["zero_optimization"]["reduce_bucket_size"]
+    assert estimate_memory(cfg, parallel=zero2, **args).buffers == bucket * 2  # bf16, one
+    user = tmp_path / "ds.json"
+    user.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {
+                    "reduce_bucket_size": 1000,
+                    "overlap_comm": True,
+                    "stage3_max_live_parameters": 500,
+                }
+            }
+        )
+    )
+    zero3 = ParallelConfig(strategy="deepspeed", zero_stage=3, deepspeed_config=str(user))
+    est = estimate_memory(cfg, parallel=zero3, **args)
+    assert (est.buffers, est.working) == (1000 * 2 * 2, 500 * 2)
+    assert "buffers 3.91 KiB" in est.describe()

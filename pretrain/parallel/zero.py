@@ -35,6 +35,37 @@ OWNED_DS_KEYS = (
 )
 
 
+# DeepSpeed's default buckets hold 5e8 elements (1 GB in bf16) whatever the model: ZeRO-1/2
+# allocate them every micro-step, which cost a 0.2M-parameter model 6 s a step on CPU (0.07 s
+# with model-sized buckets), and each is memory a rank holds beside the model. lmforge sizes them
+# to the model, at most 2e8 elements (as transformers' documented ZeRO-2 JSON), unless the user's
+# JSON says; pretrain/memory.py counts them from the same settings.
+BUCKET_CAP = 200_000_000
+
+
+def user_deepspeed_json(parallel) -> dict:
+    """The user's DeepSpeed JSON (``parallel.deepspeed_config``), or {} without one."""
+    if not parallel.deepspeed_config:
+        return {}
+    with open(parallel.deepspeed_config) as f:
+        return json.load(f)
+
+
+def zero_settings(parallel, num_params: int, *, config: dict | None = None) -> dict:
+    """The ``zero_optimization`` section a run uses: the user's JSON's, with lmforge's stage,
+    offload choices and bucket sizes (where the JSON sets none) for a model of ``num_params``."""
+    if config is None:
+        config = user_deepspeed_json(parallel)
+    zero = dict(config.get("zero_optimization", {}), stage=parallel.stage)
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        zero.setdefault(key, int(min(BUCKET_CAP, max(num_params, 1e6))))
+    if parallel.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if parallel.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    return zero
+
+
 def deepspeed_config(
     parallel,
     *,
@@ -48,20 +79,8 @@ def deepspeed_config(
     """The user's DeepSpeed JSON (if any) with lmforge's batch sizes, precision, clipping and
     ZeRO settings filled in, so that the two can never disagree (a differing value is replaced,
     with a warning)."""
-    config: dict = {}
-    if parallel.deepspeed_config:
-        with open(parallel.deepspeed_config) as f:
-            config = json.load(f)
-    zero = dict(config.get("zero_optimization", {}), stage=parallel.stage)
-    # DeepSpeed's default buckets hold 5e8 elements (2 GB of fp32) whatever the model: ZeRO-1/2
-    # allocate them every micro-step, which cost a 0.2M-parameter model 6 s a step on CPU
-    # (0.07 s with model-sized buckets). Size them to the model unless the user's JSON says.
-    for key in ("reduce_bucket_size", "allgather_bucket_size"):
-        zero.setdefault(key, int(min(5e8, max(num_params, 1e6))))
-    if parallel.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if parallel.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
+    config = user_deepspeed_json(parallel)
+    zero = zero_settings(parallel, num_params, config=config)
     ours = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
