@@ -153,7 +153,7 @@ class EarlyStopping(Callback):
                 f"{self.bad} evaluations (best {self.best:.4f} at step {self.best_step}"
                 + (", kept as checkpoints/best)" if self.keep_best_in else ")")
             )
-            trainer.request_stop()
+            trainer.request_stop(done=True)
 
     def on_checkpoint(self, trainer, path: str) -> None:
         # the checkpoint's own step: one written in the background is heard steps later

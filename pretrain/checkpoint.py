@@ -8,7 +8,11 @@ Layout of ``<run>/checkpoints/``::
         extra.pt            the strategy's other state, e.g. DDP's grad scaler (may be empty)
         deepspeed/          instead of dcp/ and extra.pt under a DeepSpeed engine: its own
                             checkpoint (ZeRO partitions of model and optimizer state)
-        model.safetensors   consolidated full fp32 weights, from dcp/ or deepspeed/ (rank 0)
+        model.safetensors   consolidated full fp32 weights, from dcp/ or deepspeed/ (rank 0);
+                            only in the checkpoint saved at the end of training by default
+                            (``checkpoint.consolidated``: final, every or never). Nothing reads
+                            it back: consolidate, export, generate, evaluate, init_from and
+                            resume rebuild the weights from dcp/ or deepspeed/
         rng_rank00000.pt    python / numpy / torch (/ cuda) RNG states of each rank
         trainer_state.json  counters, data position, scheduler, tokenizer reference
         config.yaml         the resolved config of the run
@@ -20,12 +24,17 @@ place, fsyncs the parent, then replaces ``latest`` the same way. A crash at any 
 previous ``latest`` pointing at a complete checkpoint; stale temp directories are removed at the next
 save. With ``checkpoint.async_save`` (:class:`AsyncCheckpointer`) the state is copied to host
 memory and the same steps run on a background thread, ``latest`` moving once every rank's files
-are durable. Loading checks the manifest first; that catches a torn or corrupted file, not a malicious
-one (whoever crafts a checkpoint writes a matching manifest). So nothing pickled is trusted: DCP
-metadata and DeepSpeed's files go through the checks of pretrain/safeload.py, which refuse any
-class lmforge's checkpoints never hold (``--trust-checkpoint`` overrides), and lmforge's own
-``.pt`` files (``extra.pt``, RNG) are loaded with ``weights_only=True``. The strategies write and
-read dcp/, extra.pt, deepspeed/ and model.safetensors (pretrain/parallel/state.py, zero.py).
+are durable. The manifest's sums cost no pass over the files: each rank hashes what it writes
+as it writes it (lmforge's own files from the bytes in memory, DCP's shards as they stream out,
+DeepSpeed's files on several threads right after the engine wrote them), the digests travel to
+rank 0 with the ranks' verdict, and rank 0 reads back only a file that nobody hashed.
+Loading checks the manifest first (several files at once); that catches a torn or corrupted
+file, not a malicious one (whoever crafts a checkpoint writes a matching manifest). So nothing
+pickled is trusted: DCP metadata and DeepSpeed's files go through the checks of
+pretrain/safeload.py, which refuse any class lmforge's checkpoints never hold
+(``--trust-checkpoint`` overrides), and lmforge's own ``.pt`` files (``extra.pt``, RNG) are
+loaded with ``weights_only=True``. The strategies write and read dcp/, extra.pt, deepspeed/ and
+model.safetensors (pretrain/parallel/state.py, zero.py).
 """
 
 from __future__ import annotations
@@ -49,7 +58,16 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from pretrain import dist as pdist
-from pretrain.durable import fault_point, fsync_dir, replace_durable, sha256_file, write_durable
+from pretrain.durable import (
+    Digests,
+    digest_files,
+    fault_point,
+    fsync_dir,
+    replace_durable,
+    sha256_files,
+    write_durable,
+    write_durable_hashed,
+)
 from pretrain.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -98,19 +116,26 @@ def save_checkpoint(
     trainer_state: dict,
     config_yaml: str,
     keep_last: int,
+    consolidated: bool,
 ) -> str:
     """Save a complete checkpoint of ``step`` under ``root``; every rank calls this together.
-    A full disk (or quota) is one :class:`CheckpointError` naming the place and the bytes
-    needed; the partial checkpoint is removed and the previous one stays in use."""
+    ``consolidated``: with the full weights as model.safetensors. A full disk (or quota) is one
+    :class:`CheckpointError` naming the place and the bytes needed; the partial checkpoint is
+    removed and the previous one stays in use."""
     final, tmp = _places(root, step)
     failure: BaseException | None = None
+    digests: Digests = {}
     try:
         _prepare(root, tmp, main=strategy.is_main)
-
-        def write_file(name: str, data: bytes) -> None:
-            write_durable(os.path.join(tmp, name), data, step=step)
-
-        strategy.save_state(tmp, model=model, optimizer=optimizer, write_file=write_file)
+        write_file = _file_writer(tmp, step, digests)
+        state_digests = strategy.save_state(
+            tmp,
+            model=model,
+            optimizer=optimizer,
+            write_file=write_file,
+            consolidated=consolidated,
+        )
+        digests.update(state_digests or {})
         for name, data in _small_files(strategy, trainer_state, config_yaml).items():
             write_file(name, data)
     except _SAVE_FAILURES as exc:
@@ -123,18 +148,20 @@ def save_checkpoint(
         final=final,
         keep_last=keep_last,
         main=strategy.is_main,
+        digests=digests,
     )
 
 
 class AsyncCheckpointer:
     """``checkpoint.async_save``: a save stalls training only while the state is copied to host
     memory; the rest runs on a background thread of each rank: torch.distributed.checkpoint's
-    write of dcp/ (``dcp.async_save``), rank 0's consolidated model.safetensors, the small
-    files, every rank's verdict (the all-reduce of [failed, out of space] that the synchronous
-    save makes) and rank 0's publication (manifest, rename, ``latest``, retention), in that
-    order, with the same atomic rules: ``latest`` moves only once every rank's files are
-    fsynced and every rank agreed they were. Collectives of the background go over a gloo group
-    of their own, created once here (every rank together), never the training's.
+    write of dcp/ (``dcp.async_save``), rank 0's consolidated model.safetensors (when asked),
+    the small files, every rank's verdict (the gather of [failed, out of space, digests] that
+    the synchronous save makes) and rank 0's publication (manifest, rename, ``latest``,
+    retention), in that order, with the same atomic rules: ``latest`` moves only once every
+    rank's files are fsynced and every rank agreed they were. Collectives of the background go
+    over a gloo group of their own, created once here (every rank together), never the
+    training's.
 
     At most one save is in flight: ``save`` first waits for the previous one. ``wait`` returns
     the path of the checkpoint once it is published (None when none was in flight) or raises
@@ -163,9 +190,11 @@ class AsyncCheckpointer:
         trainer_state: dict,
         config_yaml: str,
         keep_last: int,
+        consolidated: bool,
     ) -> None:
         """Start saving checkpoint ``step`` (every rank together); returns once the state is
-        in host memory. The previous save is waited for first (its failure is raised)."""
+        in host memory. The previous save is waited for first (its failure is raised).
+        ``consolidated``: with the full weights as model.safetensors."""
         self.wait()
         final, tmp = _places(root, step)
         failure: BaseException | None = None
@@ -173,7 +202,11 @@ class AsyncCheckpointer:
         try:
             _prepare(root, tmp, main=strategy.is_main)  # before any rank writes into tmp
             finish = strategy.start_save_state(
-                tmp, model=model, optimizer=optimizer, group=self.group
+                tmp,
+                model=model,
+                optimizer=optimizer,
+                group=self.group,
+                consolidated=consolidated,
             )
             files = _small_files(strategy, trainer_state, config_yaml)  # as they are now
         except _SAVE_FAILURES as exc:
@@ -182,13 +215,11 @@ class AsyncCheckpointer:
 
         def background() -> str:
             nonlocal failure
+            digests: Digests = {}
             try:
                 if failure is None:
-
-                    def write_file(name: str, data: bytes) -> None:
-                        write_durable(os.path.join(tmp, name), data, step=step)
-
-                    finish(write_file)
+                    write_file = _file_writer(tmp, step, digests)
+                    digests.update(finish(write_file) or {})
                     fault_point("save:background", step=step)
                     for name, data in files.items():
                         write_file(name, data)
@@ -202,6 +233,7 @@ class AsyncCheckpointer:
                 final=final,
                 keep_last=keep_last,
                 main=main,
+                digests=digests,
                 group=self.group,
             )
 
@@ -245,6 +277,17 @@ def _prepare(root: str, tmp: str, *, main: bool) -> None:
     pdist.barrier()
 
 
+def _file_writer(tmp: str, step: int, digests: Digests):
+    """A save's ``write_file(name, data)``: writes ``tmp/name`` durably and records its sha256,
+    computed from the bytes in memory while they are written, in ``digests``."""
+
+    def write_file(name: str, data: bytes) -> None:
+        sha = write_durable_hashed(os.path.join(tmp, name), data, step=step)
+        digests[name] = (sha, len(data))
+
+    return write_file
+
+
 def _small_files(strategy, trainer_state: dict, config_yaml: str) -> dict[str, bytes]:
     """This rank's files besides model and optimizer state: its RNG states; on rank 0 the
     trainer state and the config."""
@@ -267,18 +310,24 @@ def _conclude(
     final: str,
     keep_last: int,
     main: bool,
+    digests: Digests,
     group=None,
 ) -> str:
-    """Every rank, once its files are written (or failed): agree, then publish or clean up."""
+    """Every rank, once its files are written (or failed): agree, then publish or clean up.
+    ``digests``: the sha256 and size of the files this rank hashed as it wrote them."""
     # Every rank learns whether any rank failed (and whether for want of space) before anyone
-    # touches the temp directory again: rank 0 removes it only once no rank writes there.
-    flags = torch.tensor(
-        [failure is not None, failure is not None and _out_of_space(failure, root)],
-        dtype=torch.int64,
+    # touches the temp directory again: rank 0 removes it only once no rank writes there. The
+    # same gather brings rank 0 every rank's digests, for the manifest.
+    verdicts = pdist.all_gather_object(
+        (
+            failure is not None,
+            failure is not None and _out_of_space(failure, root),
+            digests if failure is None else {},
+        ),
+        group=group,
     )
-    if group is None and dist.is_initialized() and dist.get_backend() == "nccl":
-        flags = flags.cuda()  # NCCL reduces device tensors only
-    failed, no_space = pdist.all_reduce_sum(flags, group=group).tolist()
+    failed = any(v[0] for v in verdicts)
+    no_space = any(v[1] for v in verdicts)
     if failed:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -288,8 +337,13 @@ def _conclude(
             raise failure
         raise CheckpointError(f"saving checkpoint step {step} failed on another rank (its error)")
     if main:
+        hashed: Digests = {}
+        for verdict in verdicts:
+            hashed.update(verdict[2])
         try:
-            _publish(root=root, step=step, tmp=tmp, final=final, keep_last=keep_last)
+            _publish(
+                root=root, step=step, tmp=tmp, final=final, keep_last=keep_last, digests=hashed
+            )
         except _SAVE_FAILURES as exc:
             if not _out_of_space(exc, root):
                 raise
@@ -299,16 +353,20 @@ def _conclude(
     return final
 
 
-def _publish(*, root: str, step: int, tmp: str, final: str, keep_last: int) -> None:
+def _publish(
+    *, root: str, step: int, tmp: str, final: str, keep_last: int, digests: Digests
+) -> None:
     """Rank 0, once every rank's files are on disk: the manifest, the rename into place, then
-    ``latest``, then retention."""
-    files = {
-        name: {
-            "sha256": sha256_file(os.path.join(tmp, name)),
-            "bytes": os.path.getsize(os.path.join(tmp, name)),
-        }
-        for name in _files_under(tmp)
+    ``latest``, then retention. ``digests``: what the ranks hashed as they wrote; any other
+    file (or one whose size changed since) is fsynced and read back, several at once."""
+    names = _files_under(tmp)
+    known = {
+        name: digests[name]
+        for name in names
+        if name in digests and digests[name][1] == os.path.getsize(os.path.join(tmp, name))
     }
+    known.update(digest_files(tmp, [n for n in names if n not in known], fsync=True))
+    files = {name: {"sha256": known[name][0], "bytes": known[name][1]} for name in names}
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -492,6 +550,7 @@ def verify_checkpoint(path: str) -> dict:
             f"{path} has checkpoint format {manifest.get('format_version')}, this lmforge reads "
             f"{FORMAT_VERSION}"
         )
+    checks = []
     for name, info in files.items():
         fpath = os.path.normpath(os.path.join(path, name))
         if not isinstance(info, dict) or not isinstance(info.get("sha256"), str):
@@ -500,7 +559,9 @@ def verify_checkpoint(path: str) -> dict:
             raise CheckpointError(f"{mpath} names {name!r}, outside the checkpoint: it is not one")
         if not os.path.isfile(fpath):
             raise CheckpointError(f"checkpoint file {fpath} is missing; resume from another one")
-        digest = sha256_file(fpath)
+        checks.append((fpath, info))
+    digests = sha256_files([fpath for fpath, _ in checks])  # several files at once
+    for (fpath, info), digest in zip(checks, digests, strict=True):
         if digest != info["sha256"]:
             raise CheckpointError(
                 f"checkpoint file {fpath} does not match its manifest (sha256 {digest[:12]}… != "

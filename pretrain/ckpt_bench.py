@@ -3,13 +3,17 @@
 For a model preset with its AdamW state populated (one real training step), on the file system
 of the current directory:
 
-- a synchronous save (``save_checkpoint``): its time and bytes, and the share of its parts,
-  each timed again on its own: DCP's write of model and optimizer state, rank 0's consolidated
-  ``model.safetensors`` (read back from the DCP files and written), the sha256 of every file for
-  the manifest;
+- a synchronous save (``save_checkpoint``) as training makes it between the first step and
+  the last (``checkpoint.consolidated=final``, the default: no ``model.safetensors``): its time
+  and bytes;
 - a raw write of the same number of bytes (1 MiB blocks, then fsync) in the same directory: what
   the disk gives, against which the save's throughput is read (both are the mean of two, taken
   in turns: save, raw, save, raw);
+- the final save (the one that ends training, with the consolidated ``model.safetensors``): its
+  time against the raw write's rate, and the share of its parts, each timed again on its own:
+  DCP's write of model and optimizer state (hashed for the manifest as it is written), rank 0's
+  consolidated ``model.safetensors`` (read back from the DCP files, written and hashed), and
+  the rest (the small files, the manifest, fsyncs of the directories, the rename);
 - a load: the manifest's check, then model, optimizer and RNG, from a cold page cache (the
   checkpoint's pages are dropped first, for its files only);
 - an asynchronous save (``AsyncCheckpointer``): how long the call blocks training (the copy of
@@ -38,12 +42,13 @@ from pretrain.checkpoint import (
     verify_checkpoint,
 )
 from pretrain.config import ModelConfig, OptimConfig, load_config
-from pretrain.durable import check_writable, sha256_file, write_durable
+from pretrain.durable import check_writable, write_durable_hashed
 from pretrain.loss import causal_lm_loss
 from pretrain.model import GPT
 from pretrain.optim import build_optimizer, build_scheduler
-from pretrain.parallel import build_strategy, consolidated_weights
+from pretrain.parallel import build_strategy
 from pretrain.parallel.common import StepShape, single_process_env
+from pretrain.parallel.state import HashingFileSystemWriter, consolidated_bytes
 
 VOCAB = 8192  # the vocabulary of `lmforge bench`'s CPU cases
 SEQ_LEN = 64  # the one training step that fills AdamW's state
@@ -128,7 +133,6 @@ def _raw_write(path: str, nbytes: int) -> float:
 
 def _bench_model(preset: str, strategy, place: str) -> dict:
     import torch.distributed.checkpoint as dcp
-    from safetensors.torch import save
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     model, optimizer = _trained(preset, strategy)
@@ -145,40 +149,37 @@ def _bench_model(preset: str, strategy, place: str) -> dict:
             config_yaml=f"model: {preset}\n",
             keep_last=10,
         )
-        sync_s, path = _timed(save_checkpoint, step=1, **common)
+        sync_s, path = _timed(save_checkpoint, step=1, consolidated=False, **common)
         total = _size(path)
         dcp_bytes = _size(os.path.join(path, "dcp"))
-        consolidated = os.path.getsize(os.path.join(path, "model.safetensors"))
         # the raw write twice, around a second synchronous save: a shared disk varies
         raw_s = _raw_write(os.path.join(work, "raw.bin"), total)
-        again_s, _ = _timed(save_checkpoint, step=4, **common)
+        again_s, _ = _timed(save_checkpoint, step=4, consolidated=False, **common)
         raw_s = (raw_s + _raw_write(os.path.join(work, "raw.bin"), total)) / 2
         sync_s = (sync_s + again_s) / 2
+        final_s, final_path = _timed(save_checkpoint, step=5, consolidated=True, **common)
+        final_bytes = _size(final_path)
+        consolidated = os.path.getsize(os.path.join(final_path, "model.safetensors"))
 
-        # the parts of a save, each on its own
+        # the parts of the final save, each on its own
         plain = strategy.unwrap(model)
         sds = get_state_dict(
             plain,
             getattr(optimizer, "optimizer", optimizer),
             options=StateDictOptions(flatten_optimizer_state_dict=True),
         )
+        parts = os.path.join(work, "parts")
+        writer = HashingFileSystemWriter(os.path.join(parts, "dcp"), root=parts)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp_s, _ = _timed(
-                dcp.save,
-                {"model": sds[0], "optim": sds[1]},
-                checkpoint_id=os.path.join(work, "parts", "dcp"),
-            )
+            dcp_s, _ = _timed(dcp.save, {"model": sds[0], "optim": sds[1]}, storage_writer=writer)
 
         def consolidate() -> None:
-            tied = bool(plain.cfg.tie_embeddings)
-            full = consolidated_weights(os.path.join(path, "dcp"), tied=tied)
-            data = save(full, metadata={"format": "pt"})
-            write_durable(os.path.join(work, "parts", "model.safetensors"), data)
+            data = consolidated_bytes(os.path.join(path, "dcp"), tied=plain.cfg.tie_embeddings)
+            write_durable_hashed(os.path.join(parts, "model.safetensors"), data)
 
         consolidate_s, _ = _timed(consolidate)
-        hash_s, _ = _timed(lambda: [sha256_file(f) for f in _files(path)])
-        shutil.rmtree(os.path.join(work, "parts"))
+        shutil.rmtree(parts)
 
         _drop_cache(path)
         verify_s, _ = _timed(verify_checkpoint, path)
@@ -188,7 +189,7 @@ def _bench_model(preset: str, strategy, place: str) -> dict:
         )
 
         background = AsyncCheckpointer()
-        stall_s, _ = _timed(background.save, step=2, **common)
+        stall_s, _ = _timed(background.save, step=2, consolidated=False, **common)
         wait_s, _ = _timed(background.wait)
         return {
             "model": preset,
@@ -196,11 +197,12 @@ def _bench_model(preset: str, strategy, place: str) -> dict:
             "bytes": total,
             "dcp_bytes": dcp_bytes,
             "consolidated_bytes": consolidated,
+            "final_bytes": final_bytes,
             "sync_s": sync_s,
             "raw_s": raw_s,
+            "final_s": final_s,
             "dcp_s": dcp_s,
             "consolidate_s": consolidate_s,
-            "hash_s": hash_s,
             "verify_s": verify_s,
             "read_s": read_s,
             "stall_s": stall_s,
@@ -260,32 +262,37 @@ def _markdown(results: list[dict], place: str) -> str:
         f"AdamW state after one step, vocab {VOCAB}",
         "",
         "| model | params | checkpoint | sync save | save | raw write + fsync | save/raw "
-        "| load (verify + read) | async save blocks | stall/sync | async until published |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| final save (+ model.safetensors) | final/raw | load (verify + read) "
+        "| async save blocks | stall/sync | async until published |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         load_s = r["verify_s"] + r["read_s"]
+        raw_rate = r["bytes"] / r["raw_s"]  # the final save's bytes, written raw at that rate
         lines.append(
             f"| {r['model']} | {r['params'] / 1e6:.0f}M | {r['bytes'] / 1e9:.2f} GB "
             f"| {r['sync_s']:.1f} s | {rate(r['bytes'], r['sync_s'])} "
             f"| {rate(r['bytes'], r['raw_s'])} | {r['raw_s'] / r['sync_s']:.2f} "
+            f"| {r['final_s']:.1f} s, {r['final_bytes'] / 1e9:.2f} GB "
+            f"| {r['final_bytes'] / raw_rate / r['final_s']:.2f} "
             f"| {load_s:.1f} s ({r['verify_s']:.1f} + {r['read_s']:.1f}), "
             f"{rate(r['bytes'], load_s)} | {r['stall_s']:.2f} s "
             f"| {r['stall_s'] / r['sync_s']:.1%} | {r['async_s']:.1f} s |"
         )
     lines += [
         "",
-        "The parts of a synchronous save, each timed on its own (share of the save's time):",
+        "The parts of the final save, each timed on its own (share of that save's time; the "
+        "saves before it write all but model.safetensors):",
         "",
-        "| model | DCP write (model + optimizer) | consolidated model.safetensors "
-        "| sha256 for the manifest | the rest |",
-        "|---|---|---|---|---|",
+        "| model | DCP write, hashed as written (model + optimizer) "
+        "| consolidated model.safetensors | the rest |",
+        "|---|---|---|---|",
     ]
     for r in results:
-        rest = r["sync_s"] - r["dcp_s"] - r["consolidate_s"] - r["hash_s"]
+        rest = r["final_s"] - r["dcp_s"] - r["consolidate_s"]
         lines.append(
-            f"| {r['model']} | {_part(r['dcp_s'], r['sync_s'], r['dcp_bytes'])} "
-            f"| {_part(r['consolidate_s'], r['sync_s'], r['consolidated_bytes'])} "
-            f"| {_part(r['hash_s'], r['sync_s'])} | {_part(rest, r['sync_s'])} |"
+            f"| {r['model']} | {_part(r['dcp_s'], r['final_s'], r['dcp_bytes'])} "
+            f"| {_part(r['consolidate_s'], r['final_s'], r['consolidated_bytes'])} "
+            f"| {_part(rest, r['final_s'])} |"
         )
     return "\n".join(lines) + "\n"

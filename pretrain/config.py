@@ -410,6 +410,13 @@ class CheckpointConfig:
     training wait for the one in flight, and its failure (e.g. a full disk) is reported
     there. A checkpoint counts (it is the one a rollback or an error names) once it is
     written. Not with parallel.strategy=deepspeed."""
+    consolidated: Literal["final", "every", "never"] = "final"
+    """Which checkpoints also hold the full fp32 weights as `model.safetensors` (rank 0 reads
+    them back from the sharded state and writes them again: about a quarter of a checkpoint's
+    bytes with AdamW): final = only the one saved at the end of training (max_steps reached or
+    early stopping; not a stop by signal or preemption), every = all, never = none. Nothing
+    needs it: consolidate, export, generate, evaluate, init_from and resume rebuild the weights
+    from the sharded state."""
 
     def __post_init__(self) -> None:
         if self.interval < 0 or self.keep_last < 1:

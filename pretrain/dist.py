@@ -81,6 +81,16 @@ def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
     return out
 
 
+def all_gather_object(obj, group=None) -> list:
+    """Every rank's ``obj`` (picklable), in rank order (of ``group``: the default group when
+    None); ``[obj]`` without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return [obj]
+    out: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def set_collective_timeout(seconds: float) -> None:
     """How long every collective of this process waits for the other ranks before it fails
     (``parallel.timeout_s``): the process groups the strategies create take it from

@@ -3,6 +3,11 @@
 A file that must survive a crash is written, flushed and fsynced; one that must never be seen
 half-written is written beside its target and renamed over it, then the directory is fsynced.
 ``fault_point`` lets crash-safety tests kill the process with SIGKILL at a named moment.
+
+Checkpoint manifests need the sha256 of every file. Files written from bytes in memory are
+hashed from those bytes while they are written (``write_durable_hashed``), streams written by
+others are hashed as the bytes pass through them (``HashingWriter``), and what is left is read
+back on several threads at once (``sha256_files``): hashlib releases the GIL on large buffers.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import os
 import shutil
 import signal
 import tempfile
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 # "point", "point@step", or either with "+sleep=S", "+signal=NAME" or "+errno=NAME" (names may
 # contain ":")
@@ -23,6 +30,9 @@ _FAULT, _, _ACTION = os.environ.get("LMFORGE_FAULT", "").partition("+")
 _ACTION, _, _ONLY_RANK = ("+" + _ACTION).partition("+rank=")
 _ACTION = _ACTION.removeprefix("+")
 _FIRED: set[str] = set()  # the scale faults that fired in this process (each fires once)
+
+# The sha256 (hex) and size of files, by path relative to the directory they were written in.
+Digests = dict[str, tuple[str, int]]
 
 
 def _on_this_rank() -> bool:
@@ -81,14 +91,26 @@ def fsync_dir(path: str | os.PathLike) -> None:
 
 def write_durable(path: str | os.PathLike, data: bytes, *, step: int | None = None) -> None:
     """Write ``data`` to ``path`` and fsync it."""
-    half = len(data) // 2
+    view = memoryview(data)  # halves without copies
+    half = len(view) // 2
     with open(path, "wb") as f:
-        f.write(data[:half])
+        f.write(view[:half])
         f.flush()
         fault_point("save:mid-file", step=step)  # a crash here leaves a torn file
-        f.write(data[half:])
+        f.write(view[half:])
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_durable_hashed(path: str | os.PathLike, data: bytes, *, step: int | None = None) -> str:
+    """``write_durable``, returning the hex sha256 of ``data``: computed from the bytes in
+    memory on another thread while they are written and fsynced, never read back."""
+    if len(data) < PARALLEL_HASH_BYTES:
+        write_durable(path, data, step=step)
+        return hashlib.sha256(data).hexdigest()
+    pending = _hashers().submit(_sha256_hex, data)
+    write_durable(path, data, step=step)
+    return pending.result()
 
 
 def replace_durable(path: str | os.PathLike, data: bytes) -> None:
@@ -100,13 +122,116 @@ def replace_durable(path: str | os.PathLike, data: bytes) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
+def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20, fsync: bool = False) -> str:
+    """Hex sha256 of a file, read in chunks; ``fsync``: make it durable first (a file that
+    another library wrote and did not sync)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
         while block := f.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
+
+
+# --- hashing on threads ------------------------------------------------------------------------
+
+# Buffers at least this large are hashed on a thread of the pool (below, the hand-over costs
+# more than it saves).
+PARALLEL_HASH_BYTES = 1 << 20
+_HASH_THREADS = max(2, min(8, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _hashers() -> ThreadPoolExecutor:
+    """The threads that hash (made on first use, shared by the whole process)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="lmforge-sha256")
+        return _pool
+
+
+def _sha256_hex(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_files(paths: list[str], *, fsync: bool = False) -> list[str]:
+    """``sha256_file`` of each path, several files at once; in the order of ``paths``."""
+    if len(paths) < 2:
+        return [sha256_file(p, fsync=fsync) for p in paths]
+    return list(_hashers().map(lambda p: sha256_file(p, fsync=fsync), paths))
+
+
+def digest_files(root: str, names: list[str], *, fsync: bool = False) -> Digests:
+    """The sha256 and size of files ``names`` (relative to ``root``), read on several threads;
+    ``fsync``: each made durable first."""
+    paths = [os.path.join(root, n) for n in names]
+    sums = sha256_files(paths, fsync=fsync)
+    return {n: (h, os.path.getsize(p)) for n, p, h in zip(names, paths, sums, strict=True)}
+
+
+class HashingWriter:
+    """A binary file open for writing that hashes (sha256) every byte passing through
+    ``write``: a large buffer on a thread of the pool while this thread writes it, so that the
+    hash costs the writer little more than the write. ``hexdigest()`` is None when the file
+    was not written front to back (a seek or truncate): then it has to be read back. Everything
+    else is the file's own (``tell``, ``fileno``, ``flush``, ``close``...)."""
+
+    def __init__(self, raw) -> None:
+        self._raw = raw
+        self._sha = hashlib.sha256()
+        self._linear = True
+        self.nbytes = 0
+
+    def write(self, b) -> int:
+        try:
+            view = memoryview(b).cast("B")
+        except TypeError:  # not a contiguous buffer: written, not hashed
+            self._linear = False
+            return self._raw.write(b)
+        pending: Future | None = None
+        if view.nbytes >= PARALLEL_HASH_BYTES:
+            pending = _hashers().submit(self._sha.update, view)
+        else:
+            self._sha.update(view)
+        try:
+            n = self._raw.write(view)
+        finally:
+            if pending is not None:
+                pending.result()
+        if n != view.nbytes:  # a short write: the digest ran ahead of the file
+            self._linear = False
+        self.nbytes += view.nbytes if n is None else n
+        return n
+
+    def seek(self, *args):
+        self._linear = False
+        return self._raw.seek(*args)
+
+    def truncate(self, *args):
+        self._linear = False
+        return self._raw.truncate(*args)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def writable(self) -> bool:
+        return True
+
+    def hexdigest(self) -> str | None:
+        return self._sha.hexdigest() if self._linear else None
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._raw.close()
 
 
 def check_new_dir(out: str) -> None:

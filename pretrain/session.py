@@ -466,9 +466,11 @@ class RunSession:
     ) -> tuple[Callable[[Trainer], str | None], Callable[[], str | None] | None]:
         """The trainer's ``save_fn`` and ``checkpoint_wait``: synchronous saves, or with
         ``checkpoint.async_save`` saves written in the background (a gloo group of their own is
-        made here, on every rank alike)."""
+        made here, on every rank alike). ``checkpoint.consolidated`` decides which of them
+        hold model.safetensors (``final``: the one that ends training, ``trainer.final_save``)."""
         cfg, work, strategy = self.cfg, self.work, self.strategy
         background = AsyncCheckpointer() if cfg.checkpoint.async_save else None
+        mode = cfg.checkpoint.consolidated
 
         def save(trainer: Trainer) -> str | None:
             return (background.save if background else save_checkpoint)(
@@ -485,6 +487,7 @@ class RunSession:
                 },
                 config_yaml=config_yaml,
                 keep_last=cfg.checkpoint.keep_last,
+                consolidated=mode == "every" or (mode == "final" and trainer.final_save),
             )
 
         return save, (background.wait if background else None)

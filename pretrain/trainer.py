@@ -9,7 +9,8 @@ step. Everything else plugs in:
 - callbacks (progress bar, metric sinks, early stopping, signal handling) see every step and
   row, hear about errors, and may keep state that the checkpoint saves and a resume restores,
 - ``save_fn(trainer) -> path`` writes a checkpoint when the cadence says so (or starts writing
-  it in the background and returns None: ``checkpoint_wait()`` then waits for it),
+  it in the background and returns None: ``checkpoint_wait()`` then waits for it);
+  ``trainer.final_save`` says whether it is the one that ends training,
 - the strategy (pretrain/parallel/) decides how gradients are reduced and state is sharded,
 - an ``evaluator`` adds task metrics (accuracy, F1, ...) to the validation rows: it sees the
   model output of every validation batch and returns counts that are summed over the ranks.
@@ -267,12 +268,19 @@ class Trainer:
         self.last_row: dict | None = None
         self.last_eval: dict | None = None
         self._stop = False
+        self._done = False  # the stop asked for ends training (early stopping)
         self._save = False
+        # True while ``save_fn`` writes the checkpoint that ends training: max_steps reached or
+        # early stopping (not a stop by signal or preemption, which a resume continues)
+        self.final_save = False
 
     # --- control -------------------------------------------------------------------------------
-    def request_stop(self) -> None:
-        """Finish the current step, checkpoint and return from `fit` (every rank must call it)."""
+    def request_stop(self, *, done: bool = False) -> None:
+        """Finish the current step, checkpoint and return from `fit` (every rank must call it).
+        ``done``: training is complete (early stopping), not interrupted: that checkpoint is
+        the final one (``final_save``)."""
         self._stop = True
+        self._done = self._done or done
 
     def request_save(self) -> None:
         """Checkpoint after this step's evaluation even off the checkpoint interval (an eval
@@ -419,7 +427,11 @@ class Trainer:
                     t_save = time.perf_counter()
                     self._settle_checkpoint()  # at most one save in flight
                     self._phase = f"the checkpoint save at step {step}"
-                    path = self.save_fn(self)
+                    self.final_save = stop and (last or self._done)
+                    try:
+                        path = self.save_fn(self)
+                    finally:
+                        self.final_save = False
                     self.clock.checkpoint_seconds += time.perf_counter() - t_save
                     if path is not None:  # None: it is being written in the background
                         self.last_checkpoint = path

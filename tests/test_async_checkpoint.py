@@ -111,13 +111,15 @@ def test_a_full_disk_in_the_background_is_one_line(tiny_data, tmp_path):
 
 def test_rollback_waits_for_the_checkpoint_in_flight(tiny_data, tmp_path):
     """train.on_anomaly=rollback with background saves: the NaN at step 5 goes back to step 4's
-    checkpoint once its write is published, as with synchronous saves."""
+    checkpoint once its write is published, as with synchronous saves. With
+    checkpoint.consolidated=never not even the last checkpoint holds model.safetensors."""
     proc = _run(
         tiny_data,
         str(tmp_path),
         "rb",
         "train.on_anomaly=rollback",
         "train.rollback_lr_factor=0.5",
+        "checkpoint.consolidated=never",
         ASYNC,
         fault="loss@5+scale=nan",
     )
@@ -129,14 +131,18 @@ def test_rollback_waits_for_the_checkpoint_in_flight(tiny_data, tmp_path):
         (1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1)
     ]  # fmt: skip
     assert latest_checkpoint(run_dir) == "step_00000006"
-    with open(os.path.join(run_dir, "checkpoints", "step_00000006", "trainer_state.json")) as f:
+    last = os.path.join(run_dir, "checkpoints", "step_00000006")
+    with open(os.path.join(last, "trainer_state.json")) as f:
         assert json.load(f)["rollbacks"] == 1
+    assert not os.path.exists(os.path.join(last, "model.safetensors"))
+    verify_checkpoint(last)
 
 
 def test_keep_best_marks_a_checkpoint_written_in_the_background(tmp_path, reference_runs):
     """Finetuning with early_stopping.keep_best: the best (step 2) is saved in the background
     and heard as complete only at step 4's save; it is still the one marked `best` and kept
-    past keep_last=1."""
+    past keep_last=1. Early stopping ends the training: step 4's checkpoint is the final one,
+    the one with model.safetensors (checkpoint.consolidated=final)."""
     task = tmp_path / "task.csv"
     task.write_text(
         "text,label\n"
@@ -173,11 +179,14 @@ def test_keep_best_marks_a_checkpoint_written_in_the_background(tmp_path, refere
         "step_00000002",
         "step_00000004",
     ]
+    assert not os.path.exists(os.path.join(ckpts, "step_00000002", "model.safetensors"))
+    assert os.path.isfile(os.path.join(ckpts, "step_00000004", "model.safetensors"))
 
 
 def test_checkpoint_bench_measures_in_the_current_directory(tmp_path):
-    """`lmforge bench --checkpoint` on the tiny preset: a row of figures, the parts of a save,
-    the file system named, and nothing left behind where it wrote."""
+    """`lmforge bench --checkpoint` on the tiny preset: a row of figures (the saves between the
+    first step and the last, the final one with model.safetensors), the parts of the final
+    save, the file system named, and nothing left behind where it wrote."""
     out = tmp_path / "bench.md"
     proc = subprocess.run(
         [sys.executable, "-m", "launcher.cli", "bench", "--checkpoint", "--models", "tiny"]
@@ -197,7 +206,8 @@ def test_checkpoint_bench_measures_in_the_current_directory(tmp_path):
         for line in text.splitlines()
         if line.startswith("| tiny |")
     )
-    assert len(figures) == 11 and figures[2].endswith(" GB") and figures[4].endswith(" MB/s")
+    assert len(figures) == 13 and figures[2].endswith(" GB") and figures[4].endswith(" MB/s")
     assert float(figures[6]) > 0  # the save's throughput over the raw write's
-    assert len(parts) == 5 and all(p.endswith("%)") or "%, " in p for p in parts[1:]), parts
+    assert figures[7].endswith(" GB") and float(figures[8]) > 0  # the final save, with its copy
+    assert len(parts) == 4 and all(p.endswith("%)") or "%, " in p for p in parts[1:]), parts
     assert os.listdir(tmp_path) == ["bench.md"]

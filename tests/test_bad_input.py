@@ -194,6 +194,7 @@ CASES = [
     case("pretrain/heads-zero", [*PRETRAIN, "model.n_head=0"], "`model.n_head` must be >= 1, got 0", out=RUNS),
     case("pretrain/lr-nan", [*PRETRAIN, "optim.lr=nan"], "`optim.lr` must be > 0, got nan", out=RUNS),
     case("pretrain/keep-last-zero", [*PRETRAIN, "checkpoint.keep_last=0"], "`checkpoint.keep_last` >= 1", out=RUNS),
+    case("pretrain/consolidated-unknown", [*PRETRAIN, "checkpoint.consolidated=always"], "config key `checkpoint.consolidated`: Invalid value 'always', expected one of ['final', 'every', 'never']", out=RUNS),
     case("pretrain/async-save-with-deepspeed", [*PRETRAIN, "parallel.strategy=deepspeed", "parallel.zero_stage=1", "checkpoint.async_save=true"], "`checkpoint.async_save=true` does not work with parallel.strategy=deepspeed", out=RUNS),
     case("pretrain/precision-unknown", [*PRETRAIN, "train.precision=fp4"], "config key `train.precision`", out=RUNS),
     case("pretrain/fp8-without-a-float8-gpu", [*PRETRAIN, "train.precision=fp8"], "train.precision=fp8 needs an NVIDIA GPU with float8 (compute capability 8.9+, H100-class) and torchao; ", out=RUNS, skip=_trains_in_float8()),

@@ -10,11 +10,13 @@ import json
 import os
 import shutil
 import subprocess
+import warnings
 
 import pytest
 
 from pretrain.checkpoint import (
     _prune,
+    _publish,
     check_resume_checkpoint,
     resume_point,
     verify_checkpoint,
@@ -185,6 +187,101 @@ def test_corrupt_checkpoint_files_are_one_line(ref_copy, capsys, damage, resigne
     with pytest.raises(CheckpointError, match=expected) as err:
         check_resume_checkpoint(newest)
     assert str(err.value).endswith(f"resume={os.path.join(root, 'step_00000012')}")
+
+
+def _flip_middle_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_sums_hashed_as_written_verify_and_catch_a_flipped_byte(ref_copy):
+    """The manifest's sums are computed as the files are written (lmforge's own files from the
+    bytes in memory, DCP's shards as they stream out), never read back, and are those of the
+    files on disk, in the format every lmforge reads (format 1, sha256 and size of every file).
+    A byte flipped in a DCP shard or in a file hashed from memory is caught, naming the file.
+    By default (checkpoint.consolidated=final) only the checkpoint that ends the run holds
+    model.safetensors."""
+    root = os.path.join(ref_copy, "checkpoints")
+    for step, final in ((12, False), (14, True)):
+        ckpt = os.path.join(root, f"step_{step:08d}")
+        assert os.path.isfile(os.path.join(ckpt, "model.safetensors")) == final
+        with open(os.path.join(ckpt, "manifest.json")) as f:
+            manifest = json.load(f)
+        assert set(manifest) == {"format_version", "step", "created", "files"}
+        assert (manifest["format_version"], manifest["step"]) == (1, step)
+        on_disk = {
+            os.path.relpath(os.path.join(parent, n), ckpt)
+            for parent, _, names in os.walk(ckpt)
+            for n in names
+        }
+        assert set(manifest["files"]) == on_disk - {"manifest.json"}
+        for name, info in manifest["files"].items():
+            path = os.path.join(ckpt, name)
+            assert info == {"sha256": sha256_file(path), "bytes": os.path.getsize(path)}, name
+        verify_checkpoint(ckpt)
+    ckpt = os.path.join(root, "step_00000012")
+    for rel in (os.path.join("dcp", "__0_0.distcp"), "rng_rank00000.pt", "extra.pt"):
+        _flip_middle_byte(os.path.join(ckpt, rel))
+        with pytest.raises(CheckpointError, match=f"{rel} does not match its manifest"):
+            verify_checkpoint(ckpt)
+        _flip_middle_byte(os.path.join(ckpt, rel))  # back as it was
+    verify_checkpoint(ckpt)
+
+
+def test_dcp_files_are_hashed_as_they_are_written(tmp_path):
+    """DCP's writer reports the sha256 and size of every file it wrote (the shard with large
+    and small entries, .metadata written under a temp name and renamed): what the manifest
+    needs, without a pass over the files."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from pretrain.parallel.state import HashingFileSystemWriter
+
+    state = {
+        "model": {"big": torch.randn(1024, 1024), "small": torch.arange(7.0)},
+        "optim": {"lr": 0.1, "moment": torch.randn(3, 5)},
+    }
+    writer = HashingFileSystemWriter(str(tmp_path / "dcp"), root=str(tmp_path))
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, storage_writer=writer, no_dist=True)
+    on_disk = {
+        os.path.relpath(os.path.join(parent, n), tmp_path)
+        for parent, _, names in os.walk(tmp_path)
+        for n in names
+    }
+    assert set(writer.digests) == on_disk and os.path.join("dcp", ".metadata") in on_disk
+    for name, (sha, size) in writer.digests.items():
+        path = os.path.join(tmp_path, name)
+        assert (sha, size) == (sha256_file(path), os.path.getsize(path)), name
+
+
+def test_manifest_reads_back_only_what_no_rank_hashed(tmp_path):
+    """Rank 0's manifest takes the ranks' sums as they are, and hashes from disk a file that
+    none of them hashed or whose size differs from the one hashed (a file written again)."""
+    root = tmp_path / "checkpoints"
+    tmp = root / ".step_00000003.tmp"
+    (tmp / "sub").mkdir(parents=True)
+    files = {"a.bin": b"a" * 3000, "sub/b.bin": b"b" * 10, "c.bin": b"c" * 5}
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    claimed = {
+        "a.bin": ("0" * 64, 3000),  # taken as given: nobody reads it back
+        "c.bin": ("1" * 64, 4),  # the size is not the file's: read back
+    }
+    final = root / "step_00000003"
+    _publish(root=str(root), step=3, tmp=str(tmp), final=str(final), keep_last=1, digests=claimed)
+    with open(final / "manifest.json") as f:
+        got = json.load(f)["files"]
+    assert got == {
+        "a.bin": {"sha256": "0" * 64, "bytes": 3000},
+        "c.bin": {"sha256": sha256_file(final / "c.bin"), "bytes": 5},
+        "sub/b.bin": {"sha256": sha256_file(final / "sub/b.bin"), "bytes": 10},
+    }
+    assert (root / "latest").read_text() == "step_00000003\n"
 
 
 def test_retention_keeps_the_checkpoint_a_fallback_resumed_from(tmp_path):

@@ -77,12 +77,18 @@ def test_sigkill_mid_run_resumes_exactly(
 
 @pytest.mark.parametrize("point", ["save:mid-file", "save:before-rename", "save:before-latest"])
 def test_crash_during_save_keeps_previous_checkpoint(tiny_data, tmp_path, reference_runs, point):
+    """SIGKILL at each moment of step 8's save: `latest` still names step 4, and resume=auto
+    gives the uninterrupted run. The mid-file crash runs with checkpoint.consolidated=every: it
+    tears model.safetensors (rank 0's first file), and every checkpoint of the resumed run holds
+    the weights that consolidate and export rebuild from the reference run's checkpoints, which
+    (consolidated=final) hold none but at the end."""
     ref = reference_runs(1, "fp32", "parallel.strategy=ddp")
     runs, name = str(tmp_path), "torn"
     run_dir = os.path.join(runs, name)
+    every = ["checkpoint.consolidated=every"] if point == "save:mid-file" else []
     killed = lmforge(
         "pretrain",
-        *_args(tiny_data, runs, name, 1, "fp32"),
+        *_args(tiny_data, runs, name, 1, "fp32", *every),
         env={"LMFORGE_FAULT": f"{point}@8"},
         check=False,
     )
@@ -90,13 +96,41 @@ def test_crash_during_save_keeps_previous_checkpoint(tiny_data, tmp_path, refere
     assert latest_checkpoint(run_dir) == "step_00000004", (
         "latest must still name the previous checkpoint"
     )
-    lmforge("pretrain", *_args(tiny_data, runs, name, 1, "fp32", "resume=auto"))
+    lmforge("pretrain", *_args(tiny_data, runs, name, 1, "fp32", *every, "resume=auto"))
     with open(os.path.join(run_dir, "provenance.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     assert last["resumed_from"].endswith("step_00000004")
     assert_same_run(run_dir, ref)
     leftovers = [n for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.endswith(".tmp")]
     assert not leftovers
+    if every:
+        _assert_intermediate_checkpoints_rebuild(run_dir, ref, tmp_path)
+
+
+def _assert_intermediate_checkpoints_rebuild(every_dir: str, ref_dir: str, tmp_path) -> None:
+    """``every_dir`` (checkpoint.consolidated=every) holds model.safetensors in each checkpoint;
+    ``ref_dir`` (the default, final) only in the last. Consolidate and export rebuild the
+    weights of the reference's step 12 from its shards: those of the other run's copy, bitwise."""
+    from safetensors.torch import load_file
+
+    from finetune.export import export
+    from finetune.hf import to_hf_name
+    from pretrain.consolidate import consolidate
+
+    def has_copy(run: str, step: int) -> bool:
+        return os.path.isfile(
+            os.path.join(run, "checkpoints", f"step_{step:08d}", "model.safetensors")
+        )
+
+    assert has_copy(every_dir, 12) and has_copy(every_dir, STEPS)
+    assert not has_copy(ref_dir, 12) and has_copy(ref_dir, STEPS)
+    want = checkpoint_weights(every_dir, 12)
+    step12 = os.path.join(ref_dir, "checkpoints", "step_00000012")
+    got = load_file(os.path.join(consolidate(step12, out=str(tmp_path / "c")), "model.safetensors"))
+    assert got.keys() == want.keys() and all(got[k].equal(want[k]) for k in want)
+    hf = load_file(os.path.join(export(step12, out=str(tmp_path / "e")), "model.safetensors"))
+    assert hf.keys() == {to_hf_name(k) for k in want}
+    assert all(hf[to_hf_name(k)].equal(v) for k, v in want.items())
 
 
 def test_resume_with_other_data_or_shape_is_refused(tiny_data, tmp_path, reference_runs):
@@ -206,6 +240,9 @@ def test_signal_saves_and_resumes_exactly(tiny_data, tmp_path, reference_runs, n
     assert f"stopped by {signame} after step" in out
     stopped = int(latest_checkpoint(run_dir).removeprefix("step_"))
     assert stopped in (6, 7), stopped  # saved at the stop, not at the 4-step cadence
+    # a stop is not the end of training: no consolidated copy (checkpoint.consolidated=final)
+    ckpt = os.path.join(run_dir, "checkpoints", f"step_{stopped:08d}")
+    assert not os.path.exists(os.path.join(ckpt, "model.safetensors"))
     lmforge("pretrain", *args, "resume=auto")
     assert_same_run(run_dir, ref)
 

@@ -17,6 +17,7 @@ from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.checkpoint import checkpoint
 
 from pretrain import dist as pdist
+from pretrain.durable import Digests
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.loss import Batch, LossFn
@@ -313,9 +314,13 @@ class Strategy(ABC):
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         write_file: Callable[[str, bytes], None],
-    ) -> None:
+        consolidated: bool,
+    ) -> Digests | None:
         """Write model and optimizer state under ``directory`` (every rank together; small
-        files through ``write_file(name, data)``, which writes them durably)."""
+        files through ``write_file(name, data)``, which writes and hashes them durably), and
+        on rank 0 the full weights as model.safetensors when ``consolidated``. Return the
+        sha256 and size of the files this rank wrote otherwise and hashed as it wrote them, or
+        made durable and hashed (the manifest reads back and fsyncs any file left out)."""
 
     @abstractmethod
     def load_state(
@@ -329,13 +334,19 @@ class Strategy(ABC):
         return {}
 
     def start_save_state(
-        self, directory: str, *, model: nn.Module, optimizer: torch.optim.Optimizer, group
-    ) -> Callable[[WriteFile], None]:
+        self,
+        directory: str,
+        *,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        group,
+        consolidated: bool,
+    ) -> Callable[[WriteFile], Digests | None]:
         """``save_state`` in two halves, for ``checkpoint.async_save`` (every rank together):
         copy the state to host memory and start writing it under ``directory`` in the
         background, collectives on ``group``; return ``finish(write_file)``, which the
-        background thread calls to wait for that write and write the rest (see
-        ``pretrain.parallel.state.start_dcp_save``)."""
+        background thread calls to wait for that write and write the rest, returning what
+        ``save_state`` returns (see ``pretrain.parallel.state.start_dcp_save``)."""
         if not self.async_checkpoints:
             raise ConfigurationError(
                 f"parallel.strategy={self.name} has no asynchronous checkpoints; set "
@@ -348,6 +359,7 @@ class Strategy(ABC):
             optimizer=optimizer,
             extra=self.extra_state(),
             group=group,
+            consolidated=consolidated,
         )
 
     def unwrap(self, model: nn.Module) -> nn.Module:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pretrain import dist as pdist
+from pretrain.durable import Digests
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
@@ -107,14 +108,17 @@ class DDPStrategy(Strategy):
         scaler = self.accelerator.scaler
         return {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
 
-    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
-        save_dcp_state(
+    def save_state(
+        self, directory: str, *, model: nn.Module, optimizer, write_file, consolidated: bool
+    ) -> Digests:
+        return save_dcp_state(
             self,
             directory,
             model=model,
             optimizer=optimizer,
             write_file=write_file,
             extra=self.extra_state(),
+            consolidated=consolidated,
         )
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:

@@ -16,6 +16,7 @@ import contextlib
 import torch
 from torch import nn
 
+from pretrain.durable import Digests
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
     MakeOptimizer,
@@ -142,9 +143,17 @@ class MeshStrategy(Strategy):
             all_reduce_grads(model.parameters(), self.mesh["dp"].get_group())
         return self.clip_and_step(model.parameters(), optimizer, scheduler, grad_clip=grad_clip)
 
-    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
-        save_dcp_state(
-            self, directory, model=model, optimizer=optimizer, write_file=write_file, extra={}
+    def save_state(
+        self, directory: str, *, model: nn.Module, optimizer, write_file, consolidated: bool
+    ) -> Digests:
+        return save_dcp_state(
+            self,
+            directory,
+            model=model,
+            optimizer=optimizer,
+            write_file=write_file,
+            extra={},
+            consolidated=consolidated,
         )
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pretrain.durable import Digests
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.loss import LossFn, StageLoss
@@ -213,9 +214,17 @@ class PipelineStrategy(Strategy):
         optimizer.zero_grad(set_to_none=True)
         return norm.detach()
 
-    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
-        save_dcp_state(
-            self, directory, model=model, optimizer=optimizer, write_file=write_file, extra={}
+    def save_state(
+        self, directory: str, *, model: nn.Module, optimizer, write_file, consolidated: bool
+    ) -> Digests:
+        return save_dcp_state(
+            self,
+            directory,
+            model=model,
+            optimizer=optimizer,
+            write_file=write_file,
+            extra={},
+            consolidated=consolidated,
         )
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:

@@ -4,10 +4,12 @@ Model and optimizer go through torch.distributed.checkpoint (DCP) with FQN-keyed
 the optimizer state flattened per parameter (``state.<fqn>.exp_avg``, ``param_groups.<fqn>.lr``):
 the same keys whatever the layout, and DCP reshards on load, so a checkpoint written by FSDP on 2
 ranks, by TP=2 or by a 2-stage pipeline (each stage holding only its own parameters) resumes under
-DDP on 1 and the other way round. A consolidated ``model.safetensors`` (full fp32 weights) is
-written beside it, read back from the DCP files by rank 0: one code path for every layout, shared
-with ``lmforge consolidate``. With ``checkpoint.async_save`` the same files are written by
-``start_dcp_save``: the state is copied to host memory first and written in the background.
+DDP on 1 and the other way round. When the save asks for it (``checkpoint.consolidated``), a
+consolidated ``model.safetensors`` (full fp32 weights) is written beside it, read back from the
+DCP files by rank 0: one code path for every layout, shared with ``lmforge consolidate``. With
+``checkpoint.async_save`` the same files are written by ``start_dcp_save``: the state is copied
+to host memory first and written in the background. Each rank hashes (sha256) the DCP files it
+writes as their bytes pass (``HashingWriter``), for the checkpoint's manifest.
 """
 
 from __future__ import annotations
@@ -19,12 +21,16 @@ import io
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 
 import torch
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from pretrain import dist as pdist
+from pretrain.durable import Digests, HashingWriter
 from pretrain.errors import CheckpointError
 from pretrain.safeload import dcp_reader, deepspeed_reads, load_dcp, load_deepspeed_file
 
@@ -46,51 +52,137 @@ def _state_dicts(strategy, model, optimizer) -> tuple:
 WriteFile = Callable[[str, bytes], None]
 
 
-def save_dcp_state(strategy, directory: str, *, model, optimizer, write_file, extra: dict) -> None:
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, hashing every file it writes as the bytes pass; the digests
+    are keyed by path relative to ``root`` (the checkpoint directory)."""
+
+    def __init__(self, root: str) -> None:
+        super().__init__()
+        self.root = root
+        self.digests: Digests = {}
+        self._lock = threading.Lock()
+
+    def _key(self, path) -> str:
+        return os.path.relpath(os.fspath(path), self.root)
+
+    @contextlib.contextmanager
+    def create_stream(self, path, mode: str):
+        if mode != "wb":  # a read, or a write this class does not follow: read back
+            if any(c in mode for c in "wax+"):
+                with self._lock:
+                    self.digests.pop(self._key(path), None)
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        with super().create_stream(path, mode) as stream:
+            writer = HashingWriter(stream)
+            yield writer
+        digest = writer.hexdigest()
+        with self._lock:
+            if digest is None:  # read back from disk for the manifest
+                self.digests.pop(self._key(path), None)
+            else:
+                self.digests[self._key(path)] = (digest, writer.nbytes)
+
+    def rename(self, path, new_path) -> None:
+        super().rename(path, new_path)
+        with self._lock:
+            entry = self.digests.pop(self._key(path), None)
+            if entry is not None:
+                self.digests[self._key(new_path)] = entry
+
+    def rm_file(self, path) -> None:
+        super().rm_file(path)
+        with self._lock:
+            self.digests.pop(self._key(path), None)
+
+
+class HashingFileSystemWriter(FileSystemWriter):
+    """torch.distributed.checkpoint's file writer (the same files, byte for byte), which also
+    hashes what this rank writes: ``digests`` maps each file's path relative to ``root`` to its
+    sha256 and size once the save returned."""
+
+    def __init__(self, path: str, *, root: str) -> None:
+        super().__init__(path)
+        self.fs = _HashingFileSystem(root)
+        self.path = self.fs.init_path(path)
+
+    @property
+    def digests(self) -> Digests:
+        return dict(self.fs.digests)
+
+
+def save_dcp_state(
+    strategy, directory: str, *, model, optimizer, write_file, extra: dict, consolidated: bool
+) -> Digests:
+    """Write dcp/ (every rank) and rank 0's extra.pt, with model.safetensors when
+    ``consolidated``; return the sha256 and size of the DCP files this rank wrote."""
     import torch.distributed.checkpoint as dcp
 
     plain, _, model_sd, optim_sd = _state_dicts(strategy, model, optimizer)
+    writer = HashingFileSystemWriter(os.path.join(directory, "dcp"), root=directory)
     with warnings.catch_warnings():  # one process has no group: that is what it means
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.save(
-            {"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(directory, "dcp")
-        )
+        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=writer)
     pdist.barrier()  # every rank's shards are on disk before rank 0 reads them back
     if strategy.is_main:
         _write_main_files(
-            directory, tied=_tied(plain), extra=_to_bytes(extra), write_file=write_file
+            directory,
+            tied=_tied(plain),
+            extra=_to_bytes(extra),
+            write_file=write_file,
+            consolidated=consolidated,
         )
+    return writer.digests
 
 
 def start_dcp_save(
-    strategy, directory: str, *, model, optimizer, extra: dict, group
-) -> Callable[[WriteFile], None]:
+    strategy, directory: str, *, model, optimizer, extra: dict, group, consolidated: bool
+) -> Callable[[WriteFile], Digests]:
     """``save_dcp_state`` in two halves (``checkpoint.async_save``). Now, on the training
     thread: model and optimizer state are copied to host memory (``dcp.async_save`` stages
     them) and DCP starts writing dcp/ on a thread of its own, its collectives on ``group`` (a
     gloo group that only checkpoints use, so that they never interleave with the training's).
     Returned: ``finish(write_file)``, for the background thread: it waits for that write
     (every rank's shards are on disk and fsynced when DCP's save returns on rank 0, which
-    coordinates it), then rank 0 writes model.safetensors, read back from dcp/, and extra.pt.
-    The host copy is torch's default staging: new buffers for each save, freed once it is
-    written (buffers kept across saves would hold a copy for the whole run for a few percent of
-    the copy's time on a CPU)."""
+    coordinates it), then rank 0 writes extra.pt (and model.safetensors, read back from dcp/,
+    when ``consolidated``); it returns the digests of this rank's DCP files. The host copy is
+    torch's default staging: new buffers for each save, freed once it is written (buffers kept
+    across saves would hold a copy for the whole run for a few percent of the copy's time on a
+    CPU)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
     plain, _, model_sd, optim_sd = _state_dicts(strategy, model, optimizer)
     tied, extra_bytes = _tied(plain), _to_bytes(extra)  # as they are now, not when it finishes
-    response = dcp.async_save(
-        {"model": model_sd, "optim": optim_sd},
-        checkpoint_id=os.path.join(directory, "dcp"),
-        process_group=group,
-    )
+    writer = HashingFileSystemWriter(os.path.join(directory, "dcp"), root=directory)
+    # the stager dcp.async_save makes when it is given none (the writer would stage otherwise)
+    stager = DefaultStager(StagingOptions(False, False, False, False))
+    try:
+        response = dcp.async_save(
+            {"model": model_sd, "optim": optim_sd},
+            storage_writer=writer,
+            async_stager=stager,
+            process_group=group,
+        )
+    except BaseException:
+        stager.close()
+        raise
     # a Future; an AsyncSaveResponse (staging and upload) when torch stages in the background
     written = getattr(response, "upload_completion", response)
+    written.add_done_callback(lambda _: stager.close())
 
-    def finish(write_file: WriteFile) -> None:
+    def finish(write_file: WriteFile) -> Digests:
         written.result()
         if strategy.is_main:
-            _write_main_files(directory, tied=tied, extra=extra_bytes, write_file=write_file)
+            _write_main_files(
+                directory,
+                tied=tied,
+                extra=extra_bytes,
+                write_file=write_file,
+                consolidated=consolidated,
+            )
+        return writer.digests
 
     return finish
 
@@ -105,12 +197,22 @@ def _to_bytes(extra: dict) -> bytes:
     return buf.getvalue()
 
 
-def _write_main_files(directory: str, *, tied: bool, extra: bytes, write_file: WriteFile) -> None:
-    """Rank 0, once dcp/ is complete: the consolidated weights and the strategy's extra state."""
+def consolidated_bytes(dcp_dir: str, *, tied: bool) -> bytes:
+    """The consolidated ``model.safetensors`` of a DCP directory, in memory."""
     from safetensors.torch import save
 
-    full = consolidated_weights(os.path.join(directory, "dcp"), tied=tied)
-    write_file("model.safetensors", save(full, metadata={"format": "pt"}))
+    return save(consolidated_weights(dcp_dir, tied=tied), metadata={"format": "pt"})
+
+
+def _write_main_files(
+    directory: str, *, tied: bool, extra: bytes, write_file: WriteFile, consolidated: bool
+) -> None:
+    """Rank 0, once dcp/ is complete: the strategy's extra state and, when ``consolidated``,
+    the full weights."""
+    if consolidated:
+        write_file(
+            "model.safetensors", consolidated_bytes(os.path.join(directory, "dcp"), tied=tied)
+        )
     write_file("extra.pt", extra)
 
 

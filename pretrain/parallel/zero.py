@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import torch
 from torch import nn
 
 from pretrain import dist as pdist
+from pretrain.durable import Digests, digest_files
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
     MakeOptimizer,
@@ -185,16 +187,24 @@ class DeepSpeedStrategy(Strategy):
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(0.0 if norm is None else float(norm))
 
-    def save_state(self, directory: str, *, model: nn.Module, optimizer, write_file) -> None:
+    def save_state(
+        self, directory: str, *, model: nn.Module, optimizer, write_file, consolidated: bool
+    ) -> Digests:
+        """The engine's checkpoint under deepspeed/ (and its recovery scripts beside it), which
+        DeepSpeed neither fsyncs nor hashes: each rank does both for the files it wrote, on
+        several threads."""
         from safetensors.torch import save
 
         self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)
+        mine = _deepspeed_files_of(directory, self.rank)  # nothing else is written yet
         pdist.barrier()
-        if self.is_main:
+        digests = digest_files(directory, mine, fsync=True)
+        if consolidated and self.is_main:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             full = get_fp32_state_dict_from_zero_checkpoint(directory, tag="deepspeed")
             write_file("model.safetensors", save(dedup_tied(full), metadata={"format": "pt"}))
+        return digests
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
         # DeepSpeed unpickles its files with weights_only=False: checked and made strict first.
@@ -205,3 +215,18 @@ class DeepSpeedStrategy(Strategy):
                 load_optimizer_states=True,
                 load_lr_scheduler_states=False,
             )
+
+
+_ZERO_RANK = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def _deepspeed_files_of(directory: str, rank: int) -> list[str]:
+    """The files a DeepSpeed save wrote on ``rank`` (paths relative to ``directory``): each
+    rank's ZeRO partitions name their (data-parallel) rank; the rest is rank 0's."""
+    out = []
+    for parent, _, names in os.walk(directory):
+        for name in names:
+            found = _ZERO_RANK.search(name)
+            if (int(found.group(1)) if found else 0) == rank:
+                out.append(os.path.relpath(os.path.join(parent, name), directory))
+    return sorted(out)
