@@ -13,7 +13,7 @@ from typing import Literal
 
 from omegaconf import MISSING
 
-from pretrain.config import LoopConfig, ModelConfig, OptimConfig, RunConfig
+from pretrain.config import LoopConfig, ModelConfig, OptimConfig, RunConfig, check_escapechar
 from pretrain.errors import ConfigurationError
 
 
@@ -36,6 +36,11 @@ class TaskConfig:
     """Split of a `datasets` source for `val`."""
     dataset_config: str | None = None
     """Configuration name of a `datasets` source."""
+    escapechar: str | None = None
+    """CSV/TSV files of `train` and `val`: the character that escapes a quote inside a quoted
+    field, as in `"He said \\"hi\\""`; null = quotes are doubled (`""`), the CSV standard. In
+    YAML: `escapechar: "\\\\"` (a backslash). It makes the next character literal and is itself
+    dropped: `\\\\` reads as `\\`, and `\\n` as `n`."""
     val_fraction: float = 0.1
     """When `val` is null: this fraction of `train` (seeded) is held out."""
     text_column: str = "text"
@@ -65,6 +70,7 @@ class TaskConfig:
     classification keeps the first words)."""
 
     def __post_init__(self) -> None:
+        check_escapechar(self.escapechar, "task.escapechar")
         if self.max_len < 2:
             raise ConfigurationError(f"`task.max_len` must be >= 2, got {self.max_len}")
         if not 0.0 < self.val_fraction < 0.5:

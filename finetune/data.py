@@ -20,11 +20,14 @@ needs one shape). :class:`ExampleSet` has the interface of pretraining's windows
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
 
+from pretrain import dist as pdist
 from pretrain.errors import ConfigurationError, DataError
+from pretrain.runlock import LAUNCHER_ENV
 from pretrain.sources import load_rows
 
 IGNORE = -100
@@ -33,6 +36,60 @@ IGNORE = -100
 # --------------------------------------------------------------------------------------------
 # tables: rows from pretrain.sources.load_rows (also the source reader of `lmforge prepare`)
 # --------------------------------------------------------------------------------------------
+
+
+def warn(message: str) -> None:
+    """Print a warning line once per run: on rank 0, and not in the workers of a local launcher
+    (it read the same data before starting them, and said so)."""
+    if pdist.is_main() and LAUNCHER_ENV not in os.environ:
+        print(message, flush=True)
+
+
+def _is_empty(value) -> bool:
+    """A missing value, an empty or whitespace-only string, or an empty list."""
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, (list, tuple)):
+        return not value
+    return False
+
+
+def skip_empty_rows(task, rows: list[dict], *, source: str, warn=warn) -> list[dict]:
+    """``rows`` without those whose text (classification), response (sft) or word list (token
+    classification) is empty, whitespace-only or missing, with one warning line counting them;
+    a DataError when no row is left."""
+    key = {"classification": "text_column", "sft": "response_column"}.get(
+        task.type, "tokens_column"
+    )
+    column = getattr(task, key)
+    kept = [r for r in rows if not _is_empty(r.get(column))]
+    skipped = len(rows) - len(kept)
+    if skipped and not kept:
+        raise DataError(
+            f"all {len(rows):,} rows of {source} have an empty `{column}`; set `task.{key}` to "
+            "the column that holds it, or fix the data"
+        )
+    if skipped:
+        warn(
+            f"warning: {skipped:,} of {len(rows):,} rows of {source} have an empty `{column}` "
+            "(empty, whitespace or null); they are skipped"
+        )
+    return kept
+
+
+def read_rows(task, source: str, *, split: str) -> list[dict]:
+    """The rows of one of ``task``'s sources, checked for its columns, without empty ones."""
+    rows = load_rows(
+        source,
+        split=split,
+        dataset_config=task.dataset_config,
+        escapechar=task.escapechar,
+        warn=warn,
+    )
+    require_columns(rows, *columns_of(task), source=source)
+    return skip_empty_rows(task, rows, source=source)
 
 
 def require_columns(rows: list[dict], columns: list[str], keys: list[str], *, source: str) -> None:
@@ -210,6 +267,7 @@ def tokenize(
     the label id of each classification example (for class weights and baselines)."""
     ids: list[int] = []
     require_columns(rows, *columns_of(task), source=source)
+    rows = skip_empty_rows(task, rows, source=source)
     if task.type == "classification":
         values = [r[task.label_column] for r in rows]
         labels = labels or label_set(values)
@@ -276,11 +334,9 @@ class TaskData:
     """The tokenized train and validation sets of a task, and what the head needs."""
 
     def __init__(self, task, tokenizer, *, seed: int, labels: list[str] | None, pad_to_max: bool):
-        load = {"dataset_config": task.dataset_config}
-        train_rows = load_rows(task.train, split=task.train_split, **load)
-        require_columns(train_rows, *columns_of(task), source=task.train)
+        train_rows = read_rows(task, task.train, split=task.train_split)
         if task.val is not None:
-            val_rows = load_rows(task.val, split=task.val_split, **load)
+            val_rows = read_rows(task, task.val, split=task.val_split)
             val_name = task.val
         else:
             if len(train_rows) < 2:

@@ -132,7 +132,7 @@ def task_metrics(
     """The finetuned model's task metrics on a labelled file (columns as in training, or
     overridden by ``columns``: {"text_column": ..., "label_column": ...})."""
     from finetune.config import TaskConfig
-    from finetune.data import load_rows, tokenize
+    from finetune.data import load_rows, tokenize, warn
     from finetune.tasks import evaluator_for, make_loss
 
     src, model, tok = _load(path)
@@ -151,7 +151,13 @@ def task_metrics(
         )
     task = TaskConfig(**{k: v for k, v in {**src.task, **columns}.items() if k in keys})
     task.train = task.val = data
-    rows = load_rows(data, split=task.val_split, dataset_config=task.dataset_config)
+    rows = load_rows(
+        data,
+        split=task.val_split,
+        dataset_config=task.dataset_config,
+        escapechar=task.escapechar,
+        warn=warn,
+    )
     ex, _, _ = tokenize(task, tok, rows, source=data, labels=task.labels)
     evaluator = evaluator_for(task.type, task.labels)
     loss_fn = make_loss(None)

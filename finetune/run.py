@@ -267,7 +267,9 @@ class Finetuning(Workload):
 def _val_prompts(cfg: FinetuneConfig, n: int) -> list[str]:
     source = cfg.task.val or cfg.task.train
     split = cfg.task.val_split if cfg.task.val else cfg.task.train_split
-    rows = load_rows(source, split=split, dataset_config=cfg.task.dataset_config)
+    rows = load_rows(
+        source, split=split, dataset_config=cfg.task.dataset_config, escapechar=cfg.task.escapechar
+    )
     return [str(r[cfg.task.prompt_column]) for r in rows[:n]]
 
 

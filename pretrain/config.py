@@ -37,6 +37,18 @@ from pretrain.layout import check_parallel_options
 # --------------------------------------------------------------------------------------------
 
 
+def check_escapechar(value: str | None, key: str) -> None:
+    """An escape character for CSV/TSV readers: one character that is not a quote, a field
+    delimiter or a line break."""
+    if value is None:
+        return
+    if not isinstance(value, str) or len(value) != 1 or value in '",\t\r\n':
+        raise ConfigurationError(
+            f"`{key}` must be one character other than a quote, comma, tab or line break, got "
+            f'{value!r}; for a backslash write {key.rpartition(".")[2]}: "\\\\" in YAML'
+        )
+
+
 @dataclass
 class SourceConfig:
     """One input of the corpus."""
@@ -59,8 +71,14 @@ class SourceConfig:
     or a line)."""
     weight: float = 1.0
     """Passes over this source in the mixture: 2.0 repeats it twice, 0.5 takes half its documents."""
+    escapechar: str | None = None
+    """CSV/TSV files only: the character that escapes a quote inside a quoted field, as in
+    `"He said \\"hi\\""` (scraped data often writes quotes so); null = quotes are doubled (`""`),
+    the CSV standard. In YAML: `escapechar: "\\\\"` (a backslash). It makes the next character
+    literal and is itself dropped: `\\\\` reads as `\\`, and `\\n` as `n`."""
 
     def __post_init__(self) -> None:
+        check_escapechar(self.escapechar, "sources[].escapechar")
         if (self.path is None) == (self.dataset is None):
             raise ConfigurationError(
                 "each entry of `sources` needs exactly one of `path` and `dataset` "
@@ -91,6 +109,10 @@ class TokenizerConfig:
     """At most this many bytes of text (first in corpus order) are used to train the tokenizer."""
     add_bos: bool = False
     """Put BOS before each document (EOS always ends each document)."""
+    newline_pieces: bool = True
+    """Train on whole documents, newlines included, so that pieces such as "\\n", "\\n\\n" or
+    ".\\n" are learned (the demo plays: 10% fewer tokens); false = train line by line, so that
+    every newline is the byte-fallback piece `<0x0A>`. Only for a newly trained tokenizer."""
 
     def __post_init__(self) -> None:
         if self.path is None and self.vocab_size < 300:

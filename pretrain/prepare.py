@@ -21,12 +21,21 @@ Input policies (counted in the manifest's `warnings`):
   that contain U+FFFD count as `documents_with_invalid_utf8`. Line endings \\r\\n and \\r become
   \\n (the `datasets` text builder reads in universal-newline mode). JSONL/CSV/Parquet must be
   UTF-8: their readers fail otherwise, and the error names the source;
-- empty files are skipped (`empty_files_skipped`), as are empty or whitespace-only documents
-  (`empty_documents_skipped`); a source with no document left is an error;
+- empty files are skipped (`empty_files_skipped`), as are empty, whitespace-only or null
+  documents (`empty_documents_skipped`, with a warning line per source that has any); a source
+  with no document left is an error;
+- `text_unit: paragraph` on a file with no blank line in 1,000 lines or more, or with a paragraph
+  over 1 MiB, gets a warning suggesting `text_unit: line` (`files_with_huge_paragraphs`);
+- CSV/TSV with backslash-escaped quotes (`\\"`) need `escapechar` (pretrain/sources.py);
 - directories are read recursively in sorted order; hidden entries, `__pycache__` and files whose
   extension does not match the format are skipped (`files_skipped_by_extension`);
 - U+2581 ("▁") decodes as a space in SentencePiece: documents holding it are counted
   (`documents_with_u2581`) because they do not round-trip exactly.
+
+The manifest records each split's UTF-8 `bytes` next to its tokens (bytes per token measures the
+tokenizer's compression; a loss in nats per token times tokens / bytes / ln 2 is bits per byte,
+comparable across tokenizers) and `byte_fallback_fraction`, the share of train tokens that are
+byte-fallback pieces (`<0x..>`: characters the vocabulary does not hold).
 """
 
 from __future__ import annotations
@@ -176,6 +185,9 @@ class _TokenizeBatch:
             "ids": ids,
             "is_val": is_val,
             "copies": copies,
+            "bytes": [
+                0 if e else len(t.encode("utf-8")) for t, e in zip(texts, empty, strict=True)
+            ],
             "empty": empty,
             "fffd": [self.check_fffd and bool(t) and "\ufffd" in t for t in texts],
             "u2581": [bool(t) and "\u2581" in t for t in texts],
@@ -201,6 +213,7 @@ def _tokenize_source(
             "ids": datasets.List(datasets.Value(token_dtype(tok.vocab_size).name)),
             "is_val": datasets.Value("int8"),
             "copies": datasets.Value("int32"),
+            "bytes": datasets.Value("int64"),
             "empty": datasets.Value("bool"),
             "fffd": datasets.Value("bool"),
             "u2581": datasets.Value("bool"),
@@ -314,6 +327,7 @@ def _write_shards(
     dtype = token_dtype(tok.vocab_size)
     writers = {s: _ShardWriter(work, s, dtype, cfg.shard_tokens) for s in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
+    nbytes = dict.fromkeys(SPLITS, 0)
     unigram = np.zeros(tok.vocab_size, dtype=np.int64)
     for source, tokens in zip(sources, tokenized, strict=True):
         stats = source.stats
@@ -330,6 +344,7 @@ def _write_shards(
                 values = ids.flatten().to_numpy()
                 is_val = batch.column("is_val").to_numpy()
                 copies = batch.column("copies").to_numpy()
+                doc_bytes = batch.column("bytes").to_numpy()
                 for split_code, split in enumerate(SPLITS):
                     rows = (is_val == split_code) & (copies > copy)
                     n_rows = int(rows.sum())
@@ -338,6 +353,7 @@ def _write_shards(
                     chosen = values if n_rows == len(rows) else values[np.repeat(rows, lengths)]
                     writers[split].write(chosen)
                     documents[split] += n_rows
+                    nbytes[split] += int(doc_bytes[rows].sum())
                     stats["documents"] += n_rows
                     stats[f"{split}_tokens"] += len(chosen)
                     if split == "train":
@@ -348,6 +364,7 @@ def _write_shards(
         splits[split] = {
             "tokens": sum(s["tokens"] for s in shards),
             "documents": documents[split],
+            "bytes": nbytes[split],
             "shards": shards,
         }
     return splits, unigram
@@ -402,13 +419,12 @@ def _get_tokenizer(
                 vocab_size=cfg.tokenizer.vocab_size,
                 model_type=cfg.tokenizer.model_type,
                 max_bytes=cfg.tokenizer.train_max_bytes,
+                newline_pieces=cfg.tokenizer.newline_pieces,
             )
         except DataError:
             if next(_train_documents(sources, cfg), None) is None:
-                raise DataError(
-                    f"`val_fraction`={cfg.val_fraction} put every document into the validation "
-                    "split; lower `val_fraction` or use more documents (e.g. `text_unit: paragraph`)"
-                ) from None
+                what = "put every document into the validation split"
+                raise _split_error(sources, cfg, what) from None
             raise
         log(
             f"tokenizer: trained {cfg.tokenizer.model_type} vocab {tok.vocab_size:,} in "
@@ -427,19 +443,98 @@ def _get_tokenizer(
     return tok
 
 
-def _check_splits(splits: dict, cfg: PrepareConfig) -> None:
-    total = sum(splits[s]["documents"] for s in SPLITS)
+# --------------------------------------------------------------------------------------------
+# an empty split: the val_fraction (and seed) that gives one
+# --------------------------------------------------------------------------------------------
+
+# Other seeds tried when no val_fraction below 0.5 works with the configured one (only a corpus
+# of a few documents can be in that case).
+_SEEDS_TRIED = 1000
+
+
+def _kept_rows(sources: list[LoadedSource]) -> list[tuple[int, float, np.ndarray]]:
+    """(source index, weight, indices of its non-empty rows) per source: the rows that are
+    documents, before weights drop or repeat them."""
+    kept = []
+    for source in sources:
+        rows, start = [], 0
+        for batch in source.dataset.iter(batch_size=source.batch_rows):
+            texts = batch["text"]
+            rows += [start + i for i, t in enumerate(texts) if t and not t.isspace()]
+            start += len(texts)
+        kept.append((source.index, source.weight, np.asarray(rows, dtype=np.uint64)))
+    return kept
+
+
+def _split_draws(kept: list[tuple[int, float, np.ndarray]], seed: int) -> np.ndarray:
+    """The sorted uniform draw of every document (a non-empty row with at least one copy):
+    with `val_fraction` f, the documents whose draw is < f go to validation."""
+    draws = []
+    for index, weight, rows in kept:
+        uniforms = document_uniforms(
+            seed=seed, stream=_SPLIT_STREAM, source_index=index, doc_index=rows
+        )
+        _, copies = assign_documents(
+            seed=seed, source_index=index, weight=weight, val_fraction=0.0, doc_index=rows
+        )
+        draws.append(uniforms[copies > 0])
+    return np.sort(np.concatenate(draws)) if draws else np.zeros(0)
+
+
+def val_fraction_for(draws: np.ndarray) -> tuple[float, int] | None:
+    """(val_fraction, k): a short decimal below 0.5 that sends exactly k of the documents with
+    these sorted draws to validation and leaves the others for training, k = 3 or fewer (at most
+    a third of them, at least 1); None when no such fraction exists."""
+    n = len(draws)
+    for k in range(max(1, min(3, n // 3)), 0, -1):
+        if k >= n:
+            continue
+        low, high = float(draws[k - 1]), min(float(draws[k]), 0.5)
+        for digits in range(1, 17):  # the shortest decimal in (low, high]
+            scale = 10**digits
+            fraction = (math.floor(low * scale) + 1) / scale
+            if low < fraction <= high and fraction < 0.5:
+                return fraction, k
+    return None
+
+
+def split_advice(kept: list[tuple[int, float, np.ndarray]], seed: int) -> str:
+    """What to set so that both splits get documents, in words."""
+    draws = _split_draws(kept, seed)
+    if len(draws) < 2:
+        return (
+            f"there is {len(draws)} document: a validation split needs at least 2; use more "
+            "documents (e.g. `text_unit: paragraph` or `line`)"
+        )
+    found = val_fraction_for(draws)
+    if found is not None:
+        fraction, k = found
+        return (
+            f"`val_fraction={fraction:g}` puts {k} of the {len(draws):,} documents there "
+            "(the split is a seeded hash per document), or use more documents"
+        )
+    for other in range(seed + 1, seed + 1 + _SEEDS_TRIED):
+        found = val_fraction_for(_split_draws(kept, other))
+        if found is not None:
+            fraction, k = found
+            return (
+                f"no `val_fraction` below 0.5 splits these {len(draws)} documents with "
+                f"seed={seed}: `seed={other} val_fraction={fraction:g}` puts {k} of them there, "
+                "or use more documents"
+            )
+    return "use more documents (e.g. `text_unit: paragraph` or `line`)"
+
+
+def _split_error(sources: list[LoadedSource], cfg: PrepareConfig, what: str) -> DataError:
+    advice = split_advice(_kept_rows(sources), cfg.seed)
+    return DataError(f"`val_fraction`={cfg.val_fraction} {what}; {advice}")
+
+
+def _check_splits(splits: dict, sources: list[LoadedSource], cfg: PrepareConfig) -> None:
     if splits["val"]["documents"] == 0:
-        raise DataError(
-            f"`val_fraction`={cfg.val_fraction} put none of the {total} documents into the "
-            f"validation split; raise `val_fraction` (about {min(0.49, 3 / max(total, 1)):.2g} "
-            "expects 3 documents) or use more documents (e.g. `text_unit: paragraph`)"
-        )
+        raise _split_error(sources, cfg, "put no document into the validation split")
     if splits["train"]["documents"] == 0:
-        raise DataError(
-            f"`val_fraction`={cfg.val_fraction} put all {total} documents into the validation "
-            "split; lower `val_fraction` or use more documents (e.g. `text_unit: paragraph`)"
-        )
+        raise _split_error(sources, cfg, "put every document into the validation split")
 
 
 def prepare(cfg: PrepareConfig, *, log: Log | None = None) -> dict:
@@ -473,11 +568,31 @@ def prepare(cfg: PrepareConfig, *, log: Log | None = None) -> dict:
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     log(
         f"prepared {out}: train {train['documents']:,} documents / {train['tokens']:,} tokens, "
-        f"val {val['documents']:,} / {val['tokens']:,}, vocab {manifest['tokenizer']['vocab_size']:,}, "
+        f"val {val['documents']:,} / {val['tokens']:,}, vocab {manifest['tokenizer']['vocab_size']:,} "
+        f"({train['bytes'] / max(1, train['tokens']):.2f} bytes/token, byte fallback "
+        f"{manifest['byte_fallback_fraction']:.2%} of tokens), "
         f"{len(train['shards']) + len(val['shards'])} shards, "
         f"{time.perf_counter() - started:.1f} s"
     )
     return manifest
+
+
+# Counts whose warning line names the source, logged as they are found.
+_WARNED_PER_SOURCE = ("empty_documents_skipped", "files_with_huge_paragraphs")
+
+
+def _empty_warning(source: LoadedSource, src) -> str:
+    """'N of M rows of SOURCE have an empty `text`; they are skipped' in the words of its
+    kind: rows of a table, or lines / paragraphs / files of text files."""
+    n, rows = source.stats["empty"], source.stats["rows"]
+    table = source.stats.get("text_files", 0) == 0
+    if table:
+        what = f"rows of source {source.name!r} have an empty `{src.text_column}`"
+        what += " (empty, whitespace or null)"
+    else:
+        unit = {"document": "files", "paragraph": "paragraphs", "line": "lines"}[src.text_unit]
+        what = f"{unit} of source {source.name!r} are empty or whitespace"
+    return f"warning: {n:,} of {rows:,} {what}; they are skipped"
 
 
 def _prepare_in(cfg: PrepareConfig, out: Path, work: Path, log: Log) -> dict:
@@ -489,12 +604,13 @@ def _prepare_in(cfg: PrepareConfig, out: Path, work: Path, log: Log) -> dict:
             "empty_files_skipped",
             "files_with_invalid_utf8",
             "files_skipped_by_extension",
+            "files_with_huge_paragraphs",
         ),
         0,
     )
     sources = []
     for index, src in enumerate(cfg.sources):
-        source = load_source(index, src, out, work / "cache", warnings)
+        source = load_source(index, src, out, work / "cache", warnings, log)
         files = f"{source.stats['files']} files, " if "files" in source.stats else ""
         log(
             f"source {index} {source.name}: {files}{len(source.dataset):,} rows, "
@@ -504,16 +620,19 @@ def _prepare_in(cfg: PrepareConfig, out: Path, work: Path, log: Log) -> dict:
     tok = _get_tokenizer(sources, cfg, work, log)
     tokenized = [_tokenize_source(s, tok, cfg, work, log) for s in sources]
     splits, unigram = _write_shards(sources, tokenized, tok, cfg, work)
-    _check_splits(splits, cfg)
-    for source in sources:
+    _check_splits(splits, sources, cfg)
+    for source, src in zip(sources, cfg.sources, strict=True):
         warnings["empty_documents_skipped"] += source.stats["empty"]
         warnings["documents_with_invalid_utf8"] += source.stats["fffd"]
         warnings["documents_with_u2581"] += source.stats["u2581"]
+        if source.stats["empty"]:
+            log(_empty_warning(source, src))
         if source.stats["documents"] == 0:
             log(f"warning: source {source.name} contributed no documents (weight {source.weight})")
     for key, value in warnings.items():
-        if value:
+        if value and key not in _WARNED_PER_SOURCE:
             log(f"warning: {key.replace('_', ' ')}: {value:,}")
+    byte_fallback = float(unigram[tok.byte_piece_mask()].sum() / max(1, unigram.sum()))
     return {
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -540,6 +659,7 @@ def _prepare_in(cfg: PrepareConfig, out: Path, work: Path, log: Log) -> dict:
             for s in sources
         ],
         "unigram_entropy_nats": _entropy_nats(unigram),
+        "byte_fallback_fraction": byte_fallback,
         "warnings": warnings,
         "config": to_container(cfg),
     }

@@ -5,6 +5,12 @@
 
 Policies (invalid UTF-8, empty files and documents, skipped extensions) are described in
 pretrain/prepare.py and counted in the manifest's `warnings`.
+
+CSV/TSV: both readers (`datasets`' for prepare, pyarrow's for finetuning) take quotes doubled
+(`""`) inside quoted fields, and with `escapechar` set, quotes escaped by that character
+(`\\"`). A file that fails to parse without it while holding `\\"` gets an error saying to set
+it; one that parses but whose values hold `\\"` (an escaped quote without a delimiter after it
+reads without error, wrongly) gets a warning.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import gzip
 import importlib.util
 import lzma
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +44,13 @@ _OPENERS: dict[str, Callable] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma
 _BUILDERS = {"text": "text", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 # Rows per map/write batch are chosen so that one batch holds about this much text.
 _BATCH_BYTES = 8 << 20
+# `text_unit: paragraph`: a file with a paragraph this big, or with no blank line in this many
+# lines, is most likely not separated into paragraphs by blank lines (a warning says so).
+_HUGE_PARAGRAPH_BYTES = 1 << 20
+_LINES_WITHOUT_PARAGRAPHS = 1000
+_ESCAPED_QUOTE = b'\\"'
+
+Log = Callable[[str], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,9 +163,47 @@ def _list_files(src: SourceConfig, out: Path, warnings: dict) -> list[tuple[Path
     return files
 
 
-def _scan_text_file(path: Path, name: str) -> tuple[int, bool]:
-    """(decompressed bytes, whether they are valid UTF-8), reading in 1 MiB chunks. A file
-    with NUL bytes is binary (text never holds them): an error naming it."""
+class _Paragraphs:
+    """Paragraph sizes of a byte stream as the `datasets` text builder cuts it: universal
+    newlines ("\\r\\n", "\\r", "\\n"), paragraphs separated by a blank line ("\\n\\n")."""
+
+    def __init__(self) -> None:
+        self.longest = self.current = self.breaks = self.lines = 0
+        self._held = b""  # a trailing "\r" that may be the first half of "\r\n"
+        self._after_newline = False
+
+    def feed(self, chunk: bytes, *, final: bool = False) -> None:
+        data, self._held = self._held + chunk, b""
+        if data.endswith(b"\r") and not final:
+            data, self._held = data[:-1], b"\r"
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if not data:
+            return
+        self.lines += data.count(b"\n")
+        parts = data.split(b"\n\n")
+        if self._after_newline and parts[0].startswith(b"\n"):  # a break across chunks
+            self._close()
+            parts[0] = parts[0][1:]
+        self.current += len(parts[0])
+        for part in parts[1:]:
+            self._close()
+            self.current = len(part)
+        self._after_newline = data.endswith(b"\n")
+
+    def _close(self) -> None:
+        self.longest = max(self.longest, self.current)
+        self.breaks += 1
+        self.current = 0
+
+    def finish(self) -> None:
+        self.feed(b"", final=True)
+        self.longest = max(self.longest, self.current)
+
+
+def _scan_text_file(path: Path, name: str, paragraphs: _Paragraphs | None = None):
+    """(decompressed bytes, whether they are valid UTF-8), reading in 1 MiB chunks; feeds
+    ``paragraphs`` if given. A file with NUL bytes is binary (text never holds them): an error
+    naming it."""
     _, compression = _format_of(path)
     opener = _OPENERS.get(compression or "", open)
     decoder = codecs.getincrementaldecoder("utf-8")("strict")
@@ -165,6 +216,8 @@ def _scan_text_file(path: Path, name: str) -> tuple[int, bool]:
                     "it from the source or fix `sources[].path`"
                 )
             size += len(chunk)
+            if paragraphs is not None:
+                paragraphs.feed(chunk)
             if valid:
                 try:
                     decoder.decode(chunk)
@@ -175,7 +228,63 @@ def _scan_text_file(path: Path, name: str) -> tuple[int, bool]:
                 decoder.decode(b"", final=True)
             except UnicodeDecodeError:
                 valid = False
+    if paragraphs is not None:
+        paragraphs.finish()
     return size, valid
+
+
+def _paragraph_problem(path: Path, p: _Paragraphs) -> str | None:
+    """Why `text_unit: paragraph` is likely wrong for a file, or None."""
+    if p.breaks == 0 and p.lines >= _LINES_WITHOUT_PARAGRAPHS:
+        return f"{path} has no blank line, so its {p.lines:,} lines become one document"
+    if p.longest > _HUGE_PARAGRAPH_BYTES:
+        return (
+            f"{path} has a {p.longest / 1e6:.1f} MB paragraph (no blank line in it): one document"
+        )
+    return None
+
+
+def _holds_escaped_quotes(path: Path) -> bool:
+    """Whether the (decompressed) file holds a backslash-escaped quote."""
+    _, compression = _format_of(path)
+    tail = b""
+    with _OPENERS.get(compression or "", open)(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if _ESCAPED_QUOTE in tail + chunk:
+                return True
+            tail = chunk[-1:]
+    return False
+
+
+def _escape_advice(paths: Iterable[Path], key: str) -> str:
+    """'; FILE holds ... set `key`' for the first file holding a backslash-escaped quote."""
+    for path in paths:
+        with contextlib.suppress(OSError, EOFError):
+            if _holds_escaped_quotes(path):
+                return (
+                    f'; {path} holds backslash-escaped quotes (\\"): set `{key}: "\\\\"` to read '
+                    "them"
+                )
+    return ""
+
+
+def _escaped_quote_values(columns) -> int:
+    """How many string values of pyarrow ``columns`` hold a backslash before a quote."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    found = 0
+    for column in columns:
+        if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+            found += pc.sum(pc.match_substring(column, '\\"')).as_py() or 0
+    return found
+
+
+def _escaped_quote_warning(count: int, what: str, key: str) -> str:
+    return (
+        f'warning: {count:,} value(s) of {what} hold \\" (a backslash before a quote): if the '
+        f'file escapes quotes so, set `{key}: "\\\\"`, or those rows are read wrongly'
+    )
 
 
 def _first_line(exc: Exception, limit: int) -> str:
@@ -190,35 +299,47 @@ def _read_error(name: str, what: str, exc: BaseException) -> DataError:
     return DataError(f"source {name!r}: cannot read {what} ({type(exc).__name__}: {first})")
 
 
-def _load_files(src: SourceConfig, files: list[tuple[Path, str]], cache_dir: Path, warnings):
+def _load_files(
+    src: SourceConfig, files: list[tuple[Path, str]], cache_dir: Path, warnings, log: Log
+):
     """One Dataset per (format, delimiter) group of `files`, concatenated; plus check_fffd."""
     import datasets
 
-    groups: dict[tuple[str, str | None], list[str]] = {}
+    groups: dict[tuple[str, str | None], list[Path]] = {}
     check_fffd = False
+    odd_paragraphs: list[str] = []
     for file, fmt in files:
         if fmt == "text":
+            paragraphs = _Paragraphs() if src.text_unit == "paragraph" else None
             try:
-                size, valid = _scan_text_file(file, src.name)
+                size, valid = _scan_text_file(file, src.name, paragraphs)
             except (OSError, EOFError) as exc:  # unreadable, or a corrupt .gz/.bz2/.xz
                 raise _read_error(src.name, str(file), exc) from None
             if not valid:
                 warnings["files_with_invalid_utf8"] += 1
                 check_fffd = True
+            if paragraphs is not None and (problem := _paragraph_problem(file, paragraphs)):
+                odd_paragraphs.append(problem)
         else:
             size = file.stat().st_size
         if size == 0:
             warnings["empty_files_skipped"] += 1
             continue
         delimiter = "\t" if fmt == "csv" and ".tsv" in file.name.lower() else None
-        # data_files are patterns to `datasets`: escape names such as "scene[1].txt"
-        groups.setdefault((fmt, delimiter), []).append(glob.escape(str(file)))
+        groups.setdefault((fmt, delimiter), []).append(file)
     if not groups:
         raise DataError(
             f"source {src.name!r}: all {len(files)} file(s) are empty; add text or remove the source"
         )
+    if odd_paragraphs:
+        warnings["files_with_huge_paragraphs"] += len(odd_paragraphs)
+        more = f" (and {len(odd_paragraphs) - 1} more file(s))" if len(odd_paragraphs) > 1 else ""
+        log(
+            f"warning: source {src.name!r}: {odd_paragraphs[0]} under `text_unit: paragraph`"
+            f"{more}; if blank lines do not separate its paragraphs, set `text_unit: line`"
+        )
     parts = []
-    for (fmt, delimiter), data_files in groups.items():
+    for (fmt, delimiter), paths in groups.items():
         kwargs: dict = {}
         if fmt == "text":
             kwargs = {"sample_by": src.text_unit, "encoding_errors": "replace"}
@@ -226,17 +347,36 @@ def _load_files(src: SourceConfig, files: list[tuple[Path, str]], cache_dir: Pat
             kwargs = {"keep_default_na": False}  # "NA" or "null" is text, not a missing value
             if delimiter:
                 kwargs["delimiter"] = delimiter
+            if src.escapechar:
+                kwargs["escapechar"] = src.escapechar
         try:
             ds = datasets.load_dataset(
                 _BUILDERS[fmt],
-                data_files=data_files,
+                # data_files are patterns to `datasets`: escape names such as "scene[1].txt"
+                data_files=[glob.escape(str(p)) for p in paths],
                 split="train",
                 cache_dir=str(cache_dir),
                 **kwargs,
             )
         except Exception as exc:  # the builders raise many types; the source name is what matters
-            raise _read_error(src.name, f"its {fmt} files", exc) from exc
-        parts.append(_text_column(ds, src, "text" if fmt == "text" else src.text_column))
+            error = _read_error(src.name, f"its {fmt} files", exc)
+            if fmt == "csv" and not src.escapechar:
+                error = DataError(f"{error}{_escape_advice(paths, 'sources[].escapechar')}")
+            raise error from exc
+        if fmt == "csv" and any(c.startswith("__index_level_") for c in ds.column_names):
+            # pandas makes the extra leading fields of rows longer than the header an index
+            advice = "" if src.escapechar else _escape_advice(paths, "sources[].escapechar")
+            raise DataError(
+                f"source {src.name!r}: cannot read its csv files (some rows have more fields "
+                f"than the header){advice or '; check the quoting and the delimiter'}"
+            )
+        ds = _text_column(ds, src, "text" if fmt == "text" else src.text_column)
+        if fmt == "csv" and not src.escapechar:
+            escaped = _escaped_quote_values([ds.data.column("text")])
+            if escaped:
+                what = f"source {src.name!r} (column {src.text_column!r})"
+                log(_escaped_quote_warning(escaped, what, "sources[].escapechar"))
+        parts.append(ds)
     return (parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)), check_fffd
 
 
@@ -353,18 +493,24 @@ def _no_progress_bars() -> Iterator[None]:
 
 
 def load_source(
-    index: int, src: SourceConfig, out: Path, cache_dir: Path, warnings
+    index: int, src: SourceConfig, out: Path, cache_dir: Path, warnings, log: Log | None = None
 ) -> LoadedSource:
+    """Source ``src`` as one `text` column; counts go into ``warnings``, warning lines to
+    ``log``."""
     with _no_progress_bars():
-        return _load_source_quietly(index, src, out, cache_dir, warnings)
+        return _load_source_quietly(index, src, out, cache_dir, warnings, log or _ignore)
 
 
-def _load_source_quietly(index, src: SourceConfig, out: Path, cache_dir: Path, warnings):
+def _ignore(_: str) -> None:
+    pass
+
+
+def _load_source_quietly(index, src: SourceConfig, out: Path, cache_dir: Path, warnings, log):
     check_fffd = False
     if src.path is not None and not _is_saved_dataset(resolve_source_path(src.path)):
         files = _list_files(src, out, warnings)
-        ds, check_fffd = _load_files(src, files, cache_dir, warnings)
-        stats = {"files": len(files)}
+        ds, check_fffd = _load_files(src, files, cache_dir, warnings, log)
+        stats = {"files": len(files), "text_files": sum(fmt == "text" for _, fmt in files)}
     else:
         location = src.dataset if src.dataset is not None else str(resolve_source_path(src.path))
         ds = _load_saved_or_named(src, location, cache_dir)
@@ -383,9 +529,19 @@ def _load_source_quietly(index, src: SourceConfig, out: Path, cache_dir: Path, w
 # --------------------------------------------------------------------------------------------
 
 
-def load_rows(source: str, *, split: str, dataset_config: str | None = None) -> list[dict]:
+def load_rows(
+    source: str,
+    *,
+    split: str,
+    dataset_config: str | None = None,
+    escapechar: str | None = None,
+    escapechar_key: str = "task.escapechar",
+    warn: Log | None = None,
+) -> list[dict]:
     """Rows of a CSV/TSV/JSONL/Parquet file (optionally .gz/.bz2/.xz), a saved dataset
-    directory, or a `datasets` name (split ``split``)."""
+    directory, or a `datasets` name (split ``split``). ``escapechar``: of CSV/TSV files (the
+    config key that sets it is ``escapechar_key``, named in the advice); ``warn`` gets warning
+    lines."""
     path = resolve_source_path(source)
     fmt, _ = _format_of(path)
     if path.is_file():
@@ -393,7 +549,12 @@ def load_rows(source: str, *, split: str, dataset_config: str | None = None) -> 
             raise DataError(
                 f"{source}: unknown file type; use .csv, .tsv, .jsonl/.json or .parquet"
             )
-        return _read_table(path, fmt, source).to_pylist()
+        table = _read_table(path, fmt, source, escapechar, escapechar_key)
+        if fmt == "csv" and not escapechar and warn is not None:
+            escaped = _escaped_quote_values(table.columns)
+            if escaped:
+                warn(_escaped_quote_warning(escaped, source, escapechar_key))
+        return table.to_pylist()
     if fmt is not None and not path.exists():
         raise DataError(f"{source}: no such file")
     try:
@@ -408,7 +569,13 @@ def load_rows(source: str, *, split: str, dataset_config: str | None = None) -> 
     return ds.to_list()
 
 
-def _read_table(path: Path, fmt: str, source: str):
+def _read_table(
+    path: Path,
+    fmt: str,
+    source: str,
+    escapechar: str | None = None,
+    escapechar_key: str = "task.escapechar",
+):
     """A pyarrow Table of a csv, jsonl or parquet file."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
@@ -424,30 +591,34 @@ def _read_table(path: Path, fmt: str, source: str):
             table = pajson.read_json(path, read_options=pajson.ReadOptions(block_size=block))
         else:
             delimiter = "\t" if ".tsv" in path.name.lower() else ","
+            parse = pacsv.ParseOptions(
+                delimiter=delimiter, newlines_in_values=True, escape_char=escapechar or False
+            )
             # every column as text: labels such as "01" or "NA" stay what they are
             table = pacsv.read_csv(
                 path,
                 read_options=pacsv.ReadOptions(block_size=block),
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                parse_options=parse,
                 convert_options=pacsv.ConvertOptions(
                     strings_can_be_null=False,
                     quoted_strings_can_be_null=False,
-                    column_types=_all_strings(path, delimiter, block),
+                    column_types=_all_strings(path, parse, block),
                 ),
             )
         table.validate(full=True)  # strings must be UTF-8 (the JSON reader does not check)
         return table
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read {source}: {_first_line(exc, 200)}") from None
+        advice = ""
+        if fmt == "csv" and not escapechar and isinstance(exc, pa.ArrowInvalid):
+            advice = _escape_advice([path], escapechar_key)
+        raise DataError(f"cannot read {source}: {_first_line(exc, 200)}{advice}") from None
 
 
-def _all_strings(path: Path, delimiter: str, block: int) -> dict:
+def _all_strings(path: Path, parse, block: int) -> dict:
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     header = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(block_size=block),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        path, read_options=pacsv.ReadOptions(block_size=block), parse_options=parse
     )
     return {name: pa.string() for name in header.schema.names}

@@ -5,8 +5,17 @@ The training options make `decode(encode(s)) == s` exact for any text without U+
 - `normalization_rule_name="identity"`: no NFKC, so "ﬁ" or a combining accent stay as written;
 - `remove_extra_whitespaces=False`: otherwise "  two  spaces " decodes as "two spaces";
 - `byte_fallback=True`: a character outside the vocabulary becomes its UTF-8 bytes
-  (`<0x..>` pieces) instead of `<unk>`. Newlines rely on this too: SentencePiece trains on lines,
-  so "\\n" never reaches the trainer and is encoded as the single byte piece `<0x0A>`.
+  (`<0x..>` pieces) instead of `<unk>`.
+
+Newlines (`newline_pieces`). SentencePiece's own file reader cuts its input into lines, so a
+tokenizer trained the usual way never sees "\\n": each newline is then the byte piece `<0x0A>`,
+and the first word of each line is learned with the dummy-prefix space ("▁To") it does not have
+inside a document ("To" after "\\n"). lmforge feeds the trainer whole documents instead (cut
+into chunks after a newline where a document is longer than a training sentence may be), so that
+"\\n" is a normal piece and merges such as "\\n\\n" or ".\\n" are learned where the text has
+them, and line starts are learned as they are encoded. SentencePiece's rule that no piece
+crosses a change of script keeps newlines out of word pieces. On the demo plays (vocab 4096) this
+gives 10% fewer tokens; `newline_pieces=False` trains line by line.
 
 SentencePiece writes a space as U+2581 ("▁") inside pieces, so a literal U+2581 in the input
 decodes as a space: the one character that does not round-trip (Llama's tokenizer shares this).
@@ -21,6 +30,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from pretrain.durable import sha256_file
@@ -109,9 +119,29 @@ class Tokenizer:
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(int(token_id))
 
+    def byte_piece_mask(self) -> np.ndarray:
+        """A bool per id: whether it is a byte-fallback piece (`<0x..>`)."""
+        return np.array([self._sp.IsByte(i) for i in range(self.vocab_size)], dtype=bool)
 
-def _training_lines(texts: Iterable[str], max_bytes: int | None, stats: dict) -> Iterator[str]:
-    """Lines of `texts` (SentencePiece is line-based), up to `max_bytes` UTF-8 bytes in all."""
+
+def _chunks(text: str, limit: int) -> Iterator[str]:
+    """`text` in pieces of at most `limit` characters, each cut just after a newline where the
+    piece holds one (a single line longer than `limit` is cut where the limit falls)."""
+    start = 0
+    while len(text) - start > limit:
+        cut = text.rfind("\n", start, start + limit)
+        end = cut + 1 if cut >= start else start + limit
+        yield text[start:end]
+        start = end
+    if start < len(text):
+        yield text[start:]
+
+
+def _training_lines(
+    texts: Iterable[str], max_bytes: int | None, stats: dict, *, newline_pieces: bool = True
+) -> Iterator[str]:
+    """Training sentences of `texts`, up to `max_bytes` UTF-8 bytes in all: whole documents
+    (newlines included) cut into chunks, or, without `newline_pieces`, their lines."""
     budget = max_bytes if max_bytes is not None else float("inf")
     for text in texts:
         if budget <= 0:
@@ -123,6 +153,9 @@ def _training_lines(texts: Iterable[str], max_bytes: int | None, stats: dict) ->
         budget -= size
         stats["bytes"] += size
         stats["documents"] += 1
+        if newline_pieces:
+            yield from _chunks(text, _TRAIN_CHUNK_CHARS)
+            continue
         for line in text.split("\n"):
             for start in range(0, len(line), _TRAIN_CHUNK_CHARS):
                 yield line[start : start + _TRAIN_CHUNK_CHARS]
@@ -137,6 +170,7 @@ def train_tokenizer(
     max_bytes: int | None = None,
     num_threads: int | None = None,
     character_coverage: float = 0.9995,
+    newline_pieces: bool = True,
 ) -> Tokenizer:
     """Train a SentencePiece model on `texts` (documents, may hold newlines) and write it to
     `out_path`.
@@ -144,12 +178,15 @@ def train_tokenizer(
     At most `max_bytes` UTF-8 bytes of `texts` are used, first come first. The vocabulary has
     exactly `vocab_size` pieces: unk=0, bos=1, eos=2, no pad, 256 byte pieces, then characters and
     merges. A corpus too small for that raises DataError naming the largest size it supports.
+    `newline_pieces`: train on whole documents, so that newlines are pieces (module docstring).
     """
     stats = {"bytes": 0, "documents": 0}
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.Train(
-            sentence_iterator=_training_lines(texts, max_bytes, stats),
+            sentence_iterator=_training_lines(
+                texts, max_bytes, stats, newline_pieces=newline_pieces
+            ),
             model_writer=model,
             vocab_size=vocab_size,
             model_type=model_type,

@@ -105,6 +105,7 @@ GOOD_CSV = "text,label\n" + "".join(
 PLAY = os.path.join(
     plays_dir(), "comedies", sorted(os.listdir(os.path.join(plays_dir(), "comedies")))[0]
 )
+ESCAPED_CSV = "text,label\n" + '"He said \\"hi, you\\" to me",pos\n"plain",neg\n' * 4
 POINTS_CSV = "N,D,loss\n" + "".join(
     f"{n},{d},{1.7 + 400 / n**0.34 + 410 / d**0.28:.4f}\n"
     for n in (1e6, 4e6, 1.6e7)
@@ -145,6 +146,8 @@ CASES = [
     case("prepare/source-unknown-extension", [*PREPARE, "sources=[{path: {tmp}/f.dat}]"], "cannot tell the format of f.dat", files={"f.dat": "text\n"}, out="{tmp}/o"),
     case("prepare/source-glob-matches-nothing", [*PREPARE, "sources=[{path: '{tmp}/*.nothing'}]"], "the glob matches no files", out="{tmp}/o"),
     case("prepare/source-csv-without-text-column", [*PREPARE, "sources=[{path: {tmp}/t.csv}]"], "has no column 'text'", files={"t.csv": "a,b\n1,2\n"}, out="{tmp}/o"),
+    case("prepare/source-csv-backslash-quotes", [*PREPARE, "sources=[{path: {tmp}/t.csv}]"], '{tmp}/t.csv holds backslash-escaped quotes (\\"): set `sources[].escapechar: "\\\\"`', files={"t.csv": ESCAPED_CSV}, out="{tmp}/o"),
+    case("prepare/source-escapechar-two-characters", [*PREPARE, "sources=[{path: a.csv, escapechar: ab}]"], "`sources[].escapechar` must be one character other than a quote, comma, tab or line break, got 'ab'", out="{tmp}/o"),
     case("prepare/source-column-not-text", [*PREPARE, "sources=[{path: {tmp}/t.csv, text_column: a}]"], "not text", files={"t.csv": "a,b\n1,2\n3,4\n"}, out="{tmp}/o"),
     case("prepare/source-package-not-installed", [*PREPARE, "sources=[{path: 'pkg://no_such_package_xyz/plays'}]"], "'no_such_package_xyz' is not installed", out="{tmp}/o"),
     case("prepare/source-path-and-dataset", [*PREPARE, "sources=[{path: a.txt, dataset: b}]"], "exactly one of `path` and `dataset`", out="{tmp}/o"),
@@ -231,6 +234,9 @@ CASES = [
     case("finetune/train-is-a-directory", [*FINETUNE, "task.train={tmp}/d"], "{tmp}/d", files={"d": DIR}, out=RUNS),
     case("finetune/train-is-text", [*FINETUNE, "task.train={tmp}/t.txt"], "{tmp}/t.txt: unknown file type", files={"t.txt": "text\n"}, out=RUNS),
     case("finetune/train-without-text-column", [*FINETUNE, "task.train={tmp}/t.csv"], "has no column 'text'", files={"t.csv": "a,label\nx,pos\ny,neg\n"}, out=RUNS),
+    case("finetune/train-csv-backslash-quotes", [*FINETUNE, "task.train={tmp}/t.csv"], '{tmp}/t.csv holds backslash-escaped quotes (\\"): set `task.escapechar: "\\\\"`', files={"t.csv": ESCAPED_CSV}, out=RUNS),
+    case("finetune/train-texts-all-empty", [*FINETUNE, "task.train={tmp}/t.csv"], "all 3 rows of {tmp}/t.csv have an empty `text`; set `task.text_column`", files={"t.csv": 'text,label\n,pos\n"  ",neg\n" ",pos\n'}, out=RUNS),
+    case("finetune/escapechar-two-characters", [*FINETUNE, "task.train=t.csv", "task.escapechar=ab"], "`task.escapechar` must be one character", out=RUNS),
     case("finetune/train-header-only", [*FINETUNE, "task.train={tmp}/t.csv"], "{tmp}/t.csv has no examples", files={"t.csv": "text,label\n"}, out=RUNS),
     case("finetune/train-one-row", [*FINETUNE, "task.train={tmp}/t.csv"], "has 1 example(s); need >= 2", files={"t.csv": "text,label\nx,pos\n"}, out=RUNS),
     case("finetune/val-missing", [*FINETUNE, "task.train={tmp}/t.csv", "task.val={tmp}/none.csv"], "{tmp}/none.csv: no such file", files={"t.csv": GOOD_CSV}, out=RUNS),

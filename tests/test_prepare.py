@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -148,11 +149,68 @@ def test_tokenizer_round_trips_arbitrary_text(tokenizer, plays):
     for text in cases:
         assert tokenizer.decode(tokenizer.encode(text)) == text, repr(text)
     assert tokenizer.encode_batch(cases) == [tokenizer.encode(t) for t in cases]
-    # Newlines are byte-fallback pieces: one token each, and no <unk> anywhere.
-    assert tokenizer.encode("a\nb").count(tokenizer._sp.PieceToId("<0x0A>")) == 1
+    # Newlines are pieces (trained on whole documents), never byte fallback; no <unk> anywhere.
+    newline, byte_newline = tokenizer._sp.PieceToId("\n"), tokenizer._sp.PieceToId("<0x0A>")
+    assert newline != tokenizer.unk_id and not tokenizer.byte_piece_mask()[newline]
+    assert tokenizer.encode("a\nb").count(newline) == 1
+    assert not any(byte_newline in tokenizer.encode(t) for t in cases)
+    assert any(
+        "\n" in tokenizer.id_to_piece(i) and len(tokenizer.id_to_piece(i)) > 1
+        for i in range(tokenizer.vocab_size)
+    )  # merges such as "\n\n" or ".\n"
     assert all(tokenizer.unk_id not in tokenizer.encode(t) for t in cases)
     # The documented exception: SentencePiece's own space symbol decodes as a space.
     assert tokenizer.decode(tokenizer.encode("a\u2581b")) == "a b"
+
+
+def test_tokenizer_trained_line_by_line(plays, tokenizer, tmp_path):
+    """`newline_pieces=False`: the line-by-line training (what older tokenizers were): newlines
+    are the byte piece <0x0A>, text still round-trips, and such a model loads and is reused."""
+    texts = list(plays.values())[:4]
+    lines = train_tokenizer(
+        texts=iter(texts), out_path=tmp_path / "l.model", vocab_size=512, newline_pieces=False
+    )
+    byte_newline = lines._sp.PieceToId("<0x0A>")
+    assert lines.byte_piece_mask()[byte_newline]
+    assert lines.encode("a\nb").count(byte_newline) == 1
+    assert not any("\n" in lines.id_to_piece(i) for i in range(lines.vocab_size))
+    play = texts[0]
+    assert lines.decode(lines.encode(play)) == play
+    # Whole-document training needs fewer tokens for the same text (the measured reason).
+    assert len(tokenizer.encode(play)) < 0.97 * len(lines.encode(play))
+    # A prepared directory with such a tokenizer, and without the manifest fields added since
+    # (split bytes, byte-fallback fraction), still loads.
+    (tmp_path / "c.txt").write_text("\n\n".join(texts[1].split("\n\n")[:80]))
+    source = [{"path": str(tmp_path / "c.txt"), "text_unit": "paragraph"}]
+    out = tmp_path / "out"
+    manifest = run(config(out, source, tokenizer={"path": str(lines.path)}))
+    assert manifest["tokenizer"]["sha256"] == lines.sha256
+    assert manifest["byte_fallback_fraction"] > 0.02  # every newline is a byte piece
+    del manifest["byte_fallback_fraction"]
+    for split in manifest["splits"].values():
+        del split["bytes"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert load_manifest(out) == manifest
+    from pretrain.data import TokenWindows
+
+    assert len(TokenWindows(data_dir=str(out), split="train", seq_len=32)) > 0
+
+
+def test_hf_tokenizer_files_round_trip_newlines(tokenizer, plays, tmp_path):
+    """The Hugging Face tokenizer files written on export give the same ids as SentencePiece
+    for text with newlines, and decode them back."""
+    import tokenizers
+
+    from finetune.hf_tokenizer import write_hf_tokenizer
+
+    write_hf_tokenizer(str(tokenizer.path), str(tmp_path), model_max_length=256)
+    hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    play = list(plays.values())[-1]
+    texts = [play, play[:5000], "\n", "\n\n", "a\n\nb", " \n \n", "end.\n\n**KING**  \nLine"]
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert hf.encode(text, add_special_tokens=False).ids == ids, text[:80]
+        assert hf.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids) == text
 
 
 def test_tokenizer_properties(tokenizer):
@@ -209,6 +267,7 @@ def test_shakespeare_config_end_to_end(tmp_path, plays):
         "splits",
         "sources",
         "unigram_entropy_nats",
+        "byte_fallback_fraction",
         "warnings",
         "config",
     }
@@ -236,10 +295,16 @@ def test_shakespeare_config_end_to_end(tmp_path, plays):
     assert not set(train_docs) & set(val_docs)
     tok = Tokenizer(out / "tokenizer.model")
     assert train["tokens"] == sum(len(tok.encode(d)) + 1 for d in train_docs)
+    assert train["bytes"] == sum(len(d.encode("utf-8")) for d in train_docs)
+    assert val["bytes"] == sum(len(d.encode("utf-8")) for d in val_docs)
+    assert 3.0 < train["bytes"] / train["tokens"] < 3.4  # measured: 3.16 (2.85 line by line)
 
     counts = np.bincount(shard_tokens(out, "train"), minlength=tok.vocab_size)
     p = counts[counts > 0] / counts.sum()
     assert manifest["unigram_entropy_nats"] == pytest.approx(-(p * np.log(p)).sum(), rel=1e-9)
+    byte_share = counts[tok.byte_piece_mask()].sum() / counts.sum()
+    assert manifest["byte_fallback_fraction"] == pytest.approx(byte_share, rel=1e-9)
+    assert byte_share < 0.01  # newlines are pieces: 0.16% measured (10.3% line by line)
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +370,63 @@ def test_table_formats(tmp_path, paragraphs, fmt):
     manifest = run(config(tmp_path / "out", [source]))
     assert all_documents(tmp_path / "out") == Counter(r["body"] for r in rows[:60])
     assert manifest["warnings"]["empty_documents_skipped"] == 1
+
+
+def escaped_csv(rows: list[dict]) -> str:
+    """CSV as scraped review sets write it: every field quoted, quotes and backslashes inside
+    escaped with a backslash."""
+
+    def field(value) -> str:
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    header = ",".join(rows[0])
+    return header + "\n" + "".join(",".join(map(field, r.values())) + "\n" for r in rows)
+
+
+def test_csv_escapechar_and_empty_rows(tmp_path, paragraphs):
+    """A CSV with backslash-escaped quotes reads exactly with `escapechar`; empty, whitespace
+    and null texts are counted and skipped with one warning line per source."""
+    texts = [f'{p} "Quoted, with a comma," said he. C:\\path' for p in paragraphs[:60]]
+    rows = [{"id": i, "body": t} for i, t in enumerate(texts)]
+    rows[10:10] = [{"id": 100, "body": ""}, {"id": 101, "body": " \t "}]
+    (tmp_path / "reviews.csv").write_text(escaped_csv(rows), encoding="utf-8")
+    jsonl = [{"text": p} for p in paragraphs[60:90]] + [{"text": None}]
+    write_table(tmp_path / "more.jsonl", "jsonl", jsonl)
+    sources = [
+        {"path": str(tmp_path / "reviews.csv"), "text_column": "body", "escapechar": "\\"},
+        {"path": str(tmp_path / "more.jsonl")},
+    ]
+    messages: list[str] = []
+    manifest = prepare(config(tmp_path / "out", sources), log=messages.append)
+    assert all_documents(tmp_path / "out") == Counter(texts + paragraphs[60:90])
+    assert manifest["warnings"]["empty_documents_skipped"] == 3
+    warned = [m for m in messages if "they are skipped" in m]
+    csv_name, jsonl_name = (repr(str(tmp_path / f)) for f in ("reviews.csv", "more.jsonl"))
+    assert warned == [
+        f"warning: 2 of 62 rows of source {csv_name} have an empty `body` (empty, whitespace "
+        "or null); they are skipped",
+        f"warning: 1 of 31 rows of source {jsonl_name} have an empty `text` (empty, whitespace "
+        "or null); they are skipped",
+    ]
+    # Without `escapechar`: the parse fails, and the error says what to set.
+    with pytest.raises(DataError) as exc:
+        run(config(tmp_path / "o2", [{**sources[0], "escapechar": None}]))
+    message = one_line_error(exc)
+    assert message.endswith(
+        f'; {tmp_path / "reviews.csv"} holds backslash-escaped quotes (\\"): set '
+        '`sources[].escapechar: "\\\\"` to read them'
+    ), message
+    # A file that parses without it (no delimiter after an escaped quote) reads wrongly: a
+    # warning says why.
+    plain = "".join('"' + p.replace('"', '""') + '"\n' for p in paragraphs[:40])
+    (tmp_path / "quiet.csv").write_text('body\n"He said \\"hi\\" to me"\n' + plain)
+    messages.clear()
+    source = {"path": str(tmp_path / "quiet.csv"), "text_column": "body"}
+    prepare(config(tmp_path / "o3", [source, sources[1]]), log=messages.append)
+    assert any(
+        'hold \\" (a backslash before a quote)' in m and "sources[].escapechar" in m
+        for m in messages
+    ), messages
 
 
 def test_local_datasets_directory(tmp_path, paragraphs):
@@ -489,7 +611,16 @@ def test_error_val_fraction_leaves_split_empty(tmp_path, paragraphs):
     with pytest.raises(DataError) as exc:
         run(cfg)
     message = one_line_error(exc)
-    assert "`val_fraction`=0.001" in message and "validation" in message
+    assert "`val_fraction`=0.001 put no document into the validation split" in message
+    # The advice is exact: following it gives the number of validation documents it says.
+    advice = re.search(r"`val_fraction=([0-9.]+)` puts (\d+) of the 2 documents there", message)
+    assert advice, message
+    fraction, k = float(advice.group(1)), int(advice.group(2))
+    manifest = run(
+        config(tmp_path / "followed", [{"path": str(tmp_path / "*.txt")}], val_fraction=fraction)
+    )
+    assert manifest["splits"]["val"]["documents"] == k == 1
+    assert manifest["splits"]["train"]["documents"] == 1
 
     # A seed that sends the only document to validation leaves no text to train the tokenizer.
     seed = next(
@@ -503,6 +634,93 @@ def test_error_val_fraction_leaves_split_empty(tmp_path, paragraphs):
     with pytest.raises(DataError) as exc:
         run(cfg)
     assert "put every document into the validation split" in one_line_error(exc)
+
+
+def test_val_fraction_advice_is_exact():
+    """For any corpus size and seed, the suggested split has the documents it promises, in both
+    splits, with the splitter's own draws (a weight < 1 drops documents before the split)."""
+    for n in (2, 3, 4, 5, 7, 10, 31, 100, 1000):
+        for seed in range(25):
+            kept = [(0, 1.0, np.arange(n, dtype=np.uint64))]
+            if n > 4:  # a second source of weight 0.5: some of its rows are no document
+                kept.append((1, 0.5, np.arange(0, 2 * n, 2, dtype=np.uint64)))
+            draws = prepare_module._split_draws(kept, seed)
+            documents = len(draws)
+            found = prepare_module.val_fraction_for(draws)
+            advice = prepare_module.split_advice(kept, seed)
+            if found is None:  # a few documents whose draws are all >= 0.5: another seed
+                assert documents <= 4, (n, seed)
+                match = re.search(r"`seed=(\d+) val_fraction=([0-9.]+)` puts (\d+)", advice)
+                assert match, advice
+                seed, fraction, k = int(match[1]), float(match[2]), int(match[3])
+            else:
+                fraction, k = found
+                assert f"`val_fraction={fraction:g}` puts {k} of the" in advice
+                assert float(f"{fraction:g}") == fraction
+            assert 0 < fraction < 0.5 and 1 <= k <= max(1, min(3, documents // 3))
+            val = train = 0
+            for index, weight, rows in kept:
+                is_val, copies = assign_documents(
+                    seed=seed,
+                    source_index=index,
+                    weight=weight,
+                    val_fraction=fraction,
+                    doc_index=rows,
+                )
+                val += int(((is_val == 1) & (copies > 0)).sum())
+                train += int(((is_val == 0) & (copies > 0)).sum())
+            assert val == k and train >= 1, (n, seed, fraction)
+    advice = prepare_module.split_advice([(0, 1.0, np.arange(1, dtype=np.uint64))], 0)
+    assert advice.startswith("there is 1 document: a validation split needs at least 2")
+
+
+def test_paragraph_unit_without_blank_lines_warns(tmp_path, paragraphs):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    lines = [line for p in paragraphs[:600] for line in p.split("\n") if line.strip()]
+    assert len(lines) >= 1000
+    (corpus / "lines.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (corpus / "paras.txt").write_text("\n\n".join(paragraphs[600:700]), encoding="utf-8")
+    messages: list[str] = []
+    source = {"path": str(corpus), "text_unit": "paragraph"}
+    manifest = prepare(config(tmp_path / "out", [source]), log=messages.append)
+    assert manifest["warnings"]["files_with_huge_paragraphs"] == 1
+    warned = [m for m in messages if "text_unit" in m]
+    assert warned == [
+        f"warning: source {str(corpus)!r}: {corpus / 'lines.txt'} has no blank line, so its "
+        f"{len(lines):,} lines become one document under `text_unit: paragraph`; if blank lines "
+        "do not separate its paragraphs, set `text_unit: line`"
+    ]
+    messages.clear()
+    prepare(config(tmp_path / "o2", [{**source, "text_unit": "line"}]), log=messages.append)
+    assert not [m for m in messages if "text_unit" in m]
+
+
+def test_paragraph_sizes_across_chunks():
+    """The streaming paragraph counter agrees with the text builder's cut (universal newlines,
+    then "\\n\\n") however the bytes are chunked; a paragraph over 1 MiB is found."""
+    rng = random.Random(3)
+    atoms = [b"a", b"bc", b" ", b"\n", b"\r\n", b"\r", b"\n\n", b"\r\n\r\n"]
+    for _ in range(300):
+        data = b"".join(rng.choice(atoms) for _ in range(rng.randint(0, 60)))
+        normal = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        parts = normal.split(b"\n\n")
+        counter = sources_module._Paragraphs()
+        pos = 0
+        while pos < len(data):
+            step = rng.randint(1, 7)
+            counter.feed(data[pos : pos + step])
+            pos += step
+        counter.finish()
+        assert (counter.breaks == 0) == (len(parts) == 1), data
+        assert abs(counter.longest - max(map(len, parts))) <= 2, data
+        assert counter.lines == normal.count(b"\n"), data
+    counter = sources_module._Paragraphs()
+    for _ in range(3):
+        counter.feed(b"word " * 100_000 + b"\n")
+    counter.finish()
+    assert counter.longest > 1 << 20
+    assert "1.5 MB paragraph" in sources_module._paragraph_problem(Path("x.txt"), counter)
 
 
 def test_existing_output_needs_overwrite(tmp_path, paragraphs, monkeypatch):
