@@ -21,6 +21,8 @@ EPILOG = """\
 Config arguments apply in order, later wins:
   CONFIG.yaml             merge a whole config file
   section=PRESET.yaml     merge a preset into one section, e.g. model=configs/model/tiny.yaml
+  section=NAME            a shipped preset by name, e.g. model=tiny parallel=zero3
+                          (lmforge print-config --presets lists them)
   dotted.key=value        set one key, e.g. train.max_steps=200 optim.lr=1e-3
 See every key with its default and meaning: lmforge print-config --for {command} --keys
 """
@@ -296,6 +298,13 @@ def _parser() -> argparse.ArgumentParser:
         "--keys", action="store_true", help="list every key with its default and meaning instead"
     )
     sp.add_argument(
+        "--presets",
+        action="store_true",
+        help="list the presets shipped with lmforge (configs/<section>/<name>.yaml), by section, "
+        "instead: give one as section=NAME (model=tiny parallel=zero3), by its configs/ path, or "
+        "a command's config by name (lmforge pretrain demo)",
+    )
+    sp.add_argument(
         "--for",
         dest="target",
         choices=["prepare", "pretrain", "finetune", "submit", "scaling"],
@@ -488,7 +497,11 @@ def _print_config(args: argparse.Namespace, argv: list[str]) -> int:
     from pretrain.config import describe_keys, load_config, to_yaml
 
     schema = _schema(args.target)
-    if args.keys:
+    if args.presets:
+        from pretrain.presets import listing
+
+        print(listing())
+    elif args.keys:
         print(describe_keys(schema))
     else:
         print(to_yaml(load_config(schema, args.config)), end="")

@@ -29,6 +29,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
+from pretrain import presets
 from pretrain.errors import ConfigurationError
 from pretrain.layout import check_parallel_options
 
@@ -699,7 +700,9 @@ def load_config(schema: type, args: list[str]) -> Any:
 
     Each argument is applied in order: ``file.yaml`` merges a whole config; ``a.b=preset.yaml``
     merges a YAML file into section ``a.b``; ``a.b=value`` sets one key (value parsed as YAML); a
-    mapping (dict) merges as a whole.
+    mapping (dict) merges as a whole. A file that does not exist here may name a packaged preset,
+    by its repository path (``configs/model/tiny.yaml``) or by name (``model=tiny``, and ``demo``
+    for a command's whole config): pretrain/presets.py.
     """
     cfg = OmegaConf.structured(schema)
     arg_key = None  # the key of the `key=value` being applied, for errors that lose it
@@ -709,17 +712,19 @@ def load_config(schema: type, args: list[str]) -> Any:
             if isinstance(arg, (dict, DictConfig)):  # a mapping merged as a whole (e.g. a section)
                 cfg = OmegaConf.merge(cfg, arg)
                 continue
-            if "=" not in arg:
-                cfg = OmegaConf.merge(cfg, _load_yaml(arg))
+            if "=" not in arg:  # a file, a repository spelling or a preset name (`demo`)
+                own = presets.COMMAND_SECTIONS.get(schema.__name__)
+                cfg = OmegaConf.merge(cfg, _load_yaml(presets.resolve(arg, own) or arg))
                 continue
             key, value = arg.split("=", 1)
             if not key:
                 raise ConfigurationError(f"override {arg!r} has no key; write key=value")
             arg_key = key
-            if value.endswith((".yaml", ".yml")):
-                section = OmegaConf.select(cfg, key, throw_on_missing=False)
-                if isinstance(section, DictConfig):  # section=PRESET.yaml
-                    OmegaConf.update(cfg, key, _load_yaml(value), merge=True)
+            section = OmegaConf.select(cfg, key, throw_on_missing=False)
+            if isinstance(section, DictConfig):  # section=PRESET.yaml, section=NAME
+                path = presets.resolve(value, key.rsplit(".", 1)[-1])
+                if path is not None:
+                    OmegaConf.update(cfg, key, _load_yaml(path), merge=True)
                     continue
             cfg = OmegaConf.merge(cfg, _parse_override(arg, key, value))
         missing = sorted(OmegaConf.missing_keys(cfg))

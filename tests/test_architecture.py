@@ -25,6 +25,7 @@ PRETRAIN_LAYERS = {
     "pretrain.signals": 0,
     "pretrain.runlock": 0,
     "pretrain.safeload": 0,  # reading pickled checkpoint files without running their code
+    "pretrain.presets": 0,  # the packaged config presets and how an argument names one
     # what a run is: config, layout, losses
     "pretrain.config": 1,
     "pretrain.layout": 1,
