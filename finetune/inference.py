@@ -18,7 +18,10 @@ from pretrain.tokenizer import Tokenizer
 def _load(path: str):
     src = load_source(path)
     if src.tokenizer is None:
-        raise ConfigurationError(f"{path}: no tokenizer found; it needs its tokenizer.model")
+        raise ConfigurationError(
+            f"{path}: no tokenizer found; copy the tokenizer.model it was trained with (its "
+            f"prepared data's) into {src.path}"
+        )
     tok = Tokenizer(src.tokenizer)
     if tok.vocab_size != src.model.vocab_size:
         raise ConfigurationError(
@@ -38,10 +41,12 @@ def generate(
     top_p: float | None = None,
     seed: int = 0,
     raw: bool = False,
-    stream=sys.stdout,
+    stream=None,
 ) -> str:
-    """Sample a continuation of ``prompt``, writing it to ``stream`` as it comes; return it.
-    An SFT model's prompt goes into its template unless ``raw``."""
+    """Sample a continuation of ``prompt``, writing it to ``stream`` (default: the standard
+    output at the time of the call) as it comes; return it. An SFT model's prompt goes into its
+    template unless ``raw``."""
+    stream = stream or sys.stdout
     src, model, tok = _load(path)
     if src.n_out is not None:
         raise ConfigurationError(

@@ -58,6 +58,7 @@ def load_source(path: str) -> Source:
     """Whatever model directory ``path`` is (see the module docstring)."""
 
     from pretrain.checkpoint import (
+        checkpoint_tokenizer,
         read_checkpoint_config,
         read_json_file,
         read_trainer_state,
@@ -90,12 +91,11 @@ def load_source(path: str) -> Source:
     verify_checkpoint(checkpoint)
     state = read_trainer_state(checkpoint)
     cfg = read_checkpoint_config(checkpoint)
-    tok = state.get("tokenizer")
     return Source(
         path=checkpoint,
         model=_model_cfg(cfg["model"]),
         load_weights=lambda: full_weights(checkpoint),
-        tokenizer=tok if tok and os.path.isfile(tok) else None,
+        tokenizer=checkpoint_tokenizer(checkpoint, state),
         task=cfg.get("task") if "init_from" in cfg else None,
         lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
         compute=_compute(state, cfg),

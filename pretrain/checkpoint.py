@@ -14,7 +14,11 @@ Layout of ``<run>/checkpoints/``::
                             it back: consolidate, export, generate, evaluate, init_from and
                             resume rebuild the weights from dcp/ or deepspeed/
         rng_rank00000.pt    python / numpy / torch (/ cuda) RNG states of each rank
-        trainer_state.json  counters, data position, scheduler, tokenizer reference
+        tokenizer.model     the SentencePiece model the run trains with (rank 0), so that a
+                            checkpoint is usable wherever it is copied, without the prepared
+                            data (:func:`checkpoint_tokenizer` finds it)
+        trainer_state.json  counters, data position, scheduler, tokenizer sha256 (and, for
+                            pretraining, the sha256 of the prepared data); no absolute paths
         config.yaml         the resolved config of the run
         manifest.json       format version + sha256 and size of every file above (written last)
     latest                  text file naming the newest good step directory (replaced last)
@@ -64,6 +68,7 @@ from pretrain.durable import (
     fault_point,
     fsync_dir,
     replace_durable,
+    sha256_file,
     sha256_files,
     write_durable,
     write_durable_hashed,
@@ -72,6 +77,7 @@ from pretrain.errors import CheckpointError
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+TOKENIZER_FILE = "tokenizer.model"
 
 
 def step_dir_name(step: int) -> str:
@@ -117,9 +123,11 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int,
     consolidated: bool,
+    tokenizer: bytes | None = None,
 ) -> str:
     """Save a complete checkpoint of ``step`` under ``root``; every rank calls this together.
-    ``consolidated``: with the full weights as model.safetensors. A full disk (or quota) is one
+    ``consolidated``: with the full weights as model.safetensors. ``tokenizer``: the bytes of the
+    SentencePiece model the run trains with, written as tokenizer.model by rank 0. A full disk (or quota) is one
     :class:`CheckpointError` naming the place and the bytes needed; the partial checkpoint is
     removed and the previous one stays in use."""
     final, tmp = _places(root, step)
@@ -136,7 +144,7 @@ def save_checkpoint(
             consolidated=consolidated,
         )
         digests.update(state_digests or {})
-        for name, data in _small_files(strategy, trainer_state, config_yaml).items():
+        for name, data in _small_files(strategy, trainer_state, config_yaml, tokenizer).items():
             write_file(name, data)
     except _SAVE_FAILURES as exc:
         failure = exc
@@ -191,10 +199,12 @@ class AsyncCheckpointer:
         config_yaml: str,
         keep_last: int,
         consolidated: bool,
+        tokenizer: bytes | None = None,
     ) -> None:
         """Start saving checkpoint ``step`` (every rank together); returns once the state is
         in host memory. The previous save is waited for first (its failure is raised).
-        ``consolidated``: with the full weights as model.safetensors."""
+        ``consolidated``: with the full weights as model.safetensors; ``tokenizer`` as in
+        :func:`save_checkpoint`."""
         self.wait()
         final, tmp = _places(root, step)
         failure: BaseException | None = None
@@ -208,7 +218,7 @@ class AsyncCheckpointer:
                 group=self.group,
                 consolidated=consolidated,
             )
-            files = _small_files(strategy, trainer_state, config_yaml)  # as they are now
+            files = _small_files(strategy, trainer_state, config_yaml, tokenizer)  # as they are now
         except _SAVE_FAILURES as exc:
             failure = exc
         main = strategy.is_main
@@ -288,9 +298,11 @@ def _file_writer(tmp: str, step: int, digests: Digests):
     return write_file
 
 
-def _small_files(strategy, trainer_state: dict, config_yaml: str) -> dict[str, bytes]:
+def _small_files(
+    strategy, trainer_state: dict, config_yaml: str, tokenizer: bytes | None
+) -> dict[str, bytes]:
     """This rank's files besides model and optimizer state: its RNG states; on rank 0 the
-    trainer state and the config."""
+    trainer state, the config and the tokenizer (when given)."""
     buf = io.BytesIO()
     torch.save(rng_state(), buf)
     files = {f"rng_rank{strategy.rank:05d}.pt": buf.getvalue()}
@@ -298,6 +310,8 @@ def _small_files(strategy, trainer_state: dict, config_yaml: str) -> dict[str, b
         state = dict(trainer_state, format_version=FORMAT_VERSION, world_size=strategy.world_size)
         files["trainer_state.json"] = json.dumps(state, indent=1).encode()
         files["config.yaml"] = config_yaml.encode()
+        if tokenizer is not None:
+            files[TOKENIZER_FILE] = tokenizer
     return files
 
 
@@ -589,6 +603,31 @@ def read_json_file(path: str) -> dict:
 def read_trainer_state(path: str) -> dict:
     """``trainer_state.json`` of checkpoint ``path`` (call ``verify_checkpoint`` first)."""
     return read_json_file(os.path.join(path, "trainer_state.json"))
+
+
+def checkpoint_tokenizer(path: str, state: dict) -> str | None:
+    """The SentencePiece model of checkpoint ``path`` (``state``: its trainer state): the
+    tokenizer.model it carries; for a checkpoint written before checkpoints carried one, the file
+    its trainer state names, while that is still there. Either must be the tokenizer the run
+    trained with (the sha256 the trainer state records), else one line says which file to put
+    where. None when there is none."""
+    candidates = [os.path.join(path, TOKENIZER_FILE)]
+    recorded = state.get("tokenizer")
+    if isinstance(recorded, str) and recorded:
+        candidates.append(os.path.join(path, recorded))  # (an absolute path stays as it is)
+    want = state.get("tokenizer_sha256")
+    for file in candidates:
+        if not os.path.isfile(file):
+            continue
+        got = sha256_file(file)
+        if isinstance(want, str) and got != want:
+            raise CheckpointError(
+                f"{file} is not the tokenizer {path} was trained with (sha256 {got[:12]}… != "
+                f"{want[:12]}…); copy the tokenizer.model it was trained with (its prepared "
+                f"data's) to {os.path.join(path, TOKENIZER_FILE)}"
+            )
+        return file
+    return None
 
 
 def read_checkpoint_config(path: str) -> dict:

@@ -2,7 +2,8 @@
 
     OUT/model.safetensors   full weights (fp32 unless --dtype), names as in pretrain/model.py
     OUT/config.yaml         the run's resolved config (the `model` section builds the GPT)
-    OUT/tokenizer.model     the SentencePiece model the run was trained with (when found)
+    OUT/tokenizer.model     the SentencePiece model the run was trained with: the checkpoint's
+                            own (older checkpoints: the file they name, while it is there)
     OUT/consolidated.json   where it came from: checkpoint, step, tokens, FLOPs, sha256 sums
 
 The weights are rebuilt from the sharded state itself (DCP shards of DDP/FSDP/TP/pipelines,
@@ -21,7 +22,9 @@ import shutil
 import torch
 
 from pretrain.checkpoint import (
+    TOKENIZER_FILE,
     best_checkpoint,
+    checkpoint_tokenizer,
     latest_checkpoint,
     read_checkpoint_config,
     read_trainer_state,
@@ -76,14 +79,14 @@ def consolidate(path: str, *, out: str, dtype: str = "fp32") -> str:
     checkpoint = resolve_checkpoint(path)
     verify_checkpoint(checkpoint)
     state = read_trainer_state(checkpoint)
+    tokenizer = checkpoint_tokenizer(checkpoint, state)
     weights = {k: v.to(DTYPES[dtype]).contiguous() for k, v in full_weights(checkpoint).items()}
 
     with atomic_directory(out, prefix=".consolidate-") as tmp:
         write_durable(os.path.join(tmp, "model.safetensors"), save(weights, {"format": "pt"}))
         shutil.copyfile(os.path.join(checkpoint, "config.yaml"), os.path.join(tmp, "config.yaml"))
-        tokenizer = state.get("tokenizer")
-        if tokenizer and os.path.isfile(tokenizer):
-            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+        if tokenizer:
+            shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
         info = {
             "checkpoint": os.path.abspath(checkpoint),
             "step": state.get("step"),

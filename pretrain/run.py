@@ -6,10 +6,13 @@ rest: layout, strategy, resume, trainer, checkpoints, run directory, signals.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 from torch import nn
 
+from pretrain.checkpoint import read_trainer_state
 from pretrain.config import PretrainConfig
 from pretrain.data import TokenWindows
 from pretrain.errors import CheckpointError, ConfigurationError
@@ -27,6 +30,22 @@ def check_vocab(*, model_vocab: int | None, data_vocab: int, data_path: str) -> 
             "pieces; drop model.vocab_size (it comes from the data) or prepare with that vocab"
         )
     return data_vocab
+
+
+def data_sha256(manifest: dict) -> str:
+    """The identity of prepared data, wherever it lies: a sha256 over what its manifest records
+    of the content (token dtype, the tokenizer's sha256, every shard's sha256 in order, per
+    split). Checkpoints record it, so that `resume` accepts the data at another path and
+    refuses other data."""
+    content = {
+        "dtype": manifest["dtype"],
+        "tokenizer": manifest["tokenizer"]["sha256"],
+        "splits": {
+            name: [shard.get("sha256") for shard in split["shards"]]
+            for name, split in sorted(manifest["splits"].items())
+        },
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 class Pretraining(Workload):
@@ -53,6 +72,7 @@ class Pretraining(Workload):
         )
         self.tokenizer_sha256 = tok["sha256"]
         self.tokenizer_path = os.path.abspath(os.path.join(cfg.data.path, tok["file"]))
+        self.data_sha256 = data_sha256(self.train_data.manifest)
 
     def global_batch(self) -> tuple[str, int, list[tuple[str, int]]]:
         t = self.cfg.train
@@ -74,7 +94,8 @@ class Pretraining(Workload):
         ]
 
     def check_resume(self, ckpt: str, saved_cfg: dict) -> None:
-        """Shape and numerics must match; dropout and init may change between attempts."""
+        """Shape and numerics must match; dropout and init may change between attempts. The
+        data must be the same (its checksums), wherever it lies now."""
         old, now = saved_cfg["model"], self.cfg.model
         for key, value in vars(now).items():
             if key not in ("dropout", "init_std") and old.get(key) != value:
@@ -82,6 +103,19 @@ class Pretraining(Workload):
                     f"{ckpt} has model.{key}={old.get(key)} but this run sets model.{key}="
                     f"{value}; resume with the checkpoint's model config"
                 )
+        trained_on = read_trainer_state(ckpt).get("data_sha256")  # (older checkpoints: none)
+        if isinstance(trained_on, str) and trained_on != self.data_sha256:
+            was = (saved_cfg.get("data") or {}).get("path")
+            where = f" (at data.path={was} then)" if was else ""
+            raise CheckpointError(
+                f"{ckpt} was trained on other data than data.path={self.cfg.data.path}: the "
+                f"prepared data it was trained on{where} has sha256 {trained_on[:12]}…, this "
+                f"has {self.data_sha256[:12]}…; resume with data.path=<where that data is now> "
+                "(moved data is recognised by its checksums), or start a new run with name=..."
+            )
+
+    def checkpoint_extra(self) -> dict:
+        return {"data_sha256": self.data_sha256}
 
     def check_resumed_data(self, ckpt: str, saved_samples: int) -> None:
         if saved_samples != len(self.train_data):

@@ -45,6 +45,7 @@ from torch import nn
 
 from pretrain import dist as pdist
 from pretrain.checkpoint import (
+    TOKENIZER_FILE,
     AsyncCheckpointer,
     check_resume_checkpoint,
     load_checkpoint,
@@ -296,8 +297,9 @@ class Workload(ABC):
     ``prepare`` reads and checks everything the command needs before any process group exists
     (data, tokenizer, base model, ``cfg.model`` completed) and sets ``train_data`` and
     ``val_data`` (token windows or task examples, :class:`pretrain.data.Samples`),
-    ``tokenizer_sha256`` and ``tokenizer_path``. It runs in the launching process before
-    workers start and again in every worker, and must decide the same every time."""
+    ``tokenizer_sha256`` and ``tokenizer_path`` (the file every checkpoint gets a copy of). It
+    runs in the launching process before workers start and again in every worker, and must
+    decide the same every time."""
 
     command: ClassVar[str]
     tokenizer_fix: ClassVar[str]  # what to do when a checkpoint has another tokenizer
@@ -467,10 +469,16 @@ class RunSession:
         """The trainer's ``save_fn`` and ``checkpoint_wait``: synchronous saves, or with
         ``checkpoint.async_save`` saves written in the background (a gloo group of their own is
         made here, on every rank alike). ``checkpoint.consolidated`` decides which of them
-        hold model.safetensors (``final``: the one that ends training, ``trainer.final_save``)."""
+        hold model.safetensors (``final``: the one that ends training, ``trainer.final_save``).
+        Every checkpoint carries the run's tokenizer (read once, here, by rank 0) and names it
+        relative to itself: a run directory works wherever it is copied."""
         cfg, work, strategy = self.cfg, self.work, self.strategy
         background = AsyncCheckpointer() if cfg.checkpoint.async_save else None
         mode = cfg.checkpoint.consolidated
+        tokenizer = None
+        if strategy.is_main:
+            with open(work.tokenizer_path, "rb") as f:
+                tokenizer = f.read()
 
         def save(trainer: Trainer) -> str | None:
             return (background.save if background else save_checkpoint)(
@@ -482,12 +490,13 @@ class RunSession:
                 trainer_state={
                     **trainer.state_dict(),
                     "tokenizer_sha256": work.tokenizer_sha256,
-                    "tokenizer": work.tokenizer_path,
+                    "tokenizer": TOKENIZER_FILE,  # in the checkpoint itself
                     **work.checkpoint_extra(),
                 },
                 config_yaml=config_yaml,
                 keep_last=cfg.checkpoint.keep_last,
                 consolidated=mode == "every" or (mode == "final" and trainer.final_save),
+                tokenizer=tokenizer,
             )
 
         return save, (background.wait if background else None)
