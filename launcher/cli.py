@@ -243,7 +243,11 @@ def _parser() -> argparse.ArgumentParser:
         "B/D^beta (Huber on log-loss, L-BFGS from a grid of starts, bootstrap intervals) and "
         "N_opt, D_opt ~ C^a, C^b; predict the held-out budgets and --target-flops; write "
         "report.md, fit.json, points.csv and figures. A CSV needs a loss column and two of "
-        "N/params, D/tokens, C/flops (D = C / 6N when D is missing).",
+        "N/params, D/tokens, C/flops (D = C / 6N when D is missing). Budgets: a sweep's are "
+        "its nominal ones; for run directories or a CSV, a budget is at least 3 points whose C "
+        "lie within a factor 1 + --budget-tolerance of each other and at least twice as many "
+        "as in the same width of C just below and just above them (densest first); points in "
+        "no budget enter the L(N, D) fit only. The output says the budgets found.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ssp.add_argument(
@@ -278,6 +282,13 @@ def _parser() -> argparse.ArgumentParser:
         help="leave the K highest-loss points out of the L(N, D) fit",
     )
     ssp.add_argument("--bootstrap", type=int, metavar="B", help="bootstrap resamples (default 200)")
+    ssp.add_argument(
+        "--budget-tolerance",
+        type=float,
+        metavar="REL",
+        help="the C of one budget lie within a factor 1 + REL of each other (default 0.2; "
+        "budgets closer than a factor (1 + REL)^2 need a smaller one)",
+    )
     ssp.add_argument(
         "--params",
         choices=["non_embedding", "total"],
@@ -479,6 +490,7 @@ def _scaling(args: argparse.Namespace, argv: list[str]) -> int:
             holdout=args.holdout,
             exclude_highest=args.exclude_highest,
             bootstrap=args.bootstrap,
+            budget_tolerance=args.budget_tolerance,
             params=args.params,
             finetune=args.finetune,
         )

@@ -20,30 +20,24 @@ from scaling.config import SweepFitConfig
 from scaling.fit import (
     IsoFLOPMinimum,
     ScalingFitError,
+    budget_rule,
     fit_allocation,
     fit_frontier,
     fit_power_law,
     fit_surface,
+    group_budgets,
     isoflop_minima,
 )
 from scaling.plan import format_count, format_flops
 from scaling.sources import Source
 
 
-def _budget_groups(src: Source, rel_tol: float = 0.05) -> np.ndarray:
-    """Each point's budget: the sweep's nominal one, else points within rel_tol share one."""
+def _budget_groups(src: Source, tolerance: float) -> tuple[np.ndarray, str]:
+    """Each point's budget (NaN: none) and the rule that formed them: a sweep's nominal
+    budgets, else `group_budgets` (the measured C of run directories or a CSV)."""
     if src.budgets is not None:
-        return src.budgets
-    C = src.points.C
-    out = np.zeros_like(C)
-    for i in np.argsort(C):
-        for j in np.argsort(C):
-            if out[j] and abs(math.log(C[i] / out[j])) <= math.log1p(rel_tol):
-                out[i] = out[j]
-                break
-        else:
-            out[i] = C[i]
-    return out
+        return src.budgets.astype(float), "the sweep's nominal budgets"
+    return group_budgets(src.points.C, tolerance), budget_rule(tolerance)
 
 
 def _frontier_form(frontier, minima: list[IsoFLOPMinimum], notes: list[str]) -> str:
@@ -84,25 +78,36 @@ def _frontier_form(frontier, minima: list[IsoFLOPMinimum], notes: list[str]) -> 
 def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
     """Every fit and prediction, as plain data (fit.json) plus the fit objects (figures)."""
     pts = src.points
-    budgets = _budget_groups(src)
-    for h in fit.holdout:  # a held-out budget claims the points within 5% of it
-        budgets = np.where(np.abs(np.log(budgets / h)) <= math.log1p(0.05), h, budgets)
+    budgets, rule = _budget_groups(src, fit.budget_tolerance)
+    near = math.log1p(fit.budget_tolerance)
+    with np.errstate(invalid="ignore"):  # NaN: a point in no budget
+        for h in fit.holdout:  # a held-out budget claims the budget found within the tolerance
+            budgets = np.where(np.abs(np.log(budgets / h)) <= near, h, budgets)
     held = np.isin(budgets, fit.holdout) if fit.holdout else np.zeros(len(pts), bool)
     train_idx = np.flatnonzero(~held)
     if len(train_idx) == 0:
         raise ConfigurationError("every point is held out; hold out fewer budgets")
     train = pts.subset(train_idx)
     notes: list[str] = []
+    found = sorted(set(budgets[np.isfinite(budgets)].tolist()))
+    loose = int((~np.isfinite(budgets)).sum())  # in no budget: L(N, D) only
 
     # IsoFLOP minima, budget by budget: a budget without a minimum is noted, not fatal.
     minima: list[IsoFLOPMinimum] = []
-    for c in sorted(set(budgets.tolist())):
+    for c in found:
         idx = np.flatnonzero(budgets == c)
         if len(idx) < 3:
             notes.append(f"budget {format_flops(c)}: {len(idx)} run(s), no IsoFLOP parabola")
             continue
         try:
-            (m,) = isoflop_minima(pts.subset(idx), budgets=[c], flops_per_token=src.fpt)
+            # the points are this budget's by construction: admit them all
+            spread = math.expm1(float(np.abs(np.log(pts.C[idx] / c)).max()))
+            (m,) = isoflop_minima(
+                pts.subset(idx),
+                budgets=[c],
+                rel_tol=min(spread + 1e-9, 0.999),
+                flops_per_token=src.fpt,
+            )
         except ScalingFitError as exc:
             notes.append(str(exc))
             continue
@@ -119,6 +124,7 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
         "params": src.params,
         "notes": notes,
         "holdout_budgets": list(fit.holdout),
+        "budgets": {"rule": rule, "found": found, "points_in_none": loose},
     }
     objects: dict = {"minima": minima, "held": held, "budgets": budgets}
     common = dict(bootstrap=fit.bootstrap, level=fit.level, seed=fit.seed)

@@ -113,8 +113,18 @@ class SweepFitConfig:
     """Huber loss delta on log-loss residuals (Hoffmann et al.)."""
     seed: int = 0
     """Bootstrap seed."""
+    budget_tolerance: float = 0.2
+    """Points without nominal budgets (run directories, a CSV) form a budget when at least 3 of
+    them have C within a factor 1 + budget_tolerance of each other and at least twice as many
+    as the same width of C just below and just above; the rest join no budget (L(N, D) only).
+    A held-out budget claims the budget found within that factor of it."""
 
     def __post_init__(self) -> None:
+        if not 0 <= self.budget_tolerance < 1:
+            raise ConfigurationError(
+                f"`fit.budget_tolerance` (--budget-tolerance) must be in [0, 1), got "
+                f"{self.budget_tolerance:g} (e.g. 0.2: C within a factor 1.2 of each other)"
+            )
         if self.exclude_highest < 0 or self.bootstrap < 0:
             raise ConfigurationError("`fit.exclude_highest` and `fit.bootstrap` must be >= 0")
         if not 0 < self.level < 1:

@@ -8,6 +8,9 @@
   points, with the compute-optimal path;
 - residuals.png: log(measured / fitted) of every point for L(N, D), and of the minima for L(C);
 - finetune.png (with --finetune runs): downstream metric against pretrain + finetune compute.
+
+Colour stands for the budget on a colorbar (any number of budgets stays readable), and each
+figure's legend sits below its axes, outside them: no legend covers data.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import os
 
 import numpy as np
+
+from scaling.plan import format_flops
 
 
 def _pyplot():
@@ -26,34 +31,98 @@ def _pyplot():
     return plt
 
 
+def _figure(ncols: int, size: tuple[float, float]):
+    """A figure laid out by matplotlib's constrained layout, which keeps room for what sits
+    outside the axes (colorbars, the legend below)."""
+    return _pyplot().subplots(1, ncols, figsize=size, layout="constrained")
+
+
+def _legend(fig, axes, *, before=(), after=(), ncols: int = 2) -> None:
+    """The entries of `axes` (each label once), between the entries `before` and `after`, as
+    one legend below the axes, outside them."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    handles = [*before, *handles, *after]
+    labels = [*(h.get_label() for h in before), *labels, *(h.get_label() for h in after)]
+    if handles:
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncols=min(ncols, len(handles)),
+            fontsize=7,
+            frameon=False,
+        )
+
+
+def _marker(marker: str, label: str, **kw):
+    """A legend entry for a kind of mark (its colour is explained elsewhere)."""
+    from matplotlib.lines import Line2D
+
+    style = {"color": "tab:gray", "markersize": 6, **kw}
+    return Line2D([], [], linestyle="none", marker=marker, label=label, **style)
+
+
+def _budget_scale(budgets: list[float]):
+    """Each budget's colour (by log10 C) and the colorbar's mappable."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import ListedColormap, Normalize
+
+    cmap = ListedColormap(_pyplot().get_cmap("plasma")(np.linspace(0.0, 0.85, 256)))
+    logs = np.log10(budgets) if budgets else np.array([0.0])
+    lo, hi = float(logs.min()), float(logs.max())
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    norm = Normalize(lo, hi)
+    colours = {c: cmap(norm(np.log10(c))) for c in budgets}
+    return colours, ScalarMappable(norm=norm, cmap=cmap)
+
+
+def _budget_colorbar(fig, mappable, ax, budgets: list[float]) -> None:
+    """A colorbar of the budgets: a tick at each, labelled where the labels do not crowd."""
+    bar = fig.colorbar(mappable, ax=ax, label="compute budget C (FLOPs)")
+    logs = [float(np.log10(c)) for c in budgets]
+    lo, hi = mappable.norm.vmin, mappable.norm.vmax
+    shown: list[float] = []
+    for x in logs:
+        if not shown or x - shown[-1] >= (hi - lo) / 12:
+            shown.append(x)
+    bar.set_ticks(shown, labels=[format_flops(10**x) for x in shown])
+    bar.ax.set_yticks(logs, minor=True)
+    bar.ax.tick_params(labelsize=7)
+
+
 def _save(fig, out: str, name: str) -> str:
     from matplotlib.ticker import NullFormatter
 
     for ax in fig.axes:  # decades only: minor labels on a log axis overlap
         if ax.get_xscale() == "log":
             ax.xaxis.set_minor_formatter(NullFormatter())
-    fig.tight_layout()
     fig.savefig(os.path.join(out, name), dpi=110)
     _pyplot().close(fig)
     return name
 
 
-def _budget_colours(budgets: list[float]):
-    cmap = _pyplot().get_cmap("plasma")
-    return {c: cmap(0.85 * i / max(1, len(budgets) - 1)) for i, c in enumerate(budgets)}
-
-
 def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str]:
+    """Write the report's figures into `out`; return their file names."""
+    return [_save(fig, out, name) for name, fig in build_figures(src, analysis, finetune)]
+
+
+def build_figures(src, analysis: dict, finetune: list[dict]) -> list[tuple[str, object]]:
+    """The report's figures as (file name, matplotlib figure), not yet written."""
     r, o = analysis["result"], analysis["objects"]
     pts, budgets, held = src.points, o["budgets"], o["held"]
     fpt = src.fpt or (lambda n: 6.0 * n)
-    ubudgets = sorted(set(budgets.tolist()))
-    colours = _budget_colours(ubudgets)
-    plt = _pyplot()
-    files = []
+    ubudgets = sorted(set(budgets[np.isfinite(budgets)].tolist()))
+    colours, budget_scale = _budget_scale(ubudgets)
+    figures = []
 
     # loss vs FLOPs with the frontier
-    fig, ax = plt.subplots(figsize=(7, 4.8))
+    fig, ax = _figure(1, (7, 5.6))
     sc = ax.scatter(
         pts.C[~held],
         pts.L[~held],
@@ -122,21 +191,20 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
         ylabel="final validation loss",
         title="loss vs compute",
     )
-    ax.legend(fontsize=7)
-    files.append(_save(fig, out, "loss_vs_flops.png"))
+    held_marks = [_marker("x", "held-out predictions (x: L(C), +: L(N, D))")]
+    _legend(fig, (ax,), after=held_marks if r["holdout"] else [])
+    figures.append(("loss_vs_flops.png", fig))
 
     # IsoFLOP curves and the allocation
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, (ax1, ax2) = _figure(2, (12, 5.2))
     for c in ubudgets:
         idx = np.flatnonzero(budgets == c)
-        tag = " (held out)" if held[idx].any() else ""
         ax1.scatter(
             pts.N[idx],
             pts.L[idx],
             color=colours[c],
             s=24,
-            marker="D" if tag else "o",
-            label=f"C={c:.3g}{tag}",
+            marker="D" if held[idx].any() else "o",
         )
         m = next((m for m in o["minima"] if m.C == c), None)
         if m is not None:
@@ -156,13 +224,19 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
                 edgecolors="black",
                 linewidths=0.5,
             )
+    marks = [
+        _marker("o", "run (colour: its budget)"),
+        *([_marker("D", "run of a held-out budget")] if held.any() else []),
+    ]
+    minimum = _marker("*", "parabola minimum", markersize=9, markeredgecolor="black")
     ax1.set(
         xscale="log",
         xlabel="N (parameters)",
         ylabel="final validation loss",
-        title="IsoFLOP profiles",
+        title=f"IsoFLOP profiles ({len(ubudgets)} budgets)",
     )
-    ax1.legend(fontsize=7)
+    if ubudgets:
+        _budget_colorbar(fig, budget_scale, ax1, ubudgets)
     if o["minima"]:
         cs = np.array([m.C for m in o["minima"]])
         out_of_fit = np.array([c in r["holdout_budgets"] for c in cs], dtype=bool)
@@ -192,12 +266,14 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
             ylabel="parameters / tokens",
             title="compute-optimal allocation",
         )
-        ax2.legend(fontsize=7)
-    files.append(_save(fig, out, "isoflop.png"))
+    else:
+        ax2.set_axis_off()
+    _legend(fig, (ax1, ax2), before=[*marks, minimum], ncols=4)
+    figures.append(("isoflop.png", fig))
 
     if "surface" in o:
         s = o["surface"]
-        fig, ax = plt.subplots(figsize=(7, 4.8))
+        fig, ax = _figure(1, (7, 5.4))
         n_grid = np.geomspace(pts.N.min() / 2, pts.N.max() * 2, 120)
         for c in ubudgets:
             idx = np.flatnonzero(budgets == c)
@@ -209,8 +285,8 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
                 color=colours[c],
                 s=24,
                 marker="D" if held[idx].any() else "o",
-                label=f"C={c:.3g}",
             )
+        ax.plot([], [], color="tab:gray", lw=1, label="L(N, D) along each budget")
         path = [s.optimal(c, flops_per_token=src.fpt) for c in ubudgets]
         ax.plot([p[0] for p in path], [p[2] for p in path], "k:", lw=1.2, label="optimum N*")
         ax.set(
@@ -220,11 +296,13 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
             ylim=(pts.L.min() - 0.1, pts.L.max() + 0.15),
             title=f"L(N, D) = {s.E:.2f} + {s.A:.3g}/N^{s.alpha:.3f} + {s.B:.3g}/D^{s.beta:.3f}",
         )
-        ax.legend(fontsize=7)
-        files.append(_save(fig, out, "surface.png"))
+        if ubudgets:
+            _budget_colorbar(fig, budget_scale, ax, ubudgets)
+        _legend(fig, (ax,), before=marks, ncols=4)
+        figures.append(("surface.png", fig))
 
     if "surface" in o or "frontier" in o:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        fig, (ax1, ax2) = _figure(2, (12, 4.6))
         if "surface" in o:
             res = np.log(pts.L / o["surface"].predict(pts.N, pts.D))
             sc = ax1.scatter(pts.C, res, c=np.log10(pts.N), cmap="viridis", s=24)
@@ -237,7 +315,6 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
                     s=70,
                     label="held out",
                 )
-                ax1.legend(fontsize=7)
             fig.colorbar(sc, ax=ax1, label="log10 N")
         ax1.axhline(0, color="gray", lw=0.8)
         ax1.set(
@@ -257,16 +334,16 @@ def plot_all(src, analysis: dict, out: str, *, finetune: list[dict]) -> list[str
             ylabel="log(minimum / fitted)",
             title="L(C) residuals at the IsoFLOP minima",
         )
-        files.append(_save(fig, out, "residuals.png"))
+        _legend(fig, (ax1, ax2))
+        figures.append(("residuals.png", fig))
 
     if finetune:
-        files.append(plot_finetune(finetune, out))
-    return files
+        figures.append(("finetune.png", finetune_figure(finetune)))
+    return figures
 
 
-def plot_finetune(rows: list[dict], out: str) -> str:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def finetune_figure(rows: list[dict]):
+    fig, ax = _figure(1, (7, 4.5))
     for r in rows:
         ax.scatter(
             [r["total_flops"]],
@@ -288,4 +365,8 @@ def plot_finetune(rows: list[dict], out: str) -> str:
         ylabel=" / ".join(metrics),
         title="downstream metric vs total compute (squares: from scratch)",
     )
-    return _save(fig, out, "finetune.png")
+    return fig
+
+
+def plot_finetune(rows: list[dict], out: str) -> str:
+    return _save(finetune_figure(rows), out, "finetune.png")

@@ -39,6 +39,10 @@ A' = A·C_ref^(−α) (the reducible loss at C_ref) is converted back at the end
 budget, a parabola in log N through that budget's runs gives the loss-optimal N; a line in
 log-log through those minima gives N_opt = kN·C^a and D_opt = kD·C^b.
 
+``group_budgets``: which points share a compute budget when C is measured, not nominal (runs'
+whole steps, or another study's points with C continuous): the densest clusters of log C that
+stand out from the C values around them (`budget_rule` says it in words).
+
 Compute-optimal allocation from the surface (C = 6·N·D), Hoffmann et al. eq. 4:
 G = (αA / (βB))^(1/(α+β)), N* = G·(C/6)^a, D* = (C/6)^b / G, a = β/(α+β), b = α/(α+β).
 """
@@ -699,18 +703,72 @@ class IsoFLOPMinimum:
     inside: bool  # N_opt within [min N, max N] of the budget's points
 
 
+BUDGET_MIN_POINTS = 3  # a parabola's worth of points
+BUDGET_CONTRAST = 2.0  # a budget holds this many times the points of each flank
+
+
+def budget_rule(tolerance: float) -> str:
+    """`group_budgets`' rule in words, for reports and messages."""
+    return (
+        f"a budget is at least {BUDGET_MIN_POINTS} points whose C lie within a factor "
+        f"{1 + tolerance:.4g} of each other and at least {BUDGET_CONTRAST:g} times as many as "
+        "in the same width of C just below and just above them (densest first), at the "
+        "geometric mean of their C"
+    )
+
+
+def group_budgets(C, tolerance: float) -> np.ndarray:
+    """Each point's compute budget, NaN for a point in none (`budget_rule`).
+
+    Windows [log C, log C + log(1 + tolerance)] are taken from the one holding the most points
+    down; a window becomes a budget, of the points no earlier budget took, when those are at
+    least BUDGET_MIN_POINTS and at least BUDGET_CONTRAST times the points in the window of the
+    same width on either side of it. An IsoFLOP grid with C a little off its nominal budgets
+    forms its budgets; points spread over C (other runs between the budgets) join none: only
+    the clusters that stand out are budgets. Budgets closer than a factor (1 + tolerance)^2
+    need a smaller tolerance.
+    """
+    if not 0 <= tolerance < 1:
+        raise ScalingFitError(
+            f"budget tolerance {tolerance:g}: give a relative width in [0, 1), e.g. 0.2 (C "
+            "within a factor 1.2 of each other; 0: equal C only)"
+        )
+    x = np.log(_as_array("C", C))
+    out = np.full(len(x), np.nan)
+    if len(x) == 0:
+        return out
+    width = math.log1p(tolerance)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    first = np.arange(len(xs))
+    end = np.searchsorted(xs, xs + width, side="right")  # window i: sorted points first..end-1
+    below = first - np.searchsorted(xs, xs - width, side="left")
+    above = np.searchsorted(xs, xs + 2 * width, side="right") - end
+    free = np.ones(len(xs), dtype=bool)
+    for i in sorted(first, key=lambda i: (-(end[i] - i), xs[i])):
+        members = np.flatnonzero(free[i : end[i]]) + i
+        n = len(members)
+        if n < BUDGET_MIN_POINTS or n < BUDGET_CONTRAST * max(below[i], above[i]):
+            continue
+        free[members] = False
+        out[order[members]] = math.exp(float(xs[members].mean()))
+    return out
+
+
 def _group_budgets(C: np.ndarray, budgets, rel_tol: float, labels) -> list[tuple[float, list]]:
-    """[(budget, point indices)], budgets ascending."""
+    """[(budget, point indices)], budgets ascending; without `budgets`, points in no budget
+    (`group_budgets`) are left out."""
     tol = math.log1p(rel_tol)
     log_c = np.log(C)
     if budgets is None:
-        groups: list[list[int]] = []
-        for i in np.argsort(log_c, kind="stable"):
-            if groups and log_c[i] - log_c[groups[-1][0]] <= tol:
-                groups[-1].append(int(i))
-            else:
-                groups.append([int(i)])
-        return [(float(np.exp(log_c[g].mean())), g) for g in groups]
+        grouped = group_budgets(C, rel_tol)
+        found = np.unique(grouped[np.isfinite(grouped)])
+        if not len(found):
+            raise ScalingFitError(
+                f"no compute budget among the {len(C)} points ({budget_rule(rel_tol)}); list "
+                "the budgets, or raise rel_tol"
+            )
+        return [(float(b), np.flatnonzero(grouped == b).tolist()) for b in found]
 
     budgets = sorted(float(b) for b in _as_array("budgets", budgets))
     _check_positive("budget", np.array(budgets), [])
@@ -739,9 +797,10 @@ def isoflop_minima(
 ) -> list[IsoFLOPMinimum]:
     """Per compute budget, the least-squares parabola of L in log N and its minimum.
 
-    Points whose C agree within `rel_tol` form one budget (a sweep's actual C differs slightly
-    from the nominal one because step counts are whole numbers), whose C is their geometric
-    mean; or `budgets` lists the nominal budgets and each point joins the nearest one.
+    Without `budgets`, `group_budgets(C, rel_tol)` forms them (a sweep's actual C differs
+    slightly from the nominal one because step counts are whole numbers), each at the geometric
+    mean of its C, and points in no budget are left out; with `budgets` (the nominal ones),
+    each point joins the nearest, which must be within `rel_tol`.
     """
     if not 0 <= rel_tol < 1:
         raise ScalingFitError(f"rel_tol must be in [0, 1); got {rel_tol} (e.g. 0.05)")

@@ -32,6 +32,18 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
         "(nats/token).",
         "",
     ]
+    b = r["budgets"]
+    lines += [
+        f"Compute budgets: {len(b['found'])}"
+        + (f" ({', '.join(format_flops(c) for c in b['found'])})" if b["found"] else "")
+        + f"; {b['rule']}"
+        + (
+            f"; {b['points_in_none']} points are in none and enter the L(N, D) fit only."
+            if b["points_in_none"]
+            else "."
+        ),
+        "",
+    ]
     if src.missing:
         lines += [f"Runs without a final loss (left out): {', '.join(src.missing)}.", ""]
     if src.epochs is not None and src.epochs.max() > 1:

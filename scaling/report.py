@@ -35,7 +35,7 @@ def write_points_csv(path: str, src: Source, budgets: np.ndarray, held: np.ndarr
             w.writerow(
                 [
                     p.labels[i],
-                    f"{budgets[i]:.10g}",
+                    f"{budgets[i]:.10g}" if np.isfinite(budgets[i]) else "",  # "": in none
                     f"{p.N[i]:.0f}",
                     f"{p.D[i]:.0f}",
                     f"{p.C[i]:.12g}",
@@ -91,8 +91,13 @@ def write_finetune_report(runs: list[str], out: str) -> dict:
 
 
 def summary_lines(result: dict) -> list[str]:
-    """What the command prints: the fits in a line each, and every held-out check."""
-    lines = []
+    """What the command prints: the budgets and how they were formed, the fits in a line
+    each, and every held-out check."""
+    b = result["budgets"]
+    lines = [
+        f"budgets: {len(b['found'])} ({b['rule']})"
+        + (f"; {b['points_in_none']} points in none (L(N, D) only)" if b["points_in_none"] else "")
+    ]
     if "surface" in result:
         s = result["surface"]
         lines.append(
@@ -133,6 +138,7 @@ def fit_sources(
     holdout: list[float] | None = None,
     exclude_highest: int | None = None,
     bootstrap: int | None = None,
+    budget_tolerance: float | None = None,
     params: str | None = None,
     finetune: list[str] | None = None,
 ) -> dict:
@@ -145,6 +151,7 @@ def fit_sources(
         "holdout": holdout,
         "exclude_highest": exclude_highest,
         "bootstrap": bootstrap,
+        "budget_tolerance": budget_tolerance,
         "params": params,
     }
     fit = load_config(

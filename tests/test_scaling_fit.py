@@ -18,12 +18,15 @@ from scaling.fit import (
     fit_frontier,
     fit_power_law,
     fit_surface,
+    group_budgets,
     isoflop_minima,
     load_points_csv,
 )
 
 CHINCHILLA_CSV = os.path.join(os.path.dirname(__file__), "data", "chinchilla_svg_extracted.csv")
 CHINCHILLA_C = 5.76e23  # Chinchilla's training budget in FLOPs
+# The budgets of Chinchilla's IsoFLOP profiles (Hoffmann et al. 2022, figure 3)
+CHINCHILLA_ISOFLOPS = [6e18, 1e19, 3e19, 6e19, 1e20, 3e20, 6e20, 1e21, 3e21]
 
 # Besiroglu et al. 2024 (arXiv:2404.10102), Huber/L-BFGS refit, 5 highest-loss points excluded.
 BESIROGLU = dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658)
@@ -206,6 +209,115 @@ def test_isoflop_budgets_group_nearby_compute() -> None:
     assert [m.n_points for m in grouped] == [7] * 6
     np.testing.assert_allclose([m.C for m in named], nominal)
     np.testing.assert_allclose([m.C for m in grouped], nominal, rtol=0.01)
+
+
+def continuous_grid(seed: int) -> tuple[Points, np.ndarray]:
+    """The 6 x 7 IsoFLOP grid of the known law with every C its own (uniform within ±8% of its
+    budget, D = C/6N, 0.3% noise on L) and 7 runs between the budgets (one at each log-midpoint,
+    one below, one above): no two C equal. Returns the points and each one's nominal budget
+    (NaN for the runs between)."""
+    rng = np.random.default_rng(seed)
+    grid = isoflop_grid(noise=0.0, seed=0)
+    nominal = np.logspace(17, 20, 6)
+    between = np.concatenate([[10**16.4], np.sqrt(nominal[:-1] * nominal[1:]), [10**20.6]])
+    N = np.concatenate([grid.N, [TRUE_LAW.optimal(c)[0] for c in between]])
+    C = np.concatenate([grid.C * rng.uniform(0.92, 1.08, len(grid)), between])
+    D = C / (6 * N)
+    L = TRUE_LAW.predict(N, D) * np.exp(rng.normal(0, 0.003, len(N)))
+    budget = np.concatenate([grid.C, np.full(len(between), np.nan)])
+    return Points.from_arrays(N=N, D=D, L=L), budget
+
+
+def test_budgets_from_continuous_compute() -> None:
+    """Points whose C is continuous form the budgets of the grid they came from, at the
+    geometric mean of their C; the runs between the budgets form none. The minima of those
+    budgets give the allocation exponent of the law."""
+    points, nominal = continuous_grid(seed=0)
+    assert len(np.unique(points.C)) == len(points) == 49
+    found = group_budgets(points.C, 0.2)
+    budgets = np.unique(found[np.isfinite(found)])
+    assert len(budgets) == 6
+    for b in budgets:
+        members = np.flatnonzero(found == b)
+        assert len(members) == 7 and np.ptp(np.log(nominal[members])) < 1e-9  # one budget's
+        assert b == pytest.approx(math.exp(np.log(points.C[members]).mean()))
+        assert b == pytest.approx(nominal[members[0]], rel=0.05)
+    assert np.isnan(found[np.isnan(nominal)]).all()
+    minima = isoflop_minima(points, rel_tol=0.2)  # the same rule, points between left out
+    assert [m.n_points for m in minima] == [7] * 6
+    assert fit_allocation(minima).a == pytest.approx(TRUE_LAW.a, abs=0.03)
+    # the tolerance is the width of a budget: at 5% these budgets (±8%) are not found whole
+    assert len(np.unique(group_budgets(points.C, 0.05)[np.isfinite(found)])) != 6
+
+
+def test_chinchilla_budgets_are_its_isoflop_profiles(chinchilla: Points) -> None:
+    """Chinchilla's 245 points have 230 distinct C: grouped, they are the 9 budgets of its
+    IsoFLOP profiles (the extracted C a few % under the nominal), and the 101 runs between them
+    join none; the allocation through their minima is Hoffmann et al.'s approach 2, a ≈ 0.5."""
+    found = group_budgets(chinchilla.C, 0.2)
+    budgets = np.unique(found[np.isfinite(found)])
+    np.testing.assert_allclose(budgets, CHINCHILLA_ISOFLOPS, rtol=0.1)
+    assert int(np.isnan(found).sum()) == 101
+    minima = isoflop_minima(chinchilla, rel_tol=0.2)
+    assert [m.C for m in minima] == budgets.tolist()
+    assert fit_allocation(minima).a == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(ScalingFitError, match=r"budget tolerance 1: give a relative width"):
+        group_budgets(chinchilla.C, 1.0)
+    single = Points.from_arrays(N=[1e7, 1e8], C=[1e18, 1e18], L=[3.0, 2.9])
+    with pytest.raises(ScalingFitError, match=r"no compute budget among the 2 points \(a budget"):
+        isoflop_minima(single)
+
+
+def _legends_clear_of_axes(name: str, fig) -> int:
+    """Draw `fig`; assert every legend lies inside the figure and overlaps no axes (plots and
+    colorbars); return how many legends it has."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+    page = fig.bbox
+    for legend in legends:
+        box = legend.get_window_extent(renderer)
+        assert page.x0 <= box.x0 and box.x1 <= page.x1, (name, box, page)
+        assert page.y0 <= box.y0 and box.y1 <= page.y1, (name, box, page)
+        for ax in fig.axes:
+            assert not box.overlaps(ax.get_window_extent(renderer)), (name, ax.get_title())
+    return len(legends)
+
+
+@pytest.mark.parametrize("which", ["continuous-grid", "chinchilla"])
+def test_report_figures_keep_legends_off_the_axes(which: str, chinchilla: Points) -> None:
+    """Every figure of the report, with a held-out budget and a legend of every kind of mark:
+    the legends sit outside the axes, and the budgets are a colorbar, not legend entries."""
+    from scaling.analysis import analyse
+    from scaling.config import SweepFitConfig
+    from scaling.figures import build_figures
+    from scaling.sources import Source
+
+    points = continuous_grid(seed=1)[0] if which == "continuous-grid" else chinchilla
+    holdout = 1e20 if which == "continuous-grid" else 3e21
+    src = Source(points, None, which, "as given")
+    analysis = analyse(src, SweepFitConfig(holdout=[holdout], bootstrap=0), [1e22])
+    r = analysis["result"]
+    assert len(r["budgets"]["found"]) == (6 if which == "continuous-grid" else 9)
+    assert holdout in r["budgets"]["found"] and r["holdout"][0]["C"] == holdout
+    finetune = [
+        dict(run="a", metric="accuracy", value=0.7, total_flops=1e15, from_scratch=False),
+        dict(run="b", metric="accuracy", value=0.6, total_flops=1e13, from_scratch=True),
+    ]
+    figures = dict(build_figures(src, analysis, finetune))
+    assert sorted(figures) == [
+        "finetune.png", "isoflop.png", "loss_vs_flops.png", "residuals.png", "surface.png"
+    ]  # fmt: skip
+    for name, fig in figures.items():
+        legends = _legends_clear_of_axes(name, fig)
+        assert legends == (0 if name == "finetune.png" else 1), name
+        if name in ("isoflop.png", "surface.png"):
+            labels = [t.get_text() for t in fig.legends[0].get_texts()]
+            assert not any(label.startswith("C=") for label in labels), labels
+            assert any(ax.get_ylabel() == "compute budget C (FLOPs)" for ax in fig.axes)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
 
 
 # --------------------------------------------------------------------------------------------

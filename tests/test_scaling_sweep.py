@@ -146,7 +146,13 @@ def test_fit_command_on_chinchilla_csv_excludes_outliers_and_predicts(tmp_path):
         "--target-flops", "5.76e23", "--out", out,
     )  # fmt: skip
     assert "target 5.76e23: N*" in res.stdout
+    # 230 distinct C: the 9 budgets of Chinchilla's IsoFLOP profiles, the 101 runs between none
+    assert res.stdout.startswith("budgets: 9 (") and "; 101 points in none" in res.stdout
     fit = json.load(open(os.path.join(out, "fit.json")))
+    isoflops = [6e18, 1e19, 3e19, 6e19, 1e20, 3e20, 6e20, 1e21, 3e21]  # Hoffmann et al. fig. 3
+    assert [m["C"] for m in fit["minima"]] == pytest.approx(isoflops, rel=0.1)
+    with open(os.path.join(out, "points.csv")) as f:
+        assert sum(row["budget"] == "" for row in csv.DictReader(f)) == 101
     s = fit["surface"]
     assert s["n_points"] == 240 and len(s["excluded"]) == 5
     assert s["E"] == pytest.approx(1.8172, rel=0.03) and s["alpha"] == pytest.approx(
@@ -159,20 +165,25 @@ def test_fit_command_on_chinchilla_csv_excludes_outliers_and_predicts(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("rows", "message"),
+    ("rows", "args", "message"),
     [
-        ("N,D,loss\n" + "".join(f"{n},{n * 20},3.0\n" for n in (1e6, 2e6, 4e6, 8e6)), "at least 6"),
-        ("N,D,loss\n1e6,2e7,nan\n" + "".join(f"{n},{n * 20},3.0\n" for n in range(2, 9)), "nan"),
-        ("N,D,loss\n0,2e7,3.0\n" + "".join(f"{n},{n * 20},3.0\n" for n in range(2, 9)), "N"),
-        ("params,loss\n1e6,3.0\n", "two of"),
+        ("N,D,loss\n" + "".join(f"{n},{n * 20},3.0\n" for n in (1e6, 2e6, 4e6, 8e6)), [], "at least 6"),
+        ("N,D,loss\n1e6,2e7,nan\n" + "".join(f"{n},{n * 20},3.0\n" for n in range(2, 9)), [], "nan"),
+        ("N,D,loss\n0,2e7,3.0\n" + "".join(f"{n},{n * 20},3.0\n" for n in range(2, 9)), [], "N"),
+        ("params,loss\n1e6,3.0\n", [], "two of"),
+        (
+            "N,D,loss\n" + "".join(f"{n},{n * 20},3.0\n" for n in range(1, 9)),
+            ["--budget-tolerance", "1.5"],
+            "`fit.budget_tolerance` (--budget-tolerance) must be in [0, 1), got 1.5 (e.g. 0.2",
+        ),
     ],
-    ids=["too-few-points", "nan-loss", "non-positive-N", "missing-column"],
-)
-def test_fit_command_bad_inputs_are_one_line_errors(tmp_path, rows, message):
+    ids=["too-few-points", "nan-loss", "non-positive-N", "missing-column", "budget-tolerance"],
+)  # fmt: skip
+def test_fit_command_bad_inputs_are_one_line_errors(tmp_path, rows, args, message):
     path = tmp_path / "points.csv"
     path.write_text(rows)
     out = tmp_path / "report"
-    res = lmforge("scaling", "fit", str(path), "--out", str(out), check=False)
+    res = lmforge("scaling", "fit", str(path), "--out", str(out), *args, check=False)
     assert res.returncode == 2, res.stdout + res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
     assert not out.exists()
@@ -234,9 +245,10 @@ def test_plan_follows_the_width_depth_rule_and_matches_the_schedule_to_d(tiny_da
 
 
 def test_fit_command_on_an_isoflop_grid_predicts_the_held_out_budget(tmp_path):
-    """A CSV IsoFLOP grid drawn from a known L(N, D) (C = 6ND, 0.3% noise), its largest budget
-    held out: minima, allocation, both frontier forms with the backtest, the surface, and the
-    held-out prediction, through the command."""
+    """A CSV IsoFLOP grid drawn from a known L(N, D) (C = 6ND, 0.3% noise) whose C are all
+    different (within ±5% of the budget), its largest budget held out: the budgets found,
+    minima, allocation, both frontier forms with the backtest, the surface, and the held-out
+    prediction, through the command."""
     import numpy as np
 
     from scaling.fit import SurfaceFit
@@ -250,16 +262,19 @@ def test_fit_command_on_an_isoflop_grid_predicts_the_held_out_budget(tmp_path):
         for c in budgets:
             n_star = law.optimal(c)[0]
             for k, n in enumerate(n_star * np.logspace(-0.6, 0.6, 5)):
-                d = c / (6 * n)
+                ck = c * rng.uniform(0.95, 1.05)
+                d = ck / (6 * n)
                 loss = law.predict(n, d) * math.exp(rng.normal(0, 0.003))
-                f.write(f"c{c:.0e}-{k},{n:.6g},{d:.6g},{c:.6g},{loss:.6f}\n")
+                f.write(f"c{c:.0e}-{k},{n:.6g},{d:.6g},{ck:.6g},{loss:.6f}\n")
     out = str(tmp_path / "report")
     res = lmforge(
         "scaling", "fit", str(path), "--holdout", f"{budgets[-1]:.6g}", "--bootstrap", "50",
         "--target-flops", "1e23", "--out", out,
     )  # fmt: skip
     assert "[chosen]" in res.stdout
+    assert res.stdout.startswith("budgets: 6 (a budget is at least 3 points whose C lie within ")
     fit = json.load(open(os.path.join(out, "fit.json")))
+    assert fit["budgets"]["points_in_none"] == 0 and len(fit["budgets"]["found"]) == 6
     assert len(fit["minima"]) == 6 and [m["held_out"] for m in fit["minima"]] == [False] * 5 + [
         True
     ]
