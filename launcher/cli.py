@@ -36,6 +36,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
+def _nproc_value(text: str) -> int:
+    """``--nproc`` / torchrun's ``--nproc-per-node``: a number, or gpu, cpu, auto."""
+    if text in ("gpu", "cpu", "auto"):
+        import torch
+
+        gpus = torch.cuda.device_count()
+        if text == "gpu" and not gpus:
+            raise argparse.ArgumentTypeError("gpu: this node has no visible GPU")
+        return gpus if text == "gpu" or (text == "auto" and gpus) else os.cpu_count() or 1
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number, gpu, cpu or auto") from None
+
+
+def _nnodes_value(text: str) -> int:
+    """``--nnodes N`` or torchrun's ``N:N``; an elastic range MIN:MAX cannot be honoured."""
+    low, _, high = text.partition(":")
+    try:
+        n, m = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of nodes") from None
+    if n != m:
+        raise argparse.ArgumentTypeError(
+            f"{text}: lmforge runs a fixed number of nodes, not an elastic range; give N"
+        )
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="lmforge",
@@ -101,22 +130,96 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = command(
         "launch",
-        "Run an lmforge command in N processes on this node, or as one node of a multi-node "
-        "job (torch elastic underneath; `pretrain --nproc N` is sugar for it).",
+        "Run an lmforge command in N processes on this node, or as one node of a multi-node\n"
+        "job (torch elastic underneath; `pretrain --nproc N` is sugar for it). torchrun's\n"
+        "options work in both spellings (--nproc-per-node, --nproc_per_node, --node_rank, ...).\n"
+        "Plain `torchrun ... $(which lmforge) pretrain ...`, `srun lmforge pretrain ...` and\n"
+        "`accelerate launch --multi_gpu ... $(which lmforge) pretrain ...` work as well: each\n"
+        "process joins the launcher's world as one rank (docs/launching.md).",
         config=False,
     )
-    sp.add_argument("--nproc", type=int, default=1, help="processes on this node (default 1)")
-    sp.add_argument("--nnodes", type=int, help="nodes in the job (default: $SLURM_NNODES, else 1)")
     sp.add_argument(
-        "--node-rank", type=int, help="this node's rank (default: $SLURM_NODEID, else 0)"
+        "--nproc",
+        "--nproc-per-node",
+        "--nproc_per_node",
+        dest="nproc",
+        metavar="N",
+        type=_nproc_value,
+        default=1,
+        help="processes on this node (default 1); gpu = one per visible GPU, cpu = one per CPU, "
+        "auto = gpu where there are GPUs, else cpu",
     )
-    sp.add_argument("--master-addr", help="address of node 0 (static rendezvous)")
-    sp.add_argument("--master-port", type=int, help="port on node 0 (default 29500)")
     sp.add_argument(
-        "--rdzv-endpoint", metavar="HOST:PORT", help="c10d rendezvous instead of --master-addr"
+        "--nnodes",
+        type=_nnodes_value,
+        metavar="N",
+        help="nodes in the job, a fixed number (N or N:N; default: the srun step's nodes, else 1)",
+    )
+    sp.add_argument(
+        "--node-rank",
+        "--node_rank",
+        dest="node_rank",
+        metavar="RANK",
+        type=int,
+        help="this node's rank (default: $SLURM_NODEID, else 0)",
+    )
+    sp.add_argument(
+        "--master-addr",
+        "--master_addr",
+        dest="master_addr",
+        metavar="ADDR",
+        help="address of node 0 (static rendezvous)",
+    )
+    sp.add_argument(
+        "--master-port",
+        "--master_port",
+        dest="master_port",
+        metavar="PORT",
+        type=int,
+        help="port on node 0 (default 29500)",
+    )
+    sp.add_argument(
+        "--standalone",
+        action="store_true",
+        help="one node, rendezvous on a free local port (what lmforge does by default on one node)",
+    )
+    sp.add_argument(
+        "--rdzv-backend",
+        "--rdzv_backend",
+        dest="rdzv_backend",
+        choices=["c10d", "static"],
+        help="c10d (the default with --rdzv-endpoint: node ranks dealt on arrival) or static "
+        "(--node-rank; the default with --master-addr)",
+    )
+    sp.add_argument(
+        "--rdzv-endpoint",
+        "--rdzv_endpoint",
+        dest="rdzv_endpoint",
+        metavar="HOST:PORT",
+        help="rendezvous address instead of --master-addr/--master-port",
+    )
+    sp.add_argument(
+        "--rdzv-id",
+        "--rdzv_id",
+        dest="rdzv_id",
+        metavar="ID",
+        help="job id every node gives (default: $SLURM_JOB_ID, else lmforge)",
+    )
+    sp.add_argument(
+        "--max-restarts",
+        "--max_restarts",
+        dest="max_restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="only 0: a failed worker ends the job (resume it with resume=auto, or let "
+        "`lmforge submit` requeue it)",
     )
     sp.add_argument(
         "--log-dir",
+        "--log_dir",
+        dest="log_dir",
+        metavar="DIR",
         help="per-rank stdout/stderr files here (default for pretrain: the run's logs/)",
     )
     sp.add_argument(
@@ -568,10 +671,33 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _check_rendezvous(args: argparse.Namespace, *, nnodes: int, node_rank: int) -> None:
-    """Node rank, port and rendezvous endpoint that can work, before anything waits on them."""
+    """Node rank, port, rendezvous endpoint and torchrun options that can work, before anything
+    waits on them."""
     from pretrain.errors import ConfigurationError
 
-    if not args.rdzv_endpoint and not 0 <= node_rank < nnodes:
+    if args.max_restarts != 0:
+        raise ConfigurationError(
+            f"--max-restarts {args.max_restarts}: lmforge launch does not restart failed "
+            "workers (a failure ends the job); give 0, and resume with resume=auto (or let "
+            "`lmforge submit` requeue the job)"
+        )
+    if args.standalone:
+        given = [
+            flag
+            for flag, value in (
+                ("--rdzv-endpoint", args.rdzv_endpoint),
+                ("--master-addr", args.master_addr),
+                ("--nnodes", args.nnodes if args.nnodes not in (None, 1) else None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigurationError(
+                f"--standalone runs one node on a local rendezvous; drop {' and '.join(given)} "
+                "(or --standalone for a multi-node job)"
+            )
+    static = args.rdzv_backend == "static" or (args.rdzv_backend is None and not args.rdzv_endpoint)
+    if static and not 0 <= node_rank < nnodes:
         raise ConfigurationError(
             f"--node-rank {node_rank}: with --nnodes {nnodes} give a node rank in 0..{nnodes - 1}"
         )
@@ -583,6 +709,25 @@ def _check_rendezvous(args: argparse.Namespace, *, nnodes: int, node_rank: int) 
             raise ConfigurationError(
                 f"--rdzv-endpoint {args.rdzv_endpoint!r}: give HOST:PORT, e.g. 10.0.0.1:29400"
             )
+
+
+def _slurm_nodes() -> tuple[int, int]:
+    """(nodes, this node's index) of the srun step this launcher runs in (of the job outside a
+    step; 1, 0 outside SLURM). A step with more tasks than nodes would start several launchers
+    per node: refused."""
+    from pretrain.errors import ConfigurationError
+
+    env = os.environ
+    if "SLURM_STEP_ID" in env and "SLURM_STEP_NUM_NODES" in env:
+        nodes, tasks = int(env["SLURM_STEP_NUM_NODES"]), int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+        if tasks > nodes:
+            raise ConfigurationError(
+                f"lmforge launch runs once per node, but this srun step has {tasks} tasks on "
+                f"{nodes} node(s): run `srun --ntasks-per-node=1 lmforge launch --nproc N ...`, "
+                "or let srun start the ranks: `srun lmforge pretrain ...`"
+            )
+        return nodes, int(env.get("SLURM_NODEID", "0"))
+    return int(env.get("SLURM_NNODES", "1")), int(env.get("SLURM_NODEID", "0"))
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
@@ -603,12 +748,22 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigurationError(
             f"`{args.cmd[0]}` is not an lmforge command; run one of {', '.join(HANDLERS)}"
         )
+    if any(a == "--nproc" or a.startswith("--nproc=") for a in args.cmd[1:]):
+        raise ConfigurationError(
+            f"`--nproc` after `{args.cmd[0]}`: with lmforge launch the processes per node are "
+            f"launch's option; write `lmforge launch --nproc N {args.cmd[0]} ...`"
+        )
+    # Under srun each node's launcher finds its place in SLURM's variables.
+    slurm_nodes, slurm_node = (1, 0) if args.standalone else _slurm_nodes()
+    nnodes = args.nnodes or slurm_nodes
+    node_rank = slurm_node if args.node_rank is None else args.node_rank
+    _check_rendezvous(args, nnodes=nnodes, node_rank=node_rank)
     run_dir = None
     cfg = None
     if args.cmd[0] in TRAINING_COMMANDS:
         cfg = load_command_config(args.cmd[0], args.cmd[1:])
         run_dir = cfg.run_dir
-    elif args.nproc * (args.nnodes or 1) > 1:
+    elif args.nproc * nnodes > 1:
         raise ConfigurationError(
             f"`lmforge {args.cmd[0]}` runs once, not once per process: run it without launch "
             f"(only {' and '.join(TRAINING_COMMANDS)} run one process per rank)"
@@ -616,12 +771,6 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     log_dir = args.log_dir
     if log_dir is None and run_dir is not None:
         log_dir = os.path.join(run_dir, "logs")
-    # Under srun each node's launcher finds its place in SLURM's variables.
-    nnodes = args.nnodes or int(os.environ.get("SLURM_NNODES", "1"))
-    node_rank = args.node_rank
-    if node_rank is None:
-        node_rank = int(os.environ.get("SLURM_NODEID", "0"))
-    _check_rendezvous(args, nnodes=nnodes, node_rank=node_rank)
     if cfg is not None and "--dry-run" not in args.cmd:
         # bad data, base, tokenizer, layout, memory or run directory: one line here, before any
         # process starts (each worker would otherwise print it)
@@ -630,9 +779,10 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         check_run_dir(cfg)
         workload(args.cmd[0], cfg).preflight(world_size=args.nproc * nnodes, local_ranks=args.nproc)
     # The launcher of rank 0's node holds the run's lock for its workers (pretrain/runlock.py):
-    # the one node, or node rank 0 of a static rendezvous; with --rdzv-endpoint ranks are dealt
-    # on arrival, so rank 0 takes it itself. --dry-run writes nothing and takes no lock.
-    if "--dry-run" in args.cmd or not (nnodes == 1 or (not args.rdzv_endpoint and node_rank == 0)):
+    # the one node, or node rank 0 of a static rendezvous; with c10d ranks are dealt on
+    # arrival, so rank 0 takes it itself. --dry-run writes nothing and takes no lock.
+    static = args.rdzv_backend == "static" or (args.rdzv_backend is None and not args.rdzv_endpoint)
+    if "--dry-run" in args.cmd or not (nnodes == 1 or (static and node_rank == 0)):
         run_dir = None
     return launch(
         args.cmd,
@@ -642,6 +792,9 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
         master_addr=args.master_addr,
         master_port=args.master_port,
         rdzv_endpoint=args.rdzv_endpoint,
+        rdzv_backend=args.rdzv_backend,
+        standalone=args.standalone,
+        run_id=args.rdzv_id,
         log_dir=log_dir,
         run_dir=run_dir,
     )
@@ -935,8 +1088,15 @@ def main(argv: list[str] | None = None) -> int:
         hold_stop_signals()
     from pretrain.errors import LMForgeError
 
-    in_worker = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    in_worker = False
     try:
+        if args.command in ("pretrain", "finetune"):
+            # Started by torchrun, srun, accelerate or `lmforge launch`: join that world as one
+            # rank (srun's variables become torch's), or refuse one that cannot be joined.
+            from pretrain.dist import join_launched_world
+
+            join_launched_world(nproc=args.nproc)
+        in_worker = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
         code = HANDLERS[args.command](args, argv)
     except LMForgeError as exc:
         if args.debug:

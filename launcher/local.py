@@ -1,5 +1,6 @@
 """Start the worker processes of an lmforge command on this node (torch elastic, as `torchrun`
-does): N local processes, or one node of a multi-node job (`lmforge launch`).
+does): N local processes, or one node of a multi-node job (`lmforge launch`, which takes
+torchrun's options and their spellings; :func:`rendezvous` maps them).
 
 Workers get RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT from torch elastic, and an
 OMP_NUM_THREADS share of the cores so that N ranks on one machine do not oversubscribe it. A user
@@ -25,6 +26,7 @@ import time
 
 from pretrain.dist import free_port, threads_per_rank
 from pretrain.durable import fault_point
+from pretrain.errors import ConfigurationError
 from pretrain.runlock import LAUNCHER_ENV, lock_run_dir
 from pretrain.signals import PENDING_ENV, STOP_SIGNALS, pending_stop_signal
 
@@ -120,6 +122,38 @@ def rank_logs(log_dir: str):
     return RankLogs()
 
 
+def rendezvous(
+    *,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    rdzv_endpoint: str | None = None,
+    rdzv_backend: str | None = None,
+    standalone: bool = False,
+) -> tuple[str, str, dict]:
+    """torch elastic's rendezvous (backend, endpoint, configs) for torchrun's options:
+    ``standalone`` or one node without an address: a free local port; else ``rdzv_endpoint``
+    (c10d unless ``rdzv_backend=static``: node ranks dealt on arrival) or
+    ``master_addr:master_port`` (static with this ``node_rank`` unless ``rdzv_backend=c10d``)."""
+    if standalone or not (rdzv_endpoint or master_addr or master_port):
+        if nnodes > 1:
+            raise ConfigurationError(
+                f"--nnodes {nnodes} needs --master-addr (and --master-port, --node-rank) or "
+                "--rdzv-endpoint HOST:PORT so that the nodes can find each other"
+            )
+        backend = rdzv_backend or "c10d"
+        return backend, f"127.0.0.1:{free_port()}", {"rank": 0} if backend == "static" else {}
+    if master_port and not (master_addr or rdzv_endpoint) and nnodes > 1:
+        raise ConfigurationError(
+            f"--master-port {master_port} with --nnodes {nnodes} needs --master-addr too (the "
+            "address of node 0)"
+        )
+    backend = rdzv_backend or ("c10d" if rdzv_endpoint else "static")
+    endpoint = rdzv_endpoint or f"{master_addr or '127.0.0.1'}:{master_port or 29500}"
+    return backend, endpoint, {"rank": node_rank} if backend == "static" else {}
+
+
 def launch(
     argv: list[str],
     *,
@@ -129,32 +163,30 @@ def launch(
     master_addr: str | None = None,
     master_port: int | None = None,
     rdzv_endpoint: str | None = None,
+    rdzv_backend: str | None = None,
+    standalone: bool = False,
     run_id: str | None = None,
     log_dir: str | None = None,
     run_dir: str | None = None,
 ) -> int:
     """Run ``lmforge <argv>`` in ``nproc`` processes on this node, as one of ``nnodes`` nodes;
-    return the exit code. Rendezvous: ``rdzv_endpoint`` (c10d, node ranks assigned on
-    arrival), else ``master_addr:master_port`` with this ``node_rank`` (static), else a free
-    local port (one node). With ``run_dir`` (this node hosts rank 0 of a training command) the
-    launcher holds that run's lock for its workers, or refuses to start (RunInUse)."""
+    return the exit code. Rendezvous as torchrun's options say (:func:`rendezvous`): by default
+    ``rdzv_endpoint`` (c10d, node ranks assigned on arrival), else ``master_addr:master_port``
+    with this ``node_rank`` (static), else a free local port (one node). With ``run_dir`` (this
+    node hosts rank 0 of a training command) the launcher holds that run's lock for its workers,
+    or refuses to start (RunInUse)."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    if rdzv_endpoint:
-        backend, endpoint, rdzv = "c10d", rdzv_endpoint, {}
-    elif master_addr:
-        port = master_port or 29500
-        backend, endpoint, rdzv = "static", f"{master_addr}:{port}", {"rank": node_rank}
-    else:
-        if nnodes > 1:
-            from pretrain.errors import ConfigurationError
-
-            raise ConfigurationError(
-                f"--nnodes {nnodes} needs --master-addr (and --master-port, --node-rank) or "
-                "--rdzv-endpoint HOST:PORT so that the nodes can find each other"
-            )
-        backend, endpoint, rdzv = "c10d", f"127.0.0.1:{free_port()}", {}
+    backend, endpoint, rdzv = rendezvous(
+        nnodes=nnodes,
+        node_rank=node_rank,
+        master_addr=master_addr,
+        master_port=master_port,
+        rdzv_endpoint=rdzv_endpoint,
+        rdzv_backend=rdzv_backend,
+        standalone=standalone,
+    )
     os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     # Before anything is written to the run directory (the rank logs too); released on return,
     # or by the kernel when this process dies.

@@ -30,6 +30,7 @@ from omegaconf.errors import (
 )
 
 from pretrain import presets
+from pretrain.dsconfig import ZeroChoice, check_deepspeed_json, zero_choice
 from pretrain.errors import ConfigurationError
 from pretrain.layout import check_parallel_options
 
@@ -473,14 +474,22 @@ class ParallelConfig:
     a DeepSpeed engine with ZeRO stage `zero_stage`."""
     zero_stage: int | None = None
     """deepspeed only: ZeRO stage 0 (DDP-like), 1 (optimizer state sharded), 2 (+ gradients),
-    3 (+ parameters); null = 2."""
-    offload_optimizer: bool = False
-    """deepspeed only (ZeRO >= 1): keep optimizer state (and its step) in CPU memory."""
-    offload_params: bool = False
-    """deepspeed only (ZeRO 3): keep parameters in CPU memory between uses."""
+    3 (+ parameters). null: the `deepspeed_config` JSON's zero_optimization.stage, else 2. When
+    set (in a config file, a preset such as configs/parallel/zero3.yaml, or on the command line)
+    it wins over the JSON, and the run's first lines say so."""
+    offload_optimizer: bool | None = None
+    """deepspeed only (ZeRO >= 1): keep optimizer state (and its step) in CPU memory. null: as
+    the JSON's zero_optimization.offload_optimizer says (device cpu), else false; when set it
+    wins over the JSON."""
+    offload_params: bool | None = None
+    """deepspeed only (ZeRO 3): keep parameters in CPU memory between uses. null: as the JSON's
+    zero_optimization.offload_param says (device cpu), else false; when set it wins."""
     deepspeed_config: str | None = None
-    """deepspeed only: a DeepSpeed JSON to start from; lmforge sets its batch sizes, precision
-    and gradient clipping from this config so that they never disagree."""
+    """deepspeed only: a DeepSpeed JSON to start from (docs/launching.md). Its batch sizes,
+    precision and gradient clipping are lmforge's (train.*; a differing value is replaced with a
+    warning); "auto" values are filled in from the train and optim sections as transformers
+    does; an optimizer or scheduler block must agree with optim.* (lmforge's AdamW and schedule
+    run); ZeRO stage and offload come from it unless the keys above are set."""
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in the backward pass instead of keeping
     them: less memory for about one more forward's compute."""
@@ -513,7 +522,21 @@ class ParallelConfig:
 
     @property
     def stage(self) -> int:
-        return 2 if self.zero_stage is None else self.zero_stage
+        """The ZeRO stage a deepspeed run uses (zero_stage, else the JSON's, else 2)."""
+        return self.zero.stage
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        return self.strategy == "deepspeed" and self.zero.offload_optimizer
+
+    @property
+    def offloads_params(self) -> bool:
+        return self.strategy == "deepspeed" and self.zero.offload_params
+
+    @property
+    def zero(self) -> ZeroChoice:
+        """Stage and offloads, and where each came from (pretrain/dsconfig.py)."""
+        return zero_choice(self)
 
 
 @dataclass
@@ -577,6 +600,10 @@ class RunConfig:
                 "`train.on_anomaly=rollback` needs checkpoints to roll back to: set "
                 "checkpoint.interval=N (e.g. 100), or use train.on_anomaly=skip"
             )
+        # A DeepSpeed JSON's optimizer and scheduler blocks must agree with optim.* (checked
+        # here, before any process starts; pretrain/dsconfig.py).
+        total = self.train.total_steps() if isinstance(self.train, TrainConfig) else None
+        check_deepspeed_json(self.parallel, self.optim, total_steps=total or self.train.max_steps)
 
     @property
     def run_dir(self) -> str:

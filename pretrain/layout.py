@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pretrain.dsconfig import check_deepspeed_json, zero_choice
 from pretrain.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -34,8 +35,8 @@ def check_parallel_options(parallel: ParallelConfig) -> None:
     """Refuse options that do not go together, whatever the world size."""
     ds_only = {
         "zero_stage": parallel.zero_stage is not None,
-        "offload_optimizer": parallel.offload_optimizer,
-        "offload_params": parallel.offload_params,
+        "offload_optimizer": bool(parallel.offload_optimizer),
+        "offload_params": bool(parallel.offload_params),
         "deepspeed_config": parallel.deepspeed_config is not None,
     }
     for key in ("tensor_parallel", "pipeline_parallel"):
@@ -64,19 +65,30 @@ def check_parallel_options(parallel: ParallelConfig) -> None:
                     f"strategy={parallel.strategy})"
                 )
         return
-    if parallel.stage not in (0, 1, 2, 3):
+    if parallel.zero_stage is not None and parallel.zero_stage not in (0, 1, 2, 3):
         raise ConfigurationError(f"`parallel.zero_stage` must be 0-3, got {parallel.zero_stage}")
-    if parallel.offload_optimizer and parallel.stage == 0:
-        raise ConfigurationError(
-            "`parallel.offload_optimizer` needs ZeRO stage >= 1; set parallel.zero_stage"
-        )
-    if parallel.offload_params and parallel.stage != 3:
-        raise ConfigurationError(
-            f"`parallel.offload_params` needs parallel.zero_stage=3 (got {parallel.stage})"
-        )
     if parallel.deepspeed_config is not None and not os.path.isfile(parallel.deepspeed_config):
         raise ConfigurationError(
             f"`parallel.deepspeed_config`: no such file {parallel.deepspeed_config}"
+        )
+    check_deepspeed_json(parallel)  # its ZeRO section and "auto" values (optim.*: RunConfig)
+    zero = zero_choice(parallel)  # the JSON's stage and offload where parallel.* leaves them
+    name = os.path.basename(parallel.deepspeed_config or "")
+    if zero.offload_optimizer and zero.stage == 0:
+        what = "`parallel.offload_optimizer`"
+        if zero.offload_optimizer_from == name:
+            what = f"{name}'s zero_optimization.offload_optimizer"
+        raise ConfigurationError(
+            f"{what} needs ZeRO stage >= 1 (got stage 0 from {zero.stage_from}); set "
+            "parallel.zero_stage=1, 2 or 3, or parallel.offload_optimizer=false"
+        )
+    if zero.offload_params and zero.stage != 3:
+        what = "`parallel.offload_params`"
+        if zero.offload_params_from == name:
+            what = f"{name}'s zero_optimization.offload_param"
+        raise ConfigurationError(
+            f"{what} needs parallel.zero_stage=3 (got stage {zero.stage} from "
+            f"{zero.stage_from}); set parallel.zero_stage=3, or parallel.offload_params=false"
         )
 
 
@@ -152,8 +164,12 @@ class Layout:
         return self.fsdp or self.zero_stage >= 1
 
     def describe(self) -> str:
-        """``dp 2 x tp 1 x pp 1 = 2 rank(s)``"""
-        return f"dp {self.dp} x tp {self.tp} x pp {self.pp} = {self.world_size} rank(s)"
+        """``dp 2 x tp 1 x pp 1 = 2 rank(s)``, and for deepspeed its ZeRO stage and offloads with
+        where each came from (``; deepspeed ZeRO-3 (ds.json)``)."""
+        out = f"dp {self.dp} x tp {self.tp} x pp {self.pp} = {self.world_size} rank(s)"
+        if self.strategy == "deepspeed":
+            out += f"; deepspeed {self.parallel.zero.describe()}"
+        return out
 
     # --- checks ---------------------------------------------------------------------------------
     def check(self, *, model: ModelConfig | None = None, precision: str | None = None) -> None:

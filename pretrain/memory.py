@@ -145,10 +145,10 @@ def estimate_memory(
     optim_per_param = 8 + (4 if ds else 0)  # + DeepSpeed's fp32 master partition
     optimizer = n_local * optim_per_param / (dp if layout.shards_optimizer else 1)
     offloaded = 0.0
-    if ds and parallel.offload_optimizer:
+    if ds and parallel.offloads_optimizer:
         offloaded += optimizer
         optimizer = 0.0
-    if ds and parallel.offload_params:
+    if ds and parallel.offloads_params:
         offloaded += params
         params = 0.0
 
@@ -178,7 +178,7 @@ def estimate_memory(
     if ds and layout.zero_stage >= 1:
         total = s["layers"] * (s["block_split"] + s["block_norms"])
         total += s["embedding"] + s["head"] + s["final_norm"]
-        zero = zero_settings(parallel, int(total))
+        zero = zero_settings(parallel, int(total), hidden_size=d)
         if zero.get("contiguous_gradients", True) is not False or layout.zero_stage == 3:
             bucket = _number(zero.get("reduce_bucket_size"))
             overlap = zero.get("overlap_comm", layout.zero_stage == 3)

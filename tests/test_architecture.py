@@ -29,6 +29,7 @@ PRETRAIN_LAYERS = {
     # what a run is: config, layout, losses
     "pretrain.config": 1,
     "pretrain.layout": 1,
+    "pretrain.dsconfig": 1,  # the user's DeepSpeed JSON (no torch: checked with the config)
     "pretrain.loss": 1,
     # model and data
     "pretrain.model": 2,

@@ -112,6 +112,8 @@ POINTS_CSV = "N,D,loss\n" + "".join(
     for d in (2e7, 8e7, 3.2e8)
 )
 RUNS = "{tmp}/runs"
+DS = [*PRETRAIN, "parallel.strategy=deepspeed"]
+DS_JSON = [*DS, "parallel.deepspeed_config={tmp}/ds.json"]
 
 # fmt: off
 CASES = [
@@ -221,6 +223,19 @@ CASES = [
     case("pretrain/resume-binary-pointer", [*PRETRAIN, "resume={tmp}/latest"], "{tmp}/latest", files={"latest": BINARY}, out=RUNS),
     case("pretrain/resume-data-of-another-tokenizer", ["pretrain", "name=tiny", "runs_dir={tmp}/runs", "data.path={other}", *TINY, "train.max_steps=4", "resume=auto"], "was trained with another tokenizer", files={"runs/tiny": _copy("{run}")}, proc=True),
     case("pretrain/resume-another-shape", ["pretrain", "name=tiny", "runs_dir={tmp}/runs", "data.path={data}", *TINY, "model.d_model=64", "train.max_steps=4", "resume=auto"], "model.d_model=32 but this run sets model.d_model=64", files={"runs/tiny": _copy("{run}")}, proc=True),
+    case("pretrain/deepspeed-json-missing", [*DS, "parallel.deepspeed_config={tmp}/none.json"], "`parallel.deepspeed_config`: no such file {tmp}/none.json", out=RUNS),
+    case("pretrain/deepspeed-json-invalid", DS_JSON, "`parallel.deepspeed_config` {tmp}/ds.json is not valid JSON (Expecting property name", files={"ds.json": '{"zero_optimization": {"stage": 3,}}'}, out=RUNS),
+    case("pretrain/deepspeed-json-binary", DS_JSON, "`parallel.deepspeed_config` {tmp}/ds.json cannot be read", files={"ds.json": BINARY}, out=RUNS),
+    case("pretrain/deepspeed-json-a-list", DS_JSON, "{tmp}/ds.json must hold a JSON object (a DeepSpeed config), not a list", files={"ds.json": "[1]"}, out=RUNS),
+    case("pretrain/deepspeed-json-stage-5", DS_JSON, "{tmp}/ds.json: `zero_optimization.stage` must be 0, 1, 2 or 3, got 5", files={"ds.json": '{"zero_optimization": {"stage": 5}}'}, out=RUNS),
+    case("pretrain/deepspeed-json-nvme", DS_JSON, '`zero_optimization.offload_optimizer.device` "nvme" is not supported by lmforge (offload goes to CPU memory); use "device": "cpu"', files={"ds.json": '{"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/nvme"}}}'}, out=RUNS),
+    case("pretrain/deepspeed-json-offload-param-without-zero3", [*DS_JSON, "parallel.zero_stage=2"], "ds.json's zero_optimization.offload_param needs parallel.zero_stage=3 (got stage 2 from parallel.zero_stage=2)", files={"ds.json": '{"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}'}, out=RUNS),
+    case("pretrain/deepspeed-json-old-cpu-offload", DS_JSON, "`zero_optimization.cpu_offload` is DeepSpeed's old spelling", files={"ds.json": '{"zero_optimization": {"stage": 2, "cpu_offload": true}}'}, out=RUNS),
+    case("pretrain/deepspeed-json-optimizer-lr-differs", DS_JSON, "`optimizer.params.lr`=1e-05 differs from lmforge's 0.0003 (optim.lr)", files={"ds.json": '{"optimizer": {"type": "AdamW", "params": {"lr": 1e-5, "betas": "auto"}}}'}, out=RUNS),
+    case("pretrain/deepspeed-json-optimizer-not-adamw", DS_JSON, 'optimizer type "Lamb": lmforge\'s trainer owns the optimizer', files={"ds.json": '{"optimizer": {"type": "Lamb", "params": {"lr": "auto"}}}'}, out=RUNS),
+    case("pretrain/deepspeed-json-scheduler-setting", DS_JSON, "`scheduler.params.cos_min_ratio`=0.1 is not a setting of lmforge's AdamW and schedule", files={"ds.json": '{"scheduler": {"type": "WarmupCosineLR", "params": {"cos_min_ratio": 0.1, "warmup_num_steps": "auto"}}}'}, out=RUNS),
+    case("pretrain/deepspeed-json-scheduler-warmup-differs", DS_JSON, "`scheduler.params.warmup_num_steps`=1000 differs from lmforge's 100 (optim.warmup_steps)", files={"ds.json": '{"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1000}}}'}, out=RUNS),
+    case("pretrain/deepspeed-json-auto-not-filled", DS_JSON, '{tmp}/ds.json: `zero_optimization.allgather_bucket_size` is "auto", which lmforge does not fill in', files={"ds.json": '{"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}'}, out=RUNS),
     # --- finetune ---------------------------------------------------------------------------
     case("finetune/train-missing", [*FINETUNE, "task.train={tmp}/none.csv"], "{tmp}/none.csv: no such file", out=RUNS),
     case("finetune/train-empty", [*FINETUNE, "task.train={tmp}/t.csv"], "{tmp}/t.csv", files={"t.csv": ""}, out=RUNS),
@@ -310,6 +325,12 @@ CASES = [
     case("launch/nproc-negative", ["launch", "--nproc", "-1", *PRETRAIN], "--nproc -1", out=RUNS),
     case("launch/bad-config", ["launch", "--nproc", "2", *PRETRAIN, "train.max_steps=0"], "`train.max_steps` must be >= 1, got 0", out=RUNS),
     case("launch/bad-data", ["launch", "--nproc", "2", *PRETRAIN, "data.path={tmp}/none"], "no prepared data at {tmp}/none", out=RUNS),
+    case("launch/max-restarts", ["launch", "--max_restarts", "3", *PRETRAIN], "--max-restarts 3: lmforge launch does not restart failed workers", out=RUNS),
+    case("launch/nnodes-elastic-range", ["launch", "--nnodes", "1:4", *PRETRAIN], "1:4: lmforge runs a fixed number of nodes, not an elastic range", out=RUNS),
+    case("launch/standalone-with-endpoint", ["launch", "--standalone", "--rdzv-endpoint", "h:1", *PRETRAIN], "--standalone runs one node on a local rendezvous; drop --rdzv-endpoint", out=RUNS),
+    case("launch/nproc-per-node-not-a-number", ["launch", "--nproc_per_node", "two", *PRETRAIN], "'two': give a number, gpu, cpu or auto", out=RUNS),
+    case("launch/rdzv-backend-etcd", ["launch", "--rdzv_backend", "etcd", "--rdzv-endpoint", "h:1", *PRETRAIN], "invalid choice: 'etcd' (choose from 'c10d', 'static')", out=RUNS),
+    case("launch/nproc-after-the-command", ["launch", "--nproc", "2", *PRETRAIN, "--nproc", "2"], "`--nproc` after `pretrain`: with lmforge launch", out=RUNS),
     case("launch/layout-does-not-divide", ["launch", "--nproc", "3", *PRETRAIN, "parallel.tensor_parallel=2"], "world_size must be a multiple", out=RUNS),
     # --- submit -----------------------------------------------------------------------------
     case("submit/profile-a-list", ["submit", "{tmp}/p.yaml", "--dry-run", "--", "prepare"], "{tmp}/p.yaml must hold a mapping", files={"p.yaml": "- a\n"}),

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tests.distributed import run_distributed
 from tests.runs import SMALL_MODEL, checkpoint_weights, read_metrics
 
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SMALL_STEPS = 20
 SMALL = [
     *SMALL_MODEL,
@@ -192,13 +193,11 @@ def test_activation_checkpointing_changes_nothing_but_memory(
         ["parallel.zero_stage=1"],
         ["parallel.zero_stage=2"],
         ["parallel.zero_stage=3"],
-        [
-            "parallel.zero_stage=3",
-            "parallel.offload_optimizer=true",
-            "parallel.offload_params=true",
-        ],
+        # transformers' documented ZeRO-3 JSON: "auto" values, AdamW and WarmupLR blocks,
+        # optimizer and parameter offload, the stage taken from it (tests/data/README.md)
+        [f"parallel.deepspeed_config={os.path.join(DATA, 'ds_config_zero3_auto.json')}"],
     ],
-    ids=["zero1", "zero2", "zero3", "zero3-offload"],
+    ids=["zero1", "zero2", "zero3", "zero3-offload-auto-json"],
 )
 def test_deepspeed_two_processes_match_one(tiny_data, tmp_path, one_process, zero):
     """A real DeepSpeed engine on 2 gloo ranks: the 1-process DDP losses and final weights."""

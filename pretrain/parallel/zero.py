@@ -11,6 +11,15 @@ import torch
 from torch import nn
 
 from pretrain import dist as pdist
+from pretrain.dsconfig import (
+    OWNED_DS_KEYS,
+    fill_auto,
+    refuse_autos_left,
+    user_json,
+    zero_autos,
+    zero_choice,
+    zero_section,
+)
 from pretrain.durable import Digests, digest_files
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
@@ -26,17 +35,6 @@ from pretrain.parallel.common import (
 from pretrain.parallel.state import dedup_tied
 from pretrain.safeload import deepspeed_reads
 
-# Keys of a DeepSpeed JSON that lmforge's config decides (batch, precision, clipping).
-OWNED_DS_KEYS = (
-    "train_micro_batch_size_per_gpu",
-    "gradient_accumulation_steps",
-    "train_batch_size",
-    "gradient_clipping",
-    "bf16",
-    "fp16",
-)
-
-
 # DeepSpeed's default buckets hold 5e8 elements (1 GB in bf16) whatever the model: ZeRO-1/2
 # allocate them every micro-step, which cost a 0.2M-parameter model 6 s a step on CPU (0.07 s
 # with model-sized buckets), and each is memory a rank holds beside the model. lmforge sizes them
@@ -47,25 +45,41 @@ BUCKET_CAP = 200_000_000
 
 def user_deepspeed_json(parallel) -> dict:
     """The user's DeepSpeed JSON (``parallel.deepspeed_config``), or {} without one."""
-    if not parallel.deepspeed_config:
-        return {}
-    with open(parallel.deepspeed_config) as f:
-        return json.load(f)
+    return user_json(parallel)
 
 
-def zero_settings(parallel, num_params: int, *, config: dict | None = None) -> dict:
-    """The ``zero_optimization`` section a run uses: the user's JSON's, with lmforge's stage,
-    offload choices and bucket sizes (where the JSON sets none) for a model of ``num_params``."""
+def zero_settings(
+    parallel, num_params: int, *, config: dict | None = None, hidden_size: int | None = None
+) -> dict:
+    """The ``zero_optimization`` section a run uses: the user's JSON's, with the stage and
+    offloads of :func:`pretrain.dsconfig.zero_choice`, its "auto" sizes filled in for a model
+    of width ``hidden_size`` (as transformers does), and lmforge's bucket sizes where the JSON
+    sets none, for a model of ``num_params``."""
     if config is None:
         config = user_deepspeed_json(parallel)
-    zero = dict(config.get("zero_optimization", {}), stage=parallel.stage)
+    choice = zero_choice(parallel)
+    zero = zero_section(config, parallel.deepspeed_config or "the DeepSpeed JSON")
+    zero["stage"] = choice.stage
+    if hidden_size is not None:
+        fill_auto(
+            {"zero_optimization": zero}, prefixed("zero_optimization", zero_autos(hidden_size))
+        )
     for key in ("reduce_bucket_size", "allgather_bucket_size"):
         zero.setdefault(key, int(min(BUCKET_CAP, max(num_params, 1e6))))
-    if parallel.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if parallel.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
+    for on, key in (
+        (choice.offload_optimizer, "offload_optimizer"),
+        (choice.offload_params, "offload_param"),
+    ):
+        theirs = zero.get(key) if isinstance(zero.get(key), dict) else {}
+        if on:  # the JSON's other settings of it (pin_memory, ...) stay
+            zero[key] = {**theirs, "device": "cpu"}
+        else:
+            zero.pop(key, None)
     return zero
+
+
+def prefixed(section: str, values: dict) -> dict:
+    return {f"{section}.{key}": value for key, value in values.items()}
 
 
 def deepspeed_config(
@@ -77,34 +91,53 @@ def deepspeed_config(
     grad_accum: int,
     grad_clip: float,
     num_params: int,
+    hidden_size: int | None = None,
 ) -> dict:
-    """The user's DeepSpeed JSON (if any) with lmforge's batch sizes, precision, clipping and
-    ZeRO settings filled in, so that the two can never disagree (a differing value is replaced,
-    with a warning)."""
+    """The engine's config: the user's JSON (if any) with lmforge's batch sizes, precision,
+    clipping and ZeRO settings filled in, so that the two can never disagree ("auto" is filled
+    in; a differing value is replaced, with a warning). Its optimizer and scheduler blocks,
+    checked against optim.* when the config was loaded, are left out: lmforge's AdamW and
+    schedule run. Lines on rank 0 say which ZeRO settings won and what was left out."""
     config = user_deepspeed_json(parallel)
-    zero = zero_settings(parallel, num_params, config=config)
+    path = parallel.deepspeed_config
+    name = os.path.basename(path or "")
+    zero = zero_settings(parallel, num_params, config=config, hidden_size=hidden_size)
     ours = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": micro_batch_size * grad_accum * world_size,
         "gradient_clipping": grad_clip,
-        "bf16": {**config.get("bf16", {}), "enabled": precision == "bf16"},
-        "fp16": {**config.get("fp16", {}), "enabled": precision == "fp16"},
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
     }
+    for key, theirs, value in fill_auto(config, ours):
+        pdist.print0(
+            f"warning: {path} sets {key}={json.dumps(theirs)}; lmforge uses {json.dumps(value)} "
+            f"from the train section"
+        )
     for key in OWNED_DS_KEYS:
-        if (
-            key in config
-            and config[key] != ours[key]
-            and not (
-                isinstance(config[key], dict) and config[key].get("enabled") == ours[key]["enabled"]
-            )
-        ):
+        if not isinstance(config.get(key), dict):
+            config.pop(key, None)
+    config.update({k: v for k, v in ours.items() if "." not in k})
+    for key in ("bf16", "fp16"):
+        config[key] = {**config.get(key, {}), "enabled": ours[f"{key}.enabled"]}
+    dropped = [
+        f'"{block}" ({config[block].get("type", "?")})'
+        for block in ("optimizer", "scheduler")
+        if isinstance(config.get(block), dict)
+    ]
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    if path:
+        choice = zero_choice(parallel)
+        if choice.notes:
+            pdist.print0(f"deepspeed: {'; '.join(choice.notes)}")
+        if dropped:
             pdist.print0(
-                f"warning: {parallel.deepspeed_config} sets {key}={config[key]}; lmforge uses "
-                f"{ours[key]} from the train section"
+                f"deepspeed: {name}'s {' and '.join(dropped)} not passed to DeepSpeed: lmforge's "
+                "AdamW and learning-rate schedule run, with the values they resolve to (optim.*)"
             )
     config.update(
-        ours,
         zero_optimization=zero,
         zero_allow_untested_optimizer=True,  # torch's AdamW as the client optimizer
         # With offload, torch's AdamW steps on the CPU copy: the same update as every other
@@ -112,7 +145,14 @@ def deepspeed_config(
         zero_force_ds_cpu_optimizer=False,
         steps_per_print=2**31 - 1,
     )
+    refuse_autos_left(config, path or "the DeepSpeed config")
     return config
+
+
+def hidden_size_of(model: nn.Module) -> int | None:
+    """The model's width (its token embeddings' dimension), which sizes "auto" ZeRO buckets."""
+    dims = [m.embedding_dim for m in model.modules() if isinstance(m, nn.Embedding)]
+    return max(dims) if dims else None
 
 
 class DeepSpeedStrategy(Strategy):
@@ -168,6 +208,7 @@ class DeepSpeedStrategy(Strategy):
             grad_accum=shape.grad_accum,
             grad_clip=shape.grad_clip,
             num_params=sum(p.numel() for p in model.parameters()),
+            hidden_size=hidden_size_of(model),
         )
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         # The schedule steps the client optimizer's groups, which ZeRO's optimizer uses.
