@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import importlib.util
 import inspect
 import math
 import os
@@ -456,12 +457,30 @@ class LoggingConfig:
 
     tensorboard: bool = True
     """Write TensorBoard event files to `<run>/tb`."""
-    wandb: Literal["off", "offline", "online"] = "off"
-    """Log to Weights & Biases when it is installed."""
+    wandb: bool = False
+    """Log the same scalars to Weights & Biases (rank 0; needs `pip install 'lmforge[wandb]'`).
+    A resumed or requeued run continues the same W&B run: its id is kept in `<run>/wandb_id`.
+    Files go to `<run>/wandb` unless $WANDB_DIR is set (docs/presets.md)."""
+    wandb_project: str = "lmforge"
+    """W&B project (with logging.wandb=true)."""
+    wandb_entity: str | None = None
+    """W&B entity (team or user); null: the account's default."""
+    wandb_name: str | None = None
+    """W&B run display name; null: the run's `name`."""
+    wandb_mode: Literal["online", "offline"] | None = None
+    """online (stream to the server) or offline (files only, `wandb sync` later); null: as
+    $WANDB_MODE says, else online."""
     progress: bool = True
     """Show a progress bar on rank 0."""
     plot: bool = True
     """Write loss_vs_flops.png at the end."""
+
+    def __post_init__(self) -> None:
+        if self.wandb and importlib.util.find_spec("wandb") is None:
+            raise ConfigurationError(
+                "`logging.wandb=true` needs the wandb extra: pip install 'lmforge[wandb]' "
+                "(or set logging.wandb=false)"
+            )
 
 
 @dataclass
