@@ -923,13 +923,12 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
 def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
     """Every value bench uses, before anything is timed."""
     from pretrain.errors import ConfigurationError
-
-    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    from pretrain.presets import names as preset_names
 
     def presets(kind: str, names: str, flag: str) -> None:
         for name in names.split(","):
-            if not os.path.isfile(os.path.join(configs, kind, f"{name}.yaml")):
-                have = sorted(f[:-5] for f in os.listdir(os.path.join(configs, kind)))
+            have = preset_names(kind)  # the shipped presets (lmforge print-config --presets)
+            if name not in have:
                 raise ConfigurationError(
                     f"{flag} {names}: no preset {name!r} in configs/{kind}/ ({', '.join(have)})"
                 )
