@@ -353,7 +353,13 @@ class TrainConfig(LoopConfig):
     max_tokens: int | None = None
     """Training tokens to run (rounded up to whole steps)."""
     eval_samples: int = 256
-    """Validation samples (the first windows of the val split, split across ranks)."""
+    """Validation samples (the first windows of the val split, split across ranks). When the
+    data mixes sources, the windows are shared among them in proportion to their part of the
+    val split (at least one each) and every metrics eval row has `val_loss/<source>` too."""
+    extra_val: list[str] = field(default_factory=list)
+    """Held-out text files evaluated at every evaluation besides the val split, each reported as
+    `val_loss/<file name without extension>` (not part of `val_loss`): tokenized with the data's
+    tokenizer at the start, one document per file, up to `eval_samples` windows each."""
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_tokens is not None:

@@ -12,13 +12,15 @@ not depend on the world size as long as the global batch is the same.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from pretrain.errors import DataError
+from pretrain.tokenizer import Tokenizer
 
 
 class TokenWindows:
@@ -165,9 +167,22 @@ class TrainBatches:
 
 def eval_batches(
     windows: Samples, *, micro_batch: int, num_samples: int, rank: int, world_size: int
-) -> Iterator[dict[str, torch.Tensor]]:
+) -> Iterable[dict[str, torch.Tensor]]:
     """A fixed validation set: the first ``num_samples`` windows of the split, the same at every
-    evaluation and for every world size; each rank takes a contiguous part of it."""
+    evaluation and for every world size; each rank takes a contiguous part of it. A
+    :class:`ValidationSet` gives its groups' batches instead (:class:`GroupedBatches`)."""
+    if isinstance(windows, ValidationSet):
+        return windows.batches(
+            micro_batch=micro_batch, num_samples=num_samples, rank=rank, world_size=world_size
+        )
+    return _plain_batches(
+        windows, micro_batch=micro_batch, num_samples=num_samples, rank=rank, world_size=world_size
+    )
+
+
+def _plain_batches(
+    windows: Samples, *, micro_batch: int, num_samples: int, rank: int, world_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     n = min(len(windows), num_samples)
     if n < world_size:
         raise DataError(
@@ -177,3 +192,241 @@ def eval_batches(
     mine = np.array_split(np.arange(n), world_size)[rank]
     for b in range(0, len(mine), micro_batch):
         yield windows.batch(mine[b : b + micro_batch])
+
+
+# --------------------------------------------------------------------------------------------
+# validation per source, and extra held-out texts
+# --------------------------------------------------------------------------------------------
+
+# A window: (token array, start, length); length is seq_len + 1 except for a text or a source
+# part too short for one (its tokens are then one shorter window, padded in the batch).
+Window = tuple[np.ndarray, int, int]
+
+
+def _cut(tokens: np.ndarray, start: int, end: int, seq_len: int) -> list[Window]:
+    """Windows of ``seq_len + 1`` tokens at stride ``seq_len`` inside ``tokens[start:end]``;
+    a part too short for one gives one shorter window (if it has 2 tokens or more)."""
+    count = (end - start - 1) // seq_len
+    if count == 0:
+        return [(tokens, start, end - start)] if end - start >= 2 else []
+    return [(tokens, start + i * seq_len, seq_len + 1) for i in range(count)]
+
+
+def _spread(count: int, k: int) -> np.ndarray:
+    """``k`` of ``count`` indices spread evenly from the first to the last."""
+    if k >= count:
+        return np.arange(count)
+    return np.unique(np.linspace(0, count - 1, k).round().astype(np.int64))
+
+
+def _shares(total: int, available: list[int]) -> list[int]:
+    """``total`` windows shared in proportion to what each group has (largest remainders, ties
+    to the first), at least one per group that has any: taken from the largest shares, or past
+    ``total`` when there are more such groups than windows."""
+    n = min(total, sum(available))
+    quota = [n * a / max(sum(available), 1) for a in available]
+    take = [int(q) for q in quota]
+    order = sorted(range(len(quota)), key=lambda i: (take[i] - quota[i], i))
+    for i in order[: n - sum(take)]:
+        take[i] += 1
+    take = [max(t, min(1, a)) for t, a in zip(take, available, strict=True)]
+    while sum(take) > n and max(take) > 1:
+        take[take.index(max(take))] -= 1
+    return take
+
+
+@dataclass
+class ValGroup:
+    """Validation windows reported as ``val_loss/<name>``; ``in_total``: they are part of
+    ``val_loss`` too (a source of the val split; an extra held-out text is not)."""
+
+    name: str
+    windows: list[Window]
+    in_total: bool
+
+
+class GroupedBatches:
+    """One rank's validation batches as ``(group, batch)``: ``group`` indexes ``groups``, or is
+    None for windows that count in ``val_loss`` only. Every rank gets as many batches (the
+    short ones end with batches whose labels are all -100, which carry no loss): a sharded
+    model's forward is a collective."""
+
+    def __init__(
+        self, groups: list[ValGroup], items: list[tuple[int | None, list[dict]]], count: int
+    ) -> None:
+        self.groups = [g.name for g in groups]
+        self.in_total = [g.in_total for g in groups]
+        self._items = items
+        self._count = count
+
+    def __iter__(self) -> Iterator[tuple[int | None, dict[str, torch.Tensor]]]:
+        yield from self._items
+        seq = next((b["input_ids"].shape[1] for _, b in self._items), 1)
+        for _ in range(self._count - len(self._items)):
+            ids = torch.zeros(1, seq, dtype=torch.int64)
+            yield None, {"input_ids": ids, "labels": torch.full_like(ids, -100)}
+
+
+class ValidationSet:
+    """A pretraining run's validation data: the val split's windows (per source when the data
+    mixes sources and its manifest records where each lies) and extra held-out texts.
+
+    Without per-source ranges (older prepared data, or one source) the split evaluates as
+    :class:`TokenWindows` does: its first ``num_samples`` windows. With them, every source gets
+    its own windows (none straddles two sources or two shards), spread evenly over its part of
+    the split; ``num_samples`` is shared in proportion to each source's windows, at least one
+    each: ``val_loss`` is the mean over all of them, ``val_loss/<label>`` over a source's. An
+    extra text (tokenized with the run's tokenizer, one document) gets up to ``num_samples``
+    windows of its own, reported as ``val_loss/<name>`` and not in ``val_loss``."""
+
+    def __init__(
+        self,
+        *,
+        data_dir: str,
+        seq_len: int,
+        extra: Sequence[tuple[str, np.ndarray]] = (),
+    ) -> None:
+        self.split = TokenWindows(data_dir=data_dir, split="val", seq_len=seq_len)
+        self.manifest = self.split.manifest
+        self.seq_len = seq_len
+        ranges = self.manifest["splits"]["val"].get("sources") or []
+        # (label, [windows]) per source of the split with any tokens in it
+        self.sources: list[tuple[str, list[Window]]] = []
+        if len([r for r in ranges if r["tokens"]]) > 1:
+            self.sources = self._source_windows(data_dir, ranges)
+        self.extra = [(name, _cut(tokens, 0, len(tokens), seq_len)) for name, tokens in extra]
+        taken = {label for label, _ in self.sources}
+        for name, _ in self.extra:
+            if name in taken:
+                raise DataError(
+                    f"extra validation text {name!r} has the name of a source of the data or "
+                    "of another extra text; rename the file"
+                )
+            taken.add(name)
+
+    def _source_windows(self, data_dir: str, ranges: list[dict]) -> list[tuple[str, list[Window]]]:
+        info = self.manifest["splits"]["val"]
+        dtype = np.dtype(self.manifest["dtype"])
+        shards, offset = [], 0  # (start in the split, memmap)
+        for s in info["shards"]:
+            path = os.path.join(data_dir, s["file"])
+            shards.append((offset, np.memmap(path, dtype=dtype, mode="r")))
+            offset += s["tokens"]
+        out = []
+        for r in ranges:
+            start, end = r["start"], r["start"] + r["tokens"]
+            windows: list[Window] = []
+            for first, shard in shards:  # the source's part of each shard
+                lo, hi = max(start, first), min(end, first + len(shard))
+                if hi > lo:
+                    windows += _cut(shard, lo - first, hi - first, self.seq_len)
+            if windows:
+                out.append((r["label"], windows))
+        return out
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        return self.split.batch(indices)
+
+    def plan(self, num_samples: int) -> tuple[list[ValGroup], list[tuple[int | None, Window]]]:
+        """The groups and the whole validation set as (group, window), the same on every rank."""
+        groups: list[ValGroup] = []
+        items: list[tuple[int | None, Window]] = []
+        if self.sources:
+            shares = _shares(num_samples, [len(w) for _, w in self.sources])
+            for (label, windows), k in zip(self.sources, shares, strict=True):
+                picked = [windows[i] for i in _spread(len(windows), k)]
+                items += [(len(groups), w) for w in picked]
+                groups.append(ValGroup(label, picked, True))
+        else:
+            n = min(len(self.split), num_samples)
+            items += [(None, self._split_window(i)) for i in range(n)]
+        for name, windows in self.extra:
+            picked = [windows[i] for i in _spread(len(windows), num_samples)]
+            items += [(len(groups), w) for w in picked]
+            groups.append(ValGroup(name, picked, False))
+        return groups, items
+
+    def _split_window(self, index: int) -> Window:
+        split = self.split
+        shard = int(np.searchsorted(split._ends, index, side="right"))
+        local = index - (int(split._ends[shard - 1]) if shard else 0)
+        return split.shards[shard], local * self.seq_len, self.seq_len + 1
+
+    def label_tokens(self, num_samples: int) -> dict[str, int]:
+        """Label tokens per reported group (what ``val_loss/<name>`` averages over)."""
+        groups, _ = self.plan(num_samples)
+        return {g.name: sum(n - 1 for _, _, n in g.windows) for g in groups}
+
+    def batches(
+        self, *, micro_batch: int, num_samples: int, rank: int, world_size: int
+    ) -> Iterable:
+        groups, items = self.plan(num_samples)
+        if not self.sources and not self.extra:  # as before: plain batches
+            return _plain_batches(
+                self.split,
+                micro_batch=micro_batch,
+                num_samples=num_samples,
+                rank=rank,
+                world_size=world_size,
+            )
+        if len(items) < world_size:
+            raise DataError(
+                f"the validation set has {len(items)} samples, fewer than the {world_size} "
+                "ranks; raise train.eval_samples or val_fraction in prepare"
+            )
+        parts = np.array_split(np.arange(len(items)), world_size)
+        counts = [len(self._chunks([items[i] for i in p], micro_batch)) for p in parts]
+        mine = self._chunks([items[i] for i in parts[rank]], micro_batch)
+        return GroupedBatches(groups, [(g, self._batch(ws)) for g, ws in mine], max(counts))
+
+    @staticmethod
+    def _chunks(items: list, micro_batch: int) -> list[tuple[int | None, list[Window]]]:
+        """Consecutive items of one group, at most ``micro_batch`` per batch."""
+        out: list[tuple[int | None, list[Window]]] = []
+        for group, window in items:
+            if out and out[-1][0] == group and len(out[-1][1]) < micro_batch:
+                out[-1][1].append(window)
+            else:
+                out.append((group, [window]))
+        return out
+
+    def _batch(self, windows: list[Window]) -> dict[str, torch.Tensor]:
+        rows = np.zeros((len(windows), self.seq_len + 1), dtype=np.int64)
+        labels = np.full((len(windows), self.seq_len), -100, dtype=np.int64)
+        for row, (tokens, start, n) in enumerate(windows):
+            rows[row, :n] = tokens[start : start + n]
+            labels[row, : n - 1] = rows[row, 1:n]
+        return {"input_ids": torch.from_numpy(rows[:, :-1]), "labels": torch.from_numpy(labels)}
+
+
+def tokenize_extra_val(paths: Sequence[str], *, tokenizer_path: str, add_bos: bool, dtype: str):
+    """``(name, tokens)`` of each held-out text file (``train.extra_val``): the whole file as one
+    document, as prepare writes one (``[bos]`` when the data has it, the text, ``[eos]``); the
+    name is the file name without its extension."""
+    tok = Tokenizer(tokenizer_path)
+    out = []
+    for path in paths:
+        try:
+            with open(os.path.expanduser(path), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as exc:
+            raise DataError(
+                f"train.extra_val: cannot read {path} ({exc.strerror}); give existing text files"
+            ) from None
+        if not text.strip():
+            raise DataError(f"train.extra_val: {path} holds no text; give a non-empty text file")
+        ids = ([tok.bos_id] if add_bos else []) + tok.encode(text) + [tok.eos_id]
+        name = os.path.basename(path.rstrip("/"))
+        name = name.split(".")[0] or name
+        out.append((name, np.asarray(ids, dtype=np.dtype(dtype))))
+    names = [n for n, _ in out]
+    for name in names:
+        if names.count(name) > 1:
+            raise DataError(
+                f"train.extra_val: two files are named {name!r} (the metric key is the file name "
+                "without extension); rename one"
+            )
+    return out

