@@ -774,7 +774,7 @@ def load_config(schema: type, args: list[str]) -> Any:
             arg_key = key
             section = OmegaConf.select(cfg, key, throw_on_missing=False)
             if isinstance(section, DictConfig):  # section=PRESET.yaml, section=NAME
-                path = presets.resolve(value, key.rsplit(".", 1)[-1])
+                path = presets.resolve(value, key.rsplit(".", 1)[-1], key)
                 if path is not None:
                     OmegaConf.update(cfg, key, _load_yaml(path), merge=True)
                     continue

@@ -108,15 +108,14 @@ COMMAND_SECTIONS = {
 }
 
 
-def _unknown(section: str, value: str) -> ConfigurationError:
-    have = ", ".join(names(section))
-    what = (
-        f"config file not found: {value}"
-        if value.endswith(_YAML)
-        else (f"no {section} preset {value!r} and no such file")
-    )
+def _unknown(section: str, value: str, key: str | None) -> ConfigurationError:
+    if value.endswith(_YAML):
+        what = f"config file not found: {value}"
+    else:
+        given = f"`{key}`={value!r}" if key else repr(value)
+        what = f"{given} is neither a file nor a {section} preset"
     return ConfigurationError(
-        f"{what}; give a YAML file or one of the {section} presets: {have} "
+        f"{what}; give a YAML file or one of the {section} presets: {', '.join(names(section))} "
         "(lmforge print-config --presets)"
     )
 
@@ -135,10 +134,11 @@ def _packaged(path: str) -> str | None:
     return packaged if os.path.isfile(packaged) else None
 
 
-def resolve(value: str, section: str | None) -> str | None:
+def resolve(value: str, section: str | None, key: str | None = None) -> str | None:
     """The file that config argument ``value`` names (see the module doc), or None when it is
     neither a file nor a YAML path nor a preset name (the caller treats it as a value).
-    ``section``: where a bare name is looked up (None: names are not presets here)."""
+    ``section``: where a bare name is looked up (None: names are not presets here); ``key``:
+    the config key given ``value`` (for the error), None for a whole config."""
     if os.path.isfile(value):
         return value
     if value.endswith(_YAML):
@@ -147,11 +147,11 @@ def resolve(value: str, section: str | None) -> str | None:
             return found
         parts = os.path.normpath(value).split(os.sep)
         if len(parts) >= 3 and parts[-3] == "configs" and names(parts[-2]):
-            raise _unknown(parts[-2], value)  # configs/model/tinny.yaml
+            raise _unknown(parts[-2], value, key)  # configs/model/tinny.yaml
         return value  # (a missing file: the loader's one line)
     if section is None or not names(section) or not _NAME.match(value):
         return None
     path = preset_path(section, value)
     if path is None:
-        raise _unknown(section, value)
+        raise _unknown(section, value, key)
     return path
