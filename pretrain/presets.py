@@ -41,6 +41,8 @@ def presets_dir() -> str:
 
 def sections() -> list[str]:
     root = presets_dir()
+    if not os.path.isdir(root):  # an installation without its presets
+        return []
     return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
 
 
