@@ -294,8 +294,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = command(
         "evaluate",
-        "Perplexity of a model on text files (--text), or a finetuned model's task metrics on "
-        "a labelled file (--data); prints JSON.",
+        "Perplexity of a model on text files (--text), a finetuned model's task metrics on "
+        "a labelled file (--data), or EleutherAI's lm-evaluation-harness tasks (--lm-eval, "
+        "with the lmeval extra: results saved beside the run, or in an export's model card; "
+        "docs/evaluation.md); prints JSON.",
         config=False,
     )
     sp.add_argument("path", metavar="RUN|CHECKPOINT|DIR")
@@ -310,6 +312,52 @@ def _parser() -> argparse.ArgumentParser:
     )
     sp.add_argument("--seq-len", type=int, help="perplexity window (default: model context)")
     sp.add_argument("--out", help="also write the JSON result to this file")
+    sp.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="lm-evaluation-harness tasks, comma-separated (e.g. hellaswag,arc_easy, or the "
+        "names of your task YAMLs in --lm-eval-include); needs pip install 'lmforge[lmeval]'. "
+        "A run or checkpoint is exported to a temporary directory first; results go to "
+        "<run>/eval/lm_eval_<step>.json, or for an exported directory to <dir>/lm_eval.json "
+        "and its README.md's model-index",
+    )
+    sp.add_argument(
+        "--lm-eval-include",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory of task YAML files for --lm-eval (repeatable): local tasks, offline",
+    )
+    sp.add_argument(
+        "--lm-eval-batch-size",
+        default="1",
+        metavar="N",
+        help="--lm-eval batch size or auto (default 1)",
+    )
+    sp.add_argument(
+        "--lm-eval-device",
+        metavar="DEVICE",
+        help="--lm-eval device, e.g. cpu, cuda:0 (default: cuda if any, else cpu)",
+    )
+    sp.add_argument(
+        "--lm-eval-dtype",
+        default="fp32",
+        choices=("fp32", "bf16", "fp16"),
+        help="--lm-eval weights' dtype (default fp32)",
+    )
+    sp.add_argument(
+        "--lm-eval-limit",
+        type=float,
+        metavar="N",
+        help="--lm-eval: only the first N examples of each task (a fraction if < 1), for a quick "
+        "look; not comparable with published scores",
+    )
+    sp.add_argument(
+        "--lm-eval-fewshot",
+        type=int,
+        metavar="K",
+        help="--lm-eval few-shot examples (default: the task's)",
+    )
 
     sp = command(
         "scaling",
@@ -903,9 +951,27 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
     from finetune.inference import perplexity, print_json, task_metrics
     from pretrain.errors import ConfigurationError
 
-    if bool(args.text) == bool(args.data):
-        raise ConfigurationError("give one of --text FILE ... (perplexity) or --data FILE")
+    if sum(map(bool, (args.text, args.data, args.lm_eval))) != 1:
+        raise ConfigurationError(
+            "give one of --text FILE ... (perplexity), --data FILE (task metrics) or "
+            "--lm-eval TASKS (lm-evaluation-harness)"
+        )
     _check_out_file(args.out)  # say so before the evaluation, not after
+    if args.lm_eval:
+        from finetune.harness import run_lm_eval
+
+        result = run_lm_eval(
+            args.path,
+            tasks=[t.strip() for t in args.lm_eval.split(",")],
+            include=args.lm_eval_include,
+            batch_size=args.lm_eval_batch_size,
+            device=args.lm_eval_device,
+            dtype=args.lm_eval_dtype,
+            limit=args.lm_eval_limit,
+            num_fewshot=args.lm_eval_fewshot,
+        )
+        print_json(result, args.out)
+        return 0
     if args.seq_len is not None and args.seq_len < 1:
         raise ConfigurationError(f"--seq-len {args.seq_len}: give a window of at least 1 token")
     bad = [c for c in args.column if "=" not in c or not c.split("=", 1)[0]]
