@@ -39,6 +39,12 @@ BOS; `split_special_tokens: true` in `tokenizer_config.json` makes transformers 
 `tokenizer.json` lists no added tokens, so it also encodes that way when loaded with the
 `tokenizers` library alone.
 
+Preprocessing. `model_max_length`, `truncation_side` and `padding_side` in
+`tokenizer_config.json` are what `lmforge export` says they are for the model's head (see
+finetune/export.py): with them, transformers' usual `truncation=True` (and `padding=True`) cut
+and pad as lmforge does. An instruction model's prompt template becomes the `chat_template`
+(`instruction_chat_template`): one user message, rendered exactly as lmforge's template.
+
 Decoding differs from SentencePiece in three cases that encoding never produces: control
 tokens decode as "<s>"/"</s>", with the dummy-prefix space after "<s>" kept (pass
 `skip_special_tokens=True` to drop them, as SentencePiece does), `<unk>` decodes as "<unk>" (SentencePiece writes " ⁇ "), and a run of byte pieces that is
@@ -68,9 +74,25 @@ _Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 _SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
 
-def write_hf_tokenizer(sp_model_path: str, out_dir: str, *, model_max_length: int) -> None:
+_SIDES = ("left", "right")
+
+
+def write_hf_tokenizer(
+    sp_model_path: str,
+    out_dir: str,
+    *,
+    model_max_length: int,
+    truncation_side: str = "right",
+    padding_side: str = "right",
+    chat_template: str | None = None,
+) -> None:
     """Write Hugging Face tokenizer files for the SentencePiece BPE model `sp_model_path` into
-    the existing directory `out_dir` (see the module docstring for what they reproduce)."""
+    the existing directory `out_dir` (see the module docstring for what they reproduce).
+    ``model_max_length`` and the sides: where transformers cuts with `truncation=True` and pads
+    with `padding=True`; ``chat_template``: a Jinja template (`instruction_chat_template`)."""
+    for name, side in (("truncation_side", truncation_side), ("padding_side", padding_side)):
+        if side not in _SIDES:
+            raise ConfigurationError(f"{name}={side!r}: use left or right")
     Tokenizer(sp_model_path)  # a missing or unreadable model raises a one-line DataError
     proto = sentencepiece_model_pb2.ModelProto()
     with open(sp_model_path, "rb") as f:
@@ -91,7 +113,11 @@ def write_hf_tokenizer(sp_model_path: str, out_dir: str, *, model_max_length: in
         # The default clean-up deletes spaces before punctuation: "a ." would decode as "a.".
         "clean_up_tokenization_spaces": False,
         "model_max_length": model_max_length,
+        "truncation_side": truncation_side,
+        "padding_side": padding_side,
     }
+    if chat_template is not None:
+        config["chat_template"] = chat_template
     files = {
         "tokenizer.json": _backend(proto).to_str(pretty=True).encode("utf-8"),
         "tokenizer_config.json": _json_bytes(config),
@@ -100,6 +126,35 @@ def write_hf_tokenizer(sp_model_path: str, out_dir: str, *, model_max_length: in
     }
     for name, data in files.items():
         replace_durable(os.path.join(out_dir, name), data)
+
+
+def instruction_chat_template(template: str) -> str:
+    """A Jinja chat template that renders ``[{"role": "user", "content": prompt}]`` as
+    ``template.replace("{prompt}", prompt)``, lmforge's instruction format, and refuses any
+    other conversation (a system message, several turns: lmforge's models never saw one).
+
+    The response header is part of the template, so the rendering is the same with or without
+    `add_generation_prompt`. The literal text is written as Jinja string expressions, never as
+    template text: braces, `{%`, quotes and whitespace in it stay exactly as they are (template
+    text would be subject to `trim_blocks` / `lstrip_blocks`)."""
+    prompt = "{{ messages[0]['content'] }}"
+    body = prompt.join(f"{{{{ {_jinja_string(part)} }}}}" for part in template.split("{prompt}"))
+    refuse = _jinja_string(
+        "this model takes one user message (the prompt it puts into its template); got "
+    )
+    roles = "messages | map(attribute='role') | join(', ')"
+    return (
+        "{%- if messages | length != 1 or messages[0]['role'] != 'user' -%}"
+        f"{{{{ raise_exception({refuse} ~ ({roles})) }}}}"
+        "{%- endif -%}" + body
+    )
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a single-quoted Jinja string literal (which Jinja reads with Python's
+    unicode-escape rules; a raw carriage return would be turned into a newline)."""
+    escapes = {"\\": "\\\\", "'": "\\'", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+    return "'" + "".join(escapes.get(c, c) for c in text) + "'"
 
 
 def _check_supported(proto: sentencepiece_model_pb2.ModelProto, path: str) -> None:

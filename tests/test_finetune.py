@@ -9,16 +9,18 @@ offline.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import random
+import tempfile
 from collections import Counter
 
 import pytest
 import torch
 
-from tests.conftest import lmforge
+from tests.conftest import REPO, lmforge
 from tests.runs import (
     QUIET,
     STEPS,
@@ -336,6 +338,64 @@ TEXTS = [
 ]
 
 
+def _lmforge_outputs(src, model, rows: list[dict]) -> list[torch.Tensor]:
+    """lmforge's own inference on labelled rows: its preprocessing (finetune/data.py, as in
+    `lmforge evaluate`) and the model's outputs at the positions it labels, one (n, labels)
+    tensor per example."""
+    from finetune.config import TaskConfig
+    from finetune.data import IGNORE, tokenize
+    from pretrain.tokenizer import Tokenizer
+
+    keys = TaskConfig.__dataclass_fields__
+    task = TaskConfig(**{k: v for k, v in src.task.items() if k in keys})
+    examples, _, _ = tokenize(task, Tokenizer(src.tokenizer), rows, source="rows", labels=None)
+    assert len(examples) == len(rows)
+    out = []
+    with torch.no_grad():
+        for i in range(len(examples)):
+            batch = examples.batch([i])
+            out.append(model(batch["input_ids"])[0][batch["labels"][0] != IGNORE])
+    return out
+
+
+def _assert_card(out: str, *, pipeline_tag: str, tokenizer, metrics: dict) -> dict:
+    """The export's README.md has the front matter the Hub reads (checked offline with
+    huggingface_hub), the evaluated ``metrics`` in its model-index, and states the
+    preprocessing the tokenizer files hold; no exported file names a path of this machine."""
+    import yaml
+    from huggingface_hub import ModelCard, metadata_load
+
+    path = os.path.join(out, "README.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    assert text.startswith("---\n"), text[:200]
+    meta = yaml.safe_load(text.split("---\n", 2)[1])
+    assert meta == metadata_load(path)
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == pipeline_tag
+    assert meta["license"] and "lmforge" in meta["tags"] and pipeline_tag in meta["tags"]
+    card = ModelCard.load(path)  # a local file: parsed and checked without the network
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert {k: r.metric_value for k, r in results.items()} == pytest.approx(metrics)
+    assert {r.task_type for r in results.values()} == {pipeline_tag}
+    for key in ("model_max_length", "truncation_side", "padding_side"):
+        assert f"`{key}: {getattr(tokenizer, key)}`" in text, key
+    where = {tempfile.gettempdir(), REPO, os.path.expanduser("~"), os.path.dirname(out)}
+    for name in os.listdir(out):
+        if name.endswith((".safetensors", ".model")):
+            continue
+        with open(os.path.join(out, name), encoding="utf-8") as f:
+            content = f.read()
+        leaked = [w for w in where if w in content]
+        assert not leaked, (name, leaked)
+    return meta
+
+
+def _eval_metrics(run: str, names: dict[str, str]) -> dict:
+    """The run's last eval row, as model-index metric types (``names``: row key -> type)."""
+    last = [r for r in _rows(run) if r["kind"] == "eval"][-1]
+    return {kind: last[key] for key, kind in names.items()}
+
+
 def _assert_tokenizer_matches(export_dir: str, sp_path: str) -> None:
     from transformers import AutoTokenizer
 
@@ -349,7 +409,7 @@ def _assert_tokenizer_matches(export_dir: str, sp_path: str) -> None:
 
 
 def test_export_causal_lm_matches_transformers(base_run, base_export):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.model import build_model, load_source
 
@@ -392,6 +452,30 @@ def test_export_causal_lm_matches_transformers(base_run, base_export):
     again = load_source(out)
     assert again.kind == "hf"
     assert all(again.weights[k].equal(v) for k, v in src.weights.items())
+    # A prompt longer than the context: lmforge generates from its last max_seq_len tokens, as
+    # transformers does from the tokenizer's truncation=True; batches pad on the left.
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ctx = src.model.max_seq_len
+    assert (hf_tok.model_max_length, hf_tok.truncation_side, hf_tok.padding_side) == (
+        ctx,
+        "left",
+        "left",
+    )
+    long = " ".join(["To be, or not to be, that is the question."] * 12)
+    ids = tok.encode(long)
+    assert len(ids) > ctx
+    cut = hf_tok(long, truncation=True, return_tensors="pt")["input_ids"]
+    assert cut[0].tolist() == ids[-ctx:]
+    first = ours.generate(torch.tensor([ids]), 1, temperature=0.0)[0, -1]
+    with torch.no_grad():
+        assert hf(cut).logits[0, -1].argmax() == first
+    meta = _assert_card(
+        out,
+        pipeline_tag="text-generation",
+        tokenizer=hf_tok,
+        metrics=_eval_metrics(base_run, {"val_loss": "loss", "val_ppl": "perplexity"}),
+    )
+    assert "base_model" not in meta  # pretrained here: no base model to name
 
 
 def test_foreign_hf_llama_directory_loads(tiny_data, tmp_path):
@@ -445,9 +529,12 @@ def test_evaluate_perplexity_of_text_files(base_run, tmp_path):
 
 
 def test_export_classifier_matches_transformers(ft_runs, rt, tmp_path):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    """task.max_len (48) is shorter than the context (64): transformers with the usual
+    truncation=True must read what lmforge reads, the last 48 tokens, on every review."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     from finetune.model import build_model, load_source
+    from pretrain.tokenizer import Tokenizer
 
     run = ft_runs(1, "model.dropout=0.0")
     out = str(tmp_path / "cls")
@@ -457,20 +544,38 @@ def test_export_classifier_matches_transformers(ft_runs, rt, tmp_path):
     hf = AutoModelForSequenceClassification.from_pretrained(out, local_files_only=True).eval()
     assert hf.config.id2label == {0: "fresh", 1: "rotten"}
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    assert tok.truncation_side == "left"  # a classifier reads the end of the text
-    texts = [r["text"] for r in _read_csv(rt["val"])[:16]]
-    batch = tok(texts, padding=True, truncation=True, max_length=48, return_tensors="pt")
+    # a classifier reads the end of the text, padded on the right
+    assert (tok.model_max_length, tok.truncation_side, tok.padding_side) == (48, "left", "right")
+    rows = _read_csv(rt["val"])
+    texts = [r["text"] for r in rows]
+    lengths = [len(Tokenizer(src.tokenizer).encode(t)) for t in texts]
+    assert min(lengths) < 48 < src.model.max_seq_len < max(lengths)
+    mine = torch.cat(_lmforge_outputs(src, ours, rows))  # (reviews, labels)
+    batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
         theirs = hf(**batch).logits  # (B, labels) at the last non-padding token
-        mine = torch.stack([ours(torch.tensor([tok(t)["input_ids"][-48:]]))[0, -1] for t in texts])
     assert (mine - theirs).abs().max().item() <= 1e-5
     assert mine.argmax(-1).tolist() == theirs.argmax(-1).tolist()
-    # lmforge evaluate on the exported model gives the run's last validation metrics
+    # the pipeline a Hub user calls (one review at a time: no padding)
+    classify = pipeline("text-classification", model=out, truncation=True, top_k=None)
+    for scores, probs in zip(classify(texts), mine.softmax(-1), strict=True):
+        got = {d["label"]: d["score"] for d in scores}
+        assert [got["fresh"], got["rotten"]] == pytest.approx(probs.tolist(), abs=1e-5)
+    # lmforge evaluate on the exported model gives the run's last validation metrics, and so
+    # does transformers
     proc = lmforge("evaluate", out, "--data", rt["val"])
     result = json.loads(proc.stdout)
     last = [r for r in _rows(run) if r["kind"] == "eval"][-1]
     assert result["accuracy"] == pytest.approx(last["accuracy"])
     assert result["macro_f1"] == pytest.approx(last["macro_f1"])
+    gold = torch.tensor([hf.config.label2id[r["label"]] for r in rows])
+    assert (theirs.argmax(-1) == gold).double().mean().item() == pytest.approx(last["accuracy"])
+    names = {"val_loss": "loss", "accuracy": "accuracy", "macro_f1": "f1"}
+    meta = _assert_card(
+        out, pipeline_tag="text-classification", tokenizer=tok, metrics=_eval_metrics(run, names)
+    )
+    assert "datasets" not in meta  # local files: named in the card's text, not as Hub datasets
+    assert "base_model" not in meta  # a local lmforge run: no Hub id to name
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,6 +639,51 @@ def test_token_classification_learns_and_exports(base_run, tmp_path):
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
     assert hf.config.id2label[0] == src.task["labels"][0]
+    # Sentences joined into examples longer than task.max_len (48, shorter than the context
+    # of 64), and short ones: lmforge keeps the first words that fit in 48 tokens; transformers'
+    # truncation=True on the words (is_split_into_words) keeps the first 48 tokens.
+    from transformers import AutoTokenizer
+
+    from pretrain.tokenizer import Tokenizer
+
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert (tok.model_max_length, tok.truncation_side, tok.padding_side) == (48, "right", "right")
+    sentences = _tagging_rows(24, 2)
+    rows = sentences[:4] + [
+        {key: sum((r[key] for r in sentences[i : i + 5]), []) for key in ("tokens", "tags")}
+        for i in range(4, 24, 5)
+    ]
+    mine = _lmforge_outputs(src, ours, rows)  # (words lmforge labels, labels) per example
+    enc = tok(
+        [r["tokens"] for r in rows],
+        is_split_into_words=True,
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        logits = hf(**enc).logits
+    sp, cut = Tokenizer(src.tokenizer), 0
+    for i, (row, kept) in enumerate(zip(rows, mine, strict=True)):
+        word_ids = enc.word_ids(i)
+        first: dict[int, int] = {}  # word -> its first sub-word's position
+        for pos, word in enumerate(word_ids):
+            if word is not None:
+                first.setdefault(word, pos)
+        assert list(first) == list(range(len(first)))
+        n = len(kept)
+        assert (logits[i, list(first.values())[:n]] - kept).abs().max().item() <= 1e-5
+        # a word cut at the limit: transformers keeps its first sub-words, lmforge drops it
+        assert len(first) - n in (0, 1), (len(first), n)
+        if len(first) > n:
+            assert word_ids.count(n) < len(sp.encode(row["tokens"][n]))
+        cut += n < len(row["tokens"])
+    assert cut == 4
+    names = {"val_loss": "loss", "f1": "f1", "precision": "precision", "recall": "recall"}
+    names["accuracy"] = "accuracy"
+    _assert_card(
+        out, pipeline_tag="token-classification", tokenizer=tok, metrics=_eval_metrics(run, names)
+    )
 
 
 def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
@@ -560,7 +710,7 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
         "lora.enabled=true",
         "lora.r=4",
         *FT_COMMON,
-        "task.max_len=64",
+        "task.max_len=48",  # shorter than the context (64)
         "train.samples=2",
         "train.sample_tokens=4",
     ]
@@ -603,6 +753,48 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
     for flags, given, text in cases:
         args = ["--prompt", given, *flags, "--max-new-tokens", "8", "--temperature", "0"]
         assert lmforge("generate", out, *args).stdout == greedy(text) + "\n"
+    # transformers: the tokenizer's chat template is the task's template; a batch of prompts
+    # (padded on the left) generates what lmforge generates from each prompt
+    from transformers import AutoTokenizer
+
+    from finetune.inference import generate
+
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    ctx = src.model.max_seq_len
+    assert (hf_tok.model_max_length, hf_tok.truncation_side, hf_tok.padding_side) == (
+        ctx,
+        "left",
+        "left",
+    )
+    prompts = [prompt, "Is this review fresh or rotten? A gorgeous, witty, seductive movie."]
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    templated = [src.task["template"].replace("{prompt}", p) for p in prompts]
+    kwargs = {"add_generation_prompt": True, "truncation": True}
+    assert [hf_tok.apply_chat_template(c, tokenize=False, **kwargs) for c in chats] == templated
+    enc = hf_tok.apply_chat_template(chats, padding=True, return_tensors="pt", **kwargs)
+    with torch.no_grad():
+        new = hf.generate(**enc, max_new_tokens=8, do_sample=False)[:, enc["input_ids"].shape[1] :]
+    rows = [row[: row.index(tok.eos_id)] if tok.eos_id in row else row for row in new.tolist()]
+    assert [tok.decode(row) for row in rows] == [greedy(t) for t in templated]
+    # a prompt longer than the context: lmforge generates from its last 64 tokens, as
+    # transformers does from truncation=True
+    long = "Is this review fresh or rotten? " + " ".join(r["text"] for r in reviews[:6])
+    ids = hf_tok.apply_chat_template([{"role": "user", "content": long}], **kwargs)["input_ids"]
+    want = tok.encode(src.task["template"].replace("{prompt}", long))
+    assert len(want) > ctx and ids == want[-ctx:]
+    with torch.no_grad():
+        first = hf(torch.tensor([ids])).logits[0, -1].argmax().item()
+    stream = io.StringIO()
+    generate(out, prompt=long, max_new_tokens=1, temperature=0.0, stream=stream)
+    assert stream.getvalue() == tok.decode([first]) + "\n"
+    with pytest.raises(Exception, match="one user message"):
+        hf_tok.apply_chat_template([{"role": "system", "content": "Be brief."}, *chats[0]])
+    _assert_card(
+        out,
+        pipeline_tag="text-generation",
+        tokenizer=hf_tok,
+        metrics=_eval_metrics(run, {"val_loss": "loss", "val_ppl": "perplexity"}),
+    )
 
 
 def test_sft_example_masks_the_prompt(tiny_data):
