@@ -444,7 +444,7 @@ def test_export_causal_lm_matches_transformers(base_run, base_export):
     tok = Tokenizer(src.tokenizer)
     ids = torch.tensor([tok.encode("To be, or not to be")])
     want = tok.decode(ours.generate(ids, 12, temperature=0.0)[0, ids.shape[1] :])
-    assert want.strip()
+    assert want  # text to compare (a base model this small may continue with newlines only)
     for where in (out, base_run):
         args = ["--prompt", "To be, or not to be", "--max-new-tokens", "12", "--temperature", "0"]
         assert lmforge("generate", where, *args).stdout == want + "\n"
