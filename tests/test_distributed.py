@@ -143,6 +143,13 @@ def _assert_same_curve(
     torch.testing.assert_close(torch.tensor(l2), torch.tensor(l1), rtol=rtol, atol=1e-6)
     v1, v2 = _losses(ref_dir, "eval", "val_loss"), _losses(run_dir, "eval", "val_loss")
     torch.testing.assert_close(torch.tensor(v2), torch.tensor(v1), rtol=rtol, atol=1e-6)
+    # ... and so is each source's (the data mixes four plays): every rank agrees on the sums
+    last = [r for r in read_metrics(ref_dir) if r["kind"] == "eval"][-1]
+    sources = [k for k in last if k.startswith("val_loss/")]
+    assert len(sources) == 4
+    for key in sources:
+        s1, s2 = _losses(ref_dir, "eval", key), _losses(run_dir, "eval", key)
+        torch.testing.assert_close(torch.tensor(s2), torch.tensor(s1), rtol=rtol, atol=1e-6)
     assert l1[-1] < l1[0]  # it learns
     # The consolidated weights of the final checkpoints agree.
     a, b = checkpoint_weights(run_dir, SMALL_STEPS), checkpoint_weights(ref_dir, SMALL_STEPS)
