@@ -203,13 +203,29 @@ def _plain_batches(
 Window = tuple[np.ndarray, int, int]
 
 
-def _cut(tokens: np.ndarray, start: int, end: int, seq_len: int) -> list[Window]:
-    """Windows of ``seq_len + 1`` tokens at stride ``seq_len`` inside ``tokens[start:end]``;
-    a part too short for one gives one shorter window (if it has 2 tokens or more)."""
-    count = (end - start - 1) // seq_len
-    if count == 0:
-        return [(tokens, start, end - start)] if end - start >= 2 else []
-    return [(tokens, start + i * seq_len, seq_len + 1) for i in range(count)]
+class _Windows:
+    """The windows of ``seq_len + 1`` tokens at stride ``seq_len`` inside parts of token arrays
+    (a source's part of each shard, or a whole text), counted without listing them: a part too
+    short for one gives one shorter window (if it has 2 tokens or more)."""
+
+    def __init__(self, parts: list[tuple[np.ndarray, int, int]], seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.parts = [(a, lo, hi, self._count(lo, hi)) for a, lo, hi in parts]
+        self.parts = [p for p in self.parts if p[3]]
+        self._ends = np.cumsum([p[3] for p in self.parts], dtype=np.int64)
+
+    def _count(self, lo: int, hi: int) -> int:
+        return (hi - lo - 1) // self.seq_len or int(hi - lo >= 2)
+
+    def __len__(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    def __getitem__(self, index: int) -> Window:
+        part = int(np.searchsorted(self._ends, index, side="right"))
+        tokens, lo, hi, _ = self.parts[part]
+        local = index - (int(self._ends[part - 1]) if part else 0)
+        start = lo + local * self.seq_len
+        return tokens, start, min(self.seq_len + 1, hi - start)
 
 
 def _spread(count: int, k: int) -> np.ndarray:
@@ -290,11 +306,14 @@ class ValidationSet:
         self.manifest = self.split.manifest
         self.seq_len = seq_len
         ranges = self.manifest["splits"]["val"].get("sources") or []
-        # (label, [windows]) per source of the split with any tokens in it
-        self.sources: list[tuple[str, list[Window]]] = []
+        # (label, windows) per source of the split with any tokens in it
+        self.sources: list[tuple[str, _Windows]] = []
         if len([r for r in ranges if r["tokens"]]) > 1:
             self.sources = self._source_windows(data_dir, ranges)
-        self.extra = [(name, _cut(tokens, 0, len(tokens), seq_len)) for name, tokens in extra]
+        self.extra = [
+            (name, _Windows([(tokens, 0, len(tokens))], seq_len)) for name, tokens in extra
+        ]
+        self._plans: dict[int, tuple] = {}
         taken = {label for label, _ in self.sources}
         for name, _ in self.extra:
             if name in taken:
@@ -304,7 +323,7 @@ class ValidationSet:
                 )
             taken.add(name)
 
-    def _source_windows(self, data_dir: str, ranges: list[dict]) -> list[tuple[str, list[Window]]]:
+    def _source_windows(self, data_dir: str, ranges: list[dict]) -> list[tuple[str, _Windows]]:
         info = self.manifest["splits"]["val"]
         dtype = np.dtype(self.manifest["dtype"])
         shards, offset = [], 0  # (start in the split, memmap)
@@ -315,12 +334,13 @@ class ValidationSet:
         out = []
         for r in ranges:
             start, end = r["start"], r["start"] + r["tokens"]
-            windows: list[Window] = []
+            parts = []
             for first, shard in shards:  # the source's part of each shard
                 lo, hi = max(start, first), min(end, first + len(shard))
                 if hi > lo:
-                    windows += _cut(shard, lo - first, hi - first, self.seq_len)
-            if windows:
+                    parts.append((shard, lo - first, hi - first))
+            windows = _Windows(parts, self.seq_len)
+            if len(windows):
                 out.append((r["label"], windows))
         return out
 
@@ -331,7 +351,13 @@ class ValidationSet:
         return self.split.batch(indices)
 
     def plan(self, num_samples: int) -> tuple[list[ValGroup], list[tuple[int | None, Window]]]:
-        """The groups and the whole validation set as (group, window), the same on every rank."""
+        """The groups and the whole validation set as (group, window), the same on every rank
+        (worked out once per ``num_samples``)."""
+        if num_samples not in self._plans:
+            self._plans[num_samples] = self._plan(num_samples)
+        return self._plans[num_samples]
+
+    def _plan(self, num_samples: int) -> tuple[list[ValGroup], list[tuple[int | None, Window]]]:
         groups: list[ValGroup] = []
         items: list[tuple[int | None, Window]] = []
         if self.sources:

@@ -176,7 +176,7 @@ def plot_loss_vs_flops(*, metrics_path: str, out_path: str, title: str) -> str |
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize="small" if len(groups) > 2 else None)
     fig.tight_layout()
     fig.savefig(out_path)
     plt.close(fig)
