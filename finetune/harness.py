@@ -19,6 +19,7 @@ The harness is an optional dependency (``pip install 'lmforge[lmeval]'``), impor
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
@@ -150,7 +151,9 @@ def run_lm_eval(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     export_dir, results_path, step, source = _where(path)
     manager = _task_manager(lm_eval, tasks, list(include))
-    os.makedirs(os.path.dirname(results_path), exist_ok=True)
+    results_dir = os.path.dirname(results_path)
+    created = not os.path.isdir(results_dir)
+    os.makedirs(results_dir, exist_ok=True)
 
     tmp = None
     try:
@@ -172,6 +175,14 @@ def run_lm_eval(
             task_manager=manager,
             log_samples=False,
         )
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = None
+        if created:  # a failed evaluation leaves no empty eval/ behind
+            with contextlib.suppress(OSError):
+                os.rmdir(results_dir)
+        raise
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -94,10 +94,13 @@ def test_harness_scores_a_run_offline(run, task_dir, tmp_path):
     export_dir = export(run, out=str(tmp_path / "export"))
     assert metrics["acc"] == pytest.approx(_own_accuracy(export_dir), abs=1e-9)
 
-    # The export's card gets the task in its model-index; the card's own results stay.
+    # An exported directory is scored as it is: the same accuracy, saved in it, and its card
+    # gets the task in its model-index; the card's own results stay.
     card = os.path.join(export_dir, "README.md")
     before = open(card).read()
-    update_model_card(export_dir, saved)
+    again = run_lm_eval(export_dir, tasks=["tiny_choice"], include=[task_dir], device="cpu")
+    assert again["file"] == os.path.join(export_dir, "lm_eval.json") and again["step"] is None
+    assert again["results"]["tiny_choice"]["metrics"] == metrics
     update_model_card(export_dir, saved)  # evaluated again: replaced, not repeated
     text = open(card).read()
     assert text.startswith("---\n")
