@@ -389,7 +389,6 @@ class ValidationSet:
     def batches(
         self, *, micro_batch: int, num_samples: int, rank: int, world_size: int
     ) -> Iterable:
-        groups, items = self.plan(num_samples)
         if not self.sources and not self.extra:  # as before: plain batches
             return _plain_batches(
                 self.split,
@@ -398,6 +397,7 @@ class ValidationSet:
                 rank=rank,
                 world_size=world_size,
             )
+        groups, items = self.plan(num_samples)
         if len(items) < world_size:
             raise DataError(
                 f"the validation set has {len(items)} samples, fewer than the {world_size} "
