@@ -22,7 +22,7 @@ from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.loss import Batch, LossFn
 from pretrain.parallel.float8 import check_float8
-from pretrain.parallel.state import WriteFile, start_dcp_save
+from pretrain.parallel.state import WriteFile, save_dcp_state, start_dcp_save
 
 # The compute dtype of each precision (fp8: bf16 outside the float8 matmuls; parallel/float8.py).
 DTYPES = {
@@ -306,7 +306,6 @@ class Strategy(ABC):
         """Clip by the global gradient norm, step optimizer and schedule, zero the gradients;
         return the norm before clipping (a detached tensor)."""
 
-    @abstractmethod
     def save_state(
         self,
         directory: str,
@@ -320,7 +319,17 @@ class Strategy(ABC):
         files through ``write_file(name, data)``, which writes and hashes them durably), and
         on rank 0 the full weights as model.safetensors when ``consolidated``. Return the
         sha256 and size of the files this rank wrote otherwise and hashed as it wrote them, or
-        made durable and hashed (the manifest reads back and fsyncs any file left out)."""
+        made durable and hashed (the manifest reads back and fsyncs any file left out).
+        By default torch.distributed.checkpoint's dcp/ plus ``extra_state()`` in extra.pt."""
+        return save_dcp_state(
+            self,
+            directory,
+            model=model,
+            optimizer=optimizer,
+            write_file=write_file,
+            extra=self.extra_state(),
+            consolidated=consolidated,
+        )
 
     @abstractmethod
     def load_state(

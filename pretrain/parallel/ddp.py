@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from pretrain import dist as pdist
-from pretrain.durable import Digests
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
@@ -22,7 +21,7 @@ from pretrain.parallel.common import (
     use_cuda,
 )
 from pretrain.parallel.float8 import convert_to_float8
-from pretrain.parallel.state import load_dcp_state, save_dcp_state
+from pretrain.parallel.state import load_dcp_state
 
 
 class DDPStrategy(Strategy):
@@ -107,19 +106,6 @@ class DDPStrategy(Strategy):
     def extra_state(self) -> dict:
         scaler = self.accelerator.scaler
         return {"grad_scaler": scaler.state_dict()} if scaler is not None else {}
-
-    def save_state(
-        self, directory: str, *, model: nn.Module, optimizer, write_file, consolidated: bool
-    ) -> Digests:
-        return save_dcp_state(
-            self,
-            directory,
-            model=model,
-            optimizer=optimizer,
-            write_file=write_file,
-            extra=self.extra_state(),
-            consolidated=consolidated,
-        )
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
         extra = load_dcp_state(self, directory, model=model, optimizer=optimizer)

@@ -16,7 +16,6 @@ import contextlib
 import torch
 from torch import nn
 
-from pretrain.durable import Digests
 from pretrain.layout import Layout
 from pretrain.parallel.common import (
     MakeOptimizer,
@@ -29,7 +28,7 @@ from pretrain.parallel.common import (
     join_process_group,
 )
 from pretrain.parallel.float8 import convert_to_float8, precompute_fsdp_scales
-from pretrain.parallel.state import load_dcp_state, save_dcp_state
+from pretrain.parallel.state import load_dcp_state
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
@@ -142,19 +141,6 @@ class MeshStrategy(Strategy):
         if not self.shard and self.dp_size > 1:
             all_reduce_grads(model.parameters(), self.mesh["dp"].get_group())
         return self.clip_and_step(model.parameters(), optimizer, scheduler, grad_clip=grad_clip)
-
-    def save_state(
-        self, directory: str, *, model: nn.Module, optimizer, write_file, consolidated: bool
-    ) -> Digests:
-        return save_dcp_state(
-            self,
-            directory,
-            model=model,
-            optimizer=optimizer,
-            write_file=write_file,
-            extra={},
-            consolidated=consolidated,
-        )
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
         load_dcp_state(self, directory, model=model, optimizer=optimizer)

@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.durable import Digests
 from pretrain.errors import ConfigurationError
 from pretrain.layout import Layout
 from pretrain.loss import LossFn, StageLoss
@@ -30,7 +29,7 @@ from pretrain.parallel.common import (
     apply_compile,
     join_process_group,
 )
-from pretrain.parallel.state import load_dcp_state, save_dcp_state
+from pretrain.parallel.state import load_dcp_state
 
 
 def stage_layers(n_layer: int, num_stages: int, stage: int) -> range:
@@ -213,19 +212,6 @@ class PipelineStrategy(Strategy):
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return norm.detach()
-
-    def save_state(
-        self, directory: str, *, model: nn.Module, optimizer, write_file, consolidated: bool
-    ) -> Digests:
-        return save_dcp_state(
-            self,
-            directory,
-            model=model,
-            optimizer=optimizer,
-            write_file=write_file,
-            extra={},
-            consolidated=consolidated,
-        )
 
     def load_state(self, directory: str, *, model: nn.Module, optimizer) -> None:
         load_dcp_state(self, directory, model=model, optimizer=optimizer)
