@@ -3,20 +3,24 @@
 1. the Rotten Tomatoes task's splits (bundled in finetune/data/), split by movie;
 2. prepare: Shakespeare's plays + the TRAINING reviews' text (no labels) -> tokenizer -> shards;
 3. pretrain a tiny Llama-style GPT (2 processes on CPU, or one per GPU);
-4. finetune it to classify reviews fresh/rotten, and the same model from scratch (same budget);
-5. export the classifier to Hugging Face format and evaluate it on the test split, with lmforge
-   and with transformers (the same predictions);
+4. finetune it to classify reviews fresh/rotten, and the same model from scratch (same steps and
+   data), each at every learning rate of LRS; each arm keeps the one with the better validation
+   accuracy (the test split is not looked at);
+5. export the picked classifier to Hugging Face format and evaluate it on the test split, with
+   lmforge and with transformers (the same predictions), and the picked from-scratch model;
 6. sample from the pretrained model.
 
 Goals checked at the end: pretraining's validation loss at least 1 nat below the unigram entropy
 of the training tokens; the finetuned classifier clearly (5 points) above the majority class on
-the test split. Pretrained vs scratch is reported as measured.
+the test split. Pretrained vs scratch is reported as measured: the difference in test accuracy
+with its paired standard error (both models predict the same reviews) and what it means.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shlex
 import shutil
@@ -27,6 +31,15 @@ import time
 TASK = "data/demo/rotten_tomatoes"
 DATA = "data/demo/pretrain"
 RUN, FT, SCRATCH, EXPORT = "runs/demo", "runs/demo-rt", "runs/demo-rt-scratch", "runs/demo-rt-hf"
+# The finetuning learning rates each arm is trained with (the preset's first): the same choice
+# for both, each arm keeping its best on validation.
+LRS = ("5e-4", "1.5e-3")
+Z_CLEAR = 2.0  # a difference of at least this many standard errors is not noise (~95%)
+
+
+def lr_run(base: str, lr: str) -> str:
+    """The run directory of an arm at a learning rate: the preset's keeps the arm's name."""
+    return base if lr == LRS[0] else f"{base}-lr{lr}"
 
 
 def step(title: str, *args: str, capture: bool = False) -> str:
@@ -47,6 +60,84 @@ def step(title: str, *args: str, capture: bool = False) -> str:
 def last_eval(run: str) -> dict:
     with open(os.path.join(run, "metrics.jsonl")) as f:
         return [r for r in map(json.loads, f) if r["kind"] == "eval"][-1]
+
+
+def pick_lr(runs: dict[str, str]) -> str:
+    """The learning rate (a key of ``runs``: lr -> run directory) whose run ends with the best
+    validation accuracy; ties go to the better macro-F1, then to the first."""
+    score = {
+        lr: (last_eval(run)["accuracy"], last_eval(run)["macro_f1"]) for lr, run in runs.items()
+    }
+    return max(runs, key=lambda lr: score[lr])
+
+
+def correct_per_example(path: str, data: str, batch_size: int = 32) -> list[int]:
+    """1 where the classifier at ``path`` (a run, checkpoint or export) predicts the label of an
+    example of the labelled file ``data``, else 0, in file order: the per-example scores whose
+    mean is `lmforge evaluate`'s accuracy."""
+    import torch
+
+    from finetune.config import TaskConfig
+    from finetune.data import IGNORE, load_rows, tokenize
+    from finetune.model import build_model, load_source
+    from pretrain.tokenizer import Tokenizer
+
+    src = load_source(path)
+    task = TaskConfig(**{k: v for k, v in src.task.items() if k in TaskConfig.__dataclass_fields__})
+    task.train = task.val = data
+    rows = load_rows(data, split=task.val_split, dataset_config=task.dataset_config)
+    ex, _, _ = tokenize(task, Tokenizer(src.tokenizer), rows, source=data, labels=task.labels)
+    model, correct = build_model(src), []
+    with torch.no_grad():
+        for start in range(0, len(ex), batch_size):
+            batch = ex.batch(range(start, min(start + batch_size, len(ex))))
+            labelled = batch["labels"] != IGNORE
+            preds = model(batch["input_ids"]).float().argmax(-1)
+            correct += (preds[labelled] == batch["labels"][labelled]).int().tolist()
+    return correct
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The mean of the per-example differences a_i - b_i and its standard error, the sample
+    standard deviation of the differences over sqrt(n): the paired SE of the difference between
+    two models scored on the same n examples (their shared easy and hard examples cancel)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired scores need the same examples: {len(a)} vs {len(b)} scores")
+    n = len(a)
+    if n < 2:
+        raise ValueError(f"a standard error needs at least 2 examples, got {n}")
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / n
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+
+
+def comparison_lines(pretrained: list[int], scratch: list[int], what: str) -> list[str]:
+    """Pretrained minus scratch in accuracy on the same examples (``what``), with its paired
+    standard error, and a line that says what it means: a difference of Z_CLEAR standard errors
+    or more helps or hurts, a smaller one is within noise (none at all: the same examples
+    right)."""
+    diff, se = paired_difference(pretrained, scratch)
+    z = diff / se if se > 0 else (0.0 if diff == 0 else math.copysign(math.inf, diff))
+    only_pre = sum(p > s for p, s in zip(pretrained, scratch, strict=True))
+    only_scratch = sum(s > p for p, s in zip(pretrained, scratch, strict=True))
+    lines = [
+        f"  pretrained - scratch  {100 * diff:+.2f} ± {100 * se:.2f} points of accuracy (paired "
+        f"standard error over the same {len(scratch):,} {what}: {only_pre:,} right only from "
+        f"pretrained, {only_scratch:,} only from scratch)"
+    ]
+    if only_pre == only_scratch == 0:
+        lines.append("  => no difference: both models are right on exactly the same examples")
+    elif abs(z) >= Z_CLEAR:
+        lines.append(
+            f"  => pretraining {'helps' if diff > 0 else 'hurts'} by {100 * abs(diff):.2f} ± "
+            f"{100 * se:.2f} points ({abs(z):.1f} standard errors from no difference)"
+        )
+    else:
+        lines.append(
+            f"  => the difference is within noise ({abs(z):.1f} standard errors, under "
+            f"{Z_CLEAR:g}): this test split does not show pretraining helping or hurting"
+        )
+    return lines
 
 
 def transformers_accuracy(export: str, test_csv: str) -> tuple[float, list[int]]:
@@ -83,7 +174,12 @@ def main() -> int:
     from finetune.bundled import rotten_tomatoes
 
     t0 = time.time()
-    for path in (TASK, DATA, RUN, FT, SCRATCH, EXPORT):  # the demo's own outputs only
+    arms = {
+        FT: {lr: lr_run(FT, lr) for lr in LRS},
+        SCRATCH: {lr: lr_run(SCRATCH, lr) for lr in LRS},
+    }
+    runs = [run for arm in arms.values() for run in arm.values()]
+    for path in (TASK, DATA, RUN, *runs, EXPORT):  # the demo's own outputs only
         shutil.rmtree(path, ignore_errors=True)
     nproc = str(torch.cuda.device_count() or 2)
     print(f"\n=== 1/6 the downstream task: Rotten Tomatoes snippets -> {TASK}/", flush=True)
@@ -103,25 +199,29 @@ def main() -> int:
         "--nproc",
         nproc,
     )
-    step(
-        "4/6 finetune: classify reviews fresh/rotten, from the pretrained model",
-        "finetune",
-        "configs/finetune/demo.yaml",
-        f"init_from={RUN}",
-        "--nproc",
-        nproc,
-    )
-    step(
-        "4/6 finetune: the same model and budget from random weights (the baseline)",
-        "finetune",
-        "configs/finetune/demo.yaml",
-        f"init_from={RUN}",
-        "from_scratch=true",
-        f"name={os.path.basename(SCRATCH)}",
-        "--nproc",
-        nproc,
-    )
-    step("5/6 export the classifier to Hugging Face format", "export", FT, "--out", EXPORT)
+    for base, start, extra in (
+        (FT, "from the pretrained model", []),
+        (
+            SCRATCH,
+            "the same model, steps and data from random weights (the baseline)",
+            ["from_scratch=true"],
+        ),
+    ):
+        for lr, run in arms[base].items():
+            step(
+                f"4/6 finetune: classify reviews fresh/rotten, {start}; learning rate {lr}",
+                "finetune",
+                "configs/finetune/demo.yaml",
+                f"init_from={RUN}",
+                *extra,
+                f"name={os.path.basename(run)}",
+                f"optim.lr={lr}",
+                "--nproc",
+                nproc,
+            )
+    picked = {base: pick_lr(arm) for base, arm in arms.items()}
+    ft, scratch_run = arms[FT][picked[FT]], arms[SCRATCH][picked[SCRATCH]]
+    step("5/6 export the picked classifier to Hugging Face format", "export", ft, "--out", EXPORT)
     test = f"{TASK}/test.csv"
     ours = json.loads(
         step(
@@ -135,14 +235,18 @@ def main() -> int:
     )
     scratch = json.loads(
         step(
-            "5/6 evaluate the from-scratch model on the test split",
+            "5/6 evaluate the picked from-scratch model on the test split",
             "evaluate",
-            SCRATCH,
+            scratch_run,
             "--data",
             test,
             capture=True,
         )
     )
+    per_example = {
+        ft: correct_per_example(EXPORT, test),
+        scratch_run: correct_per_example(scratch_run, test),
+    }
     hf_acc, _ = transformers_accuracy(EXPORT, test)
     step(
         "6/6 generate: sample from the pretrained model",
@@ -166,18 +270,30 @@ def main() -> int:
         test_labels = [r["label"] for r in csv.DictReader(f)]
     majority = max(set(train_labels), key=train_labels.count)
     baseline = sum(lbl == majority for lbl in test_labels) / len(test_labels)
+
+    def chosen(base: str) -> str:
+        """The arm's learning rate and the validation accuracies it was picked by."""
+        acc = {lr: last_eval(run)["accuracy"] for lr, run in arms[base].items()}
+        others = "; ".join(f"{lr}: {a:.4f}" for lr, a in acc.items() if lr != picked[base])
+        return f"lr {picked[base]} (val accuracy {acc[picked[base]]:.4f}; {others})"
+
     print(
         f"\n=== done in {time.time() - t0:.0f} s\n"
         f"pretrain:  val_loss {val['val_loss']:.3f} nats vs unigram entropy {entropy:.3f}: "
         f"{gap:.2f} nats below (goal >= 1)\n"
-        f"finetune (test split, {len(test_labels):,} reviews):\n"
-        f"  from pretrained  accuracy {ours['accuracy']:.4f}  macro-F1 {ours['macro_f1']:.4f}\n"
-        f"  from scratch     accuracy {scratch['accuracy']:.4f}  macro-F1 "
+        f"finetune: each arm at learning rates {', '.join(LRS)}, keeping its best on the val "
+        f"split; test split, {len(test_labels):,} reviews:\n"
+        f"  from pretrained  {chosen(FT)}  test accuracy {ours['accuracy']:.4f}  macro-F1 "
+        f"{ours['macro_f1']:.4f}\n"
+        f"  from scratch     {chosen(SCRATCH)}  test accuracy {scratch['accuracy']:.4f}  macro-F1 "
         f"{scratch['macro_f1']:.4f}  (same model, steps and data)\n"
         f"  majority class   accuracy {baseline:.4f}  (always '{majority}')\n"
-        f"  transformers on the export: accuracy {hf_acc:.4f} (lmforge: {ours['accuracy']:.4f})\n"
-        f"runs:   {RUN}/, {FT}/, {SCRATCH}/ (metrics.jsonl, checkpoints/, tb/, *.png)\n"
-        f"export: {EXPORT}/ (config.json, model.safetensors, tokenizer.json, README.md)"
+        + "\n".join(comparison_lines(per_example[ft], per_example[scratch_run], "reviews"))
+        + f"\n  transformers on the export: accuracy {hf_acc:.4f} "
+        f"(lmforge: {ours['accuracy']:.4f})\n"
+        f"runs:   {RUN}/, {', '.join(run + '/' for run in runs)} (metrics.jsonl, checkpoints/, "
+        "tb/, *.png)\n"
+        f"export: {EXPORT}/ (config.json, model.safetensors, tokenizer.json, README.md) of {ft}/"
     )
     ok = True
     if gap < 1.0:
@@ -189,6 +305,11 @@ def main() -> int:
     if abs(hf_acc - ours["accuracy"]) > 1e-9:
         print("transformers and lmforge disagree on the exported model's predictions")
         ok = False
+    for run, result in ((ft, ours), (scratch_run, scratch)):
+        scores = per_example[run]
+        if len(scores) != result["n"] or abs(sum(scores) / len(scores) - result["accuracy"]) > 1e-9:
+            print(f"the per-example scores of {run} disagree with `lmforge evaluate`")
+            ok = False
     return 0 if ok else 1
 
 

@@ -214,10 +214,13 @@ def test_finetune_resumes_exactly_after_sigkill(ft_runs, base_run, rt, tmp_path)
     assert base["pretrain_tokens"] == pre["tokens"] == STEPS * 2048
 
 
-def test_pretrained_vs_scratch_at_equal_budget(ft_runs, base_run, report):
+def test_pretrained_vs_scratch_at_equal_budget(ft_runs, base_run, rt, report):
     """The comparison `make demo` makes on the full task, with a tiny budget: the same model,
-    data, steps and schedule from the pretrained weights and from new ones; both accuracies go
-    to the test report."""
+    data, steps and schedule from the pretrained weights and from new ones; the demo's
+    per-example scores, paired difference and pick by validation accuracy on these runs; both
+    accuracies and the difference go to the test report."""
+    from launcher.demo import comparison_lines, correct_per_example, pick_lr
+
     pre_run = ft_runs(1, "model.dropout=0.0")
     scratch_run = ft_runs(1, "model.dropout=0.0", "from_scratch=true")
     pre, scratch = _rows(pre_run), _rows(scratch_run)
@@ -229,10 +232,19 @@ def test_pretrained_vs_scratch_at_equal_budget(ft_runs, base_run, report):
         assert json.load(f)["pretrain_flops"] == pytest.approx(read_metrics(base_run)[-1]["flops"])
     assert pre[0]["loss"] != scratch[0]["loss"]  # really two different starting points
     a, b = pre[-1], scratch[-1]
+    # per-example scores whose means are the runs' own validation accuracies
+    scores = [correct_per_example(run, rt["val"]) for run in (pre_run, scratch_run)]
+    for row, correct in zip((a, b), scores, strict=True):
+        assert len(correct) == row["n"] == 96 and sum(correct) / 96 == row["accuracy"]
+    lines = comparison_lines(*scores, "reviews")
+    assert lines[0].startswith("  pretrained - scratch  ") and "the same 96 reviews" in lines[0]
+    assert lines[1].startswith("  => ")
+    better = "pre" if (a["accuracy"], a["macro_f1"]) >= (b["accuracy"], b["macro_f1"]) else "s"
+    assert pick_lr({"pre": pre_run, "s": scratch_run}) == better
     report(
         f"finetune {FT_STEPS} steps on 640 Rotten Tomatoes reviews, 96 val: from pretrained "
         f"accuracy {a['accuracy']:.3f} macro-F1 {a['macro_f1']:.3f}; from scratch accuracy "
-        f"{b['accuracy']:.3f} macro-F1 {b['macro_f1']:.3f}"
+        f"{b['accuracy']:.3f} macro-F1 {b['macro_f1']:.3f}\n" + "\n".join(lines)
     )
 
 
