@@ -263,14 +263,18 @@ def test_model_parallel_matches_one(tiny_data, tmp_path, one_process, extra, wor
         for k, v in ranks[0]["params"].items():
             assert torch.equal(v, twin["params"][k]), f"{k} differs across replicas"
     _assert_estimate(ranks)
-    # Other reduction orders than one process: weights agree to 1e-5.
-    _assert_same_curve(os.path.join(runs, "mp"), one_dir, weight_atol=1e-5)
-    _assert_consolidates(os.path.join(runs, "mp"), one_dir, tmp_path)
+    # Other reduction orders than one process (tensor parallel sums partial matmuls in another
+    # order): Adam scales each element's step by its own gradient history, so an element whose
+    # gradient is near zero can end a few 1e-5 apart (a diverging layout would be off by the
+    # learning rate, 3e-3)
+    _assert_same_curve(os.path.join(runs, "mp"), one_dir, weight_atol=5e-5)
+    _assert_consolidates(os.path.join(runs, "mp"), one_dir, tmp_path, atol=5e-5)
 
 
-def _assert_consolidates(run_dir: str, ref_dir: str, tmp_path) -> None:
+def _assert_consolidates(run_dir: str, ref_dir: str, tmp_path, *, atol: float = 1e-5) -> None:
     """`lmforge consolidate`'s function: the sharded state of any layout -> a model directory
-    whose weights load strictly into a plain GPT and equal the 1-process run's."""
+    whose weights load strictly into a plain GPT and equal the 1-process run's (to ``atol``,
+    as the run's own checkpoint does)."""
     from omegaconf import OmegaConf
 
     from pretrain.config import ModelConfig
@@ -289,7 +293,7 @@ def _assert_consolidates(run_dir: str, ref_dir: str, tmp_path) -> None:
     GPT(ModelConfig(**model_cfg)).load_state_dict(weights, strict=True)
     ref = checkpoint_weights(ref_dir, SMALL_STEPS)
     for k, v in ref.items():
-        torch.testing.assert_close(weights[k], v, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(weights[k], v, rtol=1e-5, atol=atol)
 
 
 @pytest.fixture(scope="module")
