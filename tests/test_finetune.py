@@ -421,7 +421,7 @@ def _assert_tokenizer_matches(export_dir: str, sp_path: str) -> None:
 
 
 def test_export_causal_lm_matches_transformers(base_run, base_export):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from finetune.model import build_model, load_source
 
@@ -466,13 +466,7 @@ def test_export_causal_lm_matches_transformers(base_run, base_export):
     assert all(again.weights[k].equal(v) for k, v in src.weights.items())
     # A prompt longer than the context: lmforge generates from its last max_seq_len tokens, as
     # transformers does from the tokenizer's truncation=True; batches pad on the left.
-    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    ctx = src.model.max_seq_len
-    assert (hf_tok.model_max_length, hf_tok.truncation_side, hf_tok.padding_side) == (
-        ctx,
-        "left",
-        "left",
-    )
+    hf_tok, ctx = _left_truncating_tokenizer(out, src.model.max_seq_len)
     long = " ".join(["To be, or not to be, that is the question."] * 12)
     ids = tok.encode(long)
     assert len(ids) > ctx
@@ -767,17 +761,10 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
         assert lmforge("generate", out, *args).stdout == greedy(text) + "\n"
     # transformers: the tokenizer's chat template is the task's template; a batch of prompts
     # (padded on the left) generates what lmforge generates from each prompt
-    from transformers import AutoTokenizer
 
     from finetune.inference import generate
 
-    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
-    ctx = src.model.max_seq_len
-    assert (hf_tok.model_max_length, hf_tok.truncation_side, hf_tok.padding_side) == (
-        ctx,
-        "left",
-        "left",
-    )
+    hf_tok, ctx = _left_truncating_tokenizer(out, src.model.max_seq_len)
     prompts = [prompt, "Is this review fresh or rotten? A gorgeous, witty, seductive movie."]
     chats = [[{"role": "user", "content": p}] for p in prompts]
     templated = [src.task["template"].replace("{prompt}", p) for p in prompts]
@@ -879,3 +866,17 @@ def test_submit_places_a_finetune_job_in_its_run(tmp_path):
     )
     assert "-- finetune configs/finetune/demo.yaml" in proc.stdout and "resume=auto" in proc.stdout
     assert f"{tmp_path}/ft/slurm/" in proc.stdout  # script and log beside the run
+
+
+def _left_truncating_tokenizer(out: str, ctx: int):
+    """An export's tokenizer for generation: the context as its length, cut and padded on the
+    left as lmforge generate does."""
+    from transformers import AutoTokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert (hf_tok.model_max_length, hf_tok.truncation_side, hf_tok.padding_side) == (
+        ctx,
+        "left",
+        "left",
+    )
+    return hf_tok, ctx

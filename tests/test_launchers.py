@@ -430,8 +430,7 @@ def test_launch_takes_torchrun_spellings(capsys):
 def _lmforge_script() -> str:
     """The `lmforge` console script of this environment (what `$(which lmforge)` gives)."""
     script = os.path.join(os.path.dirname(sys.executable), "lmforge")
-    if not os.path.isfile(script):
-        pytest.skip("the lmforge console script is not installed (pip install -e .)")
+    assert os.path.isfile(script), "no lmforge console script: `pip install -e .` (make venv does)"
     return script
 
 
