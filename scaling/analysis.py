@@ -1,12 +1,9 @@
 """The fits and predictions of a report, made from the points of a `Source`
-(scaling/sources.py) with the methods of scaling/fit.py:
-- IsoFLOP minima: a parabola in log N per budget; N_opt = kN·C^a and D_opt = kD·C^b through them.
-- The compute frontier L(C) = E + A·C^-alpha through the IsoFLOP minima (the best loss a budget
-  buys), and the nested A·C^-alpha (E = 0), which predicts where the budgets do not identify E.
-- The loss surface L(N, D) = E + A/N^alpha + B/D^beta through every point; its compute-optimal
-  N*, D*, L* at a budget C minimise L along D = C / FLOPs-per-token(N).
-Held-out budgets are left out of all three and predicted; the report compares each prediction
-with the best loss measured at that budget.
+(scaling/sources.py) by every form of scaling/forms.py: the budgets' minima (profiles shaped like
+L(N, D), or parabolas), the frontier E + A·C^-α and A·C^-α through them, the IsoFLOP allocation,
+and L(N, D) through every point. A backtest on the fitted budgets chooses the form that predicts
+the loss and the one that predicts N*; held-out budgets are left out of everything and each form's
+prediction of them is compared with the best loss measured there.
 """
 
 from __future__ import annotations
@@ -17,16 +14,16 @@ import numpy as np
 
 from pretrain.errors import ConfigurationError
 from scaling.config import SweepFitConfig
-from scaling.fit import (
-    IsoFLOPMinimum,
-    ScalingFitError,
-    budget_rule,
-    fit_allocation,
-    fit_frontier,
-    fit_power_law,
-    fit_surface,
-    group_budgets,
-    isoflop_minima,
+from scaling.fit import IsoFLOPMinimum, ScalingFitError, budget_rule, group_budgets
+from scaling.forms import (
+    LOSS_FORMS,
+    SIZE_FORMS,
+    backtest,
+    budget_minima,
+    choose,
+    disagreements,
+    fit_all,
+    parabola_flags,
 )
 from scaling.plan import format_count, format_flops
 from scaling.sources import Source
@@ -40,39 +37,8 @@ def _budget_groups(src: Source, tolerance: float) -> tuple[np.ndarray, str]:
     return group_budgets(src.points.C, tolerance), budget_rule(tolerance)
 
 
-def _frontier_form(frontier, minima: list[IsoFLOPMinimum], notes: list[str]) -> str:
-    """Which frontier form predicts: E + A·C^-α only where the budgets identify E, i.e. its
-    bootstrap interval stays clear of 0 (a lower end above 1% of the smallest loss); otherwise
-    the nested A·C^-α, which fits the same minima with one parameter fewer. Without bootstrap
-    intervals, a backtest decides: both forms fitted without the largest fitted budget predict
-    its minimum. The held-out budgets are looked at by neither rule."""
-    floor = 0.01 * min(m.L_opt for m in minima)
-    if "E" in frontier.ci:
-        lo, hi = frontier.ci["E"]
-        identified = lo > floor
-        notes.append(
-            f"frontier form: E = {frontier.E:.4g} with interval [{lo:.3g}, {hi:.3g}]"
-            + (
-                ": E is identified, predictions use E + A·C^-α"
-                if identified
-                else " reaches 0: these budgets do not identify E, predictions use A·C^-α"
-            )
-        )
-        return "frontier" if identified else "power_law"
-    if len(minima) < 5:
-        return "frontier"
-    last, rest = minima[-1], minima[:-1]
-    cs, ls = [m.C for m in rest], [m.L_opt for m in rest]
-    free = float(fit_frontier(cs, ls).predict(last.C)) / last.L_opt - 1
-    zero = float(fit_power_law(cs, ls).predict(last.C)) / last.L_opt - 1
-    choice = "frontier" if abs(free) <= abs(zero) else "power_law"
-    notes.append(
-        f"frontier form by backtest (no bootstrap intervals; fitted without budget "
-        f"{format_flops(last.C)}, predicting its minimum {last.L_opt:.4f}): E + A·C^-α "
-        f"{free:+.2%}, A·C^-α {zero:+.2%}; predictions use "
-        f"{'E + A·C^-α' if choice == 'frontier' else 'A·C^-α'}"
-    )
-    return choice
+def _minimum_row(m: IsoFLOPMinimum) -> dict:
+    return {"N_opt": m.N_opt, "D_opt": m.D_opt, "L_opt": m.L_opt, "inside": m.inside}
 
 
 def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
@@ -92,32 +58,46 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
     found = sorted(set(budgets[np.isfinite(budgets)].tolist()))
     loose = int((~np.isfinite(budgets)).sum())  # in no budget: L(N, D) only
 
-    # IsoFLOP minima, budget by budget: a budget without a minimum is noted, not fatal.
-    minima: list[IsoFLOPMinimum] = []
-    for c in found:
-        idx = np.flatnonzero(budgets == c)
-        if len(idx) < 3:
-            notes.append(f"budget {format_flops(c)}: {len(idx)} run(s), no IsoFLOP parabola")
-            continue
-        try:
-            # the points are this budget's by construction: admit them all
-            spread = math.expm1(float(np.abs(np.log(pts.C[idx] / c)).max()))
-            (m,) = isoflop_minima(
-                pts.subset(idx),
-                budgets=[c],
-                rel_tol=min(spread + 1e-9, 0.999),
-                flops_per_token=src.fpt,
-            )
-        except ScalingFitError as exc:
-            notes.append(str(exc))
-            continue
+    try:
+        full = fit_all(
+            train,
+            budgets[train_idx],
+            src.fpt,
+            fit,
+            bootstrap=fit.bootstrap,
+            notes=notes,
+            strict=True,
+        )
+    except ScalingFitError as exc:  # the form every source can be fitted with: a hard error
+        raise ScalingFitError(f"{src.what}: {exc}") from None
+    # The held-out budgets' own minima (what their prediction is compared with), by the
+    # surface fitted without them.
+    held_parabolas, held_profiles = budget_minima(
+        pts.subset(np.flatnonzero(held)), budgets[held], src.fpt, full.surface, None
+    )
+    for m in [*full.minima, *held_profiles]:
         if not m.inside:
             notes.append(
-                f"budget {format_flops(c)}: the parabola's minimum N={format_count(m.N_opt)} "
-                "lies outside the sizes trained (an extrapolation; add sizes beyond it)"
+                f"budget {format_flops(m.C)}: the minimum N={format_count(m.N_opt)} lies outside "
+                "the sizes trained (an extrapolation; add sizes beyond it)"
             )
-        minima.append(m)
-    fit_minima = [m for m in minima if m.C not in fit.holdout]
+    flags = parabola_flags(full)
+    for c, why in flags.items():
+        notes.append(f"budget {format_flops(c)}: {why}")
+    bt = backtest(train, budgets[train_idx], src.fpt, fit, full.minima)
+    choice = choose(bt["loss_score"], "surface")
+    choice_size = choose(bt["size_score"], "surface")
+    scored = ", ".join(format_flops(c) for c in bt["loss_common"]) or "none"
+    notes.append(
+        "loss predicted by "
+        + LOSS_FORMS[choice]
+        + (
+            f": the smallest backtest error (mean |error| predicting budgets {scored} from the "
+            "budgets below each)"
+            if bt["loss_score"]
+            else ": no backtest (fewer than three fitted budgets with a minimum)"
+        )
+    )
 
     result: dict = {
         "source": src.what,
@@ -125,50 +105,43 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
         "notes": notes,
         "holdout_budgets": list(fit.holdout),
         "budgets": {"rule": rule, "found": found, "points_in_none": loose},
+        "minima_method": full.minima[0].method if full.minima else None,
+        "choice": choice,
+        "choice_size": choice_size,
+        "backtest": bt,
     }
-    objects: dict = {"minima": minima, "held": held, "budgets": budgets}
-    common = dict(bootstrap=fit.bootstrap, level=fit.level, seed=fit.seed)
-    try:
-        surface = fit_surface(
-            train, delta=fit.huber_delta, exclude_highest=fit.exclude_highest, **common
-        )
-        objects["surface"] = surface
-        result["surface"] = {
-            **surface.params(),
-            "ci": surface.ci,
-            "n_points": surface.n_points,
-            "excluded": [train.labels[i] for i in surface.excluded],
-            "objective": surface.objective,
-        }
-    except ScalingFitError as exc:  # the form every source can be fitted with: a hard error
-        raise ScalingFitError(f"{src.what}: {exc}") from None
-    if len(fit_minima) >= 4:
-        frontier = fit_frontier(
-            [m.C for m in fit_minima],
-            [m.L_opt for m in fit_minima],
-            delta=fit.huber_delta,
-            **common,
-        )
-        objects["frontier"] = frontier
-        result["frontier"] = {**frontier.params(), "ci": frontier.ci, "n_points": frontier.n_points}
+    objects: dict = {
+        "minima": full.minima,
+        "parabolas": full.parabolas + held_parabolas,
+        "held_minima": held_profiles
+        if full.minima and full.minima[0].method == "profile"
+        else held_parabolas,
+        "held": held,
+        "budgets": budgets,
+        "fitted": full,
+    }
+    surface = full.surface
+    objects["surface"] = surface
+    result["surface"] = {
+        **surface.params(),
+        "ci": surface.ci,
+        "n_points": surface.n_points,
+        "excluded": [train.labels[i] for i in surface.excluded],
+        "objective": surface.objective,
+    }
+    if full.frontier is not None:
+        objects["frontier"] = fr = full.frontier
+        result["frontier"] = {**fr.params(), "ci": fr.ci, "n_points": fr.n_points}
     else:
         notes.append(
-            f"L(C) = E + A·C^-α not fitted: {len(fit_minima)} IsoFLOP minima outside the "
+            f"L(C) = E + A·C^-α not fitted: {len(full.minima)} budget minima outside the "
             "held-out budgets; it needs 4 (add budgets)"
         )
-    if len(fit_minima) >= 2:
-        cs, ls = [m.C for m in fit_minima], [m.L_opt for m in fit_minima]
-        power = fit_power_law(cs, ls, **common)
-        objects["power"] = power
-        result["power_law"] = {**power.params(), "ci": power.ci, "n_points": power.n_points}
-        result["frontier_choice"] = (
-            _frontier_form(objects["frontier"], fit_minima, notes)
-            if "frontier" in objects
-            else "power_law"
-        )
-    if len(fit_minima) >= 2:
-        alloc = fit_allocation(fit_minima, **common)
-        objects["allocation"] = alloc
+    if full.power is not None:
+        objects["power"] = pw = full.power
+        result["power_law"] = {**pw.params(), "ci": pw.ci, "n_points": pw.n_points}
+    if full.allocation is not None:
+        objects["allocation"] = alloc = full.allocation
         result["allocation"] = {
             "a": alloc.a,
             "kN": alloc.kN,
@@ -177,39 +150,45 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
             "ci": alloc.ci,
             "n_budgets": alloc.n_budgets,
         }
+    profiles = {m.C: m for m in full.profiles + held_profiles}
     result["minima"] = [
         {
-            "C": m.C,
-            "N_opt": m.N_opt,
-            "D_opt": m.D_opt,
-            "L_opt": m.L_opt,
-            "n": m.n_points,
-            "inside": m.inside,
-            "held_out": m.C in fit.holdout,
+            "C": p.C,
+            "n": p.n_points,
+            "held_out": p.C in fit.holdout,
+            "parabola": _minimum_row(p),
+            **({"profile": _minimum_row(profiles[p.C])} if p.C in profiles else {}),
+            "flag": flags.get(p.C, ""),
         }
-        for m in minima
+        for p in sorted(full.parabolas + held_parabolas, key=lambda m: m.C)
     ]
 
     def predictions(c: float) -> dict:
-        out: dict = {"C": c}
-        if "frontier" in objects:
-            out["frontier_loss"] = float(objects["frontier"].predict(c))
-        if "power" in objects:
-            out["power_loss"] = float(objects["power"].predict(c))
-            out["best_loss"] = out[
-                "frontier_loss" if result["frontier_choice"] == "frontier" else "power_loss"
-            ]
-        if "surface" in objects:
-            n, d, loss = objects["surface"].optimal(c, flops_per_token=src.fpt)
-            out.update(surface_N=n, surface_D=d, surface_loss=loss)
-        if "allocation" in objects:
-            out.update(
-                alloc_N=float(objects["allocation"].N_opt(c)),
-                alloc_D=float(objects["allocation"].D_opt(c)),
-            )
+        out: dict = {"C": c, "loss": {}, "loss_interval": {}, "N": {}, "N_interval": {}, "D": {}}
+        for form in LOSS_FORMS:
+            value = full.loss(form, c)
+            if value is not None and math.isfinite(value):
+                out["loss"][form] = value
+                out["loss_interval"][form] = full.loss_interval(form, c)
+        for form in SIZE_FORMS:
+            value = full.size(form, c)
+            if value is not None:
+                out["N"][form] = value
+                out["N_interval"][form] = full.size_interval(form, c)
+                out["D"][form] = c / (6 * value if src.fpt is None else float(src.fpt(value)))
+        if choice in out["loss"]:
+            out["best_loss"] = out["loss"][choice]
+            out["best_interval"] = out["loss_interval"][choice]
+        if choice_size in out["N"]:
+            out["best_N"] = out["N"][choice_size]
+            out["best_N_interval"] = out["N_interval"][choice_size]
+            out["best_D"] = out["D"][choice_size]
+        notes.extend(disagreements(out["loss"], out["loss_interval"], c, "the loss"))
+        notes.extend(disagreements(out["N"], out["N_interval"], c, "N*"))
         return out
 
     checks = []
+    held_by_c = {m.C: m for m in objects["held_minima"]}
     for c in fit.holdout:
         idx = np.flatnonzero(budgets == c)
         if not len(idx):
@@ -222,14 +201,11 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
             measured_run=pts.labels[best],
             measured_N=float(pts.N[best]),
         )
-        m = next((m for m in minima if m.C == c), None)
-        if m is not None:
-            row["measured_parabola"], row["parabola_N"] = m.L_opt, m.N_opt
-        for k in ("frontier_loss", "power_loss", "best_loss", "surface_loss"):
-            if k in row:
-                row[k.replace("loss", "error")] = (row[k] - row["measured_best"]) / row[
-                    "measured_best"
-                ]
+        if c in held_by_c:
+            row["measured_minimum"], row["minimum_N"] = held_by_c[c].L_opt, held_by_c[c].N_opt
+        row["error"] = {f: v / row["measured_best"] - 1 for f, v in row["loss"].items()}
+        if "best_loss" in row:
+            row["best_error"] = row["best_loss"] / row["measured_best"] - 1
         checks.append(row)
     result["holdout"] = checks
     result["targets"] = [predictions(c) for c in targets]

@@ -113,6 +113,11 @@ class SweepFitConfig:
     """Huber loss delta on log-loss residuals (Hoffmann et al.)."""
     seed: int = 0
     """Bootstrap seed."""
+    minima: Literal["profile", "parabola"] = "profile"
+    """Each budget's loss-optimal N and loss, which the frontier and the IsoFLOP allocation are
+    fitted through: profile = the minimum of c0 + c1·N^-α + c2·D^-β fitted to the budget's
+    runs, α and β from L(N, D) (unbiased on a coarse or off-centre grid); parabola = the
+    minimum of a parabola in ln N (Hoffmann et al.'s approach 2). The report lists both."""
     budget_tolerance: float = 0.2
     """Points without nominal budgets (run directories, a CSV) form a budget when at least 3 of
     them have C within a factor 1 + budget_tolerance of each other and at least twice as many

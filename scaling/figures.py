@@ -178,20 +178,21 @@ def build_figures(src, analysis: dict, finetune: list[dict]) -> list[tuple[str, 
         opt = [o["surface"].optimal(c, flops_per_token=src.fpt)[2] for c in grid]
         ax.plot(grid, opt, color="tab:orange", lw=1.2, label="L(N, D) at its optimum N*")
     for c in r["holdout"]:
-        for key, m, col in (
-            ("frontier_loss", "x", "black"),
-            ("power_loss", "x", "tab:gray"),
-            ("surface_loss", "+", "tab:orange"),
+        for form, m, col in (
+            ("frontier", "x", "black"),
+            ("power", "x", "tab:gray"),
+            ("surface", "+", "tab:orange"),
         ):
-            if key in c:
-                ax.scatter([c["C"]], [c[key]], marker=m, s=120, c=col, zorder=5)
+            if form in c["loss"]:
+                size = 200 if form == r["choice"] else 120
+                ax.scatter([c["C"]], [c["loss"][form]], marker=m, s=size, c=col, zorder=5)
     ax.set(
         xscale="log",
         xlabel="training FLOPs C",
         ylabel="final validation loss",
         title="loss vs compute",
     )
-    held_marks = [_marker("x", "held-out predictions (x: L(C), +: L(N, D))")]
+    held_marks = [_marker("x", "held-out predictions (x: L(C), +: L(N, D); largest: chosen)")]
     _legend(fig, (ax,), after=held_marks if r["holdout"] else [])
     figures.append(("loss_vs_flops.png", fig))
 
@@ -206,7 +207,7 @@ def build_figures(src, analysis: dict, finetune: list[dict]) -> list[tuple[str, 
             s=24,
             marker="D" if held[idx].any() else "o",
         )
-        m = next((m for m in o["minima"] if m.C == c), None)
+        m = next((m for m in o["parabolas"] if m.C == c), None)
         if m is not None:
             x = np.linspace(np.log(pts.N[idx].min()) - 0.3, np.log(pts.N[idx].max()) + 0.3, 80)
             ax1.plot(
@@ -215,9 +216,11 @@ def build_figures(src, analysis: dict, finetune: list[dict]) -> list[tuple[str, 
                 color=colours[c],
                 lw=1,
             )
+        u = next((u for u in o["minima"] + o["held_minima"] if u.C == c), None)
+        if u is not None:
             ax1.scatter(
-                [m.N_opt],
-                [m.L_opt],
+                [u.N_opt],
+                [u.L_opt],
                 color=colours[c],
                 marker="*",
                 s=110,
@@ -228,7 +231,10 @@ def build_figures(src, analysis: dict, finetune: list[dict]) -> list[tuple[str, 
         _marker("o", "run (colour: its budget)"),
         *([_marker("D", "run of a held-out budget")] if held.any() else []),
     ]
-    minimum = _marker("*", "parabola minimum", markersize=9, markeredgecolor="black")
+    method = r.get("minima_method") or "parabola"
+    minimum = _marker(
+        "*", f"{method} minimum (lines: parabolas)", markersize=9, markeredgecolor="black"
+    )
     ax1.set(
         xscale="log",
         xlabel="N (parameters)",
@@ -237,12 +243,13 @@ def build_figures(src, analysis: dict, finetune: list[dict]) -> list[tuple[str, 
     )
     if ubudgets:
         _budget_colorbar(fig, budget_scale, ax1, ubudgets)
-    if o["minima"]:
-        cs = np.array([m.C for m in o["minima"]])
+    every = sorted(o["minima"] + o["held_minima"], key=lambda m: m.C)
+    if every:
+        cs = np.array([m.C for m in every])
         out_of_fit = np.array([c in r["holdout_budgets"] for c in cs], dtype=bool)
         for values, colour, name in (
-            (np.array([m.N_opt for m in o["minima"]]), "tab:blue", "N_opt"),
-            (np.array([m.D_opt for m in o["minima"]]), "tab:green", "D_opt"),
+            (np.array([m.N_opt for m in every]), "tab:blue", "N_opt"),
+            (np.array([m.D_opt for m in every]), "tab:green", "D_opt"),
         ):
             ax2.scatter(cs[~out_of_fit], values[~out_of_fit], color=colour, label=name)
             if out_of_fit.any():

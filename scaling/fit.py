@@ -331,20 +331,32 @@ def _percentiles(samples: dict[str, list[float]], level: float) -> dict[str, tup
 def _bootstrap(theta, X, log_loss, delta, to_fit, n: int, seed: int, level: float):
     """Percentile intervals from ``n`` resamples of the points (with replacement), each refitted
     by L-BFGS from the full-data optimum ``theta``; ``to_fit`` maps a solution to the reported
-    parameters (None: drop the resample). Returns (intervals, resamples that converged)."""
+    parameters (None: drop the resample). Returns (intervals, the resamples' parameters)."""
     rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {}
-    converged = 0
+    fits: list[dict[str, float]] = []
     for _ in range(n):
         idx = rng.integers(0, len(log_loss), size=len(log_loss))
         theta_b, _, ok = _minimise(theta[None], X[:, idx], log_loss[idx], delta)
         fit = to_fit(theta_b) if theta_b is not None and ok else None
-        if fit is None:
-            continue
-        for k, v in fit.items():
-            samples.setdefault(k, []).append(v)
-        converged += 1
-    return (_percentiles(samples, level) if converged else {}), converged
+        if fit is not None:
+            fits.append(fit)
+    return _intervals(fits, level), fits
+
+
+def _intervals(fits: list[dict[str, float]], level: float) -> dict[str, tuple[float, float]]:
+    """Percentile intervals of each parameter over bootstrap fits ({} without any)."""
+    if not fits:
+        return {}
+    return _percentiles({k: [f[k] for f in fits] for k in fits[0]}, level)
+
+
+def prediction_interval(values, level: float) -> tuple[float, float] | None:
+    """The percentile interval of a prediction over bootstrap fits (None without any)."""
+    values = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    if not len(values):
+        return None
+    lo, hi = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)
 
 
 def _check_fit_options(delta: float, exclude_highest: int, bootstrap: int, level: float) -> None:
@@ -403,6 +415,7 @@ class SurfaceFit:
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)  # bootstrap intervals
     level: float = 0.95
     bootstrap: int = 0  # bootstrap resamples that converged
+    samples: list[dict[str, float]] = field(default_factory=list, repr=False)  # their params
 
     @property
     def a(self) -> float:
@@ -460,6 +473,28 @@ class SurfaceFit:
             )
         N_opt = math.exp(res.x)
         return N_opt, tokens(res.x), float(res.fun)
+
+    def optimal_interval(
+        self, C: float, *, flops_per_token: Callable[[float], float] | None = None
+    ) -> dict[str, tuple[float, float]]:
+        """Bootstrap intervals of N*, D* and L* at C: `optimal` of every resample's fit
+        ({} without bootstrap)."""
+        rows = []
+        for p in self.samples:
+            with contextlib.suppress(ScalingFitError, OverflowError, ZeroDivisionError):
+                rows.append(
+                    SurfaceFit(**p, objective=0.0, n_points=0).optimal(
+                        C, flops_per_token=flops_per_token
+                    )
+                )
+        if not rows:
+            return {}
+        out = {}
+        for k, values in zip(("N", "D", "loss"), zip(*rows, strict=True), strict=True):
+            interval = prediction_interval(values, self.level)
+            if interval is not None:
+                out[k] = interval
+        return out
 
     def params(self) -> dict[str, float]:
         return dict(
@@ -524,7 +559,7 @@ def fit_surface(
         total = fit["alpha"] + fit["beta"]
         return {**fit, "a": fit["beta"] / total, "b": fit["alpha"] / total}
 
-    ci, converged = _bootstrap(
+    ci, samples = _bootstrap(
         theta, X, log_loss, delta, lambda t: with_exponents(to_fit(t)), bootstrap, seed, level
     )
 
@@ -535,7 +570,8 @@ def fit_surface(
         excluded=excluded,
         ci=ci,
         level=level,
-        bootstrap=converged,
+        bootstrap=len(samples),
+        samples=[{k: v for k, v in f.items() if k not in ("a", "b")} for f in samples],
     )
 
 
@@ -570,10 +606,17 @@ class FrontierFit:
     ci: dict[str, tuple[float, float]] = field(default_factory=dict)
     level: float = 0.95
     bootstrap: int = 0
+    samples: list[dict[str, float]] = field(default_factory=list, repr=False)  # resamples' fits
 
     def predict(self, C):
         C = np.asarray(C, dtype=float)
         return _scalar_or_array(self.E + self.A * C ** (-self.alpha))
+
+    def interval(self, C: float) -> tuple[float, float] | None:
+        """Bootstrap interval of the loss predicted at C (None without bootstrap)."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            values = [p.get("E", 0.0) + p["A"] * float(C) ** (-p["alpha"]) for p in self.samples]
+        return prediction_interval(values, self.level)
 
     def params(self) -> dict[str, float]:
         return dict(E=self.E, A=self.A, alpha=self.alpha)
@@ -626,7 +669,7 @@ def fit_frontier(
     if theta is None:
         raise ScalingFitError("the L(C) fit failed from every start; check the data")
 
-    ci, converged = _bootstrap(theta, X, log_loss, delta, to_fit, bootstrap, seed, level)
+    ci, samples = _bootstrap(theta, X, log_loss, delta, to_fit, bootstrap, seed, level)
 
     return FrontierFit(
         **to_fit(theta),
@@ -635,7 +678,8 @@ def fit_frontier(
         excluded=excluded,
         ci=ci,
         level=level,
-        bootstrap=converged,
+        bootstrap=len(samples),
+        samples=samples,
     )
 
 
@@ -664,24 +708,22 @@ def fit_power_law(C, L, *, bootstrap: int = 0, level: float = 0.95, seed: int = 
 
     fit = line(log_c, log_loss)
     residual = log_loss - (np.log(fit["A"]) - fit["alpha"] * log_c)
-    samples: dict[str, list[float]] = {"A": [], "alpha": []}
+    samples: list[dict[str, float]] = []
     rng = np.random.default_rng(seed)
     for _ in range(bootstrap if len(C) >= 3 else 0):
         idx = rng.integers(0, len(C), size=len(C))
         if len(np.unique(log_c[idx])) < 2:
             continue  # one budget drawn every time: no slope
-        b = line(log_c[idx], log_loss[idx])
-        samples["A"].append(b["A"])
-        samples["alpha"].append(b["alpha"])
-    converged = len(samples["A"])
+        samples.append({k: v for k, v in line(log_c[idx], log_loss[idx]).items() if k != "E"})
     return FrontierFit(
         **fit,
         objective=float(np.sum(residual**2)),
         n_points=len(C),
         excluded=[],
-        ci=_percentiles(samples, level) if converged else {},
+        ci=_intervals(samples, level),
         level=level,
-        bootstrap=converged,
+        bootstrap=len(samples),
+        samples=samples,
     )
 
 
@@ -701,6 +743,7 @@ class IsoFLOPMinimum:
     n_points: int
     curvature: float  # p2 (> 0)
     inside: bool  # N_opt within [min N, max N] of the budget's points
+    method: str = "parabola"  # or "profile" (`profile_minimum`)
 
 
 BUDGET_MIN_POINTS = 3  # a parabola's worth of points
@@ -838,6 +881,61 @@ def isoflop_minima(
     return minima
 
 
+def profile_minimum(
+    C: float,
+    N,
+    D,
+    L,
+    *,
+    alpha: float,
+    beta: float,
+    flops_per_token: Callable[[float], float] | None = None,
+) -> IsoFLOPMinimum | None:
+    """One budget's loss-optimal N from a profile shaped like the L(N, D) surface.
+
+    A parabola in log N is symmetric, but a budget's profile under L = E + A/N^α + B/D^β is
+    not: along D = C / (6·N) it is c0 + c1·N^-α + c2·D^-β, steep on the small-N side and
+    shallow on the other, so a parabola through a coarse or off-centre grid puts the minimum
+    off (by tens of percent in N, up to ~1% in loss, on synthetic laws). Here α and β come
+    from the surface fitted to all budgets, and c0, c1, c2 by linear least squares to this
+    budget's points alone (three coefficients, like the parabola's); the minimum follows D =
+    C / flops_per_token(N) (6·N without it). None where the fitted profile has no minimum
+    (c1 or c2 not positive)."""
+    N, D, L = (np.asarray(v, dtype=float) for v in (N, D, L))
+    if len(L) < 3 or len(np.unique(N)) < 3:
+        return None
+    n_mid, d_mid = np.exp(np.log(N).mean()), np.exp(np.log(D).mean())
+    X = np.stack([np.ones_like(L), (N / n_mid) ** -alpha, (D / d_mid) ** -beta], axis=1)
+    (c0, c1, c2), *_ = np.linalg.lstsq(X, L, rcond=None)
+    if not (c1 > 0 and c2 > 0):
+        return None
+
+    def tokens(x: float) -> float:
+        n = math.exp(x)
+        return C / (6 * n if flops_per_token is None else float(flops_per_token(n)))
+
+    def loss(x: float) -> float:
+        return c0 + c1 * (math.exp(x) / n_mid) ** -alpha + c2 * (tokens(x) / d_mid) ** -beta
+
+    lo, hi = math.log(N.min()) - 3, math.log(N.max()) + 3
+    res = minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": 1e-9})
+    if min(res.x - lo, hi - res.x) < 1e-6:
+        return None  # no minimum within e^3 of the sizes trained
+    h = 1e-3  # the profile's curvature at its minimum, as a parabola's coefficient
+    curvature = (loss(res.x + h) - 2 * res.fun + loss(res.x - h)) / (2 * h * h)
+    N_opt = math.exp(res.x)
+    return IsoFLOPMinimum(
+        C=float(C),
+        N_opt=N_opt,
+        D_opt=tokens(res.x),
+        L_opt=float(res.fun),
+        n_points=len(L),
+        curvature=float(curvature),
+        inside=bool(N.min() <= N_opt <= N.max()),
+        method="profile",
+    )
+
+
 @dataclass
 class AllocationFit:
     """N_opt = kN · C^a and D_opt = kD · C^b, least squares in log-log."""
@@ -848,6 +946,8 @@ class AllocationFit:
     kD: float
     ci: dict[str, tuple[float, float]]  # bootstrap intervals of a and b
     n_budgets: int
+    level: float = 0.95
+    samples: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (a, ln kN)
 
     def N_opt(self, C):
         return _scalar_or_array(self.kN * np.asarray(C, dtype=float) ** self.a)
@@ -877,6 +977,7 @@ def fit_allocation(
     b, log_kd = np.polyfit(log_c, log_d, 1)
 
     ci: dict[str, tuple[float, float]] = {}
+    fits: list[tuple[float, float]] = []
     if bootstrap and len(minima) >= 3:
         rng = np.random.default_rng(seed)
         samples: dict[str, list[float]] = {"a": [], "b": []}
@@ -884,7 +985,9 @@ def fit_allocation(
             idx = rng.integers(0, len(minima), size=len(minima))
             if len(np.unique(log_c[idx])) < 2:
                 continue  # one budget drawn every time: no slope
-            samples["a"].append(np.polyfit(log_c[idx], log_n[idx], 1)[0])
+            a_b, log_kn_b = np.polyfit(log_c[idx], log_n[idx], 1)
+            fits.append((float(a_b), float(log_kn_b)))
+            samples["a"].append(a_b)
             samples["b"].append(np.polyfit(log_c[idx], log_d[idx], 1)[0])
         if samples["a"]:
             ci = _percentiles(samples, level)
@@ -896,4 +999,6 @@ def fit_allocation(
         kD=float(np.exp(log_kd)),
         ci=ci,
         n_budgets=len(minima),
+        level=level,
+        samples=fits,
     )

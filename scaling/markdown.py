@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from scaling.config import SweepFitConfig
+from scaling.forms import LOSS_FORMS, SIZE_FORMS
 from scaling.plan import format_count, format_flops
 from scaling.sources import Source
 
@@ -13,6 +14,50 @@ def _ci(ci: dict, key: str, fmt: str) -> str:
         return ""
     lo, hi = ci[key]
     return f" [{format(lo, fmt)}, {format(hi, fmt)}]"
+
+
+def _interval(iv, fmt: str) -> str:
+    if not iv:
+        return "—"
+    if fmt == "count":
+        return f"[{format_count(iv[0])}, {format_count(iv[1])}]"
+    return f"[{format(iv[0], fmt)}, {format(iv[1], fmt)}]"
+
+
+def _form_tables(r: dict) -> list[str]:
+    """The backtest: each form's error predicting each fitted budget from those below it."""
+    bt = r["backtest"]
+    if not bt["steps"]:
+        return []
+    lines = [
+        "## Which form predicts: the backtest",
+        "",
+        "Each form fitted to the budgets below a fitted budget predicts that budget's minimum "
+        "(the held-out budgets are not used). Score: mean |ln(predicted / measured)| over the "
+        "budgets every form predicted; the lowest predicts.",
+        "",
+    ]
+    for kind, forms, chosen, what in (
+        ("loss", LOSS_FORMS, r["choice"], "loss"),
+        ("size", SIZE_FORMS, r["choice_size"], "N_opt"),
+    ):
+        lines += [
+            f"| form ({what}) | "
+            + " | ".join(format_flops(s["C"]) for s in bt["steps"])
+            + " | score | |",
+            "|---|" + "---|" * (len(bt["steps"]) + 2),
+        ]
+        for form, label in forms.items():
+            cells = [f"{s[kind][form]:+.2%}" if form in s[kind] else "—" for s in bt["steps"]]
+            score = bt[f"{kind}_score"].get(form)
+            lines.append(
+                f"| {label} | "
+                + " | ".join(cells)
+                + f" | {'—' if score is None else f'{score:.4f}'} | "
+                + ("chosen |" if form == chosen else " |")
+            )
+        lines += [""]
+    return lines
 
 
 def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepFitConfig) -> str:
@@ -60,55 +105,42 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
             + " FLOPs.",
             "",
         ]
+    lines += _form_tables(r)
     checks = r["holdout"]
     if checks:
         lines += [
             "## Prediction of the held-out budgets",
             "",
-            "| budget | measured best loss (run) | E + A·C^-α | error | A·C^-α | error | "
-            "L(N, D) optimum | error | N* of L(N, D) | N_opt of the IsoFLOP fit | "
-            "measured best N | its parabola's N_opt |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            f"Each form fitted without the held-out budgets; intervals: {level} bootstrap. "
+            "**Bold**: the form the backtest chose.",
+            "",
+            "| budget | measured best loss (run) | its minimum | form | predicted | interval | "
+            "error |",
+            "|---|---|---|---|---|---|---|",
         ]
         for c in checks:
-            lines.append(
-                f"| {format_flops(c['C'])} | {c['measured_best']:.4f} ({c['measured_run']}) | "
-                + "".join(
-                    f"{c[k + '_loss']:.4f} | {c[k + '_error']:+.2%} | "
-                    if k + "_loss" in c
-                    else "— | — | "
-                    for k in ("frontier", "power")
+            for form, label in LOSS_FORMS.items():
+                if form not in c["loss"]:
+                    continue
+                bold = "**" if form == r["choice"] else ""
+                minimum = f"{c['measured_minimum']:.4f}" if "measured_minimum" in c else "—"
+                lines.append(
+                    f"| {format_flops(c['C'])} | {c['measured_best']:.4f} ({c['measured_run']}) "
+                    f"| {minimum} | {bold}{label}{bold} | {bold}{c['loss'][form]:.4f}{bold} | "
+                    f"{_interval(c['loss_interval'].get(form), '.4f')} | "
+                    f"{bold}{c['error'][form]:+.2%}{bold} |"
                 )
-                + (
-                    f"{c['surface_loss']:.4f} | {c['surface_error']:+.2%} | "
-                    f"{format_count(c['surface_N'])} | "
-                    if "surface_loss" in c
-                    else "— | — | — | "
-                )
-                + (f"{format_count(c['alloc_N'])} | " if "alloc_N" in c else "— | ")
-                + f"{format_count(c['measured_N'])} | "
-                + (f"{format_count(c['parabola_N'])} |" if "parabola_N" in c else "— |")
-            )
         lines += [""]
-        if "frontier_choice" in r:
-            form = "E + A·C^-α" if r["frontier_choice"] == "frontier" else "A·C^-α"
+        sized = [c for c in checks if "best_N" in c]
+        if sized:
             lines += [
-                f"The prediction of the best loss is the frontier {form}: "
-                + ", ".join(
-                    f"{format_flops(c['C'])}: {c['best_loss']:.4f} ({c['best_error']:+.2%})"
-                    for c in checks
-                    if "best_loss" in c
-                )
-                + " (the form is chosen on the fitted budgets alone; see the notes).",
-                "",
-            ]
-        if any("measured_parabola" in c for c in checks):
-            lines += [
-                "The held-out budgets' own parabola minima: "
-                + ", ".join(
-                    f"{format_flops(c['C'])}: {c['measured_parabola']:.4f}"
-                    for c in checks
-                    if "measured_parabola" in c
+                "Loss-optimal N at the held-out budgets: "
+                + "; ".join(
+                    f"{format_flops(c['C'])}: predicted {format_count(c['best_N'])} "
+                    f"({SIZE_FORMS[r['choice_size']]}), measured best run "
+                    f"{format_count(c['measured_N'])}"
+                    + (f", its minimum {format_count(c['minimum_N'])}" if "minimum_N" in c else "")
+                    for c in sized
                 )
                 + ".",
                 "",
@@ -161,22 +193,35 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
             "",
         ]
     if r["minima"]:
+        method = r.get("minima_method") or "parabola"
         lines += [
-            "## IsoFLOP minima (parabola in ln N per budget)",
+            "## Budget minima",
             "",
-            "| budget | runs | N_opt | D_opt | D/N | loss at minimum | |",
-            "|---|---|---|---|---|---|---|",
+            f"The frontier and the allocation are fitted through the {method} minima "
+            "(`fit.minima`): profile = the budget's runs fitted by c0 + c1·N^-α + c2·D^-β with "
+            "α, β of L(N, D), which is not symmetric in ln N as a parabola is.",
+            "",
+            "| budget | runs | parabola N_opt | parabola loss | profile N_opt | profile loss | "
+            "D/N | |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for m in r["minima"]:
-            flag = (
-                "held out"
-                if m["held_out"]
-                else ("outside the sizes trained" if not m["inside"] else "")
+            p, q = m["parabola"], m.get("profile")
+            used = q if (q is not None and method == "profile") else p
+            flag = "; ".join(
+                x
+                for x in (
+                    "held out" if m["held_out"] else "",
+                    "outside the sizes trained" if not used["inside"] else "",
+                    m["flag"],
+                )
+                if x
             )
             lines.append(
-                f"| {format_flops(m['C'])} | {m['n']} | {format_count(m['N_opt'])} | "
-                f"{format_count(m['D_opt'])} | {m['D_opt'] / m['N_opt']:.1f} | {m['L_opt']:.4f} "
-                f"| {flag} |"
+                f"| {format_flops(m['C'])} | {m['n']} | {format_count(p['N_opt'])} | "
+                f"{p['L_opt']:.4f} | "
+                + (f"{format_count(q['N_opt'])} | {q['L_opt']:.4f} | " if q else "— | — | ")
+                + f"{used['D_opt'] / used['N_opt']:.1f} | {flag} |"
             )
         lines += [""]
     if "allocation" in r:
@@ -187,29 +232,33 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
             "",
         ]
     if r["targets"]:
+        chosen = LOSS_FORMS[r["choice"]]
         lines += [
             "## Predictions for target budgets",
             "",
-            "| C | N* (surface) | D* (surface) | D*/N* | loss (surface) | loss (frontier) | "
-            "N_opt (IsoFLOP) | D_opt (IsoFLOP) |",
-            "|---|---|---|---|---|---|---|---|",
+            f"Loss by the chosen form ({chosen}), N* by {SIZE_FORMS[r['choice_size']]} "
+            f"(D* = C / FLOPs per token of N*); {level} bootstrap intervals.",
+            "",
+            "| C | loss | interval | N* | interval | D* | D*/N* | "
+            + " | ".join(LOSS_FORMS.values())
+            + " |",
+            "|---|---|---|---|---|---|---|" + "---|" * len(LOSS_FORMS),
         ]
         for t in r["targets"]:
-            lines.append(
-                f"| {format_flops(t['C'])} | "
-                + (
-                    f"{format_count(t['surface_N'])} | {format_count(t['surface_D'])} | "
-                    f"{t['surface_D'] / t['surface_N']:.1f} | {t['surface_loss']:.4f} | "
-                    if "surface_N" in t
-                    else "— | — | — | — | "
-                )
-                + (f"{t['best_loss']:.4f} | " if "best_loss" in t else "— | ")
-                + (
-                    f"{format_count(t['alloc_N'])} | {format_count(t['alloc_D'])} |"
-                    if "alloc_N" in t
-                    else "— | — |"
-                )
+            row = f"| {format_flops(t['C'])} | "
+            row += (
+                f"{t['best_loss']:.4f} | {_interval(t['best_interval'], '.4f')} | "
+                if "best_loss" in t
+                else "— | — | "
             )
+            row += (
+                f"{format_count(t['best_N'])} | {_interval(t['best_N_interval'], 'count')} | "
+                f"{format_count(t['best_D'])} | {t['best_D'] / t['best_N']:.1f} | "
+                if "best_N" in t
+                else "— | — | — | — | "
+            )
+            row += " | ".join(f"{t['loss'][f]:.4f}" if f in t["loss"] else "—" for f in LOSS_FORMS)
+            lines.append(row + " |")
         lines += [""]
     if r["finetune"]:
         lines += _finetune_table(r["finetune"])

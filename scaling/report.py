@@ -19,6 +19,7 @@ from pretrain.errors import ConfigurationError
 from scaling.analysis import analyse
 from scaling.config import ScalingConfig, SweepFitConfig
 from scaling.figures import plot_all, plot_finetune
+from scaling.forms import LOSS_FORMS
 from scaling.markdown import render_finetune_markdown, render_markdown
 from scaling.plan import format_count, format_flops
 from scaling.runs import finetune_points
@@ -110,22 +111,31 @@ def summary_lines(result: dict) -> list[str]:
     if "power_law" in result:
         pw = result["power_law"]
         lines.append(f"L(C) = {pw['A']:.4g}·C^-{pw['alpha']:.4f} (E = 0)")
+    bt = result["backtest"]
+    if bt["loss_score"]:
+        lines.append(
+            "backtest (mean |ln ratio| predicting each fitted budget from those below): "
+            + ", ".join(
+                f"{LOSS_FORMS[f]} {v:.4f}" + (" [chosen]" if f == result["choice"] else "")
+                for f, v in bt["loss_score"].items()
+            )
+        )
     for c in result["holdout"]:
         parts = [f"held-out {format_flops(c['C'])}: measured best {c['measured_best']:.4f}"]
-        for k, form in (("frontier", "E + A·C^-α"), ("power", "A·C^-α")):
-            if k + "_loss" in c:
-                chosen = " [chosen]" if c.get("best_loss") == c[k + "_loss"] else ""
-                parts.append(
-                    f"{form} predicts {c[k + '_loss']:.4f} ({c[k + '_error']:+.2%}){chosen}"
-                )
-        if "surface_loss" in c:
-            parts.append(f"L(N, D) predicts {c['surface_loss']:.4f} ({c['surface_error']:+.2%})")
+        for form, value in c["loss"].items():
+            chosen = " [chosen]" if form == result["choice"] else ""
+            parts.append(
+                f"{LOSS_FORMS[form]} predicts {value:.4f} ({c['error'][form]:+.2%}){chosen}"
+            )
         lines.append("; ".join(parts))
     for t in result["targets"]:
-        if "surface_N" in t:
+        if "best_loss" in t and "best_N" in t:
+            iv = t["best_interval"]
             lines.append(
-                f"target {format_flops(t['C'])}: N* {format_count(t['surface_N'])}, D* "
-                f"{format_count(t['surface_D'])}, loss {t['surface_loss']:.4f}"
+                f"target {format_flops(t['C'])}: loss {t['best_loss']:.4f}"
+                + (f" [{iv[0]:.4f}, {iv[1]:.4f}]" if iv else "")
+                + f" ({LOSS_FORMS[result['choice']]}), N* {format_count(t['best_N'])}, D* "
+                f"{format_count(t['best_D'])}"
             )
     return lines
 

@@ -8,7 +8,6 @@ tests/test_slurm.py.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import math
 import os
@@ -116,9 +115,9 @@ def test_sweep_trains_the_grid_resumes_after_a_kill_and_reports(tiny_data, tmp_p
     # the target's compute-optimal (N, D) and loss lie on the fitted L(N, D)
     t = fit["targets"][0]
     assert t["C"] == 1.0e11
-    n, d = t["surface_N"], t["surface_D"]
+    n, d = t["N"]["surface"], t["D"]["surface"]
     law = s["E"] + s["A"] / n ** s["alpha"] + s["B"] / d ** s["beta"]
-    assert t["surface_loss"] == pytest.approx(law, rel=1e-9)
+    assert t["loss"]["surface"] == pytest.approx(law, rel=1e-9)
     md = open(os.path.join(report, "report.md")).read()
     assert "L(N, D) = E + A / N^α + B / D^β" in md and "N = parameters without" in md
     for png in ("loss_vs_flops.png", "isoflop.png", "surface.png", "residuals.png"):
@@ -145,7 +144,7 @@ def test_fit_command_on_chinchilla_csv_excludes_outliers_and_predicts(tmp_path):
         "scaling", "fit", CHINCHILLA, "--exclude-highest", "5", "--bootstrap", "10",
         "--target-flops", "5.76e23", "--out", out,
     )  # fmt: skip
-    assert "target 5.76e23: N*" in res.stdout
+    assert "target 5.76e23: loss " in res.stdout
     # 230 distinct C: the 9 budgets of Chinchilla's IsoFLOP profiles, the 101 runs between none
     assert res.stdout.startswith("budgets: 9 (") and "; 101 points in none" in res.stdout
     fit = json.load(open(os.path.join(out, "fit.json")))
@@ -159,7 +158,8 @@ def test_fit_command_on_chinchilla_csv_excludes_outliers_and_predicts(tmp_path):
         0.3478, rel=0.03
     )
     target = fit["targets"][0]
-    assert 15 < target["surface_D"] / target["surface_N"] < 25
+    assert 15 < target["D"]["surface"] / target["N"]["surface"] < 25
+    assert 15 < target["best_D"] / target["best_N"] < 25
     md = open(os.path.join(out, "report.md")).read()
     assert "5 highest-loss excluded" in md and "row " in md
 
@@ -282,38 +282,20 @@ def test_fit_command_on_an_isoflop_grid_predicts_the_held_out_budget(tmp_path):
     assert fit["surface"]["n_points"] == 25 and fit["surface"]["E"] == pytest.approx(2.0, rel=0.05)
     (check,) = fit["holdout"]
     true_best = law.optimal(budgets[-1])[2]
-    assert check["measured_parabola"] == pytest.approx(true_best, rel=0.01)
-    assert abs(check["best_error"]) < 0.01 and abs(check["surface_error"]) < 0.01
-    assert fit["frontier_choice"] == "frontier"  # E = 2 is identified by these budgets
+    assert check["measured_minimum"] == pytest.approx(true_best, rel=0.01)
+    assert abs(check["best_error"]) < 0.01 and abs(check["error"]["surface"]) < 0.01
+    # every form was backtested on the fitted budgets (3rd to 5th), and the best one predicts
+    bt = fit["backtest"]
+    assert [s["C"] for s in bt["steps"]] == pytest.approx(budgets[2:5].tolist(), rel=0.06)
+    assert set(bt["loss_score"]) == {"frontier", "power", "surface"}
+    assert fit["choice"] == min(bt["loss_score"], key=bt["loss_score"].get)
+    lo, hi = check["best_interval"]
+    assert lo < check["best_loss"] < hi
     target = fit["targets"][0]
     n_star, d_star, l_star = law.optimal(1e23)
-    assert target["surface_N"] == pytest.approx(n_star, rel=0.5)
-    assert target["surface_loss"] == pytest.approx(l_star, rel=0.02)
+    assert target["N"]["surface"] == pytest.approx(n_star, rel=0.5)
+    assert target["loss"]["surface"] == pytest.approx(l_star, rel=0.02)
+    assert target["best_loss"] == pytest.approx(l_star, rel=0.02)
     md = open(os.path.join(out, "report.md")).read()
-    assert "frontier form: E =" in md and "## Compute frontier with E = 0" in md
-    assert "## IsoFLOP minima" in md and "| held out |" in md
-
-
-def test_frontier_form_follows_whether_the_budgets_identify_e():
-    """E + A·C^-α predicts only when E's bootstrap interval stays clear of 0; otherwise the
-    nested A·C^-α; without intervals, a backtest on the fitted budgets decides."""
-    import numpy as np
-
-    from scaling.analysis import _frontier_form
-    from scaling.fit import IsoFLOPMinimum, fit_frontier
-
-    cs = np.logspace(11, 13, 6)
-    minima = [
-        IsoFLOPMinimum(C=c, N_opt=1e5, D_opt=1e6, L_opt=1.5 + 40 * c**-0.15, n_points=5,
-                       curvature=1.0, inside=True)
-        for c in cs
-    ]  # fmt: skip
-    with_e = fit_frontier(cs, [m.L_opt for m in minima], bootstrap=50)
-    assert with_e.ci["E"][0] > 0.1
-    notes: list[str] = []
-    assert _frontier_form(with_e, minima, notes) == "frontier" and "identified" in notes[-1]
-    unidentified = dataclasses.replace(with_e, ci={**with_e.ci, "E": (1e-10, 2.3)})
-    assert _frontier_form(unidentified, minima, notes) == "power_law"
-    assert "do not identify E" in notes[-1]
-    no_ci = dataclasses.replace(with_e, ci={})
-    assert _frontier_form(no_ci, minima, notes) == "frontier" and "backtest" in notes[-1]
+    assert "## Which form predicts: the backtest" in md and "## Compute frontier with E = 0" in md
+    assert "## Budget minima" in md and "| held out |" in md
