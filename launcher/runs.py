@@ -77,3 +77,76 @@ def describe_runs(runs_dir: str, names: list[str] | None = None, *, tail: int = 
         if rank_logs:
             lines.append(f"== per-rank logs: {rank_logs[-1]}/")
     return "\n".join(lines)
+
+
+def predict_run(run_dir: str, *, fraction: float | None, shared: bool, figure: str) -> str:
+    """`lmforge runs NAME --predict`: the final loss predicted from the curve so far (or from
+    its first ``fraction`` of a finished run), as text; the figure goes to ``figure``."""
+    from scaling.curve import predict, write_figure
+
+    pred = predict(run_dir, fraction=fraction, others=None if shared else [])
+    write_figure(run_dir, pred, figure)
+    lines = [
+        f"{pred.run}: predicted final train loss {pred.train:.4f} "
+        f"[{pred.low:.4f}, {pred.high:.4f}] at step {pred.total_steps}, "
+        f"from step {pred.from_step} ({pred.from_step / pred.total_steps:.0%} of the run)",
+        f"  form: {pred.form}",
+        f"  fitted here: L0={pred.fit.l0:.4f}"
+        + (
+            ""
+            if pred.shared
+            else f", A={pred.fit.a:.4f}, alpha={pred.fit.alpha:.4f}, C={pred.fit.c:.2e}"
+        ),
+        "  shared: "
+        + (
+            pred.shared.describe()
+            if pred.shared
+            else "nothing (fewer than 3 other finished runs next to it, or --no-shared): "
+            "all four parameters fitted on this curve"
+        ),
+        f"  interval: {pred.interval}",
+    ]
+    if pred.val is not None:
+        lines.append(
+            f"  predicted final val_loss {pred.val:.4f} [{pred.val_low:.4f}, {pred.val_high:.4f}]"
+            f" ({pred.val_note})"
+        )
+    else:
+        lines.append(f"  val_loss: {pred.val_note}")
+    if pred.measured is not None and fraction is not None:
+        err = pred.train / pred.measured - 1
+        inside = "inside" if pred.low <= pred.measured <= pred.high else "OUTSIDE"
+        lines.append(
+            f"  measured final train loss {pred.measured:.4f}: error {err:+.2%} ({inside} the "
+            "interval)"
+        )
+        if pred.measured_val is not None and pred.val is not None:
+            lines.append(f"  measured final val_loss {pred.measured_val:.4f}")
+    lines.append(f"  figure: {figure}")
+    return "\n".join(lines)
+
+
+def predict_check(sweep_dir: str, fractions: list[float], *, shared: bool) -> str:
+    """`lmforge runs --predict-check SWEEP_DIR`: every finished run's final train loss predicted
+    from each fraction of its steps (shared parameters fitted on the other runs), with the
+    median absolute error per fraction."""
+    from scaling.curve import check_sweep
+
+    rows, medians = check_sweep(sweep_dir, fractions, shared=shared)
+    head = f"{'run':<24} {'from':>5} {'predicted':>9} {'measured':>9} {'error':>8}"
+    lines = [
+        f"{sweep_dir}: final train loss predicted from the first part of each finished run "
+        + (
+            "(alpha, A, C/A, momentum memory fitted on the OTHER runs: leave-one-out)"
+            if shared
+            else "(all parameters fitted on the run's own partial curve)"
+        ),
+        head,
+    ]
+    for name, frac, pred, measured in rows:
+        err = f"{pred / measured - 1:+.2%}" if pred == pred else "too few rows"
+        lines.append(f"{name:<24} {frac:>5.0%} {pred:>9.4f} {measured:>9.4f} {err:>8}")
+    lines.append("")
+    for frac, med in medians.items():
+        lines.append(f"median |error| from {frac:.0%} of the steps: {med:.2%}")
+    return "\n".join(lines)
