@@ -43,11 +43,14 @@ def _fpt_from_points(params: np.ndarray, fpt: np.ndarray):
     return fpt_of
 
 
-def load_sweep(sweep_dir: str, params: str) -> Source:
+def load_sweep(sweep_dir: str, params: str, skip_budgets=()) -> Source:
+    """A sweep's finished points; those of ``skip_budgets`` are not read at all."""
     with open(os.path.join(sweep_dir, "plan.json")) as f:
         plan = json.load(f)
     rows, missing = [], []
     for p in plan["points"]:
+        if p["budget"] in skip_budgets:
+            continue
         row = final_eval(os.path.join(sweep_dir, p["name"]), p["steps"])
         if row is None:
             missing.append(p["name"])

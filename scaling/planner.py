@@ -1,0 +1,609 @@
+"""`lmforge plan`: from a compute budget to a ready pretraining run.
+
+Given a budget (FLOPs, or GPUs × hours × MFU), the prepared data and a scaling law (a sweep's fit
+or published constants), the plan gives the compute-optimal N* and D* with intervals, a model
+shape by the sweep's width/depth rule, the batch size and learning rate by a stated rule, the
+data-repetition cost when D* exceeds the data, the parallel layout that fits the device by the
+memory estimate (with ``probe``: the fastest of those measured by a few real steps), the predicted
+final loss with its interval, and the wall time. It writes ``pretrain.yaml`` (an ordinary
+`lmforge pretrain` config) and ``plan.md``.
+
+Published constants (C = 6·N·D):
+- Hoffmann et al. 2022, "Training Compute-Optimal Large Language Models" (arXiv:2203.15556),
+  approach 3: E = 1.69, A = 406.4, B = 410.7, α = 0.34, β = 0.28.
+- Besiroglu, Erdil, Barnett and You 2024, "Chinchilla Scaling: A replication attempt"
+  (arXiv:2404.10102): E = 1.8172, A = 482.01, B = 2085.43, α = 0.3478, β = 0.3658.
+Their losses are of their data and tokenizer; only the allocation (N*, D*) transfers.
+
+Batch and learning rate without a sweep: DeepSeek-AI 2024, "DeepSeek LLM: Scaling Open-Source
+Language Models with Longtermism" (arXiv:2401.02954), eq. 1: η_opt = 0.3118·C^-0.1250 and
+B_opt = 0.2920·C^0.3271 tokens. With a sweep, its own rule: its batch, and its peak rate scaled by
+width (lr · (reference width / d_model)^exponent), the rule its runs were trained and fitted with.
+
+Data repetition: Muennighoff et al. 2023, "Scaling Data-Constrained Language Models"
+(arXiv:2305.16264): U unique tokens seen E epochs are worth D' = U + U·R*·(1 − e^(−(E−1)/R*))
+fresh tokens, R* ≈ 15.4; up to ~4 epochs cost little, past ~16 almost nothing is gained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from pretrain.config import PretrainConfig, load_config, to_yaml
+from pretrain.durable import atomic_directory, check_writable
+from pretrain.errors import ConfigurationError
+from pretrain.flops import PEAK_FLOPS_TABLE, flops_per_token
+from pretrain.memory import estimate_memory
+from pretrain.metrics import read_metrics
+from pretrain.parallel.common import resolve_precision
+from scaling.config import ScalingConfig, ShapeConfig, SweepFitConfig
+from scaling.fit import SurfaceFit
+from scaling.forms import LOSS_FORMS, SIZE_FORMS
+from scaling.plan import fit_params, format_count, format_flops, shape_for
+
+PUBLISHED = {
+    "hoffmann": (
+        dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28),
+        "Hoffmann et al. 2022, approach 3 (arXiv:2203.15556)",
+    ),
+    "besiroglu": (
+        dict(E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658),
+        "Besiroglu et al. 2024 (arXiv:2404.10102)",
+    ),
+}
+DEEPSEEK_LR = (0.3118, -0.1250)  # η_opt = k·C^e
+DEEPSEEK_BATCH = (0.2920, 0.3271)  # B_opt (tokens) = k·C^e
+REPEAT_R_STAR = 15.4  # Muennighoff et al.'s fitted R*_D
+
+# Memory per GPU (bytes), by the names of PEAK_FLOPS_TABLE (datasheets; the largest variant).
+GPU_MEMORY = {
+    "H100 NVL": 94e9,
+    "H100 PCIe": 80e9,
+    "H100 SXM": 80e9,
+    "H200 NVL": 141e9,
+    "H200": 141e9,
+    "A100": 80e9,
+    "A10G": 24e9,
+    "L40S": 48e9,
+    "L4": 24e9,
+    "RTX 4090": 24e9,
+    "V100 PCIe": 32e9,
+    "V100 SXM2": 32e9,
+}
+
+
+@dataclass
+class Device:
+    """What the run has: n devices of one kind, their peak FLOP/s and memory each."""
+
+    count: int
+    name: str  # "H100 SXM", or "cpu"
+    peak: float | None  # bf16 FLOP/s per device (None on CPU: measured by --probe)
+    memory: float  # bytes per device
+
+
+def parse_gpus(spec: str) -> Device:
+    """'8xH100' / '16xA100' / '1xH200' -> Device (the table names of pretrain/flops.py)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[x×*]\s*(.+?)\s*", spec)
+    if not m or int(m.group(1)) < 1:
+        raise ConfigurationError(
+            f"--gpus {spec!r}: give COUNTxNAME, e.g. 8xH100 or 16xA100 (names: "
+            + ", ".join(d for _, d, _ in PEAK_FLOPS_TABLE)
+            + ")"
+        )
+    count, name = int(m.group(1)), m.group(2).lower()
+    for pattern, display, peaks in PEAK_FLOPS_TABLE:
+        if re.search(pattern, name):
+            peak = peaks.get("bf16", peaks.get("fp16"))
+            return Device(count=count, name=display, peak=peak, memory=GPU_MEMORY[display])
+    raise ConfigurationError(
+        f"--gpus {spec!r}: unknown GPU {m.group(2)!r}; known: "
+        + ", ".join(d for _, d, _ in PEAK_FLOPS_TABLE)
+        + " (or give --flops and --mfu)"
+    )
+
+
+def host_device(count: int) -> Device:
+    try:
+        memory = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        memory = math.inf
+    return Device(count=count, name="cpu", peak=None, memory=memory / count)
+
+
+def effective_tokens(tokens: float, unique: float) -> float:
+    """Muennighoff et al.'s D': what ``tokens`` drawn from ``unique`` are worth in fresh data."""
+    if tokens <= unique:
+        return tokens
+    repeats = tokens / unique - 1
+    return unique + unique * REPEAT_R_STAR * (1 - math.exp(-repeats / REPEAT_R_STAR))
+
+
+@dataclass
+class Law:
+    """Where N*, D* and the loss come from."""
+
+    source: str  # "a sweep's fit" or a citation
+    N: float
+    N_interval: tuple[float, float] | None
+    D: float
+    loss: float | None  # None: published constants (their data, not yours)
+    loss_interval: tuple[float, float] | None
+    loss_form: str
+    size_form: str
+    surface: SurfaceFit | None  # for the repetition cost
+    published_loss: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _published_law(name: str, C: float) -> Law:
+    params, cite = PUBLISHED[name]
+    surface = SurfaceFit(**params, objective=0.0, n_points=0)
+    n, d, loss = surface.optimal(C)
+    return Law(
+        source=cite,
+        N=n,
+        N_interval=None,
+        D=d,
+        loss=None,
+        loss_interval=None,
+        loss_form="none (published constants)",
+        size_form="L(N, D) N* of the published fit",
+        surface=surface,
+        published_loss=loss,
+        notes=[
+            f"{cite}: only the allocation transfers; their predicted loss {loss:.3f} is of their "
+            "data and tokenizer, not a prediction for this run (run a sweep and plan with --fit "
+            "for one)"
+        ],
+    )
+
+
+def _sweep_dir(fit_path: str) -> str | None:
+    """The sweep directory of runs/<sweep> or runs/<sweep>/report; None for anything else."""
+    path = fit_path.rstrip("/")
+    if os.path.basename(path) == "report" and os.path.isfile(
+        os.path.join(os.path.dirname(path), "sweep.yaml")
+    ):
+        path = os.path.dirname(path)
+    return path if os.path.isfile(os.path.join(path, "sweep.yaml")) else None
+
+
+def _fitted_law(fit_path: str, C: float) -> tuple[Law, ScalingConfig | None]:
+    """N*, D* and the loss at C by the form each backtest chose: of a sweep (its held-out
+    budgets' runs are not read at all) or of points (a CSV or run directories, as `lmforge
+    scaling fit` takes them)."""
+    from scaling.analysis import analyse
+    from scaling.sources import load_sources, load_sweep
+
+    sweep = _sweep_dir(fit_path)
+    cfg = None
+    if sweep is not None:
+        cfg = load_config(ScalingConfig, [os.path.join(sweep, "sweep.yaml")])
+        src = load_sweep(sweep, cfg.fit.params, skip_budgets=cfg.fit.holdout)
+        fit = load_config(SweepFitConfig, [{**cfg.fit.__dict__, "holdout": []}])
+        held = ", ".join(format_flops(c) for c in cfg.fit.holdout)
+        source = f"the fit of sweep {sweep}" + (
+            f" (its held-out budgets {held} not read)" if held else ""
+        )
+    elif fit_path.endswith((".csv", ".CSV")) or os.path.isdir(fit_path):
+        src = load_sources([fit_path], "non_embedding")
+        fit = SweepFitConfig()
+        source = f"the fit of {src.what}"
+    else:
+        raise ConfigurationError(
+            f"--fit {fit_path}: not a sweep (runs/<sweep> or its report/), a points CSV or a "
+            "run directory; or use --law hoffmann|besiroglu"
+        )
+    analysis = analyse(src, fit, [C])
+    result = analysis["result"]
+    (t,) = result["targets"]
+    if "best_N" not in t or "best_loss" not in t:
+        raise ConfigurationError(f"--fit {fit_path}: the fit predicts no N* or loss at {C:.3g}")
+    return (
+        Law(
+            source=source,
+            N=t["best_N"],
+            N_interval=t["best_N_interval"],
+            D=t["best_D"],
+            loss=t["best_loss"],
+            loss_interval=t["best_interval"],
+            loss_form=LOSS_FORMS[result["choice"]],
+            size_form=SIZE_FORMS[result["choice_size"]],
+            surface=analysis["objects"]["surface"],
+            notes=[n for n in result["notes"] if "disagree" in n],
+        ),
+        cfg,
+    )
+
+
+@dataclass
+class Plan:
+    C: float
+    law: Law
+    device: Device
+    config: PretrainConfig
+    params: int  # N of the fits for the shaped model
+    tokens: int
+    epochs: float
+    repeat_cost: float | None  # expected loss increase from repetition (nats)
+    batch_rule: str
+    layout: str
+    layout_estimate: float  # bytes per device
+    candidates: list[dict]  # every layout considered: name, estimate, fits, tokens/s
+    tokens_per_sec: float | None
+    wall_seconds: float | None
+    mfu: float | None
+    notes: list[str]
+
+
+def _layouts(device: Device, world: int) -> list[tuple[str, dict]]:
+    """Layouts in the order preferred when they fit (the fastest first, as a rule)."""
+    if world == 1:
+        return [
+            ("single process", {"strategy": "ddp"}),
+            ("ddp + AC", {"strategy": "ddp", "activation_checkpointing": True}),
+        ]
+    return [
+        ("ddp", {"strategy": "ddp"}),
+        ("fsdp", {"strategy": "fsdp"}),
+        ("fsdp + AC", {"strategy": "fsdp", "activation_checkpointing": True}),
+        ("zero-3 + AC", {"strategy": "deepspeed", "zero_stage": 3, "activation_checkpointing": True}),
+        ("zero-3 + offload + AC", {"strategy": "deepspeed", "zero_stage": 3, "offload_optimizer": True, "offload_params": True, "activation_checkpointing": True}),
+    ]  # fmt: skip
+
+
+def _as_dict(cfg: PretrainConfig) -> dict:
+    """A config as the plain dict load_config layers (its resolved YAML)."""
+    return OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
+
+
+def _estimate(
+    cfg: PretrainConfig, world: int, changes: dict, vocab: int, device_type: str
+) -> tuple[float, PretrainConfig]:
+    run = load_config(PretrainConfig, [_as_dict(cfg), {"parallel": changes}])
+    micro = run.train.micro_batch_size
+    accum = max(1, run.train.global_batch_tokens // (run.train.seq_len * micro * world))
+    est = estimate_memory(
+        dataclasses.replace(run.model, vocab_size=vocab),
+        parallel=run.parallel,
+        world_size=world,
+        precision=resolve_precision(run.train.precision, device_type=device_type),
+        micro_batch_size=micro,
+        seq_len=run.train.seq_len,
+        grad_accum=accum,
+    )
+    return est.need(device_type), run
+
+
+def probe(config: PretrainConfig, nproc: int, steps: int = 12) -> float:
+    """Tokens/s of the run measured by a few real steps (`lmforge pretrain`, in a scratch
+    runs directory; the first logged interval, which holds start-up, is left out)."""
+    with tempfile.TemporaryDirectory(prefix="lmforge-probe-") as tmp:
+        path = os.path.join(tmp, "probe.yaml")
+        with open(path, "w") as f:
+            f.write(to_yaml(config))
+        cmd = [
+            sys.executable, "-m", "launcher", "pretrain", path,
+            f"runs_dir={tmp}", f"train.max_steps={steps}", f"train.log_interval={max(1, steps // 4)}",
+            "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.consolidated=never",
+            "logging.plot=false", "logging.tensorboard=false", "logging.progress=false",
+            "--nproc", str(nproc),
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigurationError(f"--probe: a few steps of the planned run failed: {last}")
+        rows = [
+            r
+            for r in read_metrics(os.path.join(tmp, config.name, "metrics.jsonl"))
+            if r.get("kind") == "train"
+        ]
+    timed = rows[1:] or rows
+    if not timed:
+        raise ConfigurationError("--probe: the planned run logged no training rows")
+    return float(np.median([r["tokens_per_sec"] for r in timed]))
+
+
+def _base_config(sweep_cfg: ScalingConfig | None, config_args: list[str], data: str | None):
+    """The pretrain config the planned run starts from: the sweep's (its pretrain section) or
+    the given config arguments, with --data."""
+    layers: list = []
+    if sweep_cfg is not None:
+        layers.append(sweep_cfg.pretrain)
+    layers += config_args
+    if data:
+        layers.append({"data": {"path": data}})
+    if not layers:
+        raise ConfigurationError(
+            "give the pretrain config to start from (CONFIG.yaml, a preset or key=value "
+            "arguments), or --fit runs/<sweep> to start from the sweep's"
+        )
+    return layers
+
+
+def make_plan(
+    *,
+    flops: float | None,
+    gpus: str | None,
+    hours: float | None,
+    mfu: float | None,
+    nproc: int,
+    fit_path: str | None,
+    law_name: str | None,
+    config_args: list[str],
+    data: str | None,
+    name: str,
+    do_probe: bool,
+    shape: dict | None = None,
+) -> Plan:
+    from pretrain.prepare import load_manifest
+
+    if (fit_path is None) == (law_name is None):
+        raise ConfigurationError(
+            "give the law: --fit runs/<sweep> (a sweep's fit) or --law hoffmann|besiroglu"
+        )
+    device = parse_gpus(gpus) if gpus else host_device(nproc)
+    world = device.count if gpus else nproc
+    if mfu is not None and not 0 < mfu <= 1:
+        raise ConfigurationError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
+    if flops is None:
+        if hours is None or not gpus:
+            raise ConfigurationError(
+                "give the budget: --flops C, or --gpus COUNTxNAME --hours H (with --mfu or "
+                "--probe for the rate)"
+            )
+        if mfu is None:
+            raise ConfigurationError(
+                "--gpus/--hours give time, not FLOPs: add --mfu (e.g. 0.4), the share of the "
+                "peak your runs reach (`lmforge bench` measures it)"
+            )
+        if not hours > 0:
+            raise ConfigurationError(f"--hours {hours}: give a duration > 0")
+        flops = world * device.peak * mfu * hours * 3600
+    if not (math.isfinite(flops) and flops > 0):
+        raise ConfigurationError(f"--flops {flops}: give a compute budget in FLOPs > 0")
+    notes: list[str] = []
+
+    sweep_cfg = None
+    if fit_path is not None:
+        law, sweep_cfg = _fitted_law(fit_path, flops)
+    else:
+        if law_name not in PUBLISHED:
+            raise ConfigurationError(f"--law {law_name}: give one of {', '.join(PUBLISHED)}")
+        law = _published_law(law_name, flops)
+    notes += law.notes
+    base = load_config(
+        PretrainConfig,
+        [*_base_config(sweep_cfg, config_args, data), {"name": name, "train": {"max_steps": 1}}],
+    )
+    manifest = load_manifest(base.data.path)
+    vocab = manifest["tokenizer"]["vocab_size"]
+    unique = manifest["splits"]["train"]["tokens"]
+    model = dataclasses.replace(base.model, vocab_size=vocab)
+    seq = base.train.seq_len
+    count = sweep_cfg.fit.params if sweep_cfg else "non_embedding"
+    rule = sweep_cfg.shape if sweep_cfg else ShapeConfig(aspect_ratio=64, head_dim=64)
+    if shape:
+        rule = load_config(ShapeConfig, [rule.__dict__, shape])
+    shaped = shape_for(law.N, base=model, rule=rule, count=count)
+    n_fit = fit_params(shaped, count)
+    fpt = flops_per_token(shaped, seq)
+
+    # batch and learning rate
+    if sweep_cfg is not None:
+        batch = base.train.global_batch_tokens
+        lr = base.optim.lr * (sweep_cfg.lr_reference_width / shaped.d_model) ** (
+            sweep_cfg.lr_width_exponent
+        )
+        warmup_fraction = sweep_cfg.warmup_fraction
+        batch_rule = (
+            f"the sweep's: {batch:,} tokens per step, peak lr {base.optim.lr:g} × "
+            f"({sweep_cfg.lr_reference_width} / d_model)^{sweep_cfg.lr_width_exponent:g}"
+        )
+    else:
+        micro_tokens = seq * base.train.micro_batch_size * world
+        raw = DEEPSEEK_BATCH[0] * flops ** DEEPSEEK_BATCH[1]
+        batch = max(1, round(raw / micro_tokens)) * micro_tokens
+        lr = DEEPSEEK_LR[0] * flops ** DEEPSEEK_LR[1]
+        warmup_fraction = None
+        batch_rule = (
+            f"DeepSeek-AI 2024 (arXiv:2401.02954, eq. 1): B_opt = 0.292·C^0.3271 = "
+            f"{format_count(raw)} tokens, rounded to {batch:,} (whole micro-batches of "
+            f"{micro_tokens:,} on {world} rank(s)); η_opt = 0.3118·C^-0.125 = {lr:.3g}"
+        )
+    steps = max(1, round(flops / (fpt * batch)))
+    tokens = steps * batch
+    epochs = tokens / unique
+    repeat_cost = None
+    if epochs > 1:
+        worth = effective_tokens(tokens, unique)
+        if law.surface is not None:
+            repeat_cost = float(
+                law.surface.predict(n_fit, worth) - law.surface.predict(n_fit, tokens)
+            )
+        notes.append(
+            f"D* = {format_count(tokens)} tokens is {epochs:.2f} passes over the "
+            f"{format_count(unique)} training tokens of {base.data.path}: worth "
+            f"{format_count(worth)} fresh tokens (Muennighoff et al. 2023, arXiv:2305.16264)"
+            + (
+                f", an expected loss cost of +{repeat_cost:.4f} nats by the L(N, D) fit"
+                if repeat_cost is not None
+                else ""
+            )
+            + ("; more data is the fix" if epochs > 4 else "")
+        )
+    overrides = {
+        "model": {"n_layer": shaped.n_layer, "d_model": shaped.d_model, "n_head": shaped.n_head},
+        "train": {"max_steps": steps, "global_batch_tokens": batch},
+        "optim": {"lr": lr},
+    }
+    if warmup_fraction is not None:
+        overrides["optim"]["warmup_steps"] = round(warmup_fraction * steps)
+    planned = load_config(PretrainConfig, [_as_dict(base), overrides])
+
+    # parallel layout: the first (preferred) that fits by the estimate; --probe measures them
+    candidates = []
+    for label, changes in _layouts(device, world):
+        try:
+            need, run = _estimate(planned, world, changes, vocab, "cuda" if gpus else "cpu")
+        except ConfigurationError as exc:
+            candidates.append({"layout": label, "error": str(exc)})
+            continue
+        candidates.append(
+            {"layout": label, "estimate": need, "fits": need <= 0.9 * device.memory, "run": run}
+        )
+    fitting = [c for c in candidates if c.get("fits")]
+    if not fitting:
+        raise ConfigurationError(
+            f"no layout fits {device.count}× {device.name} ({device.memory / 1e9:.0f} GB each) "
+            f"by the memory estimate for a {format_count(n_fit)}-parameter model; plan with more "
+            "GPUs or a smaller budget"
+        )
+    chosen = fitting[0]
+    rate = None
+    if do_probe:
+        for c in fitting[:3]:
+            c["tokens_per_sec"] = probe(c["run"], world)
+        chosen = max(fitting[:3], key=lambda c: c["tokens_per_sec"])
+        rate = chosen["tokens_per_sec"]
+    planned = chosen["run"]
+    run_flops = tokens * fpt
+    wall = mfu_used = None
+    if rate is not None:
+        wall = tokens / rate
+        if device.peak:
+            mfu_used = run_flops / wall / (world * device.peak)
+    elif device.peak and mfu:
+        wall = run_flops / (world * device.peak * mfu)
+        mfu_used = mfu
+    return Plan(
+        C=flops,
+        law=law,
+        device=device,
+        config=planned,
+        params=n_fit,
+        tokens=tokens,
+        epochs=epochs,
+        repeat_cost=repeat_cost,
+        batch_rule=batch_rule,
+        layout=chosen["layout"],
+        layout_estimate=chosen["estimate"],
+        candidates=[{k: v for k, v in c.items() if k != "run"} for c in candidates],
+        tokens_per_sec=rate,
+        wall_seconds=wall,
+        mfu=mfu_used,
+        notes=notes,
+    )
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.2f} h" if seconds >= 3600 else f"{seconds:.0f} s"
+
+
+def render_plan(plan: Plan, out: str) -> str:
+    law, cfg = plan.law, plan.config
+    m = cfg.model
+    iv = law.N_interval
+    lines = [
+        f"# Plan: {cfg.name}",
+        "",
+        f"Budget C = {plan.C:.4g} FLOPs on {plan.device.count}× {plan.device.name}. Law: "
+        f"{law.source}; N* by {law.size_form}, the loss by {law.loss_form}.",
+        "",
+        "| | value | interval |",
+        "|---|---|---|",
+        f"| N* (law) | {format_count(law.N)} | "
+        + (f"[{format_count(iv[0])}, {format_count(iv[1])}]" if iv else "—")
+        + " |",
+        f"| D* (law) | {format_count(law.D)} tokens | |",
+        f"| model | {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads: "
+        f"{format_count(plan.params)} parameters (the law's N) | |",
+        f"| tokens | {format_count(plan.tokens)} = {cfg.train.max_steps:,} steps × "
+        f"{cfg.train.global_batch_tokens:,} ({plan.epochs:.2f} passes over the data) | |",
+        f"| peak learning rate | {cfg.optim.lr:.4g} ({cfg.optim.schedule}, warmup "
+        f"{cfg.optim.warmup_steps} steps) | |",
+    ]
+    if law.loss is not None:
+        li = law.loss_interval
+        lines.append(
+            f"| predicted final loss | {law.loss:.4f} | "
+            + (f"[{li[0]:.4f}, {li[1]:.4f}]" if li else "—")
+            + " |"
+        )
+    else:
+        lines.append(
+            f"| predicted final loss | none for this data (the published fit says "
+            f"{law.published_loss:.3f} for its own) | |"
+        )
+    if plan.repeat_cost is not None:
+        lines.append(f"| expected cost of repeating data | +{plan.repeat_cost:.4f} nats | |")
+    lines.append(
+        f"| layout | {plan.layout}: {plan.layout_estimate / 1e9:.2f} GB per device by the "
+        f"estimate, of {plan.device.memory / 1e9:.0f} GB | |"
+    )
+    if plan.wall_seconds is not None:
+        how = (
+            f"measured {plan.tokens_per_sec:,.0f} tokens/s by a few real steps (--probe)"
+            if plan.tokens_per_sec
+            else f"at MFU {plan.mfu:.0%} of {plan.device.peak / 1e12:.0f} TFLOP/s each"
+        )
+        lines.append(
+            f"| wall time | {_hours(plan.wall_seconds)}; "
+            f"{plan.wall_seconds * plan.device.count / 3600:.2f} device-hours ({how}) | |"
+        )
+    lines += ["", f"Batch and learning rate: {plan.batch_rule}.", ""]
+    lines += ["Layouts considered (the first that fits is preferred; --probe measures them):", ""]
+    for c in plan.candidates:
+        if "error" in c:
+            lines.append(f"- {c['layout']}: not possible here ({c['error']})")
+            continue
+        lines.append(
+            f"- {c['layout']}: {c['estimate'] / 1e9:.2f} GB per device"
+            + ("" if c["fits"] else " (does not fit)")
+            + (f", {c['tokens_per_sec']:,.0f} tokens/s measured" if "tokens_per_sec" in c else "")
+        )
+    if plan.notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in plan.notes]
+    lines += ["", f"Train it: `lmforge pretrain {out}/pretrain.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def write_plan(plan: Plan, out: str) -> None:
+    """pretrain.yaml and plan.md, written together (an older plan there is replaced)."""
+    check_writable(out, "--out ")
+    text = render_plan(plan, out)
+    with atomic_directory(out, prefix=".plan.", replace=True) as tmp:
+        with open(os.path.join(tmp, "pretrain.yaml"), "w") as f:
+            f.write(to_yaml(plan.config))
+        with open(os.path.join(tmp, "plan.md"), "w") as f:
+            f.write(text)
+        with open(os.path.join(tmp, "plan.json"), "w") as f:
+            json.dump(
+                {
+                    "C": plan.C,
+                    "N": plan.params,
+                    "N_law": plan.law.N,
+                    "N_interval": plan.law.N_interval,
+                    "tokens": plan.tokens,
+                    "epochs": plan.epochs,
+                    "loss": plan.law.loss,
+                    "loss_interval": plan.law.loss_interval,
+                    "layout": plan.layout,
+                    "tokens_per_sec": plan.tokens_per_sec,
+                    "wall_seconds": plan.wall_seconds,
+                },
+                f,
+                indent=1,
+            )
