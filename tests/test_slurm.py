@@ -338,3 +338,25 @@ def test_every_byte_reaches_the_job_and_sbatch(tmp_path):
                       check=False)  # fmt: skip
     assert refused.returncode != 0 and "line break" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_plan_submits_its_run(tiny_data, tmp_path):
+    """`lmforge plan --submit PROFILE`: the planned run is submitted through `lmforge submit`
+    and trains to its planned last step on the cluster."""
+    out, runs = str(tmp_path / "plan"), str(tmp_path / "runs")
+    res = lmforge(
+        "plan", f"data.path={tiny_data}", f"runs_dir={runs}", "train.seq_len=64",
+        "model.max_seq_len=64", "train.micro_batch_size=8", "train.precision=fp32",
+        "train.eval_samples=16", "--flops", "2e10", "--law", "besiroglu", "--head-dim", "16",
+        "--aspect-ratio", "32", "--name", "planned", "--out", out,
+        "--submit", "configs/slurm/local.yaml", "nproc_per_node=1",
+    )  # fmt: skip
+    job = re.search(r"submitted job (\d+)", res.stdout).group(1)
+    state = wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    run_dir = os.path.join(runs, "planned")
+    assert state["JobState"] == "COMPLETED", open(
+        os.path.join(run_dir, "slurm", f"slurm-{job}.out")
+    ).read()[-3000:]
+    steps = json.load(open(os.path.join(out, "plan.json")))["tokens"] // (64 * 8)
+    evals = [r for r in read_metrics(run_dir) if r["kind"] == "eval"]
+    assert evals[-1]["step"] == steps
