@@ -486,6 +486,13 @@ def _parser() -> argparse.ArgumentParser:
         help="which parameter count is N for runs (default non_embedding)",
     )
     ssp.add_argument(
+        "--simulate-early-stop",
+        type=float,
+        metavar="FRACTION",
+        help="on a finished sweep: which runs early stopping (sweep key early_stop) would have "
+        "stopped from this fraction of their steps, the compute saved, and the fit without them",
+    )
+    ssp.add_argument(
         "--finetune",
         nargs="+",
         default=[],
@@ -770,6 +777,17 @@ def _scaling(args: argparse.Namespace, argv: list[str]) -> int:
     if args.scaling_command == "fit":
         from scaling.report import fit_sources
 
+        if args.simulate_early_stop is not None:
+            from scaling.early import describe_simulation, simulate
+
+            if len(args.sources) != 1 or not os.path.isfile(
+                os.path.join(args.sources[0], "sweep.yaml")
+            ):
+                raise ConfigurationError(
+                    "--simulate-early-stop replays a finished sweep: give one sweep directory"
+                )
+            print(describe_simulation(simulate(args.sources[0], args.simulate_early_stop)))
+            return 0
         fit_sources(
             args.sources,
             out=args.out,

@@ -182,6 +182,12 @@ class ScalingConfig:
     """SLURM profile arguments (a profile file and key=value overrides, as `lmforge submit`)."""
     slurm_parallel: int = 0
     """Most array tasks running at once under SLURM (0 = no limit)."""
+    early_stop: float = 0.0
+    """Local launcher: judge each run at this fraction of its steps (e.g. 0.3) and stop it when
+    its predicted final loss cannot be its budget's minimum (the low end of its interval above
+    the high end of a sibling's; `lmforge runs --predict`); 0 = never. The report lists the
+    stopped runs and the compute saved; `lmforge scaling fit SWEEP --simulate-early-stop 0.3`
+    replays the rule on a finished sweep first."""
     fit: SweepFitConfig = field(default_factory=SweepFitConfig)
     """Fits and predictions."""
 
@@ -199,6 +205,11 @@ class ScalingConfig:
         if unknown:
             raise ConfigurationError(
                 f"`fit.holdout` budget {unknown[0]:g} is not in `budgets`; list it there too"
+            )
+        if not 0 <= self.early_stop < 1:
+            raise ConfigurationError(
+                f"`early_stop` must be in [0, 1) (a fraction of each run, 0 = off), got "
+                f"{self.early_stop}"
             )
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigurationError(

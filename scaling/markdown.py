@@ -91,6 +91,14 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
     ]
     if src.missing:
         lines += [f"Runs without a final loss (left out): {', '.join(src.missing)}.", ""]
+    if src.stopped:
+        saved = sum(v.flops_saved for v in src.stopped)
+        lines += [
+            f"Stopped early (`early_stop`), {saved:.3g} FLOPs saved: "
+            + "; ".join(v.describe() for v in src.stopped)
+            + ".",
+            "",
+        ]
     if src.epochs is not None and src.epochs.max() > 1:
         rep = int((src.epochs > 1).sum())
         lines += [

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass
 
 from pretrain.checkpoint import best_checkpoint, read_trainer_state
 from pretrain.config import PretrainConfig, load_config
+from pretrain.durable import replace_durable
 from pretrain.errors import DataError
 from pretrain.metrics import read_metrics
 
@@ -61,3 +63,50 @@ def finetune_points(runs: list[str]) -> list[dict]:
             }
         )
     return rows
+
+
+# --- early stopping's verdict on a sweep's point (scaling/early.py) ---
+
+STOP_FILE = "early_stop.json"  # in a stopped point's run directory
+
+
+@dataclass
+class Verdict:
+    run: str
+    budget: float
+    step: int  # the step it was judged at
+    total_steps: int
+    predicted: float  # final train loss
+    low: float
+    high: float
+    sibling: str | None  # the sibling it was compared with (the lowest high end)
+    sibling_high: float | None
+    stop: bool
+    flops_saved: float  # the FLOPs of the steps it did not train (0 unless stopped)
+
+    def describe(self) -> str:
+        head = (
+            f"{self.run}: at step {self.step} of {self.total_steps}, final train loss predicted "
+            f"{self.predicted:.4f} [{self.low:.4f}, {self.high:.4f}]"
+        )
+        if self.sibling is None:
+            return head + "; no sibling to compare with yet: continues"
+        return head + (
+            f" > {self.sibling}'s {self.sibling_high:.4f}: stopped"
+            if self.stop
+            else f", within reach of {self.sibling}'s {self.sibling_high:.4f}: continues"
+        )
+
+
+def write_verdict(run_dir: str, verdict: Verdict) -> None:
+    replace_durable(
+        os.path.join(run_dir, STOP_FILE), (json.dumps(asdict(verdict), indent=1) + "\n").encode()
+    )
+
+
+def read_verdict(run_dir: str) -> Verdict | None:
+    path = os.path.join(run_dir, STOP_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return Verdict(**json.load(f))

@@ -13,7 +13,7 @@ import numpy as np
 from pretrain.errors import DataError
 from pretrain.flops import param_counts
 from scaling.fit import Points, load_points_csv
-from scaling.runs import final_eval, read_run
+from scaling.runs import final_eval, read_run, read_verdict
 
 
 @dataclass
@@ -26,6 +26,7 @@ class Source:
     params: str  # which parameter count N is
     fpt: object = None  # N -> FLOPs per token, from the points (None: 6·N)
     missing: list[str] = field(default_factory=list)  # runs without a final loss
+    stopped: list = field(default_factory=list)  # early stopping's verdicts (scaling/early.py)
     epochs: np.ndarray | None = None  # passes over the data per point (sweeps)
 
 
@@ -47,12 +48,15 @@ def load_sweep(sweep_dir: str, params: str, skip_budgets=()) -> Source:
     """A sweep's finished points; those of ``skip_budgets`` are not read at all."""
     with open(os.path.join(sweep_dir, "plan.json")) as f:
         plan = json.load(f)
-    rows, missing = [], []
+    rows, missing, stopped = [], [], []
     for p in plan["points"]:
         if p["budget"] in skip_budgets:
             continue
         row = final_eval(os.path.join(sweep_dir, p["name"]), p["steps"])
-        if row is None:
+        verdict = read_verdict(os.path.join(sweep_dir, p["name"])) if row is None else None
+        if verdict is not None and verdict.stop:
+            stopped.append(verdict)
+        elif row is None:
             missing.append(p["name"])
         else:
             rows.append((p, row))
@@ -77,6 +81,7 @@ def load_sweep(sweep_dir: str, params: str, skip_budgets=()) -> Source:
             np.array([p["flops_per_token"] for p in every], float),
         ),
         missing=missing,
+        stopped=stopped,
         epochs=np.array([p["epochs"] for p, _ in rows]),
     )
 

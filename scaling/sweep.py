@@ -32,17 +32,22 @@ from omegaconf import OmegaConf
 from pretrain.config import to_yaml
 from pretrain.dist import threads_per_rank
 from pretrain.durable import check_writable, replace_durable
-from pretrain.errors import ConfigurationError, LMForgeError
+from pretrain.errors import ConfigurationError, DataError, LMForgeError
 from scaling.config import ScalingConfig
+from scaling.curve import finished_runs, load_curve
+from scaling.early import judge, live_prediction
 from scaling.plan import Plan, Point, describe_plan, make_plan
 from scaling.report import report_sweep
-from scaling.runs import final_eval
+from scaling.runs import Verdict, final_eval, read_verdict, write_verdict
 
 
 def point_status(sweep_dir: str, point: Point) -> str:
     run_dir = os.path.join(sweep_dir, point.name)
     if final_eval(run_dir, point.steps) is not None:
         return "done"
+    verdict = read_verdict(run_dir)
+    if verdict is not None and verdict.stop:
+        return "stopped"
     if os.path.isdir(os.path.join(run_dir, "checkpoints")):
         return "partial"
     return "pending"
@@ -85,10 +90,49 @@ def _lmforge() -> list[str]:
     return [sys.executable, "-m", "launcher"]
 
 
-def run_local(cfg: ScalingConfig, points: list[Point]) -> list[str]:
+def _judge_running(
+    cfg: ScalingConfig, running: dict, judged: dict[str, Verdict], every: list[Point]
+) -> None:
+    """cfg.early_stop: judge each running point once it has trained that fraction of its
+    steps (scaling/early.py), and stop it when it cannot be its budget's minimum."""
+    root = cfg.sweep_dir
+    for proc, (p, _, _) in running.items():
+        if p.name in judged:
+            continue
+        run_dir = os.path.join(root, p.name)
+        try:
+            steps_done = int(load_curve(run_dir).steps[-1])
+        except DataError:  # no rows yet
+            continue
+        if steps_done < cfg.early_stop * p.steps:
+            continue
+        pred = live_prediction(run_dir, finished_runs(root))
+        if pred is None:
+            continue
+        siblings = {}
+        for q in every:
+            if q.budget != p.budget or q.name == p.name:
+                continue
+            if point_status(root, q) == "done":
+                final = float(load_curve(os.path.join(root, q.name)).loss[-1])
+                siblings[q.name] = (final, final)
+            elif q.name in judged:
+                siblings[q.name] = (judged[q.name].low, judged[q.name].high)
+        verdict = judge(p.name, p.budget, pred, siblings, p.flops / p.steps)
+        judged[p.name] = verdict
+        print(f"early stop check: {verdict.describe()}")
+        if verdict.stop:
+            write_verdict(run_dir, verdict)
+            proc.terminate()
+
+
+def run_local(
+    cfg: ScalingConfig, points: list[Point], every: list[Point] | None = None
+) -> list[str]:
     """Train ``points`` here, `cfg.parallel` runs at a time (largest first, so that the last
     ones to finish are small), each run's ranks sharing the CPUs; return the names of those
-    that failed."""
+    that failed. With cfg.early_stop, a point that cannot be its budget's minimum is stopped
+    (``every``: all the sweep's points, its siblings among them)."""
     root = cfg.sweep_dir
     os.makedirs(os.path.join(root, "logs"), exist_ok=True)
     env = dict(os.environ)
@@ -98,6 +142,8 @@ def run_local(cfg: ScalingConfig, points: list[Point]) -> list[str]:
     running: dict[subprocess.Popen, tuple[Point, float, object]] = {}
     failed: list[str] = []
     finished = 0
+    judged: dict[str, Verdict] = {}
+    checked = 0.0
     try:
         while queue or running:
             while queue and len(running) < cfg.parallel:
@@ -108,6 +154,9 @@ def run_local(cfg: ScalingConfig, points: list[Point]) -> list[str]:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
                 running[proc] = (p, time.time(), log)
             time.sleep(0.2)
+            if cfg.early_stop and time.time() - checked > 2:
+                _judge_running(cfg, running, judged, every or points)
+                checked = time.time()
             for proc in [q for q in running if q.poll() is not None]:
                 p, start, log = running.pop(proc)
                 log.close()
@@ -117,6 +166,12 @@ def run_local(cfg: ScalingConfig, points: list[Point]) -> list[str]:
                     f"[{finished}/{len(points)}] {p.name}: N {p.params:,}, {p.steps} steps, "
                     f"{p.flops:.3g} FLOPs:"
                 )
+                if p.name in judged and judged[p.name].stop:
+                    v = judged[p.name]
+                    print(
+                        f"{head} stopped early at step {v.step} ({v.flops_saved:.3g} FLOPs saved)"
+                    )
+                    continue
                 if proc.returncode == 0 and row is not None:
                     print(f"{head} val_loss {row['val_loss']:.4f} in {time.time() - start:.0f} s")
                     continue
@@ -227,12 +282,14 @@ def sweep(
         return 0
     check_writable(root, "sweep directory ")
     write_plan(cfg, plan)
-    todo = [p for p in plan.points if status[p.name] != "done"]
-    done = len(plan.points) - len(todo)
+    todo = [p for p in plan.points if status[p.name] not in ("done", "stopped")]
+    done = sum(status[p.name] == "done" for p in plan.points)
+    stopped = sum(status[p.name] == "stopped" for p in plan.points)
     print(
         f"lmforge scaling sweep: {root}: {len(plan.points)} runs over {len(cfg.budgets)} budgets; "
         f"{done} finished, {sum(status[p.name] == 'partial' for p in todo)} to resume, "
         f"{sum(status[p.name] == 'pending' for p in todo)} to start"
+        + (f", {stopped} stopped early" if stopped else "")
     )
     if todo and cfg.launcher == "slurm":
         active = active_jobs(cfg, jobs)
@@ -244,14 +301,14 @@ def sweep(
             print("run this command again (or add --wait) to fit once the jobs are done")
             return 0
         wait_for(cfg, jobs)
-        todo = [p for p in plan.points if point_status(root, p) != "done"]
+        todo = [p for p in plan.points if point_status(root, p) not in ("done", "stopped")]
         if todo:
             raise LMForgeError(
                 f"{len(todo)} run(s) did not finish (e.g. {todo[0].name}); see "
                 f"{root}/slurm/ and run the sweep again to resume them"
             )
     elif todo:
-        failed = run_local(cfg, todo)
+        failed = run_local(cfg, todo, plan.points)
         if failed:
             raise LMForgeError(
                 f"{len(failed)} run(s) failed ({', '.join(failed[:3])}); see {root}/logs/ and run "

@@ -1,0 +1,168 @@
+"""Early stopping in a sweep: a point whose predicted final loss cannot be its budget's minimum
+is stopped, and the compute it would have used is saved.
+
+A point is judged once, when it has trained `early_stop` of its steps: its final train loss is
+predicted from its curve so far (scaling/curve.py; shared parameters from the sweep's finished
+runs) with an interval. It is stopped when even the low end of that interval is above the high
+end of a sibling's (a point of the same budget): a finished sibling's measured final train loss,
+or a judged sibling's predicted interval. The comparison is of train losses on both sides: the
+points' validation losses are only measured at their end.
+
+`simulate` replays that rule on a finished sweep (every point judged from the same fraction of
+its steps against its siblings' predictions from that fraction) and refits without the points
+it would have stopped, so that the compute saved and what it changes in the fit can be measured
+before a sweep relies on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from pretrain.config import load_config
+from pretrain.errors import ConfigurationError, DataError
+from scaling.analysis import analyse
+from scaling.config import ScalingConfig
+from scaling.curve import Curve, finished_runs, predict
+from scaling.runs import Verdict
+from scaling.sources import load_sweep
+
+
+def check_fraction(fraction: float) -> None:
+    if not 0 < fraction < 1:
+        raise ConfigurationError(
+            f"early stopping at {fraction:g} of a run: give a fraction in (0, 1), e.g. 0.3"
+        )
+
+
+def judge(
+    run: str,
+    budget: float,
+    prediction,
+    siblings: dict[str, tuple[float, float]],
+    flops_per_step: float,
+) -> Verdict:
+    """The verdict on a point from its prediction (scaling.curve.Prediction) and its siblings'
+    (low, high) final train losses."""
+    best = min(siblings.items(), key=lambda kv: kv[1][1]) if siblings else None
+    stop = best is not None and prediction.low > best[1][1]
+    return Verdict(
+        run=run,
+        budget=budget,
+        step=prediction.from_step,
+        total_steps=prediction.total_steps,
+        predicted=prediction.train,
+        low=prediction.low,
+        high=prediction.high,
+        sibling=best[0] if best else None,
+        sibling_high=best[1][1] if best else None,
+        stop=stop,
+        flops_saved=(prediction.total_steps - prediction.from_step) * flops_per_step
+        if stop
+        else 0.0,
+    )
+
+
+def live_prediction(run_dir: str, others: list[Curve]):
+    """The prediction of a running point from its rows so far (None before it has any)."""
+    try:
+        return predict(run_dir, others=others)
+    except DataError:
+        return None
+
+
+def simulate(sweep_dir: str, fraction: float) -> dict:
+    """Replay the rule on a finished sweep: which points it stops from ``fraction`` of their
+    steps, the compute saved, and the fit without them against the fit with every point."""
+    check_fraction(fraction)
+    cfg = load_config(ScalingConfig, [os.path.join(sweep_dir, "sweep.yaml")])
+    with open(os.path.join(sweep_dir, "plan.json")) as f:
+        plan = json.load(f)
+    curves = {c.name: c for c in finished_runs(sweep_dir)}
+    points = [p for p in plan["points"] if p["name"] in curves]
+    if len(points) < 4:
+        raise DataError(f"{sweep_dir}: {len(points)} finished runs; the replay needs at least 4")
+    preds = {}
+    for p in points:
+        others = [c for n, c in curves.items() if n != p["name"]]
+        preds[p["name"]] = predict(
+            os.path.join(sweep_dir, p["name"]), fraction=fraction, others=others
+        )
+    verdicts = []
+    for p in points:
+        siblings = {
+            q["name"]: (preds[q["name"]].low, preds[q["name"]].high)
+            for q in points
+            if q["budget"] == p["budget"] and q["name"] != p["name"]
+        }
+        verdicts.append(
+            judge(p["name"], p["budget"], preds[p["name"]], siblings, p["flops"] / p["steps"])
+        )
+    stopped = {v.run for v in verdicts if v.stop}
+    total = sum(p["flops"] for p in points)
+    saved = sum(v.flops_saved for v in verdicts)
+    # the fit with every point, and without the stopped ones
+    src = load_sweep(sweep_dir, cfg.fit.params)
+    fits = {}
+    for key, keep in (
+        ("all", np.ones(len(src.points), bool)),
+        ("without", ~np.isin(src.points.labels, sorted(stopped))),
+    ):
+        idx = np.flatnonzero(keep)
+        sub = type(src)(
+            points=src.points.subset(idx),
+            budgets=src.budgets[idx],
+            what=src.what,
+            params=src.params,
+            fpt=src.fpt,
+            epochs=None if src.epochs is None else src.epochs[idx],
+        )
+        fits[key] = analyse(sub, cfg.fit, list(cfg.fit.target_flops))["result"]
+    # a stopped point must not have been its budget's best
+    best = {}
+    for p in points:
+        loss = float(curves[p["name"]].loss[-1])
+        if p["budget"] not in best or loss < best[p["budget"]][1]:
+            best[p["budget"]] = (p["name"], loss)
+    wrong = sorted(stopped & {name for name, _ in best.values()})
+    return {
+        "fraction": fraction,
+        "verdicts": verdicts,
+        "flops_saved": saved,
+        "flops_total": total,
+        "stopped_a_best": wrong,
+        "fits": fits,
+    }
+
+
+def describe_simulation(sim: dict) -> str:
+    lines = [
+        f"early stopping replayed from {sim['fraction']:.0%} of each run's steps "
+        "(each point against its siblings' predicted intervals from the same fraction):"
+    ]
+    lines += [f"  {v.describe()}" for v in sim["verdicts"] if v.stop]
+    n = sum(v.stop for v in sim["verdicts"])
+    lines.append(
+        f"{n} of {len(sim['verdicts'])} runs stopped; {sim['flops_saved']:.3g} of "
+        f"{sim['flops_total']:.3g} FLOPs saved ({sim['flops_saved'] / sim['flops_total']:.1%})"
+        + (
+            f"; it would have stopped a budget's best run: {', '.join(sim['stopped_a_best'])}"
+            if sim["stopped_a_best"]
+            else "; no budget's best run was stopped"
+        )
+    )
+    for key, what in (("all", "with every run"), ("without", "without the stopped runs")):
+        r = sim["fits"][key]
+        parts = [f"fit {what}: loss form {r['choice']}"]
+        for c in r["holdout"]:
+            if "best_loss" in c:
+                parts.append(
+                    f"held-out {c['C']:.3g}: {c['best_loss']:.4f} ({c['best_error']:+.2%})"
+                )
+        for t in r["targets"]:
+            if "best_loss" in t and "best_N" in t:
+                parts.append(f"{t['C']:.3g}: loss {t['best_loss']:.4f}, N* {t['best_N']:.3g}")
+        lines.append("; ".join(parts))
+    return "\n".join(lines)
