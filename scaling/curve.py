@@ -32,6 +32,14 @@ Choices, and why:
   (each run keeping its own L0), and only L0 is fitted on the partial curve. On the demo
   sweep this measured better than sharing alpha, C/A and tau only and fitting L0 and A per run
   (the two are nearly degenerate on a partial curve); see docs/predict.md.
+* Across sizes. The runs of a sweep differ in width and peak learning rate, and one alpha and
+  A for all of them left errors systematic with width. So S1 is counted in absolute learning
+  rate (the paper's S1: a run's A is scaled by (lr / lr_ref)^-alpha), and alpha and ln A are
+  linear in ln d_model, the two slopes fitted with the other shared parameters (Shared.for_run
+  gives a run its alpha and A from its config). On the demo sweep this took the median error
+  from 30% of the steps from 2.5% to 1.2%; slopes in ln N (parameters) instead of ln d_model,
+  weighting the other runs by closeness in size, or a per-run A with a prior toward the shared
+  one measured worse (docs/predict.md).
 * Interval. With shared parameters: the spread of the same method's relative errors on the
   sweep's other finished runs, predicted from the same fraction (each with the shared
   parameters of the runs other than it and the target: a nested leave-one-out), as the 10th to
@@ -76,6 +84,8 @@ class Curve:
     loss: np.ndarray
     val_steps: np.ndarray = field(default_factory=lambda: np.zeros(0))
     val_loss: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    d_model: int = 0  # the model's width (0: unknown)
+    peak_lr: float = 1.0  # optim.lr, the peak learning rate
 
     @property
     def finished(self) -> bool:
@@ -94,6 +104,8 @@ class Curve:
             self.loss[keep],
             self.val_steps[vkeep],
             self.val_loss[vkeep],
+            self.d_model,
+            self.peak_lr,
         )
 
 
@@ -135,6 +147,8 @@ def load_curve(run_dir: str) -> Curve:
         np.array([train[s] for s in steps]),
         np.array(sorted(val), dtype=float),
         np.array([val[s] for s in sorted(val)]),
+        int(cfg.model.d_model),
+        float(cfg.optim.lr),
     )
 
 
@@ -188,55 +202,107 @@ def _linear(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
 
 @dataclass
 class Shared:
-    """Parameters shared by a sweep's runs, fitted on finished ones: everything but L0."""
+    """Parameters shared by a sweep's runs, fitted on finished ones: everything but L0.
+
+    A run of width d and peak learning rate lr gets alpha(d) = alpha + alpha_slope * z and
+    A(d, lr) = a * exp(a_slope * z) * (lr / lr_ref)^(-alpha(d)), z = ln(d / d_ref): S1 counted in
+    absolute learning rate (the paper's S1; the learning rates of a sweep differ by size), and
+    alpha and ln A linear in ln d_model across the sweep (a wider model learns differently).
+    With one width in the sweep the slopes stay 0."""
 
     alpha: float
     ratio: float  # C / A
     tau: float
     a: float
     runs: list[str]
+    alpha_slope: float = 0.0
+    a_slope: float = 0.0
+    d_ref: float = 0.0  # geometric mean width of the runs fitted on (0: widths unknown)
+    lr_ref: float = 1.0  # geometric mean peak learning rate of those runs
+
+    def for_run(self, curve: Curve) -> tuple[float, float]:
+        """(alpha, A) of the run ``curve``, from its width and peak learning rate."""
+        z = math.log(curve.d_model / self.d_ref) if curve.d_model > 0 and self.d_ref > 0 else 0.0
+        alpha = max(self.alpha + self.alpha_slope * z, 0.01)
+        lr = curve.peak_lr / self.lr_ref if curve.peak_lr > 0 and self.lr_ref > 0 else 1.0
+        return alpha, self.a * math.exp(self.a_slope * z) * lr ** (-alpha)
 
     def describe(self) -> str:
+        widths = (
+            f" (at d_model {self.d_ref:.0f}, lr {self.lr_ref:.2e}; per ln d_model: "
+            f"alpha {self.alpha_slope:+.3f}, ln A {self.a_slope:+.3f})"
+            if self.alpha_slope or self.a_slope
+            else ""
+        )
         return (
-            f"alpha={self.alpha:.3f}, A={self.a:.3f}, C/A={self.ratio:.2e}, momentum memory "
-            f"{self.tau:.3f} x run length, fitted on {len(self.runs)} finished runs of the sweep"
+            f"alpha={self.alpha:.3f}, A={self.a:.3f}{widths}, C/A={self.ratio:.2e}, momentum "
+            f"memory {self.tau:.3f} x run length, fitted on {len(self.runs)} finished runs of "
+            "the sweep"
         )
 
 
+def _geomean(values: list[float]) -> float:
+    good = [v for v in values if v > 0]
+    return math.exp(float(np.mean(np.log(good)))) if good else 0.0
+
+
 def fit_shared(curves: list[Curve], start: Shared | None = None) -> Shared:
-    """alpha, A, C/A and tau fitted on whole finished curves, each run keeping its own L0
-    (``start``: a previous fit to start from, e.g. on a superset of the runs)."""
+    """alpha, A, their slopes in ln d_model, C/A and tau fitted on whole finished curves, each
+    run keeping its own L0 (``start``: a previous fit to start from, e.g. on a superset of the
+    runs)."""
     if not curves:
         raise DataError("no finished runs to fit the shared parameters on")
     prepared = [(c, _fit_rows(c)) for c in curves]
     prepared = [(c, rows) for c, rows in prepared if rows.any()]
+    if not prepared:
+        raise DataError("no finished run has rows past its first 10% to fit the law on")
+    known = all(c.d_model > 0 for c, _ in prepared)
+    d_ref = _geomean([c.d_model for c, _ in prepared]) if known else 0.0
+    lr_ref = _geomean([c.peak_lr for c, _ in prepared]) or 1.0
+    slopes = known and len({c.d_model for c, _ in prepared}) > 1
+
+    def shared(p: np.ndarray) -> Shared:
+        alpha, ratio, tau, log_a = p[:4]
+        alpha_slope, a_slope = (p[4], p[5]) if slopes else (0.0, 0.0)
+        return Shared(
+            float(alpha),
+            float(ratio),
+            float(tau),
+            math.exp(log_a),
+            [c.name for c, _ in prepared],
+            float(alpha_slope),
+            float(a_slope),
+            d_ref,
+            lr_ref,
+        )
 
     def residuals(p: np.ndarray) -> np.ndarray:
-        alpha, ratio, tau, a = p
+        sh = shared(p)
         out = []
         for c, rows in prepared:
-            x = a * _row_means(c, _features(c, alpha, ratio, tau))[rows]
+            alpha, a = sh.for_run(c)
+            x = a * _row_means(c, _features(c, alpha, sh.ratio, sh.tau))[rows]
             r = c.loss[rows] - x
             out.append((r - r.mean()) / math.sqrt(len(r)))
         return np.concatenate(out)
 
-    starts = (
-        [[start.alpha, start.ratio, start.tau, start.a]]
-        if start is not None
-        else [[0.3, 0.01, tau0, 3.0] for tau0 in (0.05, 0.3)]
-    )
+    if start is not None:
+        starts = [[start.alpha, start.ratio, start.tau, math.log(max(start.a, 1e-6))]]
+        if slopes:
+            starts[0] += [start.alpha_slope, start.a_slope]
+    else:
+        starts = [[0.3, 0.01, tau0, 1.0] + ([0.0, 0.0] if slopes else []) for tau0 in (0.05, 0.3)]
+    low, high = [0.01, 0.0, 0.005, -10.0], [3.0, 10.0, 5.0, 6.0]
+    scale = [0.1, 0.01, 0.1, 0.3]
+    if slopes:
+        low, high, scale = low + [-2.0, -5.0], high + [2.0, 5.0], scale + [0.1, 0.1]
     best = None
     for x0 in starts:
-        res = least_squares(
-            residuals,
-            x0,
-            bounds=([0.01, 0.0, 0.005, 0.0], [3.0, 10.0, 5.0, 100.0]),
-            x_scale=[0.1, 0.01, 0.1, 1.0],
-        )
+        x0 = np.clip(x0, low, high)
+        res = least_squares(residuals, x0, bounds=(low, high), x_scale=scale)
         if best is None or res.cost < best.cost:
             best = res
-    alpha, ratio, tau, a = (float(v) for v in best.x)
-    return Shared(alpha, ratio, tau, a, [c.name for c, _ in prepared])
+    return shared(best.x)
 
 
 @dataclass
@@ -277,9 +343,10 @@ def fit_curve(curve: Curve, shared: Shared | None = None) -> Fit:
         )
     y = curve.loss[rows]
     if shared is not None:
-        x = _row_means(curve, _features(curve, shared.alpha, shared.ratio, shared.tau))[rows]
-        l0 = float(np.mean(y - shared.a * x))
-        return Fit(l0, shared.a, shared.alpha, shared.a * shared.ratio, shared.tau)
+        alpha, a = shared.for_run(curve)
+        x = _row_means(curve, _features(curve, alpha, shared.ratio, shared.tau))[rows]
+        l0 = float(np.mean(y - a * x))
+        return Fit(l0, a, alpha, a * shared.ratio, shared.tau)
     tau = DEFAULT_TAU
     s1, s2 = _areas(curve, tau)
     s1 = np.maximum(s1, curve.eta[0])

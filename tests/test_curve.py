@@ -17,6 +17,15 @@ from tests.conftest import lmforge
 LAW = {"a": 3.0, "alpha": 0.4, "c": 0.3, "tau": 0.2}  # c = C of the law, tau its memory
 
 
+def law_for_width(d: int) -> dict:
+    """The law of a run of width d with lr = 1e-3 * 64 / d: alpha and ln A linear in ln d, and
+    A scaled by lr^-alpha (S1 in absolute learning rate), the form the sweep path fits."""
+    z = np.log(d / 64)
+    alpha = LAW["alpha"] + 0.05 * z
+    a = LAW["a"] * np.exp(0.3 * z) * (64 / d) ** (-alpha)
+    return {"a": a, "alpha": alpha, "c": LAW["c"] * a / LAW["a"], "tau": LAW["tau"], "d": d}
+
+
 def write_run(
     run_dir: str,
     *,
@@ -27,6 +36,7 @@ def write_run(
     upto: float = 1.0,
     seed: int = 0,
     evals: bool = False,
+    law: dict | None = None,
 ) -> float:
     """A run directory whose train rows follow the law (plus noise) up to ``upto`` of its
     steps; returns the noiseless final row."""
@@ -36,19 +46,22 @@ def write_run(
         "data": {"path": "data/none"},
         "train": {"max_steps": steps, "log_interval": 10},
         "optim": {
-            "lr": 1e-3,
+            "lr": 1e-3 * 64 / law["d"] if law else 1e-3,
             "schedule": schedule,
             "warmup_steps": steps // 20,
             "min_lr_ratio": 0.1,
             "decay_fraction": 0.2,
         },
     }
+    if law:
+        cfg["model"] = {"d_model": law["d"], "n_head": 1}
+    law = law or LAW
     with open(os.path.join(run_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(cfg, f)
     with open(os.path.join(run_dir, "metrics.jsonl"), "w"):
         pass
     curve = load_curve_schedule(run_dir)
-    law = Fit(l0, LAW["a"], LAW["alpha"], LAW["c"], LAW["tau"]).law(curve)
+    law = Fit(l0, law["a"], law["alpha"], law["c"], law["tau"]).law(curve)
     rng = np.random.default_rng(seed)
     ends = [*range(10, steps, 10), steps]
     rows, prev = [], 0
@@ -88,16 +101,23 @@ def test_lone_cosine_run_from_half(tmp_path, steps):
 
 @pytest.mark.parametrize("schedule", ["cosine", "wsd"])
 def test_shared_parameters_from_a_sweep(tmp_path, schedule):
-    """Five finished runs of a sweep (different lengths and L0) supply alpha, A, C/A and the
-    momentum memory; a sixth, stopped at 30%, fits only its L0. On wsd nothing has annealed at
-    30%, so the annealing term can only come from the others. Within 1%, interval covers."""
+    """Five finished runs of a sweep (different lengths, L0, widths and learning rates) supply
+    alpha and A as functions of width, C/A and the momentum memory; a sixth, of a width between
+    theirs and stopped at 30%, fits only its L0. On wsd nothing has annealed at 30%, so the
+    annealing term can only come from the others. Within 1%, interval covers."""
     sweep = tmp_path / "sweep"
-    for i, (steps, l0) in enumerate([(500, 2.2), (800, 2.4), (1200, 2.6), (700, 2.8), (1500, 2.3)]):
-        write_run(str(sweep / f"r{i}"), steps=steps, l0=l0, schedule=schedule, seed=i)
-    truth = write_run(str(sweep / "new"), steps=1000, l0=2.5, schedule=schedule, upto=0.3, seed=9)
+    runs = [(500, 2.2, 32), (800, 2.4, 64), (1200, 2.6, 128), (700, 2.8, 64), (1500, 2.3, 32)]
+    for i, (steps, l0, d) in enumerate(runs):
+        law = law_for_width(d)
+        write_run(str(sweep / f"r{i}"), steps=steps, l0=l0, schedule=schedule, seed=i, law=law)
+    law = law_for_width(48)
+    truth = write_run(
+        str(sweep / "new"), steps=1000, l0=2.5, schedule=schedule, upto=0.3, seed=9, law=law
+    )
     pred = predict(str(sweep / "new"))
     assert pred.shared is not None and len(pred.shared.runs) == 5
-    assert abs(pred.shared.alpha - LAW["alpha"]) < 0.1
+    assert abs(pred.fit.alpha - law["alpha"]) < 0.1, (pred.fit.alpha, law["alpha"])
+    assert pred.shared.alpha_slope != 0 and "per ln d_model" in pred.shared.describe()
     assert abs(pred.train / truth - 1) < 0.01, (pred.train, truth)
     assert pred.low <= truth <= pred.high, (pred.low, truth, pred.high)
     rows, medians = check_sweep(str(sweep), [0.3, 0.5])
