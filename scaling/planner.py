@@ -333,6 +333,9 @@ def _base_config(sweep_cfg: ScalingConfig | None, config_args: list[str], data: 
     return layers
 
 
+MFU_START = 0.4  # the first guess when --probe measures the MFU of a GPU-hours budget
+
+
 def make_plan(
     *,
     flops: float | None,
@@ -348,8 +351,9 @@ def make_plan(
     do_probe: bool,
     shape: dict | None = None,
 ) -> Plan:
-    from pretrain.prepare import load_manifest
-
+    """The plan of a budget; with --gpus/--hours and --probe but no --mfu, the MFU is measured:
+    planned at MFU_START, probed, replanned at the measured MFU until it moves less than 5%
+    (at most three rounds)."""
     if (fit_path is None) == (law_name is None):
         raise ConfigurationError(
             "give the law: --fit runs/<sweep> (a sweep's fit) or --law hoffmann|besiroglu"
@@ -358,22 +362,57 @@ def make_plan(
     world = device.count if gpus else nproc
     if mfu is not None and not 0 < mfu <= 1:
         raise ConfigurationError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
-    if flops is None:
-        if hours is None or not gpus:
-            raise ConfigurationError(
-                "give the budget: --flops C, or --gpus COUNTxNAME --hours H (with --mfu or "
-                "--probe for the rate)"
-            )
-        if mfu is None:
-            raise ConfigurationError(
-                "--gpus/--hours give time, not FLOPs: add --mfu (e.g. 0.4), the share of the "
-                "peak your runs reach (`lmforge bench` measures it)"
-            )
-        if not hours > 0:
-            raise ConfigurationError(f"--hours {hours}: give a duration > 0")
-        flops = world * device.peak * mfu * hours * 3600
-    if not (math.isfinite(flops) and flops > 0):
-        raise ConfigurationError(f"--flops {flops}: give a compute budget in FLOPs > 0")
+    common = dict(
+        device=device, world=world, fit_path=fit_path, law_name=law_name,
+        config_args=config_args, data=data, name=name, do_probe=do_probe, shape=shape,
+        gpus=gpus,
+    )  # fmt: skip
+    if flops is not None:
+        if not (math.isfinite(flops) and flops > 0):
+            raise ConfigurationError(f"--flops {flops}: give a compute budget in FLOPs > 0")
+        return _plan_at(flops, mfu=mfu, **common)
+    if hours is None or not gpus:
+        raise ConfigurationError(
+            "give the budget: --flops C, or --gpus COUNTxNAME --hours H (with --mfu or "
+            "--probe for the rate)"
+        )
+    if not hours > 0:
+        raise ConfigurationError(f"--hours {hours}: give a duration > 0")
+    if mfu is None and not do_probe:
+        raise ConfigurationError(
+            "--gpus/--hours give time, not FLOPs: add --mfu (e.g. 0.4), the share of the "
+            "peak your runs reach (`lmforge bench` measures it), or --probe to measure it"
+        )
+    rate = mfu if mfu is not None else MFU_START
+    for _ in range(3):
+        plan = _plan_at(world * device.peak * rate * hours * 3600, mfu=rate, **common)
+        if mfu is not None or plan.mfu is None or abs(plan.mfu / rate - 1) < 0.05:
+            break
+        rate = plan.mfu
+    if mfu is None:
+        plan.notes.append(
+            f"the budget is {hours:g} h at the MFU the probe measured ({plan.mfu:.1%})"
+        )
+    return plan
+
+
+def _plan_at(
+    flops: float,
+    *,
+    device: Device,
+    world: int,
+    mfu: float | None,
+    gpus: str | None,
+    fit_path: str | None,
+    law_name: str | None,
+    config_args: list[str],
+    data: str | None,
+    name: str,
+    do_probe: bool,
+    shape: dict | None,
+) -> Plan:
+    from pretrain.prepare import load_manifest
+
     notes: list[str] = []
 
     sweep_cfg = None

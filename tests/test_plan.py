@@ -147,7 +147,7 @@ def test_repetition_is_worth_less_than_fresh_data():
         (["--flops", "1e12"], "give the law: --fit"),
         (["--flops", "1e12", "--law", "hoffmann", "--fit", "x.csv"], "give the law: --fit"),
         (["--law", "hoffmann"], "give the budget: --flops C"),
-        (["--gpus", "8xH100", "--hours", "2", "--law", "hoffmann"], "add --mfu"),
+        (["--gpus", "8xH100", "--hours", "2", "--law", "hoffmann"], "add --mfu (e.g. 0.4)"),
         (["--gpus", "8xB999", "--hours", "2", "--mfu", "0.4", "--law", "hoffmann"], "unknown GPU"),
         (["--gpus", "eight", "--hours", "2", "--mfu", "0.4", "--law", "hoffmann"], "COUNTxNAME"),
         (["--flops", "1e12", "--mfu", "1.5", "--law", "hoffmann"], "--mfu 1.5"),
