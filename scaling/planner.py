@@ -602,6 +602,10 @@ def render_plan(plan: Plan, out: str) -> str:
             f"| wall time | {_hours(plan.wall_seconds)}; "
             f"{plan.wall_seconds * plan.device.count / 3600:.2f} device-hours ({how}) | |"
         )
+    else:
+        lines.append(
+            "| wall time | unknown: add --probe (a few real steps here) or --gpus with --mfu | |"
+        )
     lines += ["", f"Batch and learning rate: {plan.batch_rule}.", ""]
     lines += ["Layouts considered (the first that fits is preferred; --probe measures them):", ""]
     for c in plan.candidates:
