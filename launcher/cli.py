@@ -717,31 +717,28 @@ def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
 def _plan(args: argparse.Namespace, argv: list[str]) -> int:
     from pretrain.errors import ConfigurationError
     from scaling.plan import format_flops
-    from scaling.planner import make_plan, render_plan, write_plan
+    from scaling.planner import Request, make_plan, render_plan, write_plan
 
     if args.nproc < 1:
         raise ConfigurationError(f"--nproc {args.nproc}: give at least 1")
     budget = args.flops if args.flops is not None else 0.0
     name = args.name or (f"plan-{format_flops(budget)}" if args.flops else "plan")
     out = args.out or os.path.join("plans", name)
-    plan = make_plan(
-        flops=args.flops,
-        gpus=args.gpus,
-        hours=args.hours,
-        mfu=args.mfu,
-        nproc=args.nproc,
+    request = Request(
         fit_path=args.fit,
         law_name=args.law,
         config_args=args.config,
         data=args.data,
         name=name,
-        do_probe=args.probe,
+        probe=args.probe,
         shape={
             k: v
             for k, v in (("aspect_ratio", args.aspect_ratio), ("head_dim", args.head_dim))
             if v is not None
         },
+        gpus=args.gpus,
     )
+    plan = make_plan(request, flops=args.flops, hours=args.hours, mfu=args.mfu, nproc=args.nproc)
     write_plan(plan, out)
     print(render_plan(plan, out))
     print(f"plan: {out}/plan.md, config: {out}/pretrain.yaml")

@@ -336,41 +336,44 @@ def _base_config(sweep_cfg: ScalingConfig | None, config_args: list[str], data: 
 MFU_START = 0.4  # the first guess when --probe measures the MFU of a GPU-hours budget
 
 
+@dataclass
+class Request:
+    """What a plan is asked for, besides the budget."""
+
+    fit_path: str | None  # the law: a sweep's fit, points or run directories
+    law_name: str | None  # or published constants
+    config_args: list[str]  # the pretrain config to start from
+    data: str | None
+    name: str
+    probe: bool = False
+    shape: dict | None = None  # width/depth rule overrides
+    gpus: str | None = None
+
+
 def make_plan(
+    request: Request,
     *,
-    flops: float | None,
-    gpus: str | None,
-    hours: float | None,
-    mfu: float | None,
-    nproc: int,
-    fit_path: str | None,
-    law_name: str | None,
-    config_args: list[str],
-    data: str | None,
-    name: str,
-    do_probe: bool,
-    shape: dict | None = None,
+    flops: float | None = None,
+    hours: float | None = None,
+    mfu: float | None = None,
+    nproc: int = 1,
 ) -> Plan:
     """The plan of a budget; with --gpus/--hours and --probe but no --mfu, the MFU is measured:
     planned at MFU_START, probed, replanned at the measured MFU until it moves less than 5%
     (at most three rounds)."""
-    if (fit_path is None) == (law_name is None):
+    if (request.fit_path is None) == (request.law_name is None):
         raise ConfigurationError(
             "give the law: --fit runs/<sweep> (a sweep's fit) or --law hoffmann|besiroglu"
         )
+    gpus = request.gpus
     device = parse_gpus(gpus) if gpus else host_device(nproc)
     world = device.count if gpus else nproc
     if mfu is not None and not 0 < mfu <= 1:
         raise ConfigurationError(f"--mfu {mfu}: give a fraction in (0, 1], e.g. 0.4")
-    common = dict(
-        device=device, world=world, fit_path=fit_path, law_name=law_name,
-        config_args=config_args, data=data, name=name, do_probe=do_probe, shape=shape,
-        gpus=gpus,
-    )  # fmt: skip
     if flops is not None:
         if not (math.isfinite(flops) and flops > 0):
             raise ConfigurationError(f"--flops {flops}: give a compute budget in FLOPs > 0")
-        return _plan_at(flops, mfu=mfu, **common)
+        return _plan_at(flops, request, device=device, world=world, mfu=mfu)
     if hours is None or not gpus:
         raise ConfigurationError(
             "give the budget: --flops C, or --gpus COUNTxNAME --hours H (with --mfu or "
@@ -378,14 +381,15 @@ def make_plan(
         )
     if not hours > 0:
         raise ConfigurationError(f"--hours {hours}: give a duration > 0")
-    if mfu is None and not do_probe:
+    if mfu is None and not request.probe:
         raise ConfigurationError(
             "--gpus/--hours give time, not FLOPs: add --mfu (e.g. 0.4), the share of the "
             "peak your runs reach (`lmforge bench` measures it), or --probe to measure it"
         )
     rate = mfu if mfu is not None else MFU_START
     for _ in range(3):
-        plan = _plan_at(world * device.peak * rate * hours * 3600, mfu=rate, **common)
+        budget = world * device.peak * rate * hours * 3600
+        plan = _plan_at(budget, request, device=device, world=world, mfu=rate)
         if mfu is not None or plan.mfu is None or abs(plan.mfu / rate - 1) < 0.05:
             break
         rate = plan.mfu
@@ -397,22 +401,11 @@ def make_plan(
 
 
 def _plan_at(
-    flops: float,
-    *,
-    device: Device,
-    world: int,
-    mfu: float | None,
-    gpus: str | None,
-    fit_path: str | None,
-    law_name: str | None,
-    config_args: list[str],
-    data: str | None,
-    name: str,
-    do_probe: bool,
-    shape: dict | None,
+    flops: float, request: Request, *, device: Device, world: int, mfu: float | None
 ) -> Plan:
     from pretrain.prepare import load_manifest
 
+    fit_path, law_name, gpus = request.fit_path, request.law_name, request.gpus
     notes: list[str] = []
 
     sweep_cfg = None
@@ -425,7 +418,10 @@ def _plan_at(
     notes += law.notes
     base = load_config(
         PretrainConfig,
-        [*_base_config(sweep_cfg, config_args, data), {"name": name, "train": {"max_steps": 1}}],
+        [
+            *_base_config(sweep_cfg, request.config_args, request.data),
+            {"name": request.name, "train": {"max_steps": 1}},
+        ],
     )
     manifest = load_manifest(base.data.path)
     vocab = manifest["tokenizer"]["vocab_size"]
@@ -434,8 +430,8 @@ def _plan_at(
     seq = base.train.seq_len
     count = sweep_cfg.fit.params if sweep_cfg else "non_embedding"
     rule = sweep_cfg.shape if sweep_cfg else ShapeConfig(aspect_ratio=64, head_dim=64)
-    if shape:
-        rule = load_config(ShapeConfig, [rule.__dict__, shape])
+    if request.shape:
+        rule = load_config(ShapeConfig, [rule.__dict__, request.shape])
     shaped = shape_for(law.N, base=model, rule=rule, count=count)
     n_fit = fit_params(shaped, count)
     fpt = flops_per_token(shaped, seq)
@@ -512,7 +508,7 @@ def _plan_at(
         )
     chosen = fitting[0]
     rate = None
-    if do_probe:
+    if request.probe:
         for c in fitting[:3]:
             c["tokens_per_sec"] = probe(c["run"], world)
         chosen = max(fitting[:3], key=lambda c: c["tokens_per_sec"])
