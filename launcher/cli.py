@@ -513,12 +513,17 @@ def _parser() -> argparse.ArgumentParser:
         "--gpus", help="COUNTxNAME, e.g. 8xH100: the budget is their peak × --mfu × --hours"
     )
     sp.add_argument("--hours", type=float, help="wall-clock hours on --gpus")
-    sp.add_argument("--mfu", type=float, help="share of the peak the run reaches (e.g. 0.4)")
+    sp.add_argument(
+        "--mfu",
+        type=float,
+        help="share of the peak the run reaches (e.g. 0.4); with --probe and no --mfu, measured",
+    )
     sp.add_argument(
         "--fit",
-        metavar="SWEEP",
+        metavar="SOURCE",
         help="the law: a sweep's fit (runs/<sweep> or runs/<sweep>/report; its held-out budgets "
-        "are left out); the run starts from the sweep's pretrain config",
+        "are not read; the run starts from the sweep's pretrain config and follows its rules), "
+        "or a points CSV or run directories as `scaling fit` takes them",
     )
     sp.add_argument(
         "--law",
