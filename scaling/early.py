@@ -17,6 +17,7 @@ before a sweep relies on it.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -26,6 +27,7 @@ from pretrain.errors import ConfigurationError, DataError
 from scaling.analysis import analyse
 from scaling.config import ScalingConfig
 from scaling.curve import Curve, finished_runs, predict
+from scaling.fit import BUDGET_MIN_POINTS
 from scaling.runs import Verdict
 from scaling.sources import load_sweep
 
@@ -43,11 +45,18 @@ def judge(
     prediction,
     siblings: dict[str, tuple[float, float]],
     flops_per_step: float,
+    *,
+    others_left: int,
+    brackets: bool,
 ) -> Verdict:
     """The verdict on a point from its prediction (scaling.curve.Prediction) and its siblings'
-    (low, high) final train losses."""
+    (low, high) final train losses. A point out of reach is kept where its budget needs it for
+    a minimum: while fewer than BUDGET_MIN_POINTS of the budget's other points would be left
+    (``others_left``: finished, running or to run, not stopped), or when it ``brackets`` the
+    budget's best (the nearest size to it on one side: `brackets_best`)."""
     best = min(siblings.items(), key=lambda kv: kv[1][1]) if siblings else None
-    stop = best is not None and prediction.low > best[1][1]
+    beaten = best is not None and prediction.low > best[1][1]
+    stop = beaten and others_left >= BUDGET_MIN_POINTS and not brackets
     return Verdict(
         run=run,
         budget=budget,
@@ -62,7 +71,19 @@ def judge(
         flops_saved=(prediction.total_steps - prediction.from_step) * flops_per_step
         if stop
         else 0.0,
+        kept_for_minimum=beaten and not stop,
     )
+
+
+def brackets_best(size: float, sizes: dict[str, float], best: str | None) -> bool:
+    """Whether a point of N ``size`` is the nearest to the budget's best on its side (``sizes``:
+    N of the budget's other points not stopped, the best among them): the points either side of
+    the best are what pins a budget's minimum down."""
+    if best is None or best not in sizes:
+        return False
+    n_best = sizes[best]
+    side = [n for name, n in sizes.items() if name != best and (n > n_best) == (size > n_best)]
+    return all(abs(math.log(size / n_best)) <= abs(math.log(n / n_best)) for n in side)
 
 
 def live_prediction(run_dir: str, others: list[Curve]):
@@ -91,15 +112,20 @@ def simulate(sweep_dir: str, fraction: float) -> dict:
             os.path.join(sweep_dir, p["name"]), fraction=fraction, others=others
         )
     verdicts = []
-    for p in points:
-        siblings = {
-            q["name"]: (preds[q["name"]].low, preds[q["name"]].high)
-            for q in points
-            if q["budget"] == p["budget"] and q["name"] != p["name"]
-        }
-        verdicts.append(
-            judge(p["name"], p["budget"], preds[p["name"]], siblings, p["flops"] / p["steps"])
-        )
+    stopped_so_far: set[str] = set()
+    for p in sorted(points, key=lambda p: -preds[p["name"]].low):  # the worst are judged first
+        budget = [q for q in points if q["budget"] == p["budget"] and q["name"] != p["name"]]
+        live = [q for q in budget if q["name"] not in stopped_so_far]
+        siblings = {q["name"]: (preds[q["name"]].low, preds[q["name"]].high) for q in live}
+        best = min(siblings, key=lambda n: siblings[n][1]) if siblings else None
+        v = judge(
+            p["name"], p["budget"], preds[p["name"]], siblings, p["flops"] / p["steps"],
+            others_left=len(live),
+            brackets=brackets_best(p["params"], {q["name"]: q["params"] for q in live}, best),
+        )  # fmt: skip
+        if v.stop:
+            stopped_so_far.add(p["name"])
+        verdicts.append(v)
     stopped = {v.run for v in verdicts if v.stop}
     total = sum(p["flops"] for p in points)
     saved = sum(v.flops_saved for v in verdicts)
@@ -142,7 +168,7 @@ def describe_simulation(sim: dict) -> str:
         f"early stopping replayed from {sim['fraction']:.0%} of each run's steps "
         "(each point against its siblings' predicted intervals from the same fraction):"
     ]
-    lines += [f"  {v.describe()}" for v in sim["verdicts"] if v.stop]
+    lines += [f"  {v.describe()}" for v in sim["verdicts"] if v.stop or v.kept_for_minimum]
     n = sum(v.stop for v in sim["verdicts"])
     lines.append(
         f"{n} of {len(sim['verdicts'])} runs stopped; {sim['flops_saved']:.3g} of "

@@ -83,6 +83,7 @@ class Verdict:
     sibling_high: float | None
     stop: bool
     flops_saved: float  # the FLOPs of the steps it did not train (0 unless stopped)
+    kept_for_minimum: bool = False  # out of reach, but its budget needs it for a minimum
 
     def describe(self) -> str:
         head = (
@@ -91,11 +92,14 @@ class Verdict:
         )
         if self.sibling is None:
             return head + "; no sibling to compare with yet: continues"
-        return head + (
-            f" > {self.sibling}'s {self.sibling_high:.4f}: stopped"
-            if self.stop
-            else f", within reach of {self.sibling}'s {self.sibling_high:.4f}: continues"
-        )
+        if self.stop:
+            return head + f" > {self.sibling}'s {self.sibling_high:.4f}: stopped"
+        if self.kept_for_minimum:
+            return head + (
+                f" > {self.sibling}'s {self.sibling_high:.4f}, but its budget needs it for its "
+                "minimum (three runs, and a size either side of the best): continues"
+            )
+        return head + f", within reach of {self.sibling}'s {self.sibling_high:.4f}: continues"
 
 
 def write_verdict(run_dir: str, verdict: Verdict) -> None:

@@ -35,7 +35,7 @@ from pretrain.durable import check_writable, replace_durable
 from pretrain.errors import ConfigurationError, DataError, LMForgeError
 from scaling.config import ScalingConfig
 from scaling.curve import finished_runs, load_curve
-from scaling.early import judge, live_prediction
+from scaling.early import brackets_best, judge, live_prediction
 from scaling.plan import Plan, Point, describe_plan, make_plan
 from scaling.report import report_sweep
 from scaling.runs import Verdict, final_eval, read_verdict, write_verdict
@@ -118,7 +118,16 @@ def _judge_running(
                 siblings[q.name] = (final, final)
             elif q.name in judged:
                 siblings[q.name] = (judged[q.name].low, judged[q.name].high)
-        verdict = judge(p.name, p.budget, pred, siblings, p.flops / p.steps)
+        live = [
+            q
+            for q in every
+            if q.budget == p.budget and q.name != p.name and point_status(root, q) != "stopped"
+        ]
+        best = min(siblings, key=lambda n: siblings[n][1]) if siblings else None
+        verdict = judge(
+            p.name, p.budget, pred, siblings, p.flops / p.steps, others_left=len(live),
+            brackets=brackets_best(p.params, {q.name: q.params for q in live}, best),
+        )  # fmt: skip
         judged[p.name] = verdict
         print(f"early stop check: {verdict.describe()}")
         if verdict.stop:
