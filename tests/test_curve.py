@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import yaml
 
+from launcher.cli import main
 from scaling.curve import Fit, check_sweep, load_curve, predict
 from tests.conftest import lmforge
 
@@ -133,9 +134,10 @@ def test_val_offset_from_periodic_evals(tmp_path):
     assert pred.val_low <= pred.val <= pred.val_high
 
 
-def test_cli_predict_and_bad_input(tmp_path):
-    """`lmforge runs NAME --predict[-from]` on run directories written here; bad input: one
-    line, non-zero exit, no figure."""
+def test_cli_predict_and_bad_input(tmp_path, capsys):
+    """`lmforge runs NAME --predict[-from]` on run directories written here (a real process);
+    bad input (in-process, as the command's handler sees it): one line, non-zero exit, no
+    figure."""
     runs = tmp_path / "runs"
     write_run(str(runs / "done"), steps=600, seed=3)
     out = lmforge("runs", "done", "--runs-dir", str(runs), "--predict", "--predict-from", "0.3")
@@ -165,8 +167,11 @@ def test_cli_predict_and_bad_input(tmp_path):
         (["--predict-check", str(runs / "nope")], "not a directory"),
     ]
     for args, expected in cases:
-        res = lmforge("runs", *args, "--runs-dir", str(runs), check=False)
-        err = res.stderr.strip()
-        assert res.returncode != 0 and expected in err and len(err.splitlines()) == 1, (args, err)
+        try:
+            code = main(["runs", *args, "--runs-dir", str(runs)])
+        except SystemExit as exc:  # argparse
+            code = exc.code
+        err = capsys.readouterr().err.strip()
+        assert code != 0 and expected in err and len(err.splitlines()) == 1, (args, err)
     for name in ("empty", "evalonly", "partial"):
         assert not (runs / name / "predict.png").exists()
