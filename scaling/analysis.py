@@ -75,7 +75,9 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
     held_parabolas, held_profiles = budget_minima(
         pts.subset(np.flatnonzero(held)), budgets[held], src.fpt, full.surface, None
     )
-    for m in [*full.minima, *held_profiles]:
+    profiled = bool(full.minima) and full.minima[0].method == "profile"
+    held_minima = held_profiles if profiled else held_parabolas
+    for m in [*full.minima, *held_minima]:
         if not m.inside:
             notes.append(
                 f"budget {format_flops(m.C)}: the minimum N={format_count(m.N_opt)} lies outside "
@@ -113,9 +115,7 @@ def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
     objects: dict = {
         "minima": full.minima,
         "parabolas": full.parabolas + held_parabolas,
-        "held_minima": held_profiles
-        if full.minima and full.minima[0].method == "profile"
-        else held_parabolas,
+        "held_minima": held_minima,
         "held": held,
         "budgets": budgets,
         "fitted": full,
