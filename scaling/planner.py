@@ -137,6 +137,7 @@ class Law:
     source: str  # "a sweep's fit" or a citation
     N: float
     N_interval: tuple[float, float] | None
+    D_interval: tuple[float, float] | None
     D: float
     loss: float | None  # None: published constants (their data, not yours)
     loss_interval: tuple[float, float] | None
@@ -155,6 +156,7 @@ def _published_law(name: str, C: float) -> Law:
         source=cite,
         N=n,
         N_interval=None,
+        D_interval=None,
         D=d,
         loss=None,
         loss_interval=None,
@@ -211,11 +213,20 @@ def _fitted_law(fit_path: str, C: float) -> tuple[Law, ScalingConfig | None]:
     (t,) = result["targets"]
     if "best_N" not in t or "best_loss" not in t:
         raise ConfigurationError(f"--fit {fit_path}: the fit predicts no N* or loss at {C:.3g}")
+    n_iv = t["best_N_interval"]
+    d_iv = None
+    if n_iv:  # D = C / FLOPs per token of N: the larger N, the fewer tokens
+
+        def tokens(n: float) -> float:
+            return C / (6 * n if src.fpt is None else float(src.fpt(n)))
+
+        d_iv = (tokens(n_iv[1]), tokens(n_iv[0]))
     return (
         Law(
             source=source,
             N=t["best_N"],
-            N_interval=t["best_N_interval"],
+            N_interval=n_iv,
+            D_interval=d_iv,
             D=t["best_D"],
             loss=t["best_loss"],
             loss_interval=t["best_interval"],
@@ -562,7 +573,13 @@ def render_plan(plan: Plan, out: str) -> str:
         f"| N* (law) | {format_count(law.N)} | "
         + (f"[{format_count(iv[0])}, {format_count(iv[1])}]" if iv else "—")
         + " |",
-        f"| D* (law) | {format_count(law.D)} tokens | |",
+        f"| D* (law) | {format_count(law.D)} tokens | "
+        + (
+            f"[{format_count(law.D_interval[0])}, {format_count(law.D_interval[1])}]"
+            if law.D_interval
+            else "—"
+        )
+        + " |",
         f"| model | {m.n_layer} layers, d_model {m.d_model}, {m.n_head} heads: "
         f"{format_count(plan.params)} parameters (the law's N) | |",
         f"| tokens | {format_count(plan.tokens)} = {cfg.train.max_steps:,} steps × "
@@ -635,6 +652,8 @@ def write_plan(plan: Plan, out: str) -> None:
                     "N": plan.params,
                     "N_law": plan.law.N,
                     "N_interval": plan.law.N_interval,
+                    "D_law": plan.law.D,
+                    "D_interval": plan.law.D_interval,
                     "tokens": plan.tokens,
                     "epochs": plan.epochs,
                     "loss": plan.law.loss,

@@ -78,6 +78,9 @@ def test_plan_from_a_fit_writes_the_run_its_law_and_rules_give(
     assert doc["loss"] == pytest.approx(target["best_loss"], rel=1e-9)
     lo, hi = doc["loss_interval"]
     assert lo < doc["loss"] < hi
+    n_lo, n_hi = doc["N_interval"]
+    d_lo, d_hi = doc["D_interval"]
+    assert n_lo < doc["N_law"] < n_hi and d_lo < doc["D_law"] < d_hi
     # the shape by the width/depth rule, the steps the budget buys, DeepSeek's batch and rate
     vocab = json.load(open(os.path.join(tiny_data, "manifest.json")))["tokenizer"]["vocab_size"]
     base = load_config(ModelConfig, ["max_seq_len=128", "tie_embeddings=false"])
