@@ -27,10 +27,13 @@ demo: $(STAMP)
 	$(BIN)/python -m launcher.demo
 
 # The scaling-law sweep on CPU (configs/scaling/demo.yaml): prepare, train the IsoFLOP grid
-# (finished runs are skipped on a rerun), fit the smaller budgets, predict the largest.
+# (finished runs are skipped on a rerun), fit the smaller budgets, predict the largest; then how
+# well each run's final loss is predicted from its start, and the plan of a 1e13-FLOP run.
 scaling-demo: $(STAMP)
 	@test -f data/scaling/manifest.json || $(BIN)/lmforge prepare configs/prepare/scaling.yaml
 	$(BIN)/lmforge scaling sweep configs/scaling/demo.yaml
+	$(BIN)/lmforge runs --predict-check runs/scaling-demo --fractions 0.2,0.3,0.5 | tail -3
+	OMP_NUM_THREADS=1 $(BIN)/lmforge plan --flops 1e13 --fit runs/scaling-demo --probe
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
