@@ -15,6 +15,7 @@ import os
 import pytest
 import yaml
 
+from launcher.cli import main
 from tests.conftest import REPO, lmforge
 from tests.runs import read_metrics
 
@@ -179,17 +180,20 @@ def test_fit_command_on_chinchilla_csv_excludes_outliers_and_predicts(tmp_path):
     ],
     ids=["too-few-points", "nan-loss", "non-positive-N", "missing-column", "budget-tolerance"],
 )  # fmt: skip
-def test_fit_command_bad_inputs_are_one_line_errors(tmp_path, rows, args, message):
+def test_fit_command_bad_inputs_are_one_line_errors(tmp_path, capsys, rows, args, message):
+    """In-process, as the command's handler sees them: one line on stderr, exit 2, no report."""
     path = tmp_path / "points.csv"
     path.write_text(rows)
     out = tmp_path / "report"
-    res = lmforge("scaling", "fit", str(path), "--out", str(out), *args, check=False)
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert len(res.stderr.strip().splitlines()) == 1 and message in res.stderr
+    code = main(["scaling", "fit", str(path), "--out", str(out), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and message in err
     assert not out.exists()
 
 
-def test_sweep_config_errors_are_one_line(tiny_data, tmp_path):
+def test_sweep_config_errors_are_one_line(tiny_data, tmp_path, capsys):
+    """In-process, as the command's handler sees them: one line on stderr, exit 2."""
     cfg = sweep_config(tmp_path / "sweep.yaml", tiny_data, str(tmp_path / "runs"))
     for args, message in [
         (["pretrain.model.n_layer=4"], "set by the sweep for each point"),
@@ -199,9 +203,10 @@ def test_sweep_config_errors_are_one_line(tiny_data, tmp_path):
         (["pretrain.data.path=/nonexistent"], "no prepared data"),
         (["budgets=[1.0e3]"], "every point of the sweep was left out"),
     ]:
-        res = lmforge("scaling", "sweep", cfg, *args, "--dry-run", check=False)
-        assert res.returncode == 2 and message in res.stderr, (args, res.stderr)
-        assert len(res.stderr.strip().splitlines()) == 1
+        code = main(["scaling", "sweep", cfg, *args, "--dry-run"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err, (args, err)
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_plan_follows_the_width_depth_rule_and_matches_the_schedule_to_d(tiny_data, tmp_path):
