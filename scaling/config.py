@@ -211,6 +211,11 @@ class ScalingConfig:
                 f"`early_stop` must be in [0, 1) (a fraction of each run, 0 = off), got "
                 f"{self.early_stop}"
             )
+        if self.early_stop and self.launcher != "local":
+            raise ConfigurationError(
+                f"`early_stop={self.early_stop:g}` judges runs as they train here: use it with "
+                "launcher=local, or set early_stop=0 for launcher=slurm"
+            )
         if not 0 <= self.warmup_fraction < 1:
             raise ConfigurationError(
                 f"`warmup_fraction` must be in [0, 1), got {self.warmup_fraction}"

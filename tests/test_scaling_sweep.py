@@ -202,6 +202,8 @@ def test_sweep_config_errors_are_one_line(tiny_data, tmp_path, capsys):
         (["sizes.spacing=1"], "sizes.spacing > 1"),
         (["pretrain.data.path=/nonexistent"], "no prepared data"),
         (["budgets=[1.0e3]"], "every point of the sweep was left out"),
+        (["early_stop=0.3", "launcher=slurm"], "use it with launcher=local"),
+        (["early_stop=1.5"], "`early_stop` must be in [0, 1)"),
     ]:
         code = main(["scaling", "sweep", cfg, *args, "--dry-run"])
         err = capsys.readouterr().err
