@@ -402,8 +402,9 @@ def _parser() -> argparse.ArgumentParser:
     sp = command(
         "scaling",
         "Scaling laws: `scaling sweep CONFIG` trains an IsoFLOP grid of runs (here or as a SLURM "
-        "array); `scaling fit SOURCE` fits L(C), L(N, D) and the compute-optimal allocation and "
-        "writes a report.",
+        "array); `scaling fit SOURCE` fits L(C), L(N, D) and the compute-optimal allocation, "
+        "chooses the form that predicts by a backtest on the fitted budgets, and writes a "
+        "report.",
         config=False,
     )
     scaling = sp.add_subparsers(dest="scaling_command", metavar="sweep|fit")
