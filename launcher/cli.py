@@ -721,6 +721,7 @@ def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
 
 
 def _plan(args: argparse.Namespace, argv: list[str]) -> int:
+    from pretrain.durable import check_writable
     from pretrain.errors import ConfigurationError
     from scaling.plan import format_flops
     from scaling.planner import Request, make_plan, render_plan, write_plan
@@ -730,6 +731,9 @@ def _plan(args: argparse.Namespace, argv: list[str]) -> int:
     budget = args.flops if args.flops is not None else 0.0
     name = args.name or (f"plan-{format_flops(budget)}" if args.flops else "plan")
     out = args.out or os.path.join("plans", name)
+    if os.path.lexists(out) and not os.path.isdir(out):  # said before the fit, not after it
+        raise ConfigurationError(f"--out {out} is a file; give a directory for the plan")
+    check_writable(out, "--out ")
     request = Request(
         fit_path=args.fit,
         law_name=args.law,

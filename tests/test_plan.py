@@ -156,13 +156,20 @@ def test_repetition_is_worth_less_than_fresh_data():
         (["--flops", "1e12", "--mfu", "1.5", "--law", "hoffmann"], "--mfu 1.5"),
         (["--flops", "-1", "--law", "hoffmann"], "--flops -1.0"),
         (["--flops", "1e12", "--fit", "nowhere"], "--fit nowhere: not a sweep"),
+        (["--flops", "1e12", "--law", "hoffmann", "--out", "FILE"], "is a file"),
     ],
     ids=["no-law", "two-laws", "no-budget", "no-mfu", "unknown-gpu", "bad-gpus", "mfu", "flops",
-         "fit-path"],
+         "fit-path", "out-file"],
 )  # fmt: skip
 def test_plan_bad_input_is_one_line_and_writes_nothing(tiny_data, tmp_path, capsys, args, message):
     out = str(tmp_path / "plan")
-    code, _, err = _run(["plan", f"data.path={tiny_data}", *args, "--out", out], capsys)
+    if "FILE" in args:  # --out names an existing file: refused before any work, file kept
+        (tmp_path / "file").write_text("mine")
+        args = [str(tmp_path / "file") if a == "FILE" else a for a in args]
+    else:
+        args = [*args, "--out", out]
+    code, _, err = _run(["plan", f"data.path={tiny_data}", *args], capsys)
     assert code == 2 and message in err
     assert len(err.strip().splitlines()) == 1
     assert not os.path.exists(out)
+    assert not (tmp_path / "file").exists() or (tmp_path / "file").read_text() == "mine"
