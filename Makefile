@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m launcher.demo
+	$(BIN)/python -m lmforge.launcher.demo
 
 # The scaling-law sweep on CPU (configs/scaling/demo.yaml): prepare, train the IsoFLOP grid
 # (finished runs are skipped on a rerun), fit the smaller budgets, predict the largest; then how

@@ -1,7 +1,7 @@
 """`lmforge finetune` config: the base model, the task and its data, and how to adapt.
 
 The run fields and the model, optimizer, parallel, checkpoint and logging sections are every
-run's (``RunConfig``, pretrain/config.py) and the loop's common fields ``LoopConfig``'s; only what
+run's (``RunConfig``, pretrain/config/schema.py) and the loop's common fields ``LoopConfig``'s; only what
 differs for a labelled task is new here. The model's shape and tokenizer come from
 `init_from`; the run stores them (`model`, `tokenizer`) in its resolved config.
 """
@@ -13,8 +13,14 @@ from typing import Literal
 
 from omegaconf import MISSING
 
-from pretrain.config import LoopConfig, ModelConfig, OptimConfig, RunConfig, check_escapechar
-from pretrain.errors import ConfigurationError
+from lmforge.pretrain.config.schema import (
+    LoopConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    check_escapechar,
+)
+from lmforge.pretrain.core.errors import ConfigurationError
 
 
 @dataclass
@@ -141,7 +147,7 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=lambda: ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
     )
-    """Linear layers (by attribute name in pretrain/model.py) that get adapters."""
+    """Linear layers (by attribute name in pretrain/model/transformer.py) that get adapters."""
 
     def __post_init__(self) -> None:
         if self.r < 1 or not self.alpha > 0 or not 0.0 <= self.dropout < 1.0:

@@ -14,7 +14,7 @@ model output (B, T, n_out) serve all of them, pipeline stages included:
 Batches are right-padded (causal attention: padding after a position never changes it) to the
 longest example of the micro-batch, or to ``max_len`` under pipeline parallelism (a schedule
 needs one shape). :class:`ExampleSet` has the interface of pretraining's windows, so
-:class:`pretrain.data.TrainBatches` gives the same exact, resumable, world-size-independent order.
+:class:`pretrain.data.batches.TrainBatches` gives the same exact, resumable, world-size-independent order.
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ import os
 import numpy as np
 import torch
 
-from pretrain import dist as pdist
-from pretrain.errors import ConfigurationError, DataError
-from pretrain.runlock import LAUNCHER_ENV
-from pretrain.sources import load_rows
+from lmforge.pretrain.core import dist as pdist
+from lmforge.pretrain.core.errors import ConfigurationError, DataError
+from lmforge.pretrain.core.runlock import LAUNCHER_ENV
+from lmforge.pretrain.data.sources import load_rows
 
 IGNORE = -100
 
 
 # --------------------------------------------------------------------------------------------
-# tables: rows from pretrain.sources.load_rows (also the source reader of `lmforge prepare`)
+# tables: rows from pretrain.data.sources.load_rows (also the source reader of `lmforge prepare`)
 # --------------------------------------------------------------------------------------------
 
 
@@ -290,7 +290,7 @@ def tokenize(
         if task.packing and is_train:
             made = pack(made, task.max_len)
     else:
-        from finetune.metrics import validate_bio_labels
+        from lmforge.finetune.metrics import validate_bio_labels
 
         for r in rows:
             words, tags = r[task.tokens_column], r[task.tags_column]

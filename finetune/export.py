@@ -36,13 +36,18 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from finetune.hf import ARCHITECTURES, llama_config, to_hf_name
-from finetune.hf_tokenizer import instruction_chat_template, write_hf_tokenizer
-from finetune.model import Source, build_model, load_source
-from pretrain.consolidate import DTYPES
-from pretrain.durable import atomic_directory, check_new_dir, check_writable, write_durable
-from pretrain.errors import ConfigurationError
-from pretrain.tokenizer import Tokenizer
+from lmforge.finetune.hf_mapping import ARCHITECTURES, llama_config, to_hf_name
+from lmforge.finetune.hf_tokenizer import instruction_chat_template, write_hf_tokenizer
+from lmforge.finetune.model import ModelSource, build_model, load_source
+from lmforge.pretrain.checkpoint.consolidate import DTYPES
+from lmforge.pretrain.core.durable import (
+    atomic_directory,
+    check_new_dir,
+    check_writable,
+    write_durable,
+)
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.data.tokenizer import Tokenizer
 
 PIPELINE_TAGS = {
     None: "text-generation",
@@ -299,9 +304,13 @@ def _hub_model(path: str | None) -> str | None:
     return f"{match.group(1)}/{match.group(2)}" if match else None
 
 
-def _origin(src: Source) -> dict:
+def _origin(src: ModelSource) -> dict:
     """Where the model came from: its source, base model and last evaluation (at its step)."""
-    from pretrain.checkpoint import read_checkpoint_config, read_json_file, read_trainer_state
+    from lmforge.pretrain.checkpoint.store import (
+        read_checkpoint_config,
+        read_json_file,
+        read_trainer_state,
+    )
 
     if src.kind == "hf":  # an export (read back) or a foreign Hugging Face directory
         file = os.path.join(src.path, "lmforge.json")
@@ -387,7 +396,7 @@ def _generation_config(tok: Tokenizer, kind: str | None):
     )
 
 
-def front_matter(src: Source, meta: dict, *, name: str) -> dict:
+def front_matter(src: ModelSource, meta: dict, *, name: str) -> dict:
     """The card's YAML metadata, in the Hub's schema."""
     task = meta["task"] or {}
     kind = task.get("type")
@@ -432,7 +441,7 @@ def front_matter(src: Source, meta: dict, *, name: str) -> dict:
     return data
 
 
-def model_card(src: Source, meta: dict, *, arch: str, out: str, prep: Preprocessing) -> str:
+def model_card(src: ModelSource, meta: dict, *, arch: str, out: str, prep: Preprocessing) -> str:
     name = os.path.basename(os.path.abspath(out))
     matter = yaml.safe_dump(
         front_matter(src, meta, name=name), sort_keys=False, allow_unicode=True, width=1000

@@ -29,8 +29,8 @@ import tempfile
 
 import yaml
 
-from pretrain.durable import replace_durable
-from pretrain.errors import ConfigurationError
+from lmforge.pretrain.core.durable import replace_durable
+from lmforge.pretrain.core.errors import ConfigurationError
 
 EXTRA = "lmeval"  # pip install 'lmforge[lmeval]'
 HARNESS = "lm-evaluation-harness"
@@ -81,8 +81,8 @@ def _task_manager(lm_eval, tasks: list[str], include: list[str]):
 
 def _where(path: str) -> tuple[str | None, str, int | None, str]:
     """(export dir or None, results file, training step, causal-LM check's subject)."""
-    from finetune.model import load_source
-    from pretrain.checkpoint import read_trainer_state
+    from lmforge.finetune.model import load_source
+    from lmforge.pretrain.checkpoint.store import read_trainer_state
 
     if os.path.isfile(os.path.join(path, "config.json")):  # an exported directory
         with open(os.path.join(path, "config.json")) as f:
@@ -158,7 +158,7 @@ def run_lm_eval(
     tmp = None
     try:
         if export_dir is None:
-            from finetune.export import export
+            from lmforge.finetune.export import export
 
             tmp = tempfile.mkdtemp(prefix=".lm-eval-", dir=os.path.dirname(results_path))
             model_dir = export(path, out=os.path.join(tmp, "model"), dtype=dtype)

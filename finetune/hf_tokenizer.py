@@ -50,7 +50,7 @@ tokens decode as "<s>"/"</s>", with the dummy-prefix space after "<s>" kept (pas
 `skip_special_tokens=True` to drop them, as SentencePiece does), `<unk>` decodes as "<unk>" (SentencePiece writes " ⁇ "), and a run of byte pieces that is
 not valid UTF-8 becomes one U+FFFD per byte (SentencePiece keeps the valid characters in it).
 
-Only models trained the way `pretrain.tokenizer.train_tokenizer` trains them are supported, and
+Only models trained the way `pretrain.data.tokenizer.train_tokenizer` trains them are supported, and
 only BPE: for a Unigram model, equal-score segmentations (as of "    xy" with "▁" and "▁▁"
 pieces) are common, and SentencePiece picks among them by float32 rounding while Hugging Face's
 Unigram sums in float64, so the ids would differ on ordinary text.
@@ -66,9 +66,9 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, processors
 
-from pretrain.durable import replace_durable
-from pretrain.errors import ConfigurationError
-from pretrain.tokenizer import Tokenizer
+from lmforge.pretrain.core.durable import replace_durable
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.data.tokenizer import Tokenizer
 
 _Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 _SPACE = "\u2581"  # SentencePiece's visible space, "▁"

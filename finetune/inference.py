@@ -10,9 +10,9 @@ import sys
 
 import torch
 
-from finetune.model import build_model, load_source
-from pretrain.errors import ConfigurationError, DataError
-from pretrain.tokenizer import Tokenizer
+from lmforge.finetune.model import build_model, load_source
+from lmforge.pretrain.core.errors import ConfigurationError, DataError
+from lmforge.pretrain.data.tokenizer import Tokenizer
 
 
 def _load(path: str):
@@ -136,9 +136,9 @@ def task_metrics(
 ) -> dict:
     """The finetuned model's task metrics on a labelled file (columns as in training, or
     overridden by ``columns``: {"text_column": ..., "label_column": ...})."""
-    from finetune.config import TaskConfig
-    from finetune.data import load_rows, tokenize, warn
-    from finetune.tasks import evaluator_for, make_loss
+    from lmforge.finetune.config import TaskConfig
+    from lmforge.finetune.data import load_rows, tokenize, warn
+    from lmforge.finetune.tasks import evaluator_for, make_loss
 
     src, model, tok = _load(path)
     if not src.task:

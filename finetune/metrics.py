@@ -34,7 +34,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from pretrain.errors import DataError
+from lmforge.pretrain.core.errors import DataError
 
 __all__ = [
     "ConfusionMatrix",
@@ -207,7 +207,7 @@ def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
     * a chunk ends after ``E-X`` and ``S-X``, and before ``O``.
 
     The BIO, IO and IOBES schemes are all handled. Tags must be ``"O"`` or ``P-TYPE`` with ``P``
-    one of B, I, E, S; anything else raises :class:`~pretrain.errors.DataError` (seqeval instead
+    one of B, I, E, S; anything else raises :class:`~pretrain.core.errors.DataError` (seqeval instead
     warns and guesses, e.g. a bare ``"B"`` becomes a chunk of type ``"_"``).
     """
     chunks: set[tuple[str, int, int]] = set()
@@ -230,7 +230,7 @@ def entities(tags: Sequence[str]) -> set[tuple[str, int, int]]:
 
 
 def validate_bio_labels(labels: Sequence[str]) -> None:
-    """Raise :class:`~pretrain.errors.DataError` unless every label is ``"O"``, ``B-X`` or ``I-X``.
+    """Raise :class:`~pretrain.core.errors.DataError` unless every label is ``"O"``, ``B-X`` or ``I-X``.
 
     ``X`` is any non-blank entity type (it may contain '-'). The IO scheme (no ``B-`` labels) is
     accepted; IOBES labels (``E-X``, ``S-X``) are not.
@@ -253,7 +253,7 @@ def validate_bio_labels(labels: Sequence[str]) -> None:
 
 def entity_types_from_labels(labels: Iterable[str]) -> list[str]:
     """The sorted entity types named by a tag list: ``["O", "B-PER", "I-PER", "B-LOC"]`` ->
-    ``["LOC", "PER"]``. Raises :class:`~pretrain.errors.DataError` on a malformed tag."""
+    ``["LOC", "PER"]``. Raises :class:`~pretrain.core.errors.DataError` on a malformed tag."""
     return sorted({type_ for prefix, type_ in map(_split_tag, labels) if prefix != "O"})
 
 

@@ -2,11 +2,11 @@
 
 `load_source(path)` reads any of
 - an lmforge run directory (its latest checkpoint) or a checkpoint directory, of any parallel
-  layout (the weights are rebuilt from the shards, pretrain/consolidate.py),
+  layout (the weights are rebuilt from the shards, pretrain/checkpoint/consolidate.py),
 - a `lmforge consolidate` directory (model.safetensors + config.yaml),
 - a Hugging Face Llama directory (config.json + *.safetensors + a SentencePiece tokenizer.model),
   which is what `lmforge export` writes,
-into one :class:`Source`: the model shape, fp32 weights under lmforge's names, the tokenizer, the
+into one :class:`ModelSource`: the model shape, fp32 weights under lmforge's names, the tokenizer, the
 task (for a finetuned model) and the compute that went into it.
 """
 
@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pretrain.config import ModelConfig
-from pretrain.errors import CheckpointError, ConfigurationError
-from pretrain.model import GPT
+from lmforge.pretrain.config.schema import ModelConfig
+from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
+from lmforge.pretrain.model.transformer import GPT
 
 
 @dataclass
-class Source:
+class ModelSource:
     path: str
     model: ModelConfig
     load_weights: Callable[[], dict[str, torch.Tensor]]  # read only when used (large models)
@@ -54,17 +54,17 @@ def _model_cfg(section: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in section.items() if k in keys})
 
 
-def load_source(path: str) -> Source:
+def load_source(path: str) -> ModelSource:
     """Whatever model directory ``path`` is (see the module docstring)."""
 
-    from pretrain.checkpoint import (
+    from lmforge.pretrain.checkpoint.consolidate import full_weights, resolve_checkpoint
+    from lmforge.pretrain.checkpoint.store import (
         checkpoint_tokenizer,
         read_checkpoint_config,
         read_json_file,
         read_trainer_state,
         verify_checkpoint,
     )
-    from pretrain.consolidate import full_weights, resolve_checkpoint
 
     if not os.path.exists(path):
         raise ConfigurationError(f"{path}: no such run, checkpoint or model directory")
@@ -77,7 +77,7 @@ def load_source(path: str) -> Source:
         from safetensors.torch import load_file
 
         tok = os.path.join(path, "tokenizer.model")
-        return Source(
+        return ModelSource(
             path=path,
             model=_model_cfg(cfg["model"]),
             load_weights=lambda: load_file(os.path.join(path, "model.safetensors")),
@@ -91,7 +91,7 @@ def load_source(path: str) -> Source:
     verify_checkpoint(checkpoint)
     state = read_trainer_state(checkpoint)
     cfg = read_checkpoint_config(checkpoint)
-    return Source(
+    return ModelSource(
         path=checkpoint,
         model=_model_cfg(cfg["model"]),
         load_weights=lambda: full_weights(checkpoint),
@@ -116,7 +116,7 @@ def _compute(state: dict, cfg: dict) -> dict:
 
 def _verify_consolidated(path: str, info: dict) -> None:
     """The sha256 sums `lmforge consolidate` recorded in consolidated.json still match."""
-    from pretrain.durable import sha256_file
+    from lmforge.pretrain.core.durable import sha256_file
 
     sums = info.get("sha256")
     if not isinstance(sums, dict):
@@ -130,11 +130,11 @@ def _verify_consolidated(path: str, info: dict) -> None:
             )
 
 
-def _load_hf(path: str) -> Source:
+def _load_hf(path: str) -> ModelSource:
     from safetensors.torch import load_file
 
-    from finetune.hf import from_hf_name, model_config_from_hf
-    from pretrain.checkpoint import read_json_file
+    from lmforge.finetune.hf_mapping import from_hf_name, model_config_from_hf
+    from lmforge.pretrain.checkpoint.store import read_json_file
 
     config = read_json_file(os.path.join(path, "config.json"))
     model_cfg = model_config_from_hf(config, source=path)
@@ -169,7 +169,7 @@ def _load_hf(path: str) -> Source:
     elif meta.get("task"):
         task = meta["task"]
     tok = os.path.join(path, "tokenizer.model")
-    return Source(
+    return ModelSource(
         path=path,
         model=model_cfg,
         load_weights=load_weights,
@@ -205,7 +205,7 @@ def wrap_lora(model: GPT, lora: dict) -> torch.nn.Module:
     return peft_model
 
 
-def build_model(src: Source, *, merge: bool = True) -> GPT:
+def build_model(src: ModelSource, *, merge: bool = True) -> GPT:
     """The model of a source with its weights, adapters merged (for inference and export)."""
     model = GPT(src.model, n_out=src.n_out)
     if src.lora:

@@ -3,7 +3,7 @@ and checkpoints on labelled examples.
 
 Nothing here is a second training loop: the examples (finetune/data.py) have the interface of
 pretraining's windows, every task's loss is a masked cross-entropy of the model output, and the
-run session (pretrain/session.py: layout, strategy, resume, trainer, checkpoints, metrics and
+run session (pretrain/run/session.py: layout, strategy, resume, trainer, checkpoints, metrics and
 signal handling) is pretraining's. :class:`Finetuning` says only what is specific.
 What finetuning adds is the model surgery (head, LoRA, freezing), task metrics in the eval rows,
 early stopping, sampled generations, and the base model's compute in the run's metadata.
@@ -17,22 +17,28 @@ import os
 
 from torch import nn
 
-from finetune.config import FinetuneConfig
-from finetune.data import TaskData, class_weights, load_rows, steps_for
-from finetune.metrics import majority_baseline
-from finetune.model import Source, build_model, load_source, wrap_lora
-from finetune.tasks import EarlyStopping, Samples, default_metric, evaluator_for, make_loss
-from pretrain import dist as pdist
-from pretrain.config import ModelConfig, to_container
-from pretrain.errors import CheckpointError, ConfigurationError
-from pretrain.flops import trained_flops_per_token
-from pretrain.model import GPT
-from pretrain.session import RunSession, Workload, seed_everything
-from pretrain.tokenizer import Tokenizer
-from pretrain.trainer import Callback, Trainer
+from lmforge.finetune.config import FinetuneConfig
+from lmforge.finetune.data import TaskData, class_weights, load_rows, steps_for
+from lmforge.finetune.metrics import majority_baseline
+from lmforge.finetune.model import ModelSource, build_model, load_source, wrap_lora
+from lmforge.finetune.tasks import (
+    EarlyStopping,
+    SampleGenerations,
+    default_metric,
+    evaluator_for,
+    make_loss,
+)
+from lmforge.pretrain.config.schema import ModelConfig, to_container
+from lmforge.pretrain.core import dist as pdist
+from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
+from lmforge.pretrain.data.tokenizer import Tokenizer
+from lmforge.pretrain.model.flops import trained_flops_per_token
+from lmforge.pretrain.model.transformer import GPT
+from lmforge.pretrain.run.session import RunSession, Workload, seed_everything
+from lmforge.pretrain.train.loop import Callback, Trainer
 
 
-def resolve_base(cfg: FinetuneConfig) -> tuple[Source | None, Tokenizer]:
+def resolve_base(cfg: FinetuneConfig) -> tuple[ModelSource | None, Tokenizer]:
     """The base model and tokenizer; fills ``cfg.model`` with the base's shape. Refuses a model
     section that contradicts the base, and a tokenizer that is not the base's."""
     src = load_source(cfg.init_from) if cfg.init_from else None
@@ -71,7 +77,7 @@ def resolve_base(cfg: FinetuneConfig) -> tuple[Source | None, Tokenizer]:
     return src, tok
 
 
-def initial_model(cfg: FinetuneConfig, src: Source | None, n_out: int | None):
+def initial_model(cfg: FinetuneConfig, src: ModelSource | None, n_out: int | None):
     """The model to train: base weights (unless from scratch), a new head when the task needs
     one, LoRA adapters or a frozen trunk."""
     seed_everything(cfg.seed)
@@ -232,7 +238,7 @@ class Finetuning(Workload):
             return
         if strategy.whole_model_per_rank:
             trainer.callbacks.append(
-                Samples(
+                SampleGenerations(
                     prompts=_val_prompts(cfg, cfg.train.samples),
                     tokenizer=self.tok,
                     template=cfg.task.template,
@@ -273,7 +279,7 @@ def _val_prompts(cfg: FinetuneConfig, n: int) -> list[str]:
     return [str(r[cfg.task.prompt_column]) for r in rows[:n]]
 
 
-def _base_info(cfg: FinetuneConfig, src: Source | None, base: dict) -> dict:
+def _base_info(cfg: FinetuneConfig, src: ModelSource | None, base: dict) -> dict:
     return {
         "init_from": cfg.init_from,
         "from_scratch": cfg.from_scratch,

@@ -8,14 +8,19 @@ import os
 
 import torch
 
-from finetune.data import IGNORE
-from finetune.metrics import ConfusionMatrix, EntityCounts, entity_types_from_labels
-from pretrain import dist as pdist
-from pretrain.checkpoint import best_checkpoint, mark_best, read_trainer_state, step_dir_name
-from pretrain.errors import ConfigurationError
-from pretrain.loss import CrossEntropyLoss
-from pretrain.metrics import truncate_metrics
-from pretrain.trainer import Callback
+from lmforge.finetune.data import IGNORE
+from lmforge.finetune.metrics import ConfusionMatrix, EntityCounts, entity_types_from_labels
+from lmforge.pretrain.checkpoint.store import (
+    best_checkpoint,
+    mark_best,
+    read_trainer_state,
+    step_dir_name,
+)
+from lmforge.pretrain.core import dist as pdist
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.model.loss import CrossEntropyLoss
+from lmforge.pretrain.train.loop import Callback
+from lmforge.pretrain.train.metrics import truncate_metrics
 
 
 def make_loss(weights: list[float] | None) -> CrossEntropyLoss:
@@ -120,7 +125,7 @@ class EarlyStopping(Callback):
         keep_best_in: str | None = None,
     ) -> None:
         """``keep_best_in``: a checkpoints directory: checkpoint every new best there and mark
-        it (``pretrain.checkpoint.mark_best``)."""
+        it (``pretrain.checkpoint.store.mark_best``)."""
         if mode == "auto":
             mode = "min" if ("loss" in metric or "ppl" in metric) else "max"
         self.metric, self.mode, self.patience, self.min_delta = metric, mode, patience, min_delta
@@ -191,7 +196,7 @@ class EarlyStopping(Callback):
         self.bad, self.stopped = state["bad"], state["stopped"]
 
 
-class Samples(Callback):
+class SampleGenerations(Callback):
     """sft: greedy generations for the first validation prompts at each evaluation, printed
     and appended to ``<run>/samples.jsonl`` (rank 0, on a full replica of the model)."""
 

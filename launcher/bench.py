@@ -3,7 +3,7 @@
 Both loops train the same model (same init, same batches, same AdamW) in the same process, one
 after the other; the ratio ``lmforge / minimal`` is the pipeline's overhead (Accelerate wrapper,
 trainer bookkeeping, data path). MFU is against the peak of the training dtype: the GPU table, or a
-matmul probe on CPUs (pretrain/flops.py). Results are printed as a markdown table.
+matmul probe on CPUs (pretrain/model/flops.py). Results are printed as a markdown table.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ModelConfig, OptimConfig, load_config
-from pretrain.flops import flops_per_token, param_counts, peak_flops
-from pretrain.model import GPT
-from pretrain.optim import build_optimizer, build_scheduler
+from lmforge.pretrain.config.schema import ModelConfig, OptimConfig, load_config
+from lmforge.pretrain.model.flops import flops_per_token, param_counts, peak_flops
+from lmforge.pretrain.model.transformer import GPT
+from lmforge.pretrain.train.optim import build_optimizer, build_scheduler
 
 SEQ_LEN = 256
 MICRO_BATCH = 8
@@ -44,7 +44,7 @@ def _version(package: str) -> str:
 
 
 class SyntheticBatches:
-    """Random token batches with the interface of :class:`pretrain.data.TrainBatches`."""
+    """Random token batches with the interface of :class:`pretrain.data.batches.TrainBatches`."""
 
     def __init__(self, *, micro_batch: int, seq_len: int, vocab: int, seed: int = 0) -> None:
         rng = np.random.default_rng(seed)
@@ -158,8 +158,8 @@ def lmforge_candidate(
     bf16 with float8 matmuls (a GPU that has them)."""
     from accelerate.state import AcceleratorState
 
-    from pretrain.parallel import build_strategy
-    from pretrain.trainer import Trainer
+    from lmforge.pretrain.parallel import build_strategy
+    from lmforge.pretrain.train.loop import Trainer
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a new precision per case
     strategy = build_strategy(precision=precision)
@@ -203,7 +203,7 @@ def transformers_candidate(cfg: ModelConfig, precision: str) -> Candidate:
     gets the unshifted window and predicts one token fewer per sample: the same compute)."""
     from transformers import LlamaForCausalLM
 
-    from finetune.hf import llama_config, to_hf_name
+    from lmforge.finetune.hf_mapping import llama_config, to_hf_name
 
     torch.manual_seed(0)
     ours = GPT(cfg)
@@ -411,8 +411,8 @@ GPU_MODES = {  # name -> (precision, compile)
 
 
 def _estimate(cfg: ModelConfig, micro_batch: int, seq_len: int) -> float:
-    from pretrain.config import ParallelConfig
-    from pretrain.memory import estimate_memory
+    from lmforge.pretrain.config.schema import ParallelConfig
+    from lmforge.pretrain.parallel.memory import estimate_memory
 
     return estimate_memory(
         cfg,
@@ -427,7 +427,7 @@ def _estimate(cfg: ModelConfig, micro_batch: int, seq_len: int) -> float:
 
 def require_cuda() -> None:
     """bench --gpu's one line on a machine without a CUDA GPU."""
-    from pretrain.errors import ConfigurationError
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     if not torch.cuda.is_available():
         raise ConfigurationError(
@@ -600,7 +600,7 @@ def run_strategy_bench(
                             f"train.eval_samples={(micro_batch or 8) * nproc}",
                         ]
                     cmd = [
-                        sys.executable, "-m", "launcher.cli", "pretrain",
+                        sys.executable, "-m", "lmforge.launcher.cli", "pretrain",
                         os.path.join(here, "configs", "pretrain", "demo.yaml"), *overrides,
                         "--nproc", str(nproc),
                     ]  # fmt: skip

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from pretrain.signals import hold_stop_signals
+from lmforge.pretrain.core.signals import hold_stop_signals
 
 EPILOG = """\
 Config arguments apply in order, later wins:
@@ -680,7 +680,7 @@ def _parser() -> argparse.ArgumentParser:
         "(default 192)",
     )
     # The commands that read a checkpoint (resume=, init_from=, RUN|CHECKPOINT): its pickled
-    # parts are checked before anything is unpickled (pretrain/safeload.py).
+    # parts are checked before anything is unpickled (pretrain/core/safeload.py).
     for name in ("pretrain", "finetune", "consolidate", "export", "generate", "evaluate"):
         sub.choices[name].add_argument(
             "--trust-checkpoint",
@@ -693,10 +693,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _schema(command: str):
-    from finetune.config import FinetuneConfig
-    from launcher.slurm import SlurmProfile
-    from pretrain.config import PrepareConfig, PretrainConfig
-    from scaling.config import ScalingConfig
+    from lmforge.finetune.config import FinetuneConfig
+    from lmforge.launcher.slurm import SlurmProfile
+    from lmforge.pretrain.config.schema import PrepareConfig, PretrainConfig
+    from lmforge.scaling.config import ScalingConfig
 
     return {
         "prepare": PrepareConfig,
@@ -709,22 +709,22 @@ def _schema(command: str):
 
 def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
     """Re-run this command line in ``nproc`` local processes (without --nproc)."""
-    from launcher.local import launch_local
+    from lmforge.launcher.local import launch_local
 
     worker_argv = [a for a in argv if not a.startswith("--nproc")]
     if "--nproc" in argv:  # "--nproc N" as two words
         i = argv.index("--nproc")
         worker_argv = argv[:i] + argv[i + 2 :]
-    # this launcher holds the run's lock for its workers (pretrain/runlock.py)
+    # this launcher holds the run's lock for its workers (pretrain/core/runlock.py)
     logs = os.path.join(run_dir, "logs")
     return launch_local(worker_argv, nproc=nproc, log_dir=logs, run_dir=run_dir)
 
 
 def _plan(args: argparse.Namespace, argv: list[str]) -> int:
-    from pretrain.durable import check_writable
-    from pretrain.errors import ConfigurationError
-    from scaling.plan import format_flops
-    from scaling.planner import Request, make_plan, render_plan, write_plan
+    from lmforge.pretrain.core.durable import check_writable
+    from lmforge.pretrain.core.errors import ConfigurationError
+    from lmforge.scaling.grid import format_flops
+    from lmforge.scaling.planner import Request, make_plan, render_plan, write_plan
 
     if args.nproc < 1:
         raise ConfigurationError(f"--nproc {args.nproc}: give at least 1")
@@ -753,8 +753,8 @@ def _plan(args: argparse.Namespace, argv: list[str]) -> int:
     print(render_plan(plan, out))
     print(f"plan: {out}/plan.md, config: {out}/pretrain.yaml")
     if args.submit:
-        from launcher.slurm import SlurmProfile, submit_chain
-        from pretrain.config import load_config
+        from lmforge.launcher.slurm import SlurmProfile, submit_chain
+        from lmforge.pretrain.config.schema import load_config
 
         submit_chain(
             load_config(SlurmProfile, args.submit),
@@ -770,22 +770,22 @@ def _plan(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _scaling(args: argparse.Namespace, argv: list[str]) -> int:
-    from pretrain.errors import ConfigurationError
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     if args.scaling_command == "sweep":
-        from launcher.slurm import SlurmArrays
-        from pretrain.config import load_config
-        from scaling.config import ScalingConfig
-        from scaling.sweep import sweep
+        from lmforge.launcher.slurm import SlurmArrays
+        from lmforge.pretrain.config.schema import load_config
+        from lmforge.scaling.config import ScalingConfig
+        from lmforge.scaling.sweep import sweep
 
         cfg = load_config(ScalingConfig, args.config)
         jobs = SlurmArrays(cfg.slurm) if cfg.launcher == "slurm" else None
         return sweep(cfg, dry_run=args.dry_run, wait=args.wait, jobs=jobs)
     if args.scaling_command == "fit":
-        from scaling.report import fit_sources
+        from lmforge.scaling.report import fit_sources
 
         if args.simulate_early_stop is not None:
-            from scaling.early import describe_simulation, simulate
+            from lmforge.scaling.early import describe_simulation, simulate
 
             if len(args.sources) != 1 or not os.path.isfile(
                 os.path.join(args.sources[0], "sweep.yaml")
@@ -811,18 +811,18 @@ def _scaling(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _check_nproc(nproc: int) -> None:
-    from pretrain.errors import ConfigurationError
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     if nproc < 1:
         raise ConfigurationError(f"--nproc {nproc}: give at least one process per node")
 
 
 def _print_config(args: argparse.Namespace, argv: list[str]) -> int:
-    from pretrain.config import describe_keys, load_config, to_yaml
+    from lmforge.pretrain.config.schema import describe_keys, load_config, to_yaml
 
     schema = _schema(args.target)
     if args.presets:
-        from pretrain.presets import listing
+        from lmforge.pretrain.config.presets import listing
 
         print(listing())
     elif args.keys:
@@ -833,10 +833,10 @@ def _print_config(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _prepare(args: argparse.Namespace, argv: list[str]) -> int:
-    from pretrain.config import PrepareConfig, load_config, to_yaml
+    from lmforge.pretrain.config.schema import PrepareConfig, load_config, to_yaml
 
     if args.verify:
-        from pretrain.prepare import verify_shards
+        from lmforge.pretrain.data.prepare import verify_shards
 
         verify_shards(args.verify)
         print(f"{args.verify}: every shard matches its manifest")
@@ -845,7 +845,7 @@ def _prepare(args: argparse.Namespace, argv: list[str]) -> int:
     if args.dry_run:
         print(to_yaml(cfg), end="")
         return 0
-    from pretrain.prepare import prepare
+    from lmforge.pretrain.data.prepare import prepare
 
     prepare(cfg)
     return 0
@@ -854,8 +854,8 @@ def _prepare(args: argparse.Namespace, argv: list[str]) -> int:
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     """pretrain and finetune: check everything that can fail before any process starts (config,
     data, base model, layout, memory), then run here or in ``--nproc`` local processes."""
-    from launcher.commands import check_run_dir, load_command_config, workload
-    from pretrain.config import to_yaml
+    from lmforge.launcher.commands import check_run_dir, load_command_config, workload
+    from lmforge.pretrain.config.schema import to_yaml
 
     _check_nproc(args.nproc)
     work = workload(args.command, load_command_config(args.command, args.config))
@@ -873,7 +873,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         # bad data, base, tokenizer, layout or memory: one line here, before any worker starts
         work.preflight(world_size=args.nproc, local_ranks=args.nproc)
         return _launch_workers(argv, args.nproc, work.cfg.run_dir)
-    from pretrain.session import run_session
+    from lmforge.pretrain.run.session import run_session
 
     # 0 when done; 128 + signal when SIGUSR1/SIGTERM stopped it early (after saving)
     return run_session(work)["exit_code"]
@@ -882,7 +882,7 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
 def _check_rendezvous(args: argparse.Namespace, *, nnodes: int, node_rank: int) -> None:
     """Node rank, port, rendezvous endpoint and torchrun options that can work, before anything
     waits on them."""
-    from pretrain.errors import ConfigurationError
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     if args.max_restarts != 0:
         raise ConfigurationError(
@@ -924,7 +924,7 @@ def _slurm_nodes() -> tuple[int, int]:
     """(nodes, this node's index) of the srun step this launcher runs in (of the job outside a
     step; 1, 0 outside SLURM). A step with more tasks than nodes would start several launchers
     per node: refused."""
-    from pretrain.errors import ConfigurationError
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     env = os.environ
     if "SLURM_STEP_ID" in env and "SLURM_STEP_NUM_NODES" in env:
@@ -940,9 +940,9 @@ def _slurm_nodes() -> tuple[int, int]:
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:
-    from launcher.commands import TRAINING_COMMANDS, load_command_config
-    from launcher.local import launch
-    from pretrain.errors import ConfigurationError
+    from lmforge.launcher.commands import TRAINING_COMMANDS, load_command_config
+    from lmforge.launcher.local import launch
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     _check_nproc(args.nproc)
     if args.nnodes is not None and args.nnodes < 1:
@@ -983,11 +983,11 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
     if cfg is not None and "--dry-run" not in args.cmd:
         # bad data, base, tokenizer, layout, memory or run directory: one line here, before any
         # process starts (each worker would otherwise print it)
-        from launcher.commands import check_run_dir, workload
+        from lmforge.launcher.commands import check_run_dir, workload
 
         check_run_dir(cfg)
         workload(args.cmd[0], cfg).preflight(world_size=args.nproc * nnodes, local_ranks=args.nproc)
-    # The launcher of rank 0's node holds the run's lock for its workers (pretrain/runlock.py):
+    # The launcher of rank 0's node holds the run's lock for its workers (pretrain/core/runlock.py):
     # the one node, or node rank 0 of a static rendezvous; with c10d ranks are dealt on
     # arrival, so rank 0 takes it itself. --dry-run writes nothing and takes no lock.
     static = args.rdzv_backend == "static" or (args.rdzv_backend is None and not args.rdzv_endpoint)
@@ -1010,8 +1010,8 @@ def _launch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _submit(args: argparse.Namespace, argv: list[str]) -> int:
-    from launcher.slurm import SlurmProfile, submit_chain
-    from pretrain.config import load_config
+    from lmforge.launcher.slurm import SlurmProfile, submit_chain
+    from lmforge.pretrain.config.schema import load_config
 
     submit_chain(
         load_config(SlurmProfile, args.config),
@@ -1027,13 +1027,13 @@ def _submit(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _runs(args: argparse.Namespace, argv: list[str]) -> int:
-    from launcher.runs import describe_runs
-    from pretrain.errors import ConfigurationError
+    from lmforge.launcher.runs import describe_runs
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     if args.tail < 0:
         raise ConfigurationError(f"--tail {args.tail}: give a number of lines >= 0")
     if args.predict_check is not None:
-        from launcher.runs import predict_check
+        from lmforge.launcher.runs import predict_check
 
         if args.names or args.predict:
             raise ConfigurationError(
@@ -1071,7 +1071,7 @@ def _runs(args: argparse.Namespace, argv: list[str]) -> int:
             f"no run {missing[0]} under {runs_dir}; `lmforge runs` lists those there"
         )
     if args.predict:
-        from launcher.runs import predict_run
+        from lmforge.launcher.runs import predict_run
 
         if len(args.names) != 1:
             raise ConfigurationError(
@@ -1096,8 +1096,8 @@ def _check_out_file(out: str | None) -> None:
     """--out FILE: a file that can be written, said before the work, not after it."""
     if out is None:
         return
-    from pretrain.durable import check_writable
-    from pretrain.errors import ConfigurationError
+    from lmforge.pretrain.core.durable import check_writable
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     if os.path.isdir(out):
         raise ConfigurationError(f"--out {out} is a directory; give a file name")
@@ -1112,8 +1112,8 @@ def _check_out_file(out: str | None) -> None:
 
 
 def _consolidate(args: argparse.Namespace, argv: list[str]) -> int:
-    from pretrain.consolidate import consolidate
-    from pretrain.durable import check_writable
+    from lmforge.pretrain.checkpoint.consolidate import consolidate
+    from lmforge.pretrain.core.durable import check_writable
 
     check_writable(args.out, "--out ")  # before the checkpoint is read
     consolidate(args.path, out=args.out, dtype=args.dtype)
@@ -1121,15 +1121,15 @@ def _consolidate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _export(args: argparse.Namespace, argv: list[str]) -> int:
-    from finetune.export import export
+    from lmforge.finetune.export import export
 
     export(args.path, out=args.out, dtype=args.dtype)
     return 0
 
 
 def _generate(args: argparse.Namespace, argv: list[str]) -> int:
-    from finetune.inference import generate
-    from pretrain.errors import ConfigurationError
+    from lmforge.finetune.inference import generate
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     if args.max_new_tokens < 1:
         raise ConfigurationError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
@@ -1156,8 +1156,8 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
-    from finetune.inference import perplexity, print_json, task_metrics
-    from pretrain.errors import ConfigurationError
+    from lmforge.finetune.inference import perplexity, print_json, task_metrics
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     if sum(map(bool, (args.text, args.data, args.lm_eval))) != 1:
         raise ConfigurationError(
@@ -1166,7 +1166,7 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
         )
     _check_out_file(args.out)  # say so before the evaluation, not after
     if args.lm_eval:
-        from finetune.harness import run_lm_eval
+        from lmforge.finetune.harness import run_lm_eval
 
         result = run_lm_eval(
             args.path,
@@ -1196,8 +1196,8 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
 
 def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
     """Every value bench uses, before anything is timed."""
-    from pretrain.errors import ConfigurationError
-    from pretrain.presets import names as preset_names
+    from lmforge.pretrain.config.presets import names as preset_names
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     def presets(kind: str, names: str, flag: str) -> None:
         for name in names.split(","):
@@ -1224,7 +1224,7 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
             )
         presets("model", args.models, "--models")
         _check_out_file(args.out)
-        from launcher.bench import require_cuda
+        from lmforge.launcher.bench import require_cuda
 
         require_cuda()
         return
@@ -1253,7 +1253,7 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
         for flag, value in (("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch)):
             if value is not None and value < 1:
                 raise ConfigurationError(f"{flag} {value}: give at least 1")
-        from pretrain.prepare import load_manifest
+        from lmforge.pretrain.data.prepare import load_manifest
 
         load_manifest(args.data)
         return
@@ -1266,13 +1266,13 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
 
 
 def _bench(args: argparse.Namespace, argv: list[str]) -> int:
-    from launcher import bench
+    from lmforge.launcher import bench
 
     if args.checkpoint and args.models is None:
         args.models = "350m"
     _check_bench(args, bench.SEQ_LEN)
     if args.checkpoint:
-        from pretrain.ckpt_bench import run_checkpoint_bench
+        from lmforge.pretrain.run.checkpoint_bench import run_checkpoint_bench
 
         run_checkpoint_bench(models=args.models.split(","), out=args.out)
     elif args.strategies:
@@ -1354,20 +1354,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "submit":
         args.cmd = cmd
     if getattr(args, "trust_checkpoint", False):
-        from pretrain.safeload import TRUST_ENV
+        from lmforge.pretrain.core.safeload import TRUST_ENV
 
         os.environ[TRUST_ENV] = "1"  # read where checkpoints are loaded, worker processes too
     if args.command in ("pretrain", "finetune", "launch"):
         # SIGUSR1/SIGTERM while starting up: stop after the first step, not die unsaved
         hold_stop_signals()
-    from pretrain.errors import LMForgeError
+    from lmforge.pretrain.core.errors import LMForgeError
 
     in_worker = False
     try:
         if args.command in ("pretrain", "finetune"):
             # Started by torchrun, srun, accelerate or `lmforge launch`: join that world as one
             # rank (srun's variables become torch's), or refuse one that cannot be joined.
-            from pretrain.dist import join_launched_world
+            from lmforge.pretrain.core.dist import join_launched_world
 
             join_launched_world(nproc=args.nproc)
         in_worker = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -1376,10 +1376,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        from launcher.local import record_worker_error
+        from lmforge.launcher.local import record_worker_error
 
         if not (in_worker and record_worker_error(msg)):
-            from pretrain.dist import eprint
+            from lmforge.pretrain.core.dist import eprint
 
             eprint(msg)
         code = exc.exit_code

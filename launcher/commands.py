@@ -12,10 +12,10 @@ TRAINING_COMMANDS = ("pretrain", "finetune")
 def config_schema(command: str) -> type:
     """The config dataclass of a training command."""
     if command == "pretrain":
-        from pretrain.config import PretrainConfig
+        from lmforge.pretrain.config.schema import PretrainConfig
 
         return PretrainConfig
-    from finetune.config import FinetuneConfig
+    from lmforge.finetune.config import FinetuneConfig
 
     return FinetuneConfig
 
@@ -23,18 +23,18 @@ def config_schema(command: str) -> type:
 def load_command_config(command: str, args: list[str]) -> Any:
     """The validated config of ``lmforge <command> <args>`` for a training command (flags are
     left out)."""
-    from pretrain.config import load_config
+    from lmforge.pretrain.config.schema import load_config
 
     return load_config(config_schema(command), [a for a in args if not a.startswith("-")])
 
 
 def workload(command: str, cfg: Any):
-    """What a training command trains (a pretrain.session.Workload) for its config."""
+    """What a training command trains (a pretrain.run.session.Workload) for its config."""
     if command == "pretrain":
-        from pretrain.run import Pretraining
+        from lmforge.pretrain.run.pretraining import Pretraining
 
         return Pretraining(cfg)
-    from finetune.run import Finetuning
+    from lmforge.finetune.run import Finetuning
 
     return Finetuning(cfg)
 
@@ -42,8 +42,8 @@ def workload(command: str, cfg: Any):
 def check_run_dir(cfg: Any) -> None:
     """Before anything starts: the run directory can be written, and a new run (no `resume`)
     would not write into an existing one. (The run session checks the resume target itself.)"""
-    from pretrain.durable import check_writable
-    from pretrain.session import resolve_resume
+    from lmforge.pretrain.core.durable import check_writable
+    from lmforge.pretrain.run.session import resolve_resume
 
     check_writable(cfg.run_dir, "run directory ")
     if cfg.resume is None:

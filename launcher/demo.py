@@ -46,7 +46,7 @@ def step(title: str, *args: str, capture: bool = False) -> str:
     cmd = ["lmforge", *args]
     print(f"\n=== {title}\n$ {shlex.join(cmd)}", flush=True)
     proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args],
+        [sys.executable, "-m", "lmforge.launcher.cli", *args],
         stdout=subprocess.PIPE if capture else None,
         text=True,
     )
@@ -77,10 +77,10 @@ def correct_per_example(path: str, data: str, batch_size: int = 32) -> list[int]
     mean is `lmforge evaluate`'s accuracy."""
     import torch
 
-    from finetune.config import TaskConfig
-    from finetune.data import IGNORE, load_rows, tokenize
-    from finetune.model import build_model, load_source
-    from pretrain.tokenizer import Tokenizer
+    from lmforge.finetune.config import TaskConfig
+    from lmforge.finetune.data import IGNORE, load_rows, tokenize
+    from lmforge.finetune.model import build_model, load_source
+    from lmforge.pretrain.data.tokenizer import Tokenizer
 
     src = load_source(path)
     task = TaskConfig(**{k: v for k, v in src.task.items() if k in TaskConfig.__dataclass_fields__})
@@ -171,7 +171,7 @@ def transformers_accuracy(export: str, test_csv: str) -> tuple[float, list[int]]
 def main() -> int:
     import torch
 
-    from finetune.bundled import rotten_tomatoes
+    from lmforge.finetune.bundled import rotten_tomatoes
 
     t0 = time.time()
     arms = {

@@ -8,7 +8,7 @@ error in any worker is written to a per-rank file; the parent prints each distin
 naming the ranks, instead of torch elastic's traceback dump. With a log directory each rank's
 stdout and stderr also go to its own file (the run directory's `logs/`).
 
-One run, one writer (pretrain/runlock.py): given the run directory, the launcher holds the run's
+One run, one writer (pretrain/core/runlock.py): given the run directory, the launcher holds the run's
 lock while its workers live, taken before anything is written there (a second start fails here,
 before any worker or log file exists), and every worker dies with its launcher.
 """
@@ -24,23 +24,23 @@ import sys
 import tempfile
 import time
 
-from pretrain.dist import free_port, threads_per_rank
-from pretrain.durable import fault_point
-from pretrain.errors import ConfigurationError
-from pretrain.runlock import LAUNCHER_ENV, lock_run_dir
-from pretrain.signals import PENDING_ENV, STOP_SIGNALS, pending_stop_signal
+from lmforge.pretrain.core.dist import free_port, threads_per_rank
+from lmforge.pretrain.core.durable import fault_point
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.core.runlock import LAUNCHER_ENV, lock_run_dir
+from lmforge.pretrain.core.signals import PENDING_ENV, STOP_SIGNALS, pending_stop_signal
 
 ERROR_DIR_ENV = "LMFORGE_ERROR_DIR"
 # Signals torch elastic's agent turns into "kill the workers"; SIGTERM and SIGUSR1 are forwarded
 # to the workers instead (forward_stop_signals), which save before they exit.
 ELASTIC_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
-# The exit codes of workers that saved and stopped on SIGUSR1 / SIGTERM (pretrain/preemption.py).
+# The exit codes of workers that saved and stopped on SIGUSR1 / SIGTERM (pretrain/train/preemption.py).
 STOPPED = {128 + int(sig) for sig in STOP_SIGNALS}
-# What each worker runs: `python -m launcher.cli ARGV`, after tying itself to this launcher
-# (pretrain.runlock.die_with_launcher, standard library only: before torch is imported).
+# What each worker runs: `python -m lmforge.launcher.cli ARGV`, after tying itself to this launcher
+# (pretrain.core.runlock.die_with_launcher, standard library only: before torch is imported).
 WORKER_BOOT = (
-    "import runpy, pretrain.runlock as r; r.die_with_launcher(); "
-    "runpy.run_module('launcher.cli', run_name='__main__', alter_sys=True)"
+    "import runpy, lmforge.pretrain.core.runlock as r; r.die_with_launcher(); "
+    "runpy.run_module('lmforge.launcher.cli', run_name='__main__', alter_sys=True)"
 )
 
 
@@ -77,7 +77,7 @@ def child_pids(pid: int) -> list[int]:
 @contextlib.contextmanager
 def forward_stop_signals():
     """SIGTERM and SIGUSR1 reaching the launcher go to every worker, which finish their step,
-    save a checkpoint and exit (pretrain/preemption.py); the launcher keeps waiting for them.
+    save a checkpoint and exit (pretrain/train/preemption.py); the launcher keeps waiting for them.
     torch elastic would otherwise kill the workers on SIGTERM (after 30 s at most) and die of
     SIGUSR1, losing the save: the launch config leaves SIGTERM to us (ELASTIC_SIGNALS)."""
 

@@ -7,7 +7,7 @@ import json
 import os
 import re
 
-from launcher.slurm import job_states
+from lmforge.launcher.slurm import job_states
 
 
 def _last_rows(metrics: str) -> tuple[dict | None, dict | None]:
@@ -82,7 +82,7 @@ def describe_runs(runs_dir: str, names: list[str] | None = None, *, tail: int = 
 def predict_run(run_dir: str, *, fraction: float | None, shared: bool, figure: str) -> str:
     """`lmforge runs NAME --predict`: the final loss predicted from the curve so far (or from
     its first ``fraction`` of a finished run), as text; the figure goes to ``figure``."""
-    from scaling.curve import predict, write_figure
+    from lmforge.scaling.curve import predict, write_figure
 
     pred = predict(run_dir, fraction=fraction, others=None if shared else [])
     write_figure(run_dir, pred, figure)
@@ -130,7 +130,7 @@ def predict_check(sweep_dir: str, fractions: list[float], *, shared: bool) -> st
     """`lmforge runs --predict-check SWEEP_DIR`: every finished run's final train loss predicted
     from each fraction of its steps (shared parameters fitted on the other runs), with the
     median absolute error per fraction."""
-    from scaling.curve import check_sweep
+    from lmforge.scaling.curve import check_sweep
 
     rows, medians = check_sweep(sweep_dir, fractions, shared=shared)
     head = f"{'run':<24} {'from':>5} {'predicted':>9} {'measured':>9} {'error':>8}"

@@ -33,9 +33,9 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from launcher.commands import TRAINING_COMMANDS, load_command_config
-from pretrain.errors import ConfigurationError, LMForgeError
-from pretrain.signals import PENDING_ENV
+from lmforge.launcher.commands import TRAINING_COMMANDS, load_command_config
+from lmforge.pretrain.core.errors import ConfigurationError, LMForgeError
+from lmforge.pretrain.core.signals import PENDING_ENV
 
 
 @dataclass
@@ -252,7 +252,7 @@ def batch_script(
         # The stop signals, trapped first thing: USR1 (the time limit is near) and TERM (scancel,
         # preemption) make the training save and exit. The shell hands each one on exactly once
         # and drops none. Before srun starts, a signal is held and goes into srun's environment
-        # (LMFORGE_STOP_SIGNAL: pretrain/signals.py holds it until the training can stop after a
+        # (LMFORGE_STOP_SIGNAL: pretrain/core/signals.py holds it until the training can stop after a
         # step); once srun's pid is known it is sent to srun. Two gaps are closed on the way:
         # - while bash forks srun, the environment is already fixed and the pid not yet known:
         #   a signal then is seen after `lmforge_pid=$!` (lmforge_pending differs from what went
@@ -299,7 +299,7 @@ def batch_script(
             [
                 "srun --kill-on-bad-exit=1 --ntasks-per-node=1",
                 shell_word(python),
-                "-m launcher.cli launch",
+                "-m lmforge.launcher.cli launch",
                 f"--nproc {profile.procs}",
                 '--master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT"',
                 "--",
@@ -533,7 +533,7 @@ class SlurmArrays:
     def submit_array(
         self, *, command: list[str], job_name: str, indices: str, out_dir: str, dry_run: bool
     ) -> str:
-        from pretrain.config import load_config
+        from lmforge.pretrain.config.schema import load_config
 
         return submit(
             load_config(SlurmProfile, self.overrides),

@@ -1,4 +1,4 @@
-"""The fits and predictions of a report, made from the points of a `Source`
+"""The fits and predictions of a report, made from the points of a `PointSet`
 (scaling/sources.py) by every form of scaling/forms.py: the budgets' minima (profiles shaped like
 L(N, D), or parabolas), the frontier E + A·C^-α and A·C^-α through them, the IsoFLOP allocation,
 and L(N, D) through every point. A backtest on the fitted budgets chooses the form that predicts
@@ -12,10 +12,10 @@ import math
 
 import numpy as np
 
-from pretrain.errors import ConfigurationError
-from scaling.config import SweepFitConfig
-from scaling.fit import IsoFLOPMinimum, ScalingFitError, budget_rule, group_budgets
-from scaling.forms import (
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.scaling.config import SweepFitConfig
+from lmforge.scaling.fit import IsoFLOPMinimum, ScalingFitError, budget_rule, group_budgets
+from lmforge.scaling.forms import (
     LOSS_FORMS,
     SIZE_FORMS,
     backtest,
@@ -25,11 +25,11 @@ from scaling.forms import (
     fit_all,
     parabola_flags,
 )
-from scaling.plan import format_count, format_flops
-from scaling.sources import Source
+from lmforge.scaling.grid import format_count, format_flops
+from lmforge.scaling.sources import PointSet
 
 
-def _budget_groups(src: Source, tolerance: float) -> tuple[np.ndarray, str]:
+def _budget_groups(src: PointSet, tolerance: float) -> tuple[np.ndarray, str]:
     """Each point's budget (NaN: none) and the rule that formed them: a sweep's nominal
     budgets, else `group_budgets` (the measured C of run directories or a CSV)."""
     if src.budgets is not None:
@@ -41,7 +41,7 @@ def _minimum_row(m: IsoFLOPMinimum) -> dict:
     return {"N_opt": m.N_opt, "D_opt": m.D_opt, "L_opt": m.L_opt, "inside": m.inside}
 
 
-def analyse(src: Source, fit: SweepFitConfig, targets: list[float]) -> dict:
+def analyse(src: PointSet, fit: SweepFitConfig, targets: list[float]) -> dict:
     """Every fit and prediction, as plain data (fit.json) plus the fit objects (figures)."""
     pts = src.points
     budgets, rule = _budget_groups(src, fit.budget_tolerance)

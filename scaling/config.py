@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from omegaconf import MISSING
 
-from pretrain.errors import ConfigurationError
+from lmforge.pretrain.core.errors import ConfigurationError
 
 # Keys of the pretrain config that the sweep sets for each point: a value given in `pretrain`
 # would be silently replaced, so it is refused.
@@ -154,7 +154,7 @@ class ScalingConfig:
     """The pretrain config of every run (keys of `lmforge print-config --for pretrain`), less the
     model shape, run length, warmup, name and runs_dir, which the sweep sets per point."""
     budgets: list[float] = MISSING
-    """Compute budgets C in training FLOPs (6·N + attention per token, pretrain/flops.py)."""
+    """Compute budgets C in training FLOPs (6·N + attention per token, pretrain/model/flops.py)."""
     sizes: SizesConfig = field(default_factory=SizesConfig)
     """Model sizes per budget."""
     shape: ShapeConfig = field(default_factory=ShapeConfig)

@@ -8,7 +8,7 @@ Rate Annealing" (arXiv:2408.11029)::
 with eta_i the learning rate of update i divided by the peak learning rate,
 S1(s) = sum_{i<s} eta_i (the forward area) and S2(s) = sum_{i<s} m_i, where the annealing
 momentum is m_i = lam * m_{i-1} + (eta_{i-1} - eta_i). The schedule of every step comes from the
-run's own config (pretrain.optim.lr_factor), so the law can be evaluated at the run's last step
+run's own config (pretrain.train.optim.lr_factor), so the law can be evaluated at the run's last step
 under its cosine, wsd or constant schedule.
 
 Choices, and why:
@@ -60,10 +60,10 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.signal import lfilter
 
-from pretrain.config import PretrainConfig, load_config
-from pretrain.errors import ConfigurationError, DataError
-from pretrain.metrics import read_metrics
-from pretrain.optim import lr_factor
+from lmforge.pretrain.config.schema import PretrainConfig, load_config
+from lmforge.pretrain.core.errors import ConfigurationError, DataError
+from lmforge.pretrain.train.metrics import read_metrics
+from lmforge.pretrain.train.optim import lr_factor
 
 PAPER = "Tissue et al. 2024, arXiv:2408.11029"
 DEFAULT_TAU = 0.2  # momentum memory as a fraction of the run, for lone runs (demo-sweep fit)

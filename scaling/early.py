@@ -22,14 +22,14 @@ import os
 
 import numpy as np
 
-from pretrain.config import load_config
-from pretrain.errors import ConfigurationError, DataError
-from scaling.analysis import analyse
-from scaling.config import ScalingConfig
-from scaling.curve import Curve, finished_runs, predict
-from scaling.fit import BUDGET_MIN_POINTS
-from scaling.runs import Verdict
-from scaling.sources import load_sweep
+from lmforge.pretrain.config.schema import load_config
+from lmforge.pretrain.core.errors import ConfigurationError, DataError
+from lmforge.scaling.analysis import analyse
+from lmforge.scaling.config import ScalingConfig
+from lmforge.scaling.curve import Curve, finished_runs, predict
+from lmforge.scaling.fit import BUDGET_MIN_POINTS
+from lmforge.scaling.runs import Verdict
+from lmforge.scaling.sources import load_sweep
 
 
 def check_fraction(fraction: float) -> None:

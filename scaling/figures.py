@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from scaling.plan import format_flops
+from lmforge.scaling.grid import format_flops
 
 
 def _pyplot():

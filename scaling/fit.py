@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 
-from pretrain.errors import ConfigurationError
+from lmforge.pretrain.core.errors import ConfigurationError
 
 
 class ScalingFitError(ConfigurationError):

@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from scaling.config import SweepFitConfig
-from scaling.fit import (
+from lmforge.scaling.config import SweepFitConfig
+from lmforge.scaling.fit import (
     AllocationFit,
     FrontierFit,
     IsoFLOPMinimum,
@@ -47,7 +47,7 @@ from scaling.fit import (
     prediction_interval,
     profile_minimum,
 )
-from scaling.plan import format_count, format_flops
+from lmforge.scaling.grid import format_count, format_flops
 
 LOSS_FORMS = {"frontier": "E + A·C^-α", "power": "A·C^-α", "surface": "L(N, D) optimum"}
 SIZE_FORMS = {"allocation": "IsoFLOP N_opt ∝ C^a", "surface": "L(N, D) N*"}

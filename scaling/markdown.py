@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from scaling.config import SweepFitConfig
-from scaling.forms import LOSS_FORMS, SIZE_FORMS
-from scaling.plan import format_count, format_flops
-from scaling.sources import Source
+from lmforge.scaling.config import SweepFitConfig
+from lmforge.scaling.forms import LOSS_FORMS, SIZE_FORMS
+from lmforge.scaling.grid import format_count, format_flops
+from lmforge.scaling.sources import PointSet
 
 
 def _ci(ci: dict, key: str, fmt: str) -> str:
@@ -60,7 +60,7 @@ def _form_tables(r: dict) -> list[str]:
     return lines
 
 
-def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepFitConfig) -> str:
+def render_markdown(src: PointSet, analysis: dict, figures: list[str], fit: SweepFitConfig) -> str:
     r = analysis["result"]
     level = f"{fit.level:.0%}"
     lines = [
@@ -73,7 +73,7 @@ def render_markdown(src: Source, analysis: dict, figures: list[str], fit: SweepF
             "total": "all parameters",
         }.get(src.params, "as given in the CSV")
         + "; D = training tokens; C = training FLOPs (6·N plus attention per token, "
-        "pretrain/flops.py, for runs; as given for a CSV); loss = final validation loss "
+        "pretrain/model/flops.py, for runs; as given for a CSV); loss = final validation loss "
         "(nats/token).",
         "",
     ]

@@ -40,17 +40,17 @@ from dataclasses import dataclass, field
 import numpy as np
 from omegaconf import OmegaConf
 
-from pretrain.config import PretrainConfig, load_config, to_yaml
-from pretrain.durable import atomic_directory, check_writable
-from pretrain.errors import ConfigurationError
-from pretrain.flops import PEAK_FLOPS_TABLE, flops_per_token
-from pretrain.memory import estimate_memory
-from pretrain.metrics import read_metrics
-from pretrain.parallel.common import resolve_precision
-from scaling.config import ScalingConfig, ShapeConfig, SweepFitConfig
-from scaling.fit import SurfaceFit
-from scaling.forms import LOSS_FORMS, SIZE_FORMS
-from scaling.plan import fit_params, format_count, format_flops, shape_for
+from lmforge.pretrain.config.schema import PretrainConfig, load_config, to_yaml
+from lmforge.pretrain.core.durable import atomic_directory, check_writable
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.model.flops import PEAK_FLOPS_TABLE, flops_per_token
+from lmforge.pretrain.parallel.common import resolve_precision
+from lmforge.pretrain.parallel.memory import estimate_memory
+from lmforge.pretrain.train.metrics import read_metrics
+from lmforge.scaling.config import ScalingConfig, ShapeConfig, SweepFitConfig
+from lmforge.scaling.fit import SurfaceFit
+from lmforge.scaling.forms import LOSS_FORMS, SIZE_FORMS
+from lmforge.scaling.grid import fit_params, format_count, format_flops, shape_for
 
 PUBLISHED = {
     "hoffmann": (
@@ -94,7 +94,7 @@ class Device:
 
 
 def parse_gpus(spec: str) -> Device:
-    """'8xH100' / '16xA100' / '1xH200' -> Device (the table names of pretrain/flops.py)."""
+    """'8xH100' / '16xA100' / '1xH200' -> Device (the table names of pretrain/model/flops.py)."""
     m = re.fullmatch(r"\s*(\d+)\s*[x×*]\s*(.+?)\s*", spec)
     if not m or int(m.group(1)) < 1:
         raise ConfigurationError(
@@ -186,8 +186,8 @@ def _fitted_law(fit_path: str, C: float) -> tuple[Law, ScalingConfig | None]:
     """N*, D* and the loss at C by the form each backtest chose: of a sweep (its held-out
     budgets' runs are not read at all) or of points (a CSV or run directories, as `lmforge
     scaling fit` takes them)."""
-    from scaling.analysis import analyse
-    from scaling.sources import load_sources, load_sweep
+    from lmforge.scaling.analysis import analyse
+    from lmforge.scaling.sources import load_sources, load_sweep
 
     sweep = _sweep_dir(fit_path)
     cfg = None
@@ -414,7 +414,7 @@ def make_plan(
 def _plan_at(
     flops: float, request: Request, *, device: Device, world: int, mfu: float | None
 ) -> Plan:
-    from pretrain.prepare import load_manifest
+    from lmforge.pretrain.data.prepare import load_manifest
 
     fit_path, law_name, gpus = request.fit_path, request.law_name, request.gpus
     notes: list[str] = []

@@ -13,20 +13,20 @@ import os
 
 import numpy as np
 
-from pretrain.config import load_config
-from pretrain.durable import atomic_directory, check_writable
-from pretrain.errors import ConfigurationError
-from scaling.analysis import analyse
-from scaling.config import ScalingConfig, SweepFitConfig
-from scaling.figures import plot_all, plot_finetune
-from scaling.forms import LOSS_FORMS
-from scaling.markdown import render_finetune_markdown, render_markdown
-from scaling.plan import format_count, format_flops
-from scaling.runs import finetune_points
-from scaling.sources import Source, load_sources
+from lmforge.pretrain.config.schema import load_config
+from lmforge.pretrain.core.durable import atomic_directory, check_writable
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.scaling.analysis import analyse
+from lmforge.scaling.config import ScalingConfig, SweepFitConfig
+from lmforge.scaling.figures import plot_all, plot_finetune
+from lmforge.scaling.forms import LOSS_FORMS
+from lmforge.scaling.grid import format_count, format_flops
+from lmforge.scaling.markdown import render_finetune_markdown, render_markdown
+from lmforge.scaling.runs import finetune_points
+from lmforge.scaling.sources import PointSet, load_sources
 
 
-def write_points_csv(path: str, src: Source, budgets: np.ndarray, held: np.ndarray) -> None:
+def write_points_csv(path: str, src: PointSet, budgets: np.ndarray, held: np.ndarray) -> None:
     p = src.points
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -60,7 +60,7 @@ def _jsonable(obj):
 
 
 def write_report(
-    src: Source, fit: SweepFitConfig, out: str, *, targets: list[float], finetune: list[str]
+    src: PointSet, fit: SweepFitConfig, out: str, *, targets: list[float], finetune: list[str]
 ) -> dict:
     """Fit, then write the report directory all at once (an older report is replaced)."""
     analysis = analyse(src, fit, targets)

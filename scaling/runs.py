@@ -8,11 +8,11 @@ import json
 import os
 from dataclasses import asdict, dataclass
 
-from pretrain.checkpoint import best_checkpoint, read_trainer_state
-from pretrain.config import PretrainConfig, load_config
-from pretrain.durable import replace_durable
-from pretrain.errors import DataError
-from pretrain.metrics import read_metrics
+from lmforge.pretrain.checkpoint.store import best_checkpoint, read_trainer_state
+from lmforge.pretrain.config.schema import PretrainConfig, load_config
+from lmforge.pretrain.core.durable import replace_durable
+from lmforge.pretrain.core.errors import DataError
+from lmforge.pretrain.train.metrics import read_metrics
 
 
 def final_eval(run_dir: str, steps: int) -> dict | None:

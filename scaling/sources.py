@@ -1,5 +1,5 @@
 """The points a fit is made from, gathered from a sweep directory, run directories or a CSV
-file, with what the fits need to know about them (a `Source`)."""
+file, with what the fits need to know about them (a `PointSet`)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pretrain.errors import DataError
-from pretrain.flops import param_counts
-from scaling.fit import Points, load_points_csv
-from scaling.runs import final_eval, read_run, read_verdict
+from lmforge.pretrain.core.errors import DataError
+from lmforge.pretrain.model.flops import param_counts
+from lmforge.scaling.fit import Points, load_points_csv
+from lmforge.scaling.runs import final_eval, read_run, read_verdict
 
 
 @dataclass
-class Source:
+class PointSet:
     """Points with what the fits need to know about them."""
 
     points: Points
@@ -44,7 +44,7 @@ def _fpt_from_points(params: np.ndarray, fpt: np.ndarray):
     return fpt_of
 
 
-def load_sweep(sweep_dir: str, params: str, skip_budgets=()) -> Source:
+def load_sweep(sweep_dir: str, params: str, skip_budgets=()) -> PointSet:
     """A sweep's finished points; those of ``skip_budgets`` are not read at all."""
     with open(os.path.join(sweep_dir, "plan.json")) as f:
         plan = json.load(f)
@@ -71,7 +71,7 @@ def load_sweep(sweep_dir: str, params: str, skip_budgets=()) -> Source:
         labels=[p["name"] for p, _ in rows],
     )
     every = plan["points"]
-    return Source(
+    return PointSet(
         points=pts,
         budgets=np.array([p["budget"] for p, _ in rows]),
         what=f"sweep {sweep_dir} ({len(rows)} of {len(every)} runs finished)",
@@ -86,7 +86,7 @@ def load_sweep(sweep_dir: str, params: str, skip_budgets=()) -> Source:
     )
 
 
-def load_runs(run_dirs: list[str], params: str) -> Source:
+def load_runs(run_dirs: list[str], params: str) -> PointSet:
     rows, missing = [], []
     for run in run_dirs:
         row, cfg = read_run(run)
@@ -105,16 +105,16 @@ def load_runs(run_dirs: list[str], params: str) -> Source:
         labels=[name for name, _, _ in rows],
     )
     fpt = _fpt_from_points(pts.N, pts.C / pts.D)
-    return Source(pts, None, f"{len(rows)} run directories", params, fpt=fpt, missing=missing)
+    return PointSet(pts, None, f"{len(rows)} run directories", params, fpt=fpt, missing=missing)
 
 
-def load_sources(sources: list[str], params: str) -> Source:
+def load_sources(sources: list[str], params: str) -> PointSet:
     if len(sources) == 1 and sources[0].endswith((".csv", ".CSV")):
         if not os.path.isfile(sources[0]):
             raise DataError(f"{sources[0]}: no such CSV file")
         pts = load_points_csv(sources[0])
         what = f"CSV {sources[0]} ({len(pts)} points)"
-        return Source(pts, None, what, "as given", fpt=_fpt_from_points(pts.N, pts.C / pts.D))
+        return PointSet(pts, None, what, "as given", fpt=_fpt_from_points(pts.N, pts.C / pts.D))
     for s in sources:
         if not os.path.isdir(s):
             raise DataError(f"{s}: not a sweep directory, run directory or .csv file")

@@ -29,16 +29,16 @@ from typing import Protocol
 
 from omegaconf import OmegaConf
 
-from pretrain.config import to_yaml
-from pretrain.dist import threads_per_rank
-from pretrain.durable import check_writable, replace_durable
-from pretrain.errors import ConfigurationError, DataError, LMForgeError
-from scaling.config import ScalingConfig
-from scaling.curve import finished_runs, load_curve
-from scaling.early import brackets_best, judge, live_prediction
-from scaling.plan import Plan, Point, describe_plan, make_plan
-from scaling.report import report_sweep
-from scaling.runs import Verdict, final_eval, read_verdict, write_verdict
+from lmforge.pretrain.config.schema import to_yaml
+from lmforge.pretrain.core.dist import threads_per_rank
+from lmforge.pretrain.core.durable import check_writable, replace_durable
+from lmforge.pretrain.core.errors import ConfigurationError, DataError, LMForgeError
+from lmforge.scaling.config import ScalingConfig
+from lmforge.scaling.curve import finished_runs, load_curve
+from lmforge.scaling.early import brackets_best, judge, live_prediction
+from lmforge.scaling.grid import Point, SweepGrid, describe_grid, make_grid
+from lmforge.scaling.report import report_sweep
+from lmforge.scaling.runs import Verdict, final_eval, read_verdict, write_verdict
 
 
 def point_status(sweep_dir: str, point: Point) -> str:
@@ -53,7 +53,7 @@ def point_status(sweep_dir: str, point: Point) -> str:
     return "pending"
 
 
-def write_plan(cfg: ScalingConfig, plan: Plan) -> None:
+def write_plan(cfg: ScalingConfig, plan: SweepGrid) -> None:
     """sweep.yaml, plan.json and points/<i>.yaml; refuse to change the config of a started run."""
     root = cfg.sweep_dir
     os.makedirs(os.path.join(root, "points"), exist_ok=True)
@@ -274,11 +274,11 @@ def sweep(
     launcher=slurm the runs are submitted through ``jobs``."""
     if cfg.launcher == "slurm" and jobs is None:
         raise ConfigurationError("launcher=slurm: give the sweep a JobArrays to submit through")
-    plan = make_plan(cfg)
+    plan = make_grid(cfg)
     root = cfg.sweep_dir
     status = {p.name: point_status(root, p) for p in plan.points}
     if dry_run:
-        print(describe_plan(plan, status))
+        print(describe_grid(plan, status))
         todo = [p for p in plan.points if status[p.name] != "done"]
         if cfg.launcher == "slurm" and todo:  # the array job that would be submitted
             if os.path.isfile(os.path.join(root, "points", "0.yaml")):

@@ -43,7 +43,7 @@ MODEL = [
 
 def lmforge(*args: str, env: dict | None = None, check: bool = True):
     proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args],
+        [sys.executable, "-m", "lmforge.launcher.cli", *args],
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         capture_output=True,
@@ -67,8 +67,8 @@ def main() -> int:
     parser.add_argument("--keep", help="write the runs here (default: a temporary directory)")
     args = parser.parse_args()
 
-    from pretrain.parallel.common import use_cuda
-    from pretrain.parallel.float8 import float8_problem
+    from lmforge.pretrain.parallel.common import use_cuda
+    from lmforge.pretrain.parallel.float8 import float8_problem
 
     problem = float8_problem("cuda" if use_cuda() else "cpu")
     if problem is not None:

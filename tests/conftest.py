@@ -28,8 +28,8 @@ def plays_dir() -> str:
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
     """Four real Shakespeare plays, a 512-piece tokenizer, ~10% of paragraphs held out."""
-    from pretrain.config import PrepareConfig, load_config
-    from pretrain.prepare import prepare
+    from lmforge.pretrain.config.schema import PrepareConfig, load_config
+    from lmforge.pretrain.data.prepare import prepare
 
     out = str(tmp_path_factory.mktemp("data") / "plays")
     comedies = os.path.join(plays_dir(), "comedies")
@@ -55,7 +55,7 @@ def lmforge(*args: str, env: dict | None = None, timeout: float = 600, check: bo
     """Run the real CLI in a fresh process; returns CompletedProcess with text output."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", *args],
+        [sys.executable, "-m", "lmforge.launcher.cli", *args],
         cwd=REPO,
         env=full_env,
         capture_output=True,

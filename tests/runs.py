@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from pretrain.config import PretrainConfig, load_config, to_yaml
-from pretrain.trainer import TIME_FIELDS
+from lmforge.pretrain.config.schema import PretrainConfig, load_config, to_yaml
+from lmforge.pretrain.train.loop import TIME_FIELDS
 
 # Logging that only a person watching would read: no progress bar, no TensorBoard files.
 QUIET = ["logging.progress=false", "logging.tensorboard=false"]

@@ -1,7 +1,7 @@
 """Numerics and hangs: what a NaN/Inf loss or gradient, or a loss spike, does under each
 `train.on_anomaly` policy (stop, skip, rollback), and a rank stuck past `parallel.timeout_s`.
 
-The policies' exact effect is checked on the trainer alone (tests/test_trainer_unit.py's fake
+The policies' exact effect is checked on the trainer alone (tests/test_trainer_loop.py's fake
 strategy: fast, bit-for-bit against a run without the offending update); real runs check the
 same with an injected fault (`LMFORGE_FAULT=loss@STEP+scale=nan`): two gloo ranks that agree to
 skip when only one sees the NaN, a rollback through real checkpoints, today's stop, and a hang.
@@ -19,15 +19,15 @@ import time
 import pytest
 import torch
 
-import pretrain.trainer as trainer_module
-from pretrain.config import PretrainConfig, describe_keys, load_config
-from pretrain.errors import ConfigurationError, TrainingError
-from pretrain.loss import StageLoss
-from pretrain.trainer import AnomalyPolicy, Callback, Trainer
+import lmforge.pretrain.train.loop as trainer_module
+from lmforge.pretrain.config.schema import PretrainConfig, describe_keys, load_config
+from lmforge.pretrain.core.errors import ConfigurationError, TrainingError
+from lmforge.pretrain.model.loss import StageLoss
+from lmforge.pretrain.train.loop import AnomalyPolicy, Callback, Trainer
 from tests.conftest import REPO, lmforge
-from tests.distributed import run_distributed
+from tests.gloo_workers import run_distributed
 from tests.runs import TINY, latest_checkpoint, read_metrics
-from tests.test_trainer_unit import FixedBatches, make_trainer
+from tests.test_trainer_loop import FixedBatches, make_trainer
 
 RUN = [*TINY, "train.peak_flops=1e12", "logging.plot=false"]  # no FLOP/s probe, no plot
 
@@ -266,7 +266,7 @@ def test_the_keys_are_checked_and_documented():
 
 
 def _skip_on_two_ranks(rank, world, data, runs):
-    from pretrain.run import run_pretrain
+    from lmforge.pretrain.run.pretraining import run_pretrain
 
     seen = Snapshots()
 
@@ -395,7 +395,7 @@ def test_a_stuck_rank_ends_the_job_within_the_timeout(tiny_data, tmp_path):
     ]
     env = dict(os.environ, PYTHONUNBUFFERED="1", LMFORGE_FAULT="step@2+hang=120+rank=1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "pretrain", *args],
+        [sys.executable, "-m", "lmforge.launcher.cli", "pretrain", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

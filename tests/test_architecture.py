@@ -1,6 +1,11 @@
 """The layers point down (docs/architecture.md): read every first-party module's imports and
-check that none reaches a higher layer, that there are no import cycles, and that no function
-imports the standard library locally (local imports are for heavy libraries only)."""
+check that none reaches a higher layer, that there are no import cycles (counting the imports
+made for type annotations only, which would otherwise hide one), and that no function imports the
+standard library locally (local imports are for heavy libraries only).
+
+The layers are the folders: each folder under pretrain/ is one layer, and the other packages sit
+above the core in the order finetune, scaling, launcher. A module's layer is its folder's, so a new
+module needs no entry here; a new folder does."""
 
 from __future__ import annotations
 
@@ -15,56 +20,30 @@ from tests.conftest import REPO
 PACKAGES = ("pretrain", "finetune", "scaling", "launcher")
 
 # Lower numbers are lower layers; a module may import its own layer and those below.
-PRETRAIN_LAYERS = {
-    # core: errors, process helpers, durable files, stop signals held while starting, the
-    # run directory's lock
-    "pretrain": 0,
-    "pretrain.errors": 0,
-    "pretrain.dist": 0,
-    "pretrain.durable": 0,
-    "pretrain.signals": 0,
-    "pretrain.runlock": 0,
-    "pretrain.safeload": 0,  # reading pickled checkpoint files without running their code
-    "pretrain.presets": 0,  # the packaged config presets and how an argument names one
-    # what a run is: config, layout, losses
-    "pretrain.config": 1,
-    "pretrain.layout": 1,
-    "pretrain.dsconfig": 1,  # the user's DeepSpeed JSON (no torch: checked with the config)
-    "pretrain.loss": 1,
-    # model and data
-    "pretrain.model": 2,
-    "pretrain.tokenizer": 2,
-    "pretrain.sources": 2,
-    "pretrain.prepare": 2,
-    "pretrain.data": 2,
-    "pretrain.flops": 2,
-    "pretrain.optim": 2,
-    "pretrain.metrics": 2,
-    # parallelize
-    "pretrain.parallel": 3,
-    "pretrain.memory": 3,
-    # the loop
-    "pretrain.trainer": 4,
-    "pretrain.preemption": 4,
-    # checkpoints
-    "pretrain.checkpoint": 5,
-    "pretrain.consolidate": 5,
-    # the run session and the commands built on it
-    "pretrain.session": 6,
-    "pretrain.run": 6,
-    "pretrain.ckpt_bench": 6,  # lmforge bench --checkpoint
+LAYERS = {
+    "lmforge.pretrain.core": 0,  # errors, processes, launch environments, durable files, locks
+    "lmforge.pretrain.config": 1,  # what a run is: structured configs, layout, presets
+    "lmforge.pretrain.model": 2,  # the transformer, losses, FLOPs
+    "lmforge.pretrain.data": 2,  # tokenizers, sources, prepared shards, batches
+    "lmforge.pretrain.parallel": 3,  # strategies and the memory estimate
+    "lmforge.pretrain.train": 4,  # the loop, callbacks, optimizer, metric sinks, signals
+    "lmforge.pretrain.checkpoint": 5,  # step directories, consolidation
+    "lmforge.pretrain.run": 6,  # the session and the pretraining workload
+    "lmforge.finetune": 7,
+    "lmforge.scaling": 8,
+    "lmforge.launcher": 9,
 }
-PACKAGE_LAYERS = {"finetune": 7, "scaling": 8, "launcher": 9}
 
 
 def layer(module: str) -> int:
-    for name in sorted(PRETRAIN_LAYERS, key=len, reverse=True):
+    """The layer of ``module``: its folder's (``lmforge.pretrain`` itself, only a docstring, is
+    the bottom)."""
+    if module == "lmforge.pretrain":
+        return 0
+    for name, number in LAYERS.items():
         if module == name or module.startswith(name + "."):
-            return PRETRAIN_LAYERS[name]
-    top = module.split(".")[0]
-    if top == "pretrain":
-        raise AssertionError(f"{module} has no layer: add it to PRETRAIN_LAYERS")
-    return PACKAGE_LAYERS[top]
+            return number
+    raise AssertionError(f"{module} is in no layer: put it in a folder of LAYERS")
 
 
 def modules() -> dict[str, str]:
@@ -75,49 +54,53 @@ def modules() -> dict[str, str]:
                 if f.endswith(".py"):
                     path = os.path.join(dirpath, f)
                     name = os.path.relpath(path, REPO)[:-3].replace(os.sep, ".")
-                    out[name.removesuffix(".__init__")] = path
+                    out["lmforge." + name.removesuffix(".__init__")] = path
     return out
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under ``if TYPE_CHECKING:`` (annotations only, never run)."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            stack.extend(node.orelse)
-            continue
-        yield node
-        stack.extend(ast.iter_child_nodes(node))
+def first_party_imports(source: str, mods: set[str]) -> set[str]:
+    """The modules of ``mods`` that ``source`` imports anywhere: at module level, in a function,
+    or under ``if TYPE_CHECKING:``."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            names = []
+        found.update(n for n in names if n in mods)
+    return found
+
+
+def local_stdlib_imports(source: str) -> list[int]:
+    """The lines where a function of ``source`` imports the standard library."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.Import):
+                    top = sub.names[0].name.split(".")[0]
+                elif isinstance(sub, ast.ImportFrom) and sub.level == 0:
+                    top = (sub.module or "").split(".")[0]
+                else:
+                    continue
+                if top in sys.stdlib_module_names:
+                    lines.append(sub.lineno)
+    return lines
 
 
 def import_graph() -> tuple[dict[str, set[str]], list[str]]:
-    """First-party import edges (module-level and local), and the function-local imports of
-    the standard library as ``module:line name``."""
+    """First-party import edges, and the function-local imports of the standard library as
+    ``module:line``."""
     mods = modules()
-    edges: dict[str, set[str]] = {m: set() for m in mods}
+    edges: dict[str, set[str]] = {}
     local_stdlib = []
     for mod, path in mods.items():
         with open(path) as f:
-            tree = ast.parse(f.read())
-        for node in _runtime_nodes(tree):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-            else:
-                names = []
-            edges[mod].update(n for n in names if n in mods and n != mod)
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                for sub in ast.walk(node):
-                    if isinstance(sub, ast.Import):
-                        top = sub.names[0].name.split(".")[0]
-                    elif isinstance(sub, ast.ImportFrom) and sub.level == 0:
-                        top = (sub.module or "").split(".")[0]
-                    else:
-                        continue
-                    if top in sys.stdlib_module_names:
-                        local_stdlib.append(f"{mod}:{sub.lineno} {top}")
+            source = f.read()
+        edges[mod] = first_party_imports(source, set(mods)) - {mod}
+        local_stdlib += [f"{mod}:{line}" for line in local_stdlib_imports(source)]
     return edges, local_stdlib
 
 
@@ -164,9 +147,9 @@ def graph():
 def test_the_graph_is_read(graph):
     edges, _ = graph
     # the reader sees real edges (a broken reader would pass every check below)
-    assert "pretrain.session" in edges["pretrain.run"]
-    assert "pretrain.parallel.common" in edges["pretrain.parallel.mesh"]
-    assert "pretrain.errors" in edges["launcher.slurm"]
+    assert "lmforge.pretrain.run.session" in edges["lmforge.pretrain.run.pretraining"]
+    assert "lmforge.pretrain.parallel.common" in edges["lmforge.pretrain.parallel.mesh"]
+    assert "lmforge.pretrain.core.errors" in edges["lmforge.launcher.slurm"]
 
 
 def test_no_arrow_points_up(graph):
@@ -188,6 +171,30 @@ def test_no_local_imports_of_the_standard_library(graph):
 
 
 def test_the_checker_finds_a_cycle_and_an_upward_arrow():
-    edges = {"pretrain.model": {"pretrain.trainer"}, "pretrain.trainer": {"pretrain.model"}}
-    assert cycles(edges) == [["pretrain.model", "pretrain.trainer"]]
-    assert layer("pretrain.trainer") > layer("pretrain.model")  # so model -> trainer is upward
+    model, loop = "lmforge.pretrain.model.transformer", "lmforge.pretrain.train.loop"
+    assert cycles({model: {loop}, loop: {model}}) == [[model, loop]]
+    assert layer(loop) > layer(model)  # so model -> loop is upward
+
+
+def test_an_annotation_only_import_counts():
+    """``if TYPE_CHECKING:`` hides an import from the interpreter, not from the layers: a cycle
+    through one is still a cycle (the two modules cannot be read apart)."""
+    mods = {"lmforge.pretrain.model.transformer", "lmforge.pretrain.train.loop"}
+    source = (
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from lmforge.pretrain.train.loop import Trainer\n"
+    )
+    assert first_party_imports(source, mods) == {"lmforge.pretrain.train.loop"}
+
+
+def test_every_folder_is_one_layer():
+    """Each folder under pretrain/ is a layer of LAYERS, and LAYERS names no folder that is gone."""
+    folders = {
+        f"lmforge.pretrain.{d}"
+        for d in os.listdir(os.path.join(REPO, "pretrain"))
+        if os.path.isfile(os.path.join(REPO, "pretrain", d, "__init__.py"))
+    }
+    assert folders == {name for name in LAYERS if name.startswith("lmforge.pretrain.")}
+    loose = [f for f in os.listdir(os.path.join(REPO, "pretrain")) if f.endswith(".py")]
+    assert loose == ["__init__.py"]  # no module outside a layer's folder

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 
-from pretrain.checkpoint import verify_checkpoint
+from lmforge.pretrain.checkpoint.store import verify_checkpoint
 from tests.conftest import REPO, lmforge
 from tests.runs import QUIET, STEPS, _args, latest_checkpoint, read_metrics
 from tests.test_anomalies import _run
@@ -189,7 +189,7 @@ def test_checkpoint_bench_measures_in_the_current_directory(tmp_path):
     save, the file system named, and nothing left behind where it wrote."""
     out = tmp_path / "bench.md"
     proc = subprocess.run(
-        [sys.executable, "-m", "launcher.cli", "bench", "--checkpoint", "--models", "tiny"]
+        [sys.executable, "-m", "lmforge.launcher.cli", "bench", "--checkpoint", "--models", "tiny"]
         + ["--out", str(out)],
         cwd=tmp_path,
         env=dict(os.environ, PYTHONPATH=REPO),

@@ -5,7 +5,7 @@ Each case is a command line with placeholders ({tmp}: the case's own empty direc
 prepared corpus, {run} / {ckpt}: a tiny pretraining run and its checkpoint, {cls}: a tiny
 classifier finetuned from it, {other}: data prepared with another tokenizer), the files
 the case puts into {tmp} first, and the path it would have written. Cases run in-process through
-`launcher.cli.main` (an exception escaping it would be a traceback for the user); the few whose
+`lmforge.launcher.cli.main` (an exception escaping it would be a traceback for the user); the few whose
 error comes from inside a training process run the real CLI in a subprocess.
 """
 
@@ -18,7 +18,7 @@ import traceback
 
 import pytest
 
-from launcher.cli import main
+from lmforge.launcher.cli import main
 from tests.conftest import lmforge, plays_dir
 from tests.runs import QUIET, TINY
 
@@ -32,8 +32,8 @@ HUGE = "x" * (3 << 20)  # one 3 MiB line
 
 def _trains_in_float8() -> str | None:
     """Why train.precision=fp8 is not refused here (a float8 GPU with torchao), or None."""
-    from pretrain.parallel.common import use_cuda
-    from pretrain.parallel.float8 import float8_problem
+    from lmforge.pretrain.parallel.common import use_cuda
+    from lmforge.pretrain.parallel.float8 import float8_problem
 
     if float8_problem("cuda" if use_cuda() else "cpu") is None:
         return "this machine trains in float8"
@@ -420,8 +420,8 @@ CASES = [
 def env(tiny_data, tmp_path_factory) -> dict:
     """The shared inputs: prepared data, a 2-step tiny run and its checkpoint, a classifier
     finetuned from it for 1 step, and data prepared with another tokenizer."""
-    from pretrain.config import PrepareConfig, load_config
-    from pretrain.prepare import prepare
+    from lmforge.pretrain.config.schema import PrepareConfig, load_config
+    from lmforge.pretrain.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("bad-input")
     runs = root / "runs"

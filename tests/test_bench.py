@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.hf import to_hf_name
-from launcher import bench
+from lmforge.finetune.hf_mapping import to_hf_name
+from lmforge.launcher import bench
 
 
 def test_peers_train_the_same_model_from_the_same_weights() -> None:
@@ -57,7 +57,7 @@ def test_table_has_a_row_per_case_with_ratios_and_split(tmp_path) -> None:
 
 def test_out_replaces_an_existing_file(tmp_path) -> None:
     """`--out FILE` of an earlier run is replaced by the new table (not refused)."""
-    from launcher.cli import main
+    from lmforge.launcher.cli import main
 
     out = tmp_path / "bench.md"
     out.write_text("an earlier table\n")

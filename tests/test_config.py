@@ -8,10 +8,10 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from finetune.config import FinetuneConfig
-from launcher.cli import main
-from launcher.slurm import SlurmProfile
-from pretrain.config import (
+from lmforge.finetune.config import FinetuneConfig
+from lmforge.launcher.cli import main
+from lmforge.launcher.slurm import SlurmProfile
+from lmforge.pretrain.config.schema import (
     ModelConfig,
     ParallelConfig,
     PrepareConfig,
@@ -19,8 +19,8 @@ from pretrain.config import (
     load_config,
     to_container,
 )
-from pretrain.errors import ConfigurationError
-from scaling.config import ScalingConfig
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.scaling.config import ScalingConfig
 from tests.conftest import REPO
 
 SCHEMAS = {
@@ -217,7 +217,7 @@ def test_deepspeed_json_is_completed_not_contradicted(tmp_path, capsys):
     """A user's DeepSpeed JSON keeps its own settings; batch, precision and clipping are ours."""
     import json
 
-    from pretrain.parallel import deepspeed_config
+    from lmforge.pretrain.parallel import deepspeed_config
 
     user = tmp_path / "ds.json"
     user.write_text(

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import yaml
 
-from launcher.cli import main
-from scaling.curve import Fit, check_sweep, load_curve, predict
+from lmforge.launcher.cli import main
+from lmforge.scaling.curve import Fit, check_sweep, load_curve, predict
 from tests.conftest import lmforge
 
 LAW = {"a": 3.0, "alpha": 0.4, "c": 0.3, "tau": 0.2}  # c = C of the law, tau its memory

@@ -13,7 +13,7 @@ import re
 
 import pytest
 
-from launcher.demo import Z_CLEAR, comparison_lines, paired_difference
+from lmforge.launcher.demo import Z_CLEAR, comparison_lines, paired_difference
 
 LINE = re.compile(
     r"^  pretrained - scratch  (?P<diff>[+-]\d+\.\d\d) ± (?P<se>\d+\.\d\d) points of accuracy "

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distributed import run_distributed
+from tests.gloo_workers import run_distributed
 from tests.runs import SMALL_MODEL, checkpoint_weights, read_metrics
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
@@ -32,12 +32,12 @@ SMALL = [
 def _train(rank: int, world: int, data: str, runs: str, name: str, extra: list[str]) -> dict:
     import torch.distributed as dist
 
-    from pretrain.config import PretrainConfig, load_config
-    from pretrain.memory import estimate_memory
-    from pretrain.parallel.common import blocks
-    from pretrain.parallel.state import measured_state_bytes
-    from pretrain.run import run_pretrain
-    from pretrain.trainer import Callback
+    from lmforge.pretrain.config.schema import PretrainConfig, load_config
+    from lmforge.pretrain.parallel.common import blocks
+    from lmforge.pretrain.parallel.memory import estimate_memory
+    from lmforge.pretrain.parallel.state import measured_state_bytes
+    from lmforge.pretrain.run.pretraining import run_pretrain
+    from lmforge.pretrain.train.loop import Callback
 
     class Record(Callback):
         def __init__(self) -> None:
@@ -80,7 +80,7 @@ def _train(rank: int, world: int, data: str, runs: str, name: str, extra: list[s
         "params": {k: v.detach().clone() for k, v in local.items()},
         "local_shapes": {k: list(v.shape) for k, v in local.items()},
         # Bytes this rank holds of weights and optimizer state (gradients match the weights'),
-        # measured, and as pretrain/memory.py estimates them.
+        # measured, and as pretrain/parallel/memory.py estimates them.
         "state_bytes": sum(measured_state_bytes(trainer.model, trainer.optimizer).values()),
         "estimated_state_bytes": estimate.params + estimate.optimizer + estimate.offloaded,
         "full_shapes": {k: list(v.shape) for k, v in state.items()},
@@ -100,7 +100,7 @@ def one_process(tiny_data, tmp_path_factory):
 
 
 def _assert_estimate(ranks: list[dict]) -> None:
-    """pretrain/memory.py's per-rank parameters + optimizer state is within 10% of what the
+    """pretrain/parallel/memory.py's per-rank parameters + optimizer state is within 10% of what the
     busiest rank really holds."""
     measured = max(r["state_bytes"] for r in ranks)
     estimated = ranks[0]["estimated_state_bytes"]
@@ -277,9 +277,9 @@ def _assert_consolidates(run_dir: str, ref_dir: str, tmp_path, *, atol: float = 
     as the run's own checkpoint does)."""
     from omegaconf import OmegaConf
 
-    from pretrain.config import ModelConfig
-    from pretrain.consolidate import consolidate
-    from pretrain.model import GPT
+    from lmforge.pretrain.checkpoint.consolidate import consolidate
+    from lmforge.pretrain.config.schema import ModelConfig
+    from lmforge.pretrain.model.transformer import GPT
 
     out = consolidate(run_dir, out=str(tmp_path / "model"))
     assert sorted(os.listdir(out)) == [

@@ -10,11 +10,11 @@ import os
 import subprocess
 import sys
 
-from pretrain.config import load_config
-from scaling.config import ScalingConfig
-from scaling.plan import Point
-from scaling.runs import read_verdict
-from scaling.sweep import _judge_running, point_status
+from lmforge.pretrain.config.schema import load_config
+from lmforge.scaling.config import ScalingConfig
+from lmforge.scaling.grid import Point
+from lmforge.scaling.runs import read_verdict
+from lmforge.scaling.sweep import _judge_running, point_status
 from tests.test_curve import write_run
 
 

@@ -16,12 +16,12 @@ import pytest
 import yaml
 from transformers import AutoTokenizer
 
-from finetune.export import _data_name, _hub_dataset, _hub_model, model_card, preprocessing
-from finetune.hf_tokenizer import instruction_chat_template, write_hf_tokenizer
-from finetune.model import Source
-from pretrain.config import ModelConfig
-from pretrain.errors import ConfigurationError
-from pretrain.tokenizer import Tokenizer
+from lmforge.finetune.export import _data_name, _hub_dataset, _hub_model, model_card, preprocessing
+from lmforge.finetune.hf_tokenizer import instruction_chat_template, write_hf_tokenizer
+from lmforge.finetune.model import ModelSource
+from lmforge.pretrain.config.schema import ModelConfig
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.data.tokenizer import Tokenizer
 
 TEMPLATES = [
     "### Instruction:\n{prompt}\n\n### Response:\n",
@@ -114,7 +114,7 @@ def test_card_front_matter_parses_as_on_the_hub(tmp_path):
         "labels": ["neg", "pos"],
         "max_len": 96,
     }
-    src = Source(
+    src = ModelSource(
         path="unused",
         model=ModelConfig(n_layer=1, n_head=2, d_model=32, max_seq_len=256, vocab_size=512),
         load_weights=dict,

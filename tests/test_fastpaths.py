@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import lmforge
-from tests.distributed import run_distributed
+from tests.gloo_workers import run_distributed
 from tests.runs import TINY, _rows, checkpoint_weights, latest_checkpoint, read_metrics
 
 STEPS = 20
@@ -80,7 +80,7 @@ def stdout(run_dir: str) -> str:
 
 def checkpoint_keys(run_dir: str, step: int) -> tuple[list[str], list[str]]:
     """The keys of a checkpoint's DCP state (model and optimizer) and of its full weights."""
-    from pretrain.safeload import dcp_reader
+    from lmforge.pretrain.core.safeload import dcp_reader
 
     ckpt = os.path.join(run_dir, "checkpoints", f"step_{step:08d}")
     dcp = dcp_reader(os.path.join(ckpt, "dcp")).read_metadata().state_dict_metadata
@@ -145,9 +145,9 @@ def test_compile_without_a_compiler_continues_eagerly(runs, tmp_path):
 def test_float8_takes_the_block_projections_only():
     """The blocks' projections whose dimensions are multiples of 16 compute in float8; the head,
     other dimensions and projections wrapped by LoRA stay in bf16."""
-    from pretrain.config import ModelConfig
-    from pretrain.model import GPT
-    from pretrain.parallel.float8 import float8_eligible
+    from lmforge.pretrain.config.schema import ModelConfig
+    from lmforge.pretrain.model.transformer import GPT
+    from lmforge.pretrain.parallel.float8 import float8_eligible
 
     model = GPT(ModelConfig(n_layer=1, n_head=4, d_model=64, ffn_hidden=72, vocab_size=512))
     chosen = [name for name, m in model.named_modules() if float8_eligible(m, name)]
@@ -159,12 +159,12 @@ def test_float8_takes_the_block_projections_only():
 
 def _float8_fsdp(rank: int, world: int, precision: str) -> dict:
     """6 steps of FSDP2 on 2 gloo ranks through MeshStrategy."""
-    from pretrain.config import ModelConfig, OptimConfig, ParallelConfig
-    from pretrain.layout import Layout
-    from pretrain.loss import causal_lm_loss
-    from pretrain.model import GPT
-    from pretrain.optim import build_optimizer, build_scheduler
-    from pretrain.parallel.mesh import MeshStrategy
+    from lmforge.pretrain.config.layout import Layout
+    from lmforge.pretrain.config.schema import ModelConfig, OptimConfig, ParallelConfig
+    from lmforge.pretrain.model.loss import causal_lm_loss
+    from lmforge.pretrain.model.transformer import GPT
+    from lmforge.pretrain.parallel.mesh import MeshStrategy
+    from lmforge.pretrain.train.optim import build_optimizer, build_scheduler
 
     optim = OptimConfig(lr=3e-3, warmup_steps=1)
     strategy = MeshStrategy(precision="bf16", layout=Layout(ParallelConfig(strategy="fsdp"), world))

@@ -14,16 +14,16 @@ import warnings
 
 import pytest
 
-from pretrain.checkpoint import (
+from lmforge.pretrain.checkpoint.store import (
     _prune,
     _publish,
     check_resume_checkpoint,
     resume_point,
     verify_checkpoint,
 )
-from pretrain.durable import sha256_file
-from pretrain.errors import CheckpointError
-from pretrain.session import check_resume_compatible
+from lmforge.pretrain.core.durable import sha256_file
+from lmforge.pretrain.core.errors import CheckpointError
+from lmforge.pretrain.run.session import check_resume_compatible
 from tests.conftest import lmforge
 from tests.runs import _args, latest_checkpoint
 from tests.test_resume import assert_same_run
@@ -238,7 +238,7 @@ def test_dcp_files_are_hashed_as_they_are_written(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from pretrain.parallel.state import HashingFileSystemWriter
+    from lmforge.pretrain.parallel.state import HashingFileSystemWriter
 
     state = {
         "model": {"big": torch.randn(1024, 1024), "small": torch.arange(7.0)},

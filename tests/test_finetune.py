@@ -64,7 +64,7 @@ def _read_csv(path) -> list[dict]:
 @pytest.fixture(scope="session")
 def rt(tmp_path_factory) -> dict:
     """The bundled task's splits, and small subsets of them for fast runs."""
-    from finetune.bundled import rotten_tomatoes
+    from lmforge.finetune.bundled import rotten_tomatoes
 
     out = tmp_path_factory.mktemp("rt")
     sizes = rotten_tomatoes(str(out))
@@ -134,7 +134,7 @@ def cls_args(runs: str, name: str, base: str, rt: dict) -> list[str]:
 def test_bundled_rotten_tomatoes_splits_by_movie(rt):
     import bz2
 
-    from finetune.bundled import SOURCE, split_of
+    from lmforge.finetune.bundled import SOURCE, split_of
 
     assert rt["sizes"] == {"train": 10351, "val": 1210, "test": 1247}
     with bz2.open(SOURCE, "rt", encoding="utf-8", newline="") as f:
@@ -167,7 +167,7 @@ def test_bundled_rotten_tomatoes_splits_by_movie(rt):
     ids=["ddp", "fsdp", "zero2", "tp2", "pp2"],
 )
 def test_two_processes_equal_one(ft_runs, layout):
-    from finetune.model import load_source
+    from lmforge.finetune.model import load_source
 
     strategy, *rest = layout.split()
     one_run = ft_runs(1, "model.dropout=0.0")
@@ -219,7 +219,7 @@ def test_pretrained_vs_scratch_at_equal_budget(ft_runs, base_run, rt, report):
     data, steps and schedule from the pretrained weights and from new ones; the demo's
     per-example scores, paired difference and pick by validation accuracy on these runs; both
     accuracies and the difference go to the test report."""
-    from launcher.demo import comparison_lines, correct_per_example, pick_lr
+    from lmforge.launcher.demo import comparison_lines, correct_per_example, pick_lr
 
     pre_run = ft_runs(1, "model.dropout=0.0")
     scratch_run = ft_runs(1, "model.dropout=0.0", "from_scratch=true")
@@ -275,8 +275,8 @@ def test_freeze_trunk_class_weights_and_exact_resume(ft_runs, base_run, rt, tmp_
     """A linear probe with class weights: the trunk stays the base's, its FLOPs are about a
     third of full finetuning's (no backward through the trunk), and a SIGKILLed run resumes to
     the uninterrupted one's rows (its optimizer has one parameter group: the head)."""
-    from finetune.data import class_weights
-    from finetune.model import load_source
+    from lmforge.finetune.data import class_weights
+    from lmforge.finetune.model import load_source
 
     assert class_weights("balanced", [0, 0, 0, 1], 2) == [4 / (2 * 3), 4 / (2 * 1)]
     assert class_weights("none", [0, 1], 2) is None
@@ -354,9 +354,9 @@ def _lmforge_outputs(src, model, rows: list[dict]) -> list[torch.Tensor]:
     """lmforge's own inference on labelled rows: its preprocessing (finetune/data.py, as in
     `lmforge evaluate`) and the model's outputs at the positions it labels, one (n, labels)
     tensor per example."""
-    from finetune.config import TaskConfig
-    from finetune.data import IGNORE, tokenize
-    from pretrain.tokenizer import Tokenizer
+    from lmforge.finetune.config import TaskConfig
+    from lmforge.finetune.data import IGNORE, tokenize
+    from lmforge.pretrain.data.tokenizer import Tokenizer
 
     keys = TaskConfig.__dataclass_fields__
     task = TaskConfig(**{k: v for k, v in src.task.items() if k in keys})
@@ -411,7 +411,7 @@ def _eval_metrics(run: str, names: dict[str, str]) -> dict:
 def _assert_tokenizer_matches(export_dir: str, sp_path: str) -> None:
     from transformers import AutoTokenizer
 
-    from pretrain.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import Tokenizer
 
     hf, ours = AutoTokenizer.from_pretrained(export_dir, local_files_only=True), Tokenizer(sp_path)
     for text in TEXTS:
@@ -423,7 +423,7 @@ def _assert_tokenizer_matches(export_dir: str, sp_path: str) -> None:
 def test_export_causal_lm_matches_transformers(base_run, base_export):
     from transformers import AutoModelForCausalLM
 
-    from finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model, load_source
 
     out = base_export
     for name in (
@@ -451,7 +451,7 @@ def test_export_causal_lm_matches_transformers(base_run, base_export):
     assert mine.tolist() == theirs.tolist()
     _assert_tokenizer_matches(out, src.tokenizer)
     # `lmforge generate` streams what greedy decoding gives, from the export and the run alike
-    from pretrain.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import Tokenizer
 
     tok = Tokenizer(src.tokenizer)
     ids = torch.tensor([tok.encode("To be, or not to be")])
@@ -490,7 +490,7 @@ def test_foreign_hf_llama_directory_loads(tiny_data, tmp_path):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model, load_source
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -517,8 +517,8 @@ def test_foreign_hf_llama_directory_loads(tiny_data, tmp_path):
 
 
 def test_evaluate_perplexity_of_text_files(base_run, tmp_path):
-    from finetune.model import build_model, load_source
-    from pretrain.tokenizer import Tokenizer
+    from lmforge.finetune.model import build_model, load_source
+    from lmforge.pretrain.data.tokenizer import Tokenizer
 
     text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
     (tmp_path / "a.txt").write_text(text)
@@ -539,8 +539,8 @@ def test_export_classifier_matches_transformers(ft_runs, rt, tmp_path):
     truncation=True must read what lmforge reads, the last 48 tokens, on every review."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from finetune.model import build_model, load_source
-    from pretrain.tokenizer import Tokenizer
+    from lmforge.finetune.model import build_model, load_source
+    from lmforge.pretrain.data.tokenizer import Tokenizer
 
     run = ft_runs(1, "model.dropout=0.0")
     out = str(tmp_path / "cls")
@@ -612,7 +612,7 @@ def _tagging_rows(n: int, seed: int) -> list[dict]:
 def test_token_classification_learns_and_exports(base_run, tmp_path):
     from transformers import AutoModelForTokenClassification
 
-    from finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model, load_source
 
     for split, n, seed in (("train", 400, 0), ("val", 64, 1)):
         with open(tmp_path / f"{split}.jsonl", "w") as f:
@@ -650,7 +650,7 @@ def test_token_classification_learns_and_exports(base_run, tmp_path):
     # truncation=True on the words (is_split_into_words) keeps the first 48 tokens.
     from transformers import AutoTokenizer
 
-    from pretrain.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import Tokenizer
 
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert (tok.model_max_length, tok.truncation_side, tok.padding_side) == (48, "right", "right")
@@ -696,7 +696,7 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
     """SFT with LoRA and packing, started from a Hugging Face directory (the base's export)."""
     from transformers import AutoModelForCausalLM
 
-    from finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model, load_source
 
     reviews = _read_csv(rt["train"])[:200]
     pairs = [
@@ -744,7 +744,7 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
     with torch.no_grad():
         assert (merged(x) - hf(x).logits).abs().max().item() <= 1e-5
     # streamed generation == greedy decoding in-process (with the template, then raw)
-    from pretrain.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import Tokenizer
 
     tok = Tokenizer(src.tokenizer)
 
@@ -762,7 +762,7 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
     # transformers: the tokenizer's chat template is the task's template; a batch of prompts
     # (padded on the left) generates what lmforge generates from each prompt
 
-    from finetune.inference import generate
+    from lmforge.finetune.inference import generate
 
     hf_tok, ctx = _left_truncating_tokenizer(out, src.model.max_seq_len)
     prompts = [prompt, "Is this review fresh or rotten? A gorgeous, witty, seductive movie."]
@@ -797,8 +797,8 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
 
 
 def test_sft_example_masks_the_prompt(tiny_data):
-    from finetune.data import IGNORE, pack, sft_example
-    from pretrain.tokenizer import Tokenizer
+    from lmforge.finetune.data import IGNORE, pack, sft_example
+    from lmforge.pretrain.data.tokenizer import Tokenizer
 
     tok = Tokenizer(os.path.join(tiny_data, "tokenizer.model"))
     template = "Q: {prompt}\nA:"
@@ -838,7 +838,7 @@ def test_bad_inputs_fail_with_one_line(base_run, ft_runs, rt, tmp_path):
     assert "model.d_model=256" in msg and "init_from" in msg
     # a tokenizer that is not the checkpoint's (another vocabulary)
     other = tmp_path / "other.model"
-    from pretrain.tokenizer import train_tokenizer
+    from lmforge.pretrain.data.tokenizer import train_tokenizer
 
     train_tokenizer(
         texts=[r["text"] for r in _read_csv(rt["train"])], out_path=other, vocab_size=400

@@ -1,4 +1,4 @@
-"""pretrain/flops.py: FLOPs per token against FlopCounterMode, peak FLOP/s, MFU."""
+"""pretrain/model/flops.py: FLOPs per token against FlopCounterMode, peak FLOP/s, MFU."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain import flops
-from pretrain.config import ModelConfig
-from pretrain.errors import ConfigurationError
-from pretrain.flops import (
+from lmforge.pretrain.config.schema import ModelConfig
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.model import flops
+from lmforge.pretrain.model.flops import (
     flops_per_token,
     lookup_peak_flops,
     measure_matmul_flops,
@@ -23,7 +23,7 @@ from pretrain.flops import (
     param_counts,
     peak_flops,
 )
-from pretrain.model import GPT
+from lmforge.pretrain.model.transformer import GPT
 
 SHAPES = {
     "mha": dict(n_layer=2, n_head=4, d_model=64, vocab_size=128),
@@ -76,8 +76,8 @@ def test_trained_flops_per_token_matches_flop_counter(mode: str) -> None:
     All trainable: flops_per_token exactly; head only: exact up to the norm weights' forward.
     LoRA: an overestimate by less than one block's backward (the input gradients of the lowest
     block with an adapter are counted whole) and the norm weights."""
-    from finetune.model import wrap_lora
-    from pretrain.flops import trained_flops_per_token
+    from lmforge.finetune.model import wrap_lora
+    from lmforge.pretrain.model.flops import trained_flops_per_token
 
     cfg = ModelConfig(n_layer=3, n_head=4, n_kv_head=2, d_model=64, vocab_size=128, max_seq_len=64)
     torch.manual_seed(0)

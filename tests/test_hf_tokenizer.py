@@ -15,9 +15,9 @@ import sentencepiece as spm
 import tokenizers
 import transformers
 
-from finetune.hf_tokenizer import write_hf_tokenizer
-from pretrain.errors import ConfigurationError
-from pretrain.tokenizer import Tokenizer, train_tokenizer
+from lmforge.finetune.hf_tokenizer import write_hf_tokenizer
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.data.tokenizer import Tokenizer, train_tokenizer
 from tests.conftest import plays_dir
 
 SPACE = "\u2581"  # "▁": the one character SentencePiece does not round-trip (it decodes as " ")

@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from finetune.harness import import_harness, run_lm_eval, update_model_card
-from pretrain.errors import ConfigurationError
+from lmforge.finetune.harness import import_harness, run_lm_eval, update_model_card
+from lmforge.pretrain.core.errors import ConfigurationError
 from tests.conftest import REPO, lmforge
 
 TASKS = os.path.join(REPO, "tests", "data", "lm_eval")
@@ -89,7 +89,7 @@ def test_harness_scores_a_run_offline(run, task_dir, tmp_path):
     assert saved["settings"]["dtype"] == "fp32" and saved["harness_version"]
 
     # The harness really scored this model: lmforge's own export gives the same accuracy.
-    from finetune.export import export
+    from lmforge.finetune.export import export
 
     export_dir = export(run, out=str(tmp_path / "export"))
     assert metrics["acc"] == pytest.approx(_own_accuracy(export_dir), abs=1e-9)

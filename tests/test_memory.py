@@ -1,4 +1,4 @@
-"""Will it fit? pretrain/memory.py's estimate against memory measured on real models, and the
+"""Will it fit? pretrain/parallel/memory.py's estimate against memory measured on real models, and the
 refusal of a layout that cannot fit. (Per-rank parameter and optimizer bytes of every parallel
 layout are checked against the estimate in tests/test_distributed.py.)"""
 
@@ -10,12 +10,12 @@ import os
 import pytest
 import torch
 
-from pretrain.config import ModelConfig, ParallelConfig
-from pretrain.memory import estimate_memory
-from pretrain.metrics import read_metrics
-from pretrain.model import GPT
-from pretrain.parallel import apply_activation_checkpointing
-from pretrain.trainer import causal_lm_loss
+from lmforge.pretrain.config.schema import ModelConfig, ParallelConfig
+from lmforge.pretrain.model.transformer import GPT
+from lmforge.pretrain.parallel import apply_activation_checkpointing
+from lmforge.pretrain.parallel.memory import estimate_memory
+from lmforge.pretrain.train.loop import causal_lm_loss
+from lmforge.pretrain.train.metrics import read_metrics
 from tests.conftest import lmforge
 
 
@@ -158,7 +158,7 @@ def test_run_records_its_estimate_and_measured_peak(reference_runs):
 def test_zero_buffers_follow_the_deepspeed_settings(tmp_path):
     """DeepSpeed's reduction buckets and ZeRO-3's live parameters are counted as the engine is
     configured: lmforge's model-sized default, or the user's JSON."""
-    from pretrain.parallel.zero import deepspeed_config
+    from lmforge.pretrain.parallel.zero import deepspeed_config
 
     cfg = ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=512, max_seq_len=64)
     n = sum(p.numel() for p in GPT(cfg).parameters())

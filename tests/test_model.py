@@ -1,4 +1,4 @@
-"""pretrain/model.py: presets, shapes, causality, init, dropout, generation, HF Llama parity."""
+"""pretrain/model/transformer.py: presets, shapes, causality, init, dropout, generation, HF Llama parity."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.config import ModelConfig, load_config
-from pretrain.errors import ConfigurationError
-from pretrain.flops import param_counts
-from pretrain.model import GPT
+from lmforge.pretrain.config.schema import ModelConfig, load_config
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.model.flops import param_counts
+from lmforge.pretrain.model.transformer import GPT
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs" / "model").glob("*.yaml"))
 
@@ -241,7 +241,7 @@ def test_kv_cache_gives_the_full_forward(overrides: dict) -> None:
     """A prompt into the cache, then one token at a time: each step's logits equal the last
     row of a full forward over everything so far; generation with the cache (and with the
     sliding window once past max_seq_len) equals re-running the context each step."""
-    from pretrain.model import KVCache
+    from lmforge.pretrain.model.transformer import KVCache
 
     model = make_model(max_seq_len=24, **overrides).eval()
     ids = torch.randint(0, 97, (2, 20))
@@ -268,7 +268,7 @@ def test_kv_cache_gives_the_full_forward(overrides: dict) -> None:
 
 def test_generate_bench_compares_cache_with_rerun(tmp_path) -> None:
     """`lmforge bench --generate` in-process: one row per case, the same tokens both ways."""
-    from launcher.bench import run_generate_bench
+    from lmforge.launcher.bench import run_generate_bench
 
     out = tmp_path / "gen.md"
     text = run_generate_bench(models=["tiny"], precisions=["fp32"], new_tokens=8, out=str(out))
@@ -310,7 +310,7 @@ def test_matches_hf_llama(overrides: dict) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    from finetune.hf import llama_config, to_hf_name
+    from lmforge.finetune.hf_mapping import llama_config, to_hf_name
 
     hf_cfg = llama_config(cfg)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()

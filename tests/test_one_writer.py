@@ -1,4 +1,4 @@
-"""One run, one writer (pretrain/runlock.py): the ranks die with their launcher, a second start of
+"""One run, one writer (pretrain/core/runlock.py): the ranks die with their launcher, a second start of
 a running run is refused before it writes anything, and the lock of a holder that died is taken
 over with a warning. Real processes, real SIGKILLs; timing comes from fault points, not sleeps."""
 
@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from launcher.local import child_pids
+from lmforge.launcher.local import child_pids
 from tests.conftest import REPO, lmforge
 from tests.runs import _args, latest_checkpoint
 from tests.test_resume import assert_same_run
@@ -22,7 +22,7 @@ from tests.test_resume import assert_same_run
 def _start(args: list[str], fault: str) -> subprocess.Popen:
     """`lmforge pretrain ARGS` in the background, paused where ``fault`` says."""
     return subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "pretrain", *args],
+        [sys.executable, "-m", "lmforge.launcher.cli", "pretrain", *args],
         cwd=REPO,
         env=dict(os.environ, PYTHONUNBUFFERED="1", LMFORGE_FAULT=fault),
         stdout=subprocess.PIPE,
@@ -108,7 +108,7 @@ def test_a_second_start_of_a_running_run_is_refused(tiny_data, tmp_path, referen
     _wait(lambda: _holder(run_dir).get("pid") == first.pid, first, seconds=60)
     others = [
         subprocess.Popen(
-            [sys.executable, "-m", "launcher.cli", "pretrain", *a],
+            [sys.executable, "-m", "lmforge.launcher.cli", "pretrain", *a],
             cwd=REPO,
             env=dict(os.environ, PYTHONUNBUFFERED="1"),
             stdout=subprocess.PIPE,
@@ -134,8 +134,8 @@ def test_a_second_start_of_a_running_run_is_refused(tiny_data, tmp_path, referen
 def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys):
     """A holder killed with -9 leaves its record in the lock file but not the lock: the next
     start takes it over and says whose it was; a live holder is named in a one-line refusal."""
-    from pretrain.errors import LMForgeError
-    from pretrain.runlock import lock_run_dir
+    from lmforge.pretrain.core.errors import LMForgeError
+    from lmforge.pretrain.core.runlock import lock_run_dir
 
     run_dir = str(tmp_path / "run")
     take_and = f"from pretrain.runlock import lock_run_dir; held = lock_run_dir({run_dir!r}); "
@@ -182,9 +182,9 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys):
 def test_a_worker_whose_launcher_is_already_gone_dies_at_once():
     """The race the kernel's parent-death signal leaves open: the launcher died before the
     worker asked for it. The worker sees that its parent is not the launcher that started it."""
-    from pretrain.runlock import LAUNCHER_ENV
+    from lmforge.pretrain.core.runlock import LAUNCHER_ENV
 
-    boot = "import pretrain.runlock as r; r.die_with_launcher(); print('running')"
+    boot = "import lmforge.pretrain.core.runlock as r; r.die_with_launcher(); print('running')"
     for launcher, survives in ((os.getpid(), True), (1, False)):
         out = subprocess.run(
             [sys.executable, "-c", boot],

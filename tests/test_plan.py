@@ -15,15 +15,15 @@ import os
 
 import pytest
 
-from launcher.cli import main
-from pretrain.config import ModelConfig, PretrainConfig, load_config
-from pretrain.flops import flops_per_token
-from scaling.analysis import analyse
-from scaling.config import ShapeConfig, SweepFitConfig
-from scaling.fit import SurfaceFit
-from scaling.plan import shape_for
-from scaling.planner import DEEPSEEK_BATCH, DEEPSEEK_LR, PUBLISHED, effective_tokens
-from scaling.sources import load_sources
+from lmforge.launcher.cli import main
+from lmforge.pretrain.config.schema import ModelConfig, PretrainConfig, load_config
+from lmforge.pretrain.model.flops import flops_per_token
+from lmforge.scaling.analysis import analyse
+from lmforge.scaling.config import ShapeConfig, SweepFitConfig
+from lmforge.scaling.fit import SurfaceFit
+from lmforge.scaling.grid import shape_for
+from lmforge.scaling.planner import DEEPSEEK_BATCH, DEEPSEEK_LR, PUBLISHED, effective_tokens
+from lmforge.scaling.sources import load_sources
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 BASE = [

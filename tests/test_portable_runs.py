@@ -17,7 +17,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pretrain.checkpoint import read_trainer_state, verify_checkpoint
+from lmforge.pretrain.checkpoint.store import read_trainer_state, verify_checkpoint
 from tests.conftest import lmforge
 from tests.runs import TINY, _rows, read_metrics
 
@@ -48,7 +48,7 @@ def paths_inside(root: str, *needles: str) -> dict[str, list[str]]:
 
 def _cli(capsys, *args: str) -> tuple[int, str, str]:
     """The CLI in this process: exit code, stdout, stderr."""
-    from launcher.cli import main
+    from lmforge.launcher.cli import main
 
     capsys.readouterr()
     code = main(list(args))
@@ -231,7 +231,7 @@ def _as_written_before(ckpt: str, tokenizer: str) -> None:
 def test_older_checkpoints_use_the_tokenizer_they_name(moved, tmp_path, capsys, text_file):
     """A checkpoint without tokenizer.model reads the tokenizer its trainer state names; a
     different file there is refused; without either, the error says where to copy it."""
-    from finetune.model import load_source
+    from lmforge.finetune.model import load_source
 
     ckpt = str(tmp_path / "step_00000002")
     shutil.copytree(os.path.join(moved["run"], "checkpoints", "step_00000002"), ckpt)

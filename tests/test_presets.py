@@ -1,26 +1,16 @@
-"""Presets: configs/ shipped in the wheel as lmforge_configs, named by path or by name.
-
-The wheel test builds lmforge from a copy of the source tree, installs it into a fresh venv and
-runs that venv's `lmforge` outside the repository (its dependencies from the repository's .venv
-on PYTHONPATH, which reads no .pth file, so the repository's editable install stays out).
-"""
+"""Presets: configs/ shipped in the wheel as lmforge.configs, named by path or by name (the
+installed wheel's presets: tests/test_install.py)."""
 
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-import sysconfig
 
 import pytest
 
-from pretrain import presets
-from pretrain.config import ModelConfig, ParallelConfig, PretrainConfig, load_config
-from pretrain.errors import ConfigurationError
+from lmforge.pretrain.config import presets
+from lmforge.pretrain.config.schema import ModelConfig, ParallelConfig, PretrainConfig, load_config
+from lmforge.pretrain.core.errors import ConfigurationError
 from tests.conftest import REPO
-
-SOURCES = ["pyproject.toml", "README.md", "launcher", "pretrain", "finetune", "scaling", "configs"]
 
 
 def test_names_paths_and_unknown_names(tmp_path, monkeypatch):
@@ -60,65 +50,3 @@ def test_every_preset_listed_with_its_description():
             assert desc and "\n" not in desc and len(desc) < 100, (f, desc)
             assert f"  {name:<14} {desc}" in listing
     assert "tiny model for tests" in listing
-
-
-def test_installed_wheel_resolves_presets_outside_the_repository(tmp_path):
-    src = tmp_path / "src"
-    src.mkdir()
-    for name in SOURCES:
-        path = os.path.join(REPO, name)
-        if os.path.isdir(path):
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(path, src / name)
-    pip = [sys.executable, "-m", "pip"]
-    quiet = {"capture_output": True, "text": True, "check": True, "timeout": 300}
-    subprocess.run(
-        [*pip, "wheel", "-q", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp_path)],
-        cwd=src,
-        **quiet,
-    )
-    (wheel,) = tmp_path.glob("lmforge-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], **quiet)
-    subprocess.run([*pip, "--python", str(venv / "bin/python"), "install", "-q", "--no-deps",
-                    str(wheel)], **quiet)  # fmt: skip
-    work = tmp_path / "work"
-    work.mkdir()
-    env = dict(os.environ, PYTHONPATH=sysconfig.get_paths()["purelib"], PYTHONNOUSERSITE="1")
-    python = str(venv / "bin/python")
-    where = subprocess.run(
-        [python, "-c", "import launcher, lmforge_configs; print(launcher.__file__)"],
-        cwd=work,
-        env=env,
-        **quiet,
-    ).stdout.strip()
-    assert where.startswith(str(venv)), where  # not the repository's launcher
-
-    def installed(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [str(venv / "bin/lmforge"), *args],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    listed = installed("print-config", "--presets")
-    assert listed.returncode == 0, listed.stderr
-    assert listed.stdout.startswith(f"# presets in {venv}/lib/"), listed.stdout[:200]
-    for line in ("model:", "  tiny ", "parallel:", "  zero3 ", "pretrain:", "  demo "):
-        assert line in listed.stdout
-    shown = installed("print-config", "configs/pretrain/demo.yaml", "model=tiny", "parallel=zero3")
-    assert shown.returncode == 0, shown.stderr
-    assert "name: demo" in shown.stdout and "d_model: 128" in shown.stdout
-    assert "strategy: deepspeed" in shown.stdout and "zero_stage: 3" in shown.stdout
-    bad = installed("print-config", "demo", "parallel=zero5")
-    assert bad.returncode != 0
-    assert bad.stderr.splitlines()[-1] == (
-        "error: `parallel`='zero5' is neither a file nor a parallel preset; give a YAML file or "
-        "one of the parallel presets: " + ", ".join(presets.names("parallel"))
-        + " (lmforge print-config --presets)"
-    )  # fmt: skip
-    assert not (work / "configs").exists() and os.listdir(work) == []

@@ -113,9 +113,9 @@ def _assert_intermediate_checkpoints_rebuild(every_dir: str, ref_dir: str, tmp_p
     weights of the reference's step 12 from its shards: those of the other run's copy, bitwise."""
     from safetensors.torch import load_file
 
-    from finetune.export import export
-    from finetune.hf import to_hf_name
-    from pretrain.consolidate import consolidate
+    from lmforge.finetune.export import export
+    from lmforge.finetune.hf_mapping import to_hf_name
+    from lmforge.pretrain.checkpoint.consolidate import consolidate
 
     def has_copy(run: str, step: int) -> bool:
         return os.path.isfile(
@@ -221,7 +221,7 @@ def test_signal_saves_and_resumes_exactly(tiny_data, tmp_path, reference_runs, n
     run_dir = os.path.join(runs, name)
     args = _args(tiny_data, runs, name, nproc, "fp32", "parallel.strategy=ddp")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "launcher.cli", "pretrain", *args],
+        [sys.executable, "-m", "lmforge.launcher.cli", "pretrain", *args],
         cwd=REPO,
         env=dict(os.environ, LMFORGE_FAULT="step@6+sleep=3"),  # a 3 s window at step 6
         stdout=subprocess.PIPE,

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from pretrain.errors import ConfigurationError
-from scaling.fit import (
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.scaling.fit import (
     Points,
     ScalingFitError,
     SurfaceFit,
@@ -288,14 +288,14 @@ def _legends_clear_of_axes(name: str, fig) -> int:
 def test_report_figures_keep_legends_off_the_axes(which: str, chinchilla: Points) -> None:
     """Every figure of the report, with a held-out budget and a legend of every kind of mark:
     the legends sit outside the axes, and the budgets are a colorbar, not legend entries."""
-    from scaling.analysis import analyse
-    from scaling.config import SweepFitConfig
-    from scaling.figures import build_figures
-    from scaling.sources import Source
+    from lmforge.scaling.analysis import analyse
+    from lmforge.scaling.config import SweepFitConfig
+    from lmforge.scaling.figures import build_figures
+    from lmforge.scaling.sources import PointSet
 
     points = continuous_grid(seed=1)[0] if which == "continuous-grid" else chinchilla
     holdout = 1e20 if which == "continuous-grid" else 3e21
-    src = Source(points, None, which, "as given")
+    src = PointSet(points, None, which, "as given")
     analysis = analyse(src, SweepFitConfig(holdout=[holdout], bootstrap=0), [1e22])
     r = analysis["result"]
     assert len(r["budgets"]["found"]) == (6 if which == "continuous-grid" else 9)

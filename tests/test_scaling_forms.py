@@ -11,10 +11,10 @@ import os
 import numpy as np
 import pytest
 
-from scaling.analysis import analyse
-from scaling.config import SweepFitConfig
-from scaling.fit import Points, SurfaceFit, load_points_csv
-from scaling.sources import Source, load_sources
+from lmforge.scaling.analysis import analyse
+from lmforge.scaling.config import SweepFitConfig
+from lmforge.scaling.fit import Points, SurfaceFit, load_points_csv
+from lmforge.scaling.sources import PointSet, load_sources
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 
@@ -54,7 +54,7 @@ def _grid(law: SurfaceFit, budgets, centre: float, spacing: float, noise: float,
             d = c / (6 * n)
             rows.append((c, n, d, float(law.predict(n, d)) * math.exp(rng.normal(0, noise))))
     b, n, d, loss = (np.array(v) for v in zip(*rows, strict=True))
-    return Source(
+    return PointSet(
         points=Points.from_arrays(N=n, D=d, L=loss),
         budgets=b,
         what="a synthetic grid",
@@ -107,7 +107,7 @@ def test_the_chinchilla_points_predict_their_largest_budget():
     (3e21) held out: the chosen form predicts its minimum within 2%, and the report says
     where the forms disagree beyond their intervals."""
     pts = load_points_csv(os.path.join(DATA, "chinchilla_svg_extracted.csv"))
-    src = Source(points=pts, budgets=None, what="Chinchilla", params="total")
+    src = PointSet(points=pts, budgets=None, what="Chinchilla", params="total")
     r = analyse(src, SweepFitConfig(holdout=[3e21], bootstrap=20), targets=[1e23])["result"]
     (check,) = r["holdout"]
     assert check["best_loss"] == pytest.approx(check["measured_minimum"], rel=0.02)

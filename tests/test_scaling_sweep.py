@@ -15,7 +15,7 @@ import os
 import pytest
 import yaml
 
-from launcher.cli import main
+from lmforge.launcher.cli import main
 from tests.conftest import REPO, lmforge
 from tests.runs import read_metrics
 
@@ -216,17 +216,17 @@ def test_plan_follows_the_width_depth_rule_and_matches_the_schedule_to_d(tiny_da
     own schedule length and warmup, and the learning rate scaled by width."""
     from omegaconf import OmegaConf
 
-    from pretrain.config import ModelConfig, load_config
-    from pretrain.flops import flops_per_token, param_counts
-    from scaling.config import ScalingConfig
-    from scaling.plan import make_plan
+    from lmforge.pretrain.config.schema import ModelConfig, load_config
+    from lmforge.pretrain.model.flops import flops_per_token, param_counts
+    from lmforge.scaling.config import ScalingConfig
+    from lmforge.scaling.grid import make_grid
 
     path = sweep_config(tmp_path / "sweep.yaml", tiny_data, str(tmp_path / "runs"))
     cfg = load_config(
         ScalingConfig,
         [path, "lr_width_exponent=1.0", "lr_reference_width=16", "warmup_fraction=0.25"],
     )
-    plan = make_plan(cfg)
+    plan = make_grid(cfg)
     assert len(plan.points) == 6
     for p in plan.points:
         run = OmegaConf.create(p.config)
@@ -258,7 +258,7 @@ def test_fit_command_on_an_isoflop_grid_predicts_the_held_out_budget(tmp_path):
     prediction, through the command."""
     import numpy as np
 
-    from scaling.fit import SurfaceFit
+    from lmforge.scaling.fit import SurfaceFit
 
     law = SurfaceFit(E=2.0, A=400.0, B=1500.0, alpha=0.34, beta=0.30, objective=0.0, n_points=0)
     rng = np.random.default_rng(0)

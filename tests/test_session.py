@@ -8,11 +8,11 @@ import os
 
 import pytest
 
-from pretrain.config import ModelConfig, ParallelConfig
-from pretrain.durable import sha256_file
-from pretrain.errors import CheckpointError, ConfigurationError
-from pretrain.layout import Layout
-from pretrain.session import check_resume_compatible, grad_accum_steps, resolve_resume
+from lmforge.pretrain.config.layout import Layout
+from lmforge.pretrain.config.schema import ModelConfig, ParallelConfig
+from lmforge.pretrain.core.durable import sha256_file
+from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
+from lmforge.pretrain.run.session import check_resume_compatible, grad_accum_steps, resolve_resume
 
 
 def _checkpoint(root, *, sha: str, deepspeed: bool = False) -> str:
@@ -111,7 +111,7 @@ def test_layout_refuses_with_every_degree_named():
 
 
 def test_a_corrupt_or_foreign_manifest_is_one_line(tmp_path):
-    from pretrain.checkpoint import verify_checkpoint
+    from lmforge.pretrain.checkpoint.store import verify_checkpoint
 
     ckpt = tmp_path / "step_00000004"
     ckpt.mkdir()

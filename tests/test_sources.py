@@ -1,4 +1,4 @@
-"""Finetuning's task data read from tables (pretrain.sources.load_rows -> finetune.data): CSV
+"""Finetuning's task data read from tables (pretrain.data.sources.load_rows -> finetune.data): CSV
 with backslash-escaped quotes, and rows whose text is empty, whitespace-only or missing.
 
 In-process and cheap: a small tokenizer trained once on two real plays, files of a few rows.
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from finetune.config import TaskConfig
-from finetune.data import TaskData, skip_empty_rows, tokenize
-from pretrain.errors import ConfigurationError, DataError
-from pretrain.runlock import LAUNCHER_ENV
-from pretrain.sources import load_rows
-from pretrain.tokenizer import Tokenizer, train_tokenizer
+from lmforge.finetune.config import TaskConfig
+from lmforge.finetune.data import TaskData, skip_empty_rows, tokenize
+from lmforge.pretrain.core.errors import ConfigurationError, DataError
+from lmforge.pretrain.core.runlock import LAUNCHER_ENV
+from lmforge.pretrain.data.sources import load_rows
+from lmforge.pretrain.data.tokenizer import Tokenizer, train_tokenizer
 from tests.conftest import plays_dir
 
 REVIEWS = [

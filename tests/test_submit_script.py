@@ -32,11 +32,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from launcher.cli import _parser, main
-from launcher.commands import load_command_config
-from launcher.slurm import SlurmProfile, submit
-from pretrain.config import load_config
-from pretrain.errors import ConfigurationError
+from lmforge.launcher.cli import _parser, main
+from lmforge.launcher.commands import load_command_config
+from lmforge.launcher.slurm import SlurmProfile, submit
+from lmforge.pretrain.config.schema import load_config
+from lmforge.pretrain.core.errors import ConfigurationError
 from tests.conftest import REPO
 
 DEMO = os.path.join(REPO, "configs", "pretrain", "demo.yaml")
@@ -389,7 +389,7 @@ class Checker:
         got = srun_argv(record)
         head = [
             b"--kill-on-bad-exit=1", b"--ntasks-per-node=1", os.fsencode(python),
-            b"-m", b"launcher.cli", b"launch", b"--nproc", str(nproc).encode(),
+            b"-m", b"lmforge.launcher.cli", b"launch", b"--nproc", str(nproc).encode(),
             b"--master-addr", NODE_ADDR.encode(),
             b"--master-port", str(20000 + int(JOB_ID) % 20000).encode(), b"--",
         ]  # fmt: skip

@@ -15,7 +15,7 @@ from seqeval.metrics.sequence_labeling import get_entities
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
 from sklearn.metrics import precision_recall_fscore_support as sk_prfs
 
-from finetune.metrics import (
+from lmforge.finetune.metrics import (
     ConfusionMatrix,
     EntityCounts,
     entities,
@@ -23,7 +23,7 @@ from finetune.metrics import (
     majority_baseline,
     validate_bio_labels,
 )
-from pretrain.errors import DataError
+from lmforge.pretrain.core.errors import DataError
 
 approx = lambda x: pytest.approx(x, rel=1e-12, abs=1e-12)  # noqa: E731
 

@@ -134,7 +134,7 @@ def _plant_dcp_entry(checkpoint: str, canary) -> str:
 def _cli(capsys, *args: str) -> tuple[int, str]:
     """The CLI in this process (the read-only commands start no process group): exit code and
     what it printed to stderr."""
-    from launcher.cli import main
+    from lmforge.launcher.cli import main
 
     capsys.readouterr()
     code = main(list(args))
@@ -270,7 +270,7 @@ def test_safe_metadata_reader_reads_what_torch_reads(trained):
     that writes other classes into DCP metadata fails here first)."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from pretrain.safeload import dcp_reader
+    from lmforge.pretrain.core.safeload import dcp_reader
 
     dcp_dir = os.path.join(trained["dcp"], "dcp")
     ours, theirs = dcp_reader(dcp_dir).read_metadata(), FileSystemReader(dcp_dir).read_metadata()

@@ -10,7 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from pretrain.data import (
+from lmforge.pretrain.core.errors import DataError
+from lmforge.pretrain.data.batches import (
     GroupedBatches,
     TokenWindows,
     ValidationSet,
@@ -18,8 +19,7 @@ from pretrain.data import (
     eval_batches,
     tokenize_extra_val,
 )
-from pretrain.errors import DataError
-from pretrain.prepare import source_label
+from lmforge.pretrain.data.prepare import source_label
 from tests.conftest import lmforge, plays_dir
 from tests.runs import TINY, read_metrics
 

@@ -95,8 +95,8 @@ def test_wandb_without_the_extra_is_one_line(monkeypatch):
     """`logging.wandb=true` where wandb cannot be imported: the config says which extra to
     install, before anything runs (sys.modules[name] = None is how Python marks a module that
     cannot be imported)."""
-    from pretrain.config import PretrainConfig, load_config
-    from pretrain.errors import ConfigurationError
+    from lmforge.pretrain.config.schema import PretrainConfig, load_config
+    from lmforge.pretrain.core.errors import ConfigurationError
 
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ConfigurationError) as err:

@@ -2,7 +2,7 @@
 
 Every strategy has the same small interface, the abstract :class:`pretrain.parallel.common.Strategy`,
 and is built the same way, ``Strategy(precision=..., layout=...)``, from the run's
-:class:`pretrain.layout.Layout` (its degrees, its device mesh, its ``parallel`` section). It
+:class:`pretrain.config.layout.Layout` (its degrees, its device mesh, its ``parallel`` section). It
 sets up the process group and device (``device``, ``rank``, ``world_size``, ``is_main``, and
 ``dp_rank`` / ``dp_size``, the data-parallel coordinates that decide which samples a rank reads),
 wraps the model and builds its optimizer (``prepare``), runs one step's micro-batches
@@ -24,15 +24,17 @@ Adding a strategy: subclass ``Strategy``, implement its four abstract methods, a
 
 from __future__ import annotations
 
-from pretrain.layout import Layout, launched_world_size
-from pretrain.parallel.common import (
+from lmforge.pretrain.config.layout import Layout, launched_world_size
+from lmforge.pretrain.parallel.common import (
     Strategy,
     apply_activation_checkpointing,
     cpu_supports_bf16,
     resolve_precision,
 )
-from pretrain.parallel.state import check_state_format, consolidated_weights
-from pretrain.parallel.zero import deepspeed_config  # deepspeed itself loads only in a strategy
+from lmforge.pretrain.parallel.state import check_state_format, consolidated_weights
+from lmforge.pretrain.parallel.zero import (
+    deepspeed_config,  # deepspeed itself loads only in a strategy
+)
 
 __all__ = [
     "Strategy",
@@ -49,18 +51,18 @@ __all__ = [
 def strategy_class(layout: Layout) -> type[Strategy]:
     """The strategy that runs ``layout`` (strategies are imported only when chosen)."""
     if layout.pp > 1:
-        from pretrain.parallel.pipeline import PipelineStrategy
+        from lmforge.pretrain.parallel.pipeline import PipelineStrategy
 
         return PipelineStrategy
     if layout.fsdp or layout.tp > 1:
-        from pretrain.parallel.mesh import MeshStrategy
+        from lmforge.pretrain.parallel.mesh import MeshStrategy
 
         return MeshStrategy
     if layout.strategy == "deepspeed":
-        from pretrain.parallel.zero import DeepSpeedStrategy
+        from lmforge.pretrain.parallel.zero import DeepSpeedStrategy
 
         return DeepSpeedStrategy
-    from pretrain.parallel.ddp import DDPStrategy
+    from lmforge.pretrain.parallel.ddp import DDPStrategy
 
     return DDPStrategy
 
@@ -69,7 +71,7 @@ def build_strategy(*, precision: str, layout: Layout | None = None) -> Strategy:
     """The strategy of a run's layout (default: DDP over the launched processes); the layout
     is checked against ``precision`` first."""
     if layout is None:
-        from pretrain.config import ParallelConfig
+        from lmforge.pretrain.config.schema import ParallelConfig
 
         layout = Layout(ParallelConfig(), launched_world_size())
     layout.check(precision=precision)

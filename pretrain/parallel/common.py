@@ -16,13 +16,13 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 from torch.utils.checkpoint import checkpoint
 
-from pretrain import dist as pdist
-from pretrain.durable import Digests
-from pretrain.errors import ConfigurationError
-from pretrain.layout import Layout
-from pretrain.loss import Batch, LossFn
-from pretrain.parallel.float8 import check_float8
-from pretrain.parallel.state import WriteFile, save_dcp_state, start_dcp_save
+from lmforge.pretrain.config.layout import Layout
+from lmforge.pretrain.core import dist as pdist
+from lmforge.pretrain.core.durable import Digests
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.model.loss import Batch, LossFn
+from lmforge.pretrain.parallel.float8 import check_float8
+from lmforge.pretrain.parallel.state import WriteFile, save_dcp_state, start_dcp_save
 
 # The compute dtype of each precision (fp8: bf16 outside the float8 matmuls; parallel/float8.py).
 DTYPES = {

@@ -8,10 +8,10 @@ import os
 import torch
 from torch import nn
 
-from pretrain import dist as pdist
-from pretrain.errors import ConfigurationError
-from pretrain.layout import Layout
-from pretrain.parallel.common import (
+from lmforge.pretrain.config.layout import Layout
+from lmforge.pretrain.core import dist as pdist
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.parallel.common import (
     MakeOptimizer,
     StepShape,
     Strategy,
@@ -20,8 +20,8 @@ from pretrain.parallel.common import (
     resolve_precision,
     use_cuda,
 )
-from pretrain.parallel.float8 import convert_to_float8
-from pretrain.parallel.state import load_dcp_state
+from lmforge.pretrain.parallel.float8 import convert_to_float8
+from lmforge.pretrain.parallel.state import load_dcp_state
 
 
 class DDPStrategy(Strategy):

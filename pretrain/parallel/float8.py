@@ -20,8 +20,8 @@ import importlib.util
 import torch
 from torch import nn
 
-from pretrain import dist as pdist
-from pretrain.errors import ConfigurationError
+from lmforge.pretrain.core import dist as pdist
+from lmforge.pretrain.core.errors import ConfigurationError
 
 MIN_CAPABILITY = (8, 9)
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")

@@ -16,8 +16,8 @@ import contextlib
 import torch
 from torch import nn
 
-from pretrain.layout import Layout
-from pretrain.parallel.common import (
+from lmforge.pretrain.config.layout import Layout
+from lmforge.pretrain.parallel.common import (
     MakeOptimizer,
     StepShape,
     Strategy,
@@ -27,8 +27,8 @@ from pretrain.parallel.common import (
     blocks,
     join_process_group,
 )
-from pretrain.parallel.float8 import convert_to_float8, precompute_fsdp_scales
-from pretrain.parallel.state import load_dcp_state
+from lmforge.pretrain.parallel.float8 import convert_to_float8, precompute_fsdp_scales
+from lmforge.pretrain.parallel.state import load_dcp_state
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:

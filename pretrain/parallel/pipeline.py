@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pretrain.errors import ConfigurationError
-from pretrain.layout import Layout
-from pretrain.loss import LossFn, StageLoss
-from pretrain.parallel.common import (
+from lmforge.pretrain.config.layout import Layout
+from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.model.loss import LossFn, StageLoss
+from lmforge.pretrain.parallel.common import (
     MakeOptimizer,
     StepShape,
     Strategy,
@@ -29,7 +29,7 @@ from pretrain.parallel.common import (
     apply_compile,
     join_process_group,
 )
-from pretrain.parallel.state import load_dcp_state
+from lmforge.pretrain.parallel.state import load_dcp_state
 
 
 def stage_layers(n_layer: int, num_stages: int, stage: int) -> range:

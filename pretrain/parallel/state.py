@@ -29,10 +29,15 @@ import torch
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
-from pretrain import dist as pdist
-from pretrain.durable import Digests, HashingWriter
-from pretrain.errors import CheckpointError
-from pretrain.safeload import dcp_reader, deepspeed_reads, load_dcp, load_deepspeed_file
+from lmforge.pretrain.core import dist as pdist
+from lmforge.pretrain.core.durable import Digests, HashingWriter
+from lmforge.pretrain.core.errors import CheckpointError
+from lmforge.pretrain.core.safeload import (
+    dcp_reader,
+    deepspeed_reads,
+    load_dcp,
+    load_deepspeed_file,
+)
 
 
 def _options():
@@ -218,7 +223,7 @@ def _write_main_files(
 
 def load_dcp_state(strategy, directory: str, *, model, optimizer) -> dict:
     """Load (and reshard) model and optimizer state; return the strategy's extra state.
-    DCP's pickled metadata and entries are read through pretrain/safeload.py (a checkpoint may
+    DCP's pickled metadata and entries are read through pretrain/core/safeload.py (a checkpoint may
     come from anyone). A checkpoint written by a DeepSpeed engine is converted on the way in."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 

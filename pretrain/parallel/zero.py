@@ -10,8 +10,7 @@ import re
 import torch
 from torch import nn
 
-from pretrain import dist as pdist
-from pretrain.dsconfig import (
+from lmforge.pretrain.config.dsconfig import (
     OWNED_DS_KEYS,
     fill_auto,
     refuse_autos_left,
@@ -20,9 +19,11 @@ from pretrain.dsconfig import (
     zero_choice,
     zero_section,
 )
-from pretrain.durable import Digests, digest_files
-from pretrain.layout import Layout
-from pretrain.parallel.common import (
+from lmforge.pretrain.config.layout import Layout
+from lmforge.pretrain.core import dist as pdist
+from lmforge.pretrain.core.durable import Digests, digest_files
+from lmforge.pretrain.core.safeload import deepspeed_reads
+from lmforge.pretrain.parallel.common import (
     MakeOptimizer,
     StepShape,
     Strategy,
@@ -32,14 +33,13 @@ from pretrain.parallel.common import (
     single_process_env,
     use_cuda,
 )
-from pretrain.parallel.state import dedup_tied
-from pretrain.safeload import deepspeed_reads
+from lmforge.pretrain.parallel.state import dedup_tied
 
 # DeepSpeed's default buckets hold 5e8 elements (1 GB in bf16) whatever the model: ZeRO-1/2
 # allocate them every micro-step, which cost a 0.2M-parameter model 6 s a step on CPU (0.07 s
 # with model-sized buckets), and each is memory a rank holds beside the model. lmforge sizes them
 # to the model, at most 2e8 elements (as transformers' documented ZeRO-2 JSON), unless the user's
-# JSON says; pretrain/memory.py counts them from the same settings.
+# JSON says; pretrain/parallel/memory.py counts them from the same settings.
 BUCKET_CAP = 200_000_000
 
 
@@ -52,7 +52,7 @@ def zero_settings(
     parallel, num_params: int, *, config: dict | None = None, hidden_size: int | None = None
 ) -> dict:
     """The ``zero_optimization`` section a run uses: the user's JSON's, with the stage and
-    offloads of :func:`pretrain.dsconfig.zero_choice`, its "auto" sizes filled in for a model
+    offloads of :func:`pretrain.config.dsconfig.zero_choice`, its "auto" sizes filled in for a model
     of width ``hidden_size`` (as transformers does), and lmforge's bucket sizes where the JSON
     sets none, for a model of ``num_params``."""
     if config is None:

@@ -1,0 +1,1 @@
+"""lmforge checkpoint -- checkpoints: atomic, verified step directories and their consolidation."""

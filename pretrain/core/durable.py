@@ -1,0 +1,294 @@
+"""Durable file writes shared by checkpoints, metrics and prepared data.
+
+A file that must survive a crash is written, flushed and fsynced; one that must never be seen
+half-written is written beside its target and renamed over it, then the directory is fsynced.
+``fault_point`` lets crash-safety tests kill the process with SIGKILL at a named moment.
+
+Checkpoint manifests need the sha256 of every file. Files written from bytes in memory are
+hashed from those bytes while they are written (``write_durable_hashed``), streams written by
+others are hashed as the bytes pass through them (``HashingWriter``), and what is left is read
+back on several threads at once (``sha256_files``): hashlib releases the GIL on large buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+# "point", "point@step", or either with "+sleep=S", "+signal=NAME" or "+errno=NAME" (names may
+# contain ":")
+_FAULT, _, _ACTION = os.environ.get("LMFORGE_FAULT", "").partition("+")
+# "...+rank=N" (last): only the process of global rank N; "+hang=S" and "+scale=X" below
+_ACTION, _, _ONLY_RANK = ("+" + _ACTION).partition("+rank=")
+_ACTION = _ACTION.removeprefix("+")
+_FIRED: set[str] = set()  # the scale faults that fired in this process (each fires once)
+
+# The sha256 (hex) and size of files, by path relative to the directory they were written in.
+Digests = dict[str, tuple[str, int]]
+
+
+def _on_this_rank() -> bool:
+    return not _ONLY_RANK or os.environ.get("RANK", "0") == _ONLY_RANK
+
+
+def fault_point(name: str, *, step: int | None = None) -> None:
+    """Crash here with SIGKILL when ``LMFORGE_FAULT`` names this point, as ``name`` or
+    ``name@step`` (crash-safety tests: a real kill of a real process at a known moment);
+    ``...+sleep=S`` pauses S seconds there instead (a window for a test's signal), and
+    ``...+signal=SIGUSR1`` sends this process that signal (one that arrives at that moment), and
+    ``...+errno=ENOSPC`` raises that OSError there (a full disk at that write), and
+    ``...+hang=S`` stops there S seconds as a stuck rank would: a stop signal keeps its default
+    action and ends the process (the launcher ending a job that a collective timeout failed).
+    ``...+rank=N`` at the end limits any of them to the process of global rank N."""
+    if not _on_this_rank():
+        return
+    if _FAULT and (_FAULT == name or (step is not None and _FAULT == f"{name}@{step}")):
+        if _ACTION.startswith("hang="):
+            stops = (signal.SIGTERM, signal.SIGUSR1)
+            previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in stops}
+            time.sleep(float(_ACTION.removeprefix("hang=")))
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            return
+        if _ACTION.startswith("sleep="):
+            time.sleep(float(_ACTION.removeprefix("sleep=")))
+            return
+        if _ACTION.startswith("signal="):
+            os.kill(os.getpid(), getattr(signal, _ACTION.removeprefix("signal=")))
+            return
+        if _ACTION.startswith("errno="):
+            code = getattr(errno, _ACTION.removeprefix("errno="))
+            raise OSError(code, os.strerror(code))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fault_scale(name: str, *, step: int) -> float:
+    """The factor ``LMFORGE_FAULT=name@step+scale=X`` multiplies a value by here (``nan``,
+    ``inf`` or a number: the training loss made NaN, or a spike, at that step), the first time
+    this process reaches that point (a bad batch is read once: a rollback skips it); else 1."""
+    key = f"{name}@{step}"
+    if _FAULT != key or not _ACTION.startswith("scale=") or key in _FIRED or not _on_this_rank():
+        return 1.0
+    _FIRED.add(key)
+    return float(_ACTION.removeprefix("scale="))
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: str | os.PathLike, data: bytes, *, step: int | None = None) -> None:
+    """Write ``data`` to ``path`` and fsync it."""
+    view = memoryview(data)  # halves without copies
+    half = len(view) // 2
+    with open(path, "wb") as f:
+        f.write(view[:half])
+        f.flush()
+        fault_point("save:mid-file", step=step)  # a crash here leaves a torn file
+        f.write(view[half:])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_durable_hashed(path: str | os.PathLike, data: bytes, *, step: int | None = None) -> str:
+    """``write_durable``, returning the hex sha256 of ``data``: computed from the bytes in
+    memory on another thread while they are written and fsynced, never read back."""
+    if len(data) < PARALLEL_HASH_BYTES:
+        write_durable(path, data, step=step)
+        return hashlib.sha256(data).hexdigest()
+    pending = _hashers().submit(_sha256_hex, data)
+    write_durable(path, data, step=step)
+    return pending.result()
+
+
+def replace_durable(path: str | os.PathLike, data: bytes) -> None:
+    """Atomically replace a file: temp file, fsync, rename, fsync the directory."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    write_durable(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def sha256_file(path: str | os.PathLike, *, chunk_bytes: int = 1 << 20, fsync: bool = False) -> str:
+    """Hex sha256 of a file, read in chunks; ``fsync``: make it durable first (a file that
+    another library wrote and did not sync)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if fsync:
+            os.fsync(f.fileno())
+        while block := f.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- hashing on threads ------------------------------------------------------------------------
+
+# Buffers at least this large are hashed on a thread of the pool (below, the hand-over costs
+# more than it saves).
+PARALLEL_HASH_BYTES = 1 << 20
+_HASH_THREADS = max(2, min(8, os.cpu_count() or 1))
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _hashers() -> ThreadPoolExecutor:
+    """The threads that hash (made on first use, shared by the whole process)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(_HASH_THREADS, thread_name_prefix="lmforge-sha256")
+        return _pool
+
+
+def _sha256_hex(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_files(paths: list[str], *, fsync: bool = False) -> list[str]:
+    """``sha256_file`` of each path, several files at once; in the order of ``paths``."""
+    if len(paths) < 2:
+        return [sha256_file(p, fsync=fsync) for p in paths]
+    return list(_hashers().map(lambda p: sha256_file(p, fsync=fsync), paths))
+
+
+def digest_files(root: str, names: list[str], *, fsync: bool = False) -> Digests:
+    """The sha256 and size of files ``names`` (relative to ``root``), read on several threads;
+    ``fsync``: each made durable first."""
+    paths = [os.path.join(root, n) for n in names]
+    sums = sha256_files(paths, fsync=fsync)
+    return {n: (h, os.path.getsize(p)) for n, p, h in zip(names, paths, sums, strict=True)}
+
+
+class HashingWriter:
+    """A binary file open for writing that hashes (sha256) every byte passing through
+    ``write``: a large buffer on a thread of the pool while this thread writes it, so that the
+    hash costs the writer little more than the write. ``hexdigest()`` is None when the file
+    was not written front to back (a seek or truncate): then it has to be read back. Everything
+    else is the file's own (``tell``, ``fileno``, ``flush``, ``close``...)."""
+
+    def __init__(self, raw) -> None:
+        self._raw = raw
+        self._sha = hashlib.sha256()
+        self._linear = True
+        self.nbytes = 0
+
+    def write(self, b) -> int:
+        try:
+            view = memoryview(b).cast("B")
+        except TypeError:  # not a contiguous buffer: written, not hashed
+            self._linear = False
+            return self._raw.write(b)
+        pending: Future | None = None
+        if view.nbytes >= PARALLEL_HASH_BYTES:
+            pending = _hashers().submit(self._sha.update, view)
+        else:
+            self._sha.update(view)
+        try:
+            n = self._raw.write(view)
+        finally:
+            if pending is not None:
+                pending.result()
+        if n != view.nbytes:  # a short write: the digest ran ahead of the file
+            self._linear = False
+        self.nbytes += view.nbytes if n is None else n
+        return n
+
+    def seek(self, *args):
+        self._linear = False
+        return self._raw.seek(*args)
+
+    def truncate(self, *args):
+        self._linear = False
+        return self._raw.truncate(*args)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def writable(self) -> bool:
+        return True
+
+    def hexdigest(self) -> str | None:
+        return self._sha.hexdigest() if self._linear else None
+
+    def __getattr__(self, name: str):
+        return getattr(self._raw, name)
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._raw.close()
+
+
+def check_new_dir(out: str) -> None:
+    """``--out`` must not hold anything yet (an output directory is never merged into)."""
+    from lmforge.pretrain.core.errors import ConfigurationError
+
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigurationError(f"--out {out} exists and is not empty; choose a new directory")
+
+
+def check_writable(path: str, what: str) -> None:
+    """Something can be created at ``path``: the nearest existing directory at or above it is
+    one this process may write into. Raises one line naming ``what`` (the key or flag, e.g.
+    "--out " or "`runs_dir`=") and the path before any work starts, so that a bad output place
+    never leaves a half-written result (or an unreadable traceback) behind."""
+    from lmforge.pretrain.core.errors import ConfigurationError
+
+    place = os.path.abspath(path)
+    while not os.path.lexists(place):
+        place = os.path.dirname(place)
+    if not os.path.isdir(place):
+        raise ConfigurationError(
+            f"{what}{path}: {place} is a file, not a directory; choose another place"
+        )
+    if not os.access(place, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"{what}{path}: {place} is not writable; choose a directory you can write to"
+        )
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str, *, prefix: str, replace: bool = False):
+    """Yield a temp directory beside ``out``; on success fsync its files and rename it to
+    ``out`` (which must be absent or empty, unless ``replace``: then an existing ``out`` is
+    swapped out and removed), on any error remove it: readers see all or nothing."""
+    if not replace:
+        check_new_dir(out)
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    os.fsync(f.fileno())
+            fsync_dir(root)
+        old = None
+        if os.path.isdir(out) and replace:
+            old = tempfile.mkdtemp(prefix=prefix + "old.", dir=parent)
+            os.rename(out, os.path.join(old, "out"))
+        elif os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        os.rename(tmp, out)
+        fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

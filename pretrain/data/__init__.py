@@ -1,0 +1,1 @@
+"""lmforge data -- data: tokenizers, text sources, preparing shards, reading batches."""

@@ -1,0 +1,242 @@
+"""SentencePiece tokenizer: train one on a text stream, or load a `.model` file.
+
+The training options make `decode(encode(s)) == s` exact for any text without U+2581:
+
+- `normalization_rule_name="identity"`: no NFKC, so "ﬁ" or a combining accent stay as written;
+- `remove_extra_whitespaces=False`: otherwise "  two  spaces " decodes as "two spaces";
+- `byte_fallback=True`: a character outside the vocabulary becomes its UTF-8 bytes
+  (`<0x..>` pieces) instead of `<unk>`.
+
+Newlines (`newline_pieces`). SentencePiece's own file reader cuts its input into lines, so a
+tokenizer trained the usual way never sees "\\n": each newline is then the byte piece `<0x0A>`,
+and the first word of each line is learned with the dummy-prefix space ("▁To") it does not have
+inside a document ("To" after "\\n"). lmforge feeds the trainer whole documents instead (cut
+into chunks after a newline where a document is longer than a training sentence may be), so that
+"\\n" is a normal piece and merges such as "\\n\\n" or ".\\n" are learned where the text has
+them, and line starts are learned as they are encoded. SentencePiece's rule that no piece
+crosses a change of script keeps newlines out of word pieces. On the demo plays (vocab 4096) this
+gives 10% fewer tokens; `newline_pieces=False` trains line by line.
+
+SentencePiece writes a space as U+2581 ("▁") inside pieces, so a literal U+2581 in the input
+decodes as a space: the one character that does not round-trip (Llama's tokenizer shares this).
+`lmforge prepare` counts such documents in its manifest warnings.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from lmforge.pretrain.core.durable import sha256_file
+from lmforge.pretrain.core.errors import DataError
+
+# SentencePiece drops training sentences longer than `max_sentence_length` bytes; long lines are
+# cut into chunks of this many characters (<= 4 bytes each) to stay under the limit below.
+_TRAIN_CHUNK_CHARS = 4096
+_MAX_SENTENCE_BYTES = 4 * _TRAIN_CHUNK_CHARS
+
+
+def _optional_id(value: int) -> int | None:
+    # SentencePiece says -1 for a special piece the model does not have.
+    return None if value < 0 else value
+
+
+class Tokenizer:
+    """A SentencePiece model file with the few calls lmforge needs.
+
+    Picklable (it pickles its path and reloads), so it can be used inside `datasets.map` workers.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(
+                f"tokenizer model not found: {self.path}; set `tokenizer.path` to a SentencePiece "
+                ".model file (or to null to train one)"
+            )
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(str(self.path))
+        except (OSError, RuntimeError) as exc:
+            raise DataError(
+                f"{self.path} is not a SentencePiece model ({str(exc).splitlines()[0]}); "
+                "point `tokenizer.path` at a .model file written by SentencePiece"
+            ) from None
+        self.sha256 = sha256_file(self.path)
+
+    def __getstate__(self) -> dict:
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"])  # type: ignore[misc]
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.GetPieceSize()
+
+    @property
+    def bos_id(self) -> int | None:
+        """Id of `<s>`, or None when the model has none."""
+        return _optional_id(self._sp.bos_id())
+
+    @property
+    def eos_id(self) -> int | None:
+        """Id of `</s>`, or None when the model has none."""
+        return _optional_id(self._sp.eos_id())
+
+    @property
+    def pad_id(self) -> int | None:
+        """Id of `<pad>`; None for lmforge's tokenizers (they have no padding piece)."""
+        return _optional_id(self._sp.pad_id())
+
+    @property
+    def unk_id(self) -> int | None:
+        return _optional_id(self._sp.unk_id())
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no BOS/EOS added)."""
+        return self._sp.EncodeAsIds(text)
+
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int = -1) -> list[list[int]]:
+        """Token ids of each text; SentencePiece spreads the batch over `num_threads` threads
+        (-1 = all cores)."""
+        return self._sp.Encode(list(texts), num_threads=num_threads)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; control pieces (BOS, EOS) decode to nothing."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]  # numpy arrays
+        return self._sp.DecodeIds(ids)
+
+    def id_to_piece(self, token_id: int) -> str:
+        return self._sp.IdToPiece(int(token_id))
+
+    def byte_piece_mask(self) -> np.ndarray:
+        """A bool per id: whether it is a byte-fallback piece (`<0x..>`)."""
+        return np.array([self._sp.IsByte(i) for i in range(self.vocab_size)], dtype=bool)
+
+
+def _chunks(text: str, limit: int) -> Iterator[str]:
+    """`text` in pieces of at most `limit` characters, each cut just after a newline where the
+    piece holds one (a single line longer than `limit` is cut where the limit falls)."""
+    start = 0
+    while len(text) - start > limit:
+        cut = text.rfind("\n", start, start + limit)
+        end = cut + 1 if cut >= start else start + limit
+        yield text[start:end]
+        start = end
+    if start < len(text):
+        yield text[start:]
+
+
+def _training_lines(
+    texts: Iterable[str], max_bytes: int | None, stats: dict, *, newline_pieces: bool = True
+) -> Iterator[str]:
+    """Training sentences of `texts`, up to `max_bytes` UTF-8 bytes in all: whole documents
+    (newlines included) cut into chunks, or, without `newline_pieces`, their lines."""
+    budget = max_bytes if max_bytes is not None else float("inf")
+    for text in texts:
+        if budget <= 0:
+            break
+        size = len(text.encode("utf-8"))
+        if size > budget:
+            text = text.encode("utf-8")[: int(budget)].decode("utf-8", errors="ignore")
+            size = int(budget)
+        budget -= size
+        stats["bytes"] += size
+        stats["documents"] += 1
+        if newline_pieces:
+            yield from _chunks(text, _TRAIN_CHUNK_CHARS)
+            continue
+        for line in text.split("\n"):
+            for start in range(0, len(line), _TRAIN_CHUNK_CHARS):
+                yield line[start : start + _TRAIN_CHUNK_CHARS]
+
+
+def train_tokenizer(
+    *,
+    texts: Iterable[str],
+    out_path: str | os.PathLike,
+    vocab_size: int,
+    model_type: str = "bpe",
+    max_bytes: int | None = None,
+    num_threads: int | None = None,
+    character_coverage: float = 0.9995,
+    newline_pieces: bool = True,
+) -> Tokenizer:
+    """Train a SentencePiece model on `texts` (documents, may hold newlines) and write it to
+    `out_path`.
+
+    At most `max_bytes` UTF-8 bytes of `texts` are used, first come first. The vocabulary has
+    exactly `vocab_size` pieces: unk=0, bos=1, eos=2, no pad, 256 byte pieces, then characters and
+    merges. A corpus too small for that raises DataError naming the largest size it supports.
+    `newline_pieces`: train on whole documents, so that newlines are pieces (module docstring).
+    """
+    stats = {"bytes": 0, "documents": 0}
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.Train(
+            sentence_iterator=_training_lines(
+                texts, max_bytes, stats, newline_pieces=newline_pieces
+            ),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=True,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            max_sentence_length=_MAX_SENTENCE_BYTES,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=-1,
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as exc:
+        raise _training_error(exc, vocab_size=vocab_size, stats=stats) from None
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    return Tokenizer(out_path)
+
+
+def _training_error(exc: RuntimeError, *, vocab_size: int, stats: dict) -> DataError:
+    """One actionable line for SentencePiece's trainer failures."""
+    msg = str(exc)
+    corpus = (
+        f"the tokenizer training text ({stats['documents']} documents, {stats['bytes']:,} bytes)"
+    )
+    too_high = re.search(r"Vocabulary size too high \((\d+)\).*?<= (\d+)", msg)
+    if too_high:
+        return DataError(
+            f"{corpus} supports at most {too_high.group(2)} pieces, fewer than "
+            f"`tokenizer.vocab_size`={vocab_size}: lower `tokenizer.vocab_size` to "
+            f"<= {too_high.group(2)} or add text"
+        )
+    too_low = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+    if too_low:
+        return DataError(
+            f"{corpus} has {too_low.group(2)} distinct characters to cover, more than "
+            f"`tokenizer.vocab_size`={vocab_size} allows: raise `tokenizer.vocab_size`"
+        )
+    if stats["bytes"] == 0:
+        return DataError(f"{corpus} is empty: the training documents hold no text")
+    return DataError(f"SentencePiece training failed on {corpus}: {msg.splitlines()[-1]}")

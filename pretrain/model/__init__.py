@@ -1,0 +1,1 @@
+"""lmforge model -- the model: the transformer, its losses and its FLOPs."""

@@ -1,0 +1,170 @@
+"""`lmforge pretrain`: a new GPT on prepared token windows.
+
+What pretraining trains (:class:`Pretraining`); the run session (pretrain/run/session.py) does the
+rest: layout, strategy, resume, trainer, checkpoints, run directory, signals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from torch import nn
+
+from lmforge.pretrain.checkpoint.store import read_trainer_state
+from lmforge.pretrain.config.schema import PretrainConfig
+from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
+from lmforge.pretrain.data.batches import TokenWindows, ValidationSet, tokenize_extra_val
+from lmforge.pretrain.model.flops import flops_per_token, param_counts
+from lmforge.pretrain.model.loss import LossFn
+from lmforge.pretrain.model.transformer import GPT
+from lmforge.pretrain.run.session import RunSession, Workload, run_session
+from lmforge.pretrain.train.loop import Callback
+
+
+def check_vocab(*, model_vocab: int | None, data_vocab: int, data_path: str) -> int:
+    if model_vocab is not None and model_vocab != data_vocab:
+        raise ConfigurationError(
+            f"model.vocab_size={model_vocab} but the tokenizer of {data_path} has {data_vocab} "
+            "pieces; drop model.vocab_size (it comes from the data) or prepare with that vocab"
+        )
+    return data_vocab
+
+
+def data_sha256(manifest: dict) -> str:
+    """The identity of prepared data, wherever it lies: a sha256 over what its manifest records
+    of the content (token dtype, the tokenizer's sha256, every shard's sha256 in order, per
+    split). Checkpoints record it, so that `resume` accepts the data at another path and
+    refuses other data."""
+    content = {
+        "dtype": manifest["dtype"],
+        "tokenizer": manifest["tokenizer"]["sha256"],
+        "splits": {
+            name: [shard.get("sha256") for shard in split["shards"]]
+            for name, split in sorted(manifest["splits"].items())
+        },
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+class Pretraining(Workload):
+    """Next-token prediction on the windows of a prepared dataset (`lmforge prepare`)."""
+
+    command = "pretrain"
+    tokenizer_fix = "use the data.path it was trained on"
+    cfg: PretrainConfig
+
+    def __init__(self, cfg: PretrainConfig, *, loss_fn: LossFn | None = None) -> None:
+        super().__init__(cfg)
+        if loss_fn is not None:
+            self.loss_fn = loss_fn
+        self.shuffle = cfg.data.shuffle
+        self.tokens_per_step = cfg.train.global_batch_tokens
+
+    def prepare(self) -> None:
+        cfg, tcfg = self.cfg, self.cfg.train
+        self.train_data = TokenWindows(data_dir=cfg.data.path, split="train", seq_len=tcfg.seq_len)
+        tok = self.train_data.manifest["tokenizer"]
+        extra = tokenize_extra_val(
+            tcfg.extra_val,
+            tokenizer_path=os.path.join(cfg.data.path, tok["file"]),
+            add_bos=bool(tok.get("add_bos")),
+            dtype=self.train_data.manifest["dtype"],
+        )
+        self.val_data = ValidationSet(data_dir=cfg.data.path, seq_len=tcfg.seq_len, extra=extra)
+        cfg.model.vocab_size = check_vocab(
+            model_vocab=cfg.model.vocab_size, data_vocab=tok["vocab_size"], data_path=cfg.data.path
+        )
+        self.tokenizer_sha256 = tok["sha256"]
+        self.tokenizer_path = os.path.abspath(os.path.join(cfg.data.path, tok["file"]))
+        self.data_sha256 = data_sha256(self.train_data.manifest)
+
+    def global_batch(self) -> tuple[str, int, list[tuple[str, int]]]:
+        t = self.cfg.train
+        factors = [("seq_len", t.seq_len), ("micro_batch_size", t.micro_batch_size)]
+        return "global_batch_tokens", t.global_batch_tokens, factors
+
+    def total_steps(self) -> int:
+        return self.cfg.train.total_steps()
+
+    @property
+    def seq_len(self) -> int:
+        return self.cfg.train.seq_len
+
+    def dry_run_lines(self) -> list[str]:
+        c = param_counts(self.cfg.model)
+        return [
+            f"params: {c['total']:,} total, {c['non_embedding']:,} non-embedding; "
+            f"{flops_per_token(self.cfg.model, self.cfg.train.seq_len):,} training FLOPs/token"
+        ]
+
+    def check_resume(self, ckpt: str, saved_cfg: dict) -> None:
+        """Shape and numerics must match; dropout and init may change between attempts. The
+        data must be the same (its checksums), wherever it lies now."""
+        old, now = saved_cfg["model"], self.cfg.model
+        for key, value in vars(now).items():
+            if key not in ("dropout", "init_std") and old.get(key) != value:
+                raise CheckpointError(
+                    f"{ckpt} has model.{key}={old.get(key)} but this run sets model.{key}="
+                    f"{value}; resume with the checkpoint's model config"
+                )
+        trained_on = read_trainer_state(ckpt).get("data_sha256")  # (older checkpoints: none)
+        if isinstance(trained_on, str) and trained_on != self.data_sha256:
+            was = (saved_cfg.get("data") or {}).get("path")
+            where = f" (at data.path={was} then)" if was else ""
+            raise CheckpointError(
+                f"{ckpt} was trained on other data than data.path={self.cfg.data.path}: the "
+                f"prepared data it was trained on{where} has sha256 {trained_on[:12]}…, this "
+                f"has {self.data_sha256[:12]}…; resume with data.path=<where that data is now> "
+                "(moved data is recognised by its checksums), or start a new run with name=..."
+            )
+
+    def checkpoint_extra(self) -> dict:
+        return {"data_sha256": self.data_sha256}
+
+    def check_resumed_data(self, ckpt: str, saved_samples: int) -> None:
+        if saved_samples != len(self.train_data):
+            raise CheckpointError(
+                f"{ckpt} was trained on {saved_samples} samples of seq_len "
+                f"{self.cfg.train.seq_len}, {self.cfg.data.path} has {len(self.train_data)}: "
+                "resume with the same data.path and train.seq_len"
+            )
+
+    def build_model(self) -> nn.Module:
+        return GPT(self.cfg.model)
+
+    def flops_per_token(self, model: nn.Module) -> float:
+        return flops_per_token(self.cfg.model, self.cfg.train.seq_len)
+
+    def describe(self, session: RunSession) -> str:
+        cfg, strategy, plan = self.cfg, session.strategy, session.plan
+        trainer = session.trainer
+        assert trainer is not None
+        counts = param_counts(cfg.model)
+        what = (
+            f"resuming from {session.resume_from} (step {trainer.state.step})"
+            if session.resume_from
+            else "new run"
+        )
+        return (
+            f"lmforge pretrain: {cfg.run_dir} ({what}); {strategy.world_size} rank(s) "
+            f"[{strategy.name}, data parallel {strategy.dp_size}] on "
+            f"{strategy.device.type}, {strategy.precision}; params {counts['total']:,} total, "
+            f"{counts['non_embedding']:,} non-embedding; {session.flops_per_token:,} "
+            f"FLOPs/token; peak {session.peak / 1e12:.3g} TFLOP/s ({session.peak_source}); "
+            f"grad_accum {plan.grad_accum}; {plan.total_steps} steps of "
+            f"{cfg.train.global_batch_tokens:,} tokens"
+        )
+
+
+def run_pretrain(
+    cfg: PretrainConfig,
+    *,
+    callbacks: list[Callback] | None = None,
+    loss_fn: LossFn | None = None,
+) -> dict:
+    """Train per ``cfg`` (every rank runs this); return the final metrics rows.
+
+    ``callbacks`` and ``loss_fn`` plug into the trainer (see pretrain/train/loop.py)."""
+    return run_session(Pretraining(cfg, loss_fn=loss_fn), callbacks=callbacks or ())

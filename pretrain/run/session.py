@@ -1,0 +1,655 @@
+"""One run session for every training command: build -> parallelize -> (resume) -> train ->
+checkpoint, in that order, written once.
+
+A command says only what it trains, as a :class:`Workload` (pretrain/run/pretraining.py: prepared token
+windows and a new GPT; finetune/run.py: labelled examples, a base model with a task head, a task
+loss and evaluator). :func:`run_session` does everything else on every rank, the same way for
+both:
+
+1. ``Workload.preflight``: read and check the data, the model shape and the layout
+   (:class:`pretrain.config.layout.Layout`), the batch split and the memory estimate, before any process
+   group exists (the CLI runs it before it starts workers, too);
+2. the strategy joins the process group; the resume target is found and checked against this
+   run (state format, tokenizer, what the workload checks);
+3. the model is built from the common seed (identical weights on every rank) and handed to
+   the strategy with its optimizer (which compiles each block where asked); schedule; per-rank
+   dropout streams;
+4. batches of this rank's data-parallel share, validation batches, the checkpoint saver, the
+   trainer; resume loads model, optimizer, counters, data position and callback state;
+5. rank 0 writes the run directory (config, provenance, metric sinks, progress) and says what
+   runs; SIGUSR1/SIGTERM stop after a step with a checkpoint; ``fit``; plot; the last line.
+
+See docs/architecture.md for the whole data flow and the checkpoint format.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.pretrain.checkpoint.store import (
+    TOKENIZER_FILE,
+    AsyncCheckpointer,
+    check_resume_checkpoint,
+    load_checkpoint,
+    read_checkpoint_config,
+    read_trainer_state,
+    resume_point,
+    save_checkpoint,
+)
+from lmforge.pretrain.config.layout import Layout, launched_world_size
+from lmforge.pretrain.config.schema import RunConfig, to_container, to_yaml
+from lmforge.pretrain.core import dist as pdist
+from lmforge.pretrain.core.durable import fault_point
+from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
+from lmforge.pretrain.core.runlock import rank_lock
+from lmforge.pretrain.data.batches import Samples, TrainBatches, eval_batches
+from lmforge.pretrain.model.flops import peak_flops
+from lmforge.pretrain.model.loss import Batch, LossFn, causal_lm_loss
+from lmforge.pretrain.parallel import Strategy, build_strategy, check_state_format
+from lmforge.pretrain.parallel.common import StepShape
+from lmforge.pretrain.parallel.memory import (
+    MemoryEstimate,
+    current_memory,
+    plan_memory,
+    reset_peak_memory,
+)
+from lmforge.pretrain.train.loop import (
+    AnomalyPolicy,
+    Callback,
+    Evaluator,
+    MetricsCallback,
+    ProgressBar,
+    Trainer,
+)
+from lmforge.pretrain.train.metrics import MetricsWriter, plot_loss_vs_flops, truncate_metrics
+from lmforge.pretrain.train.optim import build_optimizer, build_scheduler
+from lmforge.pretrain.train.preemption import GracefulStop
+
+PACKAGES = (
+    "torch",
+    "accelerate",
+    "deepspeed",
+    "datasets",
+    "sentencepiece",
+    "omegaconf",
+    "safetensors",
+    "numpy",
+    "transformers",
+)
+
+# Different dropout streams per rank: seed + RANK_SEED_STRIDE * rank + 1 (weights come from
+# the common seed, drawn before).
+RANK_SEED_STRIDE = 1000003
+
+
+# --- run directory -----------------------------------------------------------------------------
+
+
+def resolve_resume(*, run_dir: str, resume: str | None) -> str | None:
+    """The checkpoint to resume from (None = fresh start), or an error saying what to do."""
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    has_history = os.path.exists(os.path.join(run_dir, "metrics.jsonl")) or os.path.isdir(ckpt_root)
+    if resume is None:
+        if has_history:
+            raise ConfigurationError(
+                f"run directory {run_dir} already exists; continue it with resume=auto, or start "
+                "a new run with another name=..."
+            )
+        return None
+    if resume == "auto":  # the newest checkpoint that verifies, with a warning for any other
+        return resume_point(ckpt_root) if os.path.isdir(ckpt_root) else None
+    if os.path.isfile(resume):  # checkpoints/latest or checkpoints/best: the one it names
+        with open(resume, errors="replace") as f:
+            named = os.path.join(os.path.dirname(resume), f.read().strip())
+        if os.path.isdir(named):
+            resume = named
+    if not os.path.isdir(resume):
+        raise CheckpointError(f"resume={resume}: no such checkpoint directory")
+    check_resume_checkpoint(resume)
+    return resume
+
+
+def git_commit() -> str | None:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def provenance(*, world_size: int, resumed_from: str | None) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "argv": [os.path.basename(sys.argv[0]), *sys.argv[1:]],
+        "cwd": os.getcwd(),
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "world_size": world_size,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "packages": versions,
+        "resumed_from": resumed_from,
+    }
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_resume_compatible(
+    ckpt: str, *, strategy: str, tokenizer_sha: str, tokenizer_fix: str
+) -> dict:
+    """Refuse a checkpoint whose state format or tokenizer differs from this run's; say when
+    it was written under another parallel layout. Returns the checkpoint's resolved config."""
+    check_state_format(ckpt, strategy=strategy)
+    saved = read_trainer_state(ckpt)
+    if saved.get("tokenizer_sha256") not in (None, tokenizer_sha):
+        raise CheckpointError(
+            f"{ckpt} was trained with another tokenizer (sha256 {saved['tokenizer_sha256'][:12]}…) "
+            f"than this run's ({tokenizer_sha[:12]}…); {tokenizer_fix}"
+        )
+    return read_checkpoint_config(ckpt)
+
+
+def note_layout_change(ckpt: str, saved_cfg: dict, parallel: dict) -> None:
+    layout_keys = ("strategy", "zero_stage", "tensor_parallel", "pipeline_parallel")
+    before = {k: saved_cfg.get("parallel", {}).get(k) for k in layout_keys}
+    now = {k: parallel.get(k) for k in layout_keys}
+    if before != now:
+        pdist.print0(
+            f"note: {ckpt} was written under parallel {before}, this run uses {now}: weights and "
+            "optimizer state are resharded; dropout RNG streams do not carry over between layouts"
+        )
+
+
+def open_run_dir(
+    cfg: RunConfig, trainer: Trainer, *, config_yaml: str, world: int, resumed_from: str | None
+) -> int:
+    """Rank 0, before training: write the resolved config and provenance, drop metric rows past
+    the resumed checkpoint, attach the metric sinks and the progress bar to ``trainer``; return
+    how many rows were dropped."""
+    run_dir = cfg.run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(config_yaml)
+    dropped = truncate_metrics(
+        os.path.join(run_dir, "metrics.jsonl"), after_step=trainer.state.step
+    )
+    with open(os.path.join(run_dir, "provenance.jsonl"), "a") as f:
+        f.write(json.dumps(provenance(world_size=world, resumed_from=resumed_from)) + "\n")
+    writer = MetricsWriter(
+        run_dir=run_dir,
+        start_step=trainer.state.step,
+        tensorboard=cfg.logging.tensorboard,
+        wandb=cfg.logging.wandb,
+        config=to_container(cfg),
+    )
+    trainer.callbacks.append(MetricsCallback(writer))
+    if cfg.logging.progress:
+        trainer.callbacks.append(ProgressBar())
+    return dropped
+
+
+def finish_message(trainer: Trainer, stopper: GracefulStop, *, done: bool, run_dir: str) -> None:
+    """The last line of a training command: stopped by a signal (resume hint) or done."""
+    if stopper.signal and not done:
+        pdist.print0(
+            f"stopped by {signal.Signals(stopper.signal).name} after step {trainer.state.step} "
+            f"of {trainer.total_steps}; saved {trainer.last_checkpoint}; continue with resume=auto"
+        )
+    elif trainer.strategy.is_main:
+        ev = trainer.last_eval
+        pdist.print0(
+            f"done: step {trainer.state.step}, {trainer.state.tokens:,} tokens, "
+            f"{trainer.state.flops:.3e} FLOPs"
+            + (f", val_loss {ev['val_loss']:.4f}" if ev else "")
+            + f"; checkpoint {trainer.last_checkpoint}; metrics {run_dir}/metrics.jsonl"
+        )
+
+
+def write_memory_plan(run_dir: str, plan: RunPlan, *, runtime: float) -> None:
+    """``memory.json``: the per-rank estimate by part and the memory rank 0 held before the
+    model was built, to set against the rows' measured ``peak_mem_gb``."""
+    estimate = asdict(plan.memory)
+    with open(os.path.join(run_dir, "memory.json"), "w") as f:
+        json.dump(
+            {
+                "estimate_bytes": {**estimate, "total": plan.memory.total},
+                "runtime_bytes_before_model": runtime,
+                "available_bytes": plan.available_memory,
+                "available_source": plan.memory_source,
+            },
+            f,
+            indent=1,
+        )
+
+
+# --- what a command trains ---------------------------------------------------------------------
+
+
+@dataclass
+class RunPlan:
+    """What preflight decided: the layout, the batch split, the length and the memory."""
+
+    layout: Layout
+    grad_accum: int
+    total_steps: int
+    memory: MemoryEstimate
+    available_memory: float
+    memory_source: str
+
+    def describe_memory(self) -> str:
+        return (
+            f"{self.memory.describe()} of {self.available_memory / 2**30:.1f} GiB "
+            f"({self.memory_source})"
+        )
+
+
+def grad_accum_steps(*, key: str, total: int, factors: list[tuple[str, int]], world: int) -> int:
+    """Micro-batches per rank and step: ``total`` (the global batch, ``train.<key>``) over the
+    product of ``factors`` (what one micro-batch of every replica holds), or an error that
+    names every factor and a global batch that works."""
+    per_step = 1
+    for _, value in factors:
+        per_step *= value
+    if total % per_step:
+        names = "*".join(name for name, _ in factors)
+        values = "*".join(str(value) for _, value in factors)
+        raise ConfigurationError(
+            f"train.{key}={total} is not a multiple of {names} = {values} = {per_step} "
+            f"(world_size {world}); use e.g. {max(1, round(total / per_step)) * per_step}"
+        )
+    return total // per_step
+
+
+class Workload(ABC):
+    """What a training command trains; :func:`run_session` does the rest.
+
+    ``prepare`` reads and checks everything the command needs before any process group exists
+    (data, tokenizer, base model, ``cfg.model`` completed) and sets ``train_data`` and
+    ``val_data`` (token windows or task examples, :class:`pretrain.data.batches.Samples`),
+    ``tokenizer_sha256`` and ``tokenizer_path`` (the file every checkpoint gets a copy of). It
+    runs in the launching process before workers start and again in every worker, and must
+    decide the same every time."""
+
+    command: ClassVar[str]
+    tokenizer_fix: ClassVar[str]  # what to do when a checkpoint has another tokenizer
+    loss_fn: LossFn = causal_lm_loss
+    evaluator: Evaluator | None = None
+    shuffle: bool = True
+    tokens_per_step: int | None = None  # None: steps differ in size (padded examples)
+    shape_in_config: bool = True  # the model's shape is the config's (False: prepare decides it)
+    train_data: Samples
+    val_data: Samples
+    tokenizer_sha256: str
+    tokenizer_path: str
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+
+    # --- before any process group ----------------------------------------------------------------
+    @abstractmethod
+    def prepare(self) -> None: ...
+
+    @abstractmethod
+    def global_batch(self) -> tuple[str, int, list[tuple[str, int]]]:
+        """``(key, value, factors)``: the global batch's config key under ``train`` and value,
+        and what one micro-batch of one replica holds, as ``(name, value)`` pairs."""
+
+    @abstractmethod
+    def total_steps(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def seq_len(self) -> int:
+        """The longest sequence a micro-batch holds (for the memory estimate)."""
+
+    def preflight(self, *, world_size: int, local_ranks: int) -> RunPlan:
+        """Everything that can fail before training, without a process group: the data and the
+        model shape (``prepare``), the layout, the batch split and the memory estimate."""
+        cfg = self.cfg
+        fault_point("preflight")
+
+        def layout() -> Layout:
+            return Layout.of(
+                cfg.parallel, world_size=world_size, model=cfg.model, precision=cfg.train.precision
+            )
+
+        # A layout that cannot run is the first thing to say, unless the shape comes with the
+        # data (a finetuning base model).
+        plan_layout = layout() if self.shape_in_config else None
+        self.prepare()
+        plan_layout = plan_layout or layout()
+        key, total, factors = self.global_batch()
+        grad_accum = grad_accum_steps(
+            key=key,
+            total=total,
+            factors=[*factors, ("data_parallel", plan_layout.dp)],
+            world=world_size,
+        )
+        memory, available, source = plan_memory(
+            cfg.model,
+            layout=plan_layout,
+            precision=cfg.train.precision,
+            micro_batch_size=cfg.train.micro_batch_size,
+            seq_len=self.seq_len,
+            grad_accum=grad_accum,
+            local_ranks=local_ranks,
+        )
+        return RunPlan(plan_layout, grad_accum, self.total_steps(), memory, available, source)
+
+    def dry_run_lines(self) -> list[str]:
+        """What `--dry-run` says of this command after preflight (the layout and the memory
+        estimate follow)."""
+        return []
+
+    # --- the run ---------------------------------------------------------------------------------
+    @property
+    def eval_samples(self) -> int:
+        return self.cfg.train.eval_samples  # type: ignore[attr-defined]
+
+    def check_resume(self, ckpt: str, saved_cfg: dict) -> None:
+        """Refuse a checkpoint that does not fit this command (beyond tokenizer and format)."""
+        return None
+
+    @abstractmethod
+    def check_resumed_data(self, ckpt: str, saved_samples: int) -> None:
+        """Refuse a checkpoint trained on other data (a different number of samples)."""
+
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """The model to train (the session has seeded every RNG with the run's seed)."""
+
+    @abstractmethod
+    def flops_per_token(self, model: nn.Module) -> float:
+        """Training FLOPs per token of ``model`` (before the strategy wraps it)."""
+
+    def callbacks(self, run_dir: str) -> list[Callback]:
+        """The command's own callbacks (every rank), before the session's."""
+        return []
+
+    def checkpoint_extra(self) -> dict:
+        """What else the checkpoint's trainer_state.json carries for this command."""
+        return {}
+
+    @abstractmethod
+    def describe(self, session: RunSession) -> str:
+        """Rank 0's first line: what runs, on what, how long."""
+
+    def on_main_start(self, session: RunSession) -> None:
+        """Rank 0, after the run directory is written: the command's own extras."""
+        return None
+
+    def finished(self, trainer: Trainer) -> bool:
+        return trainer.state.step >= trainer.total_steps
+
+    def on_finish(self, session: RunSession, result: dict) -> None:
+        """After training and the last line (every rank): the command's own summary."""
+        return None
+
+
+# --- the session -------------------------------------------------------------------------------
+
+
+class RunSession:
+    """One run of a :class:`Workload` on one rank (see the module docstring for the order)."""
+
+    def __init__(
+        self,
+        work: Workload,
+        strategy: Strategy,
+        plan: RunPlan,
+        *,
+        callbacks: Iterable[Callback] = (),
+    ) -> None:
+        self.work, self.strategy, self.plan = work, strategy, plan
+        self.cfg = work.cfg
+        self.extra_callbacks = list(callbacks)
+        self.trainer: Trainer | None = None
+        self.resume_from: str | None = None
+
+    def _check_resume(self) -> None:
+        cfg, work = self.cfg, self.work
+        self.resume_from = resolve_resume(run_dir=cfg.run_dir, resume=cfg.resume)
+        if self.resume_from is None:
+            return
+        saved_cfg = check_resume_compatible(
+            self.resume_from,
+            strategy=cfg.parallel.strategy,
+            tokenizer_sha=work.tokenizer_sha256,
+            tokenizer_fix=work.tokenizer_fix,
+        )
+        note_layout_change(self.resume_from, saved_cfg, to_container(cfg.parallel))
+        work.check_resume(self.resume_from, saved_cfg)
+
+    def _val_batches(self) -> Callable[[], Iterable[Batch]]:
+        def batches() -> Iterable[Batch]:
+            return eval_batches(
+                self.work.val_data,
+                micro_batch=self.cfg.train.micro_batch_size,
+                num_samples=self.work.eval_samples,
+                rank=self.strategy.dp_rank,
+                world_size=self.strategy.dp_size,
+            )
+
+        return batches
+
+    def _saver(
+        self, config_yaml: str
+    ) -> tuple[Callable[[Trainer], str | None], Callable[[], str | None] | None]:
+        """The trainer's ``save_fn`` and ``checkpoint_wait``: synchronous saves, or with
+        ``checkpoint.async_save`` saves written in the background (a gloo group of their own is
+        made here, on every rank alike). ``checkpoint.consolidated`` decides which of them
+        hold model.safetensors (``final``: the one that ends training, ``trainer.final_save``).
+        Every checkpoint carries the run's tokenizer (read once, here, by rank 0) and names it
+        relative to itself: a run directory works wherever it is copied."""
+        cfg, work, strategy = self.cfg, self.work, self.strategy
+        background = AsyncCheckpointer() if cfg.checkpoint.async_save else None
+        mode = cfg.checkpoint.consolidated
+        tokenizer = None
+        if strategy.is_main:
+            with open(work.tokenizer_path, "rb") as f:
+                tokenizer = f.read()
+
+        def save(trainer: Trainer) -> str | None:
+            return (background.save if background else save_checkpoint)(
+                root=os.path.join(cfg.run_dir, "checkpoints"),
+                step=trainer.state.step,
+                strategy=strategy,
+                model=trainer.model,
+                optimizer=trainer.optimizer,
+                trainer_state={
+                    **trainer.state_dict(),
+                    "tokenizer_sha256": work.tokenizer_sha256,
+                    "tokenizer": TOKENIZER_FILE,  # in the checkpoint itself
+                    **work.checkpoint_extra(),
+                },
+                config_yaml=config_yaml,
+                keep_last=cfg.checkpoint.keep_last,
+                consolidated=mode == "every" or (mode == "final" and trainer.final_save),
+                tokenizer=tokenizer,
+            )
+
+        return save, (background.wait if background else None)
+
+    def build(self) -> Trainer:
+        """Steps 2-4: everything up to a trainer ready to ``fit`` (resumed when asked)."""
+        cfg, work, strategy, plan = self.cfg, self.work, self.strategy, self.plan
+        tcfg = cfg.train
+        self._check_resume()
+        pdist.barrier()  # every rank has checked everything before any rank writes
+
+        # The ranks of a node take turns to measure the matmul peak (on a CPU they share the
+        # cores: probing at once, each would read a fraction of its own peak).
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+            if turn == local_rank:
+                self.peak, self.peak_source = peak_flops(
+                    strategy.device, strategy.compute_dtype, override=tcfg.peak_flops
+                )
+            if strategy.device.type == "cpu":
+                pdist.barrier()
+        # What this process holds before the model exists (the runtime: Python, torch, the
+        # process group), for memory.json: the estimate counts only what training adds. The
+        # peak restarts here, so the probe's freed buffers are not in the rows' peak_mem_gb.
+        reset_peak_memory(strategy.device)
+        self.runtime_memory = current_memory(strategy.device)
+        seed_everything(cfg.seed)  # identical initial weights on every rank
+        model = work.build_model()
+        if tcfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        fpt = work.flops_per_token(model)
+        strategy.compile_blocks = tcfg.compile  # each block, inside prepare (apply_compile)
+        model, optimizer = strategy.prepare(
+            model,
+            lambda m: build_optimizer(m, cfg.optim),
+            StepShape(tcfg.micro_batch_size, plan.grad_accum, tcfg.grad_clip),
+        )
+        scheduler = build_scheduler(optimizer, total_steps=plan.total_steps, cfg=cfg.optim)
+        seed_everything(cfg.seed + RANK_SEED_STRIDE * strategy.rank + 1)
+
+        batches = TrainBatches(
+            work.train_data,
+            micro_batch=tcfg.micro_batch_size,
+            grad_accum=plan.grad_accum,
+            rank=strategy.dp_rank,
+            world_size=strategy.dp_size,
+            seed=cfg.seed,
+            shuffle=work.shuffle,
+        )
+        self.flops_per_token = fpt
+        self.config_yaml = to_yaml(cfg)
+        save_fn, checkpoint_wait = self._saver(self.config_yaml)
+        trainer = Trainer(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            strategy=strategy,
+            train_batches=batches,
+            val_batches=self._val_batches(),
+            total_steps=plan.total_steps,
+            tokens_per_step=work.tokens_per_step,
+            flops_per_token=fpt,
+            peak_flops=self.peak,
+            grad_clip=tcfg.grad_clip,
+            log_interval=tcfg.log_interval,
+            eval_interval=tcfg.eval_interval,
+            checkpoint_interval=cfg.checkpoint.interval,
+            save_fn=save_fn,
+            checkpoint_wait=checkpoint_wait,
+            loss_fn=work.loss_fn,
+            evaluator=work.evaluator,
+            callbacks=[*work.callbacks(cfg.run_dir), *self.extra_callbacks],
+            anomaly=AnomalyPolicy(
+                on_anomaly=tcfg.on_anomaly,
+                spike_factor=tcfg.spike_factor,
+                spike_warmup=tcfg.spike_warmup,
+                max_consecutive_skips=tcfg.max_consecutive_skips,
+                max_rollbacks=tcfg.max_rollbacks,
+                rollback_lr_factor=tcfg.rollback_lr_factor,
+            ),
+            load_fn=lambda trainer, path: load_checkpoint(
+                path, strategy=strategy, model=trainer.model, optimizer=trainer.optimizer
+            ),
+            timing_sync=tcfg.timing_sync,
+        )
+        if self.resume_from is not None:
+            state = load_checkpoint(  # verified by resolve_resume
+                self.resume_from, strategy=strategy, model=model, optimizer=optimizer, verify=False
+            )
+            work.check_resumed_data(self.resume_from, state["data"]["num_windows"])
+            trainer.load_state_dict(state)
+            trainer.last_checkpoint = self.resume_from
+        self.trainer = trainer
+        return trainer
+
+    def run(self) -> dict:
+        """Build, open the run directory, train; return the final rows and the exit code."""
+        cfg, work, strategy = self.cfg, self.work, self.strategy
+        trainer = self.build()
+        if strategy.is_main:
+            dropped = open_run_dir(
+                cfg,
+                trainer,
+                config_yaml=self.config_yaml,
+                world=strategy.world_size,
+                resumed_from=self.resume_from,
+            )
+            pdist.print0(
+                work.describe(self)
+                + (f"; dropped {dropped} metric rows past the checkpoint" if dropped else "")
+            )
+            pdist.print0(f"memory per rank (estimate): {self.plan.describe_memory()}")
+            write_memory_plan(cfg.run_dir, self.plan, runtime=self.runtime_memory)
+            work.on_main_start(self)
+        # On every rank: SIGUSR1 / SIGTERM finish the step, save and return (preemption.py).
+        stopper = GracefulStop()
+        trainer.callbacks.append(stopper)
+        pdist.barrier()
+
+        trainer.fit()
+        done = work.finished(trainer)
+        result = {
+            "train": trainer.last_row,
+            "eval": trainer.last_eval,
+            "checkpoint": trainer.last_checkpoint,
+            "trainer": trainer,
+            "exit_code": stopper.exit_code(done=done),
+        }
+        if strategy.is_main and cfg.logging.plot:
+            result["plot"] = plot_loss_vs_flops(
+                metrics_path=os.path.join(cfg.run_dir, "metrics.jsonl"),
+                out_path=os.path.join(cfg.run_dir, "loss_vs_flops.png"),
+                title=f"{cfg.name}: loss vs compute",
+            )
+        finish_message(trainer, stopper, done=done, run_dir=cfg.run_dir)
+        work.on_finish(self, result)
+        return result
+
+
+def run_session(work: Workload, *, callbacks: Iterable[Callback] = ()) -> dict:
+    """Run ``work`` on this rank (every rank calls this); return the final rows and the exit
+    code (0 when done; 128 + the signal when SIGUSR1/SIGTERM stopped it after a save)."""
+    cfg = work.cfg
+    plan = work.preflight(
+        world_size=launched_world_size(),
+        local_ranks=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+    )
+    pdist.set_collective_timeout(cfg.parallel.timeout_s)  # before any process group exists
+    strategy = build_strategy(precision=cfg.train.precision, layout=plan.layout)
+    # One run, one writer: rank 0 (or its launcher) holds the run directory's lock until the
+    # run ends; a refusal reaches every rank (pretrain/core/runlock.py).
+    with rank_lock(cfg.run_dir, main=strategy.is_main):
+        result = RunSession(work, strategy, plan, callbacks=callbacks).run()
+    # Only on success: after an error on one rank a barrier could wait forever.
+    strategy.close()
+    return result
