@@ -20,14 +20,13 @@ needs one shape). :class:`ExampleSet` has the interface of pretraining's windows
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import torch
 
 from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
-from lmforge.pretrain.core.runlock import LAUNCHER_ENV
+from lmforge.pretrain.core.launch_env import under_local_launcher
 from lmforge.pretrain.data.sources import load_rows
 
 IGNORE = -100
@@ -41,7 +40,7 @@ IGNORE = -100
 def warn(message: str) -> None:
     """Print a warning line once per run: on rank 0, and not in the workers of a local launcher
     (it read the same data before starting them, and said so)."""
-    if pdist.is_main() and LAUNCHER_ENV not in os.environ:
+    if pdist.is_main() and not under_local_launcher():
         print(message, flush=True)
 
 

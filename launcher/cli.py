@@ -1367,7 +1367,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("pretrain", "finetune"):
             # Started by torchrun, srun, accelerate or `lmforge launch`: join that world as one
             # rank (srun's variables become torch's), or refuse one that cannot be joined.
-            from lmforge.pretrain.core.dist import join_launched_world
+            from lmforge.pretrain.core.launch_env import join_launched_world
 
             join_launched_world(nproc=args.nproc)
         in_worker = "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -24,9 +24,10 @@ import sys
 import tempfile
 import time
 
-from lmforge.pretrain.core.dist import free_port, threads_per_rank
-from lmforge.pretrain.core.durable import fault_point
+from lmforge.pretrain.core.dist import free_port
 from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.core.faults import fault_point
+from lmforge.pretrain.core.launch_env import threads_per_rank
 from lmforge.pretrain.core.runlock import LAUNCHER_ENV, lock_run_dir
 from lmforge.pretrain.core.signals import PENDING_ENV, STOP_SIGNALS, pending_stop_signal
 

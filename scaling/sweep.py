@@ -30,9 +30,9 @@ from typing import Protocol
 from omegaconf import OmegaConf
 
 from lmforge.pretrain.config.schema import to_yaml
-from lmforge.pretrain.core.dist import threads_per_rank
 from lmforge.pretrain.core.durable import check_writable, replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError, DataError, LMForgeError
+from lmforge.pretrain.core.launch_env import threads_per_rank
 from lmforge.scaling.config import ScalingConfig
 from lmforge.scaling.curve import finished_runs, load_curve
 from lmforge.scaling.early import brackets_best, judge, live_prediction

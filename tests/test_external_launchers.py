@@ -25,8 +25,8 @@ from lmforge.launcher.local import rendezvous
 from lmforge.pretrain.config.dsconfig import resolve_blocks
 from lmforge.pretrain.config.layout import Layout
 from lmforge.pretrain.config.schema import PretrainConfig, load_config
-from lmforge.pretrain.core.dist import first_host, join_launched_world, tasks_on_node
 from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.core.launch_env import first_host, join_launched_world, tasks_on_node
 from lmforge.pretrain.parallel.memory import estimate_memory
 from lmforge.pretrain.parallel.zero import deepspeed_config, zero_settings
 from tests.conftest import REPO

@@ -65,7 +65,6 @@ from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.durable import (
     Digests,
     digest_files,
-    fault_point,
     fsync_dir,
     replace_durable,
     sha256_file,
@@ -74,6 +73,7 @@ from lmforge.pretrain.core.durable import (
     write_durable_hashed,
 )
 from lmforge.pretrain.core.errors import CheckpointError
+from lmforge.pretrain.core.faults import fault_point
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")

@@ -2,7 +2,7 @@
 
 A file that must survive a crash is written, flushed and fsynced; one that must never be seen
 half-written is written beside its target and renamed over it, then the directory is fsynced.
-``fault_point`` lets crash-safety tests kill the process with SIGKILL at a named moment.
+The writes pass fault points (faults.py) where crash-safety tests stop the process.
 
 Checkpoint manifests need the sha256 of every file. Files written from bytes in memory are
 hashed from those bytes while they are written (``write_durable_hashed``), streams written by
@@ -13,72 +13,17 @@ back on several threads at once (``sha256_files``): hashlib releases the GIL on 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import shutil
-import signal
 import tempfile
 import threading
-import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-# "point", "point@step", or either with "+sleep=S", "+signal=NAME" or "+errno=NAME" (names may
-# contain ":")
-_FAULT, _, _ACTION = os.environ.get("LMFORGE_FAULT", "").partition("+")
-# "...+rank=N" (last): only the process of global rank N; "+hang=S" and "+scale=X" below
-_ACTION, _, _ONLY_RANK = ("+" + _ACTION).partition("+rank=")
-_ACTION = _ACTION.removeprefix("+")
-_FIRED: set[str] = set()  # the scale faults that fired in this process (each fires once)
+from lmforge.pretrain.core.faults import fault_point
 
 # The sha256 (hex) and size of files, by path relative to the directory they were written in.
 Digests = dict[str, tuple[str, int]]
-
-
-def _on_this_rank() -> bool:
-    return not _ONLY_RANK or os.environ.get("RANK", "0") == _ONLY_RANK
-
-
-def fault_point(name: str, *, step: int | None = None) -> None:
-    """Crash here with SIGKILL when ``LMFORGE_FAULT`` names this point, as ``name`` or
-    ``name@step`` (crash-safety tests: a real kill of a real process at a known moment);
-    ``...+sleep=S`` pauses S seconds there instead (a window for a test's signal), and
-    ``...+signal=SIGUSR1`` sends this process that signal (one that arrives at that moment), and
-    ``...+errno=ENOSPC`` raises that OSError there (a full disk at that write), and
-    ``...+hang=S`` stops there S seconds as a stuck rank would: a stop signal keeps its default
-    action and ends the process (the launcher ending a job that a collective timeout failed).
-    ``...+rank=N`` at the end limits any of them to the process of global rank N."""
-    if not _on_this_rank():
-        return
-    if _FAULT and (_FAULT == name or (step is not None and _FAULT == f"{name}@{step}")):
-        if _ACTION.startswith("hang="):
-            stops = (signal.SIGTERM, signal.SIGUSR1)
-            previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in stops}
-            time.sleep(float(_ACTION.removeprefix("hang=")))
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            return
-        if _ACTION.startswith("sleep="):
-            time.sleep(float(_ACTION.removeprefix("sleep=")))
-            return
-        if _ACTION.startswith("signal="):
-            os.kill(os.getpid(), getattr(signal, _ACTION.removeprefix("signal=")))
-            return
-        if _ACTION.startswith("errno="):
-            code = getattr(errno, _ACTION.removeprefix("errno="))
-            raise OSError(code, os.strerror(code))
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def fault_scale(name: str, *, step: int) -> float:
-    """The factor ``LMFORGE_FAULT=name@step+scale=X`` multiplies a value by here (``nan``,
-    ``inf`` or a number: the training loss made NaN, or a spike, at that step), the first time
-    this process reaches that point (a bad batch is read once: a rollback skips it); else 1."""
-    key = f"{name}@{step}"
-    if _FAULT != key or not _ACTION.startswith("scale=") or key in _FIRED or not _on_this_rank():
-        return 1.0
-    _FIRED.add(key)
-    return float(_ACTION.removeprefix("scale="))
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

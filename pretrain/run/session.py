@@ -56,8 +56,8 @@ from lmforge.pretrain.checkpoint.store import (
 from lmforge.pretrain.config.layout import Layout, launched_world_size
 from lmforge.pretrain.config.schema import RunConfig, to_container, to_yaml
 from lmforge.pretrain.core import dist as pdist
-from lmforge.pretrain.core.durable import fault_point
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
+from lmforge.pretrain.core.faults import fault_point
 from lmforge.pretrain.core.runlock import rank_lock
 from lmforge.pretrain.data.batches import Samples, TrainBatches, eval_batches
 from lmforge.pretrain.model.flops import peak_flops

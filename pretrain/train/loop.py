@@ -40,8 +40,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from lmforge.pretrain.core import dist as pdist
-from lmforge.pretrain.core.durable import fault_point, fault_scale
 from lmforge.pretrain.core.errors import CheckpointError, TrainingError
+from lmforge.pretrain.core.faults import fault_point, fault_scale
 from lmforge.pretrain.model.loss import Batch, LossFn, StageLoss, causal_lm_loss
 from lmforge.pretrain.parallel.common import Strategy
 from lmforge.pretrain.parallel.memory import peak_memory
