@@ -198,3 +198,41 @@ def test_every_folder_is_one_layer():
     assert folders == {name for name in LAYERS if name.startswith("lmforge.pretrain.")}
     loose = [f for f in os.listdir(os.path.join(REPO, "pretrain")) if f.endswith(".py")]
     assert loose == ["__init__.py"]  # no module outside a layer's folder
+
+
+def _names_by_folder() -> dict[str, list[str]]:
+    """The module and subpackage names of each folder of code (tests/ included)."""
+    out = {}
+    for top in (*PACKAGES, "tests"):
+        for dirpath, dirs, files in os.walk(os.path.join(REPO, top)):
+            if "__pycache__" in dirpath:
+                continue
+            names = [f[:-3] for f in files if f.endswith(".py") and f != "__init__.py"]
+            names += [d for d in dirs if os.path.isfile(os.path.join(dirpath, d, "__init__.py"))]
+            out[os.path.relpath(dirpath, REPO)] = sorted(names)
+    return out
+
+
+def test_no_two_names_in_a_folder_differ_by_a_suffix_only():
+    """plan.py beside planner.py, test_launcher.py beside test_launchers.py: a reader cannot
+    tell which holds what."""
+    clashes = [
+        f"{folder}: {a} / {b}"
+        for folder, names in _names_by_folder().items()
+        for a in names
+        for b in names
+        if a != b and b.startswith(a)
+    ]
+    assert clashes == []
+
+
+def test_one_meaning_per_class_name():
+    """No two classes of the project share a name (an import would say which one only by its
+    module)."""
+    where: dict[str, list[str]] = {}
+    for mod, path in modules().items():
+        with open(path) as f:
+            for node in ast.parse(f.read()).body:
+                if isinstance(node, ast.ClassDef):
+                    where.setdefault(node.name, []).append(mod)
+    assert {name: mods for name, mods in where.items() if len(mods) > 1} == {}
