@@ -123,6 +123,61 @@ def rank_logs(log_dir: str):
     return RankLogs()
 
 
+def static_rendezvous(rdzv_backend: str | None, rdzv_endpoint: str | None) -> bool:
+    """Whether the nodes meet by static rendezvous (each node gives its node rank; node rank 0
+    hosts rank 0): ``rdzv_backend=static``, or no backend and no ``rdzv_endpoint`` (with an
+    endpoint c10d is the default, which deals the node ranks on arrival)."""
+    return rdzv_backend == "static" or (not rdzv_backend and not rdzv_endpoint)
+
+
+def check_rendezvous(
+    *,
+    nnodes: int,
+    node_rank: int,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    rdzv_endpoint: str | None = None,
+    rdzv_backend: str | None = None,
+    standalone: bool = False,
+    max_restarts: int = 0,
+) -> None:
+    """Node rank, port, rendezvous endpoint and torchrun options that can work (`lmforge
+    launch`'s), before anything waits on them."""
+    if max_restarts != 0:
+        raise ConfigurationError(
+            f"--max-restarts {max_restarts}: lmforge launch does not restart failed "
+            "workers (a failure ends the job); give 0, and resume with resume=auto (or let "
+            "`lmforge submit` requeue the job)"
+        )
+    if standalone:
+        given = [
+            flag
+            for flag, value in (
+                ("--rdzv-endpoint", rdzv_endpoint),
+                ("--master-addr", master_addr),
+                ("--nnodes", nnodes if nnodes != 1 else None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigurationError(
+                f"--standalone runs one node on a local rendezvous; drop {' and '.join(given)} "
+                "(or --standalone for a multi-node job)"
+            )
+    if static_rendezvous(rdzv_backend, rdzv_endpoint) and not 0 <= node_rank < nnodes:
+        raise ConfigurationError(
+            f"--node-rank {node_rank}: with --nnodes {nnodes} give a node rank in 0..{nnodes - 1}"
+        )
+    if master_port is not None and not 0 < master_port < 65536:
+        raise ConfigurationError(f"--master-port {master_port}: give a port in 1..65535")
+    if rdzv_endpoint is not None:
+        host, _, port = rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(
+                f"--rdzv-endpoint {rdzv_endpoint!r}: give HOST:PORT, e.g. 10.0.0.1:29400"
+            )
+
+
 def rendezvous(
     *,
     nnodes: int = 1,
@@ -150,7 +205,8 @@ def rendezvous(
             f"--master-port {master_port} with --nnodes {nnodes} needs --master-addr too (the "
             "address of node 0)"
         )
-    backend = rdzv_backend or ("c10d" if rdzv_endpoint else "static")
+    static = static_rendezvous(rdzv_backend, rdzv_endpoint)
+    backend = "static" if static else (rdzv_backend or "c10d")
     endpoint = rdzv_endpoint or f"{master_addr or '127.0.0.1'}:{master_port or 29500}"
     return backend, endpoint, {"rank": node_rank} if backend == "static" else {}
 

@@ -549,3 +549,23 @@ class SlurmArrays:
         if shutil.which("scontrol") is None:
             return []
         return [job for job in jobs if any(s in ACTIVE_STATES for s in _task_states(job))]
+
+
+# --- inside a job: where `lmforge launch` runs under srun -----------------------------------------
+
+
+def slurm_nodes() -> tuple[int, int]:
+    """(nodes, this node's index) of the srun step an `lmforge launch` runs in (of the job
+    outside a step; 1, 0 outside SLURM). A step with more tasks than nodes would start several
+    launchers per node: refused."""
+    env = os.environ
+    if "SLURM_STEP_ID" in env and "SLURM_STEP_NUM_NODES" in env:
+        nodes, tasks = int(env["SLURM_STEP_NUM_NODES"]), int(env.get("SLURM_STEP_NUM_TASKS", "1"))
+        if tasks > nodes:
+            raise ConfigurationError(
+                f"lmforge launch runs once per node, but this srun step has {tasks} tasks on "
+                f"{nodes} node(s): run `srun --ntasks-per-node=1 lmforge launch --nproc N ...`, "
+                "or let srun start the ranks: `srun lmforge pretrain ...`"
+            )
+        return nodes, int(env.get("SLURM_NODEID", "0"))
+    return int(env.get("SLURM_NNODES", "1")), int(env.get("SLURM_NODEID", "0"))

@@ -236,3 +236,28 @@ def test_one_meaning_per_class_name():
                 if isinstance(node, ast.ClassDef):
                     where.setdefault(node.name, []).append(mod)
     assert {name: mods for name, mods in where.items() if len(mods) > 1} == {}
+
+
+def long_functions(source: str, limit: int) -> list[str]:
+    """``name:line (N lines)`` of every function of ``source`` (nested ones too) longer than
+    ``limit`` lines, decorators not counted."""
+    return [
+        f"{node.name}:{node.lineno} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_the_cli_has_no_long_function():
+    """launcher/cli/: one module per command, each function short enough to read at once (a
+    command's arguments are split over several functions rather than one long parser)."""
+    found = []
+    for dirpath, _, files in os.walk(os.path.join(REPO, "launcher", "cli")):
+        for f in sorted(files):
+            if f.endswith(".py"):
+                path = os.path.join(dirpath, f)
+                with open(path) as fh:
+                    found += [f"{f}:{p}" for p in long_functions(fh.read(), 80)]
+    assert found == []
+    assert long_functions("def f():\n" + "    x = 1\n" * 80, 80) == ["f:1 (81 lines)"]

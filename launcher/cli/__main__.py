@@ -1,0 +1,5 @@
+import sys
+
+from lmforge.launcher.cli import main
+
+sys.exit(main())

@@ -1,0 +1,86 @@
+"""`lmforge pretrain` and `lmforge finetune`: check everything that can fail before any process
+starts, then train here or in ``--nproc`` local processes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from lmforge.launcher.cli.common import Handler, add_command, add_trust_checkpoint, check_nproc
+from lmforge.launcher.commands import check_run_dir, load_command_config, workload
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    sp = add_command(
+        sub, "pretrain", "Pretrain a GPT-style model on prepared data (1..N processes)."
+    )
+    sp.add_argument(
+        "--nproc", type=int, default=1, help="local processes (data parallel); default 1"
+    )
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the data, layout and memory, print the resolved config, parameter counts, "
+        "FLOPs, layout and memory estimate, then stop",
+    )
+    add_trust_checkpoint(sp)
+
+    sp = add_command(
+        sub,
+        "finetune",
+        "Finetune a pretrained model (init_from=RUN|CHECKPOINT|HF_DIR) on a labelled task: "
+        "classification, sft or token_classification (1..N processes).",
+    )
+    sp.add_argument(
+        "--nproc", type=int, default=1, help="local processes (data parallel); default 1"
+    )
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the base model, the task data, layout and memory, print the resolved config, "
+        "layout and memory estimate, then stop",
+    )
+    add_trust_checkpoint(sp)
+
+
+def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
+    """Re-run this command line in ``nproc`` local processes (without --nproc)."""
+    from lmforge.launcher.local import launch_local
+
+    worker_argv = [a for a in argv if not a.startswith("--nproc")]
+    if "--nproc" in argv:  # "--nproc N" as two words
+        i = argv.index("--nproc")
+        worker_argv = argv[:i] + argv[i + 2 :]
+    # this launcher holds the run's lock for its workers (pretrain/core/runlock.py)
+    logs = os.path.join(run_dir, "logs")
+    return launch_local(worker_argv, nproc=nproc, log_dir=logs, run_dir=run_dir)
+
+
+def _train(args: argparse.Namespace, argv: list[str]) -> int:
+    """pretrain and finetune: check everything that can fail before any process starts (config,
+    data, base model, layout, memory), then run here or in ``--nproc`` local processes."""
+    from lmforge.pretrain.config.schema import to_yaml
+
+    check_nproc(args.nproc)
+    work = workload(args.command, load_command_config(args.command, args.config))
+    if not args.dry_run and "LOCAL_RANK" not in os.environ:  # (a launcher checked for workers)
+        check_run_dir(work.cfg)
+    if args.dry_run:  # the config as the run would resolve it (vocabulary, base model's shape)
+        plan = work.preflight(world_size=args.nproc, local_ranks=args.nproc)
+        print(to_yaml(work.cfg), end="")
+        for line in work.dry_run_lines():
+            print(f"# {line}")
+        print(f"# layout: {plan.layout.describe()}")
+        print(f"# memory per rank (estimate): {plan.describe_memory()}")
+        return 0
+    if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
+        # bad data, base, tokenizer, layout or memory: one line here, before any worker starts
+        work.preflight(world_size=args.nproc, local_ranks=args.nproc)
+        return _launch_workers(argv, args.nproc, work.cfg.run_dir)
+    from lmforge.pretrain.run.session import run_session
+
+    # 0 when done; 128 + signal when SIGUSR1/SIGTERM stopped it early (after saving)
+    return run_session(work)["exit_code"]
+
+
+HANDLERS: dict[str, Handler] = {"pretrain": _train, "finetune": _train}
