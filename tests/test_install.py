@@ -14,6 +14,7 @@ import ast
 import importlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -193,6 +194,17 @@ def test_no_module_is_importable_under_two_names(tmp_path):
                 if f.endswith(".py")
                 for p in _first_party_imports_outside_the_namespace(os.path.join(dirpath, f))
             ]
+    assert bad == []
+    # ... nor in the code that tests hand to another Python as text (python -c, scripts)
+    in_text = re.compile(
+        r"\b(from|import)\s+(launcher|pretrain|finetune|scaling)(\.\w+)*\s+import\b"
+    )
+    for top in (*PARTS, "tests", "scripts"):
+        for dirpath, _, files in os.walk(os.path.join(REPO, top)):
+            for f in files:
+                if f.endswith(".py"):
+                    with open(os.path.join(dirpath, f)) as fh:
+                        bad += [f"{f}: {m.group(0)}" for m in in_text.finditer(fh.read())]
     assert bad == []
     short = "; ".join(
         f"importlib.util.find_spec('{p}') is None or sys.exit('{p} importable')" for p in PARTS

@@ -138,7 +138,7 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, capsys):
     from lmforge.pretrain.core.runlock import lock_run_dir
 
     run_dir = str(tmp_path / "run")
-    take_and = f"from pretrain.runlock import lock_run_dir; held = lock_run_dir({run_dir!r}); "
+    take_and = f"from lmforge.pretrain.core.runlock import lock_run_dir; held = lock_run_dir({run_dir!r}); "
     dead = subprocess.Popen(
         [sys.executable, "-c", take_and + "import os; os.kill(os.getpid(), 9)"], cwd=REPO
     )

@@ -784,8 +784,8 @@ def test_load_manifest_errors(tmp_path, paragraphs):
 PEAK_RSS_SCRIPT = textwrap.dedent(
     """
     import json, resource, sys
-    from pretrain.config import PrepareConfig, SourceConfig, TokenizerConfig
-    from pretrain.prepare import prepare
+    from lmforge.pretrain.config.schema import PrepareConfig, SourceConfig, TokenizerConfig
+    from lmforge.pretrain.data.prepare import prepare
     corpus, out = sys.argv[1], sys.argv[2]
     cfg = PrepareConfig(
         out=out,
