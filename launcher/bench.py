@@ -159,7 +159,13 @@ def lmforge_candidate(
     from accelerate.state import AcceleratorState
 
     from lmforge.pretrain.parallel import build_strategy
-    from lmforge.pretrain.train.loop import Trainer
+    from lmforge.pretrain.train.loop import (
+        Cadence,
+        ComputeAccounting,
+        TrainData,
+        Trainer,
+        TrainParts,
+    )
 
     AcceleratorState._reset_state(reset_partial_state=True)  # a new precision per case
     strategy = build_strategy(precision=precision)
@@ -169,19 +175,16 @@ def lmforge_candidate(
     model, opt = strategy.prepare(model, lambda m: build_optimizer(m, OptimConfig()))
     sched = build_scheduler(opt, total_steps=10**9, cfg=OptimConfig(warmup_steps=0))
     trainer = Trainer(
-        model=model,
-        optimizer=opt,
-        scheduler=sched,
-        strategy=strategy,
-        train_batches=SyntheticBatches(
-            micro_batch=micro_batch, seq_len=seq_len, vocab=cfg.vocab_size
+        parts=TrainParts(model, opt, sched, strategy),
+        data=TrainData(
+            SyntheticBatches(micro_batch=micro_batch, seq_len=seq_len, vocab=cfg.vocab_size)
         ),
-        val_batches=None,
-        total_steps=0,
-        tokens_per_step=micro_batch * seq_len,
-        flops_per_token=flops_per_token(cfg, seq_len),
-        peak_flops=1.0,
-        log_interval=10**9,  # one row per window: its last step
+        cadence=Cadence(total_steps=0, log_interval=10**9),  # one row per window: its last step
+        compute=ComputeAccounting(
+            tokens_per_step=micro_batch * seq_len,
+            flops_per_token=flops_per_token(cfg, seq_len),
+            peak_flops=1.0,
+        ),
     )
 
     def run(n: int) -> float:

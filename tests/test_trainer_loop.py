@@ -18,7 +18,16 @@ from lmforge.pretrain.config.schema import ParallelConfig
 from lmforge.pretrain.core.errors import TrainingError
 from lmforge.pretrain.model.loss import causal_lm_loss
 from lmforge.pretrain.parallel.common import Strategy
-from lmforge.pretrain.train.loop import Callback, Trainer
+from lmforge.pretrain.train.loop import (
+    AnomalyPolicy,
+    Cadence,
+    Callback,
+    ComputeAccounting,
+    StepOptions,
+    TrainData,
+    Trainer,
+    TrainParts,
+)
 
 VOCAB, T, B = 11, 6, 2
 
@@ -113,26 +122,29 @@ class Recorder(Callback):
         self.events.append(("end",))
 
 
-def make_trainer(*, total_steps=6, callbacks=(), loss_fn=causal_lm_loss, **kw) -> Trainer:
+def make_trainer(
+    *,
+    total_steps=6,
+    log_interval=10,
+    eval_interval=0,
+    checkpoint_interval=0,
+    anomaly=AnomalyPolicy(),
+    callbacks=(),
+    loss_fn=causal_lm_loss,
+) -> Trainer:
     strategy = FakeStrategy()
     model, optimizer = strategy.prepare(
         TinyLM(), lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     trainer = Trainer(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        strategy=strategy,
-        train_batches=FixedBatches(),
-        val_batches=lambda: [FixedBatches()._batch(999)],
-        total_steps=total_steps,
-        tokens_per_step=2 * B * T,
-        flops_per_token=6.0,
-        peak_flops=1e12,
+        parts=TrainParts(model, optimizer, scheduler, strategy),
+        data=TrainData(FixedBatches(), lambda: [FixedBatches()._batch(999)]),
+        cadence=Cadence(total_steps, log_interval, eval_interval, checkpoint_interval),
+        compute=ComputeAccounting(tokens_per_step=2 * B * T, flops_per_token=6.0, peak_flops=1e12),
+        options=StepOptions(anomaly=anomaly),
         loss_fn=loss_fn,
         callbacks=callbacks,
-        **kw,
     )
     saves = []
 

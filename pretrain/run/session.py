@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from typing import ClassVar
@@ -71,12 +71,17 @@ from lmforge.pretrain.parallel.memory import (
     reset_peak_memory,
 )
 from lmforge.pretrain.train.loop import (
-    AnomalyPolicy,
+    Cadence,
     Callback,
+    CheckpointHooks,
+    ComputeAccounting,
     Evaluator,
     MetricsCallback,
     ProgressBar,
+    StepOptions,
+    TrainData,
     Trainer,
+    TrainParts,
 )
 from lmforge.pretrain.train.metrics import MetricsWriter, plot_loss_vs_flops, truncate_metrics
 from lmforge.pretrain.train.optim import build_optimizer, build_scheduler
@@ -451,27 +456,54 @@ class RunSession:
         note_layout_change(self.resume_from, saved_cfg, to_container(cfg.parallel))
         work.check_resume(self.resume_from, saved_cfg)
 
-    def _val_batches(self) -> Callable[[], Iterable[Batch]]:
-        def batches() -> Iterable[Batch]:
+    def _peak_flops(self) -> tuple[float, str]:
+        """One device's peak FLOP/s for MFU and where it comes from (``train.peak_flops``, a
+        table of known GPUs, or a matmul probe). The ranks of a node take turns to probe (on a
+        CPU they share the cores: probing at once, each would read a fraction of its own peak)."""
+        strategy = self.strategy
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
+            if turn == local_rank:
+                measured = peak_flops(
+                    strategy.device, strategy.compute_dtype, override=self.cfg.train.peak_flops
+                )
+            if strategy.device.type == "cpu":
+                pdist.barrier()
+        return measured
+
+    def _data(self) -> TrainData:
+        """This rank's data-parallel share of the training samples, one step at a time, and of
+        the fixed validation samples."""
+        cfg, work, strategy = self.cfg, self.work, self.strategy
+        train = TrainBatches(
+            work.train_data,
+            micro_batch=cfg.train.micro_batch_size,
+            grad_accum=self.plan.grad_accum,
+            rank=strategy.dp_rank,
+            world_size=strategy.dp_size,
+            seed=cfg.seed,
+            shuffle=work.shuffle,
+        )
+
+        def val() -> Iterable[Batch]:
             return eval_batches(
-                self.work.val_data,
-                micro_batch=self.cfg.train.micro_batch_size,
-                num_samples=self.work.eval_samples,
-                rank=self.strategy.dp_rank,
-                world_size=self.strategy.dp_size,
+                work.val_data,
+                micro_batch=cfg.train.micro_batch_size,
+                num_samples=work.eval_samples,
+                rank=strategy.dp_rank,
+                world_size=strategy.dp_size,
             )
 
-        return batches
+        return TrainData(train, val)
 
-    def _saver(
-        self, config_yaml: str
-    ) -> tuple[Callable[[Trainer], str | None], Callable[[], str | None] | None]:
+    def _checkpoint_hooks(self, config_yaml: str) -> CheckpointHooks:
         """The trainer's ``save_fn`` and ``checkpoint_wait``: synchronous saves, or with
         ``checkpoint.async_save`` saves written in the background (a gloo group of their own is
         made here, on every rank alike). ``checkpoint.consolidated`` decides which of them
         hold model.safetensors (``final``: the one that ends training, ``trainer.final_save``).
         Every checkpoint carries the run's tokenizer (read once, here, by rank 0) and names it
-        relative to itself: a run directory works wherever it is copied."""
+        relative to itself: a run directory works wherever it is copied. ``load_fn`` loads one
+        back (``train.on_anomaly=rollback``)."""
         cfg, work, strategy = self.cfg, self.work, self.strategy
         background = AsyncCheckpointer() if cfg.checkpoint.async_save else None
         mode = cfg.checkpoint.consolidated
@@ -499,7 +531,27 @@ class RunSession:
                 tokenizer=tokenizer,
             )
 
-        return save, (background.wait if background else None)
+        def load(trainer: Trainer, path: str) -> dict:
+            return load_checkpoint(
+                path, strategy=strategy, model=trainer.model, optimizer=trainer.optimizer
+            )
+
+        return CheckpointHooks(save, background.wait if background else None, load)
+
+    def _resume(self, trainer: Trainer) -> None:
+        """Load the resume checkpoint (verified by ``resolve_resume``) into ``trainer``: model,
+        optimizer, counters, schedule, data position and callback state."""
+        assert self.resume_from is not None
+        state = load_checkpoint(
+            self.resume_from,
+            strategy=self.strategy,
+            model=trainer.model,
+            optimizer=trainer.optimizer,
+            verify=False,
+        )
+        self.work.check_resumed_data(self.resume_from, state["data"]["num_windows"])
+        trainer.load_state_dict(state)
+        trainer.last_checkpoint = self.resume_from
 
     def build(self) -> Trainer:
         """Steps 2-4: everything up to a trainer ready to ``fit`` (resumed when asked)."""
@@ -507,17 +559,7 @@ class RunSession:
         tcfg = cfg.train
         self._check_resume()
         pdist.barrier()  # every rank has checked everything before any rank writes
-
-        # The ranks of a node take turns to measure the matmul peak (on a CPU they share the
-        # cores: probing at once, each would read a fraction of its own peak).
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        for turn in range(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))):
-            if turn == local_rank:
-                self.peak, self.peak_source = peak_flops(
-                    strategy.device, strategy.compute_dtype, override=tcfg.peak_flops
-                )
-            if strategy.device.type == "cpu":
-                pdist.barrier()
+        self.peak, self.peak_source = self._peak_flops()
         # What this process holds before the model exists (the runtime: Python, torch, the
         # process group), for memory.json: the estimate counts only what training adds. The
         # peak restarts here, so the probe's freed buffers are not in the rows' peak_mem_gb.
@@ -527,7 +569,7 @@ class RunSession:
         model = work.build_model()
         if tcfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        fpt = work.flops_per_token(model)
+        self.flops_per_token = work.flops_per_token(model)  # before the strategy wraps it
         strategy.compile_blocks = tcfg.compile  # each block, inside prepare (apply_compile)
         model, optimizer = strategy.prepare(
             model,
@@ -536,59 +578,20 @@ class RunSession:
         )
         scheduler = build_scheduler(optimizer, total_steps=plan.total_steps, cfg=cfg.optim)
         seed_everything(cfg.seed + RANK_SEED_STRIDE * strategy.rank + 1)
-
-        batches = TrainBatches(
-            work.train_data,
-            micro_batch=tcfg.micro_batch_size,
-            grad_accum=plan.grad_accum,
-            rank=strategy.dp_rank,
-            world_size=strategy.dp_size,
-            seed=cfg.seed,
-            shuffle=work.shuffle,
-        )
-        self.flops_per_token = fpt
         self.config_yaml = to_yaml(cfg)
-        save_fn, checkpoint_wait = self._saver(self.config_yaml)
         trainer = Trainer(
-            model=model,
-            optimizer=optimizer,
-            scheduler=scheduler,
-            strategy=strategy,
-            train_batches=batches,
-            val_batches=self._val_batches(),
-            total_steps=plan.total_steps,
-            tokens_per_step=work.tokens_per_step,
-            flops_per_token=fpt,
-            peak_flops=self.peak,
-            grad_clip=tcfg.grad_clip,
-            log_interval=tcfg.log_interval,
-            eval_interval=tcfg.eval_interval,
-            checkpoint_interval=cfg.checkpoint.interval,
-            save_fn=save_fn,
-            checkpoint_wait=checkpoint_wait,
+            parts=TrainParts(model, optimizer, scheduler, strategy),
+            data=self._data(),
+            cadence=Cadence.from_config(cfg, total_steps=plan.total_steps),
+            compute=ComputeAccounting(work.tokens_per_step, self.flops_per_token, self.peak),
+            checkpoints=self._checkpoint_hooks(self.config_yaml),
+            options=StepOptions.from_config(tcfg),
             loss_fn=work.loss_fn,
             evaluator=work.evaluator,
             callbacks=[*work.callbacks(cfg.run_dir), *self.extra_callbacks],
-            anomaly=AnomalyPolicy(
-                on_anomaly=tcfg.on_anomaly,
-                spike_factor=tcfg.spike_factor,
-                spike_warmup=tcfg.spike_warmup,
-                max_consecutive_skips=tcfg.max_consecutive_skips,
-                max_rollbacks=tcfg.max_rollbacks,
-                rollback_lr_factor=tcfg.rollback_lr_factor,
-            ),
-            load_fn=lambda trainer, path: load_checkpoint(
-                path, strategy=strategy, model=trainer.model, optimizer=trainer.optimizer
-            ),
-            timing_sync=tcfg.timing_sync,
         )
         if self.resume_from is not None:
-            state = load_checkpoint(  # verified by resolve_resume
-                self.resume_from, strategy=strategy, model=model, optimizer=optimizer, verify=False
-            )
-            work.check_resumed_data(self.resume_from, state["data"]["num_windows"])
-            trainer.load_state_dict(state)
-            trainer.last_checkpoint = self.resume_from
+            self._resume(trainer)
         self.trainer = trainer
         return trainer
 

@@ -32,13 +32,14 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
+from lmforge.pretrain.config.schema import LoopConfig, RunConfig
 from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.errors import CheckpointError, TrainingError
 from lmforge.pretrain.core.faults import fault_point, fault_scale
@@ -133,6 +134,18 @@ class AnomalyPolicy:
     max_rollbacks: int = 3
     rollback_lr_factor: float = 1.0
 
+    @classmethod
+    def from_config(cls, cfg: LoopConfig) -> AnomalyPolicy:
+        """The policy of the ``train`` section."""
+        return cls(
+            on_anomaly=cfg.on_anomaly,
+            spike_factor=cfg.spike_factor,
+            spike_warmup=cfg.spike_warmup,
+            max_consecutive_skips=cfg.max_consecutive_skips,
+            max_rollbacks=cfg.max_rollbacks,
+            rollback_lr_factor=cfg.rollback_lr_factor,
+        )
+
     @property
     def every_step(self) -> bool:
         """Check each step before its update (else the loss is checked at the metrics rows)."""
@@ -203,64 +216,145 @@ class FaultLoss:
 ANOMALY_FIELDS = ("skipped_steps", "rollbacks", "lr_scale", "loss_avg", "loss_avg_steps")
 
 
+# --- what a trainer is built from ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainParts:
+    """What the steps update and how: the model and its optimizer as ``Strategy.prepare``
+    returned them, the learning-rate schedule (pretrain/train/optim.py) and the strategy."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    strategy: Strategy
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The training batches, one step's micro-batches at a time, and the validation batches: a
+    function that gives them anew for every evaluation (None: no evaluation)."""
+
+    train_batches: StepBatches
+    val_batches: Callable[[], Iterable[Batch]] | None = None
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When the loop does what, in optimizer steps: it trains until ``total_steps``, writes a
+    metrics row every ``log_interval`` steps, evaluates every ``eval_interval`` steps (0: only
+    at the end) and checkpoints every ``checkpoint_interval`` steps (0: only at a stop and at
+    the end); a step that evaluates or checkpoints writes a row too."""
+
+    total_steps: int
+    log_interval: int = 10
+    eval_interval: int = 0
+    checkpoint_interval: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, *, total_steps: int) -> Cadence:
+        """``train.log_interval``, ``train.eval_interval`` and ``checkpoint.interval``;
+        ``total_steps`` is the workload's (it may come from tokens or epochs, not max_steps)."""
+        return cls(
+            total_steps=total_steps,
+            log_interval=cfg.train.log_interval,
+            eval_interval=cfg.train.eval_interval,
+            checkpoint_interval=cfg.checkpoint.interval,
+        )
+
+
+@dataclass(frozen=True)
+class ComputeAccounting:
+    """What a step counts: its tokens, its FLOPs (``flops_per_token`` times the tokens) and, in
+    the rows, the MFU against ``peak_flops`` (one device's peak FLOP/s). ``tokens_per_step``
+    None: steps differ in size (padded task examples) and the batches say how many tokens the
+    last step trained on (``train_batches.last_step_tokens``, the global count, known on every
+    rank without communication)."""
+
+    tokens_per_step: int | None
+    flops_per_token: float
+    peak_flops: float
+
+
+@dataclass(frozen=True)
+class CheckpointHooks:
+    """How the loop saves and loads checkpoints (None: it does not). ``save_fn(trainer)``
+    writes a checkpoint when the cadence says so and returns its path, or starts writing it in
+    the background and returns None: ``checkpoint_wait()`` then waits for it and returns its
+    path (None when none is in flight). ``load_fn(trainer, path)`` loads a checkpoint's model
+    and optimizer state (and RNG) and returns its trainer state: what
+    ``train.on_anomaly=rollback`` goes back with."""
+
+    save_fn: Callable[[Trainer], str | None] | None = None
+    checkpoint_wait: Callable[[], str | None] | None = None
+    load_fn: Callable[[Trainer, str], dict] | None = None
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """How every step runs: the gradient-norm clip (0: none), what an anomaly does, and
+    whether the step clock waits for the device at each phase boundary (``timing_sync``: see
+    :class:`StepClock`)."""
+
+    grad_clip: float = 1.0
+    anomaly: AnomalyPolicy = field(default_factory=AnomalyPolicy)
+    timing_sync: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: LoopConfig) -> StepOptions:
+        """``train.grad_clip``, the ``train.on_anomaly`` keys and ``train.timing_sync``."""
+        return cls(
+            grad_clip=cfg.grad_clip,
+            anomaly=AnomalyPolicy.from_config(cfg),
+            timing_sync=cfg.timing_sync,
+        )
+
+
 class Trainer:
+    """The loop of the module docstring, built from groups (:class:`TrainParts`,
+    :class:`TrainData`, :class:`Cadence`, :class:`ComputeAccounting`, :class:`CheckpointHooks`,
+    :class:`StepOptions`). Each group's fields become the trainer's attributes of the same
+    names (``trainer.model``, ``trainer.train_batches``, ``trainer.total_steps``,
+    ``trainer.save_fn``, ``trainer.anomaly``, ...; ``timing_sync`` is ``trainer.clock.sync``),
+    which callbacks read and may change (early stopping shortens ``total_steps``)."""
+
     def __init__(
         self,
         *,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: LRScheduler,
-        strategy: Strategy,
-        train_batches: StepBatches,
-        val_batches: Callable[[], Iterable[Batch]] | None,
-        total_steps: int,
-        tokens_per_step: int | None,
-        flops_per_token: float,
-        peak_flops: float,
-        grad_clip: float = 1.0,
-        log_interval: int = 10,
-        eval_interval: int = 0,
-        checkpoint_interval: int = 0,
-        save_fn: Callable[[Trainer], str | None] | None = None,
-        checkpoint_wait: Callable[[], str | None] | None = None,
+        parts: TrainParts,
+        data: TrainData,
+        cadence: Cadence,
+        compute: ComputeAccounting,
+        checkpoints: CheckpointHooks = CheckpointHooks(),
+        options: StepOptions = StepOptions(),
         loss_fn: LossFn = causal_lm_loss,
-        callbacks: Iterable[Callback] = (),
-        state: TrainerState | None = None,
         evaluator: Evaluator | None = None,
-        anomaly: AnomalyPolicy | None = None,
-        load_fn: Callable[[Trainer, str], dict] | None = None,
-        timing_sync: bool = False,
+        callbacks: Iterable[Callback] = (),
     ) -> None:
-        """``tokens_per_step`` None: steps differ in size (padded task examples) and the
-        batches say how many tokens the last step trained on (``train_batches.last_step_tokens``,
-        the global count, known on every rank without communication). ``load_fn(trainer,
-        path)`` loads a checkpoint's model and optimizer state (and RNG) and returns its
-        trainer state: what ``train.on_anomaly=rollback`` goes back with. ``timing_sync``: see
-        :class:`StepClock`."""
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.strategy = strategy
-        self.train_batches = train_batches
-        self.val_batches = val_batches
-        self.total_steps = total_steps
-        self.tokens_per_step = tokens_per_step
-        self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
-        self.grad_clip = grad_clip
-        self.log_interval = log_interval
-        self.eval_interval = eval_interval
-        self.checkpoint_interval = checkpoint_interval
-        self.save_fn = save_fn
-        self.checkpoint_wait = checkpoint_wait
+        self.model = parts.model
+        self.optimizer = parts.optimizer
+        self.scheduler = parts.scheduler
+        self.strategy = parts.strategy
+        self.train_batches = data.train_batches
+        self.val_batches = data.val_batches
+        self.total_steps = cadence.total_steps
+        self.log_interval = cadence.log_interval
+        self.eval_interval = cadence.eval_interval
+        self.checkpoint_interval = cadence.checkpoint_interval
+        self.tokens_per_step = compute.tokens_per_step
+        self.flops_per_token = compute.flops_per_token
+        self.peak_flops = compute.peak_flops
+        self.save_fn = checkpoints.save_fn
+        self.checkpoint_wait = checkpoints.checkpoint_wait
+        self.load_fn = checkpoints.load_fn
+        self.grad_clip = options.grad_clip
+        self.anomaly = options.anomaly
+        self.clock = StepClock(self.strategy.device, sync=options.timing_sync)
         self.loss_fn = loss_fn
-        self.callbacks = list(callbacks)
-        self.evaluator = evaluator
         self._train_loss = FaultLoss(loss_fn)
-        self.state = state or TrainerState()
-        self.anomaly = anomaly or AnomalyPolicy()
-        self.load_fn = load_fn
-        self.clock = StepClock(strategy.device, sync=timing_sync)
+        self.evaluator = evaluator
+        self.callbacks = list(callbacks)
+        self.state = TrainerState()
         # the newest complete checkpoint (one still written in the background is not named)
         self.last_checkpoint: str | None = None
         self._phase = "the start of training"  # what a collective that times out waited in
