@@ -1,1 +1,2 @@
-"""lmforge checkpoint -- checkpoints: atomic, verified step directories and their consolidation."""
+"""Layer 5, checkpoints: atomic, verified step directories, and full weights consolidated from
+any layout's shards."""

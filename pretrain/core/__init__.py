@@ -1,1 +1,3 @@
-"""lmforge core -- core: errors, processes and collectives, the world a launcher started, durable files, fault points (tests), stop signals, the run directory's lock, safe unpickling."""
+"""Layer 0, the core: user errors, ranks and collectives, the world a launcher started, durable
+files, fault injection (tests only), stop signals, the run directory's lock, safe unpickling.
+Nothing here imports anything of lmforge above it."""

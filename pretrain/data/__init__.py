@@ -1,1 +1,1 @@
-"""lmforge data -- data: tokenizers, text sources, preparing shards, reading batches."""
+"""Layer 2, the data: tokenizers, text sources, preparing token shards, reading batches."""

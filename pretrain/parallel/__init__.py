@@ -1,4 +1,4 @@
-"""Parallel strategies: the one place that knows how a model is distributed.
+"""Layer 3, parallel strategies: the one place that knows how a model is distributed.
 
 Every strategy has the same small interface, the abstract :class:`pretrain.parallel.common.Strategy`,
 and is built the same way, ``Strategy(precision=..., layout=...)``, from the run's

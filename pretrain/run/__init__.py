@@ -1,1 +1,2 @@
-"""lmforge run -- the run: the session that assembles a run, the pretraining workload, the checkpoint benchmark."""
+"""Layer 6, the run: the session that assembles every training command, the pretraining workload,
+the checkpoint benchmark."""

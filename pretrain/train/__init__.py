@@ -1,1 +1,2 @@
-"""lmforge train -- the loop: the trainer and its callbacks, optimizer and schedule, metric sinks, stop signals."""
+"""Layer 4, the loop: the trainer and its callbacks, the optimizer and schedule, metric sinks,
+stop signals turned into a save."""
