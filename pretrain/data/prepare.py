@@ -26,7 +26,7 @@ Input policies (counted in the manifest's `warnings`):
   with no document left is an error;
 - `text_unit: paragraph` on a file with no blank line in 1,000 lines or more, or with a paragraph
   over 1 MiB, gets a warning suggesting `text_unit: line` (`files_with_huge_paragraphs`);
-- CSV/TSV with backslash-escaped quotes (`\\"`) need `escapechar` (pretrain/sources.py);
+- CSV/TSV with backslash-escaped quotes (`\\"`) need `escapechar` (pretrain/data/sources.py);
 - directories are read recursively in sorted order; hidden entries, `__pycache__` and files whose
   extension does not match the format are skipped (`files_skipped_by_extension`);
 - U+2581 ("▁") decodes as a space in SentencePiece: documents holding it are counted

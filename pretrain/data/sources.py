@@ -4,7 +4,7 @@
 `datasets` names) as rows of every column, for finetuning's labelled examples.
 
 Policies (invalid UTF-8, empty files and documents, skipped extensions) are described in
-pretrain/prepare.py and counted in the manifest's `warnings`.
+pretrain/data/prepare.py and counted in the manifest's `warnings`.
 
 CSV/TSV: both readers (`datasets`' for prepare, pyarrow's for finetuning) take quotes doubled
 (`""`) inside quoted fields, and with `escapechar` set, quotes escaped by that character
