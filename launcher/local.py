@@ -35,7 +35,8 @@ ERROR_DIR_ENV = "LMFORGE_ERROR_DIR"
 # Signals torch elastic's agent turns into "kill the workers"; SIGTERM and SIGUSR1 are forwarded
 # to the workers instead (forward_stop_signals), which save before they exit.
 ELASTIC_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
-# The exit codes of workers that saved and stopped on SIGUSR1 / SIGTERM (pretrain/train/preemption.py).
+# The exit codes of workers that saved and stopped on SIGUSR1 / SIGTERM
+# (pretrain/train/preemption.py).
 STOPPED = {128 + int(sig) for sig in STOP_SIGNALS}
 # What each worker runs: `python -m lmforge.launcher.cli ARGV`, after tying itself to this launcher
 # (pretrain.core.runlock.die_with_launcher, standard library only: before torch is imported).

@@ -252,8 +252,8 @@ def batch_script(
         # The stop signals, trapped first thing: USR1 (the time limit is near) and TERM (scancel,
         # preemption) make the training save and exit. The shell hands each one on exactly once
         # and drops none. Before srun starts, a signal is held and goes into srun's environment
-        # (LMFORGE_STOP_SIGNAL: pretrain/core/signals.py holds it until the training can stop after a
-        # step); once srun's pid is known it is sent to srun. Two gaps are closed on the way:
+        # (LMFORGE_STOP_SIGNAL: pretrain/core/signals.py holds it until the training can stop after
+        # a step); once srun's pid is known it is sent to srun. Two gaps are closed on the way:
         # - while bash forks srun, the environment is already fixed and the pid not yet known:
         #   a signal then is seen after `lmforge_pid=$!` (lmforge_pending differs from what went
         #   into the environment) and sent at once;
