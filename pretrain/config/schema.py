@@ -405,8 +405,17 @@ class OptimConfig:
     """wsd only: fraction of the run spent in the final decay."""
 
     def __post_init__(self) -> None:
-        if not self.lr > 0:
-            raise ConfigurationError(f"`optim.lr` must be > 0, got {self.lr}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigurationError(
+                f"`optim.lr` must be > 0, got {self.lr}: give a finite learning rate, e.g. "
+                "optim.lr=3e-4"
+            )
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigurationError(
+                f"`optim.weight_decay` must be a finite number >= 0, got {self.weight_decay}"
+            )
+        if not (self.eps > 0 and math.isfinite(self.eps)):
+            raise ConfigurationError(f"`optim.eps` must be a finite number > 0, got {self.eps}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigurationError(
                 f"`optim.min_lr_ratio` must be in [0, 1], got {self.min_lr_ratio}"
