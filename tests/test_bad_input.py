@@ -361,6 +361,8 @@ CASES = [
     # --- export -----------------------------------------------------------------------------
     case("export/path-missing", ["export", "{tmp}/none", "--out", "{tmp}/o"], "{tmp}/none: no such run", out="{tmp}/o"),
     case("export/path-a-file", ["export", "{tmp}/f.txt", "--out", "{tmp}/o"], "{tmp}/f.txt is neither a checkpoint", files={"f.txt": "x"}, out="{tmp}/o"),
+    case("export/out-inside-a-checkpoint", ["export", "{tmp}/c", "--out", "{tmp}/c/hf"], "--out {tmp}/c/hf is inside the checkpoint {tmp}/c", files={"c": _copy("{ckpt}")}, out="{tmp}/c/hf"),
+    case("consolidate/out-inside-a-checkpoint", ["consolidate", "{tmp}/c", "--out", "{tmp}/c/full"], "--out {tmp}/c/full is inside the checkpoint {tmp}/c", files={"c": _copy("{ckpt}")}, out="{tmp}/c/full"),
     case("export/out-not-empty", ["export", "{run}", "--out", "{tmp}/o"], "--out {tmp}/o exists and is not empty", files={"o/x": "x"}),
     case("export/out-under-a-file", ["export", "{run}", "--out", "{tmp}/f.txt/o"], "{tmp}/f.txt is a file", files={"f.txt": "x"}),
     case("export/out-read-only", ["export", "{run}", "--out", "{tmp}/ro/o"], "{tmp}/ro is not writable", files={"ro": READ_ONLY}),

@@ -146,15 +146,19 @@ def _add_lm_eval_options(sp: argparse.ArgumentParser) -> None:
 
 def _consolidate(args: argparse.Namespace, argv: list[str]) -> int:
     from lmforge.pretrain.checkpoint.consolidate import consolidate
+    from lmforge.pretrain.checkpoint.store import check_outside_checkpoints
 
     check_writable(args.out, "--out ")  # before the checkpoint is read
+    check_outside_checkpoints(args.out)
     consolidate(args.path, out=args.out, dtype=args.dtype)
     return 0
 
 
 def _export(args: argparse.Namespace, argv: list[str]) -> int:
     from lmforge.finetune.export import export
+    from lmforge.pretrain.checkpoint.store import check_outside_checkpoints
 
+    check_outside_checkpoints(args.out)
     export(args.path, out=args.out, dtype=args.dtype)
     return 0
 

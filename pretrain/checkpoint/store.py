@@ -72,7 +72,7 @@ from lmforge.pretrain.core.durable import (
     write_durable,
     write_durable_hashed,
 )
-from lmforge.pretrain.core.errors import CheckpointError
+from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
 from lmforge.pretrain.core.faults import fault_point
 
 FORMAT_VERSION = 1
@@ -649,6 +649,32 @@ def read_checkpoint_config(path: str) -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointError(f"{file} is corrupt (no model section); use an earlier checkpoint")
     return cfg
+
+
+def enclosing_checkpoint(path: str) -> str | None:
+    """The checkpoint directory (one holding a manifest and a trainer state, whatever its name)
+    that ``path`` is or would be written inside, or None: a file put there is outside the
+    manifest that verifies the checkpoint, and retention would delete it with the checkpoint."""
+    place = os.path.realpath(os.path.abspath(path))
+    while True:
+        if all(
+            os.path.isfile(os.path.join(place, f)) for f in ("manifest.json", "trainer_state.json")
+        ):
+            return place
+        parent = os.path.dirname(place)
+        if parent == place:
+            return None
+        place = parent
+
+
+def check_outside_checkpoints(out: str, what: str = "--out ") -> None:
+    """Refuse an output place inside a checkpoint (see :func:`enclosing_checkpoint`)."""
+    inside = enclosing_checkpoint(out)
+    if inside is not None:
+        raise ConfigurationError(
+            f"{what}{out} is inside the checkpoint {inside}, which must hold only what its "
+            "manifest lists; choose a directory outside the run's checkpoints"
+        )
 
 
 def step_dirs(root: str) -> list[str]:
