@@ -240,6 +240,7 @@ CASES = [
     case("pretrain/deepspeed-json-scheduler-warmup-differs", DS_JSON, "`scheduler.params.warmup_num_steps`=1000 differs from lmforge's 100 (optim.warmup_steps)", files={"ds.json": '{"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1000}}}'}, out=RUNS),
     case("pretrain/deepspeed-json-auto-not-filled", DS_JSON, '{tmp}/ds.json: `zero_optimization.allgather_bucket_size` is "auto", which lmforge does not fill in', files={"ds.json": '{"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}'}, out=RUNS),
     # --- finetune ---------------------------------------------------------------------------
+    case("finetune/template-read-as-a-mapping", [*FINETUNE, "task.template=Q: {prompt}\nA:"], "reads as a YAML mapping or list, not text; quote it as a YAML string", out=RUNS),
     case("finetune/train-missing", [*FINETUNE, "task.train={tmp}/none.csv"], "{tmp}/none.csv: no such file", out=RUNS),
     case("finetune/train-empty", [*FINETUNE, "task.train={tmp}/t.csv"], "{tmp}/t.csv", files={"t.csv": ""}, out=RUNS),
     case("finetune/train-binary-csv", [*FINETUNE, "task.train={tmp}/t.csv"], "{tmp}/t.csv", files={"t.csv": BINARY}, out=RUNS),

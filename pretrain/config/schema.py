@@ -827,9 +827,10 @@ def load_config(schema: type, args: list[str]) -> Any:
     """
     cfg = OmegaConf.structured(schema)
     arg_key = None  # the key of the `key=value` being applied, for errors that lose it
+    arg_value = None  # and its value as written
     try:
         for arg in args:
-            arg_key = None
+            arg_key = arg_value = None
             if isinstance(arg, (dict, DictConfig)):  # a mapping merged as a whole (e.g. a section)
                 cfg = OmegaConf.merge(cfg, arg)
                 continue
@@ -840,7 +841,7 @@ def load_config(schema: type, args: list[str]) -> Any:
             key, value = arg.split("=", 1)
             if not key:
                 raise ConfigurationError(f"override {arg!r} has no key; write key=value")
-            arg_key = key
+            arg_key, arg_value = key, value
             section = OmegaConf.select(cfg, key, throw_on_missing=False)
             if isinstance(section, DictConfig):  # section=PRESET.yaml, section=NAME
                 path = presets.resolve(value, key.rsplit(".", 1)[-1], key)
@@ -856,6 +857,13 @@ def load_config(schema: type, args: list[str]) -> Any:
             )
         return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
+        if arg_value is not None and re.search(r"'(DictConfig|ListConfig)' to ", str(exc)):
+            # text such as 'Q: {prompt}<line break>A:' is read as YAML: a mapping, not a string
+            raise ConfigurationError(
+                f"config key `{_short(arg_key or '')}`: {_short(arg_value)!r} reads as a YAML "
+                f"mapping or list, not text; quote it as a YAML string, e.g. "
+                f"""{_short(arg_key or "")}='"Q: {{prompt}}\\nA:"'"""
+            ) from None
         raise _one_line(exc, schema, arg_key) from None
 
 
