@@ -184,6 +184,7 @@ CASES = [
     case("pretrain/value-control-character", [*PRETRAIN, "name=\x01x"], "control characters are not allowed", out=RUNS),
     case("pretrain/value-yaml-directive", [*PRETRAIN, "optim.lr=%x"], "`optim.lr`: '%x' is not a YAML value", out=RUNS),
     case("pretrain/value-not-utf8", [*PRETRAIN, "name=\udcff"], "`name`: the value is not valid UTF-8", out=RUNS),
+    case("pretrain/name-with-a-bare-line-break", [*PRETRAIN, "name=a\n#SBATCH --x"], "`name`: the value 'a\\n#SBATCH --x' has a line break", out=RUNS),
     case("pretrain/name-with-a-line-break", [*PRETRAIN, 'name="a\\nb"'], "must be a plain directory name", out=RUNS),
     case("pretrain/max-steps-zero", [*PRETRAIN, "train.max_steps=0"], "`train.max_steps` must be >= 1, got 0", out=RUNS),
     case("pretrain/max-steps-negative", [*PRETRAIN, "train.max_steps=-3"], "`train.max_steps` must be >= 1, got -3", out=RUNS),
@@ -240,7 +241,8 @@ CASES = [
     case("pretrain/deepspeed-json-scheduler-warmup-differs", DS_JSON, "`scheduler.params.warmup_num_steps`=1000 differs from lmforge's 100 (optim.warmup_steps)", files={"ds.json": '{"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1000}}}'}, out=RUNS),
     case("pretrain/deepspeed-json-auto-not-filled", DS_JSON, '{tmp}/ds.json: `zero_optimization.allgather_bucket_size` is "auto", which lmforge does not fill in', files={"ds.json": '{"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}'}, out=RUNS),
     # --- finetune ---------------------------------------------------------------------------
-    case("finetune/template-read-as-a-mapping", [*FINETUNE, "task.template=Q: {prompt}\nA:"], "reads as a YAML mapping or list, not text; quote it as a YAML string", out=RUNS),
+    case("finetune/template-read-as-a-mapping", [*FINETUNE, "task.template=Q: {prompt}"], "reads as a YAML mapping or list, not text; quote it as a YAML string", out=RUNS),
+    case("finetune/template-with-a-bare-line-break", [*FINETUNE, "task.template=Q: {prompt}\nA:"], "has a line break, which YAML reads as a space", out=RUNS),
     case("finetune/train-missing", [*FINETUNE, "task.train={tmp}/none.csv"], "{tmp}/none.csv: no such file", out=RUNS),
     case("finetune/train-empty", [*FINETUNE, "task.train={tmp}/t.csv"], "{tmp}/t.csv", files={"t.csv": ""}, out=RUNS),
     case("finetune/train-binary-csv", [*FINETUNE, "task.train={tmp}/t.csv"], "{tmp}/t.csv", files={"t.csv": BINARY}, out=RUNS),

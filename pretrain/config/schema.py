@@ -806,6 +806,14 @@ def _parse_override(arg: str, key: str, value: str) -> DictConfig:
         raise ConfigurationError(
             f"config key `{_short(key)}`: the value is not valid UTF-8; pass it as UTF-8 text"
         ) from None
+    if ("\n" in value or "\r" in value) and not value.lstrip().startswith(("'", '"', "[", "{")):
+        # YAML folds a bare line break into a space and reads a line from '#' on as a comment:
+        # 'name=a<line break>#SBATCH ...' would silently become name=a
+        raise ConfigurationError(
+            f"config key `{_short(key)}`: the value {_short(value)!r} has a line break, which "
+            "YAML reads as a space (or the rest as a comment); write it on one line, or quote it "
+            f"""as a YAML string with \\n for the break, e.g. {_short(key)}='"a\\nb"'"""
+        )
     try:
         return OmegaConf.from_dotlist([arg])
     except yaml.YAMLError as exc:
