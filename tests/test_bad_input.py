@@ -343,6 +343,8 @@ CASES = [
     case("submit/profile-missing", ["submit", "{tmp}/none.yaml", "--dry-run", "--", "prepare"], "config file not found: {tmp}/none.yaml"),
     case("submit/profile-unknown-key", ["submit", "nodez=2", "--dry-run", "--", "prepare"], "did you mean `nodes`?"),
     case("submit/job-bad-config", ["submit", "--dry-run", "--", *PRETRAIN, "train.max_steps=0"], "`train.max_steps` must be >= 1, got 0"),
+    case("submit/job-name-with-a-bare-line-break", ["submit", "--dry-run", "--", *PRETRAIN, "name=a\n#SBATCH --x"], "has a line break, which YAML reads as a space"),
+    case("pretrain/dry-run-name-with-a-bare-line-break", [*PRETRAIN, "name=a\n#SBATCH --x", "--dry-run"], "has a line break, which YAML reads as a space", out=RUNS),
     case("submit/job-unknown-command", ["submit", "--dry-run", "--", "nosuch", "x"], "`nosuch` is not an lmforge command"),
     case("submit/bad-array", ["submit", "--array", "1-x", "--dry-run", "--", "prepare"], "--array '1-x' is not a SLURM array"),
     case("submit/no-command", ["submit", "--dry-run"], "needs a command after `--`"),
