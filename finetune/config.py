@@ -89,6 +89,11 @@ class TaskConfig:
             )
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ConfigurationError(f"`task.labels` has duplicates: {self.labels}")
+        if self.labels is not None and any(not str(x).strip() for x in self.labels):
+            raise ConfigurationError(
+                f"`task.labels` has an empty label: {self.labels}; remove it (rows without a "
+                "label are refused: drop them from the data)"
+            )
 
 
 @dataclass

@@ -45,9 +45,12 @@ def warn(message: str) -> None:
 
 
 def _is_empty(value) -> bool:
-    """A missing value, an empty or whitespace-only string, or an empty list."""
+    """A missing value (None, or a float NaN: how JSONL/Parquet/`datasets` give a null of a
+    number column), an empty or whitespace-only string, or an empty list."""
     if value is None:
         return True
+    if isinstance(value, float):
+        return math.isnan(value)
     if isinstance(value, str):
         return not value.strip()
     if isinstance(value, (list, tuple)):
@@ -55,27 +58,75 @@ def _is_empty(value) -> bool:
     return False
 
 
+# Missing values written out as text by the tool that made the file (`str(float("nan"))`,
+# `str(None)`, pandas' `astype(str)`, a JSON null printed): the readers never turn a missing
+# cell into these (CSV cells are read as text, an empty cell as ""), so they are labels someone
+# wrote, and nearly always missing ones. "NA" is not among them: it is a real label often enough.
+NULL_SPELLINGS = ("nan", "none", "null")
+
+
 def skip_empty_rows(task, rows: list[dict], *, source: str, warn=warn) -> list[dict]:
-    """``rows`` without those whose text (classification), response (sft) or word list (token
-    classification) is empty, whitespace-only or missing, with one warning line counting them;
-    a DataError when no row is left."""
-    key = {"classification": "text_column", "sft": "response_column"}.get(
-        task.type, "tokens_column"
+    """``rows`` without those whose text (classification), prompt or response (sft) or word
+    list (token classification) is empty, whitespace-only or missing, with one warning line per
+    column counting them; a DataError when no row is left."""
+    keys = {"classification": ["text_column"], "sft": ["response_column", "prompt_column"]}.get(
+        task.type, ["tokens_column"]
     )
-    column = getattr(task, key)
-    kept = [r for r in rows if not _is_empty(r.get(column))]
-    skipped = len(rows) - len(kept)
-    if skipped and not kept:
-        raise DataError(
-            f"all {len(rows):,} rows of {source} have an empty `{column}`; set `task.{key}` to "
-            "the column that holds it, or fix the data"
+    for key in keys:
+        column = getattr(task, key)
+        kept = [r for r in rows if not _is_empty(r.get(column))]
+        skipped = len(rows) - len(kept)
+        if skipped and not kept:
+            raise DataError(
+                f"all {len(rows):,} rows of {source} have an empty `{column}`; set `task.{key}` "
+                "to the column that holds it, or fix the data"
+            )
+        if skipped:
+            warn(
+                f"warning: {skipped:,} of {len(rows):,} rows of {source} have an empty "
+                f"`{column}` (empty, whitespace or null); they are skipped"
+            )
+        rows = kept
+    return rows
+
+
+def check_labels(task, rows: list[dict], *, source: str) -> None:
+    """A DataError counting the rows whose label (classification) or one of whose tags (token
+    classification) is empty, whitespace-only or missing; and, when ``task.labels`` does not
+    declare the label set, those whose label is a missing value spelled as text ('NaN',
+    'None', 'null'). A model would learn them as classes of their own."""
+    if task.type == "classification":
+        column = task.label_column
+        empty = sum(_is_empty(r.get(column)) for r in rows)
+        if empty:
+            raise DataError(
+                f"{empty:,} of {len(rows):,} rows of {source} have an empty label in `{column}` "
+                "(empty, whitespace or null); drop those rows or give them their label"
+            )
+        if task.labels is None:
+            spelled = [
+                r[column]
+                for r in rows
+                if isinstance(r.get(column), str) and r[column].strip().lower() in NULL_SPELLINGS
+            ]
+            if spelled:
+                raise DataError(
+                    f"{len(spelled):,} of {len(rows):,} rows of {source} have the label "
+                    f"{spelled[0]!r} in `{column}`, a missing value written as text; drop those "
+                    f"rows, or set `task.labels` to the label set (with {spelled[0]!r}) if it is "
+                    "a real label"
+                )
+    elif task.type == "token_classification":
+        column = task.tags_column
+        empty = sum(
+            isinstance(r.get(column), list) and any(_is_empty(t) for t in r[column]) for r in rows
         )
-    if skipped:
-        warn(
-            f"warning: {skipped:,} of {len(rows):,} rows of {source} have an empty `{column}` "
-            "(empty, whitespace or null); they are skipped"
-        )
-    return kept
+        if empty:
+            raise DataError(
+                f"{empty:,} of {len(rows):,} rows of {source} have an empty tag in `{column}` "
+                "(empty, whitespace or null); drop those rows or tag every word ('O' outside "
+                "an entity)"
+            )
 
 
 def read_rows(task, source: str, *, split: str) -> list[dict]:
@@ -88,7 +139,9 @@ def read_rows(task, source: str, *, split: str) -> list[dict]:
         warn=warn,
     )
     require_columns(rows, *columns_of(task), source=source)
-    return skip_empty_rows(task, rows, source=source)
+    rows = skip_empty_rows(task, rows, source=source)
+    check_labels(task, rows, source=source)
+    return rows
 
 
 def require_columns(rows: list[dict], columns: list[str], keys: list[str], *, source: str) -> None:
@@ -267,6 +320,7 @@ def tokenize(
     ids: list[int] = []
     require_columns(rows, *columns_of(task), source=source)
     rows = skip_empty_rows(task, rows, source=source)
+    check_labels(task, rows, source=source)
     if task.type == "classification":
         values = [r[task.label_column] for r in rows]
         labels = labels or label_set(values)

@@ -813,6 +813,58 @@ def test_sft_example_masks_the_prompt(tiny_data):
     assert len(packed) == 3 and packed[0][0] == ids + ids
 
 
+def test_empty_labels_tags_and_prompts(tmp_path):
+    """Empty or missing labels and tags are refused in one line that counts them (also as a
+    JSONL null or NaN); a missing value spelled as a label ('NaN') unless task.labels declares
+    it; an sft row with an empty prompt is skipped with a warning, like one with an empty
+    response."""
+    from lmforge.finetune.config import TaskConfig
+    from lmforge.finetune.data import check_labels, read_rows, skip_empty_rows
+    from lmforge.pretrain.core.errors import ConfigurationError, DataError
+
+    csv_path = tmp_path / "t.csv"
+    csv_path.write_text("text,label\na,fresh\nb,\nc,NaN\nd,rotten\ne,  \n")
+    with pytest.raises(DataError) as exc:
+        read_rows(TaskConfig(train=str(csv_path)), str(csv_path), split="train")
+    assert str(exc.value) == (
+        f"2 of 5 rows of {csv_path} have an empty label in `label` (empty, whitespace or null); "
+        "drop those rows or give them their label"
+    )
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_text('{"text": "a", "label": 1}\n{"text": "b", "label": NaN}\n')
+    with pytest.raises(DataError, match=r"^1 of 2 rows of .* have an empty label"):
+        read_rows(TaskConfig(train=str(jsonl)), str(jsonl), split="train")
+
+    spelled = [{"text": "a", "label": "fresh"}, {"text": "b", "label": "NaN"}]
+    with pytest.raises(DataError) as exc:
+        check_labels(TaskConfig(train="t"), spelled, source="t")
+    assert str(exc.value) == (
+        "1 of 2 rows of t have the label 'NaN' in `label`, a missing value written as text; "
+        "drop those rows, or set `task.labels` to the label set (with 'NaN') if it is a real label"
+    )
+    check_labels(TaskConfig(train="t", labels=["fresh", "NaN"]), spelled, source="t")
+    with pytest.raises(ConfigurationError, match=r"`task.labels` has an empty label"):
+        TaskConfig(train="t", labels=["fresh", " "])
+
+    ner = TaskConfig(type="token_classification", train="n")
+    tags = [{"tokens": ["a", "b"], "tags": t} for t in (["O", "B-X"], ["O", ""], [None, "O"])]
+    with pytest.raises(DataError) as exc:
+        check_labels(ner, tags, source="n")
+    assert str(exc.value) == (
+        "2 of 3 rows of n have an empty tag in `tags` (empty, whitespace or null); drop those "
+        "rows or tag every word ('O' outside an entity)"
+    )
+
+    sft = TaskConfig(type="sft", train="s")
+    pairs = [{"prompt": p, "response": "r"} for p in ("hi", "", " ", None, "yo")]
+    said: list[str] = []
+    assert len(skip_empty_rows(sft, pairs, source="s", warn=said.append)) == 2
+    assert said == [
+        "warning: 3 of 5 rows of s have an empty `prompt` (empty, whitespace or null); "
+        "they are skipped"
+    ]
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: one line, non-zero exit, nothing written
 # --------------------------------------------------------------------------------------------
