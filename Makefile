@@ -6,6 +6,11 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
+# torchao for the float8 test (tests/test_fastpaths.py), in .venv/float8 rather than the venv's
+# site-packages: importable everywhere, peft and transformers load it in every process and print
+# its kernel-loading warnings on every command's stderr. `train.precision=fp8` users install the
+# extra lmforge[fp8] instead.
+TORCHAO ?= torchao==0.18.0
 export LMFORGE_CACHE ?= $(CURDIR)/.cache/lmforge
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export HF_HOME ?= $(CURDIR)/.cache/hf
@@ -17,10 +22,11 @@ export TOKENIZERS_PARALLELISM ?= false
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[deepspeed,dev,data]'
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/float8 $(TORCHAO)
 	@touch $(STAMP)
 
 demo: $(STAMP)
