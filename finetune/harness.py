@@ -160,6 +160,8 @@ def run_lm_eval(
         if export_dir is None:
             from lmforge.finetune.export import export
 
+            # private (mkdtemp's 0700) on purpose: an export only the harness reads, removed
+            # when it is done
             tmp = tempfile.mkdtemp(prefix=".lm-eval-", dir=os.path.dirname(results_path))
             model_dir = export(path, out=os.path.join(tmp, "model"), dtype=dtype)
         else:

@@ -8,6 +8,11 @@ Checkpoint manifests need the sha256 of every file. Files written from bytes in 
 hashed from those bytes while they are written (``write_durable_hashed``), streams written by
 others are hashed as the bytes pass through them (``HashingWriter``), and what is left is read
 back on several threads at once (``sha256_files``): hashlib releases the GIL on large buffers.
+
+What lmforge writes for people to use (runs, checkpoints, prepared data, exports, plans...) gets
+the modes the user's umask gives any new file or directory. Temp directories and files from
+``tempfile`` are private (0700/0600) whatever the umask, so a writer that renames one into place
+widens it first with ``share``/``share_tree`` (``atomic_directory`` does it for its callers).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +30,67 @@ from lmforge.pretrain.core.faults import fault_point
 
 # The sha256 (hex) and size of files, by path relative to the directory they were written in.
 Digests = dict[str, tuple[str, int]]
+
+
+# --- the modes of new files ----------------------------------------------------------------------
+
+_PROC_STATUS = "/proc/self/status"
+
+
+def _proc_umask() -> int | None:
+    """The umask as Linux (4.7+) reports it in /proc/self/status, or None where it does not."""
+    try:
+        with open(_PROC_STATUS) as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _swap_umask() -> int:
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+# The only way to read the umask portably is to set it and set it back, and a file another thread
+# creates between the two gets the wrong mode. So where /proc cannot tell it (macOS, old Linux),
+# it is read that way once, here at import, when lmforge has started no thread yet; where /proc
+# can, it is read there on every call, so a umask the program changes later is respected.
+_IMPORT_UMASK: int | None = None if _proc_umask() is not None else _swap_umask()
+
+
+def umask() -> int:
+    """This process's umask, read without changing it."""
+    if _IMPORT_UMASK is not None:
+        return _IMPORT_UMASK
+    mask = _proc_umask()
+    return _swap_umask() if mask is None else mask  # /proc gone since import: cannot happen
+
+
+def share(path: str | os.PathLike) -> None:
+    """Give ``path``, a directory or file this process just made, the mode a new one gets under
+    the umask (0o777 or 0o666, less the umask; a file the owner may execute keeps execute):
+    for temp directories and files, which ``tempfile`` makes private whatever the umask, before
+    they are renamed to where people read them."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):  # chmod would follow it to somewhere this process did not make
+        return
+    full = 0o777 if stat.S_ISDIR(mode) or mode & stat.S_IXUSR else 0o666
+    want = full & ~umask()
+    if stat.S_IMODE(mode) != want:
+        os.chmod(path, want)
+
+
+def share_tree(root: str | os.PathLike) -> None:
+    """``share`` ``root`` and everything under it (libraries that write through temp files of
+    their own, such as safetensors' ``save_file``, leave private files behind)."""
+    share(root)
+    for where, dirs, files in os.walk(root):
+        for name in dirs + files:
+            share(os.path.join(where, name))
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -219,6 +286,7 @@ def atomic_directory(out: str, *, prefix: str, replace: bool = False):
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp
+        share_tree(tmp)  # mkdtemp's 0700, and private files libraries wrote into it
         for root, _, names in os.walk(tmp):
             for name in names:
                 with open(os.path.join(root, name), "rb") as f:
@@ -226,6 +294,7 @@ def atomic_directory(out: str, *, prefix: str, replace: bool = False):
             fsync_dir(root)
         old = None
         if os.path.isdir(out) and replace:
+            # private is right here: it only holds the replaced ``out`` until it is removed
             old = tempfile.mkdtemp(prefix=prefix + "old.", dir=parent)
             os.rename(out, os.path.join(old, "out"))
         elif os.path.isdir(out):

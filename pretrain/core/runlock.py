@@ -114,7 +114,8 @@ def _try_lock(run_dir: str) -> RunLock | dict:
         created = created or missing
         # O_CLOEXEC (Python's default too): a worker never inherits the launcher's hold.
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # 0o666: the umask decides, as for every file lmforge writes
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except FileNotFoundError:  # a holder that made the directory removed it as it ended
             continue
         try:

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from lmforge.pretrain.config.schema import ModelConfig
+from lmforge.pretrain.core.durable import share
 from lmforge.pretrain.core.errors import ConfigurationError
 
 # --------------------------------------------------------------------------------------------
@@ -294,6 +295,7 @@ def _write_cache(path: Path, cache: dict) -> None:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".peak_flops.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(cache, f, indent=1, sort_keys=True)
+        share(tmp)  # mkstemp makes it 0600; the cache gets the umask's mode like any file
         os.replace(tmp, path)
     except OSError:  # a read-only cache only costs the next run another probe
         if tmp is not None:

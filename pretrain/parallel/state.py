@@ -258,7 +258,7 @@ def load_deepspeed_state(strategy, directory: str, *, model, optimizer) -> None:
     )
 
     ds_dir = os.path.join(directory, "deepspeed")
-    tmp = tempfile.mkdtemp(prefix="lmforge-universal-")
+    tmp = tempfile.mkdtemp(prefix="lmforge-universal-")  # private: removed once loaded
     try:
         args = argparse.Namespace(
             input_folder=ds_dir,

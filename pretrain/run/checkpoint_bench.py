@@ -137,6 +137,7 @@ def _bench_model(preset: str, strategy, place: str) -> dict:
 
     model, optimizer = _trained(preset, strategy)
     params = sum(p.numel() for p in model.parameters())
+    # private (mkdtemp's 0700) on purpose: scratch that is removed when the benchmark ends
     work = tempfile.mkdtemp(prefix=".lmforge-ckpt-bench-", dir=place)
     try:
         root = os.path.join(work, "checkpoints")
