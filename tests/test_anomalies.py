@@ -237,6 +237,8 @@ def test_the_keys_are_checked_and_documented():
         ("train.on_anomaly=retry", "train.on_anomaly"),
         ("train.spike_factor=0.5", "train.spike_factor"),
         ("train.max_rollbacks=0", "train.max_rollbacks"),
+        ("train.max_skipped_fraction=1.5", "train.max_skipped_fraction"),
+        ("train.max_skipped_fraction=-0.1", "train.max_skipped_fraction"),
         ("train.rollback_lr_factor=0", "train.rollback_lr_factor"),
         ("parallel.timeout_s=0", "parallel.timeout_s"),
     ]:
@@ -255,6 +257,7 @@ def test_the_keys_are_checked_and_documented():
         "train.spike_factor = 0.0",
         "train.spike_warmup = 10",
         "train.max_consecutive_skips = 10",
+        "train.max_skipped_fraction = 0.1  # on_anomaly=skip: a run that ends with more",
         "train.max_rollbacks = 3",
         "train.rollback_lr_factor = 1.0",
         "parallel.timeout_s = 1800.0  # Seconds a collective waits",
@@ -290,6 +293,7 @@ def _skip_on_two_ranks(rank, world, data, runs):
             "name=skip",
             "train.max_steps=5",
             "train.on_anomaly=skip",
+            "train.max_skipped_fraction=0.5",  # 1 of 5 steps
             "checkpoint.interval=0",
             *RUN,
         ],
@@ -347,6 +351,35 @@ def test_stop_is_todays_behaviour(tiny_data, tmp_path, saves):
         "train.precision=fp32, then rerun with resume=auto"
     ]
     assert latest_checkpoint(run_dir) == "step_00000002"
+
+
+def test_a_run_that_skipped_too_many_steps_fails(tiny_data, tmp_path):
+    """on_anomaly=skip: the last line counts the skipped steps; past train.max_skipped_fraction
+    (1 of 6 steps > 0.1) the run ends with exit 3 and one line instead of `done`."""
+    runs = str(tmp_path)
+    proc = _run(tiny_data, runs, "many", "train.on_anomaly=skip", fault="loss@3+scale=nan")
+    assert proc.returncode == 3, proc.stderr[-3000:]
+    run_dir = os.path.join(runs, "many")
+    assert _error_lines(proc) == [
+        "error: 1 of 6 steps were skipped (train.on_anomaly=skip), more than "
+        "train.max_skipped_fraction=0.1 of them: the model learned from 5; the checkpoint "
+        f"{run_dir}/checkpoints/step_00000006 and {run_dir}/metrics.jsonl are kept. Lower "
+        "optim.lr, raise optim.warmup_steps or use train.precision=fp32 and rerun, or raise "
+        "train.max_skipped_fraction"
+    ]
+    assert not any(ln.startswith("done:") for ln in proc.stdout.splitlines())
+
+    proc = _run(
+        tiny_data,
+        runs,
+        "some",
+        "train.on_anomaly=skip",
+        "train.max_skipped_fraction=0.2",
+        fault="loss@3+scale=nan",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("done: step 6, ") and ", 1 of 6 steps skipped; checkpoint " in last
 
 
 def test_rollback_through_real_checkpoints(tiny_data, tmp_path):

@@ -189,6 +189,30 @@ def test_corrupt_checkpoint_files_are_one_line(ref_copy, capsys, damage, resigne
     assert str(err.value).endswith(f"resume={os.path.join(root, 'step_00000012')}")
 
 
+def test_resume_auto_warning_names_the_checkpoint_it_falls_back_to(tmp_path, capsys):
+    """The newest checkpoint fails its sums: one warning line per skipped checkpoint, naming
+    what failed and the checkpoint resume=auto falls back to, said once."""
+    root = str(tmp_path)
+    for step in (2, 4):
+        ckpt = os.path.join(root, f"step_{step:08d}")
+        os.makedirs(ckpt)
+        with open(os.path.join(ckpt, "model.bin"), "wb") as f:
+            f.write(b"weights")
+        files = {"model.bin": {"sha256": sha256_file(os.path.join(ckpt, "model.bin")), "bytes": 7}}
+        with open(os.path.join(ckpt, "manifest.json"), "w") as f:
+            json.dump({"format_version": 1, "files": files}, f)
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write("step_00000004")
+    newest, before = os.path.join(root, "step_00000004"), os.path.join(root, "step_00000002")
+    _flip_last_byte(os.path.join(newest, "model.bin"))
+    assert resume_point(root) == before
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"warning: checkpoint file {newest}/model.bin does not match its ")
+    assert lines[0].endswith(f": it is corrupt; resume=auto falls back to {before}"), lines[0]
+    assert lines[0].count("earlier") == 0 and lines[0].count("falls back") == 1
+
+
 def _flip_middle_byte(path: str) -> None:
     with open(path, "r+b") as f:
         f.seek(os.path.getsize(path) // 2)

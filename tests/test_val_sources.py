@@ -195,3 +195,25 @@ def test_extra_val_bad_input(tiny_data, tmp_path):
     same = [str(tmp_path / "a" / "x.txt"), str(tmp_path / "b" / "x.txt")]
     with pytest.raises(DataError, match="two files are named 'x'"):
         tokenize_extra_val(same, tokenizer_path=tok, add_bos=False, dtype="uint16")
+
+
+def test_eval_samples_past_the_split_says_so_once(tiny_data, tmp_path):
+    """train.eval_samples larger than the validation split: one line (rank 0, once per run)
+    with the windows the split holds; every evaluation uses those."""
+    held = len(TokenWindows(data_dir=tiny_data, split="val", seq_len=SEQ))
+    proc = lmforge(
+        "pretrain",
+        f"data.path={tiny_data}",
+        f"runs_dir={tmp_path}",
+        "name=few",
+        *TINY,
+        "train.max_steps=1",  # one evaluation, at the end
+        "train.eval_samples=100000",
+        "logging.plot=false",
+    )
+    note = (
+        f"note: the validation split of {tiny_data} holds {held} windows of "
+        f"train.seq_len={SEQ}, fewer than train.eval_samples=100000: evaluation uses those "
+        f"{held}; set train.eval_samples={held}, or raise val_fraction in prepare for more"
+    )
+    assert proc.stdout.splitlines().count(note) == 1, proc.stdout[-3000:]

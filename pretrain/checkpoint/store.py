@@ -705,10 +705,24 @@ def resume_point(root: str) -> str | None:
     """``resume=auto``: the checkpoint ``latest`` names when it verifies; otherwise (a corrupt
     or missing one, or a broken ``latest``) warn, naming what failed, and fall back to the
     newest checkpoint that verifies. None when the run has no checkpoint."""
+    skipped: list[str] = []  # what failed, told once the checkpoint to fall back to is known
+    found = None
+    try:
+        found = _resume_point(root, skipped.append)
+    finally:
+        for message in skipped:
+            # the message's own fix ("use an earlier checkpoint") is what happens here
+            fallback = f"; resume=auto falls back to {found}" if found else ""
+            pdist.print0(f"warning: {_EARLIER_FIX.sub('', message)}{fallback}")
+    return found
 
-    def warn(message: str) -> None:
-        pdist.print0(f"warning: {message}; falling back to an earlier checkpoint")
 
+# the fix that ends a checkpoint's error for an explicit resume=, dropped from resume=auto's
+# warning, which names the checkpoint it falls back to instead
+_EARLIER_FIX = re.compile(r"; (use an earlier|resume from an(other| earlier)|pass resume=)[^;]*$")
+
+
+def _resume_point(root: str, warn) -> str | None:
     latest, broken = None, False
     try:
         latest = latest_checkpoint(root)

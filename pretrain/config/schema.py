@@ -309,6 +309,10 @@ class LoopConfig:
     max_consecutive_skips: int = 10
     """on_anomaly=skip: this many skipped steps in a row end the run as `stop` does (every step
     failing is not a bad batch)."""
+    max_skipped_fraction: float = 0.1
+    """on_anomaly=skip: a run that ends with more than this share of its steps skipped exits 3
+    (it learned from too few steps) instead of 0; the last line says how many were skipped.
+    1 = never."""
     max_rollbacks: int = 3
     """on_anomaly=rollback: the most rollbacks of a run (kept across resumes); an anomaly after
     the last one ends the run as `stop` does."""
@@ -333,6 +337,11 @@ class LoopConfig:
         for name in ("spike_warmup", "max_consecutive_skips", "max_rollbacks"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"`train.{name}` must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.max_skipped_fraction <= 1:
+            raise ConfigurationError(
+                "`train.max_skipped_fraction` must be in [0, 1] (a share of the steps, e.g. 0.1), "
+                f"got {self.max_skipped_fraction}"
+            )
         if not 0 < self.rollback_lr_factor <= 1:
             raise ConfigurationError(
                 f"`train.rollback_lr_factor` must be in (0, 1], got {self.rollback_lr_factor}"

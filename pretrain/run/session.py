@@ -56,7 +56,7 @@ from lmforge.pretrain.checkpoint.store import (
 from lmforge.pretrain.config.layout import Layout, launched_world_size
 from lmforge.pretrain.config.schema import RunConfig, to_container, to_yaml
 from lmforge.pretrain.core import dist as pdist
-from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
+from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError, TrainingError
 from lmforge.pretrain.core.faults import fault_point
 from lmforge.pretrain.core.runlock import rank_lock
 from lmforge.pretrain.data.batches import Samples, TrainBatches, eval_batches
@@ -224,8 +224,29 @@ def open_run_dir(
     return dropped
 
 
+def skipped_share_error(trainer: Trainer, *, run_dir: str) -> str | None:
+    """The one-line failure of a run that skipped more than ``train.max_skipped_fraction`` of
+    its steps (``train.on_anomaly=skip``): it learned from too few of them to end as done."""
+    skipped, steps = trainer.state.skipped_steps, trainer.state.step
+    limit = trainer.anomaly.max_skipped_fraction
+    if not steps or skipped / steps <= limit:
+        return None
+    ckpt = trainer.last_checkpoint
+    kept = f"the checkpoint {ckpt} and " if ckpt else ""
+    return (
+        f"{skipped} of {steps} steps were skipped (train.on_anomaly=skip), more than "
+        f"train.max_skipped_fraction={limit:g} of them: the model learned from "
+        f"{steps - skipped}; {kept}{run_dir}/metrics.jsonl are kept. Lower optim.lr, raise optim.warmup_steps or use train.precision=fp32 and "
+        "rerun, or raise train.max_skipped_fraction"
+    )
+
+
 def finish_message(trainer: Trainer, stopper: GracefulStop, *, done: bool, run_dir: str) -> None:
-    """The last line of a training command: stopped by a signal (resume hint) or done."""
+    """The last line of a training command: stopped by a signal (resume hint) or done (with the
+    steps skipped, if any; a run that skipped too many ends with run_session's error instead)."""
+    skipped = trainer.state.skipped_steps
+    if done and skipped_share_error(trainer, run_dir=run_dir):
+        return
     if stopper.signal and not done:
         pdist.print0(
             f"stopped by {signal.Signals(stopper.signal).name} after step {trainer.state.step} "
@@ -237,6 +258,7 @@ def finish_message(trainer: Trainer, stopper: GracefulStop, *, done: bool, run_d
             f"done: step {trainer.state.step}, {trainer.state.tokens:,} tokens, "
             f"{trainer.state.flops:.3e} FLOPs"
             + (f", val_loss {ev['val_loss']:.4f}" if ev else "")
+            + (f", {skipped} of {trainer.state.step} steps skipped" if skipped else "")
             + f"; checkpoint {trainer.last_checkpoint}; metrics {run_dir}/metrics.jsonl"
         )
 
@@ -627,6 +649,9 @@ class RunSession:
             "checkpoint": trainer.last_checkpoint,
             "trainer": trainer,
             "exit_code": stopper.exit_code(done=done),
+            "skipped_steps": trainer.state.skipped_steps,
+            # set when the run skipped too many steps: run_session raises it (exit 3)
+            "failure": skipped_share_error(trainer, run_dir=cfg.run_dir) if done else None,
         }
         if strategy.is_main and cfg.logging.plot:
             result["plot"] = plot_loss_vs_flops(
@@ -641,7 +666,8 @@ class RunSession:
 
 def run_session(work: Workload, *, callbacks: Iterable[Callback] = ()) -> dict:
     """Run ``work`` on this rank (every rank calls this); return the final rows and the exit
-    code (0 when done; 128 + the signal when SIGUSR1/SIGTERM stopped it after a save)."""
+    code (0 when done; 128 + the signal when SIGUSR1/SIGTERM stopped it after a save), or raise
+    TrainingError (exit 3) for a run that skipped more than train.max_skipped_fraction."""
     cfg = work.cfg
     plan = work.preflight(
         world_size=launched_world_size(),
@@ -655,4 +681,6 @@ def run_session(work: Workload, *, callbacks: Iterable[Callback] = ()) -> dict:
         result = RunSession(work, strategy, plan, callbacks=callbacks).run()
     # Only on success: after an error on one rank a barrier could wait forever.
     strategy.close()
+    if result["failure"]:  # every rank alike (the skips were decided alike)
+        raise TrainingError(result["failure"])
     return result

@@ -131,6 +131,7 @@ class AnomalyPolicy:
     spike_factor: float = 0.0  # 0: no spike detection
     spike_warmup: int = 10
     max_consecutive_skips: int = 10
+    max_skipped_fraction: float = 1.0  # a done run past this share of skipped steps fails
     max_rollbacks: int = 3
     rollback_lr_factor: float = 1.0
 
@@ -142,6 +143,7 @@ class AnomalyPolicy:
             spike_factor=cfg.spike_factor,
             spike_warmup=cfg.spike_warmup,
             max_consecutive_skips=cfg.max_consecutive_skips,
+            max_skipped_fraction=cfg.max_skipped_fraction,
             max_rollbacks=cfg.max_rollbacks,
             rollback_lr_factor=cfg.rollback_lr_factor,
         )
