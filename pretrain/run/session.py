@@ -236,16 +236,20 @@ def skipped_share_error(trainer: Trainer, *, run_dir: str) -> str | None:
     return (
         f"{skipped} of {steps} steps were skipped (train.on_anomaly=skip), more than "
         f"train.max_skipped_fraction={limit:g} of them: the model learned from "
-        f"{steps - skipped}; {kept}{run_dir}/metrics.jsonl are kept. Lower optim.lr, raise optim.warmup_steps or use train.precision=fp32 and "
-        "rerun, or raise train.max_skipped_fraction"
+        f"{steps - skipped}; {kept}{run_dir}/metrics.jsonl are kept. Lower optim.lr, raise "
+        "optim.warmup_steps or use train.precision=fp32 and rerun, or raise "
+        "train.max_skipped_fraction"
     )
 
 
-def finish_message(trainer: Trainer, stopper: GracefulStop, *, done: bool, run_dir: str) -> None:
+def finish_message(
+    trainer: Trainer, stopper: GracefulStop, *, done: bool, run_dir: str, failed: bool = False
+) -> None:
     """The last line of a training command: stopped by a signal (resume hint) or done (with the
-    steps skipped, if any; a run that skipped too many ends with run_session's error instead)."""
+    steps skipped, if any). None when the run ``failed`` (it skipped too many steps): its last
+    line is run_session's error."""
     skipped = trainer.state.skipped_steps
-    if done and skipped_share_error(trainer, run_dir=run_dir):
+    if failed:
         return
     if stopper.signal and not done:
         pdist.print0(
@@ -649,7 +653,6 @@ class RunSession:
             "checkpoint": trainer.last_checkpoint,
             "trainer": trainer,
             "exit_code": stopper.exit_code(done=done),
-            "skipped_steps": trainer.state.skipped_steps,
             # set when the run skipped too many steps: run_session raises it (exit 3)
             "failure": skipped_share_error(trainer, run_dir=cfg.run_dir) if done else None,
         }
@@ -659,7 +662,9 @@ class RunSession:
                 out_path=os.path.join(cfg.run_dir, "loss_vs_flops.png"),
                 title=f"{cfg.name}: loss vs compute",
             )
-        finish_message(trainer, stopper, done=done, run_dir=cfg.run_dir)
+        finish_message(
+            trainer, stopper, done=done, run_dir=cfg.run_dir, failed=bool(result["failure"])
+        )
         work.on_finish(self, result)
         return result
 
