@@ -160,6 +160,26 @@ class Finetuning(Workload):
     def eval_samples(self) -> int:
         return self.cfg.train.eval_samples or len(self.data.val)
 
+    def val_samples_held(self) -> tuple[str, str, str]:
+        task = self.cfg.task
+        if task.val:
+            return f"task.val={task.val}", "examples", "give task.val more examples"
+        return (
+            f"the held-out share of {task.train} (task.val_fraction={task.val_fraction:g})",
+            "examples",
+            "raise task.val_fraction, or give task.val",
+        )
+
+    def dry_run_lines(self) -> list[str]:
+        t, n = self.cfg.train, len(self.data.train)
+        steps = self.total_steps()
+        return [
+            f"data: {n:,} train / {len(self.data.val):,} val examples"
+            + (f", {len(self.data.labels)} labels" if self.data.n_out else ""),
+            f"{steps:,} optimizer steps of {t.global_batch_size} examples = "
+            f"{steps * t.global_batch_size / n:.2f} epochs over {n:,} train examples",
+        ]
+
     def check_resume(self, ckpt: str, saved_cfg: dict) -> None:
         cfg = self.cfg
         if not isinstance(saved_cfg.get("task"), dict):

@@ -33,7 +33,12 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from lmforge.launcher.commands import TRAINING_COMMANDS, load_command_config
+from lmforge.launcher.commands import (
+    TRAINING_COMMANDS,
+    check_no_nproc,
+    check_start,
+    load_command_config,
+)
 from lmforge.pretrain.core.errors import ConfigurationError, LMForgeError
 from lmforge.pretrain.core.signals import PENDING_ENV
 
@@ -367,6 +372,45 @@ def run_dir_of(command: list[str]) -> str | None:
     return load_command_config(command[0], [a.replace(INDEX, "0") for a in command[1:]]).run_dir
 
 
+def find_sbatch() -> str:
+    sbatch = shutil.which("sbatch")
+    if sbatch is None:
+        raise ConfigurationError(
+            "sbatch not found: run `lmforge submit` on a SLURM login node (or add --dry-run to "
+            "see the script)"
+        )
+    return sbatch
+
+
+def check_job_start(profile: SlurmProfile, command: list[str]) -> None:
+    """What can be checked here of a training job before it is submitted: everything its start
+    checks (`launcher.commands.check_start`: config, run directory, data, base model, tokenizer,
+    layout for the profile's world size, resume target) but the memory and the precision on
+    the devices of its nodes, which this host may not have. Array indices are checked as 0."""
+    if not command or command[0] not in TRAINING_COMMANDS:
+        return
+    check_no_nproc(
+        command,
+        launcher="submit",
+        option="the profile's `nproc_per_node`",
+        usage="lmforge submit nproc_per_node=N -- {command} ...",
+    )
+    args = [a.replace(INDEX, "0") for a in command_with_resume(command)[1:]]
+    world = profile.nodes * profile.procs
+    from lmforge.pretrain.core.safeload import TRUST_ENV  # (torch: not for --help)
+
+    before = os.environ.get(TRUST_ENV)
+    if "--trust-checkpoint" in command:  # read here as the job will read it
+        os.environ[TRUST_ENV] = "1"
+    try:
+        check_start(command[0], args, world_size=world, local_ranks=profile.procs, on_host=False)
+    finally:
+        if before is None:
+            os.environ.pop(TRUST_ENV, None)
+        else:
+            os.environ[TRUST_ENV] = before
+
+
 def submit(
     profile: SlurmProfile,
     *,
@@ -419,12 +463,7 @@ def submit(
     if dry_run:
         _print_script(script)
         return ""
-    sbatch = shutil.which("sbatch")
-    if sbatch is None:
-        raise ConfigurationError(
-            "sbatch not found: run `lmforge submit` on a SLURM login node (or add --dry-run to "
-            "see the script)"
-        )
+    sbatch = find_sbatch()
     os.makedirs(base, exist_ok=True)
     path = os.path.join(base, f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{time.time_ns()}.sbatch")
     with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
@@ -454,11 +493,14 @@ def submit_chain(
     command: list[str],
     dependency=None,
     commands: Collection[str] = (),
+    preflight: bool = True,
     **kwargs,
 ) -> list:
     """``A ::: B ::: C``: one job per stage, each starting only after the previous one
     succeeded (afterok); a failing stage cancels the stages after it. Returns the job ids.
-    ``commands``: the lmforge commands a stage may run (the CLI's), checked before submitting."""
+    ``commands``: the lmforge commands a stage may run (the CLI's), checked before submitting;
+    the first stage's start is checked here too (``check_job_start``) unless not ``preflight``,
+    the later ones' configs only (their inputs may be what the stages before them make)."""
     if not command:
         raise ConfigurationError(
             "lmforge submit needs a command after `--`, e.g. "
@@ -472,7 +514,9 @@ def submit_chain(
             stages[-1].append(arg)
     if any(not stage for stage in stages):
         raise ConfigurationError(f"an empty stage in `{' '.join(command)}`: A ::: B ::: C")
-    for stage in stages:  # check every stage's config before submitting any
+    if not kwargs.get("dry_run"):
+        find_sbatch()  # before checking what could not be submitted anyway
+    for i, stage in enumerate(stages):  # check every stage before submitting any
         if stage[0] in ("submit", "launch"):
             raise ConfigurationError(f"`{stage[0]}` is not a stage")
         if commands and stage[0] not in commands:
@@ -480,7 +524,10 @@ def submit_chain(
                 f"`{stage[0]}` is not an lmforge command; a stage is one of: "
                 f"{', '.join(sorted(set(commands) - {'submit', 'launch'}))}"
             )
-        run_dir_of(stage)
+        if i == 0 and preflight:
+            check_job_start(profile, stage)
+        else:
+            run_dir_of(stage)
     jobs: list[str] = []
     for stage in stages:
         after = f"afterok:{jobs[-1]}" if jobs else dependency

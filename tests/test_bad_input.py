@@ -215,6 +215,7 @@ CASES = [
     case("pretrain/pipeline-does-not-divide-nproc", [*PRETRAIN, "parallel.pipeline_parallel=2", "--nproc", "3"], "world_size must be a multiple of tensor_parallel*pipeline_parallel=2", out=RUNS),
     case("pretrain/nproc-zero", [*PRETRAIN, "--nproc", "0"], "--nproc 0: give at least one process", out=RUNS),
     case("pretrain/nproc-not-a-number", [*PRETRAIN, "--nproc", "two"], "argument --nproc: invalid int value: 'two'", out=RUNS),
+    case("pretrain/memory-does-not-fit", [*PRETRAIN, "model.n_layer=64", "model.d_model=8192", "model.n_head=64"], "(or parallel.check_memory=false to try anyway)", out=RUNS),
     case("pretrain/data-missing", [*PRETRAIN, "data.path={tmp}/none"], "no prepared data at {tmp}/none", out=RUNS),
     case("pretrain/data-is-a-file", [*PRETRAIN, "data.path={tmp}/f.txt"], "no prepared data at {tmp}/f.txt", files={"f.txt": "x"}, out=RUNS),
     case("pretrain/data-is-a-run", [*PRETRAIN, "data.path={run}"], "no prepared data at", out=RUNS),
@@ -434,6 +435,34 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def env(tiny_data, tmp_path_factory) -> dict:
+# A bad training command is refused alike by the run, by its --dry-run and through `lmforge
+# submit` (all that the submitting host can check), with the same first line and exit code:
+# the cases left out at submit, and why.
+NOT_AT_SUBMIT = {
+    "pretrain/run-exists": "a job continues its run: submit adds resume=auto",
+    "pretrain/fp8-without-a-float8-gpu": "whether float8 runs is the job's nodes' to say",
+    "pretrain/memory-does-not-fit": "the memory of the job's nodes is checked as the job starts",
+    "pretrain/nproc-zero": "--nproc is the local launcher's flag (a job's: nproc_per_node)",
+    "pretrain/nproc-not-a-number": "--nproc is the local launcher's flag",
+}
+
+
+def _other_starts(id_: str, argv: list[str]) -> dict[str, list[str]]:
+    """``argv`` (a training command) under --dry-run and through `lmforge submit --dry-run`,
+    whose profile gives the processes that ``--nproc`` gives a local run."""
+    if argv[0] not in ("pretrain", "finetune"):
+        return {}
+    starts = {"--dry-run": [*argv, "--dry-run"]}
+    if id_ not in NOT_AT_SUBMIT:
+        job, profile = list(argv), []
+        if "--nproc" in job:
+            i = job.index("--nproc")
+            profile = [f"nproc_per_node={job[i + 1]}"]
+            del job[i : i + 2]
+        starts["submit"] = ["submit", *profile, "--dry-run", "--", *job]
+    return starts
+
+
     """The shared inputs: prepared data, a 2-step tiny run and its checkpoint, a classifier
     finetuned from it for 1 step, and data prepared with another tokenizer."""
     from lmforge.pretrain.config.schema import PrepareConfig, load_config
@@ -541,10 +570,11 @@ def _in_process(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("argv,expect,files,out,proc", CASES)
-def test_bad_input(env, tmp_path, capsys, monkeypatch, argv, expect, files, out, proc):
+def test_bad_input(env, tmp_path, capsys, monkeypatch, request, argv, expect, files, out, proc):
     """Non-zero exit, one error line (at most two lines on stderr) holding ``expect``, no
     traceback, and nothing written: the case's directory holds only what the test put there, the
-    output the command would have written does not exist, the shared inputs are unchanged."""
+    output the command would have written does not exist, the shared inputs are unchanged. A
+    training command's --dry-run and its `lmforge submit` refuse it with the same line."""
     tmp = str(tmp_path / "case")
     os.mkdir(tmp)
     values = {**env, "tmp": tmp}
@@ -579,3 +609,10 @@ def test_bad_input(env, tmp_path, capsys, monkeypatch, argv, expect, files, out,
     finally:
         for u in undo:
             u()
+        monkeypatch.chdir(tmp)
+        for how, other in _other_starts(request.node.callspec.id, argv).items():
+            got = _in_process(other, capsys)
+            assert (got[0], got[2].strip().splitlines()[:1]) == (code, lines[:1]), (
+                f"{how} differs from the run: exit {got[0]} vs {code}\nstderr: {got[2][-2000:]}"
+            )
+            assert _tree(tmp) == before, f"{how} left files behind"

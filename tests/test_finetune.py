@@ -296,8 +296,37 @@ def test_freeze_trunk_class_weights_and_exact_resume(ft_runs, base_run, rt, tmp_
     assert rows[-1]["flops"] / rows[-1]["tokens"] < 0.4 * full["flops"] / full["tokens"]
     args = cls_args(str(tmp_path), "probe", base_run, rt) + extra
     assert lmforge("finetune", *args, env={"LMFORGE_FAULT": "step@7"}, check=False).returncode
-    lmforge("finetune", *args, "resume=auto")
+    # more validation examples asked for than task.val holds: said once, and all 96 are used
+    resumed = lmforge("finetune", *args, "resume=auto", "train.eval_samples=1000").stdout
     assert _rows(os.path.join(tmp_path, "probe")) == rows
+    note = (
+        f"note: task.val={rt['val']} holds 96 examples, fewer than train.eval_samples=1000: "
+        "evaluation uses those 96; set train.eval_samples=96, or give task.val more examples"
+    )
+    assert resumed.splitlines().count(note) == 1, resumed[-3000:]
+
+
+def test_dry_run_says_steps_epochs_and_what_evaluation_uses(base_run, rt, tmp_path):
+    """finetune --dry-run: the optimizer steps and epochs the run will take (epochs rounded up
+    to whole steps), and the note when train.eval_samples asks for more than there is."""
+    n_train = len(_read_csv(rt["train"]))
+    args = cls_args(str(tmp_path), "dry", base_run, rt)
+    out = lmforge(
+        "finetune",
+        *args,
+        "train.max_steps=null",
+        "train.epochs=1.5",
+        "train.eval_samples=1000",
+        "--dry-run",
+    ).stdout
+    steps = math.ceil(1.5 * n_train / 32)
+    assert (
+        f"# {steps:,} optimizer steps of 32 examples = {steps * 32 / n_train:.2f} epochs over "
+        f"{n_train:,} train examples"
+    ) in out.splitlines(), out[-3000:]
+    assert f"# data: {n_train:,} train / 96 val examples, 2 labels" in out.splitlines()
+    assert "# note: task.val=" in out and "fewer than train.eval_samples=1000" in out
+    assert not os.path.exists(tmp_path / "dry")
 
 
 def test_early_stopping_stops_stays_stopped_and_keeps_the_best(base_run, rt, tmp_path):
@@ -910,6 +939,7 @@ def test_submit_places_a_finetune_job_in_its_run(tmp_path):
         "submit",
         "configs/slurm/local.yaml",
         "--dry-run",
+        "--no-preflight",  # (the demo's base run is not there: where the job goes is the point)
         "--",
         "finetune",
         "configs/finetune/demo.yaml",

@@ -179,9 +179,11 @@ def test_chain_runs_in_order_and_a_failure_cancels_the_rest(tiny_data, tmp_path)
     assert os.path.isfile(os.path.join(model, "model.safetensors"))
     status = lmforge("runs", "--runs-dir", runs).stdout  # the helper that lists runs and jobs
     assert re.search(rf"^a\s+14\s.*step_00000014\s+{first}:COMPLETED", status, re.M), status
-    # A stage that fails cancels the stage after it.
+    # A stage that fails cancels the stage after it. (Its missing data would be refused at
+    # submit: --no-preflight leaves that to the job, as for data only the nodes can see.)
     bad, after = submit_chain(
         "configs/slurm/local.yaml",
+        "--no-preflight",
         "--",
         "pretrain",
         *_job_args("/no/such/data", runs, "bad"),

@@ -9,6 +9,7 @@ import os
 from lmforge.launcher.cli.common import COMMANDS, Handler, add_command, check_nproc
 from lmforge.launcher.commands import (
     TRAINING_COMMANDS,
+    check_no_nproc,
     check_run_dir,
     load_command_config,
     workload,
@@ -167,11 +168,12 @@ def _check_command(args: argparse.Namespace) -> None:
         raise ConfigurationError(
             f"`{args.cmd[0]}` is not an lmforge command; run one of {', '.join(COMMANDS)}"
         )
-    if any(a == "--nproc" or a.startswith("--nproc=") for a in args.cmd[1:]):
-        raise ConfigurationError(
-            f"`--nproc` after `{args.cmd[0]}`: with lmforge launch the processes per node are "
-            f"launch's option; write `lmforge launch --nproc N {args.cmd[0]} ...`"
-        )
+    check_no_nproc(
+        args.cmd,
+        launcher="launch",
+        option="launch's option",
+        usage="lmforge launch --nproc N {command} ...",
+    )
 
 
 def _launch(args: argparse.Namespace, argv: list[str]) -> int:

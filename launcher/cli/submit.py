@@ -14,7 +14,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "submit",
         "Submit lmforge commands to SLURM: lmforge submit [PROFILE.yaml] [key=value ...] "
         "[--flags] -- COMMAND ARGS ... [::: COMMAND ARGS ...] (stages after ::: wait for the "
-        "previous one to succeed; the batch script is saved in the run directory).",
+        "previous one to succeed; the batch script is saved in the run directory). A training "
+        "command is checked here as its start will check it (config, run directory, data, base "
+        "model, tokenizer, layout, resume checkpoint; memory on the nodes) before submitting.",
     )
     sp.add_argument("--name", help="job name (default: the run's name, or the command)")
     sp.add_argument("--dependency", help="sbatch dependency, e.g. afterok:1234")
@@ -22,7 +24,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--array", help="job array indices, e.g. 0-7; {index} in the command is the task's index"
     )
     sp.add_argument("--out-dir", help="where the script and log go (default: <run>/slurm)")
-    sp.add_argument("--dry-run", action="store_true", help="print the batch script, submit nothing")
+    sp.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check, print the batch script, submit nothing",
+    )
+    sp.add_argument(
+        "--no-preflight",
+        action="store_true",
+        help="check only the config of a training command here, not its data, base model, "
+        "layout and resume checkpoint (for inputs that exist only on the job's nodes)",
+    )
 
 
 def _submit(args: argparse.Namespace, argv: list[str]) -> int:
@@ -37,6 +49,7 @@ def _submit(args: argparse.Namespace, argv: list[str]) -> int:
         array=args.array,
         out_dir=args.out_dir,
         dry_run=args.dry_run,
+        preflight=not args.no_preflight,
     )
     return 0
 

@@ -7,7 +7,12 @@ import argparse
 import os
 
 from lmforge.launcher.cli.common import Handler, add_command, add_trust_checkpoint, check_nproc
-from lmforge.launcher.commands import check_run_dir, load_command_config, workload
+from lmforge.launcher.commands import (
+    check_run_dir,
+    check_start,
+    load_command_config,
+    workload,
+)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -20,8 +25,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp.add_argument(
         "--dry-run",
         action="store_true",
-        help="check the data, layout and memory, print the resolved config, parameter counts, "
-        "FLOPs, layout and memory estimate, then stop",
+        help="make every check the run's start makes (config, run directory, data, tokenizer, "
+        "layout, memory, resume checkpoint) and write nothing; print the resolved config, "
+        "parameter counts, FLOPs, layout and memory estimate, then stop",
     )
     add_trust_checkpoint(sp)
 
@@ -37,8 +43,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp.add_argument(
         "--dry-run",
         action="store_true",
-        help="check the base model, the task data, layout and memory, print the resolved config, "
-        "layout and memory estimate, then stop",
+        help="make every check the run's start makes (config, run directory, base model, task "
+        "data, layout, memory, resume checkpoint) and write nothing; print the resolved config, "
+        "the examples, optimizer steps and epochs, layout and memory estimate, then stop",
     )
     add_trust_checkpoint(sp)
 
@@ -62,17 +69,21 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from lmforge.pretrain.config.schema import to_yaml
 
     check_nproc(args.nproc)
-    work = workload(args.command, load_command_config(args.command, args.config))
-    if not args.dry_run and "LOCAL_RANK" not in os.environ:  # (a launcher checked for workers)
-        check_run_dir(work.cfg)
     if args.dry_run:  # the config as the run would resolve it (vocabulary, base model's shape)
-        plan = work.preflight(world_size=args.nproc, local_ranks=args.nproc)
+        work, plan, resume_from = check_start(
+            args.command, args.config, world_size=args.nproc, local_ranks=args.nproc
+        )
         print(to_yaml(work.cfg), end="")
-        for line in work.dry_run_lines():
+        note = work.eval_samples_note()
+        for line in [*work.dry_run_lines(), *([note] if note else [])]:
             print(f"# {line}")
+        print(f"# resumes from {resume_from}" if resume_from else "# a new run (nothing to resume)")
         print(f"# layout: {plan.layout.describe()}")
         print(f"# memory per rank (estimate): {plan.describe_memory()}")
         return 0
+    work = workload(args.command, load_command_config(args.command, args.config))
+    if "LOCAL_RANK" not in os.environ:  # (a launcher checked it for its workers)
+        check_run_dir(work.cfg)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         # bad data, base, tokenizer, layout or memory: one line here, before any worker starts
         work.preflight(world_size=args.nproc, local_ranks=args.nproc)

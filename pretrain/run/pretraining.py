@@ -95,30 +95,17 @@ class Pretraining(Workload):
 
     def dry_run_lines(self) -> list[str]:
         c = param_counts(self.cfg.model)
-        note = self.eval_samples_note()
         return [
             f"params: {c['total']:,} total, {c['non_embedding']:,} non-embedding; "
-            f"{flops_per_token(self.cfg.model, self.cfg.train.seq_len):,} training FLOPs/token",
-            *([note] if note else []),
+            f"{flops_per_token(self.cfg.model, self.cfg.train.seq_len):,} training FLOPs/token"
         ]
 
-    def eval_samples_note(self) -> str | None:
-        """The line saying that the validation split holds fewer windows than
-        ``train.eval_samples`` asks for (every evaluation uses them all), or None."""
-        held, asked = len(self.val_data), self.cfg.train.eval_samples
-        if held >= asked:
-            return None
+    def val_samples_held(self) -> tuple[str, str, str]:
         return (
-            f"note: the validation split of {self.cfg.data.path} holds {held} windows of "
-            f"train.seq_len={self.cfg.train.seq_len}, fewer than train.eval_samples={asked}: "
-            f"evaluation uses those {held}; set train.eval_samples={held}, or raise val_fraction "
-            "in prepare for more"
+            f"the validation split of {self.cfg.data.path}",
+            f"windows of train.seq_len={self.cfg.train.seq_len}",
+            "raise val_fraction in prepare for more",
         )
-
-    def on_main_start(self, session: RunSession) -> None:
-        note = self.eval_samples_note()
-        if note:
-            pdist.print0(note)
 
     def check_resume(self, ckpt: str, saved_cfg: dict) -> None:
         """Shape and numerics must match; dropout and init may change between attempts. The

@@ -196,6 +196,34 @@ def note_layout_change(ckpt: str, saved_cfg: dict, parallel: dict) -> None:
         )
 
 
+def check_resume_target(work: Workload) -> str | None:
+    """The checkpoint ``work`` resumes from (None: a fresh start), refused in one line when it
+    does not fit: its state format, tokenizer, model, task or data. Needs ``work`` prepared, and
+    no process group: every rank calls it before training, and `--dry-run` and `lmforge submit`
+    call it before anything starts."""
+    cfg = work.cfg
+    ckpt = resolve_resume(run_dir=cfg.run_dir, resume=cfg.resume)
+    if ckpt is None:
+        return None
+    saved_cfg = check_resume_compatible(
+        ckpt,
+        strategy=cfg.parallel.strategy,
+        tokenizer_sha=work.tokenizer_sha256,
+        tokenizer_fix=work.tokenizer_fix,
+    )
+    note_layout_change(ckpt, saved_cfg, to_container(cfg.parallel))
+    work.check_resume(ckpt, saved_cfg)
+    data = read_trainer_state(ckpt).get("data")
+    samples = data.get("num_windows") if isinstance(data, dict) else None
+    if not isinstance(samples, int):
+        raise CheckpointError(
+            f"{ckpt}/trainer_state.json does not say how many samples it was trained on; "
+            "resume from another checkpoint"
+        )
+    work.check_resumed_data(ckpt, samples)
+    return ckpt
+
+
 def open_run_dir(
     cfg: RunConfig, trainer: Trainer, *, config_yaml: str, world: int, resumed_from: str | None
 ) -> int:
@@ -294,7 +322,7 @@ class RunPlan:
     layout: Layout
     grad_accum: int
     total_steps: int
-    memory: MemoryEstimate
+    memory: MemoryEstimate | None  # None: not estimated (preflight(memory=False))
     available_memory: float
     memory_source: str
 
@@ -364,9 +392,11 @@ class Workload(ABC):
     def seq_len(self) -> int:
         """The longest sequence a micro-batch holds (for the memory estimate)."""
 
-    def preflight(self, *, world_size: int, local_ranks: int) -> RunPlan:
+    def preflight(self, *, world_size: int, local_ranks: int, memory: bool = True) -> RunPlan:
         """Everything that can fail before training, without a process group: the data and the
-        model shape (``prepare``), the layout, the batch split and the memory estimate."""
+        model shape (``prepare``), the layout, the batch split and the memory estimate
+        (``memory`` False: not estimated here, where the devices are not the run's own, as at
+        `lmforge submit`)."""
         cfg = self.cfg
         fault_point("preflight")
 
@@ -387,21 +417,41 @@ class Workload(ABC):
             factors=[*factors, ("data_parallel", plan_layout.dp)],
             world=world_size,
         )
-        memory, available, source = plan_memory(
-            cfg.model,
-            layout=plan_layout,
-            precision=cfg.train.precision,
-            micro_batch_size=cfg.train.micro_batch_size,
-            seq_len=self.seq_len,
-            grad_accum=grad_accum,
-            local_ranks=local_ranks,
-        )
-        return RunPlan(plan_layout, grad_accum, self.total_steps(), memory, available, source)
+        estimate: tuple = (None, 0.0, "not estimated")
+        if memory:
+            estimate = plan_memory(
+                cfg.model,
+                layout=plan_layout,
+                precision=cfg.train.precision,
+                micro_batch_size=cfg.train.micro_batch_size,
+                seq_len=self.seq_len,
+                grad_accum=grad_accum,
+                local_ranks=local_ranks,
+            )
+        return RunPlan(plan_layout, grad_accum, self.total_steps(), *estimate)
 
     def dry_run_lines(self) -> list[str]:
         """What `--dry-run` says of this command after preflight (the layout and the memory
         estimate follow)."""
         return []
+
+    def val_samples_held(self) -> tuple[str, str, str]:
+        """For :meth:`eval_samples_note`: where the validation samples come from, what one is,
+        and how to get more."""
+        return ("the validation data", "samples", "give more validation data")
+
+    def eval_samples_note(self) -> str | None:
+        """The line saying that the validation data holds fewer samples than
+        ``train.eval_samples`` asks for (every evaluation uses all it holds), or None. The run
+        says it once, and so does `--dry-run`."""
+        held, asked = len(self.val_data), self.cfg.train.eval_samples  # type: ignore[attr-defined]
+        if asked is None or held >= asked:
+            return None
+        where, unit, more = self.val_samples_held()
+        return (
+            f"note: {where} holds {held} {unit}, fewer than train.eval_samples={asked}: "
+            f"evaluation uses those {held}; set train.eval_samples={held}, or {more}"
+        )
 
     # --- the run ---------------------------------------------------------------------------------
     @property
@@ -467,20 +517,6 @@ class RunSession:
         self.extra_callbacks = list(callbacks)
         self.trainer: Trainer | None = None
         self.resume_from: str | None = None
-
-    def _check_resume(self) -> None:
-        cfg, work = self.cfg, self.work
-        self.resume_from = resolve_resume(run_dir=cfg.run_dir, resume=cfg.resume)
-        if self.resume_from is None:
-            return
-        saved_cfg = check_resume_compatible(
-            self.resume_from,
-            strategy=cfg.parallel.strategy,
-            tokenizer_sha=work.tokenizer_sha256,
-            tokenizer_fix=work.tokenizer_fix,
-        )
-        note_layout_change(self.resume_from, saved_cfg, to_container(cfg.parallel))
-        work.check_resume(self.resume_from, saved_cfg)
 
     def _peak_flops(self) -> tuple[float, str]:
         """One device's peak FLOP/s for MFU and where it comes from (``train.peak_flops``, a
@@ -575,7 +611,6 @@ class RunSession:
             optimizer=trainer.optimizer,
             verify=False,
         )
-        self.work.check_resumed_data(self.resume_from, state["data"]["num_windows"])
         trainer.load_state_dict(state)
         trainer.last_checkpoint = self.resume_from
 
@@ -583,7 +618,7 @@ class RunSession:
         """Steps 2-4: everything up to a trainer ready to ``fit`` (resumed when asked)."""
         cfg, work, strategy, plan = self.cfg, self.work, self.strategy, self.plan
         tcfg = cfg.train
-        self._check_resume()
+        self.resume_from = check_resume_target(work)
         pdist.barrier()  # every rank has checked everything before any rank writes
         self.peak, self.peak_source = self._peak_flops()
         # What this process holds before the model exists (the runtime: Python, torch, the
@@ -639,6 +674,9 @@ class RunSession:
             )
             pdist.print0(f"memory per rank (estimate): {self.plan.describe_memory()}")
             write_memory_plan(cfg.run_dir, self.plan, runtime=self.runtime_memory)
+            note = work.eval_samples_note()
+            if note:
+                pdist.print0(note)
             work.on_main_start(self)
         # On every rank: SIGUSR1 / SIGTERM finish the step, save and return (preemption.py).
         stopper = GracefulStop()
