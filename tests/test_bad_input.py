@@ -429,12 +429,6 @@ CASES = [
 
 # fmt: on
 
-
-# --- shared fixtures ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def env(tiny_data, tmp_path_factory) -> dict:
 # A bad training command is refused alike by the run, by its --dry-run and through `lmforge
 # submit` (all that the submitting host can check), with the same first line and exit code:
 # the cases left out at submit, and why.
@@ -463,6 +457,12 @@ def _other_starts(id_: str, argv: list[str]) -> dict[str, list[str]]:
     return starts
 
 
+
+# --- shared fixtures ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def env(tiny_data, tmp_path_factory) -> dict:
     """The shared inputs: prepared data, a 2-step tiny run and its checkpoint, a classifier
     finetuned from it for 1 step, and data prepared with another tokenizer."""
     from lmforge.pretrain.config.schema import PrepareConfig, load_config
@@ -604,11 +604,6 @@ def test_bad_input(env, tmp_path, capsys, monkeypatch, request, argv, expect, fi
         if out is not None:
             assert not os.path.exists(_fill(out, values)), f"{out} was written"
         assert _tree(tmp) == before, "the command left files behind (or changed the test's)"
-        for key, tree in shared.items():
-            assert _tree(env[key]) == tree, f"the shared {key} directory changed"
-    finally:
-        for u in undo:
-            u()
         monkeypatch.chdir(tmp)
         for how, other in _other_starts(request.node.callspec.id, argv).items():
             got = _in_process(other, capsys)
@@ -616,3 +611,8 @@ def test_bad_input(env, tmp_path, capsys, monkeypatch, request, argv, expect, fi
                 f"{how} differs from the run: exit {got[0]} vs {code}\nstderr: {got[2][-2000:]}"
             )
             assert _tree(tmp) == before, f"{how} left files behind"
+        for key, tree in shared.items():
+            assert _tree(env[key]) == tree, f"the shared {key} directory changed"
+    finally:
+        for u in undo:
+            u()
