@@ -209,7 +209,8 @@ def class_weights(spec: str, train_label_ids: list[int], num_labels: int) -> lis
 
 class ExampleSet:
     """Tokenized examples with pretraining's window interface (``len``, ``batch(indices)``)
-    and ``token_counts`` (tokens per example: what a step trains on)."""
+    and ``token_counts`` (tokens per example: what a step trains on); ``rows``: the position of
+    each example's row among the rows it was made from (None for packed examples)."""
 
     def __init__(
         self,
@@ -220,9 +221,11 @@ class ExampleSet:
         max_len: int,
         pad_to_max: bool = False,
         name: str = "examples",
+        rows: list[int] | None = None,
     ) -> None:
         if not input_ids:
             raise DataError(f"{name}: no examples left after tokenization; check the data")
+        self.rows = rows
         self.input_ids = [np.asarray(x, dtype=np.int64) for x in input_ids]
         self.labels = [np.asarray(y, dtype=np.int64) for y in labels]
         self.token_counts = np.array([len(x) for x in self.input_ids], dtype=np.int64)
@@ -314,12 +317,16 @@ def tokenize(
     labels: list[str] | None,
     pad_to_max: bool = False,
     is_train: bool = False,
+    warn=warn,
 ) -> tuple[ExampleSet, list[str] | None, list[int]]:
     """The examples of ``rows``; the label set (found in these rows when ``labels`` is None);
-    the label id of each classification example (for class weights and baselines)."""
+    the label id of each classification example (for class weights and baselines). ``warn``
+    gets the warning lines (skipped rows)."""
     ids: list[int] = []
     require_columns(rows, *columns_of(task), source=source)
-    rows = skip_empty_rows(task, rows, source=source)
+    position = {id(r): i for i, r in enumerate(rows)}  # skip_empty_rows keeps the same dicts
+    rows = skip_empty_rows(task, rows, source=source, warn=warn)
+    numbers = [position[id(r)] for r in rows]
     check_labels(task, rows, source=source)
     if task.type == "classification":
         values = [r[task.label_column] for r in rows]
@@ -342,6 +349,7 @@ def tokenize(
         ]
         if task.packing and is_train:
             made = pack(made, task.max_len)
+            numbers = None  # an example holds several rows
     else:
         from lmforge.finetune.metrics import validate_bio_labels
 
@@ -377,6 +385,9 @@ def tokenize(
         max_len=task.max_len,
         pad_to_max=pad_to_max,
         name=source,
+        rows=None
+        if numbers is None
+        else [n for n, m in zip(numbers, made, strict=True) if m is not None],
     )
     if task.type == "classification":
         ids = [y for y, m in zip(ids, made, strict=True) if m is not None]

@@ -36,6 +36,7 @@ class ModelSource:
     lora: dict | None = None  # the LoRA config when the weights hold unmerged adapters
     compute: dict = field(default_factory=dict)  # {"tokens", "flops", "steps", ...} all stages
     kind: str = "checkpoint"
+    precision: str | None = None  # the run's train.precision (auto, fp32, bf16...); None: not said
 
     @functools.cached_property
     def weights(self) -> dict[str, torch.Tensor]:
@@ -86,6 +87,7 @@ def load_source(path: str) -> ModelSource:
             lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
             compute=_compute(info, cfg),
             kind="consolidated",
+            precision=_precision(cfg),
         )
     checkpoint = resolve_checkpoint(path)
     verify_checkpoint(checkpoint)
@@ -99,7 +101,14 @@ def load_source(path: str) -> ModelSource:
         task=cfg.get("task") if "init_from" in cfg else None,
         lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
         compute=_compute(state, cfg),
+        precision=_precision(cfg),
     )
+
+
+def _precision(cfg: dict) -> str | None:
+    """The train.precision a run's config says it trained in."""
+    precision = (cfg.get("train") or {}).get("precision")
+    return str(precision) if precision is not None else None
 
 
 def _compute(state: dict, cfg: dict) -> dict:

@@ -404,6 +404,105 @@ def run_generate_bench(
     return _finish(lines, out)
 
 
+def scoring_candidate(name: str, scorer, windows: list[torch.Tensor], batch_size: int) -> Candidate:
+    """`lmforge evaluate --text`'s scoring (finetune/inference.py ``score_windows``) of the
+    whole text, ``batch_size`` windows per forward pass: each unit is one pass over every
+    window, and returns the mean loss of the pass (nats per token)."""
+    from lmforge.finetune.inference import score_windows
+
+    tokens = sum(len(w) - 1 for w in windows)
+
+    def run(n: int) -> float:
+        loss = float("nan")
+        for _ in range(n):
+            loss = sum(score_windows(scorer, windows, batch_size)) / tokens
+        return loss
+
+    score_windows(scorer, windows[:batch_size], batch_size)  # warm-up (kernels, allocator)
+    return Candidate(name, run)
+
+
+def run_evaluate_bench(
+    *,
+    path: str,
+    files: list[str],
+    seq_len: int | None,
+    batch_size: int | None,
+    micro_batch: int,
+    steps: int,
+    windows: int,
+    out: str | None,
+) -> str:
+    """`lmforge evaluate --text` next to training the same model, in this process: the
+    trainer's step (forward, backward, AdamW) on the model's shape in the precision evaluate
+    scores in, against scoring the text one window per forward pass in fp32 (how evaluate
+    scored before it batched), ``batch_size`` windows per pass in fp32, and (where the run
+    trained in bf16) the default: batched, in the run's precision. The candidates take turns
+    window by window; tokens/s is the median of the windows."""
+    from lmforge.finetune.inference import Scorer, default_batch_size, load_model, read_windows
+    from lmforge.pretrain.core.errors import DataError
+
+    src, model, tok = load_model(path)
+    T = seq_len or src.model.max_seq_len
+    text = [w for _, w in read_windows(files, tok, T)]
+    tokens = sum(len(w) - 1 for w in text)
+    if tokens == 0:
+        raise DataError(f"{', '.join(files)}: no text to score (need at least 2 tokens)")
+    scorer = Scorer.of(src, model)
+    device, precision = scorer.device, scorer.precision
+    B = batch_size or default_batch_size(T, src.model.vocab_size, device.type)
+    fp32 = Scorer(scorer.model, device, "fp32")
+    train = lmforge_candidate(src.model, precision, seq_len=T, micro_batch=micro_batch)
+    train.run(WARMUP)
+    cands = [
+        Candidate(
+            f"training step ({precision}, micro-batch {micro_batch})",
+            lambda n: train.run(n * steps),
+        ),
+        scoring_candidate("evaluate, 1 window a pass, fp32 (as before)", fp32, text, 1),
+        scoring_candidate(f"evaluate, {B} windows a pass, fp32", fp32, text, B),
+    ]
+    if precision != "fp32":
+        cands.append(
+            scoring_candidate(
+                f"evaluate, {B} windows a pass, {precision} (the default)", scorer, text, B
+            )
+        )
+    per_unit = [steps * micro_batch * T] + [tokens] * (len(cands) - 1)
+    lines = [
+        f"lmforge bench --evaluate {path}: "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} ({platform.machine()}), "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{param_counts(src.model)['total'] / 1e6:.2f}M parameters, vocab {src.model.vocab_size}, "
+        f"window {T}; {len(files)} file(s), {tokens:,} tokens; {windows} windows of {steps} "
+        f"training steps and one pass over the text per candidate, interleaved; "
+        f"{time.strftime('%Y-%m-%d')}",
+        "",
+        "| candidate | tok/s (spread) | / training | loss (nats/token) |",
+        "|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    times, losses = interleave(cands, windows=windows, steps=1, warmup=0)
+    tps = {c.name: [n / t for t in times[c.name]] for c, n in zip(cands, per_unit, strict=True)}
+    med = {n: statistics.median(v) for n, v in tps.items()}
+    base = med[cands[0].name]
+    for cand in cands:
+        v, m = tps[cand.name], med[cand.name]
+        row = (
+            f"| {cand.name} | {m:,.0f} ({min(v) / m - 1:+.0%}/{max(v) / m - 1:+.0%}) "
+            f"| {m / base:.2f} | {'—' if cand is cands[0] else f'{losses[cand.name]:.6f}'} |"
+        )
+        lines.append(row)
+        print(row, flush=True)
+    lines += [
+        "",
+        "tok/s: the median of the windows; spread: the slowest and fastest window against it. "
+        "Training: tokens trained per second (synthetic tokens, same shape); evaluate: tokens "
+        "scored per second.",
+    ]
+    return _finish(lines, out)
+
+
 GPU_SEQ_LEN = 2048
 GPU_VOCAB = 32000
 GPU_MODES = {  # name -> (precision, compile)

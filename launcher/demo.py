@@ -8,6 +8,7 @@
    accuracy (the test split is not looked at);
 5. export the picked classifier to Hugging Face format and evaluate it on the test split, with
    lmforge and with transformers (the same predictions), and the picked from-scratch model;
+   each review's prediction goes to the kept runs' test_predictions.jsonl (--predictions);
 6. sample from the pretrained model.
 
 Goals checked at the end: pretraining's validation loss at least 1 nat below the unigram entropy
@@ -74,27 +75,18 @@ def pick_lr(runs: dict[str, str]) -> str:
 def correct_per_example(path: str, data: str, batch_size: int = 32) -> list[int]:
     """1 where the classifier at ``path`` (a run, checkpoint or export) predicts the label of an
     example of the labelled file ``data``, else 0, in file order: the per-example scores whose
-    mean is `lmforge evaluate`'s accuracy."""
-    import torch
+    mean is `lmforge evaluate`'s accuracy, from the rows `lmforge evaluate --predictions`
+    writes."""
+    from lmforge.finetune.inference import evaluate_examples
 
-    from lmforge.finetune.config import TaskConfig
-    from lmforge.finetune.data import IGNORE, load_rows, tokenize
-    from lmforge.finetune.model import build_model, load_source
-    from lmforge.pretrain.data.tokenizer import Tokenizer
+    rows = evaluate_examples(path, data=data, batch_size=batch_size).rows
+    return [int(r["correct"]) for r in rows]
 
-    src = load_source(path)
-    task = TaskConfig(**{k: v for k, v in src.task.items() if k in TaskConfig.__dataclass_fields__})
-    task.train = task.val = data
-    rows = load_rows(data, split=task.val_split, dataset_config=task.dataset_config)
-    ex, _, _ = tokenize(task, Tokenizer(src.tokenizer), rows, source=data, labels=task.labels)
-    model, correct = build_model(src), []
-    with torch.no_grad():
-        for start in range(0, len(ex), batch_size):
-            batch = ex.batch(range(start, min(start + batch_size, len(ex))))
-            labelled = batch["labels"] != IGNORE
-            preds = model(batch["input_ids"]).float().argmax(-1)
-            correct += (preds[labelled] == batch["labels"][labelled]).int().tolist()
-    return correct
+
+def read_correct(predictions: str) -> list[int]:
+    """The per-example scores of a `lmforge evaluate --predictions` file: 1 where right."""
+    with open(predictions, encoding="utf-8") as f:
+        return [int(json.loads(line)["correct"]) for line in f]
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -223,13 +215,16 @@ def main() -> int:
     ft, scratch_run = arms[FT][picked[FT]], arms[SCRATCH][picked[SCRATCH]]
     step("5/6 export the picked classifier to Hugging Face format", "export", ft, "--out", EXPORT)
     test = f"{TASK}/test.csv"
+    predictions = {run: os.path.join(run, "test_predictions.jsonl") for run in (ft, scratch_run)}
     ours = json.loads(
         step(
-            "5/6 evaluate the export on the test split",
+            "5/6 evaluate the export on the test split (and each review's prediction)",
             "evaluate",
             EXPORT,
             "--data",
             test,
+            "--predictions",
+            predictions[ft],
             capture=True,
         )
     )
@@ -240,13 +235,12 @@ def main() -> int:
             scratch_run,
             "--data",
             test,
+            "--predictions",
+            predictions[scratch_run],
             capture=True,
         )
     )
-    per_example = {
-        ft: correct_per_example(EXPORT, test),
-        scratch_run: correct_per_example(scratch_run, test),
-    }
+    per_example = {run: read_correct(file) for run, file in predictions.items()}
     hf_acc, _ = transformers_accuracy(EXPORT, test)
     step(
         "6/6 generate: sample from the pretrained model",
@@ -292,7 +286,7 @@ def main() -> int:
         + f"\n  transformers on the export: accuracy {hf_acc:.4f} "
         f"(lmforge: {ours['accuracy']:.4f})\n"
         f"runs:   {RUN}/, {', '.join(run + '/' for run in runs)} (metrics.jsonl, checkpoints/, "
-        "tb/, *.png)\n"
+        "tb/, *.png; the picked ones' test_predictions.jsonl: each review's prediction)\n"
         f"export: {EXPORT}/ (config.json, model.safetensors, tokenizer.json, README.md) of {ft}/"
     )
     ok = True
@@ -308,7 +302,7 @@ def main() -> int:
     for run, result in ((ft, ours), (scratch_run, scratch)):
         scores = per_example[run]
         if len(scores) != result["n"] or abs(sum(scores) / len(scores) - result["accuracy"]) > 1e-9:
-            print(f"the per-example scores of {run} disagree with `lmforge evaluate`")
+            print(f"{predictions[run]} disagrees with `lmforge evaluate`'s accuracy")
             ok = False
     return 0 if ok else 1
 

@@ -4,8 +4,9 @@ by others, one made under 077 by nobody else. Temp directories and files (mkdtem
 made private; every writer that renames one into place must widen it again.
 
 One child process per umask prepares a play, trains a tiny run (2 steps, a checkpoint), and
-consolidates, exports and plans from it; this process then reads the modes of what it made (the
-umask is set only in the child: tests share this process)."""
+consolidates, exports and plans from it, finetunes a classifier from it (1 step) and writes that
+one's `evaluate --predictions`; this process then reads the modes of what it made (the umask is
+set only in the child: tests share this process)."""
 
 from __future__ import annotations
 
@@ -41,7 +42,15 @@ CHILD = textwrap.dedent(
         ["export", os.path.join(runs, "r"), "--out", os.path.join(base, "export")],
         ["plan", f"data.path={data}", "--flops", "1e17", "--law", "hoffmann",
          "--out", os.path.join(base, "plan")],
+        ["finetune", f"runs_dir={runs}", "name=cls", f"init_from={os.path.join(runs, 'r')}",
+         f"task.train={os.path.join(base, 'task.csv')}", "task.max_len=32",
+         "train.max_steps=1", "train.micro_batch_size=4", "train.global_batch_size=4",
+         "train.precision=fp32", "logging.plot=false", "logging.tensorboard=false"],
+        ["evaluate", os.path.join(runs, "cls"), "--data", os.path.join(base, "task.csv"),
+         "--predictions", os.path.join(base, "predictions.jsonl")],
     ]
+    with open(os.path.join(base, "task.csv"), "w") as f:
+        f.write("text,label\\n" + "".join(f"line {i} of a tale,{i % 2}\\n" for i in range(12)))
     for argv in steps:
         code = main(argv)
         if code:
@@ -82,10 +91,12 @@ def test_everything_written_gets_the_umask_mode(umask, tmp_path):
         "consolidated model": tmp_path / "consolidated",
         "export": tmp_path / "export",
         "plan": tmp_path / "plan",
+        "finetuned run": tmp_path / "runs" / "cls",
+        "predictions": tmp_path / "predictions.jsonl",
     }
     wrong = []
     for what, root in outputs.items():
-        assert root.is_dir(), f"{what}: {root} missing"
+        assert root.exists(), f"{what}: {root} missing"
         for rel, mode in _modes(str(root)).items():
             want = (0o777 if os.path.isdir(os.path.join(root, rel)) else 0o666) & ~umask
             if mode != want:

@@ -1,5 +1,6 @@
 """`lmforge bench`: lmforge's training step against a minimal PyTorch loop and transformers; or
-one GPU's modes, checkpoints, parallel strategies, or generation."""
+one GPU's modes, checkpoints, parallel strategies, generation, or evaluate's scoring next to
+training."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--steps",
         type=int,
         help="timed steps per window of each candidate (default 4; with --gpu 5); with "
-        "--strategies, the steps of each run (default 20)",
+        "--strategies, the steps of each run (default 20); with --evaluate, the training "
+        "steps per window (default 20)",
     )
     sp.add_argument(
         "--windows",
@@ -58,6 +60,21 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="instead: greedy decoding tokens/s of `generate` (KV cache) against re-running "
         "the whole context for each token, for --models and --precisions",
+    )
+    sp.add_argument(
+        "--evaluate",
+        metavar="RUN|CHECKPOINT|DIR",
+        help="instead: `lmforge evaluate --text` on this model next to training it, in one "
+        "process: the trainer's tokens/s (same shape, --micro-batch, in the precision evaluate "
+        "scores in) against scoring --text one window per forward pass in fp32 (as evaluate did "
+        "before), --batch-size windows per pass in fp32, and batched in the run's precision",
+    )
+    sp.add_argument("--text", nargs="+", metavar="FILE", help="--evaluate: the text files scored")
+    sp.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="--evaluate: windows per forward pass (default: evaluate's)",
     )
     sp.add_argument(
         "--new-tokens",
@@ -110,13 +127,16 @@ def _add_strategy_options(sp: argparse.ArgumentParser) -> None:
         help="processes of a --strategies preset without :N (default 2)",
     )
     sp.add_argument(
-        "--seq-len", type=int, help="--strategies: sequence length (default: the config's)"
+        "--seq-len",
+        type=int,
+        help="--strategies: sequence length (default: the config's); --evaluate: the window "
+        "(default: the model's context)",
     )
     sp.add_argument(
         "--micro-batch",
         type=int,
         help="--strategies: samples per micro-batch and rank, one micro-batch per rank and step "
-        "(default: the config's)",
+        "(default: the config's); --evaluate: the training step's samples (default 8)",
     )
     sp.add_argument(
         "--tensor-peak",
@@ -174,6 +194,18 @@ def _check_strategy_bench(args: argparse.Namespace) -> None:
     load_manifest(args.data)
 
 
+def _check_evaluate_bench(args: argparse.Namespace) -> None:
+    if not args.text:
+        raise ConfigurationError(
+            "--evaluate needs --text FILE ... (the text to score, e.g. a few hundred KB)"
+        )
+    for flag in ("--seq-len", "--micro-batch", "--batch-size"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            raise ConfigurationError(f"{flag} {value}: give at least 1")
+    check_out_file(args.out)
+
+
 def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
     """Every value bench uses, before anything is timed (and the defaults that depend on the
     kind of bench)."""
@@ -181,6 +213,9 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
         raise ConfigurationError(f"--steps {args.steps}: give at least 1")
     if args.windows < 1:
         raise ConfigurationError(f"--windows {args.windows}: give at least 1")
+    if args.evaluate:
+        _check_evaluate_bench(args)
+        return
     precisions = ("fp32", "bf16", "fp16") if args.strategies else ("fp32", "bf16")
     if args.precisions is None:
         args.precisions = "bf16" if args.strategies else "fp32,bf16"
@@ -212,7 +247,18 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
     if args.checkpoint and args.models is None:
         args.models = "350m"
     _check_bench(args, bench.SEQ_LEN)
-    if args.checkpoint:
+    if args.evaluate:
+        bench.run_evaluate_bench(
+            path=args.evaluate,
+            files=args.text,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            micro_batch=args.micro_batch or bench.MICRO_BATCH,
+            steps=args.steps or 20,
+            windows=args.windows,
+            out=args.out,
+        )
+    elif args.checkpoint:
         from lmforge.pretrain.run.checkpoint_bench import run_checkpoint_bench
 
         run_checkpoint_bench(models=args.models.split(","), out=args.out)

@@ -96,17 +96,17 @@ def check_nproc(nproc: int) -> None:
         raise ConfigurationError(f"--nproc {nproc}: give at least one process per node")
 
 
-def check_out_file(out: str | None) -> None:
-    """--out FILE: a file that can be written, said before the work, not after it."""
+def check_out_file(out: str | None, flag: str = "--out") -> None:
+    """``flag`` FILE (--out): a file that can be written, said before the work, not after it."""
     if out is None:
         return
     if os.path.isdir(out):
-        raise ConfigurationError(f"--out {out} is a directory; give a file name")
+        raise ConfigurationError(f"{flag} {out} is a directory; give a file name")
     if os.path.isfile(out):  # replaced by the new results
         if not os.access(out, os.W_OK):
-            raise ConfigurationError(f"--out {out} is not writable; give another file name")
+            raise ConfigurationError(f"{flag} {out} is not writable; give another file name")
         return
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.lexists(parent):
-        raise ConfigurationError(f"--out {out}: no directory {parent}; create it first")
-    check_writable(out, "--out ")
+        raise ConfigurationError(f"{flag} {out}: no directory {parent}; create it first")
+    check_writable(out, f"{flag} ")

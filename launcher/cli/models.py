@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from lmforge.launcher.cli.common import Handler, add_command, add_trust_checkpoint, check_out_file
 from lmforge.pretrain.core.durable import check_writable
@@ -72,14 +73,21 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     sp = add_command(
         sub,
         "evaluate",
-        "Perplexity of a model on text files (--text), a finetuned model's task metrics on "
-        "a labelled file (--data), or EleutherAI's lm-evaluation-harness tasks (--lm-eval, "
-        "with the lmeval extra: results saved beside the run, or in an export's model card; "
-        "docs/evaluation.md); prints JSON.",
+        "Perplexity of a model on text files (--text: a row per file and the total, scored in "
+        "the precision the run trained in), a finetuned model's task metrics on a labelled file "
+        "(--data; --predictions: each example's), or EleutherAI's lm-evaluation-harness tasks "
+        "(--lm-eval, with the lmeval extra: results saved beside the run, or in an export's "
+        "model card); docs/evaluation.md; prints JSON.",
         config=False,
     )
     sp.add_argument("path", metavar="RUN|CHECKPOINT|DIR")
-    sp.add_argument("--text", nargs="+", metavar="FILE", help="text files for perplexity")
+    sp.add_argument(
+        "--text",
+        nargs="+",
+        metavar="FILE",
+        help="text files for perplexity, each one stream (progress on stderr: a bar on a "
+        "terminal, else a line at each tenth of a long input)",
+    )
     sp.add_argument("--data", help="labelled CSV/TSV/JSONL/Parquet file (or datasets name)")
     sp.add_argument(
         "--column",
@@ -89,6 +97,22 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="override a task column, e.g. text_column=review (repeatable)",
     )
     sp.add_argument("--seq-len", type=int, help="perplexity window (default: model context)")
+    sp.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="windows (--text) or examples (--data) per forward pass (default: --text as many "
+        "windows as 16 MiB of logits hold on a CPU, about 8,192 tokens on a GPU; --data 32)",
+    )
+    sp.add_argument(
+        "--predictions",
+        metavar="FILE.jsonl",
+        help="with --data: also write one JSON line per example, to compare models example "
+        "by example: its row in the file, the file's id column if it has one, its loss, and "
+        "(classification) gold label, prediction, the prediction's probability and every "
+        "label's, or (token classification) the gold and predicted tag of each word; written "
+        "whole or not at all",
+    )
     sp.add_argument("--out", help="also write the JSON result to this file")
     _add_lm_eval_options(sp)
     add_trust_checkpoint(sp)
@@ -190,15 +214,54 @@ def _generate(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
-    from lmforge.finetune.inference import perplexity, print_json, task_metrics
-
+def _check_evaluate(args: argparse.Namespace) -> None:
+    """evaluate's options, and its output places, before anything is read or scored."""
     if sum(map(bool, (args.text, args.data, args.lm_eval))) != 1:
         raise ConfigurationError(
             "give one of --text FILE ... (perplexity), --data FILE (task metrics) or "
             "--lm-eval TASKS (lm-evaluation-harness)"
         )
+    if args.predictions is not None and not args.data:
+        raise ConfigurationError(
+            f"--predictions {args.predictions} needs --data FILE: it holds one line per "
+            "labelled example"
+        )
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ConfigurationError(f"--seq-len {args.seq_len}: give a window of at least 1 token")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigurationError(f"--batch-size {args.batch_size}: give at least 1")
     check_out_file(args.out)  # say so before the evaluation, not after
+    _check_predictions_file(args.predictions, args.out)
+    bad = [c for c in args.column if "=" not in c or not c.split("=", 1)[0]]
+    if bad:
+        raise ConfigurationError(f"--column {bad[0]}: write KEY=NAME, e.g. text_column=review")
+
+
+def _check_predictions_file(path: str | None, out: str | None) -> None:
+    """--predictions FILE: a new file, or one to replace, through a temp file beside it (its
+    directory must be writable too), and not the --out file."""
+    if path is None:
+        return
+    check_out_file(path, "--predictions")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"--predictions {path}: {parent} is not writable (the file is replaced through a "
+            "new one beside it); choose a directory you can write to"
+        )
+    if out is not None and os.path.abspath(out) == os.path.abspath(path):
+        raise ConfigurationError(f"--out and --predictions both name {path}; give two files")
+
+
+def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
+    from lmforge.finetune.inference import (
+        evaluate_examples,
+        perplexity,
+        print_json,
+        write_predictions,
+    )
+
+    _check_evaluate(args)
     if args.lm_eval:
         from lmforge.finetune.harness import run_lm_eval
 
@@ -212,18 +275,18 @@ def _evaluate(args: argparse.Namespace, argv: list[str]) -> int:
             limit=args.lm_eval_limit,
             num_fewshot=args.lm_eval_fewshot,
         )
-        print_json(result, args.out)
-        return 0
-    if args.seq_len is not None and args.seq_len < 1:
-        raise ConfigurationError(f"--seq-len {args.seq_len}: give a window of at least 1 token")
-    bad = [c for c in args.column if "=" not in c or not c.split("=", 1)[0]]
-    if bad:
-        raise ConfigurationError(f"--column {bad[0]}: write KEY=NAME, e.g. text_column=review")
-    if args.text:
-        result = perplexity(args.path, files=args.text, seq_len=args.seq_len)
+    elif args.text:
+        result = perplexity(
+            args.path, files=args.text, seq_len=args.seq_len, batch_size=args.batch_size
+        )
     else:
         columns = dict(c.split("=", 1) for c in args.column)
-        result = task_metrics(args.path, data=args.data, columns=columns)
+        scores = evaluate_examples(
+            args.path, data=args.data, columns=columns, batch_size=args.batch_size
+        )
+        if args.predictions:
+            write_predictions(args.predictions, scores.rows)
+        result = scores.metrics
     print_json(result, args.out)
     return 0
 
