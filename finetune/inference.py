@@ -313,7 +313,7 @@ def perplexity(
         ],
         "seq_len": T,
         "batch_size": batch_size,
-        "precision": scorer.precision,
+        "dtype": scorer.precision,
     }
 
 
@@ -374,7 +374,7 @@ def evaluate_examples(
         out.update(evaluator.compute(evaluator.counts().double()))
     else:
         out["perplexity"] = math.exp(min(out["loss"], 50.0))
-    out["precision"] = scorer.precision
+    out["dtype"] = scorer.precision  # not "precision": a tagger's metric
     for i, row in enumerate(scored):
         n = ex.rows[i]
         ident = {"id": rows[n]["id"]} if "id" in rows[n] else {}

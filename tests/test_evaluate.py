@@ -152,7 +152,7 @@ def test_batched_scoring_equals_one_window_at_a_time(models, tmp_path):
             total += torch.nn.functional.cross_entropy(
                 logits[0], chunk[0, 1:], reduction="sum"
             ).item()
-    assert one["precision"] == seven["precision"] == "fp32"  # the run trained in fp32
+    assert one["dtype"] == seven["dtype"] == "fp32"  # the run trained in fp32
     assert (one["batch_size"], seven["batch_size"], one["seq_len"]) == (1, 7, T)
     assert one["tokens"] == seven["tokens"] == len(ids) - 1
     assert one["loss"] == pytest.approx(total / (len(ids) - 1), rel=1e-5)
@@ -307,6 +307,8 @@ def test_sft_and_tagging_predictions(models, tmp_path, capsys):
         assert all(0 < s <= 1 for s in r["scores"])
     words = sum(r["words"] for r in rows)
     assert sum(r["correct"] for r in rows) / words == pytest.approx(tag["accuracy"])
+    # the entity precision stays a metric: the precision computed in is `dtype`
+    assert isinstance(tag["precision"], float) and tag["dtype"] == sft["dtype"] == "fp32"
 
 
 # --------------------------------------------------------------------------------------------
