@@ -14,6 +14,7 @@ import shutil
 import pytest
 import torch
 
+from lmforge.launcher.cli import main
 from tests.conftest import lmforge
 from tests.runs import STEPS, _args, _rows, checkpoint_weights, latest_checkpoint
 
@@ -47,7 +48,7 @@ def assert_same_run(run_dir: str, ref_dir: str) -> None:
     ],
 )
 def test_sigkill_mid_run_resumes_exactly(
-    tiny_data, tmp_path, reference_runs, nproc, precision, strategy
+    tiny_data, tmp_path, capsys, reference_runs, nproc, precision, strategy
 ):
     par, *more = f"parallel.strategy={strategy}".split()
     ref = reference_runs(nproc, precision, par, *more)
@@ -63,10 +64,10 @@ def test_sigkill_mid_run_resumes_exactly(
     assert killed.returncode != 0
     assert latest_checkpoint(run_dir) == "step_00000008"
     assert max(r["step"] for r in _rows(run_dir)) == 9  # rows past the checkpoint exist...
-    # Starting the same run again without resume is refused with what to do.
+    # Starting the same run again without resume is refused with what to do (before any
+    # process starts: checked in this one).
     args = _args(tiny_data, runs, name, nproc, precision, par, *more)
-    again = lmforge("pretrain", *args, check=False)
-    assert again.returncode == 2 and "resume=auto" in again.stderr
+    assert main(["pretrain", *args]) == 2 and "resume=auto" in capsys.readouterr().err
     lmforge("pretrain", *args, "resume=auto")
     assert_same_run(run_dir, ref)  # ...and are not counted twice after the resume
     with open(os.path.join(run_dir, "provenance.jsonl")) as f:
@@ -133,6 +134,18 @@ def _assert_intermediate_checkpoints_rebuild(every_dir: str, ref_dir: str, tmp_p
     assert all(hf[to_hf_name(k)].equal(v) for k, v in want.items())
 
 
+def _stopped_after_step_8(ref: str, run_dir: str) -> None:
+    """A copy of the finished run ``ref`` as a run stopped at step 10 would leave it: its
+    checkpoints up to step 8 (``latest`` naming it), metric rows past it."""
+    shutil.copytree(ref, run_dir)
+    ckpts = os.path.join(run_dir, "checkpoints")
+    for step in (12, STEPS):
+        shutil.rmtree(os.path.join(ckpts, f"step_{step:08d}"))
+    with open(os.path.join(ckpts, "latest"), "w") as f:
+        f.write("step_00000008")
+    assert max(r["step"] for r in _rows(run_dir)) == STEPS  # resume drops the rows past 8
+
+
 def test_resume_with_other_data_or_shape_is_refused(tiny_data, tmp_path, reference_runs):
     ref = reference_runs(1, "fp32", "parallel.strategy=ddp")
     shutil.copytree(ref, str(tmp_path / "copy"))
@@ -171,14 +184,13 @@ def test_resume_across_strategy_and_world_size(tiny_data, tmp_path, reference_ru
     """Weights and optimizer state are resharded on load (DCP); the data order only depends on
     the global batch, so the continuation sees the same samples. Dropout is off: RNG streams
     are per rank and cannot be carried to another world size."""
-    ref = reference_runs(before[0], "fp32", *before[1:], "model.dropout=0.0")
-    runs, name = str(tmp_path), "moved"
-    lmforge(
-        "pretrain",
-        *_args(tiny_data, runs, name, before[0], "fp32", *before[1:], "model.dropout=0.0"),
-        env={"LMFORGE_FAULT": "step@10"},
-        check=False,
+    # (the reference keeps every checkpoint: its step 8 is where a run stopped at step 10
+    # resumes from; the sigkill test above kills real runs)
+    ref = reference_runs(
+        before[0], "fp32", *before[1:], "model.dropout=0.0", "checkpoint.keep_last=4"
     )
+    runs, name = str(tmp_path), "moved"
+    _stopped_after_step_8(ref, os.path.join(runs, name))
     out = lmforge(
         "pretrain",
         *_args(
