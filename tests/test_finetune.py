@@ -8,6 +8,7 @@ offline.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -900,10 +901,16 @@ def test_empty_labels_tags_and_prompts(tmp_path):
 
 
 def _fails(*args: str) -> str:
-    proc = lmforge(*args, check=False)
-    assert proc.returncode != 0
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
+    """`lmforge ARGS`, which fails before any training process starts, run in this process: its
+    one error line."""
+    from lmforge.launcher.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    assert code != 0
+    lines = [line for line in err.getvalue().strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err.getvalue()
     return lines[0]
 
 
