@@ -14,6 +14,7 @@ import warnings
 
 import pytest
 
+from lmforge.launcher.cli import main
 from lmforge.pretrain.checkpoint.store import (
     _prune,
     _publish,
@@ -35,6 +36,13 @@ def _one_line(proc: subprocess.CompletedProcess) -> str:
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1, lines
     return lines[0]
+
+
+def _refused_here(capsys, *argv: str) -> str:
+    """The one line of `lmforge ARGV` run in this process (a command that starts no other)."""
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return _one_line(subprocess.CompletedProcess(argv, code, out, err))
 
 
 def _assert_kept_previous(run_dir: str) -> None:
@@ -322,19 +330,19 @@ def test_retention_keeps_the_checkpoint_a_fallback_resumed_from(tmp_path):
     assert sorted(os.listdir(root)) == ["step_00000008", "step_00000010", "step_00000012"]
 
 
-def test_state_files_are_checked_before_parsing_in_every_reader(ref_copy, tmp_path):
+def test_state_files_are_checked_before_parsing_in_every_reader(ref_copy, tmp_path, capsys):
     """consolidate (and so export, generate, evaluate, init_from) refuses a corrupt state file
     in one line before it parses it."""
     newest = os.path.join(ref_copy, "checkpoints", "step_00000014")
     with open(os.path.join(newest, "trainer_state.json"), "w") as f:
         f.write("{")
-    line = _one_line(lmforge("consolidate", newest, "--out", str(tmp_path / "out"), check=False))
+    line = _refused_here(capsys, "consolidate", newest, "--out", str(tmp_path / "out"))
     assert "trainer_state.json does not match its manifest" in line, line
     assert not os.path.exists(tmp_path / "out")
     older = os.path.join(ref_copy, "checkpoints", "step_00000012")
     with open(os.path.join(older, "config.yaml"), "w") as f:
         f.write("model: [\n")
     _resign(older)  # verifies, and still cannot be parsed
-    line = _one_line(lmforge("consolidate", older, "--out", str(tmp_path / "out"), check=False))
+    line = _refused_here(capsys, "consolidate", older, "--out", str(tmp_path / "out"))
     assert "config.yaml cannot be read" in line and "the checkpoint is corrupt" in line, line
     assert not os.path.exists(tmp_path / "out")
