@@ -408,6 +408,12 @@ CASES = [
     case("evaluate/data-without-column", ["evaluate", "{cls}", "--data", "{tmp}/t.csv"], "has no column 'text'", files={"t.csv": "review,label\nhello,pos\n"}),
     case("evaluate/column-without-value", ["evaluate", "{cls}", "--data", "{tmp}/t.csv", "--column", "text_column"], "--column text_column", files={"t.csv": GOOD_CSV}),
     case("evaluate/column-unknown-key", ["evaluate", "{cls}", "--data", "{tmp}/t.csv", "--column", "txt_column=review"], "--column txt_column=review", files={"t.csv": GOOD_CSV}),
+    case("evaluate/batch-size-zero", ["evaluate", "{run}", "--text", "{tmp}/t.txt", "--batch-size", "0"], "--batch-size 0", files={"t.txt": "some text to score\n"}),
+    case("evaluate/predictions-without-data", ["evaluate", "{run}", "--text", "{tmp}/t.txt", "--predictions", "{tmp}/p.jsonl"], "--predictions {tmp}/p.jsonl needs --data FILE", files={"t.txt": "some text\n"}, out="{tmp}/p.jsonl"),
+    case("evaluate/predictions-is-a-directory", ["evaluate", "{cls}", "--data", "{tmp}/t.csv", "--predictions", "{tmp}/d"], "--predictions {tmp}/d is a directory", files={"t.csv": GOOD_CSV, "d": DIR}),
+    case("evaluate/predictions-in-missing-directory", ["evaluate", "{cls}", "--data", "{tmp}/t.csv", "--predictions", "{tmp}/none/p.jsonl"], "--predictions {tmp}/none/p.jsonl: no directory {tmp}/none", files={"t.csv": GOOD_CSV}, out="{tmp}/none"),
+    case("evaluate/predictions-read-only", ["evaluate", "{cls}", "--data", "{tmp}/t.csv", "--predictions", "{tmp}/ro/p.jsonl"], "{tmp}/ro is not writable", files={"t.csv": GOOD_CSV, "ro": READ_ONLY}, out="{tmp}/ro/p.jsonl"),
+    case("evaluate/predictions-same-as-out", ["evaluate", "{cls}", "--data", "{tmp}/t.csv", "--predictions", "{tmp}/r.json", "--out", "{tmp}/r.json"], "--out and --predictions both name {tmp}/r.json", files={"t.csv": GOOD_CSV}, out="{tmp}/r.json"),
     # --- bench ------------------------------------------------------------------------------
     case("bench/steps-zero", ["bench", "--models", "tiny", "--precisions", "fp32", "--steps", "0"], "--steps 0"),
     case("bench/gpu-without-one", ["bench", "--gpu", "--models", "tiny"], "bench --gpu needs a CUDA GPU"),
