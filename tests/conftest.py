@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import signal
 import subprocess
 import sys
 
@@ -51,17 +53,51 @@ def tiny_data(tmp_path_factory) -> str:
     return out
 
 
-def lmforge(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True):
-    """Run the real CLI in a fresh process; returns CompletedProcess with text output."""
-    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-    proc = subprocess.run(
-        [sys.executable, "-m", "lmforge.launcher.cli", *args],
+def run_process(argv: list[str], *, env: dict | None = None, timeout: float = 600):
+    """Run ``argv`` from the repository with text output, like ``subprocess.run``; past
+    ``timeout`` its process group gets SIGABRT first, so that every Python process in it prints
+    where it hangs (faulthandler), and the failure shows that output."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1", **(env or {}))
+    with subprocess.Popen(
+        argv,
         cwd=REPO,
         env=full_env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-    )
+        start_new_session=True,
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for sig, wait in ((signal.SIGABRT, 15), (signal.SIGKILL, None)):
+                try:
+                    os.killpg(proc.pid, sig)
+                    out, err = proc.communicate(timeout=wait)
+                    break
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    continue
+            raise AssertionError(
+                f"{' '.join(argv[:4])} ... still running after {timeout} s; where it was:\n"
+                f"{out[-3000:]}\n{err[-12000:]}{_worker_logs(argv)}"
+            ) from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _worker_logs(argv: list[str]) -> str:
+    """The ends of the per-rank stderr logs of the run that ``argv`` names (runs_dir=, name=),
+    where a local launcher's workers print."""
+    keys = dict(a.split("=", 1) for a in argv if a.startswith(("runs_dir=", "name=")))
+    if len(keys) < 2:
+        return ""
+    logs = sorted(glob.glob(os.path.join(keys["runs_dir"], keys["name"], "logs", "*", "*.err")))
+    return "".join(f"\n--- {log}:\n{open(log, errors='replace').read()[-6000:]}" for log in logs)
+
+
+def lmforge(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True):
+    """Run the real CLI in a fresh process; returns CompletedProcess with text output."""
+    argv = [sys.executable, "-m", "lmforge.launcher.cli", *args]
+    proc = run_process(argv, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"lmforge {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"

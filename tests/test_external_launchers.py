@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -29,7 +28,7 @@ from lmforge.pretrain.core.errors import ConfigurationError
 from lmforge.pretrain.core.launch_env import first_host, join_launched_world, tasks_on_node
 from lmforge.pretrain.parallel.memory import estimate_memory
 from lmforge.pretrain.parallel.zero import deepspeed_config, zero_settings
-from tests.conftest import REPO
+from tests.conftest import REPO, run_process
 from tests.runs import _args, _rows
 
 HF_ZERO3 = os.path.join(REPO, "tests", "data", "ds_config_zero3_auto.json")
@@ -435,14 +434,7 @@ def _lmforge_script() -> str:
 
 
 def _run(argv: list[str], env: dict | None = None, timeout: float = 300):
-    return subprocess.run(
-        argv,
-        cwd=REPO,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_process(argv, env=env, timeout=timeout)
 
 
 def _provenance_world(run_dir: str) -> int:
