@@ -14,7 +14,6 @@ from torch import nn
 
 from lmforge.pretrain.checkpoint.store import read_trainer_state
 from lmforge.pretrain.config.schema import PretrainConfig
-from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
 from lmforge.pretrain.data.batches import TokenWindows, ValidationSet, tokenize_extra_val
 from lmforge.pretrain.model.flops import flops_per_token, param_counts
