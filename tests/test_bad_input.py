@@ -463,7 +463,6 @@ def _other_starts(id_: str, argv: list[str]) -> dict[str, list[str]]:
     return starts
 
 
-
 # --- shared fixtures ----------------------------------------------------------------------------
 
 
