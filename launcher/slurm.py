@@ -389,12 +389,6 @@ def check_job_start(profile: SlurmProfile, command: list[str]) -> None:
     the devices of its nodes, which this host may not have. Array indices are checked as 0."""
     if not command or command[0] not in TRAINING_COMMANDS:
         return
-    check_no_nproc(
-        command,
-        launcher="submit",
-        option="the profile's `nproc_per_node`",
-        usage="lmforge submit nproc_per_node=N -- {command} ...",
-    )
     args = [a.replace(INDEX, "0") for a in command_with_resume(command)[1:]]
     world = profile.nodes * profile.procs
     from lmforge.pretrain.core.safeload import TRUST_ENV  # (torch: not for --help)
@@ -523,6 +517,13 @@ def submit_chain(
             raise ConfigurationError(
                 f"`{stage[0]}` is not an lmforge command; a stage is one of: "
                 f"{', '.join(sorted(set(commands) - {'submit', 'launch'}))}"
+            )
+        if stage[0] in TRAINING_COMMANDS:  # its processes are the profile's to give
+            check_no_nproc(
+                stage,
+                launcher="submit",
+                option="the profile's `nproc_per_node`",
+                usage="lmforge submit nproc_per_node=N -- {command} ...",
             )
         if i == 0 and preflight:
             check_job_start(profile, stage)
