@@ -70,6 +70,7 @@ def run_process(argv: list[str], *, env: dict | None = None, timeout: float = 60
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
+            _abort_descendants(proc.pid)  # workers in sessions of their own too
             for sig, wait in ((signal.SIGABRT, 15), (signal.SIGKILL, None)):
                 try:
                     os.killpg(proc.pid, sig)
@@ -82,6 +83,25 @@ def run_process(argv: list[str], *, env: dict | None = None, timeout: float = 60
                 f"{out[-3000:]}\n{err[-12000:]}{_worker_logs(argv)}"
             ) from None
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _abort_descendants(pid: int) -> None:
+    """SIGABRT to every process below ``pid``, deepest first, each given a moment to print its
+    stacks (faulthandler) before its parent goes."""
+    import time
+
+    import psutil
+
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return
+    for child in reversed(children):
+        try:
+            child.send_signal(signal.SIGABRT)
+        except psutil.Error:
+            pass
+    time.sleep(3 if children else 0)
 
 
 def _worker_logs(argv: list[str]) -> str:
