@@ -308,6 +308,35 @@ def columns_of(task) -> tuple[list[str], list[str]]:
     return [getattr(task, k) for k in keys], [f"task.{k}" for k in keys]
 
 
+def _tagged_examples(task, tok, rows: list[dict], labels: list[str] | None, *, source: str):
+    """token_classification: one example per row of words and one BIO tag per word; the tag set
+    (found in these rows when ``labels`` is None)."""
+    from lmforge.finetune.metrics import validate_bio_labels
+
+    for r in rows:
+        words, tags = r[task.tokens_column], r[task.tags_column]
+        if not isinstance(words, list) or not isinstance(tags, list):
+            raise DataError(
+                f"{source}: `{task.tokens_column}` and `{task.tags_column}` must be lists "
+                f"(of words, of tags), an example has a {type(words).__name__} and a "
+                f"{type(tags).__name__}; write the examples as JSONL/Parquet lists"
+            )
+    if labels is None:
+        labels = label_set(t for r in rows for t in r[task.tags_column])
+    validate_bio_labels(labels)
+    made = []
+    for r in rows:
+        words, tags = list(r[task.tokens_column]), list(r[task.tags_column])
+        if len(words) != len(tags):
+            raise DataError(
+                f"{source}: an example has {len(words)} words but {len(tags)} tags; "
+                "give one tag per word"
+            )
+        tag_ids = label_ids(tags, labels, source=source)
+        made.append(token_classification_example(tok, words, tag_ids, task.max_len))
+    return made, labels
+
+
 def tokenize(
     task,
     tok,
@@ -351,29 +380,7 @@ def tokenize(
             made = pack(made, task.max_len)
             numbers = None  # an example holds several rows
     else:
-        from lmforge.finetune.metrics import validate_bio_labels
-
-        for r in rows:
-            words, tags = r[task.tokens_column], r[task.tags_column]
-            if not isinstance(words, list) or not isinstance(tags, list):
-                raise DataError(
-                    f"{source}: `{task.tokens_column}` and `{task.tags_column}` must be lists "
-                    f"(of words, of tags), an example has a {type(words).__name__} and a "
-                    f"{type(tags).__name__}; write the examples as JSONL/Parquet lists"
-                )
-        if labels is None:
-            labels = label_set(t for r in rows for t in r[task.tags_column])
-        validate_bio_labels(labels)
-        made = []
-        for r in rows:
-            words, tags = list(r[task.tokens_column]), list(r[task.tags_column])
-            if len(words) != len(tags):
-                raise DataError(
-                    f"{source}: an example has {len(words)} words but {len(tags)} tags; "
-                    "give one tag per word"
-                )
-            tag_ids = label_ids(tags, labels, source=source)
-            made.append(token_classification_example(tok, words, tag_ids, task.max_len))
+        made, labels = _tagged_examples(task, tok, rows, labels, source=source)
     kept = [m for m in made if m is not None]
     if not kept:
         raise DataError(f"{source}: every example is empty after tokenization; check the data")
