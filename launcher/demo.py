@@ -72,17 +72,6 @@ def pick_lr(runs: dict[str, str]) -> str:
     return max(runs, key=lambda lr: score[lr])
 
 
-def correct_per_example(path: str, data: str, batch_size: int = 32) -> list[int]:
-    """1 where the classifier at ``path`` (a run, checkpoint or export) predicts the label of an
-    example of the labelled file ``data``, else 0, in file order: the per-example scores whose
-    mean is `lmforge evaluate`'s accuracy, from the rows `lmforge evaluate --predictions`
-    writes."""
-    from lmforge.finetune.inference import evaluate_examples
-
-    rows = evaluate_examples(path, data=data, batch_size=batch_size).rows
-    return [int(r["correct"]) for r in rows]
-
-
 def read_correct(predictions: str) -> list[int]:
     """The per-example scores of a `lmforge evaluate --predictions` file: 1 where right."""
     with open(predictions, encoding="utf-8") as f:

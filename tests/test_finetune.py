@@ -220,7 +220,8 @@ def test_pretrained_vs_scratch_at_equal_budget(ft_runs, base_run, rt, report):
     data, steps and schedule from the pretrained weights and from new ones; the demo's
     per-example scores, paired difference and pick by validation accuracy on these runs; both
     accuracies and the difference go to the test report."""
-    from lmforge.launcher.demo import comparison_lines, correct_per_example, pick_lr
+    from lmforge.finetune.inference import evaluate_examples
+    from lmforge.launcher.demo import comparison_lines, pick_lr
 
     pre_run = ft_runs(1, "model.dropout=0.0")
     scratch_run = ft_runs(1, "model.dropout=0.0", "from_scratch=true")
@@ -234,7 +235,10 @@ def test_pretrained_vs_scratch_at_equal_budget(ft_runs, base_run, rt, report):
     assert pre[0]["loss"] != scratch[0]["loss"]  # really two different starting points
     a, b = pre[-1], scratch[-1]
     # per-example scores whose means are the runs' own validation accuracies
-    scores = [correct_per_example(run, rt["val"]) for run in (pre_run, scratch_run)]
+    scores = [
+        [int(r["correct"]) for r in evaluate_examples(run, data=rt["val"]).rows]
+        for run in (pre_run, scratch_run)
+    ]
     for row, correct in zip((a, b), scores, strict=True):
         assert len(correct) == row["n"] == 96 and sum(correct) / 96 == row["accuracy"]
     lines = comparison_lines(*scores, "reviews")
