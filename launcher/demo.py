@@ -149,6 +149,18 @@ def transformers_accuracy(export: str, test_csv: str) -> tuple[float, list[int]]
     return correct / len(rows), preds
 
 
+def majority_baseline(train: str, test: str) -> tuple[str, float, int]:
+    """The most common label of the ``train`` CSV, its accuracy on ``test``, and how many
+    examples ``test`` holds."""
+    labels = {}
+    for name, path in (("train", train), ("test", test)):
+        with open(path, encoding="utf-8", newline="") as f:
+            labels[name] = [r["label"] for r in csv.DictReader(f)]
+    majority = max(set(labels["train"]), key=labels["train"].count)
+    hits = sum(label == majority for label in labels["test"])
+    return majority, hits / len(labels["test"]), len(labels["test"])
+
+
 def main() -> int:
     import torch
 
@@ -205,28 +217,17 @@ def main() -> int:
     step("5/6 export the picked classifier to Hugging Face format", "export", ft, "--out", EXPORT)
     test = f"{TASK}/test.csv"
     predictions = {run: os.path.join(run, "test_predictions.jsonl") for run in (ft, scratch_run)}
-    ours = json.loads(
-        step(
-            "5/6 evaluate the export on the test split (and each review's prediction)",
-            "evaluate",
-            EXPORT,
-            "--data",
-            test,
-            "--predictions",
-            predictions[ft],
-            capture=True,
+    ours, scratch = (
+        json.loads(
+            step(
+                f"5/6 evaluate {what} on the test split",
+                *("evaluate", path, "--data", test, "--predictions", file),
+                capture=True,
+            )
         )
-    )
-    scratch = json.loads(
-        step(
-            "5/6 evaluate the picked from-scratch model on the test split",
-            "evaluate",
-            scratch_run,
-            "--data",
-            test,
-            "--predictions",
-            predictions[scratch_run],
-            capture=True,
+        for what, path, file in (
+            ("the export (and each review's prediction)", EXPORT, predictions[ft]),
+            ("the picked from-scratch model", scratch_run, predictions[scratch_run]),
         )
     )
     per_example = {run: read_correct(file) for run, file in predictions.items()}
@@ -247,12 +248,7 @@ def main() -> int:
         entropy = json.load(f)["unigram_entropy_nats"]
     val = last_eval(RUN)
     gap = entropy - val["val_loss"]
-    with open(f"{TASK}/train.csv", encoding="utf-8", newline="") as f:
-        train_labels = [r["label"] for r in csv.DictReader(f)]
-    with open(test, encoding="utf-8", newline="") as f:
-        test_labels = [r["label"] for r in csv.DictReader(f)]
-    majority = max(set(train_labels), key=train_labels.count)
-    baseline = sum(lbl == majority for lbl in test_labels) / len(test_labels)
+    majority, baseline, n_test = majority_baseline(f"{TASK}/train.csv", test)
 
     def chosen(base: str) -> str:
         """The arm's learning rate and the validation accuracies it was picked by."""
@@ -265,7 +261,7 @@ def main() -> int:
         f"pretrain:  val_loss {val['val_loss']:.3f} nats vs unigram entropy {entropy:.3f}: "
         f"{gap:.2f} nats below (goal >= 1)\n"
         f"finetune: each arm at learning rates {', '.join(LRS)}, keeping its best on the val "
-        f"split; test split, {len(test_labels):,} reviews:\n"
+        f"split; test split, {n_test:,} reviews:\n"
         f"  from pretrained  {chosen(FT)}  test accuracy {ours['accuracy']:.4f}  macro-F1 "
         f"{ours['macro_f1']:.4f}\n"
         f"  from scratch     {chosen(SCRATCH)}  test accuracy {scratch['accuracy']:.4f}  macro-F1 "
