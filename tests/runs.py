@@ -12,8 +12,9 @@ import pytest
 from lmforge.pretrain.config.schema import PretrainConfig, load_config, to_yaml
 from lmforge.pretrain.train.loop import TIME_FIELDS
 
-# Logging that only a person watching would read: no progress bar, no TensorBoard files.
-QUIET = ["logging.progress=false", "logging.tensorboard=false"]
+# Logging that only a person watching would read: no progress bar, no TensorBoard files, no
+# loss_vs_flops.png.
+QUIET = ["logging.progress=false", "logging.tensorboard=false", "logging.plot=false"]
 
 # The smallest model that trains: 1 layer, width 32, 32-token windows, 2 per micro-batch, fp32.
 TINY = [

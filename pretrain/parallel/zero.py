@@ -155,6 +155,20 @@ def hidden_size_of(model: nn.Module) -> int | None:
     return max(dims) if dims else None
 
 
+def skip_cpu_inference_kernel() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce kernel.
+
+    On CPU, DeepSpeed's communication backend builds that C++ kernel (about 30 s, with a
+    compiler, on a machine's first DeepSpeed run) the moment it starts. Only its
+    `inference_all_reduce` uses it (inference-time tensor parallelism); the collectives of
+    training go through torch.distributed (gloo), and `inference_all_reduce` itself falls back
+    to them without the kernel. DeepSpeed keeps the ops it may build in one dict that it reads
+    when the backend starts (edits to it are kept, by design), so it is marked unavailable."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedStrategy(Strategy):
     """A DeepSpeed engine with ZeRO stage 0-3 and optional CPU offload (deepspeed is imported
     only here). The engine owns gradient accumulation, clipping and the optimizer step; lmforge's
@@ -170,6 +184,8 @@ class DeepSpeedStrategy(Strategy):
         cuda = use_cuda()
         self.precision = resolve_precision(precision, device_type="cuda" if cuda else "cpu")
         single_process_env()
+        if not cuda:
+            skip_cpu_inference_kernel()
         # On CPU DeepSpeed picks its CPU accelerator and falls back to gloo without oneCCL.
         deepspeed.init_distributed(
             dist_backend="nccl" if cuda else "gloo",
