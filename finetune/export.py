@@ -37,7 +37,11 @@ import torch
 import yaml
 
 from lmforge.finetune.hf_mapping import ARCHITECTURES, llama_config, to_hf_name
-from lmforge.finetune.hf_tokenizer import instruction_chat_template, write_hf_tokenizer
+from lmforge.finetune.hf_tokenizer import (
+    instruction_chat_template,
+    write_hf_tokenizer,
+    write_hub_tokenizer,
+)
 from lmforge.finetune.model import ModelSource, build_model, load_source
 from lmforge.pretrain.checkpoint.consolidate import DTYPES
 from lmforge.pretrain.core.durable import (
@@ -47,7 +51,7 @@ from lmforge.pretrain.core.durable import (
     write_durable,
 )
 from lmforge.pretrain.core.errors import ConfigurationError
-from lmforge.pretrain.data.tokenizer import Tokenizer
+from lmforge.pretrain.data.tokenizer import Tokenizer, load_tokenizer
 
 PIPELINE_TAGS = {
     None: "text-generation",
@@ -97,10 +101,11 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
     src = load_source(path)
     if src.tokenizer is None:
         raise ConfigurationError(
-            f"{path} does not name its SentencePiece tokenizer (or the file moved); an export "
-            "needs it: put tokenizer.model next to the weights"
+            f"{path} does not name its tokenizer (or the file moved); an export needs it: put "
+            "the tokenizer.model (or tokenizer.json and its files) it trained with next to the "
+            "weights"
         )
-    tok = Tokenizer(src.tokenizer)
+    tok = load_tokenizer(src.tokenizer)
     if tok.vocab_size != src.model.vocab_size:
         raise ConfigurationError(
             f"{src.tokenizer} has {tok.vocab_size} pieces but the model's vocabulary is "
@@ -120,7 +125,8 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
         "architectures": [ARCHITECTURES[kind]],
         "bos_token_id": tok.bos_id,
         "eos_token_id": tok.eos_id,
-        "pad_token_id": tok.eos_id,  # the SentencePiece model has no pad piece
+        # lmforge's SentencePiece models have no pad piece: padded positions are masked anyway
+        "pad_token_id": tok.pad_id if tok.pad_id is not None else tok.eos_id,
         "torch_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
     }
     if src.n_out is not None:
@@ -149,15 +155,17 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
         config.save_pretrained(tmp)
         save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         _generation_config(tok, kind).save_pretrained(tmp)
-        write_hf_tokenizer(
-            str(tok.path),
-            tmp,
-            model_max_length=prep.model_max_length,
-            truncation_side=prep.truncation_side,
-            padding_side=prep.padding_side,
-            chat_template=prep.chat_template,
-        )
-        shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.model"))
+        tokenizer_settings = {
+            "model_max_length": prep.model_max_length,
+            "truncation_side": prep.truncation_side,
+            "padding_side": prep.padding_side,
+            "chat_template": prep.chat_template,
+        }
+        if tok.kind == "sentencepiece":
+            write_hf_tokenizer(str(tok.path), tmp, **tokenizer_settings)
+            shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.model"))
+        else:
+            write_hub_tokenizer(tok, tmp, **tokenizer_settings)
         write_durable(os.path.join(tmp, "lmforge.json"), json.dumps(meta, indent=1).encode())
         card = model_card(src, meta, arch=ARCHITECTURES[kind], out=out, prep=prep)
         write_durable(os.path.join(tmp, "README.md"), card.encode())

@@ -1,11 +1,13 @@
-"""Hugging Face tokenizer files for an lmforge SentencePiece model.
+"""Hugging Face tokenizer files for an export: made for an lmforge SentencePiece model
+(`write_hf_tokenizer`), or copied from the Hugging Face tokenizer a model came with
+(`write_hub_tokenizer`).
 
 `write_hf_tokenizer` writes `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`
 and a copy of the model as `tokenizer.model`, so that
 
     tok = transformers.AutoTokenizer.from_pretrained(out_dir)
-    tok(text)["input_ids"] == Tokenizer(model).encode(text)
-    tok.decode(ids) == Tokenizer(model).decode(ids)
+    tok(text)["input_ids"] == SentencePieceTokenizer(model).encode(text)
+    tok.decode(ids) == SentencePieceTokenizer(model).decode(ids)
 
 for any text. Letting transformers convert the `.model` itself does not give the same ids: its
 Llama conversion handles the dummy prefix differently and adds BOS. So `tokenizer.json` is built
@@ -68,7 +70,8 @@ from tokenizers import decoders, models, normalizers, processors
 
 from lmforge.pretrain.core.durable import replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError
-from lmforge.pretrain.data.tokenizer import Tokenizer
+from lmforge.pretrain.data.hub_tokenizer import HubTokenizer
+from lmforge.pretrain.data.tokenizer import SentencePieceTokenizer
 
 _Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 _SPACE = "\u2581"  # SentencePiece's visible space, "▁"
@@ -90,10 +93,8 @@ def write_hf_tokenizer(
     the existing directory `out_dir` (see the module docstring for what they reproduce).
     ``model_max_length`` and the sides: where transformers cuts with `truncation=True` and pads
     with `padding=True`; ``chat_template``: a Jinja template (`instruction_chat_template`)."""
-    for name, side in (("truncation_side", truncation_side), ("padding_side", padding_side)):
-        if side not in _SIDES:
-            raise ConfigurationError(f"{name}={side!r}: use left or right")
-    Tokenizer(sp_model_path)  # a missing or unreadable model raises a one-line DataError
+    _check_sides(truncation_side, padding_side)
+    SentencePieceTokenizer(sp_model_path)  # a missing or unreadable model: one-line DataError
     proto = sentencepiece_model_pb2.ModelProto()
     with open(sp_model_path, "rb") as f:
         model_bytes = f.read()
@@ -126,6 +127,47 @@ def write_hf_tokenizer(
     }
     for name, data in files.items():
         replace_durable(os.path.join(out_dir, name), data)
+
+
+def write_hub_tokenizer(
+    tok: HubTokenizer,
+    out_dir: str,
+    *,
+    model_max_length: int,
+    truncation_side: str = "right",
+    padding_side: str = "right",
+    chat_template: str | None = None,
+) -> None:
+    """Copy a Hugging Face tokenizer's files (`tok`: a tokenizer.json and the files beside it)
+    into the existing directory `out_dir`, its tokenizer_config.json given the export's
+    preprocessing as `write_hf_tokenizer` gives it. ``chat_template`` (an instruction model's)
+    replaces the tokenizer's own; without it the tokenizer's own template is kept."""
+    _check_sides(truncation_side, padding_side)
+    files = tok.files()
+    config = {}
+    if "tokenizer_config.json" in files:
+        config = json.loads(files["tokenizer_config.json"].read_text(encoding="utf-8"))
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config.update(
+        model_max_length=model_max_length,
+        truncation_side=truncation_side,
+        padding_side=padding_side,
+    )
+    if chat_template is not None:
+        config["chat_template"] = chat_template
+    for name, file in files.items():
+        if name == "tokenizer_config.json" or (
+            name == "chat_template.jinja" and chat_template is not None
+        ):
+            continue
+        replace_durable(os.path.join(out_dir, name), file.read_bytes())
+    replace_durable(os.path.join(out_dir, "tokenizer_config.json"), _json_bytes(config))
+
+
+def _check_sides(truncation_side: str, padding_side: str) -> None:
+    for name, side in (("truncation_side", truncation_side), ("padding_side", padding_side)):
+        if side not in _SIDES:
+            raise ConfigurationError(f"{name}={side!r}: use left or right")
 
 
 def instruction_chat_template(template: str) -> str:

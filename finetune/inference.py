@@ -20,7 +20,7 @@ from lmforge.finetune.data import IGNORE
 from lmforge.finetune.model import ModelSource, build_model, load_source
 from lmforge.pretrain.core.durable import replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
-from lmforge.pretrain.data.tokenizer import Tokenizer
+from lmforge.pretrain.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.pretrain.parallel.common import (
     DTYPES,
     cpu_supports_bf16,
@@ -37,7 +37,7 @@ def load_model(path: str):
             f"{path}: no tokenizer found; copy the tokenizer.model it was trained with (its "
             f"prepared data's) into {src.path}"
         )
-    tok = Tokenizer(src.tokenizer)
+    tok = load_tokenizer(src.tokenizer)
     if tok.vocab_size != src.model.vocab_size:
         raise ConfigurationError(
             f"{src.tokenizer} has {tok.vocab_size} pieces but the model's vocabulary is "

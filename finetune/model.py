@@ -23,6 +23,7 @@ import torch
 
 from lmforge.pretrain.config.schema import ModelConfig
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
+from lmforge.pretrain.data.tokenizer import find_tokenizer
 from lmforge.pretrain.model.transformer import GPT
 
 
@@ -77,12 +78,11 @@ def load_source(path: str) -> ModelSource:
         cfg = read_checkpoint_config(path)
         from safetensors.torch import load_file
 
-        tok = os.path.join(path, "tokenizer.model")
         return ModelSource(
             path=path,
             model=_model_cfg(cfg["model"]),
             load_weights=lambda: load_file(os.path.join(path, "model.safetensors")),
-            tokenizer=tok if os.path.isfile(tok) else None,
+            tokenizer=find_tokenizer(path),
             task=cfg.get("task") if "init_from" in cfg else None,
             lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
             compute=_compute(info, cfg),
@@ -177,12 +177,11 @@ def _load_hf(path: str) -> ModelSource:
         task = {"type": kind, "labels": labels, **meta.get("task", {})}
     elif meta.get("task"):
         task = meta["task"]
-    tok = os.path.join(path, "tokenizer.model")
     return ModelSource(
         path=path,
         model=model_cfg,
         load_weights=load_weights,
-        tokenizer=tok if os.path.isfile(tok) else None,
+        tokenizer=find_tokenizer(path),
         task=task,
         compute=meta.get("compute", {}),
         kind="hf",

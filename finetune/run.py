@@ -31,7 +31,7 @@ from lmforge.finetune.tasks import (
 from lmforge.pretrain.config.schema import ModelConfig, to_container
 from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
-from lmforge.pretrain.data.tokenizer import Tokenizer
+from lmforge.pretrain.data.tokenizer import Tokenizer, load_tokenizer
 from lmforge.pretrain.model.flops import trained_flops_per_token
 from lmforge.pretrain.model.transformer import GPT
 from lmforge.pretrain.run.session import RunSession, Workload, seed_everything
@@ -59,9 +59,9 @@ def resolve_base(cfg: FinetuneConfig) -> tuple[ModelSource | None, Tokenizer]:
             f"{cfg.init_from} does not say which tokenizer it was trained with; set "
             "tokenizer=<its SentencePiece .model>"
         )
-    tok = Tokenizer(path)
+    tok = load_tokenizer(path)
     if src is not None and cfg.tokenizer and src.tokenizer:
-        if Tokenizer(src.tokenizer).sha256 != tok.sha256:
+        if load_tokenizer(src.tokenizer).sha256 != tok.sha256:
             raise ConfigurationError(
                 f"tokenizer={cfg.tokenizer} is not the tokenizer {cfg.init_from} was trained "
                 f"with ({src.tokenizer}); drop `tokenizer` to use the base's"

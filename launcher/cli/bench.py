@@ -5,6 +5,7 @@ training."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from lmforge.launcher.cli.common import Handler, add_command, check_nproc, check_out_file
 from lmforge.pretrain.config.presets import names as preset_names
@@ -69,7 +70,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "scores in) against scoring --text one window per forward pass in fp32 (as evaluate did "
         "before), --batch-size windows per pass in fp32, and batched in the run's precision",
     )
-    sp.add_argument("--text", nargs="+", metavar="FILE", help="--evaluate: the text files scored")
+    sp.add_argument(
+        "--prepare",
+        action="store_true",
+        help="instead: `lmforge prepare`'s tokens/s next to the tokenizer library's own batch "
+        "encoder on the same documents and cores, for SentencePiece and byte-level BPE "
+        "(tokenizer.kind=bpe_bytes): the paragraphs of --text, else the bundled plays and "
+        "reviews repeated up to --megabytes",
+    )
+    sp.add_argument(
+        "--megabytes",
+        type=float,
+        default=32.0,
+        help="--prepare: the size of the bundled corpus (default 32)",
+    )
+    sp.add_argument(
+        "--vocab",
+        type=int,
+        default=8000,
+        help="--prepare: the tokenizers' vocabulary (default 8000)",
+    )
+    sp.add_argument(
+        "--text",
+        nargs="+",
+        metavar="FILE",
+        help="--evaluate: the text files scored; --prepare: the corpus",
+    )
     sp.add_argument(
         "--batch-size",
         type=int,
@@ -206,6 +232,17 @@ def _check_evaluate_bench(args: argparse.Namespace) -> None:
     check_out_file(args.out)
 
 
+def _check_prepare_bench(args: argparse.Namespace) -> None:
+    if args.megabytes <= 0:
+        raise ConfigurationError(f"--megabytes {args.megabytes}: give a positive size")
+    if args.vocab < 300:
+        raise ConfigurationError(f"--vocab {args.vocab}: give at least 300")
+    for file in args.text or ():
+        if not os.path.isfile(file):
+            raise ConfigurationError(f"--text {file}: no such file")
+    check_out_file(args.out)
+
+
 def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
     """Every value bench uses, before anything is timed (and the defaults that depend on the
     kind of bench)."""
@@ -215,6 +252,9 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
         raise ConfigurationError(f"--windows {args.windows}: give at least 1")
     if args.evaluate:
         _check_evaluate_bench(args)
+        return
+    if args.prepare:
+        _check_prepare_bench(args)
         return
     precisions = ("fp32", "bf16", "fp16") if args.strategies else ("fp32", "bf16")
     if args.precisions is None:
@@ -255,6 +295,16 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             batch_size=args.batch_size,
             micro_batch=args.micro_batch or bench.MICRO_BATCH,
             steps=args.steps or 20,
+            windows=args.windows,
+            out=args.out,
+        )
+    elif args.prepare:
+        from lmforge.launcher.bench_prepare import run_prepare_bench
+
+        run_prepare_bench(
+            files=args.text,
+            megabytes=args.megabytes,
+            vocab=args.vocab,
             windows=args.windows,
             out=args.out,
         )

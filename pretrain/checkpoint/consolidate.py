@@ -22,7 +22,6 @@ import shutil
 import torch
 
 from lmforge.pretrain.checkpoint.store import (
-    TOKENIZER_FILE,
     best_checkpoint,
     checkpoint_tokenizer,
     latest_checkpoint,
@@ -38,6 +37,7 @@ from lmforge.pretrain.core.durable import (
 )
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
 from lmforge.pretrain.core.safeload import deepspeed_reads
+from lmforge.pretrain.data.tokenizer import load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -91,7 +91,8 @@ def consolidate(path: str, *, out: str, dtype: str = "fp32") -> str:
         write_durable(os.path.join(tmp, "model.safetensors"), save(weights, {"format": "pt"}))
         shutil.copyfile(os.path.join(checkpoint, "config.yaml"), os.path.join(tmp, "config.yaml"))
         if tokenizer:
-            shutil.copyfile(tokenizer, os.path.join(tmp, TOKENIZER_FILE))
+            for name, file in load_tokenizer(tokenizer).files().items():
+                shutil.copyfile(file, os.path.join(tmp, name))
         info = {
             "checkpoint": os.path.abspath(checkpoint),
             "step": state.get("step"),

@@ -14,9 +14,11 @@ Layout of ``<run>/checkpoints/``::
                             it back: consolidate, export, generate, evaluate, init_from and
                             resume rebuild the weights from dcp/ or deepspeed/
         rng_rank00000.pt    python / numpy / torch (/ cuda) RNG states of each rank
-        tokenizer.model     the SentencePiece model the run trains with (rank 0), so that a
-                            checkpoint is usable wherever it is copied, without the prepared
-                            data (:func:`checkpoint_tokenizer` finds it)
+        tokenizer.model     the tokenizer the run trains with (rank 0): a SentencePiece model,
+        (or tokenizer.json  or a Hugging Face tokenizer.json with the files beside it that
+         and its files)     name its special tokens), so that a checkpoint is usable wherever
+                            it is copied, without the prepared data (:func:`checkpoint_tokenizer`
+                            finds it)
         trainer_state.json  counters, data position, scheduler, tokenizer sha256 (and, for
                             pretraining, the sha256 of the prepared data); no absolute paths
         config.yaml         the resolved config of the run
@@ -67,7 +69,6 @@ from lmforge.pretrain.core.durable import (
     digest_files,
     fsync_dir,
     replace_durable,
-    sha256_file,
     sha256_files,
     write_durable,
     write_durable_hashed,
@@ -77,7 +78,6 @@ from lmforge.pretrain.core.faults import fault_point
 
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def step_dir_name(step: int) -> str:
@@ -123,11 +123,12 @@ def save_checkpoint(
     config_yaml: str,
     keep_last: int,
     consolidated: bool,
-    tokenizer: bytes | None = None,
+    tokenizer: dict[str, bytes] | None = None,
 ) -> str:
     """Save a complete checkpoint of ``step`` under ``root``; every rank calls this together.
-    ``consolidated``: with the full weights as model.safetensors. ``tokenizer``: the bytes of the
-    SentencePiece model the run trains with, written as tokenizer.model by rank 0. A full disk (or quota) is one
+    ``consolidated``: with the full weights as model.safetensors. ``tokenizer``: the files of the
+    tokenizer the run trains with (name -> bytes, ``Tokenizer.files``), written by rank 0. A
+    full disk (or quota) is one
     :class:`CheckpointError` naming the place and the bytes needed; the partial checkpoint is
     removed and the previous one stays in use."""
     final, tmp = _places(root, step)
@@ -199,7 +200,7 @@ class AsyncCheckpointer:
         config_yaml: str,
         keep_last: int,
         consolidated: bool,
-        tokenizer: bytes | None = None,
+        tokenizer: dict[str, bytes] | None = None,
     ) -> None:
         """Start saving checkpoint ``step`` (every rank together); returns once the state is
         in host memory. The previous save is waited for first (its failure is raised).
@@ -299,7 +300,7 @@ def _file_writer(tmp: str, step: int, digests: Digests):
 
 
 def _small_files(
-    strategy, trainer_state: dict, config_yaml: str, tokenizer: bytes | None
+    strategy, trainer_state: dict, config_yaml: str, tokenizer: dict[str, bytes] | None
 ) -> dict[str, bytes]:
     """This rank's files besides model and optimizer state: its RNG states; on rank 0 the
     trainer state, the config and the tokenizer (when given)."""
@@ -310,8 +311,7 @@ def _small_files(
         state = dict(trainer_state, format_version=FORMAT_VERSION, world_size=strategy.world_size)
         files["trainer_state.json"] = json.dumps(state, indent=1).encode()
         files["config.yaml"] = config_yaml.encode()
-        if tokenizer is not None:
-            files[TOKENIZER_FILE] = tokenizer
+        files.update(tokenizer or {})
     return files
 
 
@@ -606,25 +606,29 @@ def read_trainer_state(path: str) -> dict:
 
 
 def checkpoint_tokenizer(path: str, state: dict) -> str | None:
-    """The SentencePiece model of checkpoint ``path`` (``state``: its trainer state): the
-    tokenizer.model it carries; for a checkpoint written before checkpoints carried one, the file
-    its trainer state names, while that is still there. Either must be the tokenizer the run
-    trained with (the sha256 the trainer state records), else one line says which file to put
-    where. None when there is none."""
-    candidates = [os.path.join(path, TOKENIZER_FILE)]
+    """The main file of the tokenizer of checkpoint ``path`` (``state``: its trainer state): the
+    one it carries (tokenizer.model, or tokenizer.json with the files beside it); for a
+    checkpoint written before checkpoints carried one, the file its trainer state names, while
+    that is still there. Either must be the tokenizer the run trained with (the sha256 the
+    trainer state records), else one line says which file to put where. None when there is
+    none."""
+    from lmforge.pretrain.data.tokenizer import find_tokenizer, load_tokenizer
+
     recorded = state.get("tokenizer")
-    if isinstance(recorded, str) and recorded:
-        candidates.append(os.path.join(path, recorded))  # (an absolute path stays as it is)
+    candidates = [
+        find_tokenizer(path),
+        os.path.join(path, recorded) if isinstance(recorded, str) and recorded else None,
+    ]  # (an absolute path that the state names stays as it is)
     want = state.get("tokenizer_sha256")
     for file in candidates:
-        if not os.path.isfile(file):
+        if file is None or not os.path.isfile(file):
             continue
-        got = sha256_file(file)
+        got = load_tokenizer(file).sha256
         if isinstance(want, str) and got != want:
             raise CheckpointError(
                 f"{file} is not the tokenizer {path} was trained with (sha256 {got[:12]}… != "
-                f"{want[:12]}…); copy the tokenizer.model it was trained with (its prepared "
-                f"data's) to {os.path.join(path, TOKENIZER_FILE)}"
+                f"{want[:12]}…); copy the tokenizer it was trained with (its prepared data's "
+                f"{os.path.basename(file)} and the files beside it) into {path}"
             )
         return file
     return None

@@ -99,14 +99,20 @@ class SourceConfig:
 
 @dataclass
 class TokenizerConfig:
-    """SentencePiece tokenizer: trained on the corpus, or reused."""
+    """The tokenizer: trained on the corpus, or one that exists (a model's own)."""
 
     path: str | None = None
-    """An existing SentencePiece `.model` to reuse; null trains a new one on the corpus."""
+    """An existing tokenizer to reuse: a SentencePiece `.model`, a Hugging Face `tokenizer.json`
+    (its `tokenizer_config.json` beside it names the special tokens), or a model directory
+    holding either (such as one downloaded from the Hub); null trains a new one on the corpus."""
+    kind: Literal["sentencepiece", "bpe_bytes"] = "sentencepiece"
+    """What a newly trained tokenizer is: SentencePiece (BPE or Unigram over characters, with
+    byte fallback), or bpe_bytes: byte-level BPE as GPT-2, Llama 3 and Qwen use, written as a
+    Hugging Face tokenizer.json."""
     vocab_size: int = 8000
-    """Vocabulary size of a newly trained tokenizer (special and byte-fallback pieces included)."""
+    """Vocabulary size of a newly trained tokenizer (special and byte pieces included)."""
     model_type: Literal["bpe", "unigram"] = "bpe"
-    """SentencePiece model type."""
+    """SentencePiece model type (with kind=sentencepiece)."""
     train_max_bytes: int = 50_000_000
     """At most this many bytes of text (first in corpus order) are used to train the tokenizer."""
     add_bos: bool = False
@@ -114,14 +120,30 @@ class TokenizerConfig:
     newline_pieces: bool = True
     """Train on whole documents, newlines included, so that pieces such as "\\n", "\\n\\n" or
     ".\\n" are learned (the demo plays: 10% fewer tokens); false = train line by line, so that
-    every newline is the byte-fallback piece `<0x0A>`. Only for a newly trained tokenizer."""
+    every newline is the byte-fallback piece `<0x0A>`. Only for a newly trained SentencePiece
+    tokenizer."""
 
     def __post_init__(self) -> None:
         if self.path is None and self.vocab_size < 300:
             raise ConfigurationError(
-                f"`tokenizer.vocab_size`={self.vocab_size} is too small: byte fallback alone needs "
-                "256 pieces plus specials; use at least 300"
+                f"`tokenizer.vocab_size`={self.vocab_size} is too small: the 256 byte pieces and "
+                "the special tokens alone need more; use at least 300"
             )
+        if self.kind == "bpe_bytes":
+            if self.path is not None:
+                raise ConfigurationError(
+                    "`tokenizer.kind`=bpe_bytes trains a tokenizer, but `tokenizer.path` names "
+                    f"one to reuse ({self.path}); drop one of them"
+                )
+            for key, value, default in (
+                ("model_type", self.model_type, "bpe"),
+                ("newline_pieces", self.newline_pieces, True),
+            ):
+                if value != default:
+                    raise ConfigurationError(
+                        f"`tokenizer.{key}`={value} is a SentencePiece option, not one of "
+                        "`tokenizer.kind`=bpe_bytes; drop it or use kind=sentencepiece"
+                    )
 
 
 @dataclass

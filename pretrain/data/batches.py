@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lmforge.pretrain.core.errors import DataError
-from lmforge.pretrain.data.tokenizer import Tokenizer
+from lmforge.pretrain.data.tokenizer import load_tokenizer
 
 
 class TokenWindows:
@@ -432,7 +432,7 @@ def tokenize_extra_val(paths: Sequence[str], *, tokenizer_path: str, add_bos: bo
     """``(name, tokens)`` of each held-out text file (``train.extra_val``): the whole file as one
     document, as prepare writes one (``[bos]`` when the data has it, the text, ``[eos]``); the
     name is the file name without its extension."""
-    tok = Tokenizer(tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
     out = []
     for path in paths:
         try:

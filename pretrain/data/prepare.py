@@ -65,14 +65,23 @@ import pyarrow.compute as pc
 from lmforge.pretrain.config.schema import PrepareConfig, to_container
 from lmforge.pretrain.core.durable import check_writable, fsync_dir, replace_durable, sha256_file
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
+from lmforge.pretrain.data.hub_tokenizer import MAIN_FILE as HUB_MAIN_FILE
+from lmforge.pretrain.data.hub_tokenizer import SIDE_FILES as HUB_SIDE_FILES
 from lmforge.pretrain.data.sources import LoadedSource, load_source, resolve_source_path  # noqa: F401
-from lmforge.pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from lmforge.pretrain.data.tokenizer import (
+    SENTENCEPIECE_FILE,
+    Tokenizer,
+    load_tokenizer,
+    train_tokenizer,
+    training_lines,
+)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-TOKENIZER_FILE = "tokenizer.model"
 SPLITS = ("train", "val")
 
+# Every file a tokenizer of either kind may have in a prepared directory.
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HUB_MAIN_FILE, *HUB_SIDE_FILES)
 _SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.bin$")
 # Tokenizing runs at ~3 MB/s per core and a worker process costs ~1 s to start: below this much
 # text per process, extra processes do not pay.
@@ -167,7 +176,7 @@ class _TokenizeBatch:
 
     def __call__(self, batch: dict, indices: list[int]) -> dict:
         if self._tokenizer is None:
-            self._tokenizer = Tokenizer(self.tokenizer_path)
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
         tok = self._tokenizer
         texts = batch["text"]
         is_val, copies = assign_documents(
@@ -224,25 +233,42 @@ def _tokenize_source(
         }
     )
     started = time.perf_counter()
-    tokenized = ds.map(
-        _TokenizeBatch(tokenizer_path=str(tok.path), source=source, cfg=cfg, threads=threads),
-        batched=True,
-        batch_size=batch_rows,
-        writer_batch_size=batch_rows,
-        with_indices=True,
-        remove_columns=ds.column_names,
-        features=features,
-        num_proc=num_proc if num_proc > 1 else None,
-        cache_file_name=str(work / "cache" / f"tokens-{source.index}.arrow"),
-        load_from_cache_file=False,
-        new_fingerprint=f"lmforge-{source.index}-{uuid.uuid4().hex[:16]}",
-        desc=f"tokenizing {source.name}",
-    )
+    with _library_threads(num_proc):
+        tokenized = ds.map(
+            _TokenizeBatch(tokenizer_path=str(tok.path), source=source, cfg=cfg, threads=threads),
+            batched=True,
+            batch_size=batch_rows,
+            writer_batch_size=batch_rows,
+            with_indices=True,
+            remove_columns=ds.column_names,
+            features=features,
+            num_proc=num_proc if num_proc > 1 else None,
+            cache_file_name=str(work / "cache" / f"tokens-{source.index}.arrow"),
+            load_from_cache_file=False,
+            new_fingerprint=f"lmforge-{source.index}-{uuid.uuid4().hex[:16]}",
+            desc=f"tokenizing {source.name}",
+        )
     log(
         f"tokenized {source.name}: {len(ds):,} documents, {nbytes / 1e6:.1f} MB in "
         f"{time.perf_counter() - started:.1f} s ({num_proc} process(es))"
     )
     return tokenized
+
+
+@contextlib.contextmanager
+def _library_threads(num_proc: int):
+    """Hugging Face tokenizers use a thread pool of all cores in every process: with several
+    worker processes (one per core) each encodes on its own thread, as SentencePiece's are told
+    to (``threads``). Set for the workers to inherit, which also keeps the library from warning
+    in each of them that it was forked after its threads were used (training bpe_bytes)."""
+    if num_proc <= 1 or "TOKENIZERS_PARALLELISM" in os.environ:
+        yield
+        return
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        del os.environ["TOKENIZERS_PARALLELISM"]
 
 
 def _train_documents(sources: list[LoadedSource], cfg: PrepareConfig) -> Iterator[str]:
@@ -426,8 +452,8 @@ def _publish(work: Path, out: Path, manifest: dict) -> None:
     never pairs a manifest with files of another run."""
     (out / MANIFEST).unlink(missing_ok=True)
     fsync_dir(out)
-    for old in out.iterdir():
-        if _SHARD_NAME.match(old.name):
+    for old in out.iterdir():  # shards, and the files of an earlier tokenizer
+        if _SHARD_NAME.match(old.name) or old.name in TOKENIZER_FILES:
             old.unlink()
     for new in sorted(work.iterdir()):
         if new.is_file():
@@ -439,45 +465,63 @@ def _publish(work: Path, out: Path, manifest: dict) -> None:
 def _get_tokenizer(
     sources: list[LoadedSource], cfg: PrepareConfig, work: Path, log: Log
 ) -> Tokenizer:
-    target = work / TOKENIZER_FILE
+    """The run's tokenizer, its files written into ``work``: the one ``tokenizer.path`` names
+    (copied), else one trained on the corpus (``tokenizer.kind``)."""
     started = time.perf_counter()
-    if cfg.tokenizer.path:
-        given = Tokenizer(cfg.tokenizer.path)
-        shutil.copyfile(given.path, target)
-        with open(target, "rb") as f:
-            os.fsync(f.fileno())
-        tok = Tokenizer(target)
-        log(f"tokenizer: reusing {given.path} (vocab {tok.vocab_size:,})")
+    tcfg = cfg.tokenizer
+    if tcfg.path:
+        given = load_tokenizer(tcfg.path)
+        for name, file in given.files().items():
+            shutil.copyfile(file, work / name)
+            with open(work / name, "rb") as f:
+                os.fsync(f.fileno())
+        tok = load_tokenizer(work / given.file_name)
+        log(f"tokenizer: reusing {given.path} ({tok.kind}, vocab {tok.vocab_size:,})")
+        for note in given.notes:  # what it uses where its files are silent
+            log(note)
     else:
         try:
-            tok = train_tokenizer(
-                texts=_train_documents(sources, cfg),
-                out_path=target,
-                vocab_size=cfg.tokenizer.vocab_size,
-                model_type=cfg.tokenizer.model_type,
-                max_bytes=cfg.tokenizer.train_max_bytes,
-                newline_pieces=cfg.tokenizer.newline_pieces,
-            )
+            tok = _train_tokenizer(sources, cfg, work)
         except DataError:
             if next(_train_documents(sources, cfg), None) is None:
                 what = "put every document into the validation split"
                 raise _split_error(sources, cfg, what) from None
             raise
+        what = "sentencepiece " + tcfg.model_type if tcfg.kind == "sentencepiece" else tcfg.kind
         log(
-            f"tokenizer: trained {cfg.tokenizer.model_type} vocab {tok.vocab_size:,} in "
+            f"tokenizer: trained {what} vocab {tok.vocab_size:,} in "
             f"{time.perf_counter() - started:.1f} s"
         )
+    named = tcfg.path or "the trained tokenizer"
     if tok.eos_id is None:
         raise DataError(
-            f"tokenizer {cfg.tokenizer.path} has no EOS piece, which ends every document; "
-            "use a SentencePiece model with eos_id set"
+            f"tokenizer {named} has no EOS token, which ends every document; use a tokenizer "
+            "whose files name one (eos_token in tokenizer_config.json, eos_id in SentencePiece)"
         )
-    if cfg.tokenizer.add_bos and tok.bos_id is None:
+    if tcfg.add_bos and tok.bos_id is None:
         raise DataError(
-            f"`tokenizer.add_bos`=true but tokenizer {cfg.tokenizer.path} has no BOS piece; "
-            "set add_bos=false or use a model with bos_id set"
+            f"`tokenizer.add_bos`=true but tokenizer {named} has no BOS token; "
+            "set tokenizer.add_bos=false or use a tokenizer that has one"
         )
     return tok
+
+
+def _train_tokenizer(sources: list[LoadedSource], cfg: PrepareConfig, work: Path) -> Tokenizer:
+    tcfg = cfg.tokenizer
+    if tcfg.kind == "bpe_bytes":
+        from lmforge.pretrain.data.hub_tokenizer import train_bpe_bytes
+
+        stats = {"bytes": 0, "documents": 0}
+        lines = training_lines(_train_documents(sources, cfg), tcfg.train_max_bytes, stats)
+        return train_bpe_bytes(lines=lines, out_dir=work, vocab_size=tcfg.vocab_size, stats=stats)
+    return train_tokenizer(
+        texts=_train_documents(sources, cfg),
+        out_path=work / SENTENCEPIECE_FILE,
+        vocab_size=tcfg.vocab_size,
+        model_type=tcfg.model_type,
+        max_bytes=tcfg.train_max_bytes,
+        newline_pieces=tcfg.newline_pieces,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -674,7 +718,8 @@ def _prepare_in(cfg: PrepareConfig, out: Path, work: Path, log: Log) -> dict:
         "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tokenizer": {
-            "file": TOKENIZER_FILE,
+            "file": tok.file_name,
+            "kind": tok.kind,
             "sha256": tok.sha256,
             "vocab_size": tok.vocab_size,
             "bos_id": tok.bos_id,
@@ -731,7 +776,7 @@ def load_manifest(path: str | os.PathLike) -> dict:
         tokenizer_path = root / tokenizer["file"]
         if not tokenizer_path.is_file():
             raise DataError(f"tokenizer {tokenizer_path} is missing; {redo}")
-        if sha256_file(tokenizer_path) != tokenizer["sha256"]:
+        if load_tokenizer(tokenizer_path).sha256 != tokenizer["sha256"]:
             raise DataError(f"tokenizer {tokenizer_path} does not match its sha256; {redo}")
         for split in SPLITS:
             info = manifest["splits"][split]

@@ -1,6 +1,9 @@
-"""SentencePiece tokenizer: train one on a text stream, or load a `.model` file.
+"""Tokenizers: the one interface lmforge reads text through (`Tokenizer`, `load_tokenizer`), and
+its SentencePiece backend: train one on a text stream, or load a `.model` file. The other
+backend, Hugging Face's `tokenizer.json` (Hub models' tokenizers, and byte-level BPE trained
+with `tokenizer.kind=bpe_bytes`), is in hub_tokenizer.py.
 
-The training options make `decode(encode(s)) == s` exact for any text without U+2581:
+SentencePiece training options make `decode(encode(s)) == s` exact for any text without U+2581:
 
 - `normalization_rule_name="identity"`: no NFKC, so "ﬁ" or a combining accent stay as written;
 - `remove_extra_whitespaces=False`: otherwise "  two  spaces " decodes as "two spaces";
@@ -40,6 +43,8 @@ from lmforge.pretrain.core.errors import DataError
 # cut into chunks of this many characters (<= 4 bytes each) to stay under the limit below.
 _TRAIN_CHUNK_CHARS = 4096
 _MAX_SENTENCE_BYTES = 4 * _TRAIN_CHUNK_CHARS
+# The name a SentencePiece model has wherever lmforge keeps one (data, checkpoints, exports).
+SENTENCEPIECE_FILE = "tokenizer.model"
 
 
 def _optional_id(value: int) -> int | None:
@@ -48,27 +53,17 @@ def _optional_id(value: int) -> int | None:
 
 
 class Tokenizer:
-    """A SentencePiece model file with the few calls lmforge needs.
+    """What lmforge needs of a tokenizer, whatever its backend: ids of text and text of ids, its
+    special ids, and the files that carry it (copied into prepared data, checkpoints and
+    exports). Nothing outside this module knows which backend it is; `load_tokenizer` picks it.
 
     Picklable (it pickles its path and reloads), so it can be used inside `datasets.map` workers.
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise DataError(
-                f"tokenizer model not found: {self.path}; set `tokenizer.path` to a SentencePiece "
-                ".model file (or to null to train one)"
-            )
-        self._sp = spm.SentencePieceProcessor()
-        try:
-            self._sp.Load(str(self.path))
-        except (OSError, RuntimeError) as exc:
-            raise DataError(
-                f"{self.path} is not a SentencePiece model ({str(exc).splitlines()[0]}); "
-                "point `tokenizer.path` at a .model file written by SentencePiece"
-            ) from None
-        self.sha256 = sha256_file(self.path)
+    kind: str  # "sentencepiece" or "huggingface", as manifests record it
+    path: Path  # its main file (a `.model`, or a `tokenizer.json`)
+    sha256: str  # its identity: of the main file, and of the files beside it that it reads
+    notes: Sequence[str] = ()  # what it uses where its files are silent (one line each, to print)
 
     def __getstate__(self) -> dict:
         return {"path": str(self.path)}
@@ -77,7 +72,73 @@ class Tokenizer:
         self.__init__(state["path"])  # type: ignore[misc]
 
     def __repr__(self) -> str:
-        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+        return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+    def files(self) -> dict[str, Path]:
+        """The files that carry this tokenizer, by the name each has wherever lmforge keeps it
+        (prepared data, checkpoints, exports): the main file first."""
+        raise NotImplementedError
+
+    @property
+    def file_name(self) -> str:
+        """The name its main file has wherever lmforge keeps it."""
+        return next(iter(self.files()))
+
+    vocab_size: int
+    bos_id: int | None  # None where the tokenizer has none
+    eos_id: int | None
+    pad_id: int | None
+    unk_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (no BOS/EOS added; special-token names in it are plain text)."""
+        raise NotImplementedError
+
+    def encode_batch(self, texts: Sequence[str], *, num_threads: int = -1) -> list[list[int]]:
+        """Token ids of each text, spread over `num_threads` threads (-1 = all cores)."""
+        raise NotImplementedError
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens (BOS, EOS, padding) decode to nothing."""
+        raise NotImplementedError
+
+    def id_to_piece(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def byte_piece_mask(self) -> np.ndarray:
+        """A bool per id: whether it is a byte-fallback piece (`<0x..>`)."""
+        raise NotImplementedError
+
+
+def _ids(ids: Iterable[int]) -> list[int]:
+    return ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]  # numpy arrays too
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece `.model` file (trained by `lmforge prepare`, or brought along)."""
+
+    kind = "sentencepiece"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(
+                f"tokenizer model not found: {self.path}; set `tokenizer.path` to a SentencePiece "
+                ".model file, a tokenizer.json or a directory holding one (or to null to train one)"
+            )
+        self._sp = spm.SentencePieceProcessor()
+        try:
+            self._sp.Load(str(self.path))
+        except (OSError, RuntimeError) as exc:
+            raise DataError(
+                f"{self.path} is not a SentencePiece model ({str(exc).splitlines()[0]}); "
+                "point `tokenizer.path` at a .model file written by SentencePiece, or at a "
+                "Hugging Face tokenizer.json"
+            ) from None
+        self.sha256 = sha256_file(self.path)
+
+    def files(self) -> dict[str, Path]:
+        return {SENTENCEPIECE_FILE: self.path}
 
     @property
     def vocab_size(self) -> int:
@@ -85,17 +146,15 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int | None:
-        """Id of `<s>`, or None when the model has none."""
         return _optional_id(self._sp.bos_id())
 
     @property
     def eos_id(self) -> int | None:
-        """Id of `</s>`, or None when the model has none."""
         return _optional_id(self._sp.eos_id())
 
     @property
     def pad_id(self) -> int | None:
-        """Id of `<pad>`; None for lmforge's tokenizers (they have no padding piece)."""
+        """None for lmforge's tokenizers (they have no padding piece)."""
         return _optional_id(self._sp.pad_id())
 
     @property
@@ -103,25 +162,52 @@ class Tokenizer:
         return _optional_id(self._sp.unk_id())
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no BOS/EOS added)."""
         return self._sp.EncodeAsIds(text)
 
     def encode_batch(self, texts: Sequence[str], *, num_threads: int = -1) -> list[list[int]]:
-        """Token ids of each text; SentencePiece spreads the batch over `num_threads` threads
-        (-1 = all cores)."""
         return self._sp.Encode(list(texts), num_threads=num_threads)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; control pieces (BOS, EOS) decode to nothing."""
-        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]  # numpy arrays
-        return self._sp.DecodeIds(ids)
+        return self._sp.DecodeIds(_ids(ids))
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.IdToPiece(int(token_id))
 
     def byte_piece_mask(self) -> np.ndarray:
-        """A bool per id: whether it is a byte-fallback piece (`<0x..>`)."""
         return np.array([self._sp.IsByte(i) for i in range(self.vocab_size)], dtype=bool)
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """The tokenizer at `path`: a SentencePiece `.model` file, a Hugging Face `tokenizer.json`
+    (with the files beside it), or a directory holding either. A directory with both (Llama 2,
+    lmforge's own exports) is read through its `tokenizer.model`, the file the other is made
+    from."""
+    from lmforge.pretrain.data.hub_tokenizer import MAIN_FILE, HubTokenizer
+
+    p = Path(path)
+    if p.is_dir():
+        if (p / SENTENCEPIECE_FILE).is_file():
+            return SentencePieceTokenizer(p / SENTENCEPIECE_FILE)
+        if (p / MAIN_FILE).is_file():
+            return HubTokenizer(p / MAIN_FILE)
+        raise DataError(
+            f"{p} holds no tokenizer (no {SENTENCEPIECE_FILE} and no {MAIN_FILE}); point "
+            "`tokenizer.path` at the directory of a model that has one, or at the file itself"
+        )
+    if p.suffix == ".json":
+        return HubTokenizer(p)
+    return SentencePieceTokenizer(p)
+
+
+def find_tokenizer(directory: str | os.PathLike) -> str | None:
+    """The main file of the tokenizer that a directory (a run's checkpoint, an export, a model
+    directory) holds, as `load_tokenizer` would read it; None when it holds none."""
+    from lmforge.pretrain.data.hub_tokenizer import MAIN_FILE
+
+    for name in (SENTENCEPIECE_FILE, MAIN_FILE):
+        if os.path.isfile(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
 
 
 def _chunks(text: str, limit: int) -> Iterator[str]:
@@ -137,7 +223,7 @@ def _chunks(text: str, limit: int) -> Iterator[str]:
         yield text[start:]
 
 
-def _training_lines(
+def training_lines(
     texts: Iterable[str], max_bytes: int | None, stats: dict, *, newline_pieces: bool = True
 ) -> Iterator[str]:
     """Training sentences of `texts`, up to `max_bytes` UTF-8 bytes in all: whole documents
@@ -184,7 +270,7 @@ def train_tokenizer(
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.Train(
-            sentence_iterator=_training_lines(
+            sentence_iterator=training_lines(
                 texts, max_bytes, stats, newline_pieces=newline_pieces
             ),
             model_writer=model,
@@ -215,7 +301,7 @@ def train_tokenizer(
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out_path)
-    return Tokenizer(out_path)
+    return SentencePieceTokenizer(out_path)
 
 
 def _training_error(exc: RuntimeError, *, vocab_size: int, stats: dict) -> DataError:

@@ -44,7 +44,6 @@ import torch
 from torch import nn
 
 from lmforge.pretrain.checkpoint.store import (
-    TOKENIZER_FILE,
     AsyncCheckpointer,
     check_resume_checkpoint,
     load_checkpoint,
@@ -60,6 +59,7 @@ from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError, Tr
 from lmforge.pretrain.core.faults import fault_point
 from lmforge.pretrain.core.runlock import rank_lock
 from lmforge.pretrain.data.batches import Samples, TrainBatches, eval_batches
+from lmforge.pretrain.data.tokenizer import load_tokenizer
 from lmforge.pretrain.model.flops import peak_flops
 from lmforge.pretrain.model.loss import Batch, LossFn, causal_lm_loss
 from lmforge.pretrain.parallel import Strategy, build_strategy, check_state_format
@@ -569,10 +569,10 @@ class RunSession:
         cfg, work, strategy = self.cfg, self.work, self.strategy
         background = AsyncCheckpointer() if cfg.checkpoint.async_save else None
         mode = cfg.checkpoint.consolidated
+        tok = load_tokenizer(work.tokenizer_path)
         tokenizer = None
         if strategy.is_main:
-            with open(work.tokenizer_path, "rb") as f:
-                tokenizer = f.read()
+            tokenizer = {name: file.read_bytes() for name, file in tok.files().items()}
 
         def save(trainer: Trainer) -> str | None:
             return (background.save if background else save_checkpoint)(
@@ -584,7 +584,7 @@ class RunSession:
                 trainer_state={
                     **trainer.state_dict(),
                     "tokenizer_sha256": work.tokenizer_sha256,
-                    "tokenizer": TOKENIZER_FILE,  # in the checkpoint itself
+                    "tokenizer": tok.file_name,  # in the checkpoint itself
                     **work.checkpoint_extra(),
                 },
                 config_yaml=config_yaml,
