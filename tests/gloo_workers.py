@@ -1,11 +1,13 @@
 """Run a function in N real processes that form a gloo process group (spawn, free port).
 
 Workers end with barrier -> destroy_process_group -> os._exit(0): gloo can abort at interpreter
-exit otherwise. A worker's exception is sent back and re-raised in the test.
+exit otherwise. A worker's exception is sent back and re-raised in the test; a worker still
+running 10 s before the timeout prints its threads' stacks.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import pickle
 import traceback
@@ -15,7 +17,10 @@ import torch.multiprocessing as mp
 from lmforge.pretrain.core.dist import free_port
 
 
-def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, fn, args, queue, timeout: float) -> None:
+    # Still running shortly before the parent gives up: print every thread's stack (stderr,
+    # which the failing test shows), so that a hang says where it is.
+    faulthandler.dump_traceback_later(max(1.0, timeout - 10), exit=False)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -47,13 +52,13 @@ def _worker(rank: int, world_size: int, port: int, fn, args, queue) -> None:
         os._exit(code)
 
 
-def run_distributed(fn, *args, world_size: int = 2, timeout: float = 300) -> list:
+def run_distributed(fn, *args, world_size: int = 2, timeout: float = 150) -> list:
     """``fn(rank, world_size, *args)`` in ``world_size`` processes; returns results by rank."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, timeout))
         for r in range(world_size)
     ]
     for p in procs:

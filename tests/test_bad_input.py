@@ -17,6 +17,8 @@ import subprocess
 import traceback
 
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
 
 from lmforge.launcher.cli import main
 from tests.conftest import lmforge, plays_dir
@@ -28,6 +30,8 @@ READ_ONLY = object()  # a files entry: a directory nothing can be written into
 BINARY = bytes(range(256)) * 64  # NUL bytes, invalid UTF-8
 INVALID_UTF8 = b"caf\xe9 au lait\n\xff\xfe not text\n"
 HUGE = "x" * (3 << 20)  # one 3 MiB line
+# A Hugging Face tokenizer.json that loads, with no special token at all.
+TOKENIZER_JSON = HFTokenizer(BPE(vocab={"a": 0, "b": 1}, merges=[])).to_str()
 
 
 def _trains_in_float8() -> str | None:
@@ -170,6 +174,12 @@ CASES = [
     case("prepare/tokenizer-binary", [*PREPARE, f"sources=[{{path: {PLAY}}}]", "tokenizer.path={tmp}/t.model"], "{tmp}/t.model is not a SentencePiece model", files={"t.model": BINARY}, out="{tmp}/o"),
     case("prepare/tokenizer-empty", [*PREPARE, f"sources=[{{path: {PLAY}}}]", "tokenizer.path={tmp}/t.model"], "{tmp}/t.model is not a SentencePiece model", files={"t.model": ""}, out="{tmp}/o"),
     case("prepare/tokenizer-is-a-directory", [*PREPARE, f"sources=[{{path: {PLAY}}}]", "tokenizer.path={tmp}/d"], "{tmp}/d", files={"d": DIR}, out="{tmp}/o"),
+    case("prepare/tokenizer-json-not-a-tokenizer", [*PREPARE, f"sources=[{{path: {PLAY}}}]", "tokenizer.path={tmp}/tokenizer.json"], "{tmp}/tokenizer.json is not a Hugging Face tokenizer.json", files={"tokenizer.json": '{"model": 1}'}, out="{tmp}/o"),
+    case("prepare/tokenizer-config-eos-not-in-vocab", [*PREPARE, f"sources=[{{path: {PLAY}}}]", "tokenizer.path={tmp}/hub"], "{tmp}/hub: its eos_token '<|nope|>' is not in the vocabulary of tokenizer.json", files={"hub/tokenizer.json": TOKENIZER_JSON, "hub/tokenizer_config.json": '{"eos_token": "<|nope|>"}'}, out="{tmp}/o"),
+    case("prepare/tokenizer-json-without-eos", [*PREPARE, f"sources=[{{path: {PLAY}}}]", "tokenizer.path={tmp}/hub"], "tokenizer {tmp}/hub has no EOS token, which ends every document", files={"hub/tokenizer.json": TOKENIZER_JSON}, out="{tmp}/o"),
+    case("prepare/bpe-bytes-with-a-path", [*PREPARE, f"sources=[{{path: {PLAY}}}]", "tokenizer.kind=bpe_bytes", "tokenizer.path=t.json"], "`tokenizer.kind`=bpe_bytes trains a tokenizer, but `tokenizer.path` names one to reuse (t.json)", out="{tmp}/o"),
+    case("prepare/bpe-bytes-unigram", [*PREPARE, f"sources=[{{path: {PLAY}}}]", "tokenizer.kind=bpe_bytes", "tokenizer.model_type=unigram"], "`tokenizer.model_type`=unigram is a SentencePiece option", out="{tmp}/o"),
+    case("prepare/tokenizer-kind-unknown", [*PREPARE, f"sources=[{{path: {PLAY}}}]", "tokenizer.kind=wordpiece"], "tokenizer.kind", out="{tmp}/o"),
     case("prepare/out-is-a-file", ["prepare", "out={tmp}/f.txt", f"sources=[{{path: {PLAY}}}]"], "`out`={tmp}/f.txt is a file", files={"f.txt": "x"}),
     case("prepare/out-under-a-file", ["prepare", "out={tmp}/f.txt/o", f"sources=[{{path: {PLAY}}}]"], "{tmp}/f.txt is a file", files={"f.txt": "x"}),
     case("prepare/out-read-only", ["prepare", "out={tmp}/ro/o", f"sources=[{{path: {PLAY}}}]"], "{tmp}/ro is not writable", files={"ro": READ_ONLY}, out="{tmp}/ro/o"),

@@ -85,3 +85,26 @@ def test_strategy_table_runs_real_pretrains_and_reports_memory(tiny_data, tmp_pa
     assert len(cells[7].split(" / ")) == 4  # data / fwd+bwd / optim / other
     peak, ratio = float(cells[8]), float(cells[10])
     assert peak > 0.1 and ratio > 0  # GiB: the process with torch loaded, then what training adds
+
+
+def test_prepare_bench_times_prepare_next_to_each_library(tmp_path) -> None:
+    """`bench --prepare` on a given file: a row per tokenizer kind with the same token count for
+    both candidates, rates and a ratio; the table is written to --out."""
+    import re
+    from pathlib import Path
+
+    from lmforge.launcher.cli import main
+    from tests.conftest import plays_dir
+
+    play = sorted((Path(plays_dir()) / "comedies").glob("*.md"))[0]
+    out = tmp_path / "prepare.md"
+    args = ["bench", "--prepare", "--text", str(play), "--vocab", "600", "--windows", "1"]
+    assert main([*args, "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")][1:]
+    assert [r.split("|")[1].strip() for r in rows] == ["sentencepiece", "bpe_bytes"]
+    for row in rows:
+        tokens, library, prepared, ratio = (c.strip() for c in row.split("|")[2:6])
+        assert int(tokens.replace(",", "")) > 10_000
+        assert float(library.replace(",", "")) > 0 and float(prepared.replace(",", "")) > 0
+        assert re.fullmatch(r"\d+\.\d\d", ratio)
+    assert main(["bench", "--prepare", "--vocab", "10"]) == 2

@@ -433,7 +433,7 @@ def _lmforge_script() -> str:
     return script
 
 
-def _run(argv: list[str], env: dict | None = None, timeout: float = 300):
+def _run(argv: list[str], env: dict | None = None, timeout: float = 150):
     return run_process(argv, env=env, timeout=timeout)
 
 

@@ -1,6 +1,6 @@
 """`lmforge bench`: lmforge's training step against a minimal PyTorch loop and transformers; or
-one GPU's modes, checkpoints, parallel strategies, generation, or evaluate's scoring next to
-training."""
+one GPU's modes, checkpoints, parallel strategies, generation, evaluate's scoring next to
+training, or prepare next to the tokenizer libraries."""
 
 from __future__ import annotations
 
