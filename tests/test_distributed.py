@@ -336,3 +336,50 @@ def test_bf16_two_processes_match_one(tiny_data, tmp_path, one_process_bf16, ext
     _assert_same_curve(
         os.path.join(runs, "bf16"), one_dir, rtol=BF16_RTOL, weight_rel_norm=BF16_WEIGHT_REL
     )
+
+
+def _close_alone(rank: int, port: int, queue) -> None:
+    """Rank 0 leaves the group while rank 1 never comes to the closing barrier (it sleeps,
+    then exits): rank 0's close gives up after its timeout, says so, and returns."""
+    import time
+
+    import torch.distributed as dist
+
+    from lmforge.pretrain.parallel.common import close_process_group
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 1:
+        time.sleep(7)
+        os._exit(0)
+    started = time.monotonic()
+    close_process_group(timeout_s=3)
+    queue.put(time.monotonic() - started)
+    queue.close()
+    queue.join_thread()
+    os._exit(0)
+
+
+def test_leaving_the_group_is_bounded_when_a_peer_never_comes(capfd):
+    """Leaving a gloo group at the end of a run waits at most its timeout for the others (an
+    intermittent hang of torch's destroy_process_group must not hold a finished job): then
+    every thread's stack and one line on stderr, and the rank goes on."""
+    import torch.multiprocessing as mp
+
+    from lmforge.pretrain.core.dist import free_port
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=_close_alone, args=(r, port, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        waited = queue.get(timeout=60)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert 3 <= waited < 6, waited
+    err = capfd.readouterr().err
+    assert "[rank 0] warning: leaving the process group took over 3 s" in err
+    assert "close_process_group" in err  # the stacks say where it waited

@@ -5,7 +5,10 @@ parallelism overrides it)."""
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import os
+import sys
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -192,11 +195,48 @@ def apply_compile(model: nn.Module) -> None:
         block.forward = forward
 
 
-def close_process_group() -> None:
-    """Leave the process group cleanly (a barrier first avoids gloo's exit-time abort)."""
-    if dist.is_available() and dist.is_initialized():
+# How long leaving the process group may take before the run goes on without it.
+CLOSE_TIMEOUT_S = 60.0
+
+
+def close_process_group(timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """Leave the process group cleanly (a barrier first avoids gloo's exit-time abort).
+
+    Leaving a gloo group hangs now and then after a run that ended well (here about one 2-rank
+    run in a few hundred on a busy CPU; torch's destroy_process_group has an open issue of this
+    kind, pytorch/pytorch#75097). So on gloo the barrier and the destroy run on a thread of their
+    own, and a rank still waiting after ``timeout_s`` prints where it waits (every thread's
+    stack) and a line saying so, and goes on: a worker process exits next, which releases its
+    peers."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() != "gloo":  # NCCL's barrier runs on the calling thread's device
         pdist.barrier()
         dist.destroy_process_group()
+        return
+    errors: list[BaseException] = []
+
+    def leave() -> None:
+        try:
+            pdist.barrier()
+            dist.destroy_process_group()
+        except BaseException as exc:  # noqa: BLE001 - reported below, on the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=leave, name="lmforge-close-process-group", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        faulthandler.dump_traceback(all_threads=True)
+        print(
+            f"[rank {pdist.rank()}] warning: leaving the process group took over {timeout_s:.0f} "
+            "s (a known intermittent hang in torch's destroy_process_group; the run itself "
+            "ended well); exiting without it",
+            file=sys.stderr,
+            flush=True,
+        )
+    elif errors:
+        raise errors[0]
 
 
 def all_reduce_grads(params, group) -> None:
