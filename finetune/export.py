@@ -1,7 +1,8 @@
 """`lmforge export RUN|CHECKPOINT|DIR --out DIR`: a Hugging Face `transformers` model directory.
 
-    config.json               LlamaConfig; architectures LlamaForCausalLM, or
-                              LlamaForSequenceClassification / LlamaForTokenClassification with
+    config.json               the config of the model's family (Llama, Mistral, Qwen2, Qwen3:
+                              `model.family`); architectures ...ForCausalLM, or
+                              ...ForSequenceClassification / ...ForTokenClassification with
                               id2label / label2id and pad_token_id (the classifier reads the last
                               token that is not padding)
     model.safetensors         weights under transformers' names, LoRA adapters merged
@@ -36,13 +37,13 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from lmforge.finetune.hf_mapping import ARCHITECTURES, llama_config, to_hf_name
+from lmforge.finetune.hf_mapping import architecture, hf_config, to_hf_name
 from lmforge.finetune.hf_tokenizer import (
     instruction_chat_template,
     write_hf_tokenizer,
     write_hub_tokenizer,
 )
-from lmforge.finetune.model import ModelSource, build_model, load_source
+from lmforge.finetune.model import ModelSource, build_model, check_tokenizer_fits, load_source
 from lmforge.pretrain.checkpoint.consolidate import DTYPES
 from lmforge.pretrain.core.durable import (
     atomic_directory,
@@ -106,23 +107,20 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
             "weights"
         )
     tok = load_tokenizer(src.tokenizer)
-    if tok.vocab_size != src.model.vocab_size:
-        raise ConfigurationError(
-            f"{src.tokenizer} has {tok.vocab_size} pieces but the model's vocabulary is "
-            f"{src.model.vocab_size}: the checkpoint and its tokenizer do not belong together"
-        )
+    check_tokenizer_fits(src.tokenizer, tok.vocab_size, src.model.vocab_size)
     model = build_model(src)
     task = src.task or {}
     kind = task.get("type")
     prep = preprocessing(task or None, context=src.model.max_seq_len)
     head = "lm_head" if src.n_out is None else "score"
+    arch = architecture(src.model.family, kind)
     weights = {
         to_hf_name(k, head=head): v.detach().to(DTYPES[dtype]).contiguous()
         for k, v in model.state_dict().items()
         if not (model.tied and k == "output.weight")  # transformers re-ties lm_head itself
     }
     extra: dict = {
-        "architectures": [ARCHITECTURES[kind]],
+        "architectures": [arch],
         "bos_token_id": tok.bos_id,
         "eos_token_id": tok.eos_id,
         # lmforge's SentencePiece models have no pad piece: padded positions are masked anyway
@@ -137,7 +135,7 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
         )
         if kind == "token_classification":  # transformers' token head has a bias: zero here
             weights["score.bias"] = torch.zeros(len(labels), dtype=DTYPES[dtype])
-    config = llama_config(src.model, **extra)
+    config = hf_config(src.model, **extra)
     origin = _origin(src)
     meta = {
         "source": origin["source"],
@@ -167,12 +165,9 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
         else:
             write_hub_tokenizer(tok, tmp, **tokenizer_settings)
         write_durable(os.path.join(tmp, "lmforge.json"), json.dumps(meta, indent=1).encode())
-        card = model_card(src, meta, arch=ARCHITECTURES[kind], out=out, prep=prep)
+        card = model_card(src, meta, arch=arch, out=out, prep=prep)
         write_durable(os.path.join(tmp, "README.md"), card.encode())
-    print(
-        f"exported {src.path} ({ARCHITECTURES[kind]}, {meta['parameters']:,} parameters, "
-        f"{dtype}) -> {out}"
-    )
+    print(f"exported {src.path} ({arch}, {meta['parameters']:,} parameters, {dtype}) -> {out}")
     return out
 
 
@@ -469,7 +464,8 @@ def model_card(src: ModelSource, meta: dict, *, arch: str, out: str, prep: Prepr
         "",
         f"# {name}",
         "",
-        f"A Llama-style decoder trained with lmforge, exported as `{arch}`.",
+        f"A {src.model.family.capitalize()}-family decoder trained with lmforge, exported as "
+        f"`{arch}`.",
         "",
         "## Model",
         "",
@@ -535,11 +531,7 @@ def model_card(src: ModelSource, meta: dict, *, arch: str, out: str, prep: Prepr
 
 
 def _usage(kind: str | None, arch: str, name: str) -> list[str]:
-    auto = {
-        "LlamaForCausalLM": "AutoModelForCausalLM",
-        "LlamaForSequenceClassification": "AutoModelForSequenceClassification",
-        "LlamaForTokenClassification": "AutoModelForTokenClassification",
-    }[arch]
+    auto = "AutoModel" + arch[arch.index("For") :]  # e.g. Qwen3ForCausalLM -> AutoModelForCausalLM
     head = [
         f"from transformers import AutoTokenizer, {auto}",
         "",

@@ -70,8 +70,7 @@ from tokenizers import decoders, models, normalizers, processors
 
 from lmforge.pretrain.core.durable import replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError
-from lmforge.pretrain.data.hub_tokenizer import HubTokenizer
-from lmforge.pretrain.data.tokenizer import SentencePieceTokenizer
+from lmforge.pretrain.data.tokenizer import HubTokenizer, SentencePieceTokenizer
 
 _Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 _SPACE = "\u2581"  # SentencePiece's visible space, "▁"

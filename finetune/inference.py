@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.finetune.data import IGNORE
-from lmforge.finetune.model import ModelSource, build_model, load_source
+from lmforge.finetune.model import ModelSource, build_model, check_tokenizer_fits, load_source
 from lmforge.pretrain.core.durable import replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
 from lmforge.pretrain.data.tokenizer import Tokenizer, load_tokenizer
@@ -38,11 +38,7 @@ def load_model(path: str):
             f"prepared data's) into {src.path}"
         )
     tok = load_tokenizer(src.tokenizer)
-    if tok.vocab_size != src.model.vocab_size:
-        raise ConfigurationError(
-            f"{src.tokenizer} has {tok.vocab_size} pieces but the model's vocabulary is "
-            f"{src.model.vocab_size}: the checkpoint and its tokenizer do not belong together"
-        )
+    check_tokenizer_fits(src.tokenizer, tok.vocab_size, src.model.vocab_size)
     return src, build_model(src), tok
 
 

@@ -142,7 +142,7 @@ def _verify_consolidated(path: str, info: dict) -> None:
 def _load_hf(path: str) -> ModelSource:
     from safetensors.torch import load_file
 
-    from lmforge.finetune.hf_mapping import from_hf_name, model_config_from_hf
+    from lmforge.finetune.hf_mapping import from_hf_name, ignored_hf_name, model_config_from_hf
     from lmforge.pretrain.checkpoint.store import read_json_file
 
     config = read_json_file(os.path.join(path, "config.json"))
@@ -161,6 +161,17 @@ def _load_hf(path: str) -> ModelSource:
                 ours = from_hf_name(name)
                 if ours is not None:
                     weights[ours] = tensor.float()
+                elif name == "score.bias" and not bool((tensor == 0).all()):
+                    # (lmforge's exports write zeros there: its heads have no bias)
+                    raise ConfigurationError(
+                        f"{path}: score.bias is not zero, and lmforge's task heads have no bias; "
+                        "a model with one cannot be loaded without changing its outputs"
+                    )
+                elif not ignored_hf_name(name):
+                    raise ConfigurationError(
+                        f"{path}: the weight {name} has no place in lmforge's "
+                        f"{model_cfg.family} model; a model with it cannot be loaded"
+                    )
         if model_cfg.tie_embeddings:
             weights.pop("output.weight", None)
         return weights
@@ -170,8 +181,8 @@ def _load_hf(path: str) -> ModelSource:
         with open(os.path.join(path, "lmforge.json")) as f:
             meta = json.load(f)
     task = None
-    arch = (config.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch in ("LlamaForSequenceClassification", "LlamaForTokenClassification"):
+    arch = (config.get("architectures") or ["ForCausalLM"])[0]
+    if arch.endswith(("ForSequenceClassification", "ForTokenClassification")):
         labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
         kind = "classification" if "Sequence" in arch else "token_classification"
         task = {"type": kind, "labels": labels, **meta.get("task", {})}
@@ -186,6 +197,18 @@ def _load_hf(path: str) -> ModelSource:
         compute=meta.get("compute", {}),
         kind="hf",
     )
+
+
+def check_tokenizer_fits(tokenizer: str, vocab: int, model_vocab: int) -> None:
+    """A model reads every id of its tokenizer: the tokenizer's vocabulary (``vocab``) may be
+    smaller than the model's embedding table (Hub models pad it: Qwen has 151,936 rows for
+    151,665 tokens), never larger."""
+    if vocab > model_vocab:
+        raise ConfigurationError(
+            f"the tokenizer {tokenizer} has {vocab:,} tokens but the model's vocabulary is "
+            f"{model_vocab:,}: the model and this tokenizer do not belong together; use the "
+            "tokenizer the model was trained with"
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,13 @@ from torch import nn
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.finetune.data import TaskData, class_weights, load_rows, steps_for
 from lmforge.finetune.metrics import majority_baseline
-from lmforge.finetune.model import ModelSource, build_model, load_source, wrap_lora
+from lmforge.finetune.model import (
+    ModelSource,
+    build_model,
+    check_tokenizer_fits,
+    load_source,
+    wrap_lora,
+)
 from lmforge.finetune.tasks import (
     EarlyStopping,
     SampleGenerations,
@@ -57,7 +63,7 @@ def resolve_base(cfg: FinetuneConfig) -> tuple[ModelSource | None, Tokenizer]:
     if path is None:
         raise ConfigurationError(
             f"{cfg.init_from} does not say which tokenizer it was trained with; set "
-            "tokenizer=<its SentencePiece .model>"
+            "tokenizer=<its tokenizer.model, tokenizer.json or model directory>"
         )
     tok = load_tokenizer(path)
     if src is not None and cfg.tokenizer and src.tokenizer:
@@ -66,13 +72,9 @@ def resolve_base(cfg: FinetuneConfig) -> tuple[ModelSource | None, Tokenizer]:
                 f"tokenizer={cfg.tokenizer} is not the tokenizer {cfg.init_from} was trained "
                 f"with ({src.tokenizer}); drop `tokenizer` to use the base's"
             )
-    vocab = cfg.model.vocab_size
-    if vocab is not None and vocab != tok.vocab_size:
-        raise ConfigurationError(
-            f"the tokenizer {path} has {tok.vocab_size} pieces but the model's vocabulary is "
-            f"{vocab}: use the tokenizer the model was trained with"
-        )
-    cfg.model.vocab_size = tok.vocab_size
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tok.vocab_size
+    check_tokenizer_fits(path, tok.vocab_size, cfg.model.vocab_size)
     cfg.tokenizer = os.path.abspath(path)
     return src, tok
 

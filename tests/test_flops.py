@@ -103,7 +103,7 @@ def test_trained_flops_per_token_matches_flop_counter(mode: str) -> None:
         assert predicted < flops_per_token(cfg, seq_len, n_out=3) / 2.9  # about 2N, not 6N
     else:
         block = sum(p.numel() for p in model.base_model.model.layers[0].parameters())
-        d_attn = cfg.n_head * cfg.head_dim
+        d_attn = cfg.n_head * cfg.head_size
         assert 0 < predicted - counted <= 2 * block + 8 * d_attn * seq_len + 6 * norms
         assert predicted < flops_per_token(cfg, seq_len, n_out=3) * 0.75  # about 4N, not 6N
 

@@ -70,6 +70,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "scores in) against scoring --text one window per forward pass in fp32 (as evaluate did "
         "before), --batch-size windows per pass in fp32, and batched in the run's precision",
     )
+    _add_prepare_options(sp)
+    sp.add_argument(
+        "--text",
+        nargs="+",
+        metavar="FILE",
+        help="--evaluate: the text files scored; --prepare: the corpus",
+    )
+    sp.add_argument(
+        "--batch-size",
+        type=int,
+        metavar="N",
+        help="--evaluate: windows per forward pass (default: evaluate's)",
+    )
+    sp.add_argument(
+        "--new-tokens",
+        type=int,
+        default=192,
+        help="tokens generated per case with --generate, after a prompt of 256 minus this "
+        "(default 192)",
+    )
+
+
+def _add_prepare_options(sp: argparse.ArgumentParser) -> None:
+    """bench --prepare and its corpus options (--text is shared with --evaluate)."""
     sp.add_argument(
         "--prepare",
         action="store_true",
@@ -89,25 +113,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=8000,
         help="--prepare: the tokenizers' vocabulary (default 8000)",
-    )
-    sp.add_argument(
-        "--text",
-        nargs="+",
-        metavar="FILE",
-        help="--evaluate: the text files scored; --prepare: the corpus",
-    )
-    sp.add_argument(
-        "--batch-size",
-        type=int,
-        metavar="N",
-        help="--evaluate: windows per forward pass (default: evaluate's)",
-    )
-    sp.add_argument(
-        "--new-tokens",
-        type=int,
-        default=192,
-        help="tokens generated per case with --generate, after a prompt of 256 minus this "
-        "(default 192)",
     )
 
 
@@ -299,7 +304,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             out=args.out,
         )
     elif args.prepare:
-        from lmforge.launcher.bench_prepare import run_prepare_bench
+        from lmforge.launcher.prepare_bench import run_prepare_bench
 
         run_prepare_bench(
             files=args.text,

@@ -191,8 +191,37 @@ class PrepareConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3's RoPE frequency scaling (`rope_scaling: {rope_type: llama3, ...}` in a Hugging
+    Face config.json): wavelengths longer than original_max_position_embeddings / low_freq_factor
+    are divided by `factor`, those shorter than .../high_freq_factor kept, and the ones between
+    blended smoothly."""
+
+    rope_type: Literal["llama3"] = "llama3"
+    """The only scaling lmforge implements (yarn, dynamic, linear ... are refused)."""
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if not (self.factor >= 1 and self.high_freq_factor > self.low_freq_factor > 0):
+            raise ConfigurationError(
+                "`model.rope_scaling` needs factor >= 1 and high_freq_factor > low_freq_factor "
+                f"> 0, got factor={self.factor}, low_freq_factor={self.low_freq_factor}, "
+                f"high_freq_factor={self.high_freq_factor}"
+            )
+        if self.original_max_position_embeddings < 1:
+            raise ConfigurationError(
+                "`model.rope_scaling.original_max_position_embeddings` must be >= 1, got "
+                f"{self.original_max_position_embeddings}"
+            )
+
+
+@dataclass
 class ModelConfig:
-    """A GPT-style decoder with Llama-style blocks (RMSNorm, RoPE, SwiGLU, no biases)."""
+    """A GPT-style decoder with Llama-style blocks (RMSNorm, RoPE, SwiGLU, no biases), and the
+    switches of the families lmforge imports and exports (Llama 3, Mistral, Qwen2/2.5, Qwen3)."""
 
     n_layer: int = 4
     """Number of transformer blocks."""
@@ -201,7 +230,10 @@ class ModelConfig:
     n_kv_head: int | None = None
     """Key/value heads (grouped-query attention); null = `n_head` (multi-head attention)."""
     d_model: int = 128
-    """Residual stream width; must be divisible by `n_head`."""
+    """Residual stream width; divisible by `n_head` unless `head_dim` is set."""
+    head_dim: int | None = None
+    """Width of each attention head; null = d_model / n_head. Qwen3 sets it (128 at every size),
+    so that n_head * head_dim may differ from d_model."""
     ffn_hidden: int | None = None
     """SwiGLU hidden width; null = 8/3 * d_model rounded up to a multiple of `multiple_of`."""
     multiple_of: int = 32
@@ -212,6 +244,12 @@ class ModelConfig:
     """Longest sequence the RoPE tables are built for."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
+    rope_scaling: RopeScalingConfig | None = None
+    """RoPE frequency scaling (Llama 3.1+: rope_type llama3); null = none."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2 and Qwen2.5)."""
+    qk_norm: bool = False
+    """RMSNorm over each head's queries and keys before RoPE (Qwen3)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     tie_embeddings: bool = False
@@ -220,19 +258,26 @@ class ModelConfig:
     """Dropout on attention probabilities and residual branches (0 for pretraining)."""
     init_std: float = 0.02
     """Std of the normal init; output projections use init_std / sqrt(2 * n_layer)."""
+    family: Literal["llama", "mistral", "qwen2", "qwen3"] = "llama"
+    """The Hugging Face family an export is written as (LlamaForCausalLM, MistralForCausalLM,
+    Qwen2ForCausalLM, Qwen3ForCausalLM, and their classification heads); an imported model
+    keeps its own. The switches above must be ones the family has."""
 
     def __post_init__(self) -> None:
         for name in ("n_layer", "n_head", "d_model", "max_seq_len", "multiple_of"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"`model.{name}` must be >= 1, got {getattr(self, name)}")
-        if self.d_model % self.n_head:
+        if self.head_dim is not None and self.head_dim < 2:
+            raise ConfigurationError(f"`model.head_dim` must be >= 2, got {self.head_dim}")
+        if self.head_dim is None and self.d_model % self.n_head:
             raise ConfigurationError(
-                f"`model.d_model`={self.d_model} must be divisible by `model.n_head`={self.n_head}"
+                f"`model.d_model`={self.d_model} must be divisible by `model.n_head`={self.n_head} "
+                "(or set `model.head_dim`)"
             )
-        if self.head_dim % 2:
+        if self.head_size % 2:
             raise ConfigurationError(
-                f"head dim d_model/n_head = {self.head_dim} must be even for RoPE; "
-                "change `model.d_model` or `model.n_head`"
+                f"the head width {self.head_size} must be even for RoPE; change `model.d_model`, "
+                "`model.n_head` or `model.head_dim`"
             )
         if self.kv_heads < 1 or self.n_head % self.kv_heads:
             raise ConfigurationError(
@@ -243,10 +288,28 @@ class ModelConfig:
             raise ConfigurationError(f"`model.dropout` must be in [0, 1), got {self.dropout}")
         if self.vocab_size is not None and self.vocab_size < 2:
             raise ConfigurationError(f"`model.vocab_size` must be >= 2, got {self.vocab_size}")
+        # Each switch belongs to one family, which always has it (its transformers class builds
+        # those weights whatever its config says).
+        for family, switch in (("qwen2", "qkv_bias"), ("qwen3", "qk_norm")):
+            if getattr(self, switch) and self.family != family:
+                raise ConfigurationError(
+                    f"`model.{switch}`=true is not part of `model.family`={self.family}; set "
+                    f"model.family={family} (the family an export is written as) or drop it"
+                )
+            if self.family == family and not getattr(self, switch):
+                raise ConfigurationError(
+                    f"`model.family`={family} has `model.{switch}`; set model.{switch}=true "
+                    "or choose another family"
+                )
+        if self.family == "qwen2" and self.head_size * self.n_head != self.d_model:
+            raise ConfigurationError(
+                "`model.family`=qwen2 has heads of d_model / n_head; drop `model.head_dim`"
+            )
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_head
+    def head_size(self) -> int:
+        """The width of each head: `head_dim`, else d_model / n_head."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_head
 
     @property
     def kv_heads(self) -> int:

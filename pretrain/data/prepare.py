@@ -65,10 +65,10 @@ import pyarrow.compute as pc
 from lmforge.pretrain.config.schema import PrepareConfig, to_container
 from lmforge.pretrain.core.durable import check_writable, fsync_dir, replace_durable, sha256_file
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
-from lmforge.pretrain.data.hub_tokenizer import MAIN_FILE as HUB_MAIN_FILE
-from lmforge.pretrain.data.hub_tokenizer import SIDE_FILES as HUB_SIDE_FILES
 from lmforge.pretrain.data.sources import LoadedSource, load_source, resolve_source_path  # noqa: F401
 from lmforge.pretrain.data.tokenizer import (
+    HUB_FILE,
+    HUB_SIDE_FILES,
     SENTENCEPIECE_FILE,
     Tokenizer,
     load_tokenizer,
@@ -81,7 +81,7 @@ MANIFEST = "manifest.json"
 SPLITS = ("train", "val")
 
 # Every file a tokenizer of either kind may have in a prepared directory.
-TOKENIZER_FILES = (SENTENCEPIECE_FILE, HUB_MAIN_FILE, *HUB_SIDE_FILES)
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HUB_FILE, *HUB_SIDE_FILES)
 _SHARD_NAME = re.compile(r"^(train|val)_\d{5}\.bin$")
 # Tokenizing runs at ~3 MB/s per core and a worker process costs ~1 s to start: below this much
 # text per process, extra processes do not pay.
@@ -509,7 +509,7 @@ def _get_tokenizer(
 def _train_tokenizer(sources: list[LoadedSource], cfg: PrepareConfig, work: Path) -> Tokenizer:
     tcfg = cfg.tokenizer
     if tcfg.kind == "bpe_bytes":
-        from lmforge.pretrain.data.hub_tokenizer import train_bpe_bytes
+        from lmforge.pretrain.data.bpe_bytes import train_bpe_bytes
 
         stats = {"bytes": 0, "documents": 0}
         lines = training_lines(_train_documents(sources, cfg), tcfg.train_max_bytes, stats)

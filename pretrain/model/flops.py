@@ -61,10 +61,12 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
         raise ConfigurationError(
             "model.vocab_size is not set; it normally comes from the prepared data"
         )
-    d, hd, L = cfg.d_model, cfg.head_dim, cfg.n_layer
+    d, hd, L = cfg.d_model, cfg.head_size, cfg.n_layer
     attention = d * cfg.n_head * hd * 2 + d * cfg.kv_heads * hd * 2  # wq, wo + wk, wv
+    if cfg.qkv_bias:
+        attention += (cfg.n_head + 2 * cfg.kv_heads) * hd
     feed_forward = 3 * d * cfg.hidden_dim  # w1, w2, w3
-    norms = 2 * d  # attention_norm, ffn_norm
+    norms = 2 * d + (2 * hd if cfg.qk_norm else 0)  # attention_norm, ffn_norm (q_norm, k_norm)
     embedding = cfg.vocab_size * d
     lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     blocks = L * (attention + feed_forward + norms) + d  # + final norm
@@ -87,7 +89,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, *, n_out: int | None = None)
     n = param_counts(cfg)["flops_params"]
     if n_out is not None:
         n += cfg.d_model * (n_out - cfg.vocab_size)  # (a task head is never tied)
-    d_attn = cfg.n_head * cfg.head_dim
+    d_attn = cfg.n_head * cfg.head_size
     return 6 * n + 12 * cfg.n_layer * d_attn * seq_len
 
 
@@ -119,7 +121,7 @@ def trained_flops_per_token(model, seq_len: int) -> int:
         lowest = 0
     else:
         lowest = next((i for i, b in enumerate(blocks) if any(p.requires_grad for p in b)), L)
-    d_attn = cfg.n_head * cfg.head_dim
+    d_attn = cfg.n_head * cfg.head_size
     forward = 2 * (size(head) + sum(map(size, blocks))) + 4 * L * d_attn * seq_len
     backward_input = 0  # only the head trains: no gradient is needed below its weight
     if lowest < L:

@@ -3,9 +3,14 @@
     tokens -> tok_embeddings -> n_layer x [x + attention(attention_norm(x)),
                                            x + feed_forward(ffn_norm(x))] -> norm -> output
 
-- no position embedding: RoPE (rotate-half form) rotates queries and keys instead;
-- RMSNorm pre-norm, computed in fp32; SwiGLU MLP; no biases anywhere;
-- grouped-query attention when `n_kv_head` < `n_head`; optional tied input/output embeddings.
+- no position embedding: RoPE (rotate-half form) rotates queries and keys instead, with Llama
+  3's frequency scaling when `rope_scaling` says so;
+- RMSNorm pre-norm, computed in fp32; SwiGLU MLP; no biases (but on q/k/v with `qkv_bias`);
+- grouped-query attention when `n_kv_head` < `n_head`; optional tied input/output embeddings;
+  heads of an explicit width (`head_dim`) and RMSNorm on each head's q and k (`qk_norm`).
+
+Those switches are what Llama 3, Mistral, Qwen2/2.5 and Qwen3 add to the Llama block; off,
+they cost nothing (no parameter, no op).
 
 The parameter names and the RoPE convention are exactly those of Hugging Face's Llama (up to a
 renaming table), so an export to `LlamaForCausalLM` gives identical logits. The config
@@ -20,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lmforge.pretrain.config.schema import ModelConfig
+from lmforge.pretrain.config.schema import ModelConfig, RopeScalingConfig
 from lmforge.pretrain.core.errors import ConfigurationError
 
 
@@ -47,18 +52,38 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(
-    head_dim: int, max_seq_len: int, theta: float, device: torch.device | str | None = None
+    head_dim: int,
+    max_seq_len: int,
+    theta: float,
+    device: torch.device | str | None = None,
+    scaling: RopeScalingConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables, each (max_seq_len, head_dim), fp32, in HF's rotate-half layout.
 
     Frequency i (of head_dim/2) is theta^(-2i/head_dim); the tables repeat the frequencies twice
-    (`cat(freqs, freqs)`) so that channel j and j + head_dim/2 rotate together.
+    (`cat(freqs, freqs)`) so that channel j and j + head_dim/2 rotate together. ``scaling``:
+    Llama 3's rescaled frequencies (`llama3_frequencies`).
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     t = torch.arange(max_seq_len, device=device).float()
     freqs = torch.outer(t, inv_freq)  # (T, hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (T, hs)
     return emb.cos(), emb.sin()
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, s: RopeScalingConfig) -> torch.Tensor:
+    """Llama 3.1's RoPE scaling: low frequencies (wavelength above original context /
+    low_freq_factor) slowed down by `factor`, high ones (below context / high_freq_factor) kept,
+    and a smooth blend between, so that the model reaches past the context it was trained at."""
+    wavelen = 2 * math.pi / inv_freq
+    old = s.original_max_position_embeddings
+    scaled = torch.where(wavelen > old / s.low_freq_factor, inv_freq / s.factor, inv_freq)
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= old / s.high_freq_factor) & (wavelen <= old / s.low_freq_factor)
+    return torch.where(medium, blended, scaled)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -105,13 +130,19 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    """Causal self-attention with RoPE; grouped-query when there are fewer kv heads. Family
+    switches: biases on q/k/v (`qkv_bias`, Qwen2), RMSNorm over each head's q and k before RoPE
+    (`qk_norm`, Qwen3)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.head_dim = cfg.head_dim
-        self.wq = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.head_dim = hs = cfg.head_size
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * hs, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.kv_heads * hs, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.kv_heads * hs, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_head * hs, cfg.d_model, bias=False)
+        self.q_norm = RMSNorm(hs, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hs, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -130,6 +161,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.q_norm is not None:  # per head, over hs
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache[0].update(cache[1], k, v)  # (B, nkv, pos + T, hs)
@@ -220,7 +253,7 @@ class GPT(nn.Module):
         # non-persistent: derived from the config, so they stay out of state_dict (and out of
         # checkpoints and exports); fp32 so long positions keep their precision. Filled by
         # init_weights, which must run again after materialising a meta-device model.
-        table = (cfg.max_seq_len, cfg.head_dim)
+        table = (cfg.max_seq_len, cfg.head_size)
         self.register_buffer("rope_cos", torch.empty(table), persistent=False)  # (T_max, hs)
         self.register_buffer("rope_sin", torch.empty(table), persistent=False)  # (T_max, hs)
         self.init_weights()
@@ -235,7 +268,9 @@ class GPT(nn.Module):
             # (re)tie here: Module.to_empty replaces the two references separately, untying them
             self.output.weight = self.tok_embeddings.weight
         device = self.rope_cos.device
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        cos, sin = rope_tables(
+            cfg.head_size, cfg.max_seq_len, cfg.rope_theta, device=device, scaling=cfg.rope_scaling
+        )
         self.rope_cos, self.rope_sin = cos, sin
         std, resid_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layer)
         nn.init.normal_(self.tok_embeddings.weight, mean=0.0, std=std)
@@ -243,10 +278,13 @@ class GPT(nn.Module):
             attn, ffn = layer.attention, layer.feed_forward
             for linear in (attn.wq, attn.wk, attn.wv, ffn.w1, ffn.w3):
                 nn.init.normal_(linear.weight, mean=0.0, std=std)
+                if linear.bias is not None:
+                    nn.init.zeros_(linear.bias)
             for linear in (attn.wo, ffn.w2):
                 nn.init.normal_(linear.weight, mean=0.0, std=resid_std)
-            layer.attention_norm.reset_parameters()
-            layer.ffn_norm.reset_parameters()
+            for norm in (layer.attention_norm, layer.ffn_norm, attn.q_norm, attn.k_norm):
+                if norm is not None:
+                    norm.reset_parameters()
         self.norm.reset_parameters()
         if not cfg.tie_embeddings:
             nn.init.normal_(self.output.weight, mean=0.0, std=std)

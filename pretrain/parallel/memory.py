@@ -99,10 +99,13 @@ def _fmt(n: float) -> str:
 def _param_split(model) -> dict[str, int]:
     """Parameter counts by kind: what tensor parallel splits, what it replicates."""
     d, F, L, V = model.d_model, model.hidden_dim, model.n_layer, model.vocab_size
-    attn = d * model.n_head * model.head_dim * 2 + d * model.kv_heads * model.head_dim * 2
+    hd = model.head_size
+    attn = d * model.n_head * hd * 2 + d * model.kv_heads * hd * 2
+    if model.qkv_bias:  # split with their projections
+        attn += (model.n_head + 2 * model.kv_heads) * hd
     return {
         "block_split": attn + 3 * d * F,  # projections, per block
-        "block_norms": 2 * d,  # per block
+        "block_norms": 2 * d + (2 * hd if model.qk_norm else 0),  # per block
         "embedding": V * d,
         "head": 0 if model.tie_embeddings else V * d,
         "final_norm": d,

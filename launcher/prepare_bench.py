@@ -11,6 +11,8 @@ library's token count (prepare's EOS tokens are extra work it gets no credit for
 
 from __future__ import annotations
 
+import bz2
+import csv
 import json
 import os
 import platform
@@ -38,9 +40,6 @@ def _documents(files: list[str] | None, megabytes: float) -> list[str]:
     if files:
         texts = [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
         return [p for t in texts for p in t.split("\n\n") if p.strip()]
-    import bz2
-    import csv
-
     from lmforge.finetune.bundled import SOURCE
     from lmforge.pretrain.data.sources import resolve_source_path
 

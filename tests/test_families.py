@@ -1,0 +1,209 @@
+"""Hub model families in and out: tiny random models built with transformers' own config classes
+(Llama 3 with its RoPE scaling and tied embeddings, Mistral, Qwen2 with q/k/v biases, Qwen3 with
+qk-norm and an explicit head width), saved as safetensors with a byte-level BPE tokenizer, as a
+Hub download has them; nothing is downloaded.
+
+- lmforge's model gives transformers' logits within 1e-5 (fp32) on the same ids;
+- `lmforge export` gives back the same tensors bitwise, the same family and an equal config;
+- classification and token-classification heads come back as the family's own classes;
+- what a family's config holds that lmforge does not implement is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lmforge.launcher.cli import main
+from lmforge.pretrain.core.errors import ConfigurationError
+from tests.conftest import plays_dir
+
+VOCAB = 320  # the tokenizer has 300 tokens: the embedding table is padded, as Qwen's is
+SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "vocab_size": VOCAB,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+def _configs() -> dict:
+    import transformers
+
+    return {
+        "llama3": transformers.LlamaConfig(
+            **SHAPE, head_dim=16, tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE
+        ),
+        "mistral": transformers.MistralConfig(**SHAPE, head_dim=16, sliding_window=None),
+        "qwen2": transformers.Qwen2Config(**SHAPE, tie_word_embeddings=True),
+        "qwen3": transformers.Qwen3Config(**SHAPE, head_dim=24, tie_word_embeddings=False),
+    }
+
+
+FAMILY = {"llama3": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_files(tmp_path_factory) -> Path:
+    """A 300-token byte-level BPE with its tokenizer_config.json, as save_pretrained writes it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    play = sorted((Path(plays_dir()) / "comedies").glob("*.md"))[0]
+    tok.train_from_iterator([play.read_text()], trainer=trainer)
+    out = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(out)
+    return out
+
+
+def _hub_model(name: str, out: Path, tokenizer_files: Path, head: str = "ForCausalLM", **kw):
+    """A random model of family ``name`` saved as a Hub directory (every weight random, the
+    norms and biases too, so that a misplaced one shows)."""
+    import shutil
+
+    import transformers
+
+    config = _configs()[name]
+    for key, value in kw.items():
+        setattr(config, key, value)
+    prefix = type(config).__name__.removesuffix("Config")
+    torch.manual_seed(0)
+    model = getattr(transformers, prefix + head)(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.05)
+    model.save_pretrained(out, safe_serialization=True)
+    for file in tokenizer_files.iterdir():
+        shutil.copy(file, out / file.name)
+    return model
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_a_family_loads_with_its_logits_and_exports_bitwise(name, tmp_path, tokenizer_files):
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.finetune.model import build_model, load_source
+
+    hub = tmp_path / "hub"
+    theirs = _hub_model(name, hub, tokenizer_files)
+    src = load_source(str(hub))
+    assert src.model.family == FAMILY[name]
+    ours = build_model(src).eval()
+    ids = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
+    assert diff <= 1e-5, f"{name}: logits differ by {diff}"
+
+    out = tmp_path / "export"
+    assert main(["export", str(hub), "--out", str(out)]) == 0
+    want, got = load_file(hub / "model.safetensors"), load_file(out / "model.safetensors")
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].equal(want[key]), key
+    a, b = (json.loads((d / "config.json").read_text()) for d in (hub, out))
+    assert b["architectures"] == a["architectures"] == [type(theirs).__name__]
+    for key in (*SHAPE, "head_dim", "tie_word_embeddings", "rope_parameters", "model_type"):
+        assert b.get(key) == a.get(key), key
+    again = AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (again(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("head", ["ForSequenceClassification", "ForTokenClassification"])
+def test_task_heads_come_back_as_the_familys_classes(head, tmp_path, tokenizer_files):
+    import transformers
+
+    hub = tmp_path / "hub"
+    labels = {
+        "id2label": {0: "no", 1: "yes", 2: "maybe"},
+        "label2id": {"no": 0, "yes": 1, "maybe": 2},
+    }
+    theirs = _hub_model("qwen3", hub, tokenizer_files, head=head, pad_token_id=0, **labels)
+    if head == "ForTokenClassification":
+        # lmforge's heads have no bias: one that is not zero is refused, never dropped
+        with pytest.raises(ConfigurationError, match="score.bias is not zero"):
+            from lmforge.finetune.model import load_source
+
+            load_source(str(hub)).load_weights()
+        with torch.no_grad():
+            theirs.score.bias.zero_()
+        theirs.save_pretrained(hub, safe_serialization=True)
+    out = tmp_path / "export"
+    assert main(["export", str(hub), "--out", str(out)]) == 0
+    auto = getattr(transformers, "AutoModel" + head)
+    again = auto.from_pretrained(out).eval()
+    assert type(again).__name__ == "Qwen3" + head
+    ids = torch.randint(1, VOCAB, (2, 30), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (again(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("name", "field", "value", "message"),
+    [
+        ("mistral", "sliding_window", 4096, "sliding_window=4096 is not implemented in lmforge"),
+        ("qwen2", "use_sliding_window", True, "use_sliding_window=True is not implemented"),
+        ("llama3", "attention_bias", True, "attention_bias=True is not implemented in lmforge"),
+        ("llama3", "mlp_bias", True, "mlp_bias=True is not implemented in lmforge"),
+        ("llama3", "hidden_act", "gelu", "hidden_act='gelu' is not implemented in lmforge"),
+        (
+            "qwen3",
+            "rope_parameters",
+            {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0},
+            "rope_scaling with rope_type='yarn' is not implemented in lmforge",
+        ),
+    ],
+)
+def test_what_lmforge_does_not_implement_is_refused(name, field, value, message, tmp_path):
+    from lmforge.finetune.hf_mapping import model_config_from_hf
+
+    config = _configs()[name].to_dict()
+    config[field] = value
+    with pytest.raises(ConfigurationError) as err:
+        model_config_from_hf(config, source="hub")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_an_unsupported_architecture_names_the_supported_ones():
+    import transformers
+
+    from lmforge.finetune.hf_mapping import model_config_from_hf
+
+    config = transformers.Olmo2Config(**SHAPE).to_dict()
+    with pytest.raises(ConfigurationError) as err:
+        model_config_from_hf(config, source="hub")
+    assert str(err.value) == (
+        "hub: model_type 'olmo2' is not supported; lmforge reads llama, mistral, qwen2, qwen3 "
+        "(Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5, Qwen3)"
+    )
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path, tokenizer_files):
+    hub = tmp_path / "hub"
+    _hub_model("qwen2", hub, tokenizer_files, vocab_size=200)
+    assert main(["export", str(hub), "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
