@@ -127,6 +127,18 @@ BASE = ("pretrain", "name=x", "data.path=/nonexistent", "train.max_steps=5")
             ["parallel.tensor_parallel=2", "model.tie_embeddings=true"],
             "model.tie_embeddings=true cannot be split",
         ),
+        (
+            ["parallel.tensor_parallel=2", "model.family=qwen3", "model.qk_norm=true"],
+            "model.qk_norm=true (Qwen3) is not split by tensor parallelism yet",
+        ),
+        (["model.qk_norm=true"], "`model.qk_norm`=true is not part of `model.family`=llama"),
+        (["model.family=qwen2"], "`model.family`=qwen2 has `model.qkv_bias`"),
+        (
+            ["model.family=qwen2", "model.qkv_bias=true", "model.head_dim=16"],
+            "`model.family`=qwen2 has heads of d_model / n_head",
+        ),
+        (["model.head_dim=7"], "the head width 7 must be even for RoPE"),
+        (["model.rope_scaling.factor=0.5"], "`model.rope_scaling` needs factor >= 1"),
         (["parallel.tensor_parallel=0"], "`parallel.tensor_parallel` must be >= 1, got 0"),
         (
             ["parallel.strategy=deepspeed", "parallel.pipeline_parallel=2"],

@@ -134,6 +134,13 @@ class Layout:
                     f"pipeline_parallel={pp} exceeds model.n_layer={model.n_layer} (a stage "
                     f"needs at least one block); use pipeline_parallel <= {model.n_layer}"
                 )
+            if tp > 1 and model.qk_norm:
+                # its weights would see only a rank's heads: their gradients need a sum over
+                # the tensor-parallel ranks that the plan does not do yet
+                problems.append(
+                    "model.qk_norm=true (Qwen3) is not split by tensor parallelism yet; use "
+                    "tensor_parallel=1 (ddp, fsdp, deepspeed or pipeline stages)"
+                )
             if (tp > 1 or pp > 1) and model.tie_embeddings:
                 problems.append(
                     "model.tie_embeddings=true cannot be split by tensor or pipeline "
