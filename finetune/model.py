@@ -4,8 +4,9 @@
 - an lmforge run directory (its latest checkpoint) or a checkpoint directory, of any parallel
   layout (the weights are rebuilt from the shards, pretrain/checkpoint/consolidate.py),
 - a `lmforge consolidate` directory (model.safetensors + config.yaml),
-- a Hugging Face Llama directory (config.json + *.safetensors + a SentencePiece tokenizer.model),
-  which is what `lmforge export` writes,
+- a Hugging Face model directory of a supported family (Llama 2/3.x, SmolLM2, Mistral,
+  Qwen2/2.5, Qwen3: config.json + *.safetensors + tokenizer.model or tokenizer.json), such as a
+  Hub download or what `lmforge export` writes,
 into one :class:`ModelSource`: the model shape, fp32 weights under lmforge's names, the tokenizer, the
 task (for a finetuned model) and the compute that went into it.
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lmforge.pretrain.config.schema import ModelConfig
+from lmforge.pretrain.config.schema import ModelConfig, RopeScalingConfig
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
 from lmforge.pretrain.data.tokenizer import find_tokenizer
 from lmforge.pretrain.model.transformer import GPT
@@ -52,8 +53,12 @@ class ModelSource:
 
 
 def _model_cfg(section: dict) -> ModelConfig:
+    """The ModelConfig of a run's saved config section (a plain dict from its config.yaml)."""
     keys = {f for f in ModelConfig.__dataclass_fields__}
-    return ModelConfig(**{k: v for k, v in section.items() if k in keys})
+    values = {k: v for k, v in section.items() if k in keys}
+    if isinstance(values.get("rope_scaling"), dict):
+        values["rope_scaling"] = RopeScalingConfig(**values["rope_scaling"])
+    return ModelConfig(**values)
 
 
 def load_source(path: str) -> ModelSource:

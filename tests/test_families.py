@@ -207,3 +207,52 @@ def test_a_tokenizer_larger_than_the_model_is_refused(tmp_path, tokenizer_files)
     _hub_model("qwen2", hub, tokenizer_files, vocab_size=200)
     assert main(["export", str(hub), "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
+
+
+def test_finetuning_a_hub_model_exports_its_familys_classifier(tmp_path, tokenizer_files):
+    """`finetune init_from=<a Hub Qwen3 directory>`: the shape and tokenizer come from it, the
+    run trains, and its export is a Qwen3ForSequenceClassification that gives lmforge's logits
+    with the tokenizer it came with."""
+    import csv
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from lmforge.finetune.model import build_model, load_source
+    from tests.conftest import lmforge
+
+    hub = tmp_path / "hub"
+    _hub_model("qwen3", hub, tokenizer_files)
+    rows = [("a fine film", "fresh"), ("dull and long", "rotten")] * 40
+    for split in ("train", "val"):
+        with open(tmp_path / f"{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    run = tmp_path / "runs" / "cls"
+    lmforge(
+        "finetune",
+        f"runs_dir={tmp_path / 'runs'}",
+        "name=cls",
+        f"init_from={hub}",
+        f"task.train={tmp_path / 'train.csv'}",
+        f"task.val={tmp_path / 'val.csv'}",
+        "task.max_len=16",
+        "train.micro_batch_size=8",
+        "train.global_batch_size=8",
+        "train.max_steps=3",
+        "train.precision=fp32",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    )
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    hf = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert type(hf).__name__ == "Qwen3ForSequenceClassification"
+    assert hf.config.id2label == {0: "fresh", 1: "rotten"}
+    tok = AutoTokenizer.from_pretrained(out)
+    src = load_source(str(run))
+    ours = build_model(src).eval()
+    for text in ("a fine film", "dull and long"):
+        ids = tok([text], return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            theirs, mine = hf(ids).logits, ours(ids)[:, -1, :]  # the classifier reads the last
+        assert (theirs - mine).abs().max().item() <= 1e-5

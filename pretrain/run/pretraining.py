@@ -6,6 +6,7 @@ rest: layout, strategy, resume, trainer, checkpoints, run directory, signals.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -110,7 +111,7 @@ class Pretraining(Workload):
         """Shape and numerics must match; dropout and init may change between attempts. The
         data must be the same (its checksums), wherever it lies now."""
         old, now = saved_cfg["model"], self.cfg.model
-        for key, value in vars(now).items():
+        for key, value in dataclasses.asdict(now).items():  # (nested sections as dicts)
             if key not in ("dropout", "init_std") and old.get(key) != value:
                 raise CheckpointError(
                     f"{ckpt} has model.{key}={old.get(key)} but this run sets model.{key}="
