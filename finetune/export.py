@@ -37,14 +37,14 @@ from dataclasses import dataclass
 import torch
 import yaml
 
-from lmforge.finetune.hf_mapping import architecture, hf_config, to_hf_name
 from lmforge.finetune.hf_tokenizer import (
     instruction_chat_template,
     write_hf_tokenizer,
     write_hub_tokenizer,
 )
-from lmforge.finetune.model import ModelSource, build_model, check_tokenizer_fits, load_source
+from lmforge.finetune.model import build_model
 from lmforge.pretrain.checkpoint.consolidate import DTYPES
+from lmforge.pretrain.checkpoint.model_source import ModelSource, check_tokenizer_fits, load_source
 from lmforge.pretrain.core.durable import (
     atomic_directory,
     check_new_dir,
@@ -53,6 +53,7 @@ from lmforge.pretrain.core.durable import (
 )
 from lmforge.pretrain.core.errors import ConfigurationError
 from lmforge.pretrain.data.tokenizer import Tokenizer, load_tokenizer
+from lmforge.pretrain.model.hf_mapping import architecture, hf_config, to_hf_name
 
 PIPELINE_TAGS = {
     None: "text-generation",

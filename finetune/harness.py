@@ -81,7 +81,7 @@ def _task_manager(lm_eval, tasks: list[str], include: list[str]):
 
 def _where(path: str) -> tuple[str | None, str, int | None, str]:
     """(export dir or None, results file, training step, causal-LM check's subject)."""
-    from lmforge.finetune.model import load_source
+    from lmforge.pretrain.checkpoint.model_source import load_source
     from lmforge.pretrain.checkpoint.store import read_trainer_state
 
     if os.path.isfile(os.path.join(path, "config.json")):  # an exported directory

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.finetune.data import IGNORE
-from lmforge.finetune.model import ModelSource, build_model, check_tokenizer_fits, load_source
+from lmforge.finetune.model import build_model
+from lmforge.pretrain.checkpoint.model_source import ModelSource, check_tokenizer_fits, load_source
 from lmforge.pretrain.core.durable import replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
 from lmforge.pretrain.data.tokenizer import Tokenizer, load_tokenizer

@@ -20,13 +20,7 @@ from torch import nn
 from lmforge.finetune.config import FinetuneConfig
 from lmforge.finetune.data import TaskData, class_weights, load_rows, steps_for
 from lmforge.finetune.metrics import majority_baseline
-from lmforge.finetune.model import (
-    ModelSource,
-    build_model,
-    check_tokenizer_fits,
-    load_source,
-    wrap_lora,
-)
+from lmforge.finetune.model import build_model, wrap_lora
 from lmforge.finetune.tasks import (
     EarlyStopping,
     SampleGenerations,
@@ -34,6 +28,7 @@ from lmforge.finetune.tasks import (
     evaluator_for,
     make_loss,
 )
+from lmforge.pretrain.checkpoint.model_source import ModelSource, check_tokenizer_fits, load_source
 from lmforge.pretrain.config.schema import ModelConfig, to_container
 from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError

@@ -206,7 +206,7 @@ def transformers_candidate(cfg: ModelConfig, precision: str) -> Candidate:
     gets the unshifted window and predicts one token fewer per sample: the same compute)."""
     from transformers import LlamaForCausalLM
 
-    from lmforge.finetune.hf_mapping import llama_config, to_hf_name
+    from lmforge.pretrain.model.hf_mapping import llama_config, to_hf_name
 
     torch.manual_seed(0)
     ours = GPT(cfg)

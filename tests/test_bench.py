@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.finetune.hf_mapping import to_hf_name
 from lmforge.launcher import bench
+from lmforge.pretrain.model.hf_mapping import to_hf_name
 
 
 def test_peers_train_the_same_model_from_the_same_weights() -> None:

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from lmforge.finetune.export import _data_name, _hub_dataset, _hub_model, model_card, preprocessing
 from lmforge.finetune.hf_tokenizer import instruction_chat_template, write_hf_tokenizer
-from lmforge.finetune.model import ModelSource
+from lmforge.pretrain.checkpoint.model_source import ModelSource
 from lmforge.pretrain.config.schema import ModelConfig
 from lmforge.pretrain.core.errors import ConfigurationError
 from lmforge.pretrain.data.tokenizer import load_tokenizer

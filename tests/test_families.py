@@ -106,7 +106,8 @@ def _hub_model(name: str, out: Path, tokenizer_files: Path, head: str = "ForCaus
 def test_a_family_loads_with_its_logits_and_exports_bitwise(name, tmp_path, tokenizer_files):
     from transformers import AutoModelForCausalLM
 
-    from lmforge.finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model
+    from lmforge.pretrain.checkpoint.model_source import load_source
 
     hub = tmp_path / "hub"
     theirs = _hub_model(name, hub, tokenizer_files)
@@ -146,7 +147,7 @@ def test_task_heads_come_back_as_the_familys_classes(head, tmp_path, tokenizer_f
     if head == "ForTokenClassification":
         # lmforge's heads have no bias: one that is not zero is refused, never dropped
         with pytest.raises(ConfigurationError, match="score.bias is not zero"):
-            from lmforge.finetune.model import load_source
+            from lmforge.pretrain.checkpoint.model_source import load_source
 
             load_source(str(hub)).load_weights()
         with torch.no_grad():
@@ -179,7 +180,7 @@ def test_task_heads_come_back_as_the_familys_classes(head, tmp_path, tokenizer_f
     ],
 )
 def test_what_lmforge_does_not_implement_is_refused(name, field, value, message, tmp_path):
-    from lmforge.finetune.hf_mapping import model_config_from_hf
+    from lmforge.pretrain.model.hf_mapping import model_config_from_hf
 
     config = _configs()[name].to_dict()
     config[field] = value
@@ -191,7 +192,7 @@ def test_what_lmforge_does_not_implement_is_refused(name, field, value, message,
 def test_an_unsupported_architecture_names_the_supported_ones():
     import transformers
 
-    from lmforge.finetune.hf_mapping import model_config_from_hf
+    from lmforge.pretrain.model.hf_mapping import model_config_from_hf
 
     config = transformers.Olmo2Config(**SHAPE).to_dict()
     with pytest.raises(ConfigurationError) as err:
@@ -217,7 +218,8 @@ def test_finetuning_a_hub_model_exports_its_familys_classifier(tmp_path, tokeniz
 
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from lmforge.finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model
+    from lmforge.pretrain.checkpoint.model_source import load_source
     from tests.conftest import lmforge
 
     hub = tmp_path / "hub"

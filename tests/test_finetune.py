@@ -168,7 +168,7 @@ def test_bundled_rotten_tomatoes_splits_by_movie(rt):
     ids=["ddp", "fsdp", "zero2", "tp2", "pp2"],
 )
 def test_two_processes_equal_one(ft_runs, layout):
-    from lmforge.finetune.model import load_source
+    from lmforge.pretrain.checkpoint.model_source import load_source
 
     strategy, *rest = layout.split()
     one_run = ft_runs(1, "model.dropout=0.0")
@@ -281,7 +281,7 @@ def test_freeze_trunk_class_weights_and_exact_resume(ft_runs, base_run, rt, tmp_
     third of full finetuning's (no backward through the trunk), and a SIGKILLed run resumes to
     the uninterrupted one's rows (its optimizer has one parameter group: the head)."""
     from lmforge.finetune.data import class_weights
-    from lmforge.finetune.model import load_source
+    from lmforge.pretrain.checkpoint.model_source import load_source
 
     assert class_weights("balanced", [0, 0, 0, 1], 2) == [4 / (2 * 3), 4 / (2 * 1)]
     assert class_weights("none", [0, 1], 2) is None
@@ -460,7 +460,8 @@ def _assert_tokenizer_matches(export_dir: str, sp_path: str) -> None:
 def test_export_causal_lm_matches_transformers(base_run, base_export):
     from transformers import AutoModelForCausalLM
 
-    from lmforge.finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model
+    from lmforge.pretrain.checkpoint.model_source import load_source
 
     out = base_export
     for name in (
@@ -527,7 +528,8 @@ def test_foreign_hf_llama_directory_loads(tiny_data, tmp_path):
 
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lmforge.finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model
+    from lmforge.pretrain.checkpoint.model_source import load_source
 
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -554,7 +556,8 @@ def test_foreign_hf_llama_directory_loads(tiny_data, tmp_path):
 
 
 def test_evaluate_perplexity_of_text_files(base_run, tmp_path):
-    from lmforge.finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model
+    from lmforge.pretrain.checkpoint.model_source import load_source
     from lmforge.pretrain.data.tokenizer import load_tokenizer
 
     text = "Now is the winter of our discontent\nMade glorious summer by this sun of York;\n"
@@ -576,7 +579,8 @@ def test_export_classifier_matches_transformers(ft_runs, rt, tmp_path):
     truncation=True must read what lmforge reads, the last 48 tokens, on every review."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
-    from lmforge.finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model
+    from lmforge.pretrain.checkpoint.model_source import load_source
     from lmforge.pretrain.data.tokenizer import load_tokenizer
 
     run = ft_runs(1, "model.dropout=0.0")
@@ -649,7 +653,8 @@ def _tagging_rows(n: int, seed: int) -> list[dict]:
 def test_token_classification_learns_and_exports(base_run, tmp_path):
     from transformers import AutoModelForTokenClassification
 
-    from lmforge.finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model
+    from lmforge.pretrain.checkpoint.model_source import load_source
 
     for split, n, seed in (("train", 400, 0), ("val", 64, 1)):
         with open(tmp_path / f"{split}.jsonl", "w") as f:
@@ -733,7 +738,8 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
     """SFT with LoRA and packing, started from a Hugging Face directory (the base's export)."""
     from transformers import AutoModelForCausalLM
 
-    from lmforge.finetune.model import build_model, load_source
+    from lmforge.finetune.model import build_model
+    from lmforge.pretrain.checkpoint.model_source import load_source
 
     reviews = _read_csv(rt["train"])[:200]
     pairs = [

@@ -310,7 +310,7 @@ def test_matches_hf_llama(overrides: dict) -> None:
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    from lmforge.finetune.hf_mapping import llama_config, to_hf_name
+    from lmforge.pretrain.model.hf_mapping import llama_config, to_hf_name
 
     hf_cfg = llama_config(cfg)
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()

@@ -231,7 +231,7 @@ def _as_written_before(ckpt: str, tokenizer: str) -> None:
 def test_older_checkpoints_use_the_tokenizer_they_name(moved, tmp_path, capsys, text_file):
     """A checkpoint without tokenizer.model reads the tokenizer its trainer state names; a
     different file there is refused; without either, the error says where to copy it."""
-    from lmforge.finetune.model import load_source
+    from lmforge.pretrain.checkpoint.model_source import load_source
 
     ckpt = str(tmp_path / "step_00000002")
     shutil.copytree(os.path.join(moved["run"], "checkpoints", "step_00000002"), ckpt)

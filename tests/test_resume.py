@@ -115,8 +115,8 @@ def _assert_intermediate_checkpoints_rebuild(every_dir: str, ref_dir: str, tmp_p
     from safetensors.torch import load_file
 
     from lmforge.finetune.export import export
-    from lmforge.finetune.hf_mapping import to_hf_name
     from lmforge.pretrain.checkpoint.consolidate import consolidate
+    from lmforge.pretrain.model.hf_mapping import to_hf_name
 
     def has_copy(run: str, step: int) -> bool:
         return os.path.isfile(

@@ -612,7 +612,7 @@ def checkpoint_tokenizer(path: str, state: dict) -> str | None:
     that is still there. Either must be the tokenizer the run trained with (the sha256 the
     trainer state records), else one line says which file to put where. None when there is
     none."""
-    from lmforge.pretrain.data.tokenizer import find_tokenizer, load_tokenizer
+    from lmforge.pretrain.data.tokenizer import find_tokenizer, tokenizer_sha256
 
     recorded = state.get("tokenizer")
     candidates = [
@@ -623,12 +623,14 @@ def checkpoint_tokenizer(path: str, state: dict) -> str | None:
     for file in candidates:
         if file is None or not os.path.isfile(file):
             continue
-        got = load_tokenizer(file).sha256
+        got = tokenizer_sha256(file)
+        name = os.path.basename(file)
+        beside = " and the files beside it" if name.endswith(".json") else ""
         if isinstance(want, str) and got != want:
             raise CheckpointError(
                 f"{file} is not the tokenizer {path} was trained with (sha256 {got[:12]}… != "
                 f"{want[:12]}…); copy the tokenizer it was trained with (its prepared data's "
-                f"{os.path.basename(file)} and the files beside it) into {path}"
+                f"{name}{beside}) to {os.path.join(path, name)}"
             )
         return file
     return None

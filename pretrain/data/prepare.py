@@ -72,6 +72,7 @@ from lmforge.pretrain.data.tokenizer import (
     SENTENCEPIECE_FILE,
     Tokenizer,
     load_tokenizer,
+    tokenizer_sha256,
     train_tokenizer,
     training_lines,
 )
@@ -776,7 +777,7 @@ def load_manifest(path: str | os.PathLike) -> dict:
         tokenizer_path = root / tokenizer["file"]
         if not tokenizer_path.is_file():
             raise DataError(f"tokenizer {tokenizer_path} is missing; {redo}")
-        if load_tokenizer(tokenizer_path).sha256 != tokenizer["sha256"]:
+        if tokenizer_sha256(tokenizer_path) != tokenizer["sha256"]:
             raise DataError(f"tokenizer {tokenizer_path} does not match its sha256; {redo}")
         for split in SPLITS:
             info = manifest["splits"][split]

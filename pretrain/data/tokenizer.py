@@ -253,11 +253,7 @@ class HubTokenizer(Tokenizer):
                 "`tokenizer.path` at the tokenizer.json a model came with"
             ) from None
         self._tok.encode_special_tokens = True  # special-token names in text stay text
-        self._side = {
-            name: self.path.with_name(name)
-            for name in HUB_SIDE_FILES
-            if self.path.with_name(name).is_file()
-        }
+        self._side = {n: f for n, f in _hub_files(self.path).items() if n != HUB_FILE}
         config: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
             if name in self._side:
@@ -272,10 +268,7 @@ class HubTokenizer(Tokenizer):
         self.eos_id = self._special_id("eos_token")
         if self.eos_id is None:
             self.eos_id = self._end_of_text()
-        digest = hashlib.sha256()
-        for name, file in self.files().items():
-            digest.update(f"{name}\0{sha256_file(file)}\n".encode())
-        self.sha256 = digest.hexdigest()
+        self.sha256 = _files_sha256(self.files())
 
     def _special_id(self, key: str) -> int | None:
         name = _token_name(self.config.get(key))
@@ -338,6 +331,28 @@ class HubTokenizer(Tokenizer):
             for piece, token_id in self._tok.get_vocab(with_added_tokens=False).items():
                 mask[token_id] = bool(_BYTE_PIECE.fullmatch(piece))
         return mask
+
+
+def _hub_files(main: Path) -> dict[str, Path]:
+    """A tokenizer.json and the files beside it that belong to it."""
+    side = {name: main.with_name(name) for name in HUB_SIDE_FILES}
+    return {HUB_FILE: main, **{n: f for n, f in side.items() if f.is_file()}}
+
+
+def _files_sha256(files: dict[str, Path]) -> str:
+    """The identity of a tokenizer of several files: over their names and contents."""
+    digest = hashlib.sha256()
+    for name, file in files.items():
+        digest.update(f"{name}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def tokenizer_sha256(path: str | os.PathLike) -> str:
+    """The identity of the tokenizer whose main file is ``path`` (what `Tokenizer.sha256` says
+    once loaded), from the bytes of its files alone: a file that is not a tokenizer still has
+    one, so that a wrong file is told apart from a broken one."""
+    p = Path(path)
+    return _files_sha256(_hub_files(p)) if p.suffix == ".json" else sha256_file(p)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
