@@ -332,7 +332,7 @@ def _origin(src: ModelSource) -> dict:
         checkpoint, step = str(info.get("checkpoint") or src.path), info.get("step")
     else:
         checkpoint, step = src.path, read_trainer_state(src.path).get("step")
-    task = cfg.get("task") if "init_from" in cfg else None  # (finetuning configs only)
+    task = cfg.get("task")  # (finetuning configs only have one)
     sources = [(task or {}).get(k) for k in ("train", "val")]
     base = None
     if cfg.get("init_from"):

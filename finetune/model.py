@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from lmforge.pretrain.checkpoint.model_source import ModelSource
-from lmforge.pretrain.core.errors import CheckpointError
+from lmforge.pretrain.checkpoint.model_source import ModelSource, load_weights_into
 from lmforge.pretrain.model.transformer import GPT
 
 # --------------------------------------------------------------------------------------------
@@ -39,19 +38,10 @@ def build_model(src: ModelSource, *, merge: bool = True) -> GPT:
     model = GPT(src.model, n_out=src.n_out)
     if src.lora:
         peft_model = wrap_lora(model, src.lora)
-        _load(peft_model, src.weights, src.path)
+        load_weights_into(peft_model, src.weights, src.path)
         model = peft_model.merge_and_unload() if merge else peft_model
     else:
-        _load(model, src.weights, src.path)
+        load_weights_into(model, src.weights, src.path)
     return model.eval()
 
 
-def _load(model: torch.nn.Module, weights: dict, where: str) -> None:
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    tied = getattr(model, "tied", False)
-    missing = [k for k in missing if not (tied and k == "output.weight")]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{where}: weights do not fit the model (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); was it written by another version?"
-        )

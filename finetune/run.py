@@ -28,8 +28,13 @@ from lmforge.finetune.tasks import (
     evaluator_for,
     make_loss,
 )
-from lmforge.pretrain.checkpoint.model_source import ModelSource, check_tokenizer_fits, load_source
-from lmforge.pretrain.config.schema import ModelConfig, to_container
+from lmforge.pretrain.checkpoint.model_source import (
+    ModelSource,
+    check_tokenizer_fits,
+    load_source,
+    model_from_source,
+)
+from lmforge.pretrain.config.schema import to_container
 from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
 from lmforge.pretrain.data.tokenizer import Tokenizer, load_tokenizer
@@ -44,16 +49,7 @@ def resolve_base(cfg: FinetuneConfig) -> tuple[ModelSource | None, Tokenizer]:
     section that contradicts the base, and a tokenizer that is not the base's."""
     src = load_source(cfg.init_from) if cfg.init_from else None
     if src is not None:
-        user = dataclasses.asdict(cfg.model)
-        default = dataclasses.asdict(ModelConfig())
-        base = dataclasses.asdict(src.model)
-        for key, value in user.items():
-            if key != "dropout" and value != default[key] and value != base[key]:
-                raise ConfigurationError(
-                    f"model.{key}={value} but {cfg.init_from} has model.{key}={base[key]}: the "
-                    "shape comes from init_from; drop the override (only model.dropout may be set)"
-                )
-        cfg.model = dataclasses.replace(src.model, dropout=cfg.model.dropout)
+        cfg.model = model_from_source(cfg.model, src, cfg.init_from)
     path = cfg.tokenizer or (src.tokenizer if src else None)
     if path is None:
         raise ConfigurationError(

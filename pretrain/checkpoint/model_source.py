@@ -14,6 +14,7 @@ task (for a finetuned model) and the compute that went into it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import glob
 import json
@@ -88,7 +89,7 @@ def load_source(path: str) -> ModelSource:
             model=_model_cfg(cfg["model"]),
             load_weights=lambda: load_file(os.path.join(path, "model.safetensors")),
             tokenizer=find_tokenizer(path),
-            task=cfg.get("task") if "init_from" in cfg else None,
+            task=cfg.get("task"),  # (finetuning configs only have one)
             lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
             compute=_compute(info, cfg),
             kind="consolidated",
@@ -103,7 +104,7 @@ def load_source(path: str) -> ModelSource:
         model=_model_cfg(cfg["model"]),
         load_weights=lambda: full_weights(checkpoint),
         tokenizer=checkpoint_tokenizer(checkpoint, state),
-        task=cfg.get("task") if "init_from" in cfg else None,
+        task=cfg.get("task"),  # (finetuning configs only have one)
         lora=cfg.get("lora") if cfg.get("lora", {}).get("enabled") else None,
         compute=_compute(state, cfg),
         precision=_precision(cfg),
@@ -120,7 +121,7 @@ def _compute(state: dict, cfg: dict) -> dict:
     """This model's own training compute plus that of the model it started from."""
     base = state.get("base") or {}
     own = {"tokens": state.get("tokens") or 0, "flops": state.get("flops") or 0.0}
-    stage = "finetune" if "init_from" in cfg else "pretrain"
+    stage = "finetune" if "task" in cfg else "pretrain"
     return {
         "stages": [*base.get("stages", []), {"stage": stage, "name": cfg.get("name"), **own}],
         "tokens": (base.get("tokens") or 0) + own["tokens"],
@@ -207,3 +208,53 @@ def check_tokenizer_fits(tokenizer: str, vocab: int, model_vocab: int) -> None:
             f"{model_vocab:,}: the model and this tokenizer do not belong together; use the "
             "tokenizer the model was trained with"
         )
+
+
+def model_from_source(model: ModelConfig, src: ModelSource, init_from: str) -> ModelConfig:
+    """The model section of a run that starts from ``src``: its shape, with this run's dropout.
+    A key the run set (away from its default) to another value than the source's is refused:
+    the shape comes from init_from."""
+    user, default = dataclasses.asdict(model), dataclasses.asdict(ModelConfig())
+    base = dataclasses.asdict(src.model)
+    for key, value in user.items():
+        if key != "dropout" and value != default[key] and value != base[key]:
+            raise ConfigurationError(
+                f"model.{key}={value} but {init_from} has model.{key}={base[key]}: the shape "
+                "comes from init_from; drop the override (only model.dropout may be set)"
+            )
+    return dataclasses.replace(src.model, dropout=model.dropout)
+
+
+def load_weights_into(model: torch.nn.Module, weights: dict, where: str) -> None:
+    """Put ``weights`` (of the model directory ``where``) into ``model``, a GPT of their shape
+    and output width, every one of them: a weight that does not fit is a CheckpointError."""
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    tied = getattr(model, "tied", False)
+    missing = [k for k in missing if not (tied and k == "output.weight")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{where}: weights do not fit the model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); was it written by another version?"
+        )
+
+
+def source_record(src: ModelSource, init_from: str) -> dict:
+    """What a run that starts from ``src`` records of it (base.json): where it is, what kind,
+    the sha256 of its weight files (a Hub or export directory's safetensors, a consolidation's
+    model.safetensors, a checkpoint's manifest, which holds every file's), and the compute that
+    went into it."""
+    if src.kind == "hf":
+        files = sorted(glob.glob(os.path.join(src.path, "*.safetensors")))
+    elif src.kind == "consolidated":
+        files = [os.path.join(src.path, "model.safetensors")]
+    else:
+        files = [os.path.join(src.path, "manifest.json")]
+    return {
+        "init_from": init_from,
+        "source": os.path.abspath(src.path),
+        "kind": src.kind,
+        "weights_sha256": {os.path.basename(f): sha256_file(f) for f in files},
+        "pretrain_tokens": src.compute.get("tokens"),
+        "pretrain_flops": src.compute.get("flops"),
+        "stages": src.compute.get("stages", []),
+    }

@@ -806,6 +806,13 @@ class PretrainConfig(RunConfig):
     """Training loop."""
     data: DataConfig = field(default_factory=DataConfig)
     """Prepared data."""
+    init_from: str | None = None
+    """Continue pretraining a model instead of starting from random weights: an lmforge run (its
+    latest checkpoint) or checkpoint, a consolidate or export directory, or a Hugging Face model
+    directory (Llama 2/3.x, SmolLM2, Mistral, Qwen2/2.5, Qwen3; docs/hub-models.md). The model
+    shape comes from it (another model.* than model.dropout is refused), the data must be
+    prepared with its tokenizer (`lmforge prepare tokenizer.path=<it>`), and the optimizer and
+    learning-rate schedule start fresh (warmup included). null: random weights."""
 
     def __post_init__(self) -> None:
         if self.train.max_steps is None and self.train.max_tokens is None:
@@ -813,7 +820,8 @@ class PretrainConfig(RunConfig):
                 "set the run length: `train.max_steps=N` or `train.max_tokens=N`"
             )
         super().__post_init__()
-        if self.train.seq_len > self.model.max_seq_len:
+        # (with init_from the shape is the source's: checked once it is read)
+        if self.init_from is None and self.train.seq_len > self.model.max_seq_len:
             raise ConfigurationError(
                 f"`train.seq_len`={self.train.seq_len} exceeds `model.max_seq_len`="
                 f"{self.model.max_seq_len}; raise model.max_seq_len or lower train.seq_len"

@@ -13,10 +13,20 @@ import os
 
 from torch import nn
 
+from lmforge.pretrain.checkpoint.model_source import (
+    ModelSource,
+    check_tokenizer_fits,
+    load_source,
+    load_weights_into,
+    model_from_source,
+    source_record,
+)
 from lmforge.pretrain.checkpoint.store import read_trainer_state
 from lmforge.pretrain.config.schema import PretrainConfig
+from lmforge.pretrain.core.durable import write_durable
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
 from lmforge.pretrain.data.batches import TokenWindows, ValidationSet, tokenize_extra_val
+from lmforge.pretrain.data.tokenizer import tokenizer_sha256
 from lmforge.pretrain.model.flops import flops_per_token, param_counts
 from lmforge.pretrain.model.loss import LossFn
 from lmforge.pretrain.model.transformer import GPT
@@ -61,6 +71,7 @@ class Pretraining(Workload):
         if loss_fn is not None:
             self.loss_fn = loss_fn
         self.shuffle = cfg.data.shuffle
+        self.src: ModelSource | None = None  # the model it continues, with init_from
         self.tokens_per_step = cfg.train.global_batch_tokens
 
     def prepare(self) -> None:
@@ -74,12 +85,54 @@ class Pretraining(Workload):
             dtype=self.train_data.manifest["dtype"],
         )
         self.val_data = ValidationSet(data_dir=cfg.data.path, seq_len=tcfg.seq_len, extra=extra)
-        cfg.model.vocab_size = check_vocab(
-            model_vocab=cfg.model.vocab_size, data_vocab=tok["vocab_size"], data_path=cfg.data.path
-        )
+        if cfg.init_from:
+            self.src = self._source(tok)
+        else:
+            cfg.model.vocab_size = check_vocab(
+                model_vocab=cfg.model.vocab_size,
+                data_vocab=tok["vocab_size"],
+                data_path=cfg.data.path,
+            )
         self.tokenizer_sha256 = tok["sha256"]
         self.tokenizer_path = os.path.abspath(os.path.join(cfg.data.path, tok["file"]))
         self.data_sha256 = data_sha256(self.train_data.manifest)
+
+    def _source(self, tok: dict) -> ModelSource:
+        """The model to continue pretraining (``init_from``): its shape becomes the run's, and
+        the data must be tokenized with its tokenizer."""
+        cfg = self.cfg
+        src = load_source(cfg.init_from)
+        if src.n_out is not None or src.lora:
+            what = "a task head" if src.n_out is not None else "unmerged LoRA adapters"
+            raise ConfigurationError(
+                f"init_from={cfg.init_from} holds {what}; pretraining continues a language model: "
+                "start from its base, or from its `lmforge export` (adapters merged)"
+            )
+        cfg.model = model_from_source(cfg.model, src, cfg.init_from)
+        if cfg.train.seq_len > cfg.model.max_seq_len:
+            raise ConfigurationError(
+                f"`train.seq_len`={cfg.train.seq_len} exceeds the max_seq_len "
+                f"{cfg.model.max_seq_len} of init_from={cfg.init_from}; lower train.seq_len"
+            )
+        data_tok = os.path.join(cfg.data.path, tok["file"])
+        if src.tokenizer is None:
+            raise ConfigurationError(
+                f"init_from={cfg.init_from} holds no tokenizer (tokenizer.model or "
+                "tokenizer.json): the data must be tokenized with the model's own; put its "
+                "tokenizer files beside its weights"
+            )
+        if tokenizer_sha256(src.tokenizer) != tok["sha256"]:
+            raise ConfigurationError(
+                f"data.path={cfg.data.path} was prepared with another tokenizer ({data_tok}) "
+                f"than init_from={cfg.init_from} was trained with ({src.tokenizer}); prepare the "
+                f"data again with tokenizer.path={os.path.dirname(src.tokenizer)}"
+            )
+        check_tokenizer_fits(data_tok, tok["vocab_size"], cfg.model.vocab_size)
+        return src
+
+    @property
+    def shape_in_config(self) -> bool:  # type: ignore[override]
+        return not self.cfg.init_from  # else the source's shape, read by prepare
 
     def global_batch(self) -> tuple[str, int, list[tuple[str, int]]]:
         t = self.cfg.train
@@ -129,7 +182,15 @@ class Pretraining(Workload):
             )
 
     def checkpoint_extra(self) -> dict:
-        return {"data_sha256": self.data_sha256}
+        extra = {"data_sha256": self.data_sha256}
+        if self.src is not None:  # the compute that went into the weights it started from
+            extra["base"] = self.src.compute
+        return extra
+
+    def on_main_start(self, session: RunSession) -> None:
+        if self.src is not None:
+            record = source_record(self.src, self.cfg.init_from)
+            write_durable(os.path.join(self.cfg.run_dir, "base.json"), json.dumps(record).encode())
 
     def check_resumed_data(self, ckpt: str, saved_samples: int) -> None:
         if saved_samples != len(self.train_data):
@@ -140,7 +201,10 @@ class Pretraining(Workload):
             )
 
     def build_model(self) -> nn.Module:
-        return GPT(self.cfg.model)
+        model = GPT(self.cfg.model)
+        if self.src is not None:  # (a resumed run then loads its checkpoint over these)
+            load_weights_into(model, self.src.weights, self.src.path)
+        return model
 
     def flops_per_token(self, model: nn.Module) -> float:
         return flops_per_token(self.cfg.model, self.cfg.train.seq_len)
