@@ -43,5 +43,3 @@ def build_model(src: ModelSource, *, merge: bool = True) -> GPT:
     else:
         load_weights_into(model, src.weights, src.path)
     return model.eval()
-
-
