@@ -43,8 +43,20 @@ def saved_for_backward(model, batch, dtype) -> int:
         dict(n_layer=2, d_model=64, n_head=4, vocab_size=512, batch=4, seq=64),
         dict(n_layer=3, d_model=128, n_head=4, n_kv_head=2, vocab_size=1024, batch=2, seq=128),
         dict(n_layer=2, d_model=256, n_head=8, vocab_size=4096, batch=2, seq=96),
+        # a Hub family's switch: q/k/v biases (Qwen2)
+        dict(
+            n_layer=2,
+            d_model=128,
+            n_head=4,
+            n_kv_head=2,
+            vocab_size=1024,
+            batch=2,
+            seq=128,
+            qkv_bias=True,
+            family="qwen2",
+        ),
     ],
-    ids=["d64", "d128-gqa", "d256"],
+    ids=["d64", "d128-gqa", "d256", "qwen2"],
 )
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-weights"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "ac"])
