@@ -287,3 +287,32 @@ def test_signal_while_starting_stops_after_the_first_step(
     assert latest_checkpoint(run_dir) == "step_00000001"
     lmforge("pretrain", *args, "resume=auto")
     assert_same_run(run_dir, ref)
+
+
+def test_a_checkpoint_older_than_the_family_switches_still_resumes(
+    tiny_data, tmp_path, capsys, reference_runs
+):
+    """A checkpoint whose config predates model.head_dim, qkv_bias, qk_norm, rope_scaling and
+    family (keys it does not hold) ran their defaults: `resume=auto` accepts it."""
+    import hashlib
+
+    import yaml
+
+    ref = reference_runs(1, "fp32", "parallel.strategy=ddp")
+    run = tmp_path / "old"
+    shutil.copytree(ref, run)
+    ckpt = run / "checkpoints" / latest_checkpoint(str(run))
+    cfg = yaml.safe_load((ckpt / "config.yaml").read_text())
+    for key in ("head_dim", "qkv_bias", "qk_norm", "rope_scaling", "family"):
+        del cfg["model"][key]
+    data = yaml.safe_dump(cfg).encode()
+    (ckpt / "config.yaml").write_bytes(data)
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["config.yaml"] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "bytes": len(data),
+    }
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    args = _args(tiny_data, str(tmp_path), "old", 1, "fp32", "parallel.strategy=ddp")
+    assert main(["pretrain", *args, "resume=auto", "--dry-run"]) == 0, capsys.readouterr().err
+    assert f"# resumes from {ckpt}" in capsys.readouterr().out

@@ -22,7 +22,7 @@ from lmforge.pretrain.checkpoint.model_source import (
     source_record,
 )
 from lmforge.pretrain.checkpoint.store import read_trainer_state
-from lmforge.pretrain.config.schema import PretrainConfig
+from lmforge.pretrain.config.schema import ModelConfig, PretrainConfig
 from lmforge.pretrain.core.durable import write_durable
 from lmforge.pretrain.core.errors import CheckpointError, ConfigurationError
 from lmforge.pretrain.data.batches import TokenWindows, ValidationSet, tokenize_extra_val
@@ -163,8 +163,9 @@ class Pretraining(Workload):
     def check_resume(self, ckpt: str, saved_cfg: dict) -> None:
         """Shape and numerics must match; dropout and init may change between attempts. The
         data must be the same (its checksums), wherever it lies now."""
-        old, now = saved_cfg["model"], self.cfg.model
-        for key, value in dataclasses.asdict(now).items():  # (nested sections as dicts)
+        # (a key a checkpoint's config lacks was added since: its default is what it ran)
+        old = {**dataclasses.asdict(ModelConfig()), **saved_cfg["model"]}
+        for key, value in dataclasses.asdict(self.cfg.model).items():  # (sections as dicts)
             if key not in ("dropout", "init_std") and old.get(key) != value:
                 raise CheckpointError(
                     f"{ckpt} has model.{key}={old.get(key)} but this run sets model.{key}="
