@@ -34,7 +34,9 @@ def test_names_paths_and_unknown_names(tmp_path, monkeypatch):
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigurationError, match="not found: configs/parallel/zero4.yaml; give"):
         load_config(PretrainConfig, ["demo", "parallel=configs/parallel/zero4.yaml"])
-    with pytest.raises(ConfigurationError, match="'dmeo' is neither .* pretrain presets: continue, demo"):
+    with pytest.raises(
+        ConfigurationError, match="'dmeo' is neither .* pretrain presets: continue, demo"
+    ):
         load_config(PretrainConfig, ["dmeo"])
     # a mapping or a plain value is still an override, not a preset name
     assert load_config(PretrainConfig, ["demo", "model={n_layer: 2}"]).model.n_layer == 2
