@@ -9,7 +9,10 @@ from lmforge.launcher.cli.common import Handler, add_command
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp = add_command(
-        sub, "prepare", "Text -> SentencePiece tokenizer -> memmap shards with a manifest."
+        sub,
+        "prepare",
+        "Text -> tokenizer (trained: SentencePiece or byte-level BPE; or a model's own: "
+        "tokenizer.path) -> memmap shards with a manifest.",
     )
     sp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
     sp.add_argument(

@@ -17,7 +17,10 @@ from lmforge.launcher.commands import (
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp = add_command(
-        sub, "pretrain", "Pretrain a GPT-style model on prepared data (1..N processes)."
+        sub,
+        "pretrain",
+        "Pretrain a GPT-style model on prepared data (1..N processes), from random weights or "
+        "from a model you have (init_from=RUN|CHECKPOINT|EXPORT|HUB_DIR).",
     )
     sp.add_argument(
         "--nproc", type=int, default=1, help="local processes (data parallel); default 1"
