@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 
 import torch
@@ -39,8 +38,7 @@ import yaml
 
 from lmforge.finetune.hf_tokenizer import (
     instruction_chat_template,
-    write_hf_tokenizer,
-    write_hub_tokenizer,
+    write_tokenizer,
 )
 from lmforge.finetune.model import build_model
 from lmforge.pretrain.checkpoint.consolidate import DTYPES
@@ -160,11 +158,7 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
             "padding_side": prep.padding_side,
             "chat_template": prep.chat_template,
         }
-        if tok.kind == "sentencepiece":
-            write_hf_tokenizer(str(tok.path), tmp, **tokenizer_settings)
-            shutil.copyfile(tok.path, os.path.join(tmp, "tokenizer.model"))
-        else:
-            write_hub_tokenizer(tok, tmp, **tokenizer_settings)
+        write_tokenizer(tok, tmp, **tokenizer_settings)
         write_durable(os.path.join(tmp, "lmforge.json"), json.dumps(meta, indent=1).encode())
         card = model_card(src, meta, arch=arch, out=out, prep=prep)
         write_durable(os.path.join(tmp, "README.md"), card.encode())

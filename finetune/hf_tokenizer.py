@@ -1,6 +1,6 @@
 """Hugging Face tokenizer files for an export: made for an lmforge SentencePiece model
-(`write_hf_tokenizer`), or copied from the Hugging Face tokenizer a model came with
-(`write_hub_tokenizer`).
+(`write_hf_tokenizer`), or copied from the Hugging Face tokenizer a model came with;
+`write_tokenizer` does whichever a tokenizer needs.
 
 `write_hf_tokenizer` writes `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`
 and a copy of the model as `tokenizer.model`, so that
@@ -70,7 +70,7 @@ from tokenizers import decoders, models, normalizers, processors
 
 from lmforge.pretrain.core.durable import replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError
-from lmforge.pretrain.data.tokenizer import HubTokenizer, SentencePieceTokenizer
+from lmforge.pretrain.data.tokenizer import HubTokenizer, SentencePieceTokenizer, Tokenizer
 
 _Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
 _SPACE = "\u2581"  # SentencePiece's visible space, "▁"
@@ -128,7 +128,16 @@ def write_hf_tokenizer(
         replace_durable(os.path.join(out_dir, name), data)
 
 
-def write_hub_tokenizer(
+def write_tokenizer(tok: Tokenizer, out_dir: str, **settings) -> None:
+    """An export's tokenizer files for ``tok``, whichever kind it is; ``settings`` as
+    `write_hf_tokenizer` takes them."""
+    if isinstance(tok, HubTokenizer):
+        _copy_hub_tokenizer(tok, out_dir, **settings)
+    else:
+        write_hf_tokenizer(str(tok.path), out_dir, **settings)  # (tokenizer.model included)
+
+
+def _copy_hub_tokenizer(
     tok: HubTokenizer,
     out_dir: str,
     *,

@@ -19,19 +19,11 @@ import platform
 import statistics
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
-from lmforge.launcher.bench import _finish
+from lmforge.launcher.bench import _finish, _version
 
 KINDS = ("sentencepiece", "bpe_bytes")
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def _documents(files: list[str] | None, megabytes: float) -> list[str]:
@@ -57,12 +49,33 @@ def _documents(files: list[str] | None, megabytes: float) -> list[str]:
     return docs
 
 
+def _library_encoder(kind: str, tok_dir: Path, docs: list[str], cores: int):
+    """The tokenizer library's own batch call over every document, on all cores."""
+    if kind == "sentencepiece":
+        import sentencepiece as spm
+
+        sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
+        return lambda: sp.Encode(docs, num_threads=cores)
+    import tokenizers
+
+    hf = tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    return lambda: [e.ids for e in hf.encode_batch_fast(docs, add_special_tokens=False)]
+
+
+def _median_seconds(candidates: dict, windows: int) -> dict[str, float]:
+    """The median seconds of each candidate over ``windows`` turns (the order alternates)."""
+    seconds: dict[str, list[float]] = {name: [] for name in candidates}
+    for w in range(windows):
+        for name in list(candidates)[:: 1 if w % 2 == 0 else -1]:
+            t0 = time.perf_counter()
+            candidates[name]()
+            seconds[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(s) for name, s in seconds.items()}
+
+
 def run_prepare_bench(
     *, files: list[str] | None, megabytes: float, vocab: int, windows: int, out: str | None
 ) -> str:
-    import sentencepiece as spm
-    import tokenizers
-
     from lmforge.pretrain.config.schema import PrepareConfig, load_config
     from lmforge.pretrain.data.prepare import prepare
 
@@ -104,30 +117,16 @@ def run_prepare_bench(
                 "tokenizer.train_max_bytes=20_000_000",
             )
             tok_dir = Path(tmp, f"tok-{kind}")
-            if kind == "sentencepiece":
-                sp = spm.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
-
-                def library(sp=sp):
-                    return sp.Encode(docs, num_threads=cores)
-            else:
-                hf = tokenizers.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-
-                def library(hf=hf):
-                    return [e.ids for e in hf.encode_batch_fast(docs, add_special_tokens=False)]
-
+            library = _library_encoder(kind, tok_dir, docs, cores)
             tokens = sum(len(ids) for ids in library())
-            candidates = {
-                "library": library,
-                "prepare": lambda tok_dir=tok_dir: run_prepare("out", f"tokenizer.path={tok_dir}"),
-            }
-            seconds: dict[str, list[float]] = {name: [] for name in candidates}
-            for w in range(windows):
-                order = list(candidates) if w % 2 == 0 else list(reversed(candidates))
-                for name in order:
-                    t0 = time.perf_counter()
-                    candidates[name]()
-                    seconds[name].append(time.perf_counter() - t0)
-            rate = {n: tokens / statistics.median(s) / cores for n, s in seconds.items()}
+            seconds = _median_seconds(
+                {
+                    "library": library,
+                    "prepare": lambda d=tok_dir: run_prepare("out", f"tokenizer.path={d}"),
+                },
+                windows,
+            )
+            rate = {n: tokens / sec / cores for n, sec in seconds.items()}
             row = (
                 f"| {kind} | {tokens:,} | {rate['library']:,.0f} | {rate['prepare']:,.0f} | "
                 f"{rate['prepare'] / rate['library']:.2f} |"

@@ -58,6 +58,7 @@ import io
 import json
 import os
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def _optional_id(value: int) -> int | None:
     return None if value < 0 else value
 
 
-class Tokenizer:
+class Tokenizer(ABC):
     """What lmforge needs of a tokenizer, whatever its backend: ids of text and text of ids, its
     special ids, and the files that carry it (copied into prepared data, checkpoints and
     exports). Nothing outside this module knows which backend it is; `load_tokenizer` picks it.
@@ -102,10 +103,10 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r}, vocab_size={self.vocab_size})"
 
+    @abstractmethod
     def files(self) -> dict[str, Path]:
         """The files that carry this tokenizer, by the name each has wherever lmforge keeps it
         (prepared data, checkpoints, exports): the main file first."""
-        raise NotImplementedError
 
     @property
     def file_name(self) -> str:
@@ -118,24 +119,25 @@ class Tokenizer:
     pad_id: int | None
     unk_id: int | None
 
+    @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS/EOS added; special-token names in it are plain text)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode_batch(self, texts: Sequence[str], *, num_threads: int = -1) -> list[list[int]]:
         """Token ids of each text, spread over `num_threads` threads (-1 = all cores)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; special tokens (BOS, EOS, padding) decode to nothing."""
-        raise NotImplementedError
 
+    @abstractmethod
     def id_to_piece(self, token_id: int) -> str:
-        raise NotImplementedError
+        """The vocabulary entry of an id, as the tokenizer writes it."""
 
+    @abstractmethod
     def byte_piece_mask(self) -> np.ndarray:
         """A bool per id: whether it is a byte-fallback piece (`<0x..>`)."""
-        raise NotImplementedError
 
 
 def _ids(ids: Iterable[int]) -> list[int]:

@@ -113,6 +113,36 @@ def _param_split(model) -> dict[str, int]:
     }
 
 
+def _activations_per_token(
+    model, parallel, layout: Layout, *, half: bool, bf16_weights: bool, grad_accum: int
+) -> tuple[float, float]:
+    """Activation bytes per token of the busiest rank, and the part of them that is one block
+    recomputed in backward (activation checkpointing); measured coefficients (module
+    docstring)."""
+    d, F, V = model.d_model, model.hidden_dim, model.vocab_size
+    tp, pp = layout.tp, layout.pp
+    layers = -(-model.n_layer // pp)  # blocks of the largest (first) stage
+    if bf16_weights:
+        per_block = 21 * d + 9 * F
+    else:
+        per_block = (35 * d + 8 * F) if half else (41 * d + 16 * F)
+    if tp > 1:  # sequence parallel: all but the gathered projection inputs split by tp
+        gathered = 2 * d * (2 if half else 4)
+        per_block = (per_block - gathered) / tp + gathered
+    kept = (
+        (2 if bf16_weights else 4) * d if parallel.activation_checkpointing else per_block
+    )  # per block, until backward
+    recompute = per_block if parallel.activation_checkpointing else 0  # one block at a time
+    head = 4 * V / tp + (8 if bf16_weights else 12) * d
+    if pp == 1:
+        return layers * kept + recompute + head, recompute
+    # the first stage holds the most micro-batches, the last one the head
+    gpipe = parallel.pipeline_schedule == "gpipe"
+    first = (grad_accum if gpipe else min(pp, grad_accum)) * layers * kept
+    last = (grad_accum if gpipe else 1) * layers * kept + head
+    return max(first, last) + recompute, recompute
+
+
 def estimate_memory(
     model,
     *,
@@ -128,7 +158,7 @@ def estimate_memory(
     layout = Layout(parallel, world_size)
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     s = _param_split(model)
-    d, F, V = model.d_model, model.hidden_dim, model.vocab_size
+    d = model.d_model
     layers = -(-s["layers"] // pp)  # blocks of the largest (first) stage
     block = s["block_split"] / tp + s["block_norms"]
     embedding, head = s["embedding"] / tp, s["head"] / tp + s["final_norm"]
@@ -155,27 +185,11 @@ def estimate_memory(
         offloaded += params
         params = 0.0
 
-    # Activations per token (bytes), measured coefficients (module docstring).
     tokens = micro_batch_size * seq_len
-    if bf16_weights:
-        per_block = 21 * d + 9 * F
-    else:
-        per_block = (35 * d + 8 * F) if half else (41 * d + 16 * F)
-    if tp > 1:  # sequence parallel: all but the gathered projection inputs split by tp
-        gathered = 2 * d * (2 if half else 4)
-        per_block = (per_block - gathered) / tp + gathered
-    kept = (
-        (2 if bf16_weights else 4) * d if parallel.activation_checkpointing else per_block
-    )  # per block, until backward
-    recompute = per_block if parallel.activation_checkpointing else 0  # one block at a time
-    head = 4 * V / tp + (8 if bf16_weights else 12) * d
-    if pp == 1:
-        activations = tokens * (layers * kept + recompute + head)
-    else:  # the first stage holds the most micro-batches, the last one the head
-        gpipe = parallel.pipeline_schedule == "gpipe"
-        first = (grad_accum if gpipe else min(pp, grad_accum)) * layers * kept
-        last = (grad_accum if gpipe else 1) * layers * kept + head
-        activations = tokens * (max(first, last) + recompute)
+    per_token, recompute = _activations_per_token(
+        model, parallel, layout, half=half, bf16_weights=bf16_weights, grad_accum=grad_accum
+    )
+    activations = tokens * per_token
 
     working, buffers = 0.0, 0.0
     if ds and layout.zero_stage >= 1:
