@@ -60,9 +60,11 @@ class TaskConfig:
     """sft: the column holding the prompt (instruction)."""
     response_column: str = "response"
     """sft: the column holding the response the model learns to produce."""
-    template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    template: str | None = None
     """sft: the text the prompt is put into; `{prompt}` is replaced. The response follows it
-    directly and ends with EOS."""
+    directly and ends with EOS. null: the tokenizer's own chat template when it has one (a Hub
+    model's: the prompt is one user message, the response the assistant's turn, as transformers'
+    apply_chat_template writes them), else "### Instruction:\n{prompt}\n\n### Response:\n"."""
     packing: bool = False
     """sft: pack several short examples into one sequence of up to `max_len` tokens (fewer
     padding tokens; examples then attend to the earlier ones in their pack)."""
@@ -83,7 +85,7 @@ class TaskConfig:
             raise ConfigurationError(
                 f"`task.val_fraction` must be in (0, 0.5), got {self.val_fraction}"
             )
-        if self.type == "sft" and "{prompt}" not in self.template:
+        if self.type == "sft" and self.template is not None and "{prompt}" not in self.template:
             raise ConfigurationError(
                 f"`task.template` must contain {{prompt}}, got {self.template!r}"
             )

@@ -6,8 +6,8 @@ model output (B, T, n_out) serve all of them, pipeline stages included:
 
 - classification: the text's tokens; the label id sits on the LAST token (the head reads the
   last non-padding position: causal attention has seen the whole text there);
-- sft: template(prompt) + response + EOS, shifted by one (next-token targets); targets inside
-  the prompt are -100, so only the response is learned;
+- sft: the prompt and the response in the run's format (finetune/prompts.py), shifted by one
+  (next-token targets); targets inside the prompt are -100, so only the response is learned;
 - token_classification: each word's tokens (encoded with its leading space, as in running
   text); the word's tag id on its first sub-word, -100 on the others (Hugging Face's alignment).
 
@@ -24,6 +24,7 @@ import math
 import numpy as np
 import torch
 
+from lmforge.finetune.prompts import PromptFormat
 from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
 from lmforge.pretrain.core.launch_env import under_local_launcher
@@ -255,11 +256,10 @@ def classification_example(tok, text: str, label: int, max_len: int):
     return ids, [IGNORE] * (len(ids) - 1) + [label]
 
 
-def sft_example(tok, prompt: str, response: str, *, template: str, max_len: int):
-    """(input_ids, labels) of one prompt/response pair: next-token targets, -100 on the
-    prompt."""
-    p = tok.encode(template.replace("{prompt}", prompt))
-    r = tok.encode(response) + ([tok.eos_id] if tok.eos_id is not None else [])
+def sft_example(fmt: PromptFormat, prompt: str, response: str, *, max_len: int):
+    """(input_ids, labels) of one prompt/response pair in the format ``fmt``: next-token
+    targets, -100 on the prompt."""
+    p, r = fmt.example(prompt, response)
     total = max_len + 1  # inputs and shifted targets
     if len(p) + len(r) > total:
         keep_r = min(len(r), max(total - len(p), total // 2))
@@ -273,7 +273,7 @@ def token_classification_example(tok, words: list, tags: list[int], max_len: int
     ids: list[int] = []
     labels: list[int] = []
     for word, tag in zip(words, tags, strict=True):
-        pieces = tok.encode(str(word))  # with its dummy-prefix space, as inside running text
+        pieces = tok.encode_word(str(word))  # as inside running text
         if not pieces:
             continue
         if len(ids) + len(pieces) > max_len:
@@ -366,12 +366,12 @@ def tokenize(
             for r, y in zip(rows, ids, strict=True)
         ]
     elif task.type == "sft":
+        fmt = PromptFormat(tok, task.template)
         made = [
             sft_example(
-                tok,
+                fmt,
                 str(r[task.prompt_column] or ""),
                 str(r[task.response_column] or ""),
-                template=task.template,
                 max_len=task.max_len,
             )
             for r in rows

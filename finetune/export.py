@@ -41,6 +41,7 @@ from lmforge.finetune.hf_tokenizer import (
     write_tokenizer,
 )
 from lmforge.finetune.model import build_model
+from lmforge.finetune.prompts import PromptFormat
 from lmforge.pretrain.checkpoint.consolidate import DTYPES
 from lmforge.pretrain.checkpoint.model_source import ModelSource, check_tokenizer_fits, load_source
 from lmforge.pretrain.core.durable import (
@@ -110,7 +111,7 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
     model = build_model(src)
     task = src.task or {}
     kind = task.get("type")
-    prep = preprocessing(task or None, context=src.model.max_seq_len)
+    prep = preprocessing(task or None, context=src.model.max_seq_len, tok=tok)
     head = "lm_head" if src.n_out is None else "score"
     arch = architecture(src.model.family, kind)
     weights = {
@@ -151,7 +152,7 @@ def export(path: str, *, out: str, dtype: str = "fp32") -> str:
     with atomic_directory(out, prefix=".export-") as tmp:
         config.save_pretrained(tmp)
         save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        _generation_config(tok, kind).save_pretrained(tmp)
+        _generation_config(tok, task).save_pretrained(tmp)
         tokenizer_settings = {
             "model_max_length": prep.model_max_length,
             "truncation_side": prep.truncation_side,
@@ -184,14 +185,22 @@ class Preprocessing:
     lines: tuple[str, ...]
 
 
-def preprocessing(task: dict | None, *, context: int) -> Preprocessing:
+def preprocessing(
+    task: dict | None, *, context: int, tok: Tokenizer | None = None
+) -> Preprocessing:
     """The tokenizer settings under which transformers' usual ``truncation=True`` (and
-    ``padding=True``) give a model exactly the input lmforge gives it."""
+    ``padding=True``) give a model exactly the input lmforge gives it (``tok``: the model's
+    tokenizer, for the card's words; None: a SentencePiece model of lmforge's)."""
     kind = (task or {}).get("type")
     # a Hugging Face directory lmforge did not write has no task.max_len: the context then
     known = (task or {}).get("max_len") is not None
     n = int(task["max_len"]) if known else context
-    pad = "`</s>` (the model has no padding piece; padded positions are masked)"
+    ids = "SentencePiece ids" if tok is None else f"ids of {tok.file_name}"
+    if tok is None or tok.pad_id is None:
+        eos = "</s>" if tok is None else tok.id_to_piece(tok.eos_id)
+        pad = f"`{eos}` (the model has no padding piece; padded positions are masked)"
+    else:
+        pad = f"`{tok.id_to_piece(tok.pad_id)}` (padded positions are masked)"
     if kind == "classification":
         if not known:
             length = "The context: no finetuning length (`task.max_len`) is recorded."
@@ -209,7 +218,7 @@ def preprocessing(task: dict | None, *, context: int) -> Preprocessing:
             "right",
             None,
             (
-                "Text → SentencePiece ids, no BOS/EOS added.",
+                f"Text → {ids}, no BOS/EOS added.",
                 f"A text longer than {n} tokens keeps its last {n} (`model_max_length: {n}`, "
                 f"`truncation_side: left`): the head reads the last token. {length}",
                 f"Batches are padded on the right (`padding_side: right`) with {pad}; the head "
@@ -219,15 +228,24 @@ def preprocessing(task: dict | None, *, context: int) -> Preprocessing:
             ),
         )
     if kind == "token_classification":
+        if tok is not None and tok.encode_word("a") != tok.encode("a"):
+            words = (
+                f"Words → {ids}, each word encoded on its own after a space, as inside running "
+                "text (with transformers: the words as `[' ' + w for w in words]` and "
+                "`is_split_into_words=True`)"
+            )
+        else:
+            words = (
+                f"Words → {ids}, each word encoded on its own with its leading space "
+                "(`is_split_into_words=True`)"
+            )
         return Preprocessing(
             n,
             "right",
             "right",
             None,
             (
-                "Words → SentencePiece ids, each word encoded on its own with its leading "
-                "space (`is_split_into_words=True`), no BOS/EOS added; a word's label is read "
-                "at its first sub-word.",
+                f"{words}, no BOS/EOS added; a word's label is read at its first sub-word.",
                 f"An example longer than {n} tokens keeps its first {n} "
                 f"(`model_max_length: {n}`, `truncation_side: right`): lmforge keeps the "
                 "words that fit whole; transformers cuts inside a word, so a word cut at the "
@@ -239,7 +257,7 @@ def preprocessing(task: dict | None, *, context: int) -> Preprocessing:
             ),
         )
     lines = [
-        "Text → SentencePiece ids, no BOS/EOS added.",
+        f"Text → {ids}, no BOS/EOS added.",
         f"Generation reads the prompt's last {context} tokens, the context "
         f"(`model_max_length: {context}`, `truncation_side: left`), as `lmforge generate` "
         "does; past the context lmforge slides its window while transformers keeps all tokens.",
@@ -248,15 +266,29 @@ def preprocessing(task: dict | None, *, context: int) -> Preprocessing:
     ]
     if kind != "sft":
         return Preprocessing(context, "left", "left", None, tuple(lines))
+    packed = ", and short examples were packed together." if task.get("packing") else "."
+    length = (
+        f"Finetuned on examples of at most {n} tokens (`task.max_len`): a longer prompt lost "
+        f"its start, a longer response its end{packed}"
+    )
+    if task.get("template") is None:  # the tokenizer's own chat template, kept as it is
+        ends = "its end of turn" if tok is None else _stop_names(tok, task)
+        lines[1:1] = [
+            "A prompt is one user message in the tokenizer's own `chat_template`, rendered with "
+            "`add_generation_prompt=True` (`apply_chat_template`); the response is the "
+            f"assistant's turn as the template writes it, ending with {ends} (generation stops "
+            "there: `eos_token_id` in generation_config.json).",
+            length,
+        ]
+        return Preprocessing(context, "left", "left", None, tuple(lines))
     template = str(task["template"])
     lines[1:1] = [
         f"A prompt is put into the template {json.dumps(template, ensure_ascii=False)} "
         "(`{prompt}` replaced); the tokenizer's `chat_template` renders one user message "
         "exactly so, response header included (with or without `add_generation_prompt`). "
-        "The response follows the template directly and ends with `</s>`.",
-        f"Finetuned on examples of at most {n} tokens (`task.max_len`): a longer prompt lost "
-        "its start, a longer response its end"
-        + (", and short examples were packed together." if task.get("packing") else "."),
+        "The response follows the template directly and ends with "
+        f"`{'</s>' if tok is None else tok.id_to_piece(tok.eos_id)}`.",
+        length,
     ]
     return Preprocessing(context, "left", "left", instruction_chat_template(template), tuple(lines))
 
@@ -380,12 +412,20 @@ def _evaluation(checkpoint: str, step: int | None, cfg: dict, task: dict | None)
 # --------------------------------------------------------------------------------------------
 
 
-def _generation_config(tok: Tokenizer, kind: str | None):
+def _stop_names(tok: Tokenizer, task: dict) -> str:
+    stops = PromptFormat(tok, task.get("template")).stop_ids
+    return " or ".join(f"`{tok.id_to_piece(i)}`" for i in stops)
+
+
+def _generation_config(tok: Tokenizer, task: dict):
     from transformers import GenerationConfig
 
+    kind = task.get("type")
+    stops = PromptFormat(tok, task.get("template")).stop_ids if kind == "sft" else ()
     return GenerationConfig(
         bos_token_id=tok.bos_id,
-        eos_token_id=tok.eos_id,
+        # an instruction model's answer ends where lmforge's does (a chat's end of turn)
+        eos_token_id=list(stops) if len(stops) > 1 else tok.eos_id,
         pad_token_id=tok.eos_id,
         do_sample=kind != "sft",  # an instruction model answers greedily by default
         temperature=0.8 if kind != "sft" else None,

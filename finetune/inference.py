@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from lmforge.finetune.data import IGNORE
 from lmforge.finetune.model import build_model
+from lmforge.finetune.prompts import PromptFormat
 from lmforge.pretrain.checkpoint.model_source import ModelSource, check_tokenizer_fits, load_source
 from lmforge.pretrain.core.durable import replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
@@ -57,7 +58,8 @@ def generate(
 ) -> str:
     """Sample a continuation of ``prompt``, writing it to ``stream`` (default: the standard
     output at the time of the call) as it comes; return it. An SFT model's prompt goes into its
-    template unless ``raw``."""
+    format (finetune/prompts.py: its template or its tokenizer's chat template) unless
+    ``raw``, and the response ends at the format's end (EOS, or the chat's end of turn)."""
     stream = stream or sys.stdout
     src, model, tok = load_model(path)
     if src.n_out is not None:
@@ -66,12 +68,12 @@ def generate(
             "it does not generate; use `lmforge evaluate`"
         )
     task = src.task or {}
-    text = prompt
-    if task.get("type") == "sft" and not raw:
-        text = task["template"].replace("{prompt}", prompt)
-    ids = tok.encode(text)
+    sft = task.get("type") == "sft"
+    fmt = PromptFormat(tok, task.get("template")) if sft else None
+    ids = fmt.prompt_ids(prompt) if fmt is not None and not raw else tok.encode(prompt)
     if not ids:
         ids = [tok.bos_id if tok.bos_id is not None else tok.eos_id]
+    stop_ids = fmt.stop_ids if fmt is not None else ()
     generator = torch.Generator().manual_seed(seed)
     new: list[int] = []
     shown = ""
@@ -81,7 +83,7 @@ def generate(
         # only form text together, and SentencePiece's spaces depend on the neighbours
         nonlocal shown
         token = int(column[0])
-        if token == tok.eos_id:
+        if token in stop_ids or token == tok.eos_id:
             return
         new.append(token)
         full = tok.decode(new)
@@ -97,7 +99,7 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         generator=generator,
-        eos_id=tok.eos_id if task.get("type") == "sft" else None,
+        stop_ids=stop_ids,
         on_token=on_token,
     )
     full = tok.decode(new)

@@ -21,6 +21,7 @@ from lmforge.finetune.config import FinetuneConfig
 from lmforge.finetune.data import TaskData, class_weights, load_rows, steps_for
 from lmforge.finetune.metrics import majority_baseline
 from lmforge.finetune.model import build_model, wrap_lora
+from lmforge.finetune.prompts import PromptFormat
 from lmforge.finetune.tasks import (
     EarlyStopping,
     SampleGenerations,
@@ -100,6 +101,8 @@ def prepare_run(cfg: FinetuneConfig):
             f"task.max_len={cfg.task.max_len} exceeds the model's max_seq_len "
             f"{cfg.model.max_seq_len}; lower task.max_len"
         )
+    if cfg.task.type == "sft":  # the format, recorded: null stays only for a chat template
+        cfg.task.template = PromptFormat(tok, cfg.task.template).template
     # The data can fail in many ways: read and check it before any process group exists.
     data = TaskData(
         cfg.task,
@@ -253,8 +256,7 @@ class Finetuning(Workload):
             trainer.callbacks.append(
                 SampleGenerations(
                     prompts=_val_prompts(cfg, cfg.train.samples),
-                    tokenizer=self.tok,
-                    template=cfg.task.template,
+                    fmt=PromptFormat(self.tok, cfg.task.template),
                     max_new_tokens=cfg.train.sample_tokens,
                     run_dir=cfg.run_dir,
                     start_step=trainer.state.step,

@@ -10,6 +10,7 @@ import torch
 
 from lmforge.finetune.data import IGNORE
 from lmforge.finetune.metrics import ConfusionMatrix, EntityCounts, entity_types_from_labels
+from lmforge.finetune.prompts import PromptFormat
 from lmforge.pretrain.checkpoint.store import (
     best_checkpoint,
     mark_best,
@@ -204,13 +205,12 @@ class SampleGenerations(Callback):
         self,
         *,
         prompts: list[str],
-        tokenizer,
-        template: str,
+        fmt: PromptFormat,
         max_new_tokens: int,
         run_dir: str,
         start_step: int,
     ) -> None:
-        self.prompts, self.tok, self.template = prompts, tokenizer, template
+        self.prompts, self.fmt = prompts, fmt
         self.max_new_tokens, self.path = max_new_tokens, os.path.join(run_dir, "samples.jsonl")
         # A resumed run repeats the evaluations past its checkpoint: drop their old samples,
         # as metrics.jsonl drops its rows.
@@ -223,13 +223,11 @@ class SampleGenerations(Callback):
         device = trainer.strategy.device
         out = []
         for prompt in self.prompts:
-            ids = torch.tensor(
-                [self.tok.encode(self.template.replace("{prompt}", prompt))], device=device
-            )
+            ids = torch.tensor([self.fmt.prompt_ids(prompt)], device=device)
             new = generate_ids(
-                model, ids, self.max_new_tokens, eos_id=self.tok.eos_id, temperature=0.0
+                model, ids, self.max_new_tokens, stop_ids=self.fmt.stop_ids, temperature=0.0
             )
-            text = self.tok.decode(new)
+            text = self.fmt.tok.decode(new)
             out.append({"step": row["step"], "prompt": prompt, "generation": text})
             pdist.print0(f"sample @ step {row['step']}: {prompt[:60]!r} -> {text[:120]!r}")
         with open(self.path, "a") as f:
@@ -237,10 +235,12 @@ class SampleGenerations(Callback):
 
 
 def generate_ids(
-    model, ids: torch.Tensor, max_new_tokens: int, *, eos_id: int | None, **sampling
+    model, ids: torch.Tensor, max_new_tokens: int, *, stop_ids: tuple[int, ...], **sampling
 ) -> list[int]:
-    """New token ids after ``ids`` (1, T), up to EOS (not included). ``model``: a GPT, or a
-    peft wrapper of one (its adapters active); ``sampling``: GPT.generate's options."""
+    """New token ids after ``ids`` (1, T), up to the first of ``stop_ids`` (not included).
+    ``model``: a GPT, or a peft wrapper of one (its adapters active); ``sampling``:
+    GPT.generate's options."""
     gpt = model.base_model.model if hasattr(model, "peft_config") else model
-    out = gpt.generate(ids, max_new_tokens, eos_id=eos_id, **sampling)[0, ids.shape[1] :].tolist()
-    return out[: out.index(eos_id)] if eos_id in out else out
+    out = gpt.generate(ids, max_new_tokens, stop_ids=stop_ids, **sampling)[0, ids.shape[1] :]
+    ends = [k for k, t in enumerate(out.tolist()) if t in stop_ids]
+    return out.tolist()[: ends[0]] if ends else out.tolist()

@@ -7,6 +7,8 @@ transformers' config classes, as in test_families.py; nothing is downloaded).
   the source and the sha256 of its weights;
 - Llama 3 (RoPE scaling, tied embeddings): continued, then finetuned as a classifier, and its
   export generates with transformers exactly what `lmforge generate` prints;
+- Qwen2 (q/k/v biases, tied embeddings) continued under FSDP, ZeRO-3, tensor and pipeline
+  parallel on 2 processes trains as one process does;
 - refused in one line: data tokenized with another tokenizer, a model shape set beside
   init_from, a sequence longer than the model's.
 """
@@ -90,6 +92,48 @@ def test_a_hub_model_continues_and_resumes_exactly(qwen3, tmp_path):
     from lmforge.pretrain.core.durable import sha256_file
 
     assert base["weights_sha256"] == {"model.safetensors": sha256_file(hub / "model.safetensors")}
+
+
+SHORT = ["train.max_steps=3", "train.eval_interval=0", "checkpoint.interval=0"]
+
+
+@pytest.fixture(scope="module")
+def qwen2_alone(tmp_path_factory, tokenizer_files):  # noqa: F811
+    """A Qwen2 directory (q/k/v biases, tied embeddings), the plays in its tokenizer, and the
+    losses of 3 steps continued from it by one process."""
+    root = tmp_path_factory.mktemp("qwen2")
+    hub = root / "hub"
+    _hub_model("qwen2", hub, tokenizer_files)
+    args = [
+        f"data.path={_data(root, f'tokenizer.path={hub}')}",
+        f"init_from={hub}",
+        f"runs_dir={root}",
+        *RUN,
+        *SHORT,
+    ]
+    lmforge("pretrain", *args, "name=one")
+    return args, [r["loss"] for r in _rows(str(root / "one")) if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "parallel.strategy=fsdp",
+        "parallel.strategy=deepspeed parallel.zero_stage=3",
+        "parallel.tensor_parallel=2",
+        "parallel.pipeline_parallel=2",
+    ],
+    ids=["fsdp", "zero3", "tp2", "pp2"],
+)
+def test_every_layout_starts_from_the_hub_weights(layout, qwen2_alone, tmp_path):
+    """Continued on 2 ranks in each sharded layout, the Qwen2 trains as one process does from
+    the same weights: the first steps' losses, which a weight loaded into the wrong shard (or
+    left at its random start) would change from the first step."""
+    args, one = qwen2_alone
+    lmforge("pretrain", *args, *layout.split(), f"runs_dir={tmp_path}", "name=two", "--nproc", "2")
+    two = [r["loss"] for r in _rows(str(tmp_path / "two")) if r["kind"] == "train"]
+    assert len(one) == len(two) == 3
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
 
 
 def test_what_does_not_go_with_init_from_is_refused(qwen3, tmp_path, capsys):

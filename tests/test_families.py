@@ -258,3 +258,141 @@ def test_finetuning_a_hub_model_exports_its_familys_classifier(tmp_path, tokeniz
         with torch.no_grad():
             theirs, mine = hf(ids).logits, ours(ids)[:, -1, :]  # the classifier reads the last
         assert (theirs - mine).abs().max().item() <= 1e-5
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory) -> Path:
+    """A Qwen2 directory whose byte-level tokenizer has ChatML's special tokens and template,
+    as an instruct model's has."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    play = sorted((Path(plays_dir()) / "comedies").glob("*.md"))[0]
+    tok.train_from_iterator([play.read_text()], trainer=trainer)
+    files = tmp_path_factory.mktemp("chat-tokenizer")
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+    hf.chat_template = CHATML
+    hf.save_pretrained(files)
+    hub = tmp_path_factory.mktemp("chat") / "hub"
+    _hub_model("qwen2", hub, files)
+    return hub
+
+
+def _finetune(tmp_path: Path, hub: Path, name: str, *task: str) -> Path:
+    from tests.conftest import lmforge
+
+    lmforge(
+        "finetune",
+        f"runs_dir={tmp_path / 'runs'}",
+        f"name={name}",
+        f"init_from={hub}",
+        *task,
+        "train.micro_batch_size=8",
+        "train.global_batch_size=8",
+        "train.max_steps=2",
+        "train.precision=fp32",
+        "train.samples=0",
+        "logging.progress=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    )
+    return tmp_path / "runs" / name
+
+
+def test_sft_on_a_hub_model_speaks_its_chat_template_and_exports_it(tmp_path, chat_model):
+    """`task.template` null with a tokenizer that has a chat template: an example is the prompt
+    as one user message (with the generation prompt) and the answer as the assistant's turn up
+    to <|im_end|>, token for token as transformers' apply_chat_template writes them; the export
+    keeps the template, stops generation at <|im_end|>, and transformers generates from
+    apply_chat_template what `lmforge generate` generates from the prompt."""
+    import io
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmforge.finetune.inference import generate
+    from lmforge.finetune.prompts import PromptFormat
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
+
+    hf_tok = AutoTokenizer.from_pretrained(chat_model)
+    fmt = PromptFormat(load_tokenizer(str(chat_model)), None)
+    end = hf_tok.convert_tokens_to_ids("<|im_end|>")
+    assert fmt.chat and fmt.stop_ids == (end, hf_tok.eos_token_id)
+    user = [{"role": "user", "content": "Who is Sebastian?"}]
+    turn = [*user, {"role": "assistant", "content": "Viola's brother."}]
+    prompt, answer = fmt.example(user[0]["content"], turn[1]["content"])
+    kw = {"tokenize": True, "return_dict": False}
+    assert prompt == hf_tok.apply_chat_template(user, add_generation_prompt=True, **kw)
+    whole = hf_tok.apply_chat_template(turn, **kw)
+    assert prompt + answer == whole[: whole.index(end) + 1]
+
+    rows = [{"prompt": "Who is Sebastian?", "response": "Viola's brother."}] * 16
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = _finetune(
+        tmp_path, chat_model, "sft", "task.type=sft", f"task.train={tmp_path / 'sft.jsonl'}",
+        "task.max_len=48",
+    )  # fmt: skip
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    exported = AutoTokenizer.from_pretrained(out)
+    assert exported.chat_template == CHATML
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert end in hf.generation_config.eos_token_id
+    ids = exported.apply_chat_template(user, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+    with torch.no_grad():
+        new = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+    new = new[: new.index(end)] if end in new else new
+    stream = io.StringIO()
+    text = generate(str(out), prompt=user[0]["content"], max_new_tokens=8, temperature=0.0,
+                    stream=stream)  # fmt: skip
+    assert text == exported.decode(new, skip_special_tokens=True)
+
+
+def test_token_classification_on_a_hub_model_reads_words_as_in_running_text(tmp_path, chat_model):
+    """A byte-level BPE writes a word's leading space into its first token: each word is encoded
+    after a space, so that concatenated they are the sentence's tokens; the export's card says
+    how transformers gets the same ids, and its token classifier gives lmforge's logits."""
+    from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+    from lmforge.finetune.data import token_classification_example
+    from lmforge.finetune.model import build_model
+    from lmforge.pretrain.checkpoint.model_source import load_source
+    from lmforge.pretrain.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(chat_model))
+    words = ["Sebastian", "loves", "Olivia", "in", "Illyria"]
+    ids, _ = token_classification_example(tok, words, [1, 0, 1, 0, 1], max_len=64)
+    assert ids == tok.encode(" " + " ".join(words))
+
+    rows = [{"tokens": words, "tags": ["B-PER", "O", "B-PER", "O", "B-LOC"]}] * 16
+    (tmp_path / "ner.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = _finetune(
+        tmp_path, chat_model, "ner", "task.type=token_classification",
+        f"task.train={tmp_path / 'ner.jsonl'}", "task.max_len=32",
+    )  # fmt: skip
+    out = tmp_path / "hf"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert "[' ' + w for w in words]" in (out / "README.md").read_text()
+    hf = AutoModelForTokenClassification.from_pretrained(out).eval()
+    theirs = AutoTokenizer.from_pretrained(out)(
+        [" " + w for w in words], is_split_into_words=True, return_tensors="pt"
+    )["input_ids"]
+    assert theirs[0].tolist() == ids
+    ours = build_model(load_source(str(run))).eval()
+    with torch.no_grad():
+        assert (hf(theirs).logits - ours(theirs)).abs().max().item() <= 1e-5

@@ -793,7 +793,7 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
 
     def greedy(text: str) -> str:
         ids = torch.tensor([tok.encode(text)])
-        new = merged.generate(ids, 8, temperature=0.0, eos_id=tok.eos_id)[0, ids.shape[1] :]
+        new = merged.generate(ids, 8, temperature=0.0, stop_ids=(tok.eos_id,))[0, ids.shape[1] :]
         new = new.tolist()
         return tok.decode(new[: new.index(tok.eos_id)] if tok.eos_id in new else new)
 

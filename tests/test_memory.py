@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from lmforge.pretrain.config.schema import ModelConfig, ParallelConfig
+from lmforge.pretrain.config.schema import ModelConfig, ParallelConfig, RopeScalingConfig
 from lmforge.pretrain.model.transformer import GPT
 from lmforge.pretrain.parallel import apply_activation_checkpointing
 from lmforge.pretrain.parallel.memory import estimate_memory
@@ -55,8 +55,21 @@ def saved_for_backward(model, batch, dtype) -> int:
             qkv_bias=True,
             family="qwen2",
         ),
+        # qk-norm and heads wider than the model (Qwen3: 16 heads of 128 at width 1024)
+        dict(
+            n_layer=2,
+            d_model=128,
+            n_head=4,
+            n_kv_head=2,
+            head_dim=64,
+            vocab_size=1024,
+            batch=2,
+            seq=128,
+            qk_norm=True,
+            family="qwen3",
+        ),
     ],
-    ids=["d64", "d128-gqa", "d256", "qwen2"],
+    ids=["d64", "d128-gqa", "d256", "qwen2", "qwen3"],
 )
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-weights"])
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["", "ac"])
@@ -92,6 +105,53 @@ def test_activation_estimate_matches_measured(shape, precision, checkpointing):
     estimated = est.activations - est.recompute + (0 if weights else est.working)
     print(f"{precision} ac={checkpointing}: estimated {estimated:,.0f} measured {measured:,}")
     assert abs(estimated / measured - 1) < 0.05, (estimated, measured)
+
+
+# 125M-class shapes of the Hub families lmforge reads (SmolLM2-135M is Llama's own; the Qwen and
+# Mistral shapes are their published small configs cut to 6 layers and a 32k vocabulary).
+FAMILY_SHAPES = {
+    "llama3": dict(
+        n_layer=6, d_model=576, n_head=9, n_kv_head=3, ffn_hidden=1536, vocab_size=49152,
+        tie_embeddings=True, rope_scaling=RopeScalingConfig(), family="llama",
+    ),
+    "mistral": dict(
+        n_layer=6, d_model=768, n_head=12, n_kv_head=4, ffn_hidden=2048, vocab_size=32768,
+        family="mistral",
+    ),
+    "qwen2": dict(
+        n_layer=6, d_model=896, n_head=14, n_kv_head=2, ffn_hidden=4864, vocab_size=32768,
+        qkv_bias=True, tie_embeddings=True, family="qwen2",
+    ),
+    "qwen3": dict(
+        n_layer=6, d_model=1024, n_head=16, n_kv_head=8, head_dim=128, ffn_hidden=3072,
+        vocab_size=32768, qk_norm=True, tie_embeddings=True, family="qwen3",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("family", list(FAMILY_SHAPES))
+def test_a_familys_125m_class_shape_is_estimated_within_10_percent(family):
+    """Parameters (GQA, head width, biases, tied tables) exactly as the model holds them, and
+    the activations of one micro-batch within 10% of what autograd keeps (fp32)."""
+    cfg = ModelConfig(**FAMILY_SHAPES[family], max_seq_len=128)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    est = estimate_memory(
+        cfg,
+        parallel=ParallelConfig(),
+        world_size=1,
+        precision="fp32",
+        micro_batch_size=1,
+        seq_len=128,
+        grad_accum=1,
+    )
+    assert est.params == 4 * sum(p.numel() for p in model.parameters())
+    x = torch.randint(0, cfg.vocab_size, (1, 129))
+    measured = saved_for_backward(
+        model, {"input_ids": x[:, :-1], "labels": x[:, 1:]}, torch.float32
+    )
+    print(f"{family}: estimated {est.activations:,.0f} measured {measured:,}")
+    assert abs(est.activations / measured - 1) < 0.10, (est.activations, measured)
 
 
 def test_dry_run_prints_layout_and_memory(tiny_data):

@@ -123,6 +123,29 @@ class Tokenizer(ABC):
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no BOS/EOS added; special-token names in it are plain text)."""
 
+    def encode_word(self, word: str) -> list[int]:
+        """Token ids of one word as it is inside running text, after a space (a tagged word of
+        token classification)."""
+        return self.encode(word)  # (SentencePiece: its dummy prefix is that space)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The chat template (Jinja) the tokenizer comes with, or None."""
+        return None
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+        """The text of a conversation in the tokenizer's chat template."""
+        raise DataError(f"tokenizer {self.path} has no chat template")
+
+    def encode_special(self, text: str) -> list[int]:
+        """Token ids of `text` with the special-token names in it read as special tokens (a
+        chat template's rendering), as transformers' tokenizers read text."""
+        return self.encode(text)  # (SentencePiece reads every name as text)
+
+    def special_ids(self) -> set[int]:
+        """The ids of its special tokens."""
+        return {i for i in (self.bos_id, self.eos_id, self.pad_id, self.unk_id) if i is not None}
+
     @abstractmethod
     def encode_batch(self, texts: Sequence[str], *, num_threads: int = -1) -> list[list[int]]:
         """Token ids of each text, spread over `num_threads` threads (-1 = all cores)."""
@@ -312,6 +335,50 @@ class HubTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_word(self, word: str) -> list[int]:
+        # A byte-level BPE writes the space before a word into its first token ("Ġword"), so a
+        # word alone is another token than inside text; with the space it is the same.
+        return self.encode(" " + word)
+
+    def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
+        """The text of a conversation in the tokenizer's chat template, rendered by transformers
+        (sandboxed Jinja) with the tokenizer's special-token names, as ``apply_chat_template``
+        renders it."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        if self.chat_template is None:
+            raise DataError(f"tokenizer {self.path} has no chat template")
+        names = {
+            key: name
+            for key in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (name := _token_name(self.config.get(key))) is not None
+        }
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[messages],
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                **names,
+            )
+        except Exception as exc:  # noqa: BLE001 - a template raises whatever it raises
+            raise DataError(
+                f"the chat template of {self.path} fails on a {len(messages)}-message "
+                f"conversation ({type(exc).__name__}: {exc}); set `task.template` to use a "
+                "prompt template instead"
+            ) from None
+        return rendered[0]
+
+    def encode_special(self, text: str) -> list[int]:
+        self._tok.encode_special_tokens = False
+        try:
+            return self.encode(text)
+        finally:
+            self._tok.encode_special_tokens = True
+
+    def special_ids(self) -> set[int]:
+        """The ids of its special tokens (the added tokens marked special)."""
+        return {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
 
     def encode_batch(self, texts: Sequence[str], *, num_threads: int = -1) -> list[list[int]]:
         """(The library's thread pool is process-wide: RAYON_NUM_THREADS, read once, sets its

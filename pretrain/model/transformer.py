@@ -20,6 +20,7 @@ renaming table), so an export to `LlamaForCausalLM` gives identical logits. The 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -335,13 +336,13 @@ class GPT(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
-        eos_id: int | None = None,
+        stop_ids: Sequence[int] = (),
         on_token=None,
     ) -> torch.Tensor:
         """Append `max_new_tokens` sampled tokens to `input_ids` (B, T); returns (B, T + new).
 
-        `eos_id`: stop early once every row has produced it (rows that finished first keep
-        getting tokens until then). `on_token(ids (B,))` sees each new column as it comes
+        `stop_ids` (EOS, a chat template's end of turn): stop early once every row has produced
+        one of them (rows that finished first keep getting tokens until then). `on_token(ids (B,))` sees each new column as it comes
         (streaming to a terminal).
 
         temperature 0 is greedy decoding; top_k keeps the k most likely tokens, top_p the
@@ -359,6 +360,7 @@ class GPT(nn.Module):
         was_training = self.training
         self.eval()
         done = None
+        stops = torch.tensor(list(stop_ids), dtype=torch.long, device=input_ids.device)
         cache: KVCache | None = None
         try:
             for _ in range(max_new_tokens):
@@ -378,12 +380,9 @@ class GPT(nn.Module):
                 input_ids = torch.cat((input_ids, next_id), dim=1)
                 if on_token is not None:
                     on_token(next_id[:, 0])
-                if eos_id is not None:
-                    done = (
-                        next_id[:, 0] == eos_id
-                        if done is None
-                        else done | (next_id[:, 0] == eos_id)
-                    )
+                if len(stops):
+                    hit = torch.isin(next_id[:, 0], stops)
+                    done = hit if done is None else done | hit
                     if bool(done.all()):
                         break
         finally:

@@ -13,8 +13,12 @@
   model (see tests/test_memory.py): a block saves about 41·d + 16·F bytes in fp32, 35·d + 8·F
   under bf16 autocast (DDP, tensor and pipeline parallel: the residual stream stays fp32) and
   21·d + 9·F where the weights themselves are bf16 (FSDP's mixed precision, DeepSpeed), with
-  d = model width, F = MLP width; the head 4·V + 12·d (4·V + 8·d in bf16 weights; V =
-  vocabulary, the fp32 log-probabilities dominate). Activation checkpointing keeps a block's input (4·d) and
+  d = model width, F = MLP width, where the attention's width (heads × head width, hq) is d.
+  A Hub family's attention of another width adds 4 tensors of hq - d per block (the queries,
+  the keys and values repeated to every head, the output: 16 bytes each in fp32, 8 in bf16),
+  and qk-norm keeps the queries and keys before and after their norm (hq + hkv wide, hkv the
+  key-value heads' width: 8 bytes in fp32, 5.5 under autocast, 6.5 in bf16 weights). The head
+  4·V + 12·d (4·V + 8·d in bf16 weights; V = vocabulary, the fp32 log-probabilities dominate). Activation checkpointing keeps a block's input (4·d) and
   recomputes one block at a time. Tensor parallel with sequence parallel divides a block's
   activations by tp except the gathered inputs of the projections; a 1F1B pipeline's first
   stage holds min(pp, micro-batches) micro-batches in flight, GPipe all of them.
@@ -122,10 +126,14 @@ def _activations_per_token(
     d, F, V = model.d_model, model.hidden_dim, model.vocab_size
     tp, pp = layout.tp, layout.pp
     layers = -(-model.n_layer // pp)  # blocks of the largest (first) stage
+    hq, hkv = model.n_head * model.head_size, model.kv_heads * model.head_size
     if bf16_weights:
-        per_block = 21 * d + 9 * F
+        per_block, wide, qk = 21 * d + 9 * F, 8, 6.5
+    elif half:
+        per_block, wide, qk = 35 * d + 8 * F, 8, 5.5
     else:
-        per_block = (35 * d + 8 * F) if half else (41 * d + 16 * F)
+        per_block, wide, qk = 41 * d + 16 * F, 16, 8
+    per_block += wide * (hq - d) + (qk * (hq + hkv) if model.qk_norm else 0)
     if tp > 1:  # sequence parallel: all but the gathered projection inputs split by tp
         gathered = 2 * d * (2 if half else 4)
         per_block = (per_block - gathered) / tp + gathered
