@@ -73,10 +73,23 @@ def _finish(lines: list[str], out: str | None) -> str:
     return text
 
 
-def _model_cfg(preset: str, *, vocab: int = VOCAB, seq_len: int = SEQ_LEN) -> ModelConfig:
+# `--family`: a preset's shape with the switches of a Hub family (the same widths, heads and
+# layers; Qwen2's q/k/v biases, Qwen3's qk-norm).
+FAMILY_SWITCHES = {
+    "llama": [],
+    "mistral": ["family=mistral"],
+    "qwen2": ["family=qwen2", "qkv_bias=true"],
+    "qwen3": ["family=qwen3", "qk_norm=true"],
+}
+
+
+def _model_cfg(
+    preset: str, *, vocab: int = VOCAB, seq_len: int = SEQ_LEN, family: str = "llama"
+) -> ModelConfig:
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.path.join(here, "configs", "model", f"{preset}.yaml")
-    return load_config(ModelConfig, [path, f"vocab_size={vocab}", f"max_seq_len={seq_len}"])
+    overrides = [f"vocab_size={vocab}", f"max_seq_len={seq_len}", *FAMILY_SWITCHES[family]]
+    return load_config(ModelConfig, [path, *overrides])
 
 
 def _device() -> torch.device:
@@ -200,23 +213,27 @@ def lmforge_candidate(
 
 
 def transformers_candidate(cfg: ModelConfig, precision: str) -> Candidate:
-    """transformers' LlamaForCausalLM of the same shape (SDPA attention), with the same
-    initial weights as the others (lmforge's names map one to one onto Llama's), trained by
-    the plain loop with the loss from ``labels=`` (transformers shifts the labels itself, so it
-    gets the unshifted window and predicts one token fewer per sample: the same compute)."""
-    from transformers import LlamaForCausalLM
+    """transformers' own class of the shape's family (LlamaForCausalLM, Qwen3ForCausalLM, ...;
+    SDPA attention), with the same initial weights as the others (lmforge's names map one to one
+    onto the family's), trained by the plain loop with the loss from ``labels=`` (transformers
+    shifts the labels itself, so it gets the unshifted window and predicts one token fewer per
+    sample: the same compute)."""
+    import transformers
 
-    from lmforge.pretrain.model.hf_mapping import llama_config, to_hf_name
+    from lmforge.pretrain.model.hf_mapping import architecture, hf_config, to_hf_name
 
     torch.manual_seed(0)
     ours = GPT(cfg)
-    model = LlamaForCausalLM(llama_config(cfg, attn_implementation="sdpa")).to(_device())
+    model_class = getattr(transformers, architecture(cfg.family, None))
+    model = model_class(hf_config(cfg, attn_implementation="sdpa")).to(_device())
     weights = {to_hf_name(k): v for k, v in ours.state_dict().items()}
     if cfg.tie_embeddings:
         weights.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if unexpected or set(missing) - ({"lm_head.weight"} if cfg.tie_embeddings else set()):
-        raise RuntimeError(f"the weights do not map onto Llama: {missing} {unexpected}")
+        raise RuntimeError(
+            f"the weights do not map onto {model_class.__name__}: {missing} {unexpected}"
+        )
     model.tie_weights()
     opt = torch.optim.AdamW(
         model.parameters(), lr=OptimConfig.lr, betas=(0.9, 0.95), weight_decay=0.1
@@ -264,16 +281,20 @@ def run_bench(
     peers: bool,
     compile: bool,
     out: str | None,
+    family: str = "llama",
 ) -> str:
-    """The training step of lmforge next to the floor (and with ``peers``, transformers' Llama;
-    with ``compile``, lmforge with torch.compile per block): tokens/s as the median of the
+    """The training step of lmforge next to the floor (and with ``peers``, transformers' own
+    class of the ``family``; with ``compile``, lmforge with torch.compile per block), each
+    preset with the family's switches (`FAMILY_SWITCHES`): tokens/s as the median of the
     windows, the spread (min-max) around it, MFU against the peak measured in this run, the
     ratios to lmforge, and lmforge's time split."""
     device = _device()
     tokens = MICRO_BATCH * SEQ_LEN
     names = ["floor", "lmforge"] + ["lmforge+compile"] * compile + ["transformers"] * peers
     lines = [
-        f"lmforge bench{' --peers' * peers}{' --compile' * compile}: "
+        f"lmforge bench{' --peers' * peers}{' --compile' * compile}"
+        + (f" --family {family}" if family != "llama" else "")
+        + ": "
         f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
         f"({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}"
         + (f", transformers {_version('transformers')}" if peers else "")
@@ -290,7 +311,7 @@ def run_bench(
     ]
     print("\n".join(lines), flush=True)
     for preset in models:
-        cfg = _model_cfg(preset)
+        cfg = _model_cfg(preset, family=family)
         counts = param_counts(cfg)
         fpt = flops_per_token(cfg, SEQ_LEN)
         for precision in precisions:

@@ -55,6 +55,26 @@ def test_table_has_a_row_per_case_with_ratios_and_split(tmp_path) -> None:
         assert 97 <= sum(shares) <= 103 and shares[1] > 50  # forward+backward dominates
 
 
+def test_a_family_runs_against_transformers_own_class(capsys) -> None:
+    """`--family qwen3 --peers`: the preset with qk-norm, and transformers' Qwen3ForCausalLM
+    from the same weights (the candidate refuses weights that do not map one to one)."""
+    text = bench.run_bench(
+        models=["tiny"],
+        precisions=["fp32"],
+        steps=1,
+        windows=1,
+        peers=True,
+        compile=False,
+        out=None,
+        family="qwen3",
+    )
+    assert text.startswith("lmforge bench --peers --family qwen3: ")
+    (row,) = [r for r in text.splitlines() if r.startswith("| tiny")]
+    assert all(0.2 < float(c) < 5 for c in row.strip("| ").split(" | ")[7:9])
+    losses = capsys.readouterr().out.split("last losses: ")[-1]
+    assert "transformers" in losses
+
+
 def test_out_replaces_an_existing_file(tmp_path) -> None:
     """`--out FILE` of an earlier run is replaced by the new table (not refused)."""
     from lmforge.launcher.cli import main

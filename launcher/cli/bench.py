@@ -10,6 +10,7 @@ import os
 from lmforge.launcher.cli.common import Handler, add_command, check_nproc, check_out_file
 from lmforge.pretrain.config.presets import names as preset_names
 from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.model.hf_mapping import CLASS_PREFIX
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -46,8 +47,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp.add_argument(
         "--peers",
         action="store_true",
-        help="add transformers' LlamaForCausalLM (same shape, same initial weights, a plain "
-        "loop with the loss from labels=, AdamW, clipping)",
+        help="add transformers' own class of the family, LlamaForCausalLM by default (same "
+        "shape, same initial weights, a plain loop with the loss from labels=, AdamW, clipping)",
+    )
+    sp.add_argument(
+        "--family",
+        choices=sorted(CLASS_PREFIX),
+        default="llama",
+        help="the presets with a Hub family's switches: qwen2 adds q/k/v biases, qwen3 "
+        "qk-norm, mistral only its class (default llama: the presets as they are); with "
+        "--peers, transformers' class of that family",
     )
     sp.add_argument(
         "--compile",
@@ -255,6 +264,16 @@ def _check_bench(args: argparse.Namespace, seq_len: int) -> None:
         raise ConfigurationError(f"--steps {args.steps}: give at least 1")
     if args.windows < 1:
         raise ConfigurationError(f"--windows {args.windows}: give at least 1")
+    other = [
+        f"--{m}"
+        for m in ("gpu", "strategies", "generate", "evaluate", "prepare", "checkpoint")
+        if getattr(args, m)
+    ]
+    if args.family != "llama" and other:
+        raise ConfigurationError(
+            f"--family {args.family} applies to the training bench (with or without --peers), "
+            f"not to {other[0]}; drop one of them"
+        )
     if args.evaluate:
         _check_evaluate_bench(args)
         return
@@ -353,6 +372,7 @@ def _bench(args: argparse.Namespace, argv: list[str]) -> int:
             peers=args.peers,
             compile=args.compile,
             out=args.out,
+            family=args.family,
         )
     return 0
 
