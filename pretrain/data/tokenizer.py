@@ -278,6 +278,7 @@ class HubTokenizer(Tokenizer):
                 "`tokenizer.path` at the tokenizer.json a model came with"
             ) from None
         self._tok.encode_special_tokens = True  # special-token names in text stay text
+        self._dummy_prefix: bool | None = None  # (encode_word)
         self._side = {n: f for n, f in _hub_files(self.path).items() if n != HUB_FILE}
         config: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
@@ -338,8 +339,13 @@ class HubTokenizer(Tokenizer):
 
     def encode_word(self, word: str) -> list[int]:
         # A byte-level BPE writes the space before a word into its first token ("Ġword"), so a
-        # word alone is another token than inside text; with the space it is the same.
-        return self.encode(" " + word)
+        # word alone is another token than inside text; with the space it is the same. A
+        # SentencePiece-style tokenizer.json (Metaspace, or a normalizer that prepends "▁")
+        # gives every text its dummy prefix itself, like SentencePiece.
+        if self._dummy_prefix is None:
+            pieces = self._tok.encode("a", add_special_tokens=False).tokens
+            self._dummy_prefix = "".join(pieces).startswith("\u2581")
+        return self.encode(word if self._dummy_prefix else " " + word)
 
     def render_chat(self, messages: list[dict], *, add_generation_prompt: bool) -> str:
         """The text of a conversation in the tokenizer's chat template, rendered by transformers
