@@ -41,12 +41,10 @@ scaling-demo: $(STAMP)
 	$(BIN)/lmforge runs --predict-check runs/scaling-demo --fractions 0.2,0.3,0.5
 	OMP_NUM_THREADS=1 $(BIN)/lmforge plan --flops 1e13 --fit runs/scaling-demo --probe
 
-# Two test processes (pytest-xdist), one module at a time, slowest modules first
-# (tests/conftest.py): much of the suite waits (on SLURM, signals, timeouts) or runs one process
-# on one of the two cores. --durations: the slowest tests, so that the suite's time stays in
-# view (goal: 25 minutes idle).
+# --durations: the slowest tests, so that the suite's time stays in view (goal: 25 minutes idle).
+# (Two pytest-xdist workers were measured slower here: two 2-rank runs on 2 cores contend.)
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=30 tests
+	$(BIN)/python -m pytest -q --durations=30 tests
 
 # lmforge next to the floor (a hand-written loop), itself with torch.compile and transformers'
 # Llama, small and base-125m in bf16 (under 10 minutes on 2 CPU cores).

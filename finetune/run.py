@@ -34,6 +34,7 @@ from lmforge.pretrain.checkpoint.model_source import (
     check_tokenizer_fits,
     load_source,
     model_from_source,
+    untie_for_layout,
 )
 from lmforge.pretrain.config.schema import to_container
 from lmforge.pretrain.core import dist as pdist
@@ -115,6 +116,8 @@ def prepare_run(cfg: FinetuneConfig):
     if data.n_out is not None and cfg.model.tie_embeddings:
         # a tied base's LM head is not this task's head: untie (the embeddings stay)
         cfg.model = dataclasses.replace(cfg.model, tie_embeddings=False)
+    else:  # an LM head under tensor or pipeline parallelism: a copy of the table
+        cfg.model, _ = untie_for_layout(cfg.model, cfg.parallel)
     return src, tok, data
 
 

@@ -28,9 +28,9 @@ def plays_dir() -> str:
 
 
 def made_once(tmp_path_factory, name: str, make) -> str:
-    """A path that ``make(path)`` fills once per test session, whichever test process asks first
-    (``make test`` runs two, pytest-xdist workers): the others wait for it and share it. A
-    ``make`` that failed leaves no mark, and the next to ask tries again from nothing."""
+    """A path that ``make(path)`` fills once per test session, whichever test asks first (and
+    whichever test process, where pytest-xdist runs several: the others wait for it and share
+    it). A ``make`` that failed leaves no mark, and the next to ask tries again from nothing."""
     import shutil
 
     from filelock import FileLock
@@ -163,7 +163,7 @@ _REPORT_KEY = "lmforge_measurement"
 @pytest.fixture
 def report(request):
     """Lines for the end of the test run's output (figures a test measures but cannot judge).
-    They travel with the test's report, so a pytest-xdist worker's lines reach the summary."""
+    They travel with the test's report (so a pytest-xdist worker's lines reach the summary)."""
     return lambda line: request.node.user_properties.append((_REPORT_KEY, line))
 
 
@@ -177,30 +177,6 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("lmforge measurements")
         for line in _REPORT:
             terminalreporter.write_line(line)
-
-
-# The slowest modules first. `make test` runs two pytest-xdist workers that take one module at
-# a time (--dist loadfile, in this order): the long ones start at once and the short ones fill
-# in after them, so that both workers end together.
-SLOWEST_FIRST = [
-    "test_resume.py",
-    "test_slurm.py",
-    "test_finetune.py",
-    "test_distributed.py",
-    "test_fastpaths.py",
-    "test_scaling_sweep.py",
-    "test_async_checkpoint.py",
-    "test_bad_input.py",
-]
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(items) -> None:
-    def rank(item) -> int:
-        name = item.path.name
-        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
-
-    items.sort(key=rank)  # (stable: each module's tests keep their order)
 
 
 # Uninterrupted reference runs, shared by every test module of a session (after lmforge above).

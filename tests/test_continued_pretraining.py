@@ -128,12 +128,20 @@ def qwen2_alone(tmp_path_factory, tokenizer_files):  # noqa: F811
 def test_every_layout_starts_from_the_hub_weights(layout, qwen2_alone, tmp_path):
     """Continued on 2 ranks in each sharded layout, the Qwen2 trains as one process does from
     the same weights: the first steps' losses, which a weight loaded into the wrong shard (or
-    left at its random start) would change from the first step."""
+    left at its random start) would change from the first step. Under tensor and pipeline
+    parallelism its tied embeddings are untied."""
     args, one = qwen2_alone
-    lmforge("pretrain", *args, *layout.split(), f"runs_dir={tmp_path}", "name=two", "--nproc", "2")
+    out = lmforge(
+        "pretrain", *args, *layout.split(), f"runs_dir={tmp_path}", "name=two", "--nproc", "2"
+    ).stdout
     two = [r["loss"] for r in _rows(str(tmp_path / "two")) if r["kind"] == "train"]
     assert len(one) == len(two) == 3
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-4, atol=1e-5)
+    # Tensor and pipeline parallelism untie the table and the head (the head starts as a copy,
+    # said in one line): the same first step, then updates of two tensors instead of one.
+    split = "tensor_parallel" in layout or "pipeline_parallel" in layout
+    assert ("are untied" in out) == split
+    n = 1 if split else 3
+    torch.testing.assert_close(torch.tensor(two[:n]), torch.tensor(one[:n]), rtol=1e-4, atol=1e-5)
 
 
 def test_what_does_not_go_with_init_from_is_refused(qwen3, tmp_path, capsys):

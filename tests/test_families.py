@@ -338,7 +338,7 @@ def test_sft_on_a_hub_model_speaks_its_chat_template_and_exports_it(tmp_path, ch
     kw = {"tokenize": True, "return_dict": False}
     assert prompt == hf_tok.apply_chat_template(user, add_generation_prompt=True, **kw)
     whole = hf_tok.apply_chat_template(turn, **kw)
-    assert prompt + answer == whole[: whole.index(end) + 1]
+    assert prompt + answer == whole[: whole.index(end, len(prompt)) + 1]
 
     rows = [{"prompt": "Who is Sebastian?", "response": "Viola's brother."}] * 16
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -270,7 +270,7 @@ def test_dcp_files_are_hashed_as_they_are_written(tmp_path):
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from lmforge.pretrain.parallel.state import HashingFileSystemWriter
+    from lmforge.pretrain.parallel.dcp_files import HashingFileSystemWriter
 
     state = {
         "model": {"big": torch.randn(1024, 1024), "small": torch.arange(7.0)},

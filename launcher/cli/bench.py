@@ -18,8 +18,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         sub,
         "bench",
         "Benchmark lmforge's training step against a minimal PyTorch loop on the same model "
-        "(the floor) and, with --peers, against transformers' LlamaForCausalLM of the same "
-        "shape, interleaved in one process (CPU/GPU).",
+        "(the floor) and, with --peers, against transformers' own class of the same shape "
+        "(LlamaForCausalLM, or --family's), interleaved in one process (CPU/GPU).",
         config=False,
     )
     sp.add_argument(
@@ -44,25 +44,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         help="timed windows per candidate, taken in turns; the table gives their median and "
         "spread (default 5)",
     )
-    sp.add_argument(
-        "--peers",
-        action="store_true",
-        help="add transformers' own class of the family, LlamaForCausalLM by default (same "
-        "shape, same initial weights, a plain loop with the loss from labels=, AdamW, clipping)",
-    )
-    sp.add_argument(
-        "--family",
-        choices=sorted(CLASS_PREFIX),
-        default="llama",
-        help="the presets with a Hub family's switches: qwen2 adds q/k/v biases, qwen3 "
-        "qk-norm, mistral only its class (default llama: the presets as they are); with "
-        "--peers, transformers' class of that family",
-    )
-    sp.add_argument(
-        "--compile",
-        action="store_true",
-        help="add lmforge with torch.compile per transformer block (train.compile=true)",
-    )
+    _add_candidate_options(sp)
     _add_gpu_and_checkpoint_options(sp)
     _add_strategy_options(sp)
     sp.add_argument(
@@ -148,6 +130,29 @@ def _add_gpu_and_checkpoint_options(sp: argparse.ArgumentParser) -> None:
         "the same bytes, load, and how long an asynchronous save blocks training",
     )
     sp.add_argument("--out", help="also write the results table (markdown) to this file")
+
+
+def _add_candidate_options(sp: argparse.ArgumentParser) -> None:
+    """The training bench's other candidates: transformers' class, a family, compile."""
+    sp.add_argument(
+        "--peers",
+        action="store_true",
+        help="add transformers' own class of the family, LlamaForCausalLM by default (same "
+        "shape, same initial weights, a plain loop with the loss from labels=, AdamW, clipping)",
+    )
+    sp.add_argument(
+        "--family",
+        choices=sorted(CLASS_PREFIX),
+        default="llama",
+        help="the presets with a Hub family's switches: qwen2 adds q/k/v biases, qwen3 "
+        "qk-norm, mistral only its class (default llama: the presets as they are); with "
+        "--peers, transformers' class of that family",
+    )
+    sp.add_argument(
+        "--compile",
+        action="store_true",
+        help="add lmforge with torch.compile per transformer block (train.compile=true)",
+    )
 
 
 def _add_strategy_options(sp: argparse.ArgumentParser) -> None:

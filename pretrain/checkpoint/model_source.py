@@ -225,11 +225,29 @@ def model_from_source(model: ModelConfig, src: ModelSource, init_from: str) -> M
     return dataclasses.replace(src.model, dropout=model.dropout)
 
 
+def untie_for_layout(model: ModelConfig, parallel) -> tuple[ModelConfig, bool]:
+    """A tied shape under tensor or pipeline parallelism, which cannot split a tied pair: the
+    same shape untied (`load_weights_into` starts its LM head as a copy of the input table),
+    and whether it was untied."""
+    if model.tie_embeddings and (parallel.tensor_parallel > 1 or parallel.pipeline_parallel > 1):
+        return dataclasses.replace(model, tie_embeddings=False), True
+    return model, False
+
+
+UNTIED = (
+    "the embeddings of init_from, tied there, are untied (tensor and pipeline parallelism "
+    "cannot split a tied pair): the LM head starts as a copy of the input table"
+)
+
+
 def load_weights_into(model: torch.nn.Module, weights: dict, where: str) -> None:
     """Put ``weights`` (of the model directory ``where``) into ``model``, a GPT of their shape
     and output width, every one of them: a weight that does not fit is a CheckpointError."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = getattr(model, "tied", False)
+    if not tied and "output.weight" not in weights and "tok_embeddings.weight" in weights:
+        # a tied source in its untied shape (`untie_for_layout`): the head starts as the table
+        weights = {**weights, "output.weight": weights["tok_embeddings.weight"].clone()}
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     missing = [k for k in missing if not (tied and k == "output.weight")]
     if missing or unexpected:
         raise CheckpointError(

@@ -61,7 +61,6 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
 from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.durable import (
@@ -147,7 +146,7 @@ def save_checkpoint(
         digests.update(state_digests or {})
         for name, data in _small_files(strategy, trainer_state, config_yaml, tokenizer).items():
             write_file(name, data)
-    except _SAVE_FAILURES as exc:
+    except _save_failures() as exc:
         failure = exc
     return _conclude(
         failure,
@@ -220,7 +219,7 @@ class AsyncCheckpointer:
                 consolidated=consolidated,
             )
             files = _small_files(strategy, trainer_state, config_yaml, tokenizer)  # as they are now
-        except _SAVE_FAILURES as exc:
+        except _save_failures() as exc:
             failure = exc
         main = strategy.is_main
 
@@ -234,7 +233,7 @@ class AsyncCheckpointer:
                     fault_point("save:background", step=step)
                     for name, data in files.items():
                         write_file(name, data)
-            except _SAVE_FAILURES as exc:
+            except _save_failures() as exc:
                 failure = exc
             return _conclude(
                 failure,
@@ -358,7 +357,7 @@ def _conclude(
             _publish(
                 root=root, step=step, tmp=tmp, final=final, keep_last=keep_last, digests=hashed
             )
-        except _SAVE_FAILURES as exc:
+        except _save_failures() as exc:
             if not _out_of_space(exc, root):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
@@ -400,8 +399,17 @@ def _publish(
 
 
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-# torch.distributed.checkpoint raises a BaseException that holds every rank's failure
-_SAVE_FAILURES = (Exception, CheckpointException)
+
+
+def _save_failures() -> tuple[type[BaseException], ...]:
+    """What a failed save raises: torch.distributed.checkpoint raises a BaseException that
+    holds every rank's failure. (Imported when a save fails, not with this module, so that a
+    process that never saves does not import DCP.)"""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
 _NEARLY_FULL = 1 << 20  # bytes left on a filesystem that a failed write just filled
 
 

@@ -59,8 +59,6 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from lmforge.pretrain.config.schema import PrepareConfig, to_container
 from lmforge.pretrain.core.durable import check_writable, fsync_dir, replace_durable, sha256_file
@@ -342,9 +340,12 @@ class _ShardWriter:
         return self.shards
 
 
-def _arrow_batches(tokenized) -> Iterator[pa.RecordBatch]:
+def _arrow_batches(tokenized) -> Iterator:
     """Record batches of a mapped dataset, read as a stream (not memory-mapped, so resident
     memory stays one batch however big the files are)."""
+    # (pyarrow here, not at the top: a training process reads manifests from this module)
+    import pyarrow as pa
+
     assert tokenized._indices is None, "a mapped dataset has no indices mapping"
     for cache_file in tokenized.cache_files:
         with pa.OSFile(cache_file["filename"]) as f:
@@ -355,6 +356,8 @@ def _write_shards(
     sources: list[LoadedSource], tokenized: list, tok: Tokenizer, cfg: PrepareConfig, work: Path
 ) -> tuple[dict, np.ndarray]:
     """Stream every source's tokens into the split writers; fill per-source stats."""
+    import pyarrow.compute as pc
+
     dtype = token_dtype(tok.vocab_size)
     writers = {s: _ShardWriter(work, s, dtype, cfg.shard_tokens) for s in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)

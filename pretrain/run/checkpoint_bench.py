@@ -47,7 +47,8 @@ from lmforge.pretrain.model.loss import causal_lm_loss
 from lmforge.pretrain.model.transformer import GPT
 from lmforge.pretrain.parallel import build_strategy
 from lmforge.pretrain.parallel.common import StepShape, single_process_env
-from lmforge.pretrain.parallel.state import HashingFileSystemWriter, consolidated_bytes
+from lmforge.pretrain.parallel.dcp_files import HashingFileSystemWriter
+from lmforge.pretrain.parallel.state import consolidated_bytes
 from lmforge.pretrain.train.optim import build_optimizer, build_scheduler
 
 VOCAB = 8192  # the vocabulary of `lmforge bench`'s CPU cases

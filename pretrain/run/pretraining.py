@@ -14,12 +14,14 @@ import os
 from torch import nn
 
 from lmforge.pretrain.checkpoint.model_source import (
+    UNTIED,
     ModelSource,
     check_tokenizer_fits,
     load_source,
     load_weights_into,
     model_from_source,
     source_record,
+    untie_for_layout,
 )
 from lmforge.pretrain.checkpoint.store import read_trainer_state
 from lmforge.pretrain.config.schema import ModelConfig, PretrainConfig
@@ -72,6 +74,7 @@ class Pretraining(Workload):
             self.loss_fn = loss_fn
         self.shuffle = cfg.data.shuffle
         self.src: ModelSource | None = None  # the model it continues, with init_from
+        self.untied = False  # its tied source untied (untie_for_layout)
         self.tokens_per_step = cfg.train.global_batch_tokens
 
     def prepare(self) -> None:
@@ -109,6 +112,7 @@ class Pretraining(Workload):
                 "start from its base, or from its `lmforge export` (adapters merged)"
             )
         cfg.model = model_from_source(cfg.model, src, cfg.init_from)
+        cfg.model, self.untied = untie_for_layout(cfg.model, cfg.parallel)
         if cfg.train.seq_len > cfg.model.max_seq_len:
             raise ConfigurationError(
                 f"`train.seq_len`={cfg.train.seq_len} exceeds the max_seq_len "
@@ -165,6 +169,10 @@ class Pretraining(Workload):
         data must be the same (its checksums), wherever it lies now."""
         # (a key a checkpoint's config lacks was added since: its default is what it ran)
         old = {**dataclasses.asdict(ModelConfig()), **saved_cfg["model"]}
+        if self.src is not None and self.cfg.model.tie_embeddings and not old["tie_embeddings"]:
+            # its source untied for tensor or pipeline parallelism: it stays untied
+            self.cfg.model = dataclasses.replace(self.cfg.model, tie_embeddings=False)
+            self.untied = True
         for key, value in dataclasses.asdict(self.cfg.model).items():  # (sections as dicts)
             if key not in ("dropout", "init_std") and old.get(key) != value:
                 raise CheckpointError(
@@ -227,7 +235,7 @@ class Pretraining(Workload):
             f"{counts['non_embedding']:,} non-embedding; {session.flops_per_token:,} "
             f"FLOPs/token; peak {session.peak / 1e12:.3g} TFLOP/s ({session.peak_source}); "
             f"grad_accum {plan.grad_accum}; {plan.total_steps} steps of "
-            f"{cfg.train.global_batch_tokens:,} tokens"
+            f"{cfg.train.global_batch_tokens:,} tokens" + (f"; {UNTIED}" if self.untied else "")
         )
 
 
