@@ -841,16 +841,17 @@ def test_sft_lora_packing_samples_and_merged_export(base_export, rt, tmp_path):
 
 def test_sft_example_masks_the_prompt(tiny_data):
     from lmforge.finetune.data import IGNORE, pack, sft_example
+    from lmforge.finetune.prompts import PromptFormat
     from lmforge.pretrain.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(os.path.join(tiny_data, "tokenizer.model"))
-    template = "Q: {prompt}\nA:"
-    ids, labels = sft_example(tok, "Who?", " Hamlet", template=template, max_len=64)
+    fmt = PromptFormat(tok, "Q: {prompt}\nA:")
+    ids, labels = sft_example(fmt, "Who?", " Hamlet", max_len=64)
     p = tok.encode("Q: Who?\nA:")
     r = tok.encode(" Hamlet") + [tok.eos_id]
     assert ids == (p + r)[:-1]
     assert labels == [IGNORE] * (len(p) - 1) + r  # loss on the response (and EOS) only
-    cut_ids, cut_labels = sft_example(tok, "x " * 100, "y " * 100, template=template, max_len=20)
+    cut_ids, cut_labels = sft_example(fmt, "x " * 100, "y " * 100, max_len=20)
     assert len(cut_ids) == len(cut_labels) == 20 and cut_labels[-1] != IGNORE
     packed = pack([(ids, labels)] * 5, max_len=len(ids) * 2)
     assert len(packed) == 3 and packed[0][0] == ids + ids
