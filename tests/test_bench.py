@@ -58,6 +58,10 @@ def test_table_has_a_row_per_case_with_ratios_and_split(tmp_path) -> None:
 def test_a_family_runs_against_transformers_own_class(capsys) -> None:
     """`--family qwen3 --peers`: the preset with qk-norm, and transformers' Qwen3ForCausalLM
     from the same weights (the candidate refuses weights that do not map one to one)."""
+    from lmforge.launcher.cli.bench import FAMILIES
+    from lmforge.pretrain.model.hf_mapping import CLASS_PREFIX
+
+    assert sorted(FAMILIES) == sorted(CLASS_PREFIX) == sorted(bench.FAMILY_SWITCHES)
     text = bench.run_bench(
         models=["tiny"],
         precisions=["fp32"],

@@ -10,7 +10,6 @@ import os
 from lmforge.launcher.cli.common import Handler, add_command, check_nproc, check_out_file
 from lmforge.pretrain.config.presets import names as preset_names
 from lmforge.pretrain.core.errors import ConfigurationError
-from lmforge.pretrain.model.hf_mapping import CLASS_PREFIX
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -132,6 +131,10 @@ def _add_gpu_and_checkpoint_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--out", help="also write the results table (markdown) to this file")
 
 
+# model.family's values (written out: importing the model mapping would slow `--help`)
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3"]
+
+
 def _add_candidate_options(sp: argparse.ArgumentParser) -> None:
     """The training bench's other candidates: transformers' class, a family, compile."""
     sp.add_argument(
@@ -142,7 +145,7 @@ def _add_candidate_options(sp: argparse.ArgumentParser) -> None:
     )
     sp.add_argument(
         "--family",
-        choices=sorted(CLASS_PREFIX),
+        choices=FAMILIES,
         default="llama",
         help="the presets with a Hub family's switches: qwen2 adds q/k/v biases, qwen3 "
         "qk-norm, mistral only its class (default llama: the presets as they are); with "
