@@ -243,6 +243,11 @@ class Finetuning(Workload):
             f"lmforge finetune: {cfg.run_dir} ({what}); {cfg.task.type} on {len(data.train):,} "
             f"train / {len(data.val):,} val examples"
             + (f", {len(data.labels)} labels" if data.n_out else "")
+            + (
+                f", prompts in {PromptFormat(self.tok, cfg.task.template).describe()}"
+                if cfg.task.type == "sft"
+                else ""
+            )
             + f"; {start}; {strategy.world_size} rank(s) [{strategy.name}] on "
             f"{strategy.device.type}, {strategy.precision}; params {self.n_params:,}, trainable "
             f"{self.trainable:,}; grad_accum {plan.grad_accum}; {plan.total_steps} steps of "

@@ -293,10 +293,11 @@ def chat_model(tmp_path_factory) -> Path:
     return hub
 
 
-def _finetune(tmp_path: Path, hub: Path, name: str, *task: str) -> Path:
+def _finetune(tmp_path: Path, hub: Path, name: str, *task: str) -> tuple[Path, str]:
+    """A 2-step finetune from ``hub``: its run directory and what it printed."""
     from tests.conftest import lmforge
 
-    lmforge(
+    out = lmforge(
         "finetune",
         f"runs_dir={tmp_path / 'runs'}",
         f"name={name}",
@@ -310,8 +311,8 @@ def _finetune(tmp_path: Path, hub: Path, name: str, *task: str) -> Path:
         "logging.progress=false",
         "logging.tensorboard=false",
         "logging.plot=false",
-    )
-    return tmp_path / "runs" / name
+    ).stdout
+    return tmp_path / "runs" / name, out
 
 
 def test_sft_on_a_hub_model_speaks_its_chat_template_and_exports_it(tmp_path, chat_model):
@@ -342,10 +343,11 @@ def test_sft_on_a_hub_model_speaks_its_chat_template_and_exports_it(tmp_path, ch
 
     rows = [{"prompt": "Who is Sebastian?", "response": "Viola's brother."}] * 16
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = _finetune(
+    run, printed = _finetune(
         tmp_path, chat_model, "sft", "task.type=sft", f"task.train={tmp_path / 'sft.jsonl'}",
         "task.max_len=48",
     )  # fmt: skip
+    assert f"prompts in the chat template of {chat_model}" in printed
     out = tmp_path / "hf"
     assert main(["export", str(run), "--out", str(out)]) == 0
     exported = AutoTokenizer.from_pretrained(out)
@@ -381,7 +383,7 @@ def test_token_classification_on_a_hub_model_reads_words_as_in_running_text(tmp_
 
     rows = [{"tokens": words, "tags": ["B-PER", "O", "B-PER", "O", "B-LOC"]}] * 16
     (tmp_path / "ner.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run = _finetune(
+    run, _ = _finetune(
         tmp_path, chat_model, "ner", "task.type=token_classification",
         f"task.train={tmp_path / 'ner.jsonl'}", "task.max_len=32",
     )  # fmt: skip
