@@ -124,8 +124,9 @@ def test_time_limit_saves_on_warning_and_continues_after_requeue(tiny_data, tmp_
     runs, name = str(tmp_path), "limited"
     run_dir = os.path.join(runs, name)
     # SLURM checks time limits on a ~30 s tick, so USR1 comes 15-45 s into a 1-minute job: the
-    # run must need more than 45 s of training, on any machine and beside any other load. Each
-    # step pauses 0.2 s (a fault point's sleep), so 250 steps take at least 50 s.
+    # first attempt must need more than 45 s of training, on any machine and beside any other
+    # load. Each of its steps pauses 0.2 s (a fault point's sleep), so 250 steps take at least
+    # 50 s; the attempts after the requeue do not pause, and finish the rest in a few seconds.
     steps = 250
     job = submit(
         "configs/slurm/local.yaml",
@@ -134,7 +135,7 @@ def test_time_limit_saves_on_warning_and_continues_after_requeue(tiny_data, tmp_
         "--",
         "pretrain",
         *_job_args(tiny_data, runs, name, f"train.max_steps={steps}", "checkpoint.interval=1000"),
-        env={"LMFORGE_FAULT": "step+sleep=0.2"},
+        env={"LMFORGE_FAULT": "step+sleep=0.2+attempt=0"},
     )
     state = wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=900)
     log = open(os.path.join(run_dir, "slurm", f"slurm-{job}.out")).read()

@@ -9,7 +9,8 @@ session), ``step`` and ``loss`` (the loop), ``save:mid-file``, ``save:before-ren
 ``save:before-latest`` and ``save:background`` (checkpoint writes).
 
 The value: ``point``, ``point@step``, or either with ``+sleep=S``, ``+signal=NAME``,
-``+errno=NAME``, ``+hang=S`` or ``+scale=X``, and ``+rank=N`` last to limit it to one rank.
+``+errno=NAME``, ``+hang=S`` or ``+scale=X``, then ``+attempt=N`` to limit it to one attempt
+of a SLURM job and ``+rank=N`` (last) to one rank.
 """
 
 from __future__ import annotations
@@ -22,14 +23,20 @@ import time
 # "point", "point@step", or either with "+sleep=S", "+signal=NAME" or "+errno=NAME" (names may
 # contain ":")
 _FAULT, _, _ACTION = os.environ.get("LMFORGE_FAULT", "").partition("+")
-# "...+rank=N" (last): only the process of global rank N; "+hang=S" and "+scale=X" below
+# "...+rank=N" (last): only the process of global rank N; before it "...+attempt=N": only in
+# the N-th attempt of a SLURM job (SLURM_RESTART_COUNT, 0 before any requeue); "+hang=S" and
+# "+scale=X" below
 _ACTION, _, _ONLY_RANK = ("+" + _ACTION).partition("+rank=")
+_ACTION, _, _ONLY_ATTEMPT = _ACTION.partition("+attempt=")
 _ACTION = _ACTION.removeprefix("+")
 _FIRED: set[str] = set()  # the scale faults that fired in this process (each fires once)
 
 
-def _on_this_rank() -> bool:
-    return not _ONLY_RANK or os.environ.get("RANK", "0") == _ONLY_RANK
+def _applies_here() -> bool:
+    attempt = os.environ.get("SLURM_RESTART_COUNT", "0")
+    return (not _ONLY_RANK or os.environ.get("RANK", "0") == _ONLY_RANK) and (
+        not _ONLY_ATTEMPT or attempt == _ONLY_ATTEMPT
+    )
 
 
 def fault_point(name: str, *, step: int | None = None) -> None:
@@ -40,8 +47,9 @@ def fault_point(name: str, *, step: int | None = None) -> None:
     ``...+errno=ENOSPC`` raises that OSError there (a full disk at that write), and
     ``...+hang=S`` stops there S seconds as a stuck rank would: a stop signal keeps its default
     action and ends the process (the launcher ending a job that a collective timeout failed).
-    ``...+rank=N`` at the end limits any of them to the process of global rank N."""
-    if not _on_this_rank():
+    ``...+rank=N`` at the end limits any of them to the process of global rank N, and
+    ``...+attempt=N`` before it to the N-th attempt of a requeued SLURM job."""
+    if not _applies_here():
         return
     if _FAULT and (_FAULT == name or (step is not None and _FAULT == f"{name}@{step}")):
         if _ACTION.startswith("hang="):
@@ -68,7 +76,7 @@ def fault_scale(name: str, *, step: int) -> float:
     ``inf`` or a number: the training loss made NaN, or a spike, at that step), the first time
     this process reaches that point (a bad batch is read once: a rollback skips it); else 1."""
     key = f"{name}@{step}"
-    if _FAULT != key or not _ACTION.startswith("scale=") or key in _FIRED or not _on_this_rank():
+    if _FAULT != key or not _ACTION.startswith("scale=") or key in _FIRED or not _applies_here():
         return 1.0
     _FIRED.add(key)
     return float(_ACTION.removeprefix("scale="))
