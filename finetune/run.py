@@ -116,7 +116,7 @@ def prepare_run(cfg: FinetuneConfig):
     if data.n_out is not None and cfg.model.tie_embeddings:
         # a tied base's LM head is not this task's head: untie (the embeddings stay)
         cfg.model = dataclasses.replace(cfg.model, tie_embeddings=False)
-    else:  # an LM head under tensor or pipeline parallelism: a copy of the table
+    elif src is not None:  # a base's LM head under tensor or pipeline parallelism: a copy
         cfg.model, _ = untie_for_layout(cfg.model, cfg.parallel)
     return src, tok, data
 

@@ -351,7 +351,7 @@ class HubTokenizer(Tokenizer):
         """The text of a conversation in the tokenizer's chat template, rendered by transformers
         (sandboxed Jinja) with the tokenizer's special-token names, as ``apply_chat_template``
         renders it."""
-        from transformers.utils.chat_template_utils import render_jinja_template
+        from transformers.utils import chat_template_utils
 
         if self.chat_template is None:
             raise DataError(f"tokenizer {self.path} has no chat template")
@@ -361,12 +361,20 @@ class HubTokenizer(Tokenizer):
             if (name := _token_name(self.config.get(key))) is not None
         }
         try:
-            rendered, _ = render_jinja_template(
-                conversations=[messages],
-                chat_template=self.chat_template,
-                add_generation_prompt=add_generation_prompt,
-                **names,
-            )
+            if hasattr(chat_template_utils, "render_jinja_template"):
+                rendered = chat_template_utils.render_jinja_template(
+                    conversations=[messages],
+                    chat_template=self.chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    **names,
+                )[0]
+            else:  # (transformers before 4.50 renders with the compiled template directly)
+                compiled = chat_template_utils._compile_jinja_template(self.chat_template)
+                rendered = [
+                    compiled.render(
+                        messages=messages, add_generation_prompt=add_generation_prompt, **names
+                    )
+                ]
         except Exception as exc:  # noqa: BLE001 - a template raises whatever it raises
             raise DataError(
                 f"the chat template of {self.path} fails on a {len(messages)}-message "
