@@ -41,7 +41,7 @@ from lmforge.finetune.hf_tokenizer import (
     write_tokenizer,
 )
 from lmforge.finetune.model import build_model
-from lmforge.finetune.prompts import PromptFormat
+from lmforge.finetune.prompts import DEFAULT_TEMPLATE, PromptFormat
 from lmforge.pretrain.checkpoint.consolidate import DTYPES
 from lmforge.pretrain.checkpoint.model_source import ModelSource, check_tokenizer_fits, load_source
 from lmforge.pretrain.core.durable import (
@@ -271,7 +271,8 @@ def preprocessing(
         f"Finetuned on examples of at most {n} tokens (`task.max_len`): a longer prompt lost "
         f"its start, a longer response its end{packed}"
     )
-    if task.get("template") is None:  # the tokenizer's own chat template, kept as it is
+    chat = task.get("template") is None and (tok is None or tok.chat_template is not None)
+    if chat:  # the tokenizer's own chat template, kept as it is (finetune/prompts.py)
         ends = "its end of turn" if tok is None else _stop_names(tok, task)
         lines[1:1] = [
             "A prompt is one user message in the tokenizer's own `chat_template`, rendered with "
@@ -281,7 +282,7 @@ def preprocessing(
             length,
         ]
         return Preprocessing(context, "left", "left", None, tuple(lines))
-    template = str(task["template"])
+    template = task.get("template") or DEFAULT_TEMPLATE
     lines[1:1] = [
         f"A prompt is put into the template {json.dumps(template, ensure_ascii=False)} "
         "(`{prompt}` replaced); the tokenizer's `chat_template` renders one user message "
