@@ -266,24 +266,30 @@ def preprocessing(
     ]
     if kind != "sft":
         return Preprocessing(context, "left", "left", None, tuple(lines))
+    chat_template, sft_lines = _sft_lines(task, n, tok)
+    lines[1:1] = sft_lines
+    return Preprocessing(context, "left", "left", chat_template, tuple(lines))
+
+
+def _sft_lines(task: dict, n: int, tok: Tokenizer | None) -> tuple[str | None, list[str]]:
+    """An instruction model's prompt format for the card, and the chat template its tokenizer
+    gets (None: the tokenizer's own, kept as it is; finetune/prompts.py)."""
     packed = ", and short examples were packed together." if task.get("packing") else "."
     length = (
         f"Finetuned on examples of at most {n} tokens (`task.max_len`): a longer prompt lost "
         f"its start, a longer response its end{packed}"
     )
-    chat = task.get("template") is None and (tok is None or tok.chat_template is not None)
-    if chat:  # the tokenizer's own chat template, kept as it is (finetune/prompts.py)
+    if task.get("template") is None and (tok is None or tok.chat_template is not None):
         ends = "its end of turn" if tok is None else _stop_names(tok, task)
-        lines[1:1] = [
+        return None, [
             "A prompt is one user message in the tokenizer's own `chat_template`, rendered with "
             "`add_generation_prompt=True` (`apply_chat_template`); the response is the "
             f"assistant's turn as the template writes it, ending with {ends} (generation stops "
             "there: `eos_token_id` in generation_config.json).",
             length,
         ]
-        return Preprocessing(context, "left", "left", None, tuple(lines))
     template = task.get("template") or DEFAULT_TEMPLATE
-    lines[1:1] = [
+    return instruction_chat_template(template), [
         f"A prompt is put into the template {json.dumps(template, ensure_ascii=False)} "
         "(`{prompt}` replaced); the tokenizer's `chat_template` renders one user message "
         "exactly so, response header included (with or without `add_generation_prompt`). "
@@ -291,7 +297,6 @@ def preprocessing(
         f"`{'</s>' if tok is None else tok.id_to_piece(tok.eos_id)}`.",
         length,
     ]
-    return Preprocessing(context, "left", "left", instruction_chat_template(template), tuple(lines))
 
 
 # --------------------------------------------------------------------------------------------

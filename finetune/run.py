@@ -132,6 +132,8 @@ class Finetuning(Workload):
     def prepare(self) -> None:
         cfg = self.cfg
         self.src, self.tok, self.data = prepare_run(cfg)
+        # an sft run's prompt format (the tokenizer's chat template, or the template)
+        self.fmt = PromptFormat(self.tok, cfg.task.template) if cfg.task.type == "sft" else None
         self.train_data, self.val_data = self.data.train, self.data.val
         self.tokenizer_sha256 = self.tok.sha256
         self.tokenizer_path = str(self.tok.path.resolve())
@@ -243,11 +245,7 @@ class Finetuning(Workload):
             f"lmforge finetune: {cfg.run_dir} ({what}); {cfg.task.type} on {len(data.train):,} "
             f"train / {len(data.val):,} val examples"
             + (f", {len(data.labels)} labels" if data.n_out else "")
-            + (
-                f", prompts in {PromptFormat(self.tok, cfg.task.template).describe()}"
-                if cfg.task.type == "sft"
-                else ""
-            )
+            + (f", prompts in {self.fmt.describe()}" if self.fmt is not None else "")
             + f"; {start}; {strategy.world_size} rank(s) [{strategy.name}] on "
             f"{strategy.device.type}, {strategy.precision}; params {self.n_params:,}, trainable "
             f"{self.trainable:,}; grad_accum {plan.grad_accum}; {plan.total_steps} steps of "
@@ -258,13 +256,13 @@ class Finetuning(Workload):
         cfg, strategy, trainer = self.cfg, session.strategy, session.trainer
         assert trainer is not None
         _write_json(os.path.join(cfg.run_dir, "base.json"), _base_info(cfg, self.src, self.base))
-        if cfg.task.type != "sft" or not cfg.train.samples:
+        if self.fmt is None or not cfg.train.samples:
             return
         if strategy.whole_model_per_rank:
             trainer.callbacks.append(
                 SampleGenerations(
                     prompts=_val_prompts(cfg, cfg.train.samples),
-                    fmt=PromptFormat(self.tok, cfg.task.template),
+                    fmt=self.fmt,
                     max_new_tokens=cfg.train.sample_tokens,
                     run_dir=cfg.run_dir,
                     start_step=trainer.state.step,

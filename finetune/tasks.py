@@ -242,5 +242,6 @@ def generate_ids(
     GPT.generate's options."""
     gpt = model.base_model.model if hasattr(model, "peft_config") else model
     out = gpt.generate(ids, max_new_tokens, stop_ids=stop_ids, **sampling)[0, ids.shape[1] :]
-    ends = [k for k, t in enumerate(out.tolist()) if t in stop_ids]
-    return out.tolist()[: ends[0]] if ends else out.tolist()
+    new = out.tolist()
+    end = next((k for k, t in enumerate(new) if t in stop_ids), len(new))
+    return new[:end]

@@ -272,6 +272,31 @@ def _ratio_name(name: str) -> str:
     return "compile/eager" if name == "lmforge+compile" else f"lmforge/{name}"
 
 
+def _bench_header(
+    names: list[str], *, peers: bool, compile: bool, family: str, steps: int, windows: int
+) -> list[str]:
+    """The training bench's title line (what ran, where, when) and its table header."""
+    device = _device()
+    return [
+        f"lmforge bench{' --peers' * peers}{' --compile' * compile}"
+        + (f" --family {family}" if family != "llama" else "")
+        + ": "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
+        f"({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}"
+        + (f", transformers {_version('transformers')}" if peers else "")
+        + f", seq {SEQ_LEN}, micro-batch {MICRO_BATCH}, vocab {VOCAB}; {windows} windows of "
+        f"{steps} steps per candidate, interleaved, after {WARMUP} warm-up; "
+        f"{time.strftime('%Y-%m-%d')}",
+        "",
+        "| model | params | dtype | "
+        + " | ".join(f"{n} tok/s (spread)" for n in names)
+        + " | MFU lmforge | "
+        + " | ".join(_ratio_name(n) for n in names if n != "lmforge")
+        + " | lmforge step: data / fwd+bwd / optim / other |",
+        "|---" * (4 + 2 * len(names)) + "|",
+    ]
+
+
 def run_bench(
     *,
     models: list[str],
@@ -291,24 +316,9 @@ def run_bench(
     device = _device()
     tokens = MICRO_BATCH * SEQ_LEN
     names = ["floor", "lmforge"] + ["lmforge+compile"] * compile + ["transformers"] * peers
-    lines = [
-        f"lmforge bench{' --peers' * peers}{' --compile' * compile}"
-        + (f" --family {family}" if family != "llama" else "")
-        + ": "
-        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
-        f"({platform.machine()}), {torch.get_num_threads()} threads, torch {torch.__version__}"
-        + (f", transformers {_version('transformers')}" if peers else "")
-        + f", seq {SEQ_LEN}, micro-batch {MICRO_BATCH}, vocab {VOCAB}; {windows} windows of "
-        f"{steps} steps per candidate, interleaved, after {WARMUP} warm-up; "
-        f"{time.strftime('%Y-%m-%d')}",
-        "",
-        "| model | params | dtype | "
-        + " | ".join(f"{n} tok/s (spread)" for n in names)
-        + " | MFU lmforge | "
-        + " | ".join(_ratio_name(n) for n in names if n != "lmforge")
-        + " | lmforge step: data / fwd+bwd / optim / other |",
-        "|---" * (4 + 2 * len(names)) + "|",
-    ]
+    lines = _bench_header(
+        names, peers=peers, compile=compile, family=family, steps=steps, windows=windows
+    )
     print("\n".join(lines), flush=True)
     for preset in models:
         cfg = _model_cfg(preset, family=family)

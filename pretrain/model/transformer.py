@@ -342,8 +342,8 @@ class GPT(nn.Module):
         """Append `max_new_tokens` sampled tokens to `input_ids` (B, T); returns (B, T + new).
 
         `stop_ids` (EOS, a chat template's end of turn): stop early once every row has produced
-        one of them (rows that finished first keep getting tokens until then). `on_token(ids (B,))` sees each new column as it comes
-        (streaming to a terminal).
+        one of them (rows that finished first keep getting tokens until then).
+        `on_token(ids (B,))` sees each new column as it comes (streaming to a terminal).
 
         temperature 0 is greedy decoding; top_k keeps the k most likely tokens, top_p the
         smallest set whose probability reaches p (nucleus). A KV cache makes each new token one

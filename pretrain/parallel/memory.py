@@ -18,10 +18,11 @@
   the keys and values repeated to every head, the output: 16 bytes each in fp32, 8 in bf16),
   and qk-norm keeps the queries and keys before and after their norm (hq + hkv wide, hkv the
   key-value heads' width: 8 bytes in fp32, 5.5 under autocast, 6.5 in bf16 weights). The head
-  4·V + 12·d (4·V + 8·d in bf16 weights; V = vocabulary, the fp32 log-probabilities dominate). Activation checkpointing keeps a block's input (4·d) and
-  recomputes one block at a time. Tensor parallel with sequence parallel divides a block's
-  activations by tp except the gathered inputs of the projections; a 1F1B pipeline's first
-  stage holds min(pp, micro-batches) micro-batches in flight, GPipe all of them.
+  4·V + 12·d (4·V + 8·d in bf16 weights; V = vocabulary, the fp32 log-probabilities
+  dominate). Activation checkpointing keeps a block's input (4·d) and recomputes one block at a
+  time. Tensor parallel with sequence parallel divides a block's activations by tp except the
+  gathered inputs of the projections; a 1F1B pipeline's first stage holds min(pp,
+  micro-batches) micro-batches in flight, GPipe all of them.
 - Working copies: autocast caches bf16 copies of the weights until backward; FSDP gathers about
   two blocks' full weights at a time; ZeRO-3 keeps up to ``stage3_max_live_parameters`` (10^9 by
   default, so the whole model at these sizes) gathered between forward and backward.
