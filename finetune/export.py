@@ -228,17 +228,7 @@ def preprocessing(
             ),
         )
     if kind == "token_classification":
-        if tok is not None and tok.encode_word("a") != tok.encode("a"):
-            words = (
-                f"Words → {ids}, each word encoded on its own after a space, as inside running "
-                "text (with transformers: the words as `[' ' + w for w in words]` and "
-                "`is_split_into_words=True`)"
-            )
-        else:
-            words = (
-                f"Words → {ids}, each word encoded on its own with its leading space "
-                "(`is_split_into_words=True`)"
-            )
+        words = _words_line(ids, tok)
         return Preprocessing(
             n,
             "right",
@@ -269,6 +259,20 @@ def preprocessing(
     chat_template, sft_lines = _sft_lines(task, n, tok)
     lines[1:1] = sft_lines
     return Preprocessing(context, "left", "left", chat_template, tuple(lines))
+
+
+def _words_line(ids: str, tok: Tokenizer | None) -> str:
+    """How token classification encodes its words, for the card."""
+    if tok is not None and tok.encode_word("a") != tok.encode("a"):  # (a byte-level BPE)
+        return (
+            f"Words → {ids}, each word encoded on its own after a space, as inside running "
+            "text (with transformers: the words as `[' ' + w for w in words]` and "
+            "`is_split_into_words=True`)"
+        )
+    return (
+        f"Words → {ids}, each word encoded on its own with its leading space "
+        "(`is_split_into_words=True`)"
+    )
 
 
 def _sft_lines(task: dict, n: int, tok: Tokenizer | None) -> tuple[str | None, list[str]]:
