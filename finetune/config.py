@@ -72,6 +72,13 @@ class TaskConfig:
     """token_classification: the column holding the list of words."""
     tags_column: str = "tags"
     """token_classification: the column holding one BIO tag per word (B-X, I-X, O)."""
+    train_examples: int | None = None
+    """Train on a subset of this many training examples (after `val_fraction` is held out):
+    seeded by `subset_seed`, stratified by label for classification (each label keeps its share,
+    and at least 2 examples), and nested: for one seed, the subset of 100 lies inside the subset
+    of 300. null = all of them. What a label curve (`finetune --label-curve`) varies."""
+    subset_seed: int = 0
+    """Seed of the `train_examples` subset (not of the weights or the data order: `seed`)."""
     max_len: int = 128
     """Longest example in tokens; longer ones are cut (classification keeps the end of the text,
     where the head reads; sft keeps the prompt's end and the response's start; token
@@ -88,6 +95,10 @@ class TaskConfig:
         if self.type == "sft" and self.template is not None and "{prompt}" not in self.template:
             raise ConfigurationError(
                 f"`task.template` must contain {{prompt}}, got {self.template!r}"
+            )
+        if self.train_examples is not None and self.train_examples < 1:
+            raise ConfigurationError(
+                f"`task.train_examples` must be >= 1 (or null for all), got {self.train_examples}"
             )
         if self.labels is not None and len(set(self.labels)) != len(self.labels):
             raise ConfigurationError(f"`task.labels` has duplicates: {self.labels}")
@@ -191,6 +202,60 @@ class EarlyStoppingConfig:
 
 
 @dataclass
+class LabelCurveConfig:
+    """`lmforge finetune CONFIG --label-curve`: this config's run at several numbers of labelled
+    examples, from its base and from a second start (docs/label-curves.md). Fixed before any
+    run; a plain `lmforge finetune` ignores it."""
+
+    sizes: list[str] = field(default_factory=lambda: ["100", "300", "1000", "all"])
+    """Training examples per point, ascending (`all`: every one): stratified, seeded and nested
+    subsets (`task.train_examples`, `task.subset_seed`)."""
+    steps: list[int] | None = None
+    """Optimizer steps at each size, the same for both arms; null = `train.max_steps`, else
+    `train.epochs` over each subset."""
+    lrs: list[float] | None = None
+    """The learning rates each arm is trained with at each size; each arm keeps the one with the
+    best validation accuracy (then macro-F1, then the first). null = [optim.lr]."""
+    against: str = "scratch"
+    """The second arm: `scratch` (init_from's shape and tokenizer from random weights), or
+    another base model (a run, checkpoint, export or Hub directory), compared with init_from."""
+    test: str | None = None
+    """The labelled file the picked models are compared on, example by example (the test split:
+    never used to pick); null = the validation split (then the same examples picked the learning
+    rate, which the report says)."""
+    out: str | None = None
+    """The curve's directory (every point's run, the report and the figure); null =
+    `<runs_dir>/<name>-curve`."""
+
+    def __post_init__(self) -> None:
+        sizes = self.sizes
+        if not sizes:
+            raise ConfigurationError("`label_curve.sizes` is empty; give e.g. [100, 300, all]")
+        bad = [s for s in sizes if s != "all" and not (str(s).isdigit() and int(s) >= 1)]
+        if bad:
+            raise ConfigurationError(
+                f"`label_curve.sizes` has {bad[0]!r}: give positive numbers of examples, or all"
+            )
+        numbers = [int(s) for s in sizes if s != "all"]
+        if numbers != sorted(set(numbers)) or "all" in sizes[:-1]:
+            raise ConfigurationError(
+                f"`label_curve.sizes`={list(sizes)} must rise without repeats (all last)"
+            )
+        if self.steps is not None and (
+            len(self.steps) != len(sizes) or any(s < 1 for s in self.steps)
+        ):
+            raise ConfigurationError(
+                f"`label_curve.steps`={list(self.steps)}: give one step count >= 1 per size "
+                f"({len(sizes)}: {', '.join(sizes)}), or null"
+            )
+        if self.lrs is not None and (not self.lrs or any(not lr > 0 for lr in self.lrs)):
+            raise ConfigurationError(
+                f"`label_curve.lrs`={self.lrs}: give at least one learning rate > 0, or null for "
+                "optim.lr"
+            )
+
+
+@dataclass
 class FinetuneConfig(RunConfig):
     """`lmforge finetune`: adapt a pretrained model to a labelled task."""
 
@@ -227,6 +292,8 @@ class FinetuneConfig(RunConfig):
     scikit-learn); or comma-separated weights in label order, e.g. "1.0,3.0"."""
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     """Early stopping on a validation metric."""
+    label_curve: LabelCurveConfig = field(default_factory=LabelCurveConfig)
+    """The experiment of `lmforge finetune --label-curve` (ignored by a plain run)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()

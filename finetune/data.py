@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from lmforge.finetune.prompts import PromptFormat
+from lmforge.finetune.subsets import subset
 from lmforge.pretrain.core import dist as pdist
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
 from lmforge.pretrain.core.launch_env import under_local_launcher
@@ -401,6 +402,20 @@ def tokenize(
     return examples, labels, ids
 
 
+def train_subset(task, rows: list[dict]) -> list[dict]:
+    """The `task.train_examples` rows of ``rows`` (read by :func:`read_rows`: checked, none
+    empty), stratified by label for classification (finetune/subsets.py)."""
+    classes = [r[task.label_column] for r in rows] if task.type == "classification" else None
+    keep = subset(
+        classes,
+        len(rows),
+        size=task.train_examples,
+        seed=task.subset_seed,
+        what="task.train_examples",
+    )
+    return [rows[i] for i in keep]
+
+
 class TaskData:
     """The tokenized train and validation sets of a task, and what the head needs."""
 
@@ -420,6 +435,8 @@ class TaskData:
             val_rows = [train_rows[i] for i in sorted(perm[:n_val])]
             train_rows = [train_rows[i] for i in sorted(perm[n_val:])]
             val_name = f"{task.train} (held-out {task.val_fraction:g})"
+        if task.train_examples is not None:
+            train_rows = train_subset(task, train_rows)
         self.task = task
         self.train, self.labels, self.train_label_ids = tokenize(
             task,

@@ -12,14 +12,7 @@ from lmforge.pretrain.checkpoint.store import best_checkpoint, read_trainer_stat
 from lmforge.pretrain.config.schema import PretrainConfig, load_config
 from lmforge.pretrain.core.durable import replace_durable
 from lmforge.pretrain.core.errors import DataError
-from lmforge.pretrain.train.metrics import read_metrics
-
-
-def final_eval(run_dir: str, steps: int) -> dict | None:
-    """The eval row of a finished run (at its last step), else None."""
-    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
-    done = [r for r in rows if r.get("kind") == "eval" and r.get("step", 0) >= steps]
-    return done[-1] if done else None
+from lmforge.pretrain.train.metrics import final_eval, read_metrics
 
 
 def read_run(run_dir: str) -> tuple[dict | None, PretrainConfig]:

@@ -12,8 +12,9 @@ import numpy as np
 
 from lmforge.pretrain.core.errors import DataError
 from lmforge.pretrain.model.flops import param_counts
+from lmforge.pretrain.train.metrics import final_eval
 from lmforge.scaling.fit import Points, load_points_csv
-from lmforge.scaling.runs import final_eval, read_run, read_verdict
+from lmforge.scaling.runs import read_run, read_verdict
 
 
 @dataclass

@@ -48,7 +48,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="make every check the run's start makes (config, run directory, base model, task "
         "data, layout, memory, resume checkpoint) and write nothing; print the resolved config, "
-        "the examples, optimizer steps and epochs, layout and memory estimate, then stop",
+        "the examples, optimizer steps and epochs, layout and memory estimate, then stop (with "
+        "--label-curve: the curve's runs)",
+    )
+    sp.add_argument(
+        "--label-curve",
+        nargs="?",
+        const="",
+        metavar="SIZES",
+        help="the config's run at several numbers of labelled examples (e.g. 100,300,1000,all; "
+        "default: label_curve.sizes), from init_from and from label_curve.against (default: "
+        "the same model from random weights), each at every rate of label_curve.lrs, kept on "
+        "validation; prints test accuracy per size with the paired standard error and verdict, "
+        "writes label_curve.json and label_efficiency.png (docs/label-curves.md). --nproc: "
+        "processes per run (1: every run in this process)",
     )
     add_trust_checkpoint(sp)
 
@@ -72,6 +85,10 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from lmforge.pretrain.config.schema import to_yaml
 
     check_nproc(args.nproc)
+    if getattr(args, "label_curve", None) is not None:
+        from lmforge.launcher.label_curve import run_label_curve
+
+        return run_label_curve(args)
     if args.dry_run:  # the config as the run would resolve it (vocabulary, base model's shape)
         work, plan, resume_from = check_start(
             args.command, args.config, world_size=args.nproc, local_ranks=args.nproc

@@ -36,6 +36,13 @@ def read_metrics(path: str) -> list[dict]:
     return rows
 
 
+def final_eval(run_dir: str, steps: int) -> dict | None:
+    """The eval row of a finished run (at its last step, ``steps``), else None."""
+    rows = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    done = [r for r in rows if r.get("kind") == "eval" and r.get("step", 0) >= steps]
+    return done[-1] if done else None
+
+
 def truncate_metrics(path: str, *, after_step: int) -> int:
     """Keep rows with step <= after_step (atomically); return how many rows were dropped."""
     rows = read_metrics(path)
