@@ -169,7 +169,7 @@ def plan_points(cfg: FinetuneConfig, n_train: int, classes: list | None) -> list
         size = n_train if label == "all" else int(label)
         if label != "all":  # refused here, in one line: too many, or a label short of 2
             subset(classes, n_train, size=size, seed=cfg.task.subset_seed,
-                   what=f"label_curve.sizes {label}")  # fmt: skip
+                   what="label_curve.sizes")  # fmt: skip
         if lc.steps is not None:
             steps = lc.steps[i]
         else:

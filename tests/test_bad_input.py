@@ -102,6 +102,8 @@ FINETUNE = [
     "logging.plot=false",
     *QUIET,
 ]
+# a label curve on an 8-row task (7 to train, 1 held out), compared on the same file
+CURVE = [*FINETUNE, "task.train={tmp}/t.csv", "label_curve.test={tmp}/t.csv"]
 PREPARE = ["prepare", "out={tmp}/o", "num_proc=1"]
 GOOD_CSV = "text,label\n" + "".join(
     f"line {i} of a tale,{'pos' if i % 2 else 'neg'}\n" for i in range(8)
@@ -252,6 +254,14 @@ CASES = [
     case("pretrain/deepspeed-json-scheduler-warmup-differs", DS_JSON, "`scheduler.params.warmup_num_steps`=1000 differs from lmforge's 100 (optim.warmup_steps)", files={"ds.json": '{"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 1000}}}'}, out=RUNS),
     case("pretrain/deepspeed-json-auto-not-filled", DS_JSON, '{tmp}/ds.json: `zero_optimization.allgather_bucket_size` is "auto", which lmforge does not fill in', files={"ds.json": '{"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto"}}'}, out=RUNS),
     # --- finetune ---------------------------------------------------------------------------
+    case("finetune/label-curve-size-above-train", [*CURVE, "--label-curve", "50"], "label_curve.sizes=50 is more than the 7 training examples; give at most 7", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
+    case("finetune/label-curve-label-short-of-2", [*CURVE, "--label-curve", "3,all"], "label_curve.sizes=3 gives label", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
+    case("finetune/label-curve-empty-grid", [*CURVE, "label_curve.lrs=[]", "--label-curve"], "`label_curve.lrs`=[]: give at least one learning rate", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
+    case("finetune/label-curve-sizes-fall", [*CURVE, "--label-curve", "6,4"], "must rise without repeats", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
+    case("finetune/label-curve-all-is-a-size", [*CURVE, "--label-curve", "4,7,all"], "all is 7 examples here, a size already listed", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
+    case("finetune/label-curve-not-classification", [*CURVE, "task.type=sft", "--label-curve"], "needs task.type=classification, not sft", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
+    case("finetune/label-curve-no-test-split", [*FINETUNE, "task.train={tmp}/t.csv", "--label-curve", "4"], "set label_curve.test=<the test split>", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
+    case("finetune/label-curve-test-missing", [*FINETUNE, "task.train={tmp}/t.csv", "label_curve.test={tmp}/none.csv", "--label-curve", "4"], "label_curve.test={tmp}/none.csv: no such file", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
     case("finetune/template-read-as-a-mapping", [*FINETUNE, "task.template=Q: {prompt}"], "reads as a YAML mapping or list, not text; quote it as a YAML string", out=RUNS),
     case("finetune/template-with-a-bare-line-break", [*FINETUNE, "task.template=Q: {prompt}\nA:"], "has a line break, which YAML reads as a space", out=RUNS),
     case("finetune/train-missing", [*FINETUNE, "task.train={tmp}/none.csv"], "{tmp}/none.csv: no such file", out=RUNS),
@@ -449,6 +459,13 @@ CASES = [
 # submit` (all that the submitting host can check), with the same first line and exit code:
 # the cases left out at submit, and why.
 NOT_AT_SUBMIT = {
+    **{
+        f"finetune/label-curve-{k}": "--label-curve is the finetune command's own flag"
+        for k in (
+            "size-above-train", "label-short-of-2", "empty-grid", "sizes-fall", "all-is-a-size",
+            "not-classification", "no-test-split", "test-missing",
+        )
+    },  # fmt: skip
     "pretrain/run-exists": "a job continues its run: submit adds resume=auto",
     "pretrain/fp8-without-a-float8-gpu": "whether float8 runs is the job's nodes' to say",
     "pretrain/memory-does-not-fit": "the memory of the job's nodes is checked as the job starts",

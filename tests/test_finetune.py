@@ -216,12 +216,12 @@ def test_finetune_resumes_exactly_after_sigkill(ft_runs, base_run, rt, tmp_path)
 
 
 def test_pretrained_vs_scratch_at_equal_budget(ft_runs, base_run, rt, report):
-    """The comparison `make demo` makes on the full task, with a tiny budget: the same model,
-    data, steps and schedule from the pretrained weights and from new ones; the demo's
-    per-example scores, paired difference and pick by validation accuracy on these runs; both
-    accuracies and the difference go to the test report."""
+    """The comparison of a label curve's point (`make demo`) with a tiny budget: the same model,
+    data, steps and schedule from the pretrained weights and from new ones; per-example scores
+    whose means are the runs' accuracies, and their paired difference; both accuracies and the
+    difference go to the test report."""
     from lmforge.finetune.inference import evaluate_examples
-    from lmforge.launcher.demo import comparison_lines, pick_lr
+    from lmforge.finetune.label_curve import paired_difference, verdict
 
     pre_run = ft_runs(1, "model.dropout=0.0")
     scratch_run = ft_runs(1, "model.dropout=0.0", "from_scratch=true")
@@ -241,15 +241,14 @@ def test_pretrained_vs_scratch_at_equal_budget(ft_runs, base_run, rt, report):
     ]
     for row, correct in zip((a, b), scores, strict=True):
         assert len(correct) == row["n"] == 96 and sum(correct) / 96 == row["accuracy"]
-    lines = comparison_lines(*scores, "reviews")
-    assert lines[0].startswith("  pretrained - scratch  ") and "the same 96 reviews" in lines[0]
-    assert lines[1].startswith("  => ")
-    better = "pre" if (a["accuracy"], a["macro_f1"]) >= (b["accuracy"], b["macro_f1"]) else "s"
-    assert pick_lr({"pre": pre_run, "s": scratch_run}) == better
+    diff, se = paired_difference(*scores)
+    assert diff == pytest.approx(a["accuracy"] - b["accuracy"])
+    word, _ = verdict(diff, se, differ=scores[0] != scores[1])
     report(
         f"finetune {FT_STEPS} steps on 640 Rotten Tomatoes reviews, 96 val: from pretrained "
         f"accuracy {a['accuracy']:.3f} macro-F1 {a['macro_f1']:.3f}; from scratch accuracy "
-        f"{b['accuracy']:.3f} macro-F1 {b['macro_f1']:.3f}\n" + "\n".join(lines)
+        f"{b['accuracy']:.3f} macro-F1 {b['macro_f1']:.3f}; pretrained - scratch "
+        f"{100 * diff:+.2f} ± {100 * se:.2f} points: {word}"
     )
 
 
