@@ -46,8 +46,7 @@ def subset(classes: list | None, n: int, *, size: int, seed: int, what: str) -> 
         raise ConfigurationError(f"{what}={size}: give at least 1 example")
     if size > n:
         raise ConfigurationError(
-            f"{what}={size} is more than the {n:,} training examples; give at most {n:,} (or "
-            "all)"
+            f"{what}={size} is more than the {n:,} training examples; give at most {n:,} (or all)"
         )
     order = example_order(classes, n, seed)
     if classes is not None:

@@ -462,8 +462,14 @@ NOT_AT_SUBMIT = {
     **{
         f"finetune/label-curve-{k}": "--label-curve is the finetune command's own flag"
         for k in (
-            "size-above-train", "label-short-of-2", "empty-grid", "sizes-fall", "all-is-a-size",
-            "not-classification", "no-test-split", "test-missing",
+            "size-above-train",
+            "label-short-of-2",
+            "empty-grid",
+            "sizes-fall",
+            "all-is-a-size",
+            "not-classification",
+            "no-test-split",
+            "test-missing",
         )
     },  # fmt: skip
     "pretrain/run-exists": "a job continues its run: submit adds resume=auto",
