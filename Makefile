@@ -33,9 +33,11 @@ demo: $(STAMP)
 	$(BIN)/python -m lmforge.launcher.demo
 
 # The scaling-law sweep on CPU (configs/scaling/demo.yaml): prepare, train the IsoFLOP grid
-# (finished runs are skipped on a rerun), fit the smaller budgets, predict the largest; then how
-# well each run's final loss is predicted from its start, and the plan of a 1e13-FLOP run.
+# (finished runs are skipped on a rerun), fit the smaller budgets, predict the largest, finetune
+# each budget's best run on the demo task (accuracy against compute); then how well each run's
+# final loss is predicted from its start, and the plan of a 1e13-FLOP run.
 scaling-demo: $(STAMP)
+	@test -f data/demo/rotten_tomatoes/test.csv || $(BIN)/python -m lmforge.finetune.bundled --out data/demo/rotten_tomatoes
 	@test -f data/scaling/manifest.json || $(BIN)/lmforge prepare configs/prepare/scaling.yaml
 	$(BIN)/lmforge scaling sweep configs/scaling/demo.yaml
 	$(BIN)/lmforge runs --predict-check runs/scaling-demo --fractions 0.2,0.3,0.5

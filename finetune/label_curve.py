@@ -327,8 +327,21 @@ def majority(train_labels: list[str], test_rows: dict[int, str]) -> tuple[str, f
     return label, sum(v == label for v in test_rows.values()) / max(len(test_rows), 1)
 
 
+def run_in_process(config: str) -> int:
+    """One point in this process (a run on a few hundred examples trains in seconds: starting
+    processes for it would cost as much)."""
+    from lmforge.finetune.run import Finetuning
+    from lmforge.pretrain.config.schema import load_config
+    from lmforge.pretrain.run.session import run_session
+
+    return run_session(Finetuning(load_config(FinetuneConfig, [config])))["exit_code"]
+
+
 def run_curve(
-    cfg: FinetuneConfig, run_point: Callable[[str], int], *, say: Callable[[str], None] = print
+    cfg: FinetuneConfig,
+    run_point: Callable[[str], int] = run_in_process,
+    *,
+    say: Callable[[str], None] = print,
 ) -> dict:
     """Train every point that is not finished (``run_point(config_path)`` -> exit code), then
     compare the arms; write label_curve.json and label_efficiency.png. Returns the report."""

@@ -7,19 +7,17 @@ import argparse
 import subprocess
 import sys
 
-from lmforge.launcher.commands import load_command_config, workload
-
-
-def run_in_process(config: str) -> int:
-    """One finetune run of the curve in this process (no launch cost: a run on a few hundred
-    examples takes seconds)."""
-    from lmforge.pretrain.run.session import run_session
-
-    return run_session(workload("finetune", load_command_config("finetune", [config])))["exit_code"]
+from lmforge.launcher.commands import load_command_config
 
 
 def run_label_curve(args: argparse.Namespace) -> int:
-    from lmforge.finetune.label_curve import check_curve, curve_dir, report_lines, run_curve
+    from lmforge.finetune.label_curve import (
+        check_curve,
+        curve_dir,
+        report_lines,
+        run_curve,
+        run_in_process,
+    )
 
     overrides = list(args.config)
     if args.label_curve:

@@ -143,6 +143,32 @@ class SweepFitConfig:
 
 
 @dataclass
+class TransferConfig:
+    """Downstream transfer of a finished sweep (scaling/transfer.py): each budget's best run
+    finetuned on a task with a fixed small label budget, from its weights and from random ones."""
+
+    finetune: str | None = None
+    """A finetune config (a classification task with `label_curve.test`, e.g.
+    configs/finetune/demo.yaml); null = no transfer step."""
+    overrides: list[str] = field(default_factory=list)
+    """Dotted keys applied to it (e.g. train.micro_batch_size=32)."""
+    train_examples: int = 300
+    """Labelled training examples (a stratified, seeded subset: the same for every budget)."""
+    steps: int = 80
+    """Optimizer steps of each finetuning (the same for every budget and both arms)."""
+    lrs: list[float] | None = None
+    """The rate grid each finetuning picks from on validation; null = the finetune config's
+    label_curve.lrs."""
+
+    def __post_init__(self) -> None:
+        if self.train_examples < 1 or self.steps < 1:
+            raise ConfigurationError(
+                f"`transfer.train_examples` and `transfer.steps` must be >= 1, got "
+                f"{self.train_examples}, {self.steps}"
+            )
+
+
+@dataclass
 class ScalingConfig:
     """`lmforge scaling sweep`: an IsoFLOP grid of ordinary pretraining runs."""
 
@@ -190,6 +216,8 @@ class ScalingConfig:
     replays the rule on a finished sweep first."""
     fit: SweepFitConfig = field(default_factory=SweepFitConfig)
     """Fits and predictions."""
+    transfer: TransferConfig = field(default_factory=TransferConfig)
+    """After the fit: each budget's best run finetuned on a task (accuracy against compute)."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name or self.name in (".", ".."):

@@ -40,6 +40,7 @@ from lmforge.scaling.early import brackets_best, judge, live_prediction
 from lmforge.scaling.grid import Point, SweepGrid, describe_grid, make_grid
 from lmforge.scaling.report import report_sweep
 from lmforge.scaling.runs import Verdict, read_verdict, write_verdict
+from lmforge.scaling.transfer import check_transfer, transfer, transfer_lines
 
 
 def point_status(sweep_dir: str, point: Point) -> str:
@@ -275,6 +276,7 @@ def sweep(
     launcher=slurm the runs are submitted through ``jobs``."""
     if cfg.launcher == "slurm" and jobs is None:
         raise ConfigurationError("launcher=slurm: give the sweep a JobArrays to submit through")
+    check_transfer(cfg)
     plan = make_grid(cfg)
     root = cfg.sweep_dir
     status = {p.name: point_status(root, p) for p in plan.points}
@@ -325,4 +327,7 @@ def sweep(
                 "the sweep again to resume them"
             )
     report_sweep(root)
+    if cfg.transfer.finetune is not None:
+        print("\n".join(["", *transfer_lines(transfer(cfg))]))
+        print(f"transfer: {root}/transfer/ (transfer.json, transfer.png, a label curve per budget)")
     return 0

@@ -56,6 +56,41 @@ def sweep_config(path, data: str, runs: str, **extra) -> str:
     return str(path)
 
 
+def _tiny_task(tmp_path) -> list[str]:
+    """The sweep's transfer keys for a small slice of the bundled review task."""
+    from lmforge.finetune.bundled import rotten_tomatoes
+
+    out = str(tmp_path / "task")
+    rotten_tomatoes(out)
+    for name, n in (("train", 120), ("val", 32), ("test", 48)):
+        with open(os.path.join(out, f"{name}.csv"), encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))[:n]
+        with open(os.path.join(out, f"{name}-small.csv"), "w", encoding="utf-8", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    ft = {
+        "name": "rt",
+        "task": {
+            "train": f"{out}/train-small.csv",
+            "val": f"{out}/val-small.csv",
+            "max_len": 48,
+        },
+        "train": {"micro_batch_size": 16, "global_batch_size": 16, "precision": "fp32"},
+        "label_curve": {"test": f"{out}/test-small.csv"},
+        "logging": {"tensorboard": False, "progress": False, "plot": False},
+    }
+    path = tmp_path / "ft.yaml"
+    with open(path, "w") as f:
+        yaml.safe_dump(ft, f)
+    return [
+        f"transfer.finetune={path}",
+        "transfer.train_examples=40",
+        "transfer.steps=3",
+        "transfer.lrs=[3e-3]",
+    ]
+
+
 def _losses(run_dir: str) -> list[tuple[int, float]]:
     rows = read_metrics(run_dir)
     return [(r["step"], r["loss"] if r["kind"] == "train" else r["val_loss"]) for r in rows]
@@ -127,6 +162,32 @@ def test_sweep_trains_the_grid_resumes_after_a_kill_and_reports(tiny_data, tmp_p
     # A third run trains nothing.
     again = lmforge("scaling", "sweep", cfg).stdout
     assert "6 finished, 0 to resume, 0 to start" in again and "[1/" not in again
+
+    # The transfer step: each budget's best run (lowest final val_loss) finetuned on 40 labels
+    # from its weights and from random ones; the figures are its label curves'.
+    task = _tiny_task(tmp_path)
+    out = lmforge("scaling", "sweep", cfg, *task).stdout
+    with open(os.path.join(sweep_dir, "transfer", "transfer.json")) as f:
+        result = json.load(f)
+    assert [r["budget"] for r in result["budgets"]] == [8.0e8, 1.6e9]
+    for r in result["budgets"]:
+        same = [p for p in plan["points"] if p["budget"] == r["budget"]]
+        finals = {
+            p["name"]: [
+                x for x in read_metrics(os.path.join(sweep_dir, p["name"])) if x["kind"] == "eval"
+            ][-1]["val_loss"]
+            for p in same
+        }
+        assert r["run"] == min(finals, key=finals.get) and r["loss"] == finals[r["run"]]
+        with open(os.path.join(r["curve"], "label_curve.json")) as f:
+            curve = json.load(f)["points"][0]
+        assert curve["size"] == r["examples"] == 40 and curve["steps"] == r["steps"] == 3
+        assert r["accuracy"] == curve["arms"]["base"]["test_accuracy"]
+        assert r["scratch"] == curve["arms"]["against"]["test_accuracy"]
+        assert f"{r['run']:<18}" in out
+    assert result["accuracy_per_decade"] is None  # two budgets: no trend
+    assert "test accuracy: fewer than 3 budgets, no trend fitted" in out
+    assert os.path.getsize(os.path.join(sweep_dir, "transfer", "transfer.png")) > 10_000
 
     # Changing a started run's settings under the same name is refused, nothing written.
     before = open(os.path.join(sweep_dir, "points", "0.yaml")).read()
@@ -306,3 +367,17 @@ def test_fit_command_on_an_isoflop_grid_predicts_the_held_out_budget(tmp_path):
     md = open(os.path.join(out, "report.md")).read()
     assert "## Which form predicts: the backtest" in md and "## Compute frontier with E = 0" in md
     assert "## Budget minima" in md and "| held out |" in md
+
+
+def test_transfer_slope_against_a_hand_computation():
+    """The accuracy-per-decade fit: least squares with Student's t interval (n - 2 dof)."""
+    from lmforge.scaling.transfer import slope_fit
+
+    # x 0..3, y 1, 3, 2, 5: Sxy 5.5, Sxx 5 -> slope 1.1, intercept 1.1; residuals -0.1, 0.8,
+    # -1.3, 0.6 -> SSE 2.7, s^2 1.35, SE sqrt(1.35 / 5); t(0.95, 2 dof) = 2.919986
+    f = slope_fit([0, 1, 2, 3], [1, 3, 2, 5])
+    se = math.sqrt(1.35 / 5)
+    assert f["slope"] == pytest.approx(1.1) and f["intercept"] == pytest.approx(1.1)
+    assert f["se"] == pytest.approx(se)
+    assert f["interval"] == pytest.approx([1.1 - 2.919986 * se, 1.1 + 2.919986 * se], rel=1e-6)
+    assert slope_fit([0, 1], [1, 2]) is None
