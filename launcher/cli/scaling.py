@@ -31,7 +31,9 @@ def _add_sweep(scaling: argparse._SubParsersAction) -> None:
         "sweep",
         help="train the grid of a sweep config (configs/scaling/), then fit and report",
         description="Train every run of an IsoFLOP grid that is not finished (finished runs "
-        "are skipped, interrupted ones resume), then fit and write <runs_dir>/<name>/report/.",
+        "are skipped, interrupted ones resume), then fit and write <runs_dir>/<name>/report/; "
+        "with a `transfer` section, finetune each budget's best run on a task (pretrained vs "
+        "scratch) and fit test accuracy against compute (<runs_dir>/<name>/transfer/).",
         epilog="Config arguments apply in order, later wins:\n"
         "  CONFIG.yaml        merge a sweep config (configs/scaling/demo.yaml)\n"
         "  dotted.key=value   set one key, e.g. budgets=[1e12,2e12,4e12] fit.holdout=[4e12]\n"
