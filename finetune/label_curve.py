@@ -95,7 +95,7 @@ def labels_to_match(sizes: list[int], first: list[float], second: list[float]) -
 
 
 @dataclass(frozen=True)
-class Point:
+class CurvePoint:
     """One finetuning run of the curve."""
 
     size: int  # training examples
@@ -159,7 +159,7 @@ def check_curve(cfg: FinetuneConfig) -> None:
         raise ConfigurationError(f"label_curve.test={lc.test}: no such file")
 
 
-def plan_points(cfg: FinetuneConfig, n_train: int, classes: list | None) -> list[Point]:
+def plan_points(cfg: FinetuneConfig, n_train: int, classes: list | None) -> list[CurvePoint]:
     """Every point of the curve, smallest size first; each size checked against the
     ``n_train`` training examples (and their ``classes``) before anything trains."""
     lc, t = cfg.label_curve, cfg.train
@@ -175,7 +175,7 @@ def plan_points(cfg: FinetuneConfig, n_train: int, classes: list | None) -> list
         else:
             steps = t.max_steps or steps_for(t.epochs or 1.0, size, t.global_batch_size)
         for arm in ("base", "against"):
-            points += [Point(size, label, arm, float(lr), steps) for lr in lrs]
+            points += [CurvePoint(size, label, arm, float(lr), steps) for lr in lrs]
     if len({p.size for p in points}) < len(lc.sizes):
         raise ConfigurationError(
             f"`label_curve.sizes`={list(lc.sizes)}: all is {n_train:,} examples here, a size "
@@ -184,7 +184,7 @@ def plan_points(cfg: FinetuneConfig, n_train: int, classes: list | None) -> list
     return points
 
 
-def plan(cfg: FinetuneConfig) -> tuple[list[Point], list[str]]:
+def plan(cfg: FinetuneConfig) -> tuple[list[CurvePoint], list[str]]:
     """The curve's points and the label of every training example, after every check a point's
     start makes of the config, base, tokenizer and data (made once, here)."""
     from lmforge.finetune.run import prepare_run
@@ -218,7 +218,7 @@ def describe_plan(cfg: FinetuneConfig) -> list[str]:
     return lines
 
 
-def point_config(cfg: FinetuneConfig, p: Point, root: str) -> FinetuneConfig:
+def point_config(cfg: FinetuneConfig, p: CurvePoint, root: str) -> FinetuneConfig:
     """The finetune config of one point: the curve's config at that size, start, rate and
     number of steps, run in ``root``."""
     c = copy.deepcopy(cfg)
@@ -234,7 +234,7 @@ def point_config(cfg: FinetuneConfig, p: Point, root: str) -> FinetuneConfig:
     return c
 
 
-def write_point(root: str, p: Point, c: FinetuneConfig) -> str:
+def write_point(root: str, p: CurvePoint, c: FinetuneConfig) -> str:
     """configs/<point>.yaml; refuses to change the config of a point that has started."""
     path = os.path.join(root, "configs", f"{p.name}.yaml")
     text = to_yaml(c)
@@ -257,7 +257,7 @@ def write_point(root: str, p: Point, c: FinetuneConfig) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def pick(root: str, points: list[Point]) -> tuple[Point, dict[float, dict]]:
+def pick(root: str, points: list[CurvePoint]) -> tuple[CurvePoint, dict[float, dict]]:
     """The point of ``points`` (one size and arm, every rate) whose last evaluation has the best
     validation accuracy, then macro-F1, then comes first; and each rate's evaluation."""
     evals = {p.lr: final_eval(os.path.join(root, p.name), p.steps) for p in points}
@@ -268,7 +268,7 @@ def pick(root: str, points: list[Point]) -> tuple[Point, dict[float, dict]]:
     return best, evals
 
 
-def test_scores(root: str, p: Point, data: str) -> tuple[dict, dict[int, int]]:
+def test_scores(root: str, p: CurvePoint, data: str) -> tuple[dict, dict[int, int]]:
     """A kept point's metrics on ``data`` and each example's score (row -> 1 if right), from its
     test_predictions.jsonl (written by the first call)."""
     from lmforge.finetune.inference import evaluate_examples, write_predictions
@@ -288,7 +288,7 @@ def test_scores(root: str, p: Point, data: str) -> tuple[dict, dict[int, int]]:
     return metrics, {int(r["row"]): int(r["correct"]) for r in rows}
 
 
-def compare(root: str, cfg: FinetuneConfig, points: list[Point], test: str) -> list[dict]:
+def compare(root: str, cfg: FinetuneConfig, points: list[CurvePoint], test: str) -> list[dict]:
     """Per size: each arm's kept rate, validation and test figures, and the paired
     difference of their test scores with its verdict."""
     rows = []
