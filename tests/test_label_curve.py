@@ -248,3 +248,30 @@ def test_label_curve_command(reference_runs, task, tmp_path):
     assert "=== label curve" not in again  # nothing trained
     with open(os.path.join(root, "label_curve.json")) as f:
         assert json.load(f) == report
+
+
+def test_runs_of_other_precisions_follow_each_other_in_one_process(reference_runs, task, tmp_path):
+    """A label curve trains its points in one process: a run after another of another
+    precision starts cleanly (Accelerate's per-process state is reset when a run closes)."""
+    from lmforge.finetune.config import FinetuneConfig
+    from lmforge.finetune.label_curve import run_in_process
+    from lmforge.pretrain.config.schema import load_config, to_yaml
+
+    losses = {}
+    for precision in ("bf16", "fp32", "bf16"):
+        name = f"{precision}-{len(losses)}"
+        cfg = load_config(FinetuneConfig, [
+            f"runs_dir={tmp_path}", f"name={name}", f"init_from={reference_runs(1, 'fp32')}",
+            f"task.train={task['train']}", f"task.val={task['val']}", "task.max_len=48",
+            "train.max_steps=2", "train.micro_batch_size=8", "train.global_batch_size=8",
+            "train.log_interval=1",
+            f"train.precision={precision}", *QUIET,
+        ])  # fmt: skip
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(to_yaml(cfg))
+        assert run_in_process(str(path)) == 0
+        losses[name] = [
+            r["loss"] for r in read_metrics(str(tmp_path / name)) if r["kind"] == "train"
+        ]
+    # the same run twice in one process: the same losses, bitwise
+    assert losses["bf16-0"] == losses["bf16-2"] and losses["bf16-0"] != losses["fp32-1"]

@@ -58,6 +58,16 @@ class DDPStrategy(Strategy):
                 f"{self.world_size} ranks; launch with `lmforge launch` or torchrun"
             )
 
+    def close(self) -> None:
+        super().close()
+        # Accelerate keeps one state (precision, device, process group) per process, and refuses
+        # a second Accelerator with another precision. Runs that follow in this process (a label
+        # curve's points) start from a clean one; accelerate resets it this way in its own tests.
+        from accelerate.state import AcceleratorState, GradientState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+
     device = property(lambda self: self.accelerator.device)
     rank = property(lambda self: self.accelerator.process_index)
     world_size = property(lambda self: self.accelerator.num_processes)
