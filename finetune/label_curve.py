@@ -337,14 +337,25 @@ def run_in_process(config: str) -> int:
     return run_session(Finetuning(load_config(FinetuneConfig, [config])))["exit_code"]
 
 
-def run_curve(
-    cfg: FinetuneConfig,
-    run_point: Callable[[str], int] = run_in_process,
-    *,
-    say: Callable[[str], None] = print,
-) -> dict:
-    """Train every point that is not finished (``run_point(config_path)`` -> exit code), then
-    compare the arms; write label_curve.json and label_efficiency.png. Returns the report."""
+# How a curve's points are trained: their config files -> the names of those that failed.
+Runner = Callable[[list[str]], list[str]]
+
+
+def one_after_another(configs: list[str], run_point: Callable[[str], int] = run_in_process,
+                      say: Callable[[str], None] = print) -> list[str]:  # fmt: skip
+    """Each point after the last (``run_point(config)`` -> exit code): stops at the first that
+    fails."""
+    for i, config in enumerate(configs, 1):
+        name = os.path.splitext(os.path.basename(config))[0]
+        say(f"\n=== label curve {i}/{len(configs)}: {name}")
+        if run_point(config):
+            return [name]
+    return []
+
+
+def run_curve(cfg: FinetuneConfig, runner: Runner = one_after_another, *, say=print) -> dict:
+    """Train every point that is not finished (``runner``), then compare the arms; write
+    label_curve.json and label_efficiency.png. Returns the report."""
     points, classes = plan(cfg)
     root = curve_dir(cfg)
     os.makedirs(root, exist_ok=True)
@@ -355,11 +366,13 @@ def run_curve(
         f"{len(points) // len(cfg.label_curve.sizes) // 2} learning rates), "
         f"{len(points) - len(todo)} finished"
     )
-    for i, p in enumerate(todo, 1):
-        say(f"\n=== label curve {i}/{len(todo)}: {p.name} ({p.size:,} examples, {p.steps} steps)")
-        code = run_point(paths[p])
-        if code:
-            raise DataError(f"label curve: {p.name} exited {code}; see {root}/{p.name}/")
+    # the longest first: runs side by side then end close together
+    failed = runner([paths[p] for p in sorted(todo, key=lambda p: -p.steps)])
+    if failed:
+        raise DataError(
+            f"label curve: {len(failed)} run(s) failed ({', '.join(failed[:3])}); see "
+            f"{root}/{failed[0]}/ (and {root}/logs/), and run the curve again to resume them"
+        )
     test = cfg.label_curve.test or cfg.task.val
     rows = compare(root, cfg, points, test)
     gold = _gold_labels(root, rows[0]["arms"]["base"]["run"])

@@ -261,6 +261,8 @@ CASES = [
     case("finetune/label-curve-all-is-a-size", [*CURVE, "--label-curve", "4,7,all"], "all is 7 examples here, a size already listed", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
     case("finetune/label-curve-not-classification", [*CURVE, "task.type=sft", "--label-curve"], "needs task.type=classification, not sft", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
     case("finetune/label-curve-no-test-split", [*FINETUNE, "task.train={tmp}/t.csv", "--label-curve", "4"], "set label_curve.test=<the test split>", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
+    case("finetune/parallel-without-label-curve", [*FINETUNE, "--parallel", "2"], "--parallel 2 trains a label curve's runs side by side: add --label-curve", out=RUNS),
+    case("finetune/label-curve-parallel-zero", [*CURVE, "--label-curve", "4", "--parallel", "0"], "--parallel 0: give at least 1 run at a time", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
     case("finetune/label-curve-test-missing", [*FINETUNE, "task.train={tmp}/t.csv", "label_curve.test={tmp}/none.csv", "--label-curve", "4"], "label_curve.test={tmp}/none.csv: no such file", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
     case("finetune/template-read-as-a-mapping", [*FINETUNE, "task.template=Q: {prompt}"], "reads as a YAML mapping or list, not text; quote it as a YAML string", out=RUNS),
     case("finetune/template-with-a-bare-line-break", [*FINETUNE, "task.template=Q: {prompt}\nA:"], "has a line break, which YAML reads as a space", out=RUNS),
@@ -459,6 +461,7 @@ CASES = [
 # submit` (all that the submitting host can check), with the same first line and exit code:
 # the cases left out at submit, and why.
 NOT_AT_SUBMIT = {
+    "finetune/parallel-without-label-curve": "--parallel is the finetune command's own flag",
     **{
         f"finetune/label-curve-{k}": "--label-curve is the finetune command's own flag"
         for k in (
@@ -470,6 +473,7 @@ NOT_AT_SUBMIT = {
             "not-classification",
             "no-test-split",
             "test-missing",
+            "parallel-zero",
         )
     },  # fmt: skip
     "pretrain/run-exists": "a job continues its run: submit adds resume=auto",

@@ -210,7 +210,7 @@ def test_label_curve_command(reference_runs, task, tmp_path):
         "--label-curve",
         "24,all",
     ]
-    out = lmforge(*args).stdout
+    out = lmforge(*args, "--parallel", "2").stdout  # two runs at a time, in processes
     root = os.path.join(runs, "rt-curve")
     with open(os.path.join(root, "label_curve.json")) as f:
         report = json.load(f)
@@ -243,9 +243,13 @@ def test_label_curve_command(reference_runs, task, tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     for line in report_lines(report):
         assert line in out
-    again = lmforge(*args).stdout
+    assert out.count("[8/8] ") == 1 and "FAILED" not in out
+    for i in range(1, 9):  # each run's own log
+        assert f"[{i}/8] n" in out
+    assert len(os.listdir(os.path.join(root, "logs"))) == 8
+    again = lmforge(*args).stdout  # in this process: trains nothing
     assert "8 runs (2 sizes x 2 arms x 2 learning rates), 8 finished" in again
-    assert "=== label curve" not in again  # nothing trained
+    assert "=== label curve" not in again
     with open(os.path.join(root, "label_curve.json")) as f:
         assert json.load(f) == report
 

@@ -13,6 +13,7 @@ from lmforge.launcher.commands import (
     load_command_config,
     workload,
 )
+from lmforge.pretrain.core.errors import ConfigurationError
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -63,6 +64,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "writes label_curve.json and label_efficiency.png (docs/label-curves.md). --nproc: "
         "processes per run (1: every run in this process)",
     )
+    sp.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="P",
+        help="with --label-curve: train P runs at a time, each in processes of its own sharing "
+        "the CPUs (OMP_NUM_THREADS = CPUs / (P x nproc)); default 1 (one after another)",
+    )
     add_trust_checkpoint(sp)
 
 
@@ -85,6 +94,11 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     from lmforge.pretrain.config.schema import to_yaml
 
     check_nproc(args.nproc)
+    if getattr(args, "parallel", 1) != 1 and args.label_curve is None:
+        raise ConfigurationError(
+            f"--parallel {args.parallel} trains a label curve's runs side by side: add "
+            "--label-curve, or drop --parallel"
+        )
     if getattr(args, "label_curve", None) is not None:
         from lmforge.launcher.label_curve import run_label_curve
 
