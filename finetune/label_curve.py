@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from omegaconf import OmegaConf
 
 from lmforge.finetune.config import FinetuneConfig
@@ -411,6 +412,11 @@ def _gold_labels(root: str, run: str) -> dict[int, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def _rate(lr: float) -> str:
+    """A learning rate as people write it: 5e-4, 1.5e-3, 0.01."""
+    return f"{lr:g}" if lr >= 0.01 else np.format_float_scientific(lr, trim="-", exp_digits=1)
+
+
 def report_lines(report: dict) -> list[str]:
     """The table and what it says, as `finetune --label-curve` and `make demo` print it."""
     arms, proto, rows = report["arms"], report["protocol"], report["points"]
@@ -419,25 +425,28 @@ def report_lines(report: dict) -> list[str]:
     lines = [
         f"label curve: test accuracy on {proto['test']} ({n_test:,} examples"
         + ("; the same split picked the learning rates" if same else "")
-        + f"), each arm's learning rate picked on validation from {', '.join(f'{x:g}' for x in proto['lrs'])}",
+        + "), ± one standard error; each arm's learning rate picked on validation from "
+        + ", ".join(_rate(x) for x in proto["lrs"]),
         f"  A = {arms['base']}",
         f"  B = {arms['against']}",
-        f"  {'labels':>7} {'steps':>6}  {'A (lr)':<22} {'B (lr)':<22} {'A - B (points)':<16} verdict",
+        f"  {'labels':>7} {'steps':>5}  {'A (lr)':<24} {'B (lr)':<24} {'A - B (points)':<15} "
+        "verdict (paired)",
     ]
     for r in rows:
         cells = []
         for arm in ("base", "against"):
             a = r["arms"][arm]
             p = a["test_accuracy"]
-            cells.append(f"{p:.4f} ± {math.sqrt(p * (1 - p) / n_test):.4f} ({a['lr']:g})")
+            se = math.sqrt(p * (1 - p) / n_test)
+            cells.append(f"{p:.4f} ± {se:.4f} ({_rate(a['lr'])})")
         word = r["verdict"]
         if word in ("helps", "hurts"):
             word = f"A {word} ({abs(r['z']):.1f} SE)"
         elif word == "within noise":
             word = f"within noise ({abs(r['z']):.1f} SE < {Z_CLEAR:g})"
         lines.append(
-            f"  {r['size']:>7,} {r['steps']:>6}  {cells[0]:<22} {cells[1]:<22} "
-            f"{100 * r['difference']:+6.2f} ± {100 * r['se']:.2f}   {word}"
+            f"  {r['size']:>7,} {r['steps']:>5}  {cells[0]:<24} {cells[1]:<24} "
+            f"{100 * r['difference']:+6.2f} ± {100 * r['se']:<5.2f}  {word}"
         )
     maj = report["majority"]
     lines.append(f"  majority class: accuracy {maj['accuracy']:.4f} (always {maj['label']!r})")
