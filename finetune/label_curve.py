@@ -306,6 +306,7 @@ def compare(root: str, cfg: FinetuneConfig, points: list[CurvePoint], test: str)
                 "val_accuracy": {f"{lr:g}": e["accuracy"] for lr, e in evals.items()},
                 "test_accuracy": metrics["accuracy"],
                 "test_macro_f1": metrics["macro_f1"],
+                "test_dtype": metrics["dtype"],
             }
         common = sorted(set(scores["base"]) & set(scores["against"]))
         a = [scores["base"][i] for i in common]
@@ -479,7 +480,7 @@ def plot_curve(report: dict, path: str) -> None:
 
     rows, n = report["points"], report["points"][0]["test_examples"]
     sizes = [r["size"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(6.5, 4.4), layout="constrained")
     for arm, colour, marker in (("base", "tab:blue", "o"), ("against", "tab:gray", "s")):
         acc = [r["arms"][arm]["test_accuracy"] for r in rows]
         err = [math.sqrt(p * (1 - p) / n) for p in acc]
@@ -491,10 +492,12 @@ def plot_curve(report: dict, path: str) -> None:
     for r in rows:
         if r["verdict"] in ("helps", "hurts"):
             top = max(r["arms"][a]["test_accuracy"] for a in ("base", "against"))
+            top += math.sqrt(top * (1 - top) / n)  # above the error bar
             ax.annotate(f"{100 * r['difference']:+.1f}", (r["size"], top), fontsize=7,
-                        xytext=(0, 6), textcoords="offset points", ha="center")  # fmt: skip
+                        xytext=(0, 4), textcoords="offset points", ha="center")  # fmt: skip
     ax.set(xscale="log", xlabel="labelled training examples", ylabel="test accuracy",
-           title="label efficiency (bars: one standard error)")  # fmt: skip
+           title="label efficiency\n(bars: one SE; numbers: A - B in points, where 2 paired SE "
+                 "or more)")  # fmt: skip
     ax.legend(fontsize=7, loc="lower right")
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -165,8 +165,9 @@ def main() -> int:
         f"pretrain:  val_loss {val['val_loss']:.3f} nats vs unigram entropy {entropy:.3f}: "
         f"{gap:.2f} nats below (goal >= 1)\n"
         + "\n".join(report_lines(curve))
-        + f"\nexport:  {EXPORT}/ of {ft}/: test accuracy {ours['accuracy']:.4f} in lmforge, "
-        f"{hf_acc:.4f} in transformers\n"
+        + f"\nexport:  {EXPORT}/ of {ft}/: test accuracy {ours['accuracy']:.4f} in lmforge "
+        f"({ours['dtype']}), {hf_acc:.4f} in transformers (the run itself, in its "
+        f"{full['test_dtype']}: {full['test_accuracy']:.4f})\n"
         f"runs:    {RUN}/, {CURVE}/ (label_curve.json, label_efficiency.png, configs/, a run "
         "per size, arm and learning rate; the kept ones' test_predictions.jsonl)"
     )
@@ -177,11 +178,9 @@ def main() -> int:
     if full["test_accuracy"] < baseline + 0.05:
         print("demo goal not reached: the classifier is not 5 points above the majority class")
         ok = False
-    if (
-        abs(hf_acc - ours["accuracy"]) > 1e-9
-        or abs(ours["accuracy"] - full["test_accuracy"]) > 1e-9
-    ):
-        print("transformers, lmforge and the curve disagree on the exported model's accuracy")
+    # the export is scored in fp32 (its safetensors), the run in its bf16: a review may flip
+    if abs(hf_acc - ours["accuracy"]) > 1e-9:
+        print("transformers and lmforge disagree on the exported model's predictions")
         ok = False
     return 0 if ok else 1
 
