@@ -192,6 +192,10 @@ def plan(cfg: FinetuneConfig) -> tuple[list[CurvePoint], list[str]]:
 
     check_curve(cfg)
     _, _, data = prepare_run(copy.deepcopy(cfg))
+    if cfg.label_curve.against != "scratch":  # the other base: its shape, tokenizer, data
+        other = copy.deepcopy(cfg)
+        other.init_from = cfg.label_curve.against
+        prepare_run(other)
     classes = [data.labels[i] for i in data.train_label_ids]
     return plan_points(cfg, len(data.train), classes), classes
 

@@ -263,6 +263,7 @@ CASES = [
     case("finetune/label-curve-no-test-split", [*FINETUNE, "task.train={tmp}/t.csv", "--label-curve", "4"], "set label_curve.test=<the test split>", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
     case("finetune/parallel-without-label-curve", [*FINETUNE, "--parallel", "2"], "--parallel 2 trains a label curve's runs side by side: add --label-curve", out=RUNS),
     case("finetune/label-curve-parallel-zero", [*CURVE, "--label-curve", "4", "--parallel", "0"], "--parallel 0: give at least 1 run at a time", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
+    case("finetune/label-curve-against-missing", [*CURVE, "label_curve.against={tmp}/nope", "--label-curve", "4"], "{tmp}/nope", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
     case("finetune/label-curve-test-missing", [*FINETUNE, "task.train={tmp}/t.csv", "label_curve.test={tmp}/none.csv", "--label-curve", "4"], "label_curve.test={tmp}/none.csv: no such file", files={"t.csv": GOOD_CSV}, out="{tmp}/runs/f-curve"),
     case("finetune/template-read-as-a-mapping", [*FINETUNE, "task.template=Q: {prompt}"], "reads as a YAML mapping or list, not text; quote it as a YAML string", out=RUNS),
     case("finetune/template-with-a-bare-line-break", [*FINETUNE, "task.template=Q: {prompt}\nA:"], "has a line break, which YAML reads as a space", out=RUNS),
@@ -474,6 +475,7 @@ NOT_AT_SUBMIT = {
             "no-test-split",
             "test-missing",
             "parallel-zero",
+            "against-missing",
         )
     },  # fmt: skip
     "pretrain/run-exists": "a job continues its run: submit adds resume=auto",
