@@ -9,7 +9,7 @@ differs for a labelled task is new here. The model's shape and tokenizer come fr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from omegaconf import MISSING
 
@@ -207,7 +207,7 @@ class LabelCurveConfig:
     examples, from its base and from a second start (docs/label-curves.md). Fixed before any
     run; a plain `lmforge finetune` ignores it."""
 
-    sizes: list[str] = field(default_factory=lambda: ["100", "300", "1000", "all"])
+    sizes: list[Any] = field(default_factory=lambda: [100, 300, 1000, "all"])
     """Training examples per point, ascending (`all`: every one): stratified, seeded and nested
     subsets (`task.train_examples`, `task.subset_seed`)."""
     steps: list[int] | None = None
@@ -241,12 +241,13 @@ class LabelCurveConfig:
             raise ConfigurationError(
                 f"`label_curve.sizes`={list(sizes)} must rise without repeats (all last)"
             )
+        self.sizes = [s if s == "all" else int(s) for s in sizes]
         if self.steps is not None and (
             len(self.steps) != len(sizes) or any(s < 1 for s in self.steps)
         ):
             raise ConfigurationError(
                 f"`label_curve.steps`={list(self.steps)}: give one step count >= 1 per size "
-                f"({len(sizes)}: {', '.join(sizes)}), or null"
+                f"({len(sizes)}: {', '.join(map(str, sizes))}), or null"
             )
         if self.lrs is not None and (not self.lrs or any(not lr > 0 for lr in self.lrs)):
             raise ConfigurationError(

@@ -166,7 +166,7 @@ def plan_points(cfg: FinetuneConfig, n_train: int, classes: list | None) -> list
     lc, t = cfg.label_curve, cfg.train
     lrs = list(lc.lrs) if lc.lrs is not None else [cfg.optim.lr]
     points = []
-    for i, label in enumerate(lc.sizes):
+    for i, label in enumerate(map(str, lc.sizes)):
         size = n_train if label == "all" else int(label)
         if label != "all":  # refused here, in one line: too many, or a label short of 2
             subset(classes, n_train, size=size, seed=cfg.task.subset_seed,
@@ -212,7 +212,7 @@ def describe_plan(cfg: FinetuneConfig) -> list[str]:
         + ", ".join(f"{k} {v:,}" for k, v in sorted(Counter(classes).items()))
         + f"), subsets stratified and nested, task.subset_seed={cfg.task.subset_seed}",
     ]
-    for label in cfg.label_curve.sizes:
+    for label in map(str, cfg.label_curve.sizes):
         at = [p for p in points if p.label == label]
         p = at[0]
         lines.append(
@@ -297,7 +297,7 @@ def compare(root: str, cfg: FinetuneConfig, points: list[CurvePoint], test: str)
     """Per size: each arm's kept rate, validation and test figures, and the paired
     difference of their test scores with its verdict."""
     rows = []
-    for label in cfg.label_curve.sizes:
+    for label in map(str, cfg.label_curve.sizes):
         at = [p for p in points if p.label == label]
         arms = {}
         scores = {}
@@ -389,7 +389,7 @@ def run_curve(cfg: FinetuneConfig, runner: Runner = one_after_another, *, say=pr
         "protocol": {
             "init_from": cfg.init_from,
             "against": cfg.label_curve.against,
-            "sizes": list(cfg.label_curve.sizes),
+            "sizes": list(map(str, cfg.label_curve.sizes)),
             "steps": [r["steps"] for r in rows],
             "lrs": sorted({p.lr for p in points}),
             "subset_seed": cfg.task.subset_seed,
