@@ -25,6 +25,7 @@ from lmforge.pretrain.core.durable import replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
 from lmforge.pretrain.train.metrics import final_eval
 from lmforge.scaling.config import ScalingConfig
+from lmforge.scaling.figures import _figure, _save
 
 LEVEL = 0.90  # the interval of the fitted slope
 
@@ -160,15 +161,10 @@ def plot_transfer(result: dict, path: str) -> None:
     """transfer.png: each budget's best validation loss against compute (the frontier the fit
     describes), and test accuracy against compute, pretrained and from scratch, with the fitted
     line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = result["budgets"]
     c = np.array([r["flops"] for r in rows])
     n = rows[0]["test_examples"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), layout="constrained")
+    fig, (left, right) = _figure(2, (10, 4))
     left.plot(c, [r["loss"] for r in rows], "o-", color="tab:purple")
     left.set(xscale="log", xlabel="pretraining FLOPs", ylabel="best validation loss (nats)",
              title="loss frontier (each budget's best run)")  # fmt: skip
@@ -188,5 +184,4 @@ def plot_transfer(result: dict, path: str) -> None:
     right.set(xscale="log", xlabel="pretraining FLOPs", ylabel="test accuracy",
               title=f"{rows[0]['examples']:,} labels, {rows[0]['steps']} steps")  # fmt: skip
     right.legend(fontsize=7)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, os.path.dirname(path), os.path.basename(path))
