@@ -22,11 +22,26 @@ def _command(config: str, nproc: int) -> list[str]:
 def side_by_side(configs: list[str], *, parallel: int, nproc: int) -> list[str]:
     """``parallel`` runs at a time, each in its own processes with the CPUs shared out, its
     output in <curve>/logs/<run>.log; returns the names of those that failed."""
-    from lmforge.pretrain.train.metrics import read_metrics
-
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc * parallel)))
-    queue, running, failed, done = list(configs), {}, [], 0
+    queue, running, failed = list(configs), {}, []
+    try:
+        _drive(queue, running, failed, configs, parallel=parallel, nproc=nproc, env=env)
+    except KeyboardInterrupt:  # each run stops; `resume=auto` continues it from its checkpoint
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            proc.wait()
+        raise
+    return failed
+
+
+def _drive(queue, running, failed, configs, *, parallel: int, nproc: int, env: dict) -> None:
+    """Start runs from ``queue`` while fewer than ``parallel`` are ``running``; report each as
+    it ends (``failed`` gets the names of those that failed)."""
+    from lmforge.pretrain.train.metrics import read_metrics
+
+    done = 0
     while queue or running:
         while queue and len(running) < parallel:
             config = queue.pop(0)
@@ -54,7 +69,6 @@ def side_by_side(configs: list[str], *, parallel: int, nproc: int) -> list[str]:
                 failed.append(name)
                 print(f"[{done}/{len(configs)}] {name}: FAILED (exit {proc.returncode}); "
                       f"log {log.name}", flush=True)  # fmt: skip
-    return failed
 
 
 def run_label_curve(args: argparse.Namespace) -> int:
