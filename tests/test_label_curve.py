@@ -256,11 +256,15 @@ def test_label_curve_command(reference_runs, task, tmp_path):
 
 def test_runs_of_other_precisions_follow_each_other_in_one_process(reference_runs, task, tmp_path):
     """A label curve trains its points in one process: a run after another of another
-    precision starts cleanly (Accelerate's per-process state is reset when a run closes)."""
+    precision starts cleanly, also after a run that left Accelerate's per-process state behind
+    (it is reset as a run starts and as it closes)."""
+    from accelerate import Accelerator
+
     from lmforge.finetune.config import FinetuneConfig
     from lmforge.finetune.label_curve import run_in_process
     from lmforge.pretrain.config.schema import load_config, to_yaml
 
+    Accelerator(cpu=True, mixed_precision="no")  # as a run that failed before closing leaves it
     losses = {}
     for precision in ("bf16", "fp32", "bf16"):
         name = f"{precision}-{len(losses)}"

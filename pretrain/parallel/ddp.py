@@ -24,6 +24,18 @@ from lmforge.pretrain.parallel.float8 import convert_to_float8
 from lmforge.pretrain.parallel.state import load_dcp_state
 
 
+def _reset_accelerate_state(*, partial: bool) -> None:
+    """Accelerate keeps one state (precision; with ``partial``, also the device and process
+    group) per process, and refuses a second Accelerator with another precision. Runs that
+    follow each other in one process (a label curve's points; a run after one that failed
+    before closing) each start from a clean one; accelerate resets it this way in its own
+    tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=partial)
+    GradientState._reset_state()
+
+
 class DDPStrategy(Strategy):
     """Replicas of the whole model; Accelerate handles devices, autocast and gradient scaling."""
 
@@ -49,6 +61,7 @@ class DDPStrategy(Strategy):
         group = InitProcessGroupKwargs(
             backend="nccl" if cuda else "gloo", timeout=pdist.collective_timeout()
         )
+        _reset_accelerate_state(partial=False)  # another precision's run may have come first
         self.accelerator = Accelerator(
             cpu=not cuda, mixed_precision=mixed, kwargs_handlers=[group] if distributed else []
         )
@@ -60,13 +73,7 @@ class DDPStrategy(Strategy):
 
     def close(self) -> None:
         super().close()
-        # Accelerate keeps one state (precision, device, process group) per process, and refuses
-        # a second Accelerator with another precision. Runs that follow in this process (a label
-        # curve's points) start from a clean one; accelerate resets it this way in its own tests.
-        from accelerate.state import AcceleratorState, GradientState
-
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
+        _reset_accelerate_state(partial=True)
 
     device = property(lambda self: self.accelerator.device)
     rank = property(lambda self: self.accelerator.process_index)
