@@ -321,7 +321,8 @@ def compare(root: str, cfg: FinetuneConfig, points: list[CurvePoint], test: str)
         word, z = verdict(diff, se, differ=bool(only_a or only_b))
         rows.append({
             "size": at[0].size, "label": label, "steps": at[0].steps, "arms": arms,
-            "test_examples": len(common), "difference": diff, "se": se, "z": z,
+            "test_examples": len(common), "difference": diff, "se": se,
+            "z": z if math.isfinite(z) else None,  # None: every disagreement goes one way
             "verdict": word, "right_only_base": only_a, "right_only_against": only_b,
         })  # fmt: skip
     return rows
@@ -446,7 +447,8 @@ def report_lines(report: dict) -> list[str]:
             cells.append(f"{p:.4f} ± {se:.4f} ({_rate(a['lr'])})")
         word = r["verdict"]
         if word in ("helps", "hurts"):
-            word = f"A {word} ({abs(r['z']):.1f} SE)"
+            z = f"{abs(r['z']):.1f} SE" if r["z"] is not None else "every disagreement one way"
+            word = f"A {word} ({z})"
         elif word == "within noise":
             word = f"within noise ({abs(r['z']):.1f} SE < {Z_CLEAR:g})"
         lines.append(

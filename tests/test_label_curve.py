@@ -283,3 +283,34 @@ def test_runs_of_other_precisions_follow_each_other_in_one_process(reference_run
         ]
     # the same run twice in one process: the same losses, bitwise
     assert losses["bf16-0"] == losses["bf16-2"] and losses["bf16-0"] != losses["fp32-1"]
+
+
+def test_report_lines_say_each_verdict():
+    """The table's verdict column, including a difference whose disagreements all go one way
+    (no spread: z is not a number, stored as null)."""
+
+    def point(size, diff, se, z, word):
+        arm = {"test_accuracy": 0.6, "lr": 1e-3}
+        return {"size": size, "steps": 10, "arms": {"base": arm, "against": arm},
+                "difference": diff, "se": se, "z": z, "verdict": word, "test_examples": 100}  # fmt: skip
+
+    report = {
+        "arms": {"base": "from a", "against": "from scratch"},
+        "protocol": {"test": "t.csv", "picked_on": "v.csv", "lrs": [1e-3]},
+        "majority": {"accuracy": 0.5, "label": "x"},
+        "labels_to_match": None,
+        "points": [
+            point(10, 0.05, 0.01, 5.0, "helps"),
+            point(20, 0.01, 0.0, None, "helps"),
+            point(30, -0.01, 0.01, -1.0, "within noise"),
+            point(40, 0.0, 0.0, 0.0, "no difference"),
+        ],
+    }
+    rows = report_lines(report)[4:8]
+    assert rows[0].endswith("A helps (5.0 SE)")
+    assert rows[1].endswith("A helps (every disagreement one way)")
+    assert rows[2].endswith("within noise (1.0 SE < 2)")
+    assert rows[3].endswith("no difference")
+    assert (
+        report_lines(report)[-1] == "  at 10 labels A is not ahead of B: no labels saved to report"
+    )
