@@ -82,7 +82,7 @@ def describe_runs(runs_dir: str, names: list[str] | None = None, *, tail: int = 
 def predict_run(run_dir: str, *, fraction: float | None, shared: bool, figure: str) -> str:
     """`lmforge runs NAME --predict`: the final loss predicted from the curve so far (or from
     its first ``fraction`` of a finished run), as text; the figure goes to ``figure``."""
-    from lmforge.scaling.curve import predict, write_figure
+    from lmforge.pretrain.forecast.curve import predict, write_figure
 
     pred = predict(run_dir, fraction=fraction, others=None if shared else [])
     write_figure(run_dir, pred, figure)
@@ -102,7 +102,7 @@ def predict_run(run_dir: str, *, fraction: float | None, shared: bool, figure: s
             pred.shared.describe()
             if pred.shared
             else "nothing (fewer than 3 other finished runs next to it, or --no-shared): "
-            "all four parameters fitted on this curve"
+            "L0, A and alpha fitted on this curve, C/A and the momentum memory fixed"
         ),
         f"  interval: {pred.interval}",
     ]
@@ -130,7 +130,7 @@ def predict_check(sweep_dir: str, fractions: list[float], *, shared: bool) -> st
     """`lmforge runs --predict-check SWEEP_DIR`: every finished run's final train loss predicted
     from each fraction of its steps (shared parameters fitted on the other runs), with the
     median absolute error per fraction."""
-    from lmforge.scaling.curve import check_sweep
+    from lmforge.pretrain.forecast.curve import check_sweep
 
     rows, medians = check_sweep(sweep_dir, fractions, shared=shared)
     head = f"{'run':<24} {'from':>5} {'predicted':>9} {'measured':>9} {'error':>8}"
@@ -139,7 +139,7 @@ def predict_check(sweep_dir: str, fractions: list[float], *, shared: bool) -> st
         + (
             "(alpha, A, C/A, momentum memory fitted on the OTHER runs: leave-one-out)"
             if shared
-            else "(all parameters fitted on the run's own partial curve)"
+            else "(L0, A and alpha fitted on the run's own partial curve)"
         ),
         head,
     ]

@@ -2,7 +2,7 @@
 is stopped, and the compute it would have used is saved.
 
 A point is judged once, when it has trained `early_stop` of its steps: its final train loss is
-predicted from its curve so far (scaling/curve.py; shared parameters from the sweep's finished
+predicted from its curve so far (pretrain/forecast/curve.py; shared parameters from the sweep's finished
 runs) with an interval. It is stopped when even the low end of that interval is above the high
 end of a sibling's (a point of the same budget): a finished sibling's measured final train loss,
 or a judged sibling's predicted interval. The comparison is of train losses on both sides: the
@@ -26,7 +26,7 @@ from lmforge.pretrain.config.schema import load_config
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
 from lmforge.scaling.analysis import analyse
 from lmforge.scaling.config import ScalingConfig
-from lmforge.scaling.curve import Curve, finished_runs, predict
+from lmforge.pretrain.forecast.curve import Curve, finished_runs, predict
 from lmforge.scaling.fit import BUDGET_MIN_POINTS
 from lmforge.scaling.runs import Verdict
 from lmforge.scaling.sources import load_sweep
@@ -49,7 +49,7 @@ def judge(
     others_left: int,
     brackets: bool,
 ) -> Verdict:
-    """The verdict on a point from its prediction (scaling.curve.Prediction) and its siblings'
+    """The verdict on a point from its prediction (pretrain.forecast.curve.Prediction) and its siblings'
     (low, high) final train losses. A point out of reach is kept where its budget needs it for
     a minimum: while fewer than BUDGET_MIN_POINTS of the budget's other points would be left
     (``others_left``: finished, running or to run, not stopped), or when it ``brackets`` the

@@ -35,7 +35,7 @@ from lmforge.pretrain.core.errors import ConfigurationError, DataError, LMForgeE
 from lmforge.pretrain.core.launch_env import threads_per_rank
 from lmforge.pretrain.train.metrics import final_eval
 from lmforge.scaling.config import ScalingConfig
-from lmforge.scaling.curve import finished_runs, load_curve
+from lmforge.pretrain.forecast.curve import finished_runs, load_curve
 from lmforge.scaling.early import brackets_best, judge, live_prediction
 from lmforge.scaling.grid import Point, SweepGrid, describe_grid, make_grid
 from lmforge.scaling.report import report_sweep

@@ -28,6 +28,7 @@ LAYERS = {
     "lmforge.pretrain.parallel": 3,  # strategies and the memory estimate
     "lmforge.pretrain.train": 4,  # the loop, callbacks, optimizer, metric sinks, signals
     "lmforge.pretrain.checkpoint": 5,  # step directories, consolidation
+    "lmforge.pretrain.forecast": 5,  # a run's forecast of itself, the ledger, the loss curve's law
     "lmforge.pretrain.run": 6,  # the session and the pretraining workload
     "lmforge.finetune": 7,
     "lmforge.scaling": 8,

@@ -1,4 +1,4 @@
-"""The loss-curve law of scaling/curve.py: predictions from part of synthetic curves drawn from
+"""The loss-curve law of pretrain/forecast/curve.py: predictions from part of synthetic curves drawn from
 the law (cosine and wsd schedules, with noise), the shared-parameter path, and `lmforge runs
 --predict` / `--predict-check` on run directories written here (no training)."""
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from lmforge.launcher.cli import main
-from lmforge.scaling.curve import Fit, check_sweep, load_curve, predict
+from lmforge.pretrain.forecast.curve import Fit, check_sweep, load_curve, predict
 from tests.conftest import lmforge
 
 LAW = {"a": 3.0, "alpha": 0.4, "c": 0.3, "tau": 0.2}  # c = C of the law, tau its memory
@@ -144,7 +144,7 @@ def test_cli_predict_and_bad_input(tmp_path, capsys):
     text = out.stdout
     assert "predicted final train loss" in text and "from step 180 (30% of the run)" in text
     assert "arXiv:2408.11029" in text and "measured final train loss" in text
-    assert "shared: nothing" in text and "bootstrap" in text
+    assert "shared: nothing" in text and "lone method" in text
     assert os.path.getsize(runs / "done" / "predict.png") > 1000
 
     write_run(str(runs / "partial"), steps=600, upto=0.5, seed=4)

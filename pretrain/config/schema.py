@@ -591,6 +591,74 @@ class LoggingConfig:
             )
 
 
+@dataclass
+class LawConfig:
+    """The final loss a scaling law predicts for this run, with its 80% interval: `lmforge plan`
+    writes it into the config it plans, `--law FIT.json|SWEEP_DIR` sets it from a sweep's fit.
+    All of loss, low and high, or none."""
+
+    loss: float | None = None
+    """The predicted final val_loss (null: no law)."""
+    low: float | None = None
+    """Lower end of its 80% interval."""
+    high: float | None = None
+    """Upper end of its 80% interval."""
+    source: str | None = None
+    """Where the law comes from, in words (printed with the forecast)."""
+
+    def __post_init__(self) -> None:
+        given = [v is not None for v in (self.loss, self.low, self.high)]
+        if any(given) and not all(given):
+            raise ConfigurationError(
+                "`forecast.law` needs loss, low and high together (got loss="
+                f"{self.loss}, low={self.low}, high={self.high}); set all three or none"
+            )
+        if all(given) and not (0 < self.low <= self.loss <= self.high):  # type: ignore[operator]
+            raise ConfigurationError(
+                f"`forecast.law`: low <= loss <= high, all positive (got {self.low}, "
+                f"{self.loss}, {self.high})"
+            )
+
+
+@dataclass
+class ForecastConfig:
+    """What the run predicts of itself before its first step (peak memory, step time, wall
+    time, final loss), refits while it runs and checks against what it measured at the end:
+    `<run>/forecast.json`, one line per run in `<runs_dir>/ledger.jsonl`, `lmforge runs
+    --forecasts` (docs/forecasts.md)."""
+
+    enabled: bool = True
+    """Forecast, refit and record (false: none of it, no forecast.json, no ledger line)."""
+    refit_from: float = 0.2
+    """From this fraction of the steps on, the final loss is refitted from the run's own curve
+    at every evaluation (every tenth of the run when it does not evaluate periodically)."""
+    mfu: float | None = None
+    """The MFU assumed for the step time when neither the ledger nor a probe (`--probe`) has
+    measured this shape, layout and hardware (null: 0.5 against the matmul peak measured on a
+    CPU, 0.4 against a GPU's datasheet peak)."""
+    max_overhead: float = 0.01
+    """Refits during training may take at most this share of the training time so far; a refit
+    due when the share is spent waits for a later evaluation."""
+    law: LawConfig = field(default_factory=LawConfig)
+    """The final loss a scaling law predicts for this run (`lmforge plan` writes it)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.refit_from < 1:
+            raise ConfigurationError(
+                f"`forecast.refit_from`={self.refit_from}: give a fraction of the steps in "
+                "(0, 1), e.g. 0.2"
+            )
+        if self.mfu is not None and not 0 < self.mfu <= 1:
+            raise ConfigurationError(
+                f"`forecast.mfu`={self.mfu}: give a fraction in (0, 1], e.g. 0.4, or null"
+            )
+        if not 0 < self.max_overhead <= 1:
+            raise ConfigurationError(
+                f"`forecast.max_overhead`={self.max_overhead}: give a fraction in (0, 1], "
+                "e.g. 0.01"
+            )
+
+
 def check_parallel_options(parallel: ParallelConfig) -> None:
     """Refuse options that do not go together, whatever the world size."""
     ds_only = {
@@ -754,6 +822,8 @@ class RunConfig:
     """Checkpointing."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """Metric sinks."""
+    forecast: ForecastConfig = field(default_factory=ForecastConfig)
+    """The run's forecast of its memory, speed, wall time and final loss (docs/forecasts.md)."""
 
     def __post_init__(self) -> None:
         if (
