@@ -10,6 +10,7 @@ import os
 import pytest
 
 from lmforge.pretrain.config.schema import PretrainConfig, load_config, to_yaml
+from lmforge.pretrain.forecast.live import FORECAST_FIELDS
 from lmforge.pretrain.train.loop import TIME_FIELDS
 
 # Logging that only a person watching would read: no progress bar, no TensorBoard files, no
@@ -62,7 +63,7 @@ COMMON = [
     "data.shuffle=true",
 ]
 # wall-clock figures and memory peaks differ between runs
-VOLATILE = {"time", "tokens_per_sec", "mfu", "peak_mem_gb", *TIME_FIELDS}
+VOLATILE = {"time", "tokens_per_sec", "mfu", "peak_mem_gb", "eval_seconds", *TIME_FIELDS, *FORECAST_FIELDS}
 
 
 def _args(data, runs, name, nproc, precision, *extra):

@@ -15,7 +15,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         sub,
         "runs",
         "List runs: progress, checkpoints, SLURM jobs and logs; --predict: a run's final loss "
-        "predicted from its curve so far (docs/predict.md).",
+        "predicted from its curve so far (docs/predict.md); --forecasts: how far off the runs' "
+        "forecasts were (docs/forecasts.md).",
         config=False,
     )
     sp.add_argument("names", nargs="*", metavar="RUN", help="runs to show (default: all)")
@@ -54,7 +55,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "nothing from other runs",
     )
     sp.add_argument(
-        "--figure", help="with --predict: where the figure goes (default <run>/predict.png)"
+        "--figure",
+        help="with --predict: where the figure goes (default <run>/predict.png); with "
+        "--forecasts: default RUNS_DIR/forecasts.png",
+    )
+    sp.add_argument(
+        "--forecasts",
+        nargs="?",
+        const="",
+        metavar="RUNS_DIR",
+        help="how good every finished run's forecast was (forecast.json under RUNS_DIR, default "
+        "--runs-dir or runs; a sweep's runs one level deeper): median and worst error of peak "
+        "memory, step time and wall time, and of the final loss by how early it was made, with "
+        "how often its 80%% interval held the measured value; writes a figure "
+        "(docs/forecasts.md)",
     )
 
 
@@ -98,7 +112,34 @@ def _predict(args: argparse.Namespace, runs_dir: str) -> int:
     return 0
 
 
+def _forecasts(args: argparse.Namespace) -> int:
+    """--forecasts [RUNS_DIR]: the errors and coverage of the finished runs' forecasts."""
+    from lmforge.pretrain.forecast.summary import collect, plot_forecasts, report_lines, summarize
+
+    if args.names or args.predict or args.predict_from is not None:
+        raise ConfigurationError(
+            "--forecasts reads every finished run under a runs directory: drop the run names "
+            "and --predict (give the directory as --forecasts RUNS_DIR)"
+        )
+    runs_dir = args.forecasts or args.runs_dir or "runs"
+    fcs = collect(runs_dir)
+    if not fcs:
+        raise ConfigurationError(
+            f"--forecasts {runs_dir}: no finished run there has a forecast.json with what it "
+            "measured; runs write one as they train (forecast.enabled=true, the default)"
+        )
+    figure = args.figure or os.path.join(runs_dir, "forecasts.png")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(figure))):
+        raise ConfigurationError(f"--figure {figure}: its directory does not exist")
+    print("\n".join(report_lines(runs_dir, fcs, summarize(fcs))))
+    plot_forecasts(fcs, figure)
+    print(f"figure: {figure}")
+    return 0
+
+
 def _runs(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.forecasts is not None:
+        return _forecasts(args)
     if args.tail < 0:
         raise ConfigurationError(f"--tail {args.tail}: give a number of lines >= 0")
     if args.predict_check is not None:

@@ -208,7 +208,7 @@ def _cache_file() -> Path:
     return Path(root) / "peak_flops.json"
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     """A stable name of the hardware behind `device` (the CPU model for CPUs)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -311,7 +311,7 @@ def _probe(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     ``$LMFORGE_CACHE/peak_flops.json``. The larger of the two is the peak, so a probe that read
     low because the machine was busy (now or when the cache was written) never lowers it.
     ``LMFORGE_PEAK_PROBE=cache`` reuses a cached best without measuring (tests)."""
-    key = f"{_device_name(device)}|{dtype}|threads={torch.get_num_threads()}|v2"
+    key = f"{device_name(device)}|{dtype}|threads={torch.get_num_threads()}|v2"
     path = _cache_file()
     cache = _read_cache(path)
     cached = cache.get(key)

@@ -60,10 +60,18 @@ from lmforge.pretrain.core.faults import fault_point
 from lmforge.pretrain.core.runlock import rank_lock
 from lmforge.pretrain.data.batches import Samples, TrainBatches, eval_batches
 from lmforge.pretrain.data.tokenizer import load_tokenizer
-from lmforge.pretrain.model.flops import peak_flops
+from lmforge.pretrain.forecast.forecast import (
+    RunFacts,
+    forecast_lines,
+    make_forecast,
+    read_forecast,
+    write_forecast,
+)
+from lmforge.pretrain.forecast.live import LiveForecast
+from lmforge.pretrain.model.flops import device_name, peak_flops
 from lmforge.pretrain.model.loss import Batch, LossFn, causal_lm_loss
 from lmforge.pretrain.parallel import Strategy, build_strategy, check_state_format
-from lmforge.pretrain.parallel.common import StepShape
+from lmforge.pretrain.parallel.common import StepShape, resolve_precision
 from lmforge.pretrain.parallel.memory import (
     MemoryEstimate,
     current_memory,
@@ -310,6 +318,79 @@ def write_memory_plan(run_dir: str, plan: RunPlan, *, runtime: float) -> None:
             f,
             indent=1,
         )
+
+
+def _count(first: int, last: int, every: int) -> int:
+    """Steps in (first, last] that are multiples of ``every``, or ``last`` itself."""
+    if last <= first:
+        return 0
+    multiples = last // every - first // every if every > 0 else 0
+    return multiples + (0 if every > 0 and last % every == 0 else 1)
+
+
+def forecast_facts(
+    work: Workload,
+    plan: RunPlan,
+    *,
+    device: torch.device,
+    peak: tuple[float, str],
+    flops_per_token: float,
+    runtime_bytes: float,
+    from_step: int,
+    threads: int,
+) -> RunFacts:
+    """What the forecast needs of ``work`` and its ``plan`` (the run's session, and `--dry-run`
+    before any process starts)."""
+    cfg, layout = work.cfg, plan.layout
+    tcfg = cfg.train
+    samples = tcfg.micro_batch_size * plan.grad_accum * layout.dp
+    counts = getattr(work.train_data, "token_counts", None)
+    step_tokens = work.tokens_per_step or samples * (
+        float(np.mean(counts)) if counts is not None and len(counts) else work.seq_len
+    )
+    precision = resolve_precision(tcfg.precision, device_type=device.type)
+    key = {
+        "command": work.command,
+        "device": device_name(device),
+        "threads": threads if device.type == "cpu" else None,
+        "world_size": layout.world_size,
+        "layout": layout.describe(),
+        "parallel": to_container(cfg.parallel),
+        "precision": precision,
+        "compile": bool(tcfg.compile),
+        "model": to_container(cfg.model),
+        "seq_len": work.seq_len,
+        "micro_batch_size": tcfg.micro_batch_size,
+        "grad_accum": plan.grad_accum,
+    }
+    held_val = len(work.val_data)
+    memory = plan.memory
+    has_val = held_val > 0  # (every run evaluates at its last step when it has them)
+    return RunFacts(
+        name=cfg.name,
+        command=work.command,
+        runs_dir=cfg.runs_dir,
+        total_steps=plan.total_steps,
+        from_step=from_step,
+        step_tokens=float(step_tokens),
+        flops_per_token=float(flops_per_token),
+        peak=peak[0],
+        peak_source=peak[1],
+        world_size=layout.world_size,
+        device_type=device.type,
+        memory=memory,
+        runtime_bytes=runtime_bytes,
+        available_bytes=plan.available_memory,
+        strategy=cfg.parallel.strategy,
+        zero_stage=cfg.parallel.zero_stage,
+        evals=_count(from_step, plan.total_steps, tcfg.eval_interval) if has_val else 0,
+        eval_tokens=float(min(work.eval_samples or held_val, held_val) * work.seq_len),
+        saves=_count(from_step, plan.total_steps, cfg.checkpoint.interval),
+        save_bytes=(memory.params + memory.optimizer + memory.offloaded) if memory else 0.0,
+        target="val_loss" if has_val else "loss",
+        periodic_evals=bool(tcfg.eval_interval) and tcfg.eval_interval < plan.total_steps,
+        key=key,
+    )
 
 
 # --- what a command trains ---------------------------------------------------------------------
@@ -656,9 +737,34 @@ class RunSession:
         self.trainer = trainer
         return trainer
 
+    def _forecast(self, trainer: Trainer, started: float) -> None:
+        """Rank 0: the forecast before the first step (forecast.json, the printed block) and
+        the callback that refits it and checks it at the end (pretrain/forecast/)."""
+        cfg, work = self.cfg, self.work
+        facts = forecast_facts(
+            work,
+            self.plan,
+            device=self.strategy.device,
+            peak=(self.peak, self.peak_source),
+            flops_per_token=self.flops_per_token,
+            runtime_bytes=self.runtime_memory,
+            from_step=trainer.state.step,
+            threads=torch.get_num_threads(),
+        )
+        fc = make_forecast(facts, cfg.forecast)
+        earlier = read_forecast(cfg.run_dir)  # a resumed run keeps the forecasts before it
+        if earlier is not None and not earlier.get("dry_run"):
+            fc["previous"] = [*earlier.pop("previous", []), earlier]
+        live = LiveForecast(fc, cfg, total_steps=self.plan.total_steps, started=started)
+        write_forecast(cfg.run_dir, fc)
+        for line in forecast_lines(fc):
+            pdist.print0(line)
+        trainer.callbacks.insert(0, live)  # before the metric sinks: rows carry the refits
+
     def run(self) -> dict:
         """Build, open the run directory, train; return the final rows and the exit code."""
         cfg, work, strategy = self.cfg, self.work, self.strategy
+        started = time.perf_counter()
         trainer = self.build()
         if strategy.is_main:
             dropped = open_run_dir(
@@ -674,6 +780,8 @@ class RunSession:
             )
             pdist.print0(f"memory per rank (estimate): {self.plan.describe_memory()}")
             write_memory_plan(cfg.run_dir, self.plan, runtime=self.runtime_memory)
+            if cfg.forecast.enabled:
+                self._forecast(trainer, started)
             note = work.eval_samples_note()
             if note:
                 pdist.print0(note)

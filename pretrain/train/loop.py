@@ -174,6 +174,7 @@ class StepClock:
         self.sync = sync and device.type == "cuda"
         self.seconds = dict.fromkeys(PHASES, 0.0)  # since the last row
         self.checkpoint_seconds = 0.0  # this process's saves
+        self.checkpoints = 0  # how many
         self.steps = 0  # this process's steps
 
     @contextlib.contextmanager
@@ -529,6 +530,7 @@ class Trainer:
                     finally:
                         self.final_save = False
                     self.clock.checkpoint_seconds += time.perf_counter() - t_save
+                    self.clock.checkpoints += 1
                     if path is not None:  # None: it is being written in the background
                         self.last_checkpoint = path
                         self._emit("on_checkpoint", path)
@@ -730,6 +732,7 @@ class Trainer:
         the groups that are part of the val split. One all-reduce of every sum, whose result
         every rank shares."""
         assert self.val_batches is not None
+        t0 = time.perf_counter()
         self.model.eval()
         device = self.strategy.device
         if self.evaluator is not None:
@@ -774,6 +777,7 @@ class Trainer:
             # tensor- and pipeline-parallel peers read the same batches: count each batch once
             copies = self.strategy.world_size // self.strategy.dp_size
             row.update(self.evaluator.compute((counts / copies).round().cpu()))
+        row["eval_seconds"] = time.perf_counter() - t0
         self.last_eval = row
         self._emit("on_log", row)
         self.model.train()
@@ -834,11 +838,12 @@ class ProgressBar(Callback):
                 print(
                     f"step {row['step']}/{trainer.total_steps} loss {row['loss']:.4f} "
                     f"lr {row['lr']:.2e} grad_norm {row['grad_norm']:.3f} "
-                    f"tok/s {row['tokens_per_sec']:,.0f} mfu {row['mfu']:.1%} eta {eta:.0f}s",
+                    f"tok/s {row['tokens_per_sec']:,.0f} mfu {row['mfu']:.1%} eta {eta:.0f}s"
+                    + _forecast_text(row),
                     flush=True,
                 )
             else:
-                print(f"step {row['step']}: {_val_line(row)}", flush=True)
+                print(f"step {row['step']}: {_val_line(row)}{_forecast_text(row)}", flush=True)
         elif row["kind"] == "train":
             self.bar.set_postfix(
                 loss=f"{row['loss']:.3f}",
@@ -847,11 +852,22 @@ class ProgressBar(Callback):
                 refresh=False,
             )
         else:
-            self.bar.write(f"step {row['step']}: {_val_line(row)}")
+            self.bar.write(f"step {row['step']}: {_val_line(row)}{_forecast_text(row)}")
 
     def on_train_end(self, trainer: Trainer) -> None:
         if getattr(self, "bar", None) is not None:
             self.bar.close()
+
+
+def _forecast_text(row: dict) -> str:
+    """The final-loss forecast a row carries (pretrain/forecast/live.py adds it), as text."""
+    if not isinstance(row.get("forecast"), (int, float)):
+        return ""
+    what = "final val_loss" if row.get("forecast_of") == "val_loss" else "final loss"
+    return (
+        f"; {what} forecast {row['forecast']:.3f} "
+        f"[{row['forecast_low']:.3f}, {row['forecast_high']:.3f}]"
+    )
 
 
 def _val_line(row: dict) -> str:
