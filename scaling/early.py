@@ -24,9 +24,9 @@ import numpy as np
 
 from lmforge.pretrain.config.schema import load_config
 from lmforge.pretrain.core.errors import ConfigurationError, DataError
+from lmforge.pretrain.forecast.curve import Curve, finished_runs, predict
 from lmforge.scaling.analysis import analyse
 from lmforge.scaling.config import ScalingConfig
-from lmforge.pretrain.forecast.curve import Curve, finished_runs, predict
 from lmforge.scaling.fit import BUDGET_MIN_POINTS
 from lmforge.scaling.runs import Verdict
 from lmforge.scaling.sources import load_sweep

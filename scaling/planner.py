@@ -43,6 +43,7 @@ from omegaconf import OmegaConf
 from lmforge.pretrain.config.schema import PretrainConfig, load_config, to_yaml
 from lmforge.pretrain.core.durable import atomic_directory, check_writable
 from lmforge.pretrain.core.errors import ConfigurationError
+from lmforge.pretrain.forecast.forecast import to_level
 from lmforge.pretrain.model.flops import PEAK_FLOPS_TABLE, flops_per_token
 from lmforge.pretrain.parallel.common import resolve_precision
 from lmforge.pretrain.parallel.memory import estimate_memory
@@ -182,10 +183,10 @@ def _sweep_dir(fit_path: str) -> str | None:
     return path if os.path.isfile(os.path.join(path, "sweep.yaml")) else None
 
 
-def _fitted_law(fit_path: str, C: float) -> tuple[Law, ScalingConfig | None]:
+def fitted_law(fit_path: str, C: float) -> tuple[Law, ScalingConfig | None, float]:
     """N*, D* and the loss at C by the form each backtest chose: of a sweep (its held-out
     budgets' runs are not read at all) or of points (a CSV or run directories, as `lmforge
-    scaling fit` takes them)."""
+    scaling fit` takes them); with the sweep's config and the level of the intervals."""
     from lmforge.scaling.analysis import analyse
     from lmforge.scaling.sources import load_sources, load_sweep
 
@@ -236,6 +237,7 @@ def _fitted_law(fit_path: str, C: float) -> tuple[Law, ScalingConfig | None]:
             notes=[n for n in result["notes"] if "disagree" in n],
         ),
         cfg,
+        fit.level,
     )
 
 
@@ -421,8 +423,9 @@ def _plan_at(
 
     sweep_cfg = None
     if fit_path is not None:
-        law, sweep_cfg = _fitted_law(fit_path, flops)
+        law, sweep_cfg, level = fitted_law(fit_path, flops)
     else:
+        level = None
         if law_name not in PUBLISHED:
             raise ConfigurationError(f"--law {law_name}: give one of {', '.join(PUBLISHED)}")
         law = _published_law(law_name, flops)
@@ -497,6 +500,17 @@ def _plan_at(
     }
     if warmup_fraction is not None:
         overrides["optim"]["warmup_steps"] = round(warmup_fraction * steps)
+    if law.loss is not None and law.loss_interval and level is not None:
+        # the run's forecast holds it to the plan (pretrain/forecast/): an 80% band
+        low, high = to_level(law.loss, *law.loss_interval, level)
+        overrides["forecast"] = {
+            "law": {
+                "loss": law.loss,
+                "low": low,
+                "high": high,
+                "source": f"the plan at {format_flops(flops)} FLOPs from {law.source}",
+            }
+        }
     planned = load_config(PretrainConfig, [_as_dict(base), overrides])
 
     # parallel layout: the first (preferred) that fits by the estimate; --probe measures them

@@ -33,9 +33,9 @@ from lmforge.pretrain.config.schema import to_yaml
 from lmforge.pretrain.core.durable import check_writable, replace_durable
 from lmforge.pretrain.core.errors import ConfigurationError, DataError, LMForgeError
 from lmforge.pretrain.core.launch_env import threads_per_rank
+from lmforge.pretrain.forecast.curve import finished_runs, load_curve
 from lmforge.pretrain.train.metrics import final_eval
 from lmforge.scaling.config import ScalingConfig
-from lmforge.pretrain.forecast.curve import finished_runs, load_curve
 from lmforge.scaling.early import brackets_best, judge, live_prediction
 from lmforge.scaling.grid import Point, SweepGrid, describe_grid, make_grid
 from lmforge.scaling.report import report_sweep

@@ -63,7 +63,15 @@ COMMON = [
     "data.shuffle=true",
 ]
 # wall-clock figures and memory peaks differ between runs
-VOLATILE = {"time", "tokens_per_sec", "mfu", "peak_mem_gb", "eval_seconds", *TIME_FIELDS, *FORECAST_FIELDS}
+VOLATILE = {
+    "time",
+    "tokens_per_sec",
+    "mfu",
+    "peak_mem_gb",
+    "eval_seconds",
+    *TIME_FIELDS,
+    *FORECAST_FIELDS,
+}
 
 
 def _args(data, runs, name, nproc, precision, *extra):

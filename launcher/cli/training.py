@@ -15,6 +15,32 @@ from lmforge.launcher.commands import (
 )
 from lmforge.pretrain.core.errors import ConfigurationError
 
+PROBE_STEPS = 10  # `--probe` without a number
+
+
+def _add_forecast_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument(
+        "--law",
+        metavar="FIT",
+        help="forecast the final loss before the run from a scaling law: a sweep (runs/<sweep>), "
+        "its report/fit.json, a points CSV or run directories; sets forecast.law (docs/"
+        "forecasts.md)",
+    )
+    sp.add_argument(
+        "--probe",
+        action="store_true",
+        help="before the run, measure --probe-steps real steps of it in a scratch directory and "
+        "add them to the runs directory's ledger, so that the forecast of step and wall time "
+        "comes from them when no earlier run of this shape, layout and hardware has",
+    )
+    sp.add_argument(
+        "--probe-steps",
+        type=int,
+        default=PROBE_STEPS,
+        metavar="N",
+        help=f"with --probe: steps to measure (default {PROBE_STEPS}; the first is warm-up)",
+    )
+
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     sp = add_command(
@@ -30,9 +56,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--dry-run",
         action="store_true",
         help="make every check the run's start makes (config, run directory, data, tokenizer, "
-        "layout, memory, resume checkpoint) and write nothing; print the resolved config, "
-        "parameter counts, FLOPs, layout and memory estimate, then stop",
+        "layout, memory, resume checkpoint); print the resolved config, parameter counts, "
+        "FLOPs, layout, memory estimate and the run's forecast, write nothing but "
+        "<run>/forecast.json (the run replaces it), then stop",
     )
+    _add_forecast_flags(sp)
     add_trust_checkpoint(sp)
 
     sp = add_command(
@@ -48,30 +76,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "--dry-run",
         action="store_true",
         help="make every check the run's start makes (config, run directory, base model, task "
-        "data, layout, memory, resume checkpoint) and write nothing; print the resolved config, "
-        "the examples, optimizer steps and epochs, layout and memory estimate, then stop (with "
-        "--label-curve: the curve's runs)",
+        "data, layout, memory, resume checkpoint); print the resolved config, the examples, "
+        "optimizer steps and epochs, layout, memory estimate and the run's forecast, write "
+        "nothing but <run>/forecast.json (the run replaces it), then stop (with --label-curve: "
+        "the curve's runs, nothing written)",
     )
-    sp.add_argument(
-        "--label-curve",
-        nargs="?",
-        const="",
-        metavar="SIZES",
-        help="the config's run at several numbers of labelled examples (e.g. 100,300,1000,all; "
-        "default: label_curve.sizes), from init_from and from label_curve.against (default: "
-        "the same model from random weights), each at every rate of label_curve.lrs, kept on "
-        "validation; prints test accuracy per size with the paired standard error and verdict, "
-        "writes label_curve.json and label_efficiency.png (docs/label-curves.md). --nproc: "
-        "processes per run (1: every run in this process)",
-    )
-    sp.add_argument(
-        "--parallel",
-        type=int,
-        default=1,
-        metavar="P",
-        help="with --label-curve: train P runs at a time, each in processes of its own sharing "
-        "the CPUs (OMP_NUM_THREADS = CPUs / (P x nproc)); default 1 (one after another)",
-    )
+    _add_forecast_flags(sp)
     add_trust_checkpoint(sp)
 
 
@@ -88,6 +98,35 @@ def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
     return launch_local(worker_argv, nproc=nproc, log_dir=logs, run_dir=run_dir)
 
 
+def _forecast_inputs(args: argparse.Namespace, argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--law`` and ``--probe``, once, in the launching process: the law becomes
+    ``forecast.law.*`` overrides (the workers get them in place of ``--law``); the probe's steps
+    go to the ledger, where the run's forecast finds them."""
+    from lmforge.launcher.forecast import law_overrides, probe_into_ledger
+
+    if "LOCAL_RANK" in os.environ:  # a worker: its launcher did this
+        return args.config, argv
+    config = list(args.config)
+    work = workload(args.command, load_command_config(args.command, config))
+    if args.law is not None:
+        work.prepare()  # the model's vocabulary and the run's tokens
+        config += law_overrides(args.law, work)
+    if args.probe and not args.dry_run:
+        line = probe_into_ledger(
+            args.command, config, nproc=args.nproc, steps=args.probe_steps, cfg=work.cfg
+        )
+        print(line)
+    rest, skip = [], False
+    for a in argv:  # the workers' command line: the law's overrides instead of --law, no probe
+        if skip:
+            skip = False
+        elif a in ("--law", "--probe-steps"):
+            skip = True
+        elif a != "--probe" and not a.startswith(("--law=", "--probe-steps=")):
+            rest.append(a)
+    return config, rest + config[len(args.config) :]
+
+
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     """pretrain and finetune: check everything that can fail before any process starts (config,
     data, base model, layout, memory), then run here or in ``--nproc`` local processes."""
@@ -102,7 +141,15 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
     if getattr(args, "label_curve", None) is not None:
         from lmforge.launcher.label_curve import run_label_curve
 
+        if args.law is not None or args.probe:
+            raise ConfigurationError(
+                "--law and --probe forecast one run; a label curve's runs forecast themselves: "
+                "drop them"
+            )
+
         return run_label_curve(args)
+    if args.law is not None or args.probe:
+        args.config, argv = _forecast_inputs(args, argv)
     if args.dry_run:  # the config as the run would resolve it (vocabulary, base model's shape)
         work, plan, resume_from = check_start(
             args.command, args.config, world_size=args.nproc, local_ranks=args.nproc
@@ -114,6 +161,13 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"# resumes from {resume_from}" if resume_from else "# a new run (nothing to resume)")
         print(f"# layout: {plan.layout.describe()}")
         print(f"# memory per rank (estimate): {plan.describe_memory()}")
+        if work.cfg.forecast.enabled:
+            from lmforge.launcher.forecast import dry_run_forecast
+            from lmforge.pretrain.forecast.forecast import forecast_lines
+
+            fc = dry_run_forecast(work, plan, nproc=args.nproc)
+            for line in forecast_lines(fc):
+                print(f"# {line}")
         return 0
     work = workload(args.command, load_command_config(args.command, args.config))
     if "LOCAL_RANK" not in os.environ:  # (a launcher checked it for its workers)

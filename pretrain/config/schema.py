@@ -654,8 +654,7 @@ class ForecastConfig:
             )
         if not 0 < self.max_overhead <= 1:
             raise ConfigurationError(
-                f"`forecast.max_overhead`={self.max_overhead}: give a fraction in (0, 1], "
-                "e.g. 0.01"
+                f"`forecast.max_overhead`={self.max_overhead}: give a fraction in (0, 1], e.g. 0.01"
             )
 
 

@@ -91,7 +91,11 @@ def summarize(fcs: list[dict]) -> list[Errors]:
             source = fc["speed"]["source"] if section else fc["memory"]["device"]
             groups.setdefault(source, []).append(float(err))
         for source, errs in sorted(groups.items()):
-            label = {"ledger": "from the ledger", "probe": "from a probe", "peak": "from peak x MFU"}
+            label = {
+                "ledger": "from the ledger",
+                "probe": "from a probe",
+                "peak": "from peak x MFU",
+            }
             out.append(Errors(f"{what} ({label.get(source, source)})", errs))
     for when in WHEN:
         made = [m for m in (_loss_at(fc, when) for fc in fcs) if m is not None]
