@@ -75,6 +75,11 @@ def law_overrides(path: str, work) -> list[str]:
             f"--law {path}: no such file or directory; give a sweep (runs/<sweep>), its "
             "report/fit.json, a points CSV or run directories"
         )
+    if not (os.path.isdir(path) or path.endswith((".csv", ".CSV"))):
+        raise ConfigurationError(
+            f"--law {path}: not a sweep (runs/<sweep>), its report/fit.json, a points CSV or a "
+            "run directory"
+        )
     tokens = work.total_steps() * (work.tokens_per_step or 0)
     if not tokens:
         raise ConfigurationError(
@@ -108,10 +113,6 @@ def probe_into_ledger(command: str, config: list[str], *, nproc: int, steps: int
     probe; return a line saying so."""
     from lmforge.pretrain.forecast.ledger import append_ledger, ledger_path, read_ledger
 
-    if steps < 3:
-        raise ConfigurationError(
-            f"--probe {steps}: give at least 3 steps (the first is warm-up), e.g. --probe 10"
-        )
     with tempfile.TemporaryDirectory(prefix="lmforge-probe-") as tmp:
         cmd = [
             sys.executable, "-m", "lmforge.launcher.cli", command, *config,

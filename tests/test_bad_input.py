@@ -384,6 +384,19 @@ CASES = [
     case("runs/runs-dir-missing", ["runs", "--runs-dir", "{tmp}/none"], "--runs-dir {tmp}/none"),
     case("runs/runs-dir-is-a-file", ["runs", "--runs-dir", "{tmp}/f.txt"], "--runs-dir {tmp}/f.txt", files={"f.txt": "x"}),
     case("runs/tail-negative", ["runs", "--runs-dir", "{tmp}", "--tail", "-1"], "--tail -1"),
+    case("runs/forecasts-dir-missing", ["runs", "--forecasts", "{tmp}/none"], "--forecasts {tmp}/none: no such directory"),
+    case("runs/forecasts-none-finished", ["runs", "--forecasts", "{tmp}"], "no finished run there has a forecast.json", files={"r/forecast.json": "{\"dry_run\": true}", "q/forecast.json": BINARY}, out="{tmp}/forecasts.png"),
+    case("runs/forecasts-with-a-run-name", ["runs", "r", "--forecasts", "{tmp}"], "drop the run names"),
+    # --- forecasts of training runs ---------------------------------------------------------
+    case("pretrain/law-missing", [*PRETRAIN, "--law", "{tmp}/none"], "--law {tmp}/none: no such file or directory", out=RUNS),
+    case("pretrain/law-not-a-fit", [*PRETRAIN, "--law", "{tmp}/f.txt"], "--law {tmp}/f.txt: not a sweep", files={"f.txt": "x"}, out=RUNS),
+    case("pretrain/law-half-given", [*PRETRAIN, "forecast.law.loss=2.5"], "`forecast.law` needs loss, low and high together", out=RUNS),
+    case("pretrain/law-interval-upside-down", [*PRETRAIN, "forecast.law.loss=2.5", "forecast.law.low=2.6", "forecast.law.high=2.4"], "low <= loss <= high", out=RUNS),
+    case("pretrain/forecast-refit-from-not-a-fraction", [*PRETRAIN, "forecast.refit_from=2"], "`forecast.refit_from`=2.0: give a fraction", out=RUNS),
+    case("pretrain/forecast-mfu-above-one", [*PRETRAIN, "forecast.mfu=40"], "`forecast.mfu`=40.0", out=RUNS),
+    case("pretrain/probe-too-few-steps", [*PRETRAIN, "--probe", "--probe-steps", "1"], "--probe 1: give at least 3 steps", out=RUNS),
+    case("finetune/law-has-no-law", [*FINETUNE, "task.train={tmp}/t.csv", "--law", "{tmp}"], "`finetune` runs have no fixed tokens per step", files={"t.csv": GOOD_CSV}, out=RUNS),
+    case("finetune/law-with-label-curve", [*CURVE, "--label-curve", "4", "--law", "{tmp}"], "--law and --probe forecast one run", files={"t.csv": GOOD_CSV}),
     # --- consolidate ------------------------------------------------------------------------
     case("consolidate/path-missing", ["consolidate", "{tmp}/none", "--out", "{tmp}/o"], "{tmp}/none", out="{tmp}/o"),
     case("consolidate/path-a-file", ["consolidate", "{tmp}/f.txt", "--out", "{tmp}/o"], "{tmp}/f.txt is neither a checkpoint", files={"f.txt": "x"}, out="{tmp}/o"),
@@ -478,6 +491,16 @@ NOT_AT_SUBMIT = {
             "against-missing",
         )
     },  # fmt: skip
+    **{
+        k: "--law and --probe are read where the run starts (its launching process or rank 0)"
+        for k in (
+            "pretrain/law-missing",
+            "pretrain/law-not-a-fit",
+            "pretrain/probe-too-few-steps",
+            "finetune/law-has-no-law",
+            "finetune/law-with-label-curve",
+        )
+    },
     "pretrain/run-exists": "a job continues its run: submit adds resume=auto",
     "pretrain/fp8-without-a-float8-gpu": "whether float8 runs is the job's nodes' to say",
     "pretrain/memory-does-not-fit": "the memory of the job's nodes is checked as the job starts",

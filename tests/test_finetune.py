@@ -205,6 +205,12 @@ def test_finetune_resumes_exactly_after_sigkill(ft_runs, base_run, rt, tmp_path)
     assert latest_checkpoint(run) == "step_00000004"
     lmforge("finetune", *args, "resume=auto")
     assert _rows(run) == _rows(ref)
+    with open(os.path.join(run, "forecast.json")) as f:  # the resumed part forecasts its 8 steps
+        fc = json.load(f)
+    assert fc["command"] == "finetune" and fc["from_step"] == 4 and fc["wall"]["steps"] == 8
+    assert fc["actual"]["complete"] and fc["actual"]["evals"] == 2  # steps 6 and 12
+    (killed,) = fc["previous"]  # the killed part's forecast, never finished
+    assert killed["from_step"] == 0 and "actual" not in killed
     a, b = checkpoint_weights(run, FT_STEPS), checkpoint_weights(ref, FT_STEPS)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     with open(os.path.join(run, "base.json")) as f:
@@ -330,7 +336,8 @@ def test_dry_run_says_steps_epochs_and_what_evaluation_uses(base_run, rt, tmp_pa
     ) in out.splitlines(), out[-3000:]
     assert f"# data: {n_train:,} train / 96 val examples, 2 labels" in out.splitlines()
     assert "# note: task.val=" in out and "fewer than train.eval_samples=1000" in out
-    assert not os.path.exists(tmp_path / "dry")
+    assert "# forecast (80% intervals; forecast.json):" in out and "#   step time:" in out
+    assert os.listdir(tmp_path / "dry") == ["forecast.json"]  # the one file a dry run writes
 
 
 def test_early_stopping_stops_stays_stopped_and_keeps_the_best(base_run, rt, tmp_path):
@@ -355,6 +362,10 @@ def test_early_stopping_stops_stays_stopped_and_keeps_the_best(base_run, rt, tmp
         "step_00000002",
         "step_00000004",
     ]
+    with open(os.path.join(run, "forecast.json")) as f:  # an early stop is held to its forecast
+        actual, errors = (fc := json.load(f))["actual"], fc["errors"]
+    assert actual["step"] == 4 and not actual["complete"] and fc["wall"]["steps"] == FT_STEPS
+    assert errors["wall_seconds"] is None and errors["step_seconds"] is not None
     before = _rows(run)
     lmforge("finetune", *args, "resume=auto")
     assert _rows(run) == before  # resumed: still stopped, nothing trained

@@ -104,8 +104,19 @@ def _forecast_inputs(args: argparse.Namespace, argv: list[str]) -> tuple[list[st
     go to the ledger, where the run's forecast finds them."""
     from lmforge.launcher.forecast import law_overrides, probe_into_ledger
 
-    if "LOCAL_RANK" in os.environ:  # a worker: its launcher did this
-        return args.config, argv
+    if args.probe and args.probe_steps < 3:
+        raise ConfigurationError(
+            f"--probe {args.probe_steps}: give at least 3 steps (the first is warm-up), e.g. "
+            f"--probe-steps {PROBE_STEPS}"
+        )
+    if "LOCAL_RANK" in os.environ:  # a worker: `lmforge launch` or `submit` started it
+        if args.probe:
+            raise ConfigurationError(
+                "--probe measures steps before any worker starts: run `lmforge "
+                f"{args.command} ... --probe` on one node first, or drop it here"
+            )
+        if args.law is None or os.environ.get("RANK", "0") != "0":  # the forecast is rank 0's
+            return args.config, argv
     config = list(args.config)
     work = workload(args.command, load_command_config(args.command, config))
     if args.law is not None:
