@@ -81,6 +81,26 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         "nothing but <run>/forecast.json (the run replaces it), then stop (with --label-curve: "
         "the curve's runs, nothing written)",
     )
+    sp.add_argument(
+        "--label-curve",
+        nargs="?",
+        const="",
+        metavar="SIZES",
+        help="the config's run at several numbers of labelled examples (e.g. 100,300,1000,all; "
+        "default: label_curve.sizes), from init_from and from label_curve.against (default: "
+        "the same model from random weights), each at every rate of label_curve.lrs, kept on "
+        "validation; prints test accuracy per size with the paired standard error and verdict, "
+        "writes label_curve.json and label_efficiency.png (docs/label-curves.md). --nproc: "
+        "processes per run (1: every run in this process)",
+    )
+    sp.add_argument(
+        "--parallel",
+        type=int,
+        default=1,
+        metavar="P",
+        help="with --label-curve: train P runs at a time, each in processes of its own sharing "
+        "the CPUs (OMP_NUM_THREADS = CPUs / (P x nproc)); default 1 (one after another)",
+    )
     _add_forecast_flags(sp)
     add_trust_checkpoint(sp)
 
