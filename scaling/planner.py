@@ -505,9 +505,9 @@ def _plan_at(
         low, high = to_level(law.loss, *law.loss_interval, level)
         overrides["forecast"] = {
             "law": {
-                "loss": law.loss,
-                "low": low,
-                "high": high,
+                "loss": float(law.loss),
+                "low": float(low),
+                "high": float(high),
                 "source": f"the plan at {format_flops(flops)} FLOPs from {law.source}",
             }
         }

@@ -78,6 +78,9 @@ def test_plan_from_a_fit_writes_the_run_its_law_and_rules_give(
     assert doc["loss"] == pytest.approx(target["best_loss"], rel=1e-9)
     lo, hi = doc["loss_interval"]
     assert lo < doc["loss"] < hi
+    law = run.forecast.law  # the run is held to the plan: its law, the interval brought to 80%
+    assert law.loss == pytest.approx(doc["loss"]) and lo < law.low < law.loss < law.high < hi
+    assert law.source.startswith("the plan at 4.8e12 FLOPs from ")
     n_lo, n_hi = doc["N_interval"]
     d_lo, d_hi = doc["D_interval"]
     assert n_lo < doc["N_law"] < n_hi and d_lo < doc["D_law"] < d_hi

@@ -48,8 +48,8 @@ def to_level(value: float, low: float, high: float, level: float) -> tuple[float
     quantiles (a 95% interval's sides x 1.2816 / 1.9600)."""
     if abs(level - LEVEL) < 1e-9:
         return low, high
-    ratio = norm.ppf(0.5 + LEVEL / 2) / norm.ppf(0.5 + level / 2)
-    return value - ratio * (value - low), value + ratio * (high - value)
+    ratio = float(norm.ppf(0.5 + LEVEL / 2) / norm.ppf(0.5 + level / 2))
+    return float(value - ratio * (value - low)), float(value + ratio * (high - value))
 
 
 def heap_factor(strategy: str, zero_stage: int | None) -> float:
