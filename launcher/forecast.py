@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import tempfile
 
 from lmforge.pretrain.core.errors import ConfigurationError
 from lmforge.pretrain.forecast.forecast import to_level
 
 
-def dry_run_forecast(work, plan, *, nproc: int, write: bool = True) -> dict:
+def dry_run_forecast(work, plan, *, nproc: int) -> dict:
     """The forecast the run would make before its first step (the matmul peak measured here with
     the threads one of its ranks will have), written to <run>/forecast.json marked as a dry run
     (the run replaces it)."""
@@ -52,8 +49,7 @@ def dry_run_forecast(work, plan, *, nproc: int, write: bool = True) -> dict:
         threads=threads,
     )
     fc = make_forecast(facts, cfg.forecast, dry_run=True)
-    if write:
-        write_forecast(cfg.run_dir, fc)
+    write_forecast(cfg.run_dir, fc)
     return fc
 
 
@@ -108,27 +104,12 @@ def law_overrides(path: str, work) -> list[str]:
 
 
 def probe_into_ledger(command: str, config: list[str], *, nproc: int, steps: int, cfg) -> str:
-    """Run ``steps`` real steps of this run (the same config in a scratch runs directory, one
-    evaluation and one save at the end) and add what they measured to the run's ledger as a
-    probe; return a line saying so."""
-    from lmforge.pretrain.forecast.ledger import append_ledger, ledger_path, read_ledger
+    """Run ``steps`` real steps of this run (pretrain/forecast/ledger.py: ``probe_steps``) and
+    add what they measured to the run's ledger as a probe; return a line saying so."""
+    from lmforge.pretrain.forecast.ledger import append_ledger, ledger_path, probe_steps
 
-    with tempfile.TemporaryDirectory(prefix="lmforge-probe-") as tmp:
-        cmd = [
-            sys.executable, "-m", "lmforge.launcher.cli", command, *config,
-            f"runs_dir={tmp}", f"train.max_steps={steps}", "train.log_interval=1",
-            "train.eval_interval=0", "checkpoint.interval=0", "resume=null",
-            "logging.plot=false", "logging.tensorboard=false", "logging.wandb=false",
-            "logging.progress=false", "--nproc", str(nproc),
-        ]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ConfigurationError(f"--probe: {steps} steps of this run failed: {last}")
-        rows = read_ledger(ledger_path(tmp))
-    if not rows:
-        raise ConfigurationError("--probe: the probe's steps recorded nothing to forecast from")
-    row = {**rows[-1], "probe": True, "run": f"probe of {cfg.name}"}
+    row = probe_steps(command, config, nproc=nproc, steps=steps, what="--probe")
+    row["run"] = f"probe of {cfg.name}"
     os.makedirs(cfg.runs_dir, exist_ok=True)
     append_ledger(ledger_path(cfg.runs_dir), row)
     return (

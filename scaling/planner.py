@@ -32,22 +32,19 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 
-import numpy as np
 from omegaconf import OmegaConf
 
 from lmforge.pretrain.config.schema import PretrainConfig, load_config, to_yaml
 from lmforge.pretrain.core.durable import atomic_directory, check_writable
 from lmforge.pretrain.core.errors import ConfigurationError
 from lmforge.pretrain.forecast.forecast import to_level
+from lmforge.pretrain.forecast.ledger import probe_steps
 from lmforge.pretrain.model.flops import PEAK_FLOPS_TABLE, flops_per_token
 from lmforge.pretrain.parallel.common import resolve_precision
 from lmforge.pretrain.parallel.memory import estimate_memory
-from lmforge.pretrain.train.metrics import read_metrics
 from lmforge.scaling.config import ScalingConfig, ShapeConfig, SweepFitConfig
 from lmforge.scaling.fit import SurfaceFit
 from lmforge.scaling.forms import LOSS_FORMS, SIZE_FORMS
@@ -301,32 +298,14 @@ def _estimate(
 
 
 def probe(config: PretrainConfig, nproc: int, steps: int = 12) -> float:
-    """Tokens/s of the run measured by a few real steps (`lmforge pretrain`, in a scratch
-    runs directory; the first logged interval, which holds start-up, is left out)."""
-    with tempfile.TemporaryDirectory(prefix="lmforge-probe-") as tmp:
+    """Tokens/s of the run measured by a few real steps (pretrain/forecast/ledger.py:
+    ``probe_steps``: the median step after the first, which holds start-up)."""
+    with tempfile.TemporaryDirectory(prefix="lmforge-plan-") as tmp:
         path = os.path.join(tmp, "probe.yaml")
         with open(path, "w") as f:
             f.write(to_yaml(config))
-        cmd = [
-            sys.executable, "-m", "launcher", "pretrain", path,
-            f"runs_dir={tmp}", f"train.max_steps={steps}", f"train.log_interval={max(1, steps // 4)}",
-            "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.consolidated=never",
-            "logging.plot=false", "logging.tensorboard=false", "logging.progress=false",
-            "--nproc", str(nproc),
-        ]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ConfigurationError(f"--probe: a few steps of the planned run failed: {last}")
-        rows = [
-            r
-            for r in read_metrics(os.path.join(tmp, config.name, "metrics.jsonl"))
-            if r.get("kind") == "train"
-        ]
-    timed = rows[1:] or rows
-    if not timed:
-        raise ConfigurationError("--probe: the planned run logged no training rows")
-    return float(np.median([r["tokens_per_sec"] for r in timed]))
+        row = probe_steps("pretrain", [path], nproc=nproc, steps=steps, what="--probe")
+    return config.train.global_batch_tokens / row["step_seconds"]
 
 
 def _base_config(sweep_cfg: ScalingConfig | None, config_args: list[str], data: str | None):
@@ -413,12 +392,105 @@ def make_plan(
     return plan
 
 
+def _batch_and_lr(base, sweep_cfg, shaped, world: int, flops: float):
+    """Global batch (tokens), peak learning rate, warmup fraction (None: the config's) and the
+    rule they came from: the sweep's, else DeepSeek's published one."""
+    seq = base.train.seq_len
+    if sweep_cfg is not None:
+        batch = base.train.global_batch_tokens
+        lr = base.optim.lr * (sweep_cfg.lr_reference_width / shaped.d_model) ** (
+            sweep_cfg.lr_width_exponent
+        )
+        batch_rule = (
+            f"the sweep's: {batch:,} tokens per step, peak lr {base.optim.lr:g} × "
+            f"({sweep_cfg.lr_reference_width} / d_model)^{sweep_cfg.lr_width_exponent:g}"
+        )
+        return batch, lr, sweep_cfg.warmup_fraction, batch_rule
+    micro_tokens = seq * base.train.micro_batch_size * world
+    raw = DEEPSEEK_BATCH[0] * flops ** DEEPSEEK_BATCH[1]
+    batch = max(1, round(raw / micro_tokens)) * micro_tokens
+    lr = DEEPSEEK_LR[0] * flops ** DEEPSEEK_LR[1]
+    batch_rule = (
+        f"DeepSeek-AI 2024 (arXiv:2401.02954, eq. 1): B_opt = 0.292·C^0.3271 = "
+        f"{format_count(raw)} tokens, rounded to {batch:,} (whole micro-batches of "
+        f"{micro_tokens:,} on {world} rank(s)); η_opt = 0.3118·C^-0.125 = {lr:.3g}"
+    )
+    return batch, lr, None, batch_rule
+
+
+def _repetition(
+    law: Law, n_fit: int, tokens: int, unique: int, data: str, notes: list[str]
+) -> float | None:
+    """The expected loss cost of ``tokens`` drawn from ``unique`` (by the L(N, D) fit, where
+    there is one), with a note when the data repeats."""
+    epochs = tokens / unique
+    if epochs <= 1:
+        return None
+    worth = effective_tokens(tokens, unique)
+    repeat_cost = None
+    if law.surface is not None:
+        repeat_cost = float(law.surface.predict(n_fit, worth) - law.surface.predict(n_fit, tokens))
+    notes.append(
+        f"D* = {format_count(tokens)} tokens is {epochs:.2f} passes over the "
+        f"{format_count(unique)} training tokens of {data}: worth "
+        f"{format_count(worth)} fresh tokens (Muennighoff et al. 2023, arXiv:2305.16264)"
+        + (
+            f", an expected loss cost of +{repeat_cost:.4f} nats by the L(N, D) fit"
+            if repeat_cost is not None
+            else ""
+        )
+        + ("; more data is the fix" if epochs > 4 else "")
+    )
+    return repeat_cost
+
+
+def _forecast_law(law: Law, level: float, flops: float) -> dict:
+    """The planned run's ``forecast.law``: the run is held to the plan's loss (pretrain/
+    forecast/), its interval brought to 80%."""
+    low, high = to_level(law.loss, *law.loss_interval, level)
+    return {
+        "loss": float(law.loss),
+        "low": float(low),
+        "high": float(high),
+        "source": f"the plan at {format_flops(flops)} FLOPs from {law.source}",
+    }
+
+
+def _choose_layout(planned, request: Request, device: Device, world: int, vocab: int, n_fit: int):
+    """The first (preferred) layout that fits a device by the memory estimate, or with
+    ``request.probe`` the fastest of the first three that fit, measured; with every candidate
+    considered and the measured tokens/s (None without a probe)."""
+    candidates = []
+    for label, changes in _layouts(device, world):
+        try:
+            need, run = _estimate(planned, world, changes, vocab, "cuda" if request.gpus else "cpu")
+        except ConfigurationError as exc:
+            candidates.append({"layout": label, "error": str(exc)})
+            continue
+        candidates.append(
+            {"layout": label, "estimate": need, "fits": need <= 0.9 * device.memory, "run": run}
+        )
+    fitting = [c for c in candidates if c.get("fits")]
+    if not fitting:
+        raise ConfigurationError(
+            f"no layout fits {device.count}× {device.name} ({device.memory / 1e9:.0f} GB each) "
+            f"by the memory estimate for a {format_count(n_fit)}-parameter model; plan with more "
+            "GPUs or a smaller budget"
+        )
+    if not request.probe:
+        return fitting[0], candidates, None
+    for c in fitting[:3]:
+        c["tokens_per_sec"] = probe(c["run"], world)
+    chosen = max(fitting[:3], key=lambda c: c["tokens_per_sec"])
+    return chosen, candidates, chosen["tokens_per_sec"]
+
+
 def _plan_at(
     flops: float, request: Request, *, device: Device, world: int, mfu: float | None
 ) -> Plan:
     from lmforge.pretrain.data.prepare import load_manifest
 
-    fit_path, law_name, gpus = request.fit_path, request.law_name, request.gpus
+    fit_path, law_name = request.fit_path, request.law_name
     notes: list[str] = []
 
     sweep_cfg = None
@@ -450,49 +522,11 @@ def _plan_at(
     n_fit = fit_params(shaped, count)
     fpt = flops_per_token(shaped, seq)
 
-    # batch and learning rate
-    if sweep_cfg is not None:
-        batch = base.train.global_batch_tokens
-        lr = base.optim.lr * (sweep_cfg.lr_reference_width / shaped.d_model) ** (
-            sweep_cfg.lr_width_exponent
-        )
-        warmup_fraction = sweep_cfg.warmup_fraction
-        batch_rule = (
-            f"the sweep's: {batch:,} tokens per step, peak lr {base.optim.lr:g} × "
-            f"({sweep_cfg.lr_reference_width} / d_model)^{sweep_cfg.lr_width_exponent:g}"
-        )
-    else:
-        micro_tokens = seq * base.train.micro_batch_size * world
-        raw = DEEPSEEK_BATCH[0] * flops ** DEEPSEEK_BATCH[1]
-        batch = max(1, round(raw / micro_tokens)) * micro_tokens
-        lr = DEEPSEEK_LR[0] * flops ** DEEPSEEK_LR[1]
-        warmup_fraction = None
-        batch_rule = (
-            f"DeepSeek-AI 2024 (arXiv:2401.02954, eq. 1): B_opt = 0.292·C^0.3271 = "
-            f"{format_count(raw)} tokens, rounded to {batch:,} (whole micro-batches of "
-            f"{micro_tokens:,} on {world} rank(s)); η_opt = 0.3118·C^-0.125 = {lr:.3g}"
-        )
+    batch, lr, warmup_fraction, batch_rule = _batch_and_lr(base, sweep_cfg, shaped, world, flops)
     steps = max(1, round(flops / (fpt * batch)))
     tokens = steps * batch
     epochs = tokens / unique
-    repeat_cost = None
-    if epochs > 1:
-        worth = effective_tokens(tokens, unique)
-        if law.surface is not None:
-            repeat_cost = float(
-                law.surface.predict(n_fit, worth) - law.surface.predict(n_fit, tokens)
-            )
-        notes.append(
-            f"D* = {format_count(tokens)} tokens is {epochs:.2f} passes over the "
-            f"{format_count(unique)} training tokens of {base.data.path}: worth "
-            f"{format_count(worth)} fresh tokens (Muennighoff et al. 2023, arXiv:2305.16264)"
-            + (
-                f", an expected loss cost of +{repeat_cost:.4f} nats by the L(N, D) fit"
-                if repeat_cost is not None
-                else ""
-            )
-            + ("; more data is the fix" if epochs > 4 else "")
-        )
+    repeat_cost = _repetition(law, n_fit, tokens, unique, base.data.path, notes)
     overrides = {
         "model": {"n_layer": shaped.n_layer, "d_model": shaped.d_model, "n_head": shaped.n_head},
         "train": {"max_steps": steps, "global_batch_tokens": batch},
@@ -500,44 +534,11 @@ def _plan_at(
     }
     if warmup_fraction is not None:
         overrides["optim"]["warmup_steps"] = round(warmup_fraction * steps)
-    if law.loss is not None and law.loss_interval and level is not None:
-        # the run's forecast holds it to the plan (pretrain/forecast/): an 80% band
-        low, high = to_level(law.loss, *law.loss_interval, level)
-        overrides["forecast"] = {
-            "law": {
-                "loss": float(law.loss),
-                "low": float(low),
-                "high": float(high),
-                "source": f"the plan at {format_flops(flops)} FLOPs from {law.source}",
-            }
-        }
+    if level is not None and law.loss is not None and law.loss_interval:
+        overrides["forecast"] = {"law": _forecast_law(law, level, flops)}
     planned = load_config(PretrainConfig, [_as_dict(base), overrides])
 
-    # parallel layout: the first (preferred) that fits by the estimate; --probe measures them
-    candidates = []
-    for label, changes in _layouts(device, world):
-        try:
-            need, run = _estimate(planned, world, changes, vocab, "cuda" if gpus else "cpu")
-        except ConfigurationError as exc:
-            candidates.append({"layout": label, "error": str(exc)})
-            continue
-        candidates.append(
-            {"layout": label, "estimate": need, "fits": need <= 0.9 * device.memory, "run": run}
-        )
-    fitting = [c for c in candidates if c.get("fits")]
-    if not fitting:
-        raise ConfigurationError(
-            f"no layout fits {device.count}× {device.name} ({device.memory / 1e9:.0f} GB each) "
-            f"by the memory estimate for a {format_count(n_fit)}-parameter model; plan with more "
-            "GPUs or a smaller budget"
-        )
-    chosen = fitting[0]
-    rate = None
-    if request.probe:
-        for c in fitting[:3]:
-            c["tokens_per_sec"] = probe(c["run"], world)
-        chosen = max(fitting[:3], key=lambda c: c["tokens_per_sec"])
-        rate = chosen["tokens_per_sec"]
+    chosen, candidates, rate = _choose_layout(planned, request, device, world, vocab, n_fit)
     planned = chosen["run"]
     run_flops = tokens * fpt
     wall = mfu_used = None

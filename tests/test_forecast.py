@@ -131,15 +131,24 @@ def test_a_run_that_plateaus_is_told_once_and_the_next_run_reads_the_ledger(
 
 
 def test_dry_run_prints_and_writes_the_forecast_only(tiny_data, tmp_path):
+    """--dry-run: the block, and forecast.json the one file in the run directory; with --probe
+    the steps it measured (a scratch run) go to the ledger, and the forecast reads them."""
     runs = tmp_path / "runs"
-    out = lmforge(
-        "pretrain", f"data.path={tiny_data}", f"runs_dir={runs}", "name=d", *TINY,
-        "train.max_steps=20", "--dry-run",
-    ).stdout  # fmt: skip
+    args = [f"data.path={tiny_data}", f"runs_dir={runs}", "name=d", *TINY, "train.max_steps=20"]
+    out = lmforge("pretrain", *args, "--dry-run").stdout
     assert "# forecast (80% intervals; forecast.json):" in out and "#   wall time:" in out
-    assert os.listdir(runs / "d") == ["forecast.json"]
+    assert os.listdir(runs) == ["d"] and os.listdir(runs / "d") == ["forecast.json"]
     fc = _forecast(str(runs / "d"))
     assert fc["dry_run"] is True and fc["wall"]["steps"] == 20 and not fc["updates"]
+    assert fc["speed"]["source"] == "peak"
+
+    out = lmforge("pretrain", *args, "--dry-run", "--probe", "--probe-steps", "4").stdout
+    (line,) = read_ledger(ledger_path(str(runs)))
+    assert line["probe"] is True and line["steps"] == 4 and line["key_hash"] == key_hash(fc["key"])
+    assert f"probe: 4 steps of {line['step_seconds']:.3g} s each" in out
+    fc = _forecast(str(runs / "d"))
+    assert fc["speed"]["source"] == "probe" and fc["speed"]["step_seconds"] == line["step_seconds"]
+    assert os.listdir(runs / "d") == ["forecast.json"]
 
 
 def _synthetic(runs: str, name: str, *, memory: float, step: float, losses: list[tuple]) -> None:

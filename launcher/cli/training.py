@@ -31,7 +31,8 @@ def _add_forecast_flags(sp: argparse.ArgumentParser) -> None:
         action="store_true",
         help="before the run, measure --probe-steps real steps of it in a scratch directory and "
         "add them to the runs directory's ledger, so that the forecast of step and wall time "
-        "comes from them when no earlier run of this shape, layout and hardware has",
+        "comes from them when no earlier run of this shape, layout and hardware has (with "
+        "--dry-run: measure and forecast, train nothing)",
     )
     sp.add_argument(
         "--probe-steps",
@@ -142,7 +143,7 @@ def _forecast_inputs(args: argparse.Namespace, argv: list[str]) -> tuple[list[st
     if args.law is not None:
         work.prepare()  # the model's vocabulary and the run's tokens
         config += law_overrides(args.law, work)
-    if args.probe and not args.dry_run:
+    if args.probe:  # (under --dry-run too: its forecast then comes from the measured steps)
         line = probe_into_ledger(
             args.command, config, nproc=args.nproc, steps=args.probe_steps, cfg=work.cfg
         )

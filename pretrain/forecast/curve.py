@@ -52,6 +52,7 @@ Choices, and why:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -108,6 +109,19 @@ class Curve:
     def finished(self) -> bool:
         return len(self.steps) > 0 and int(self.steps[-1]) >= self.total_steps
 
+    def with_rows(self, train: dict[int, float], val: dict[int, float]) -> Curve:
+        """This run's schedule with the train-loss and val_loss rows ``train`` and ``val``
+        (step -> loss)."""
+        steps = np.array(sorted(train), dtype=int)
+        return dataclasses.replace(
+            self,
+            steps=steps,
+            starts=np.concatenate([[0], steps[:-1]]).astype(int) if len(steps) else steps,
+            loss=np.array([train[s] for s in steps], dtype=float),
+            val_steps=np.array(sorted(val), dtype=float),
+            val_loss=np.array([val[s] for s in sorted(val)], dtype=float),
+        )
+
     def upto(self, step: int) -> Curve:
         keep = self.steps <= step
         vkeep = self.val_steps <= step
@@ -141,22 +155,19 @@ def schedule_curve(
     total = total_steps
     eta = np.array([lr_factor(i, total_steps=total, cfg=optim) for i in range(total)])
     eta = eta / max(eta.max(), 1e-12) if len(eta) else eta
-    val = val or {}
-    steps = np.array(sorted(train), dtype=int)
-    starts = np.concatenate([[0], steps[:-1]]) if len(steps) else steps
-    return Curve(
+    empty = np.zeros(0)
+    curve = Curve(
         name,
         total,
         eta,
         min(optim.warmup_steps, max(total - 1, 0)),
-        steps,
-        starts,
-        np.array([train[s] for s in steps], dtype=float),
-        np.array(sorted(val), dtype=float),
-        np.array([val[s] for s in sorted(val)], dtype=float),
-        int(d_model),
-        float(optim.lr),
+        empty.astype(int),
+        empty.astype(int),
+        empty,
+        d_model=int(d_model),
+        peak_lr=float(optim.lr),
     )
+    return curve.with_rows(train, val or {})
 
 
 def curve_rows(rows: list[dict], total: int) -> tuple[dict[int, float], dict[int, float]]:

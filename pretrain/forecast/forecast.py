@@ -115,13 +115,18 @@ def _memory(facts: RunFacts) -> dict | None:
     return out
 
 
+def _rate(facts: RunFacts, cfg: ForecastConfig) -> tuple[float, float]:
+    """The FLOP/s assumed for the whole run without a measurement, and the MFU it assumes."""
+    mfu = cfg.mfu or DEFAULT_MFU.get(facts.device_type, 0.4)
+    return facts.peak * facts.world_size * mfu, mfu
+
+
 def _speed(facts: RunFacts, cfg: ForecastConfig, measured: Measured | None) -> dict:
     if measured is not None:
         step = measured.step_seconds
         source, detail = ("probe" if measured.probe else "ledger"), measured.describe()
     else:
-        mfu = cfg.mfu or DEFAULT_MFU.get(facts.device_type, 0.4)
-        rate = facts.peak * facts.world_size * mfu
+        rate, mfu = _rate(facts, cfg)
         step = facts.step_tokens * facts.flops_per_token / rate
         source = "peak"
         detail = (
@@ -139,13 +144,12 @@ def _speed(facts: RunFacts, cfg: ForecastConfig, measured: Measured | None) -> d
 
 def _wall(facts: RunFacts, cfg: ForecastConfig, measured: Measured | None, step: float) -> dict:
     steps = facts.total_steps - facts.from_step
-    mfu = cfg.mfu or DEFAULT_MFU.get(facts.device_type, 0.4)
     notes = []
-    eval_s = measured.eval_seconds if measured else None
-    if eval_s is None:  # a forward pass: a third of a training step's FLOPs per token
-        eval_s = (
-            facts.eval_tokens * facts.flops_per_token / 3 / (facts.peak * facts.world_size * mfu)
-        )
+    per_token = measured.eval_seconds_per_token if measured else None
+    if per_token is not None:  # the ledger's evaluations, scaled to this run's eval tokens
+        eval_s = per_token * facts.eval_tokens
+    else:  # a forward pass: a third of a training step's FLOPs per token
+        eval_s = facts.eval_tokens * facts.flops_per_token / 3 / _rate(facts, cfg)[0]
         if facts.evals:
             notes.append("evaluations from their FLOPs")
     save_s = measured.save_seconds if measured else None
@@ -168,6 +172,7 @@ def _wall(facts: RunFacts, cfg: ForecastConfig, measured: Measured | None, step:
         "steps": steps,
         "evals": facts.evals,
         "saves": facts.saves,
+        "eval_tokens": facts.eval_tokens,
         "eval_seconds": eval_s,
         "save_seconds": save_s,
         "notes": notes,
@@ -205,6 +210,7 @@ def make_forecast(facts: RunFacts, cfg: ForecastConfig, *, dry_run: bool = False
         "from_step": facts.from_step,
         "total_steps": facts.total_steps,
         "level": LEVEL,
+        "periodic_evals": facts.periodic_evals,
         "key": facts.key,
         "memory": _memory(facts),
         "speed": speed,
@@ -251,9 +257,9 @@ def forecast_lines(fc: dict) -> list[str]:
     parts = wall["parts"]
     lines.append(
         f"  wall time: {_duration(wall['seconds'])} to step {fc['total_steps']} "
-        f"({wall['steps']} steps {_duration(parts['steps'])}, {wall['evals']} evaluations "
-        f"{_duration(parts['evals'])}, {wall['saves']} saves {_duration(parts['saves'])}, "
-        f"fixed {_duration(parts['fixed'])}"
+        f"(steps: {wall['steps']}, {_duration(parts['steps'])}; evaluations: {wall['evals']}, "
+        f"{_duration(parts['evals'])}; saves: {wall['saves']}, {_duration(parts['saves'])}; "
+        f"fixed: {_duration(parts['fixed'])}"
         + (f"; {', '.join(wall['notes'])}" if wall["notes"] else "")
         + ")"
     )

@@ -17,7 +17,12 @@ import hashlib
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
+
+from lmforge.pretrain.core.errors import ConfigurationError
 
 LEDGER = "ledger.jsonl"
 NEWEST = 3  # lines of the same key a forecast takes the median of (the newest)
@@ -67,7 +72,7 @@ class Measured:
     """What the ledger's newest lines of one key measured (medians)."""
 
     step_seconds: float
-    eval_seconds: float | None  # one evaluation
+    eval_seconds_per_token: float | None  # an evaluation's cost over the tokens it read
     save_seconds: float | None  # one checkpoint save (the part training waits for)
     fixed_seconds: float | None  # start-up to the first step, the first steps' warm-up, the end
     lines: int
@@ -93,10 +98,36 @@ def lookup(path: str, key: dict) -> Measured | None:
         return None
     return Measured(
         step_seconds=step,
-        eval_seconds=_median([r for r in rows if r.get("evals")], "eval_seconds"),
+        eval_seconds_per_token=_median(
+            [r for r in rows if r.get("evals")], "eval_seconds_per_token"
+        ),
         save_seconds=_median([r for r in rows if r.get("saves")], "save_seconds"),
         fixed_seconds=_median(rows, "fixed_seconds"),
         lines=len(rows),
         runs=[str(r.get("run", "?")) for r in rows],
         probe=not runs,
     )
+
+
+def probe_steps(command: str, config: list[str], *, nproc: int, steps: int, what: str) -> dict:
+    """Run ``steps`` real steps of ``lmforge <command> <config>`` in a scratch runs directory
+    (the same config, one evaluation and one save at the end, nothing kept) and return the
+    ledger line they wrote, marked as a probe. ``what`` names the caller in errors (`--probe`).
+    The steps run in processes of their own, as the run will (launched as the command line is,
+    `--nproc` local processes)."""
+    with tempfile.TemporaryDirectory(prefix="lmforge-probe-") as tmp:
+        cmd = [
+            sys.executable, "-m", "lmforge.launcher.cli", command, *config,
+            f"runs_dir={tmp}", f"train.max_steps={steps}", "train.log_interval=1",
+            "train.eval_interval=0", "checkpoint.interval=0", "resume=null",
+            "logging.plot=false", "logging.tensorboard=false", "logging.wandb=false",
+            "logging.progress=false", "forecast.enabled=true", "--nproc", str(nproc),
+        ]  # fmt: skip
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise ConfigurationError(f"{what}: {steps} steps of the run failed: {last}")
+        rows = read_ledger(ledger_path(tmp))
+    if not rows:
+        raise ConfigurationError(f"{what}: the {steps} steps recorded nothing to forecast from")
+    return {**rows[-1], "probe": True}

@@ -102,14 +102,22 @@ class LiveForecast(Callback):
         self.run_dir = cfg.run_dir
         self.refit_from = cfg.forecast.refit_from
         self.max_overhead = cfg.forecast.max_overhead
-        self.periodic = bool(cfg.train.eval_interval) and cfg.train.eval_interval < total_steps
+        self.periodic = forecast["periodic_evals"]
         self.train: dict[int, float] = {}
         self.val: dict[int, float] = {}
         self.times: list[tuple[int, float]] = []
         self.eval_seconds: list[float] = []
+        self.schedule = schedule_curve(  # the learning rate of every step, once
+            cfg.name,
+            total_steps=total_steps,
+            optim=cfg.optim,
+            d_model=cfg.model.d_model,
+            train={},
+        )
         self.spent = 0.0  # seconds of refits
         self.last_tenth = 0
         self.warned = False
+        self.failed = False
         t0 = time.perf_counter()
         self.siblings = sibling_runs(cfg.runs_dir, cfg.name, cfg)
         self.shared: Shared | None = None
@@ -124,6 +132,7 @@ class LiveForecast(Callback):
     # --- rows --------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer) -> None:
         self.start_step = trainer.state.step
+        self.start_seconds = trainer.state.train_seconds  # (a resumed run's earlier parts')
         if self.start_step:  # resumed: the rows before it are part of the curve
             rows = read_metrics(os.path.join(self.run_dir, "metrics.jsonl"))
             self.train, self.val = curve_rows(
@@ -135,7 +144,7 @@ class LiveForecast(Callback):
         if row["kind"] == "train":
             if math.isfinite(row["loss"]):
                 self.train[step] = row["loss"]
-            self.times.append((step - self.start_step, row["time"]))
+            self.times.append((step - self.start_step, row["time"] - self.start_seconds))
         elif row["kind"] == "eval":
             self.val[step] = row["val_loss"]
             self.eval_seconds.append(row.get("eval_seconds", 0.0))
@@ -161,14 +170,7 @@ class LiveForecast(Callback):
         return due and (self.spent <= budget or not self.fc["updates"])
 
     def _refit(self, row: dict, step: int) -> None:
-        curve = schedule_curve(
-            self.cfg.name,
-            total_steps=self.total,
-            optim=self.cfg.optim,
-            d_model=self.cfg.model.d_model,
-            train=self.train,
-            val=self.val,
-        )
+        curve = self.schedule.with_rows(self.train, self.val)
         try:
             pred = predict_curve(curve, self.siblings, self.shared)
         except DataError:
@@ -192,7 +194,7 @@ class LiveForecast(Callback):
             "method": "shared" if pred.shared else "lone",
         }
         self.fc["updates"].append(update)
-        row.update(forecast=value, forecast_low=low, forecast_high=high, forecast_of=of)
+        row.update(zip(FORECAST_FIELDS, (value, low, high, of), strict=True))
         self._warn(update)
         write_forecast(self.run_dir, self.fc)
 
@@ -226,7 +228,7 @@ class LiveForecast(Callback):
         self.failed = True
 
     def on_train_end(self, trainer: Trainer) -> None:
-        if getattr(self, "failed", False) or not self.times:
+        if self.failed or not self.times:
             return
         wall = time.perf_counter() - self.started
         complete = trainer.state.step >= self.total
@@ -288,6 +290,7 @@ class LiveForecast(Callback):
             return
         ran = actual["step"] - self.start_step
         evals, saves = actual["evals"], actual["saves"]
+        eval_tokens = self.fc["wall"]["eval_tokens"]
         fixed = actual["wall_seconds"] - ran * step
         fixed -= evals * (actual["eval_seconds"] or 0.0) + saves * (actual["save_seconds"] or 0.0)
         append_ledger(
@@ -300,6 +303,9 @@ class LiveForecast(Callback):
                 "step_seconds": step,
                 "steps": ran,
                 "eval_seconds": actual["eval_seconds"],
+                "eval_seconds_per_token": actual["eval_seconds"] / eval_tokens
+                if actual["eval_seconds"] is not None and eval_tokens
+                else None,
                 "evals": evals,
                 "save_seconds": actual["save_seconds"],
                 "saves": saves,

@@ -36,7 +36,6 @@ def collect(runs_dir: str) -> list[dict]:
             continue
         for part in [*fc.get("previous", []), fc]:
             if isinstance(part, dict) and isinstance(part.get("actual"), dict):
-                part["where"] = os.path.relpath(os.path.dirname(path), runs_dir)
                 out.append(part)
     return out
 
@@ -78,24 +77,21 @@ def summarize(fcs: list[dict]) -> list[Errors]:
     """Errors of memory, step time and wall time (by where the forecast came from), and of the
     final loss by when it was made."""
     out = []
-    for what, field, section in (
-        ("memory", "memory", None),
-        ("step time", "step_seconds", "speed"),
-        ("wall time", "wall_seconds", "speed"),
+    label = {"ledger": "from the ledger", "probe": "from a probe", "peak": "from peak x MFU"}
+    for what, field in (
+        ("memory", "memory"),
+        ("step time", "step_seconds"),
+        ("wall time", "wall_seconds"),
     ):
         groups: dict[str, list[float]] = {}
         for fc in fcs:
             err = fc.get("errors", {}).get(field)
             if not isinstance(err, (int, float)) or not math.isfinite(err):
                 continue
-            source = fc["speed"]["source"] if section else fc["memory"]["device"]
+            # memory by device (its forecast differs on a CPU), speed by where it came from
+            source = fc["memory"]["device"] if field == "memory" else fc["speed"]["source"]
             groups.setdefault(source, []).append(float(err))
         for source, errs in sorted(groups.items()):
-            label = {
-                "ledger": "from the ledger",
-                "probe": "from a probe",
-                "peak": "from peak x MFU",
-            }
             out.append(Errors(f"{what} ({label.get(source, source)})", errs))
     for when in WHEN:
         made = [m for m in (_loss_at(fc, when) for fc in fcs) if m is not None]

@@ -520,23 +520,28 @@ class Trainer:
                     if self._save:  # asked on this evaluation (a new best to keep)
                         self._save, do_save = False, self.save_fn is not None
                 if do_save:
-                    assert self.save_fn is not None
-                    t_save = time.perf_counter()
-                    self._settle_checkpoint()  # at most one save in flight
-                    self._phase = f"the checkpoint save at step {step}"
-                    self.final_save = stop and (last or self._done)
-                    try:
-                        path = self.save_fn(self)
-                    finally:
-                        self.final_save = False
-                    self.clock.checkpoint_seconds += time.perf_counter() - t_save
-                    self.clock.checkpoints += 1
-                    if path is not None:  # None: it is being written in the background
-                        self.last_checkpoint = path
-                        self._emit("on_checkpoint", path)
+                    self._save_checkpoint(final=stop and (last or self._done))
                 t_start = time.perf_counter()
             if stop:
                 break
+
+    def _save_checkpoint(self, *, final: bool) -> None:
+        """Save now (after the one in flight, if any), timed for the rows' split; ``final``: the
+        save that ends training (``final_save`` while it runs)."""
+        assert self.save_fn is not None
+        t_save = time.perf_counter()
+        self._settle_checkpoint()  # at most one save in flight
+        self._phase = f"the checkpoint save at step {self.state.step}"
+        self.final_save = final
+        try:
+            path = self.save_fn(self)
+        finally:
+            self.final_save = False
+        self.clock.checkpoint_seconds += time.perf_counter() - t_save
+        self.clock.checkpoints += 1
+        if path is not None:  # None: it is being written in the background
+            self.last_checkpoint = path
+            self._emit("on_checkpoint", path)
 
     # --- anomalies -------------------------------------------------------------------------------
     def _loss_fn(self, step: int) -> LossFn:
