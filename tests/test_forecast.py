@@ -102,7 +102,8 @@ def test_a_run_that_plateaus_is_told_once_and_the_next_run_reads_the_ledger(
 ):
     """Run A trains normally; run B, the same config held to a law made from A's final loss
     (+-2%), goes flat at 20% of its steps: its forecast leaves the law's band and says so once,
-    and its step time comes from A's ledger line (same shape, layout and hardware)."""
+    and its step time and peak memory come from A's ledger line (same shape, layout and
+    hardware)."""
     from lmforge.pretrain.run.pretraining import run_pretrain
 
     runs = str(tmp_path / "runs")
@@ -122,6 +123,8 @@ def test_a_run_that_plateaus_is_told_once_and_the_next_run_reads_the_ledger(
     out = capsys.readouterr().out
     b = _forecast(os.path.join(runs, "b"))
     assert b["speed"]["source"] == "ledger" and "(a)" in b["speed"]["detail"]
+    assert b["memory"]["source"] == "ledger"
+    assert b["memory"]["peak_bytes"] == pytest.approx(a["actual"]["peak_bytes"])
     assert b["loss"]["value"] == v and "run a" in out  # the law, printed before the first step
     warnings = [ln for ln in out.splitlines() if ln.startswith("warning: final val_loss now")]
     assert len(warnings) == 1 and "above the law's (run a)" in warnings[0]
@@ -188,7 +191,7 @@ def test_runs_forecasts_gives_known_errors_and_coverage(tmp_path, capsys):
     fcs = collect(runs)
     assert len(fcs) == 3
     rows = {r.what: r for r in summarize(fcs)}
-    mem = rows["memory (cpu)"]
+    mem = rows["memory (cpu, from the estimate)"]
     assert mem.median == pytest.approx(0.10) and mem.worst == pytest.approx(-0.20)
     assert rows["step time (from the ledger)"].median == pytest.approx(0.02)
     law = rows["final loss, before the run (law)"]

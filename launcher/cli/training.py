@@ -121,9 +121,9 @@ def _launch_workers(argv: list[str], nproc: int, run_dir: str) -> int:
 
 def _forecast_inputs(args: argparse.Namespace, argv: list[str]) -> tuple[list[str], list[str]]:
     """``--law`` and ``--probe``, once, in the launching process: the law becomes
-    ``forecast.law.*`` overrides (the workers get them in place of ``--law``); the probe's steps
-    go to the ledger, where the run's forecast finds them."""
-    from lmforge.launcher.forecast import law_overrides, probe_into_ledger
+    ``forecast.law.*`` overrides (the workers get them in place of ``--law``, and no
+    ``--probe``: `_probe` runs it here)."""
+    from lmforge.launcher.forecast import law_overrides
 
     if args.probe and args.probe_steps < 3:
         raise ConfigurationError(
@@ -139,15 +139,10 @@ def _forecast_inputs(args: argparse.Namespace, argv: list[str]) -> tuple[list[st
         if args.law is None or os.environ.get("RANK", "0") != "0":  # the forecast is rank 0's
             return args.config, argv
     config = list(args.config)
-    work = workload(args.command, load_command_config(args.command, config))
     if args.law is not None:
+        work = workload(args.command, load_command_config(args.command, config))
         work.prepare()  # the model's vocabulary and the run's tokens
         config += law_overrides(args.law, work)
-    if args.probe:  # (under --dry-run too: its forecast then comes from the measured steps)
-        line = probe_into_ledger(
-            args.command, config, nproc=args.nproc, steps=args.probe_steps, cfg=work.cfg
-        )
-        print(line)
     rest, skip = [], False
     for a in argv:  # the workers' command line: the law's overrides instead of --law, no probe
         if skip:
@@ -159,11 +154,46 @@ def _forecast_inputs(args: argparse.Namespace, argv: list[str]) -> tuple[list[st
     return config, rest + config[len(args.config) :]
 
 
+def _probe(args: argparse.Namespace, cfg) -> None:
+    """``--probe``, after the checks of the run's start (a run that would be refused is not
+    probed): its steps go to the ledger, where the run's forecast finds them."""
+    if args.probe and "LOCAL_RANK" not in os.environ:
+        from lmforge.launcher.forecast import probe_into_ledger
+
+        steps = args.probe_steps
+        print(probe_into_ledger(args.command, args.config, nproc=args.nproc, steps=steps, cfg=cfg))
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """--dry-run: every check of the run's start, the config as the run would resolve it
+    (vocabulary, base model's shape), the layout, the memory and the forecast (with --probe:
+    from measured steps)."""
+    from lmforge.pretrain.config.schema import to_yaml
+
+    work, plan, resume_from = check_start(
+        args.command, args.config, world_size=args.nproc, local_ranks=args.nproc
+    )
+    _probe(args, work.cfg)
+    print(to_yaml(work.cfg), end="")
+    note = work.eval_samples_note()
+    for line in [*work.dry_run_lines(), *([note] if note else [])]:
+        print(f"# {line}")
+    print(f"# resumes from {resume_from}" if resume_from else "# a new run (nothing to resume)")
+    print(f"# layout: {plan.layout.describe()}")
+    print(f"# memory per rank (estimate): {plan.describe_memory()}")
+    if work.cfg.forecast.enabled:
+        from lmforge.launcher.forecast import dry_run_forecast
+        from lmforge.pretrain.forecast.forecast import forecast_lines
+
+        fc = dry_run_forecast(work, plan, nproc=args.nproc)
+        for line in forecast_lines(fc):
+            print(f"# {line}")
+    return 0
+
+
 def _train(args: argparse.Namespace, argv: list[str]) -> int:
     """pretrain and finetune: check everything that can fail before any process starts (config,
     data, base model, layout, memory), then run here or in ``--nproc`` local processes."""
-    from lmforge.pretrain.config.schema import to_yaml
-
     check_nproc(args.nproc)
     if getattr(args, "parallel", 1) != 1 and args.label_curve is None:
         raise ConfigurationError(
@@ -182,28 +212,12 @@ def _train(args: argparse.Namespace, argv: list[str]) -> int:
         return run_label_curve(args)
     if args.law is not None or args.probe:
         args.config, argv = _forecast_inputs(args, argv)
-    if args.dry_run:  # the config as the run would resolve it (vocabulary, base model's shape)
-        work, plan, resume_from = check_start(
-            args.command, args.config, world_size=args.nproc, local_ranks=args.nproc
-        )
-        print(to_yaml(work.cfg), end="")
-        note = work.eval_samples_note()
-        for line in [*work.dry_run_lines(), *([note] if note else [])]:
-            print(f"# {line}")
-        print(f"# resumes from {resume_from}" if resume_from else "# a new run (nothing to resume)")
-        print(f"# layout: {plan.layout.describe()}")
-        print(f"# memory per rank (estimate): {plan.describe_memory()}")
-        if work.cfg.forecast.enabled:
-            from lmforge.launcher.forecast import dry_run_forecast
-            from lmforge.pretrain.forecast.forecast import forecast_lines
-
-            fc = dry_run_forecast(work, plan, nproc=args.nproc)
-            for line in forecast_lines(fc):
-                print(f"# {line}")
-        return 0
+    if args.dry_run:
+        return _dry_run(args)
     work = workload(args.command, load_command_config(args.command, args.config))
     if "LOCAL_RANK" not in os.environ:  # (a launcher checked it for its workers)
         check_run_dir(work.cfg)
+        _probe(args, work.cfg)
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         # bad data, base, tokenizer, layout or memory: one line here, before any worker starts
         work.preflight(world_size=args.nproc, local_ranks=args.nproc)

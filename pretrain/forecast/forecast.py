@@ -4,8 +4,9 @@ what it measured and how far off each forecast was.
 
 Where each figure comes from (the forecast says which):
 
-- **memory**: the estimate of pretrain/parallel/memory.py (live tensors, per rank) plus what the
-  process held before the model was built. On a CPU the resident set is forecast too: glibc
+- **memory**: what earlier runs of the same key held (the ledger), else the estimate of
+  pretrain/parallel/memory.py (live tensors, per rank) plus what the process held before the
+  model was built. On a CPU the resident set is forecast too: glibc
   keeps freed heap memory for reuse, which adds a share that depends on the strategy (measured
   at 125M: DDP 1.11x the estimate, ZeRO-1/2 1.33x, ZeRO-3 1.45x, FSDP 1.47x; none when
   ``MALLOC_MMAP_THRESHOLD_`` makes glibc map every large block on its own). On a GPU the
@@ -95,7 +96,7 @@ class RunFacts:
     key: dict = field(default_factory=dict)
 
 
-def _memory(facts: RunFacts) -> dict | None:
+def _memory(facts: RunFacts, measured: Measured | None) -> dict | None:
     est = facts.memory
     if est is None:
         return None
@@ -105,6 +106,7 @@ def _memory(facts: RunFacts) -> dict | None:
         "runtime_bytes": facts.runtime_bytes,
         "available_bytes": facts.available_bytes,
         "device": facts.device_type,
+        "source": "estimate",
     }
     if facts.device_type == "cpu":
         factor = heap_factor(facts.strategy, facts.zero_stage)
@@ -112,6 +114,8 @@ def _memory(facts: RunFacts) -> dict | None:
         out["of"] = "resident set (VmHWM)"
     else:
         out.update(peak_bytes=facts.runtime_bytes + need, of="allocated (max_memory_allocated)")
+    if measured is not None and measured.peak_bytes:  # what the same key really held
+        out.update(peak_bytes=measured.peak_bytes, source="ledger")
     return out
 
 
@@ -212,7 +216,7 @@ def make_forecast(facts: RunFacts, cfg: ForecastConfig, *, dry_run: bool = False
         "level": LEVEL,
         "periodic_evals": facts.periodic_evals,
         "key": facts.key,
-        "memory": _memory(facts),
+        "memory": _memory(facts, measured),
         "speed": speed,
         "wall": _wall(facts, cfg, measured, speed["step_seconds"]),
         "loss": _loss(facts, cfg),
@@ -236,7 +240,12 @@ def forecast_lines(fc: dict) -> list[str]:
     """The short block a run prints before its first step."""
     lines = [f"forecast ({fc['level']:.0%} intervals; {FORECAST_FILE}):"]
     mem = fc["memory"]
-    if mem is not None:
+    if mem is not None and mem["source"] == "ledger":
+        lines.append(
+            f"  peak memory per rank: {_gib(mem['peak_bytes'])}, the {mem['of']} of earlier "
+            f"runs of this key (the estimate: {_gib(mem['estimate_bytes'])} of tensors)"
+        )
+    elif mem is not None:
         text = f"  peak memory per rank: {_gib(mem['estimate_bytes'])} of tensors"
         if mem["device"] == "cpu":
             text += (

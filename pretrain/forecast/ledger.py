@@ -75,6 +75,7 @@ class Measured:
     eval_seconds_per_token: float | None  # an evaluation's cost over the tokens it read
     save_seconds: float | None  # one checkpoint save (the part training waits for)
     fixed_seconds: float | None  # start-up to the first step, the first steps' warm-up, the end
+    peak_bytes: float | None  # the largest rank's peak (resident set on a CPU, allocated on a GPU)
     lines: int
     runs: list[str]
     probe: bool  # all of them came from `--probe`
@@ -103,6 +104,7 @@ def lookup(path: str, key: dict) -> Measured | None:
         ),
         save_seconds=_median([r for r in rows if r.get("saves")], "save_seconds"),
         fixed_seconds=_median(rows, "fixed_seconds"),
+        peak_bytes=_median(rows, "peak_bytes"),
         lines=len(rows),
         runs=[str(r.get("run", "?")) for r in rows],
         probe=not runs,

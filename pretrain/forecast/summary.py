@@ -77,7 +77,12 @@ def summarize(fcs: list[dict]) -> list[Errors]:
     """Errors of memory, step time and wall time (by where the forecast came from), and of the
     final loss by when it was made."""
     out = []
-    label = {"ledger": "from the ledger", "probe": "from a probe", "peak": "from peak x MFU"}
+    label = {
+        "ledger": "from the ledger",
+        "probe": "from a probe",
+        "peak": "from peak x MFU",
+        "estimate": "from the estimate",
+    }
     for what, field in (
         ("memory", "memory"),
         ("step time", "step_seconds"),
@@ -88,11 +93,15 @@ def summarize(fcs: list[dict]) -> list[Errors]:
             err = fc.get("errors", {}).get(field)
             if not isinstance(err, (int, float)) or not math.isfinite(err):
                 continue
-            # memory by device (its forecast differs on a CPU), speed by where it came from
-            source = fc["memory"]["device"] if field == "memory" else fc["speed"]["source"]
+            # by where the forecast came from (memory also by device: a CPU's is the resident set)
+            if field == "memory":
+                mem = fc["memory"]
+                source = f"{mem['device']}, {label[mem.get('source', 'estimate')]}"
+            else:
+                source = label.get(fc["speed"]["source"], fc["speed"]["source"])
             groups.setdefault(source, []).append(float(err))
         for source, errs in sorted(groups.items()):
-            out.append(Errors(f"{what} ({label.get(source, source)})", errs))
+            out.append(Errors(f"{what} ({source})", errs))
     for when in WHEN:
         made = [m for m in (_loss_at(fc, when) for fc in fcs) if m is not None]
         if made:
