@@ -330,12 +330,16 @@ def _conclude(
     ``digests``: the sha256 and size of the files this rank hashed as it wrote them."""
     # Every rank learns whether any rank failed (and whether for want of space) before anyone
     # touches the temp directory again: rank 0 removes it only once no rank writes there. The
-    # same gather brings rank 0 every rank's digests, for the manifest.
+    # same gather brings rank 0 every rank's digests, for the manifest, and every rank the free
+    # space each measured: the ranks' one-line errors must be the same text (the launcher says
+    # each distinct one), so they all state the least of them rather than each its own moment's.
+    out_of_space = failure is not None and _out_of_space(failure, root)
     verdicts = pdist.all_gather_object(
         (
             failure is not None,
-            failure is not None and _out_of_space(failure, root),
+            out_of_space,
             digests if failure is None else {},
+            _free_bytes(root) if out_of_space else None,
         ),
         group=group,
     )
@@ -345,7 +349,8 @@ def _conclude(
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         if no_space:
-            raise CheckpointError(_no_space_message(root, step)) from failure
+            free = min((v[3] for v in verdicts if v[3] is not None), default=None)
+            raise CheckpointError(_no_space_message(root, step, free=free)) from failure
         if failure is not None:
             raise failure
         raise CheckpointError(f"saving checkpoint step {step} failed on another rank (its error)")
@@ -361,7 +366,7 @@ def _conclude(
             if not _out_of_space(exc, root):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(_no_space_message(root, step)) from exc
+            raise CheckpointError(_no_space_message(root, step, free=_free_bytes(root))) from exc
     pdist.barrier(group=group)
     return final
 
@@ -457,16 +462,22 @@ def checkpoint_bytes(path: str) -> int | None:
         return None
 
 
-def _no_space_message(root: str, step: int) -> str:
+def _free_bytes(root: str) -> int | None:
+    """Bytes free for this user on the filesystem of ``root`` (None: unknown)."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _no_space_message(root: str, step: int, *, free: int | None) -> str:
+    """The one line of a save that ran out of space (``free``: the bytes free then)."""
     previous = None
     with contextlib.suppress(CheckpointError, OSError):
         previous = latest_checkpoint(root)
     need = checkpoint_bytes(previous) if previous else None
-    try:
-        st = os.statvfs(root)
-        free = f"{_human(st.f_bavail * st.f_frsize)} free"
-    except OSError:
-        free = "free space unknown"
+    free_text = f"{_human(free)} free" if free is not None else "free space unknown"
     size = f"about {_human(need)} (the size of the last checkpoint)" if need else "more room"
     kept = (
         f"{previous} is intact; resume=auto continues from it"
@@ -475,7 +486,7 @@ def _no_space_message(root: str, step: int) -> str:
     )
     return (
         f"no space left on device saving checkpoint step {step} under {root}: a checkpoint needs "
-        f"{size}, {free}; the partial checkpoint was removed and {kept} once there is room"
+        f"{size}, {free_text}; the partial checkpoint was removed and {kept} once there is room"
     )
 
 
