@@ -74,6 +74,7 @@ def test_a_run_forecasts_itself_refits_and_is_held_to_it(reference_runs):
     assert line["key_hash"] == key_hash(fc["key"])
     assert (line["steps"], line["evals"], line["saves"]) == (14, 3, 4)
     assert line["step_seconds"] == actual["step_seconds"]
+    assert line["mean_step_seconds"] == actual["mean_step_seconds"] > 0
 
 
 def _tiny(data: str, runs: str, name: str, *extra: str) -> PretrainConfig:

@@ -149,6 +149,8 @@ def _speed(facts: RunFacts, cfg: ForecastConfig, measured: Measured | None) -> d
 def _wall(facts: RunFacts, cfg: ForecastConfig, measured: Measured | None, step: float) -> dict:
     steps = facts.total_steps - facts.from_step
     notes = []
+    if measured is not None and measured.mean_step_seconds:
+        step = measured.mean_step_seconds  # slow steps count in full in the wall time
     per_token = measured.eval_seconds_per_token if measured else None
     if per_token is not None:  # the ledger's evaluations, scaled to this run's eval tokens
         eval_s = per_token * facts.eval_tokens

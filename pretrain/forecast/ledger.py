@@ -71,7 +71,8 @@ def _median(rows: list[dict], field: str) -> float | None:
 class Measured:
     """What the ledger's newest lines of one key measured (medians)."""
 
-    step_seconds: float
+    step_seconds: float  # the median step
+    mean_step_seconds: float | None  # the training time per step: what the wall time needs
     eval_seconds_per_token: float | None  # an evaluation's cost over the tokens it read
     save_seconds: float | None  # one checkpoint save (the part training waits for)
     fixed_seconds: float | None  # start-up to the first step, the first steps' warm-up, the end
@@ -99,6 +100,7 @@ def lookup(path: str, key: dict) -> Measured | None:
         return None
     return Measured(
         step_seconds=step,
+        mean_step_seconds=_median(rows, "mean_step_seconds"),
         eval_seconds_per_token=_median(
             [r for r in rows if r.get("evals")], "eval_seconds_per_token"
         ),

@@ -87,6 +87,15 @@ def _median_step_seconds(times: list[tuple[int, float]]) -> float | None:
     return None
 
 
+def _mean_step_seconds(times: list[tuple[int, float]]) -> float | None:
+    """The training time per step after the first row (its warm-up counts in the fixed part of
+    the wall time): what the wall time needs, where the median step time does not (steps slowed
+    by other work on the machine count in full)."""
+    if len(times) >= 2 and times[-1][0] > times[0][0]:
+        return (times[-1][1] - times[0][1]) / (times[-1][0] - times[0][0])
+    return _median_step_seconds(times)
+
+
 def _error(pred: float | None, actual: float | None) -> float | None:
     if pred is None or actual is None or actual <= 0:
         return None
@@ -241,6 +250,7 @@ class LiveForecast(Callback):
             "complete": complete,
             "peak_bytes": last.get("peak_mem_gb", 0.0) * GiB or None,
             "step_seconds": _median_step_seconds(self.times),
+            "mean_step_seconds": _mean_step_seconds(self.times),
             "wall_seconds": wall,
             "evals": len(self.eval_seconds),
             "eval_seconds": statistics.median(self.eval_seconds) if self.eval_seconds else None,
@@ -285,13 +295,13 @@ class LiveForecast(Callback):
         return out
 
     def _ledger(self, actual: dict) -> None:
-        step = actual["step_seconds"]
-        if step is None:
+        step, mean = actual["step_seconds"], actual["mean_step_seconds"]
+        if step is None or mean is None:
             return
         ran = actual["step"] - self.start_step
         evals, saves = actual["evals"], actual["saves"]
         eval_tokens = self.fc["wall"]["eval_tokens"]
-        fixed = actual["wall_seconds"] - ran * step
+        fixed = actual["wall_seconds"] - ran * mean
         fixed -= evals * (actual["eval_seconds"] or 0.0) + saves * (actual["save_seconds"] or 0.0)
         append_ledger(
             ledger_path(self.cfg.runs_dir),
@@ -301,6 +311,7 @@ class LiveForecast(Callback):
                 "key": self.fc["key"],
                 "key_hash": key_hash(self.fc["key"]),
                 "step_seconds": step,
+                "mean_step_seconds": mean,
                 "steps": ran,
                 "eval_seconds": actual["eval_seconds"],
                 "eval_seconds_per_token": actual["eval_seconds"] / eval_tokens
