@@ -40,9 +40,10 @@ def test_a_run_forecasts_itself_refits_and_is_held_to_it(reference_runs):
     assert fc["loss"]["value"] is None and "first forecast at 20%" in fc["loss"]["note"]
 
     # refitted at the evaluations before the last (at step 5 only with the shared parameters
-    # of finished sibling runs: the reference runs of a session share a directory)
+    # of finished sibling runs: the reference runs of a session share a directory; after it,
+    # at step 10 only if the 1% share of the training time allows another)
     updates = fc["updates"]
-    assert [u["step"] for u in updates] in ([10], [5, 10])
+    assert [u["step"] for u in updates] in ([10], [5], [5, 10])
     for u in updates:
         assert u["method"] == ("shared" if fc["siblings"] else "lone")
         assert u["of"] == "val_loss" and u["low"] <= u["value"] <= u["high"]

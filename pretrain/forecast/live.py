@@ -124,6 +124,7 @@ class LiveForecast(Callback):
             train={},
         )
         self.spent = 0.0  # seconds of refits
+        self.last_cost = 0.0  # of the newest: the next is expected to cost as much
         self.last_tenth = 0
         self.warned = False
         self.failed = False
@@ -162,7 +163,8 @@ class LiveForecast(Callback):
             try:
                 self._refit(row, step)
             finally:
-                self.spent += time.perf_counter() - t0
+                self.last_cost = time.perf_counter() - t0
+                self.spent += self.last_cost
 
     def _due(self, row: dict, trainer: Trainer) -> bool:
         step = row["step"]
@@ -176,7 +178,7 @@ class LiveForecast(Callback):
             if due:
                 self.last_tenth = tenth
         budget = self.max_overhead * trainer.state.train_seconds
-        return due and (self.spent <= budget or not self.fc["updates"])
+        return due and (self.spent + self.last_cost <= budget or not self.fc["updates"])
 
     def _refit(self, row: dict, step: int) -> None:
         curve = self.schedule.with_rows(self.train, self.val)
